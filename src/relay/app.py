@@ -1,0 +1,239 @@
+"""The relay as a raw ASGI application: routing, HTTP endpoints and the WebSocket handshake.
+
+Raw ASGI rather than a framework: the hot path is one ``receive``/``send`` pair
+per message, and the handshake needs the ASGI denial-response extension and
+exact control of subprotocol selection, both simpler without a layer between.
+
+Routes:
+
+* WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at
+  the relay work), with ``?model=`` checked against the allow-list;
+* ``GET /healthz``;
+* a plain HTTP request on a WebSocket path gets 400, any other path 404.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+import trio
+
+from . import _hypercorn
+from .bridge import Bridge, Limits, Message
+from .closecodes import Code
+from .config import RelayConfig, load_config
+from .events import dumps, error_event
+from .pair import Pair
+from .upstream import UpstreamDialer
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+
+log = logging.getLogger("relay")
+
+
+class AsgiClient:
+    """The client's WebSocket over ASGI, as :class:`relay.pair.ClientSide`."""
+
+    __slots__ = ("_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+
+    async def receive(self) -> Message | None:
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                return text if text is not None else (message.get("bytes") or b"")
+            if kind == "websocket.disconnect":
+                return None
+
+    async def send(self, data: Message) -> None:
+        if data.__class__ is str:
+            await self._send({"type": "websocket.send", "text": data})
+        else:
+            await self._send({"type": "websocket.send", "bytes": data})
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class RelayApp:
+    """One relay: its settings, its upstream dialer and the pairs it is running."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.dialer = UpstreamDialer(config)
+        self.limits = Limits(
+            queue_messages=config.queue_messages,
+            queue_bytes=config.queue_bytes,
+            max_message_bytes=config.max_message_bytes,
+        )
+        self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        self.pairs: set[Pair] = set()
+        self.draining = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+        else:
+            raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path == "/healthz":
+            await _respond(send, 200, {"status": "ok"})
+        elif path in WEBSOCKET_PATHS:
+            await _respond(
+                send,
+                400,
+                {
+                    "error": f"{path} is a WebSocket endpoint: connect with a WebSocket client"
+                    " (Upgrade: websocket), not a plain HTTP request."
+                },
+            )
+        else:
+            await _respond(send, 404, {"error": f"no such endpoint: {path}"})
+
+    # -- WebSocket ----------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        path = scope["path"]
+        if path not in WEBSOCKET_PATHS:
+            await _deny(send, 404, f"no WebSocket endpoint at {path}; use /voice or /v1/realtime")
+            return
+        if self.draining:
+            await _deny(send, 503, "the relay is shutting down; connect again in a moment")
+            return
+        offered = scope.get("subprotocols") or ()
+        await send(
+            {"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in offered else None}
+        )
+        client = AsgiClient(receive, send)
+        refusal = self._refusal(scope, offered)
+        if refusal is not None:
+            code, message, reason = refusal
+            await client.send(error_event(code, message))
+            await client.close(Code.INVALID_REQUEST, reason)
+            return
+        model = _query_param(scope, "model") or self.config.model
+        bridge = Bridge(
+            session_update=self.session_update,
+            limits=self.limits,
+            secret=self.config.openai_api_key,
+            binary_as_audio=self.config.binary_frames == "audio",
+        )
+        pair = Pair(
+            client,
+            bridge,
+            lambda: self.dialer.open(model),
+            close_timeout=self.config.close_timeout,
+        )
+        self.pairs.add(pair)
+        try:
+            ending = await pair.run()
+        finally:
+            self.pairs.discard(pair)
+        log.info(
+            "session ended: %s (client %s, upstream %s)",
+            ending.cause.value,
+            ending.client_code,
+            ending.upstream_code,
+        )
+
+    def _refusal(self, scope: Scope, offered: Any) -> tuple[str, str, str] | None:
+        """Why this connection cannot start (error code, message, close reason), if so."""
+        beta_header = any(
+            name == b"openai-beta" and b"realtime=v1" in value for name, value in scope["headers"]
+        )
+        if beta_header or BETA_SUBPROTOCOL in offered:
+            return (
+                "beta_api_shape_disabled",
+                "This relay speaks the GA Realtime API; the beta dialect (OpenAI-Beta:"
+                " realtime=v1) has been retired. Drop the beta header/subprotocol and use"
+                " GA event names.",
+                "invalid_request_error.beta_api_shape_disabled",
+            )
+        model = _query_param(scope, "model")
+        if model is not None and model not in self.config.allowed_models:
+            allowed = ", ".join(sorted(self.config.allowed_models))
+            return (
+                "invalid_model",
+                f"Model {model!r} is not available through this relay. Allowed: {allowed}.",
+                "invalid_request_error.invalid_model",
+            )
+        return None
+
+    async def shutdown_pairs(self) -> None:
+        """Stop taking sessions and end every live pair with 1001; return when all ended."""
+        self.draining = True
+        async with trio.open_nursery() as nursery:
+            for pair in list(self.pairs):
+                nursery.start_soon(pair.shutdown)
+
+
+def create_app(config: RelayConfig | None = None) -> RelayApp:
+    """The relay's ASGI app. With no config, settings come from the environment,
+    which is what ``hypercorn -k trio 'relay.app:create_app()'`` uses."""
+    if config is None:
+        config = load_config(os.environ)
+    _hypercorn.set_permessage_deflate(config.permessage_deflate)
+    return RelayApp(config)
+
+
+def _query_param(scope: Scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else None
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _json_response_start(status: int, body: bytes) -> dict[str, Any]:
+    return {
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+
+
+async def _respond(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = orjson.dumps(payload) + b"\n"
+    await send({"type": "http.response.start", **_json_response_start(status, body)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _deny(send: Send, status: int, message: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP status and a JSON body."""
+    body = orjson.dumps({"error": message}) + b"\n"
+    await send({"type": "websocket.http.response.start", **_json_response_start(status, body)})
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -1,0 +1,357 @@
+"""The bridge between one client and its upstream, as a state machine without I/O.
+
+:class:`Bridge` decides, for every message and every close, what the relay does;
+the Trio shell in :mod:`relay.pair` only moves bytes and carries the decisions
+out. Keeping the decisions here lets the tests drive every ordering of events
+without sockets or clocks.
+
+The life of a pair::
+
+    CONNECTING ──upstream_opened()──▶ FLUSHING ──next_to_flush() is None──▶ OPEN
+         │                               │                                   │
+         └──────── any ending ───────────┴──────────────┬────────────────────┘
+                                                        ▼
+                                                      CLOSED
+
+While CONNECTING, client messages wait in a bounded queue. FLUSHING sends the
+configured ``session.update`` and then that queue, in order, while new client
+messages keep joining its tail, so nothing overtakes anything. In OPEN a client
+message is returned unchanged and goes straight upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
+from .events import error_event, event_type, parse_event
+
+Message = str | bytes
+
+
+class Phase(Enum):
+    CONNECTING = auto()
+    FLUSHING = auto()
+    OPEN = auto()
+    CLOSED = auto()
+
+
+class Cause(Enum):
+    """Why a pair ended: one value per row of the README's close-code table."""
+
+    CLIENT_CLOSED = "client_closed"
+    UPSTREAM_CLOSED = "upstream_closed"
+    UPSTREAM_LOST = "upstream_lost"
+    UPSTREAM_AUTH_REFUSED = "upstream_auth_refused"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    MESSAGE_TOO_BIG = "message_too_big"
+    QUEUE_OVERFLOW = "queue_overflow"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send this event to the client; the session goes on."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How to end the pair.
+
+    ``error`` (if any) is sent to the client before its close frame.
+    ``client_code`` is None when the client is already gone, ``upstream_code`` is
+    None when there is no open upstream to close.
+    """
+
+    cause: Cause
+    client_code: int | None
+    client_reason: str
+    upstream_code: int | None
+    upstream_reason: str = ""
+    error: str | None = None
+
+
+class BridgeError(Exception):
+    """The shell asked for a transition the bridge cannot make (a bug in the shell)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    queue_messages: int
+    queue_bytes: int
+    max_message_bytes: int
+
+
+class Bridge:
+    """Decides what happens to each message and close of one client/upstream pair.
+
+    ``secret`` is the upstream credential: any upstream message that contains it is
+    redacted before it reaches the client.
+    """
+
+    def __init__(
+        self,
+        *,
+        session_update: str,
+        limits: Limits,
+        secret: str = "",
+        binary_as_audio: bool = True,
+    ) -> None:
+        self.phase = Phase.CONNECTING
+        self.ending: Ending | None = None
+        self._session_update = session_update
+        self._limits = limits
+        self._secret = secret
+        self._binary_as_audio = binary_as_audio
+        self._queue: deque[Message] = deque()
+        self._queued_bytes = 0
+        self._auth_refusal_reported = False
+
+    # -- client → upstream ------------------------------------------------------
+
+    def client_message(self, data: Message) -> Message | Reply | Ending | None:
+        """A message from the client.
+
+        Returns what to send upstream now, a :class:`Reply` for the client, an
+        :class:`Ending`, or None when the message was queued (or the pair is over).
+        """
+        if len(data) > self._limits.max_message_bytes:
+            if self.phase is Phase.CLOSED:
+                return None
+            return self._end_too_big(len(data))
+        if data.__class__ is bytes:
+            if not self._binary_as_audio:
+                return Reply(
+                    error_event(
+                        "relay_binary_not_supported",
+                        "This relay takes JSON text events only; binary frames are refused"
+                        " (RELAY_BINARY_FRAMES=reject). Send audio as input_audio_buffer.append.",
+                    )
+                )
+            data = _append_event(data)  # type: ignore[arg-type]
+        if self.phase is Phase.OPEN:
+            return data
+        if self.phase is Phase.CLOSED:
+            return None
+        return self._enqueue(data)
+
+    def _enqueue(self, data: Message) -> Ending | None:
+        limits = self._limits
+        if (
+            len(self._queue) >= limits.queue_messages
+            or self._queued_bytes + len(data) > limits.queue_bytes
+        ):
+            return self._end(
+                Cause.QUEUE_OVERFLOW,
+                client=(Code.TRY_AGAIN_LATER, "too many messages before the upstream opened"),
+                upstream=Code.NORMAL if self.phase is Phase.FLUSHING else None,
+                error=error_event(
+                    "relay_queue_overflow",
+                    f"The upstream was still connecting and the relay already held"
+                    f" {len(self._queue)} messages ({self._queued_bytes} bytes); the limits are"
+                    f" {limits.queue_messages} messages and {limits.queue_bytes} bytes."
+                    " Wait for session.created before streaming, or raise RELAY_QUEUE_MESSAGES"
+                    " / RELAY_QUEUE_BYTES.",
+                    kind="server_error",
+                ),
+            )
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        return None
+
+    def _end_too_big(self, size: int) -> Ending:
+        limit = self._limits.max_message_bytes
+        return self._end(
+            Cause.MESSAGE_TOO_BIG,
+            client=(Code.MESSAGE_TOO_BIG, f"message of {size} bytes exceeds {limit}"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            error=error_event(
+                "relay_message_too_big",
+                f"A message of {size} bytes exceeds the relay's limit of {limit} bytes"
+                " (RELAY_MAX_MESSAGE_BYTES). Split audio into smaller appends.",
+            ),
+        )
+
+    # -- opening ----------------------------------------------------------------
+
+    def upstream_opened(self) -> None:
+        """The upstream WebSocket is open: start flushing, session.update first."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is not Phase.CONNECTING:
+            raise BridgeError(f"upstream_opened() in phase {self.phase.name}")
+        self.phase = Phase.FLUSHING
+        self._queue.appendleft(self._session_update)
+        self._queued_bytes += len(self._session_update)
+
+    def next_to_flush(self) -> Message | None:
+        """The next message to send upstream while FLUSHING; None once the queue is
+        empty, and from then on the pair is OPEN (unless it already ended)."""
+        if self._queue:
+            data = self._queue.popleft()
+            self._queued_bytes -= len(data)
+            return data
+        if self.phase is Phase.FLUSHING:
+            self.phase = Phase.OPEN
+        return None
+
+    # -- upstream → client ------------------------------------------------------
+
+    def upstream_message(self, data: Message) -> Message | Reply | None:
+        """A message from the upstream: what to send the client (None: nothing)."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if data.__class__ is str:
+            if data.startswith('{"type":"error"') or (
+                not data.startswith('{"type":"') and event_type(data) == "error"  # type: ignore[arg-type]
+            ):
+                replaced = self._screen_error(data)  # type: ignore[arg-type]
+                if replaced is not None:
+                    return replaced
+            if self._secret and self._secret in data:  # type: ignore[operator]
+                return data.replace(self._secret, "[redacted]")  # type: ignore[union-attr,arg-type]
+        elif self._secret and self._secret.encode() in data:  # type: ignore[operator]
+            return data.replace(self._secret.encode(), b"[redacted]")  # type: ignore[union-attr,arg-type]
+        return data
+
+    def _screen_error(self, text: str) -> Reply | None:
+        """Replace the upstream's refusal of the relay's key with the relay's own error.
+
+        The upstream's message quotes part of the key and blames the client; the
+        client did nothing wrong and must not see any of the key.
+        """
+        event = parse_event(text)
+        error = event.get("error") if event else None
+        if not isinstance(error, dict):
+            return None
+        message = str(error.get("message") or "").lower()
+        if error.get("code") == "invalid_api_key" or (
+            error.get("code") is None and "authentication" in message
+        ):
+            self._auth_refusal_reported = True
+            return Reply(_auth_refused_event())
+        return None
+
+    # -- endings ----------------------------------------------------------------
+
+    def client_closed(self) -> Ending | None:
+        """The client went away (its code carries no meaning behind Hypercorn)."""
+        return self._end(
+            Cause.CLIENT_CLOSED,
+            client=None,
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="client closed",
+        )
+
+    def upstream_closed(self, code: int, reason: str | None) -> Ending | None:
+        """The upstream closed (or vanished: 1006) after all its messages were read."""
+        if code == UPSTREAM_AUTH_REFUSED:
+            return self._end(
+                Cause.UPSTREAM_AUTH_REFUSED,
+                client=(Code.INTERNAL_ERROR, "upstream refused the relay's credential"),
+                upstream=None,
+                error=None if self._auth_refusal_reported else _auth_refused_event(),
+            )
+        if code == 1005:
+            return self._end(Cause.UPSTREAM_CLOSED, client=(Code.NORMAL, ""), upstream=None)
+        if code == 1015:
+            return self._end(
+                Cause.UPSTREAM_UNAVAILABLE,
+                client=(Code.BAD_GATEWAY, "TLS failure on the upstream connection"),
+                upstream=None,
+                error=error_event(
+                    "relay_upstream_unavailable",
+                    "The TLS connection to the Realtime API failed. Try again later.",
+                    kind="server_error",
+                ),
+            )
+        if not sendable(code):
+            return self._end(
+                Cause.UPSTREAM_LOST,
+                client=(Code.INTERNAL_ERROR, "upstream connection lost"),
+                upstream=None,
+                error=error_event(
+                    "relay_upstream_lost",
+                    "The connection to the Realtime API ended without a close frame"
+                    f" (code {code}). Reconnect to start a new session.",
+                    kind="server_error",
+                ),
+            )
+        return self._end(Cause.UPSTREAM_CLOSED, client=(code, reason or ""), upstream=None)
+
+    def dial_failed(self, detail: str, *, status: int | None = None) -> Ending | None:
+        """Opening the upstream failed: unreachable, timed out, or refused with ``status``."""
+        if status in (401, 403):
+            return self._end(
+                Cause.UPSTREAM_AUTH_REFUSED,
+                client=(Code.INTERNAL_ERROR, "upstream refused the relay's credential"),
+                upstream=None,
+                error=_auth_refused_event(),
+            )
+        return self._end(
+            Cause.UPSTREAM_UNAVAILABLE,
+            client=(Code.BAD_GATEWAY, "upstream unavailable"),
+            upstream=None,
+            error=error_event(
+                "relay_upstream_unavailable",
+                f"The relay could not reach the Realtime API ({detail}). Try again shortly.",
+                kind="server_error",
+            ),
+        )
+
+    def shutdown(self) -> Ending | None:
+        """The relay is going away: close both sides with 1001."""
+        return self._end(
+            Cause.SHUTDOWN,
+            client=(Code.GOING_AWAY, "relay shutting down"),
+            upstream=Code.GOING_AWAY if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            error=error_event(
+                "relay_shutting_down",
+                "The relay is shutting down. Reconnect to continue with a new session.",
+                kind="server_error",
+            ),
+        )
+
+    def _end(
+        self,
+        cause: Cause,
+        *,
+        client: tuple[int, str] | None,
+        upstream: int | None,
+        upstream_reason: str = "",
+        error: str | None = None,
+    ) -> Ending | None:
+        if self.phase is Phase.CLOSED:
+            return None
+        self.phase = Phase.CLOSED
+        self.ending = Ending(
+            cause=cause,
+            client_code=client[0] if client else None,
+            client_reason=clip_reason(client[1]) if client else "",
+            upstream_code=upstream,
+            upstream_reason=upstream_reason,
+            error=error,
+        )
+        return self.ending
+
+
+def _append_event(audio: bytes) -> str:
+    return (
+        '{"type":"input_audio_buffer.append","audio":"'
+        + base64.b64encode(audio).decode("ascii")
+        + '"}'
+    )
+
+
+def _auth_refused_event() -> str:
+    return error_event(
+        "relay_upstream_auth_refused",
+        "The Realtime API refused the relay's own credential. This is a problem with the"
+        " relay's configuration, not with your request; the operator has been told.",
+        kind="server_error",
+    )

@@ -1,0 +1,130 @@
+"""``relay`` on the command line: ``relay serve`` and ``relay demo``.
+
+Every setting of :data:`relay.config.SETTINGS` has a flag named after it
+(``RELAY_DIAL_TIMEOUT`` → ``--dial-timeout``) except secrets, which are read from
+the environment only so they never show up in a process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .config import SETTINGS, ConfigError, RelayConfig, coerce_setting, load_config
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] = ()) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (RELAY_CONFIG)")
+    for setting in SETTINGS:
+        if setting.secret or (only and setting.name not in only):
+            continue
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            metavar="VALUE",
+            help=f"{setting.help} [{setting.env}]".replace("%", "%%"),
+        )
+
+
+def _config_from(args: argparse.Namespace, environ: dict[str, str]) -> RelayConfig:
+    overrides: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None)
+        if raw is not None:
+            overrides[setting.name] = coerce_setting(setting.name, raw, "command line")
+    return load_config(environ, overrides, config_file=args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Voice relay between clients and the OpenAI Realtime API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the relay with Hypercorn (settings from env, RELAY_CONFIG and flags)",
+        description="Serve the relay. OPENAI_API_KEY must be set in the environment.",
+    )
+    _add_setting_flags(serve)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the relay against the bundled fake Realtime server; no key needed",
+        description="Run mockrealtime and the relay in one process on loopback, no key needed.",
+    )
+    demo.add_argument("--port", type=int, default=8000, help="relay port (default 8000)")
+    demo.add_argument("--host", default="127.0.0.1", help="relay address (default 127.0.0.1)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        if args.command == "serve":
+            config = _config_from(args, environ)
+            if not config.openai_api_key:
+                raise ConfigError(
+                    "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."
+                    " Export it, or try `relay demo` to run against the bundled fake."
+                )
+            trio.run(_serve, config)
+        elif args.command == "demo":
+            trio.run(_demo, args.host, args.port)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _serve(config: RelayConfig) -> None:
+    from .server import serve
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, config)
+        for bind in binds:
+            ws = bind.replace("http", "ws", 1)
+            print(f"relay: listening on {ws}/voice and {ws}/v1/realtime", flush=True)
+
+
+async def _demo(host: str, port: int) -> None:
+    """The relay and mockrealtime in one nursery; the fake's key is made up per run."""
+    from mockrealtime import MockConfig, serve_mock_realtime
+
+    from .server import serve
+
+    key = "sk-demo-" + secrets.token_urlsafe(16)
+    async with trio.open_nursery() as nursery:
+        mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
+        config = load_config(
+            {},
+            {
+                "openai_api_key": key,
+                "upstream_url": mock.url,
+                "host": host,
+                "port": port,
+            },
+        )
+
+        async def run_relay(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(config, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the signal came: stop the fake too
+
+        binds = await nursery.start(run_relay)
+        ws = binds[0].replace("http", "ws", 1)
+        print(
+            f"relay demo: fake Realtime API on {mock.url}\n"
+            f"relay demo: relay on {ws}/voice and {ws}/v1/realtime?model=gpt-realtime\n"
+            "relay demo: press Ctrl-C to stop",
+            flush=True,
+        )

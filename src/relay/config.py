@@ -1,0 +1,292 @@
+"""Every setting of the relay, read once at start-up and validated.
+
+Sources, later ones winning: the built-in defaults, the TOML file named by
+``RELAY_CONFIG`` (keys are the setting names, plus a ``[session]`` table),
+environment variables, then command-line flags. A bad value stops start-up with
+a :class:`ConfigError` that names the setting and says what was expected.
+
+The table :data:`SETTINGS` is the single source for the environment variable
+names, the CLI flags and the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+MiB = 1024 * 1024
+
+#: The GA session the relay asks for as soon as the upstream opens, unless the
+#: config file's ``[session]`` table or RELAY_INSTRUCTIONS / RELAY_VOICE say otherwise.
+DEFAULT_SESSION: dict[str, Any] = {
+    "type": "realtime",
+    "instructions": (
+        "You are a friendly, concise voice assistant. Answer in one or two short sentences."
+    ),
+    "audio": {
+        "input": {
+            "turn_detection": {
+                "type": "server_vad",
+                "threshold": 0.5,
+                "prefix_padding_ms": 300,
+                "silence_duration_ms": 500,
+                "create_response": True,
+                "interrupt_response": True,
+            }
+        },
+        "output": {"voice": "marin"},
+    },
+}
+
+
+class ConfigError(Exception):
+    """A setting has a value the relay cannot run with; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one field of :class:`RelayConfig` is named outside Python."""
+
+    name: str
+    env: str
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "secret": secret})
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay's validated settings. Build it with :func:`load_config`."""
+
+    openai_api_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "OPENAI_API_KEY",
+            "help": "Key the relay uses upstream. Never sent to clients or logged.",
+            "secret": True,
+        },
+    )
+    upstream_url: str = _setting(
+        "wss://api.openai.com/v1/realtime",
+        "RELAY_UPSTREAM_URL",
+        "Realtime API WebSocket URL (ws:// or wss://); `?model=` is added per session.",
+    )
+    upstream_auth: str = _setting(
+        "header",
+        "RELAY_UPSTREAM_AUTH",
+        "How the key is sent upstream: `header` (Authorization: Bearer) or `subprotocol`"
+        " (openai-insecure-api-key.<key>).",
+    )
+    model: str = _setting("gpt-realtime", "RELAY_MODEL", "Model used when a client names none.")
+    models: tuple[str, ...] = _setting(
+        ("gpt-realtime", "gpt-realtime-mini"),
+        "RELAY_MODELS",
+        "Comma-separated models a client may pick with `?model=`; RELAY_MODEL is always allowed.",
+    )
+    host: str = _setting("127.0.0.1", "RELAY_HOST", "Address `relay serve` binds to.")
+    port: int = _setting(8000, "RELAY_PORT", "Port `relay serve` binds to.")
+    instructions: str | None = _setting(
+        None, "RELAY_INSTRUCTIONS", "Overrides `session.instructions` of the session.update."
+    )
+    voice: str | None = _setting(
+        None, "RELAY_VOICE", "Overrides `session.audio.output.voice` of the session.update."
+    )
+    dial_timeout: float = _setting(
+        10.0, "RELAY_DIAL_TIMEOUT", "Seconds to open the upstream WebSocket before giving up (1014)."
+    )
+    close_timeout: float = _setting(
+        5.0, "RELAY_CLOSE_TIMEOUT", "Seconds a close handshake may take before the socket is cut."
+    )
+    queue_messages: int = _setting(
+        256, "RELAY_QUEUE_MESSAGES", "Most client messages held while the upstream opens."
+    )
+    queue_bytes: int = _setting(
+        4 * MiB, "RELAY_QUEUE_BYTES", "Most bytes of client messages held while the upstream opens."
+    )
+    max_message_bytes: int = _setting(
+        4 * MiB, "RELAY_MAX_MESSAGE_BYTES", "Largest client message; a bigger one closes with 1009."
+    )
+    upstream_max_message_bytes: int = _setting(
+        32 * MiB, "RELAY_UPSTREAM_MAX_MESSAGE_BYTES", "Largest upstream message accepted."
+    )
+    binary_frames: str = _setting(
+        "audio",
+        "RELAY_BINARY_FRAMES",
+        "Client binary frames: `audio` (raw audio, sent on as input_audio_buffer.append)"
+        " or `reject` (answered with an error event).",
+    )
+    permessage_deflate: bool = _setting(
+        False,
+        "RELAY_PERMESSAGE_DEFLATE",
+        "Negotiate permessage-deflate with clients. Off: it costs 2-9x CPU on audio.",
+    )
+    session: Mapping[str, Any] = field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_SESSION),
+        metadata={"toml_only": True},
+    )
+
+    @property
+    def allowed_models(self) -> frozenset[str]:
+        return frozenset((*self.models, self.model))
+
+    def session_object(self) -> dict[str, Any]:
+        """The GA session sent upstream first, with the env overrides applied."""
+        session = copy.deepcopy(dict(self.session))
+        session["type"] = "realtime"
+        if self.instructions is not None:
+            session["instructions"] = self.instructions
+        if self.voice is not None:
+            session.setdefault("audio", {}).setdefault("output", {})["voice"] = self.voice
+        return session
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, f.metadata["env"], f.metadata["help"], f.metadata.get("secret", False))
+    for f in dataclasses.fields(RelayConfig)
+    if "env" in f.metadata
+)
+_FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_models(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+#: For each field type: the TOML value types it takes, and how to parse it from text.
+_KINDS: dict[str, tuple[tuple[type, ...], Callable[[Any], Any]]] = {
+    "str": ((str,), str),
+    "str | None": ((str,), str),
+    "int": ((int,), int),
+    "float": ((int, float), float),
+    "bool": ((bool,), _parse_bool),
+    "tuple[str, ...]": ((list, tuple), lambda v: tuple(str(x) for x in v)),
+}
+
+
+def coerce_setting(name: str, value: Any, source: str) -> Any:
+    """Turn a raw value (text from env/CLI, or a TOML value) into the field's type."""
+    kind = _FIELDS[name].type
+    assert isinstance(kind, str)
+    accepted, convert = _KINDS[kind]
+    try:
+        if isinstance(value, str):
+            return _parse_models(value) if kind == "tuple[str, ...]" else convert(value)
+        if isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted):
+            return convert(value)
+        raise ValueError(f"expected {kind}")
+    except ValueError as exc:
+        env = _FIELDS[name].metadata.get("env", name)
+        raise ConfigError(f"{env} ({source}) has the bad value {value!r}: {exc}") from None
+
+
+def load_config(
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | None = None,
+) -> RelayConfig:
+    """Build and validate the configuration.
+
+    ``overrides`` are already-typed values (from CLI flags); ``None`` values are ignored.
+    ``config_file`` wins over ``RELAY_CONFIG`` in ``environ``.
+    """
+    values: dict[str, Any] = {}
+    path = config_file or environ.get("RELAY_CONFIG")
+    if path:
+        values.update(_read_toml(Path(path)))
+    for setting in SETTINGS:
+        if setting.env in environ and environ[setting.env] != "":
+            values[setting.name] = coerce_setting(setting.name, environ[setting.env], "environment")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    config = RelayConfig(**values)
+    _validate(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"RELAY_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"RELAY_CONFIG: {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "session":
+            if not isinstance(value, dict):
+                raise ConfigError(f"RELAY_CONFIG: [session] in {path} must be a table")
+            session = copy.deepcopy(DEFAULT_SESSION)
+            session.update(value)
+            values["session"] = session
+        elif key in _FIELDS and "env" in _FIELDS[key].metadata:
+            if _FIELDS[key].metadata.get("secret"):
+                raise ConfigError(
+                    f"RELAY_CONFIG: {key} must not be in the config file; "
+                    f"set {_FIELDS[key].metadata['env']} in the environment instead"
+                )
+            values[key] = coerce_setting(key, value, str(path))
+        else:
+            known = ", ".join(sorted(s.name for s in SETTINGS if not s.secret))
+            raise ConfigError(
+                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session]"
+            )
+    return values
+
+
+def _validate(config: RelayConfig) -> None:
+    url = urlsplit(config.upstream_url)
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        raise ConfigError(
+            f"RELAY_UPSTREAM_URL must be a ws:// or wss:// URL, got {config.upstream_url!r}"
+        )
+    if url.query:
+        raise ConfigError("RELAY_UPSTREAM_URL must not carry a query; the relay adds ?model=")
+    if config.upstream_auth not in ("header", "subprotocol"):
+        raise ConfigError(
+            f"RELAY_UPSTREAM_AUTH must be 'header' or 'subprotocol', got {config.upstream_auth!r}"
+        )
+    if config.binary_frames not in ("audio", "reject"):
+        raise ConfigError(
+            f"RELAY_BINARY_FRAMES must be 'audio' or 'reject', got {config.binary_frames!r}"
+        )
+    if not config.model:
+        raise ConfigError("RELAY_MODEL must name a model, e.g. gpt-realtime")
+    if not 0 <= config.port < 65536:
+        raise ConfigError(f"RELAY_PORT must be 0-65535, got {config.port}")
+    for name in (
+        "dial_timeout",
+        "close_timeout",
+        "queue_messages",
+        "queue_bytes",
+        "max_message_bytes",
+        "upstream_max_message_bytes",
+    ):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{_FIELDS[name].metadata['env']} must be positive")
+    if not isinstance(config.session, Mapping):
+        raise ConfigError("RELAY_CONFIG: [session] must be a table")

@@ -1,0 +1,78 @@
+"""Reading and writing Realtime events on the hot path.
+
+Audio events are a few kilobytes of base64 inside a small JSON envelope. The relay
+only needs their ``type``, so :func:`event_type` reads it from the text without
+decoding the payload whenever the event starts with ``{"type":"…"``, which is how
+the official SDKs and the Realtime API write events. Anything else is parsed fully,
+so the answer is always the type a JSON parser would see.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import orjson
+
+_PREFIX = '{"type":"'
+_PREFIX_LEN = len(_PREFIX)
+
+
+def event_type(text: str) -> str | None:
+    """The top-level ``type`` of a JSON event, or None if it has none or is not JSON.
+
+    Fast path: ``{"type":"x", …}`` with no second ``"type"`` key anywhere (a
+    duplicate key would make a parser take the last one). Base64 and audio never
+    contain a double quote, so the count is over a few short fields in practice.
+    """
+    if text.startswith(_PREFIX):
+        end = text.find('"', _PREFIX_LEN)
+        if end > 0 and text.count('"type"', end) == 0:
+            kind = text[_PREFIX_LEN:end]
+            if "\\" not in kind:
+                return kind
+    try:
+        event = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(event, dict):
+        kind = event.get("type")
+        return kind if isinstance(kind, str) else None
+    return None
+
+
+def parse_event(text: str | bytes) -> dict[str, Any] | None:
+    """A JSON object, or None if the text is not one."""
+    try:
+        event = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def dumps(event: dict[str, Any]) -> str:
+    return orjson.dumps(event).decode()
+
+
+def error_event(
+    code: str,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    client_event_id: str | None = None,
+) -> str:
+    """An ``error`` event in the Realtime API's own shape, written by the relay."""
+    return dumps(
+        {
+            "type": "error",
+            "event_id": "event_relay" + secrets.token_hex(8),
+            "error": {
+                "type": kind,
+                "code": code,
+                "message": message,
+                "param": param,
+                "event_id": client_event_id,
+            },
+        }
+    )

@@ -1,0 +1,174 @@
+"""The Trio shell around :class:`~relay.bridge.Bridge`: one nursery per client/upstream pair.
+
+Two tasks live in the pair's nursery (plus the upstream connection's own reader):
+
+* the client task reads client messages and sends them upstream, or hands them
+  to the bridge's queue while the upstream is still opening;
+* the upstream task dials, flushes ``session.update`` and the queue, then reads
+  upstream messages and sends them to the client.
+
+Whichever side ends first asks the bridge for an :class:`~relay.bridge.Ending`
+and :meth:`Pair._finish` carries it out: close frames (bounded by the close
+timeout, shielded so an outer cancel cannot skip them), then the nursery is
+cancelled. When :meth:`Pair.run` returns, no task, socket or queue of the pair
+is left. A client that leaves while the upstream is still connecting cancels
+the dial.
+
+Backpressure: each task awaits its send before reading the next message, so a
+slow upstream stops the relay reading the client, and a slow client stops it
+reading the upstream. Nothing is buffered without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+)
+
+from .bridge import Bridge, Ending, Message, Reply
+
+OpenUpstream = Callable[[], AbstractAsyncContextManager[WebSocketConnection]]
+
+
+class ClientSide(Protocol):
+    """The client's WebSocket as the pair sees it (ASGI in production, memory in tests)."""
+
+    async def receive(self) -> Message | None:
+        """The next message, or None once the client has gone."""
+        ...
+
+    async def send(self, data: Message) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class Pair:
+    """Runs one client/upstream pair to its end. See the module docstring."""
+
+    def __init__(
+        self,
+        client: ClientSide,
+        bridge: Bridge,
+        open_upstream: OpenUpstream,
+        *,
+        close_timeout: float,
+    ) -> None:
+        self.client = client
+        self.bridge = bridge
+        self._open_upstream = open_upstream
+        self._close_timeout = close_timeout
+        self._upstream: WebSocketConnection | None = None
+        self._flushed = trio.Event()
+        self._cancel_scope: trio.CancelScope | None = None
+
+    async def run(self) -> Ending:
+        """Relay until either side ends; return how the pair ended."""
+        async with trio.open_nursery() as nursery:
+            self._cancel_scope = nursery.cancel_scope
+            nursery.start_soon(self._client_task)
+            nursery.start_soon(self._upstream_task)
+        ending = self.bridge.ending
+        assert ending is not None, "a pair's nursery only exits through an ending"
+        return ending
+
+    async def shutdown(self) -> None:
+        """End the pair because the relay is going away (1001 both ways)."""
+        await self._finish(self.bridge.shutdown())
+
+    async def _client_task(self) -> None:
+        bridge = self.bridge
+        receive = self.client.receive
+        while True:
+            data = await receive()
+            if data is None:
+                await self._finish(bridge.client_closed())
+                return
+            out = bridge.client_message(data)
+            if out is None:
+                continue
+            if out.__class__ is str or out.__class__ is bytes:
+                try:
+                    await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
+                except ConnectionClosed:
+                    # The upstream is closing; its task reads what is left and ends the pair.
+                    return
+            elif out.__class__ is Reply:
+                await self.client.send(out.text)  # type: ignore[union-attr]
+            else:
+                await self._finish(out)  # type: ignore[arg-type]
+                return
+
+    async def _upstream_task(self) -> None:
+        bridge = self.bridge
+        try:
+            async with self._open_upstream() as upstream:
+                self._upstream = upstream
+                bridge.upstream_opened()
+                try:
+                    while (data := bridge.next_to_flush()) is not None:
+                        await upstream.send_message(data)
+                except ConnectionClosed:
+                    pass  # the reads below still deliver what the upstream sent first
+                finally:
+                    self._flushed.set()
+                await self._upstream_to_client(upstream)
+        except ConnectionRejected as exc:
+            await self._finish(
+                bridge.dial_failed(f"HTTP {exc.status_code}", status=exc.status_code)
+            )
+        except ConnectionTimeout:
+            await self._finish(bridge.dial_failed("timed out"))
+        except HandshakeError as exc:
+            cause = exc.__cause__
+            detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else "refused"
+            await self._finish(bridge.dial_failed(detail or "connection failed"))
+
+    async def _upstream_to_client(self, upstream: WebSocketConnection) -> None:
+        bridge = self.bridge
+        get_message = upstream.get_message
+        send = self.client.send
+        while True:
+            try:
+                data = await get_message()
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                code, text = (reason.code, reason.reason) if reason else (1006, None)
+                await self._finish(bridge.upstream_closed(code, text))
+                return
+            out = bridge.upstream_message(data)
+            if out is None:
+                continue
+            await send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
+
+    async def _finish(self, ending: Ending | None) -> None:
+        """Carry out an ending: the client's error and close, the upstream's close, cancel.
+
+        Only the first ending is carried out (the bridge returns None after it).
+        Close handshakes are bounded by the close timeout and shielded, so an
+        outer cancel cannot skip them; after that the nursery is cancelled.
+        """
+        if ending is None:
+            return
+        with trio.move_on_after(self._close_timeout, shield=True):
+            if ending.client_code is not None:
+                if ending.error is not None:
+                    await self.client.send(ending.error)
+                await self.client.close(ending.client_code, ending.client_reason)
+            upstream = self._upstream
+            if ending.upstream_code is not None and upstream is not None:
+                await self._flushed.wait()
+                await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)
+        if self._upstream is not None:
+            # Past the close budget: cut the socket, never hang in teardown.
+            await trio.aclose_forcefully(self._upstream)  # type: ignore[arg-type]
+        assert self._cancel_scope is not None
+        self._cancel_scope.cancel()

@@ -1,0 +1,21 @@
+import trio
+from trio_websocket import open_websocket_url
+
+from .harness import running_relay, scripted_upstream
+
+
+async def echo(conn):
+    ws = await conn.accept()
+    while True:
+        msg = await conn.receive()
+        await ws.send_message(msg)
+
+
+async def test_echo_roundtrip():
+    with trio.fail_after(10):
+        async with scripted_upstream(echo) as up, running_relay(upstream_url=up.url) as relay:
+            async with open_websocket_url(relay + "/voice") as ws:
+                first = await ws.get_message()
+                assert '"session.update"' in first
+                await ws.send_message('{"type":"x"}')
+                assert await ws.get_message() == '{"type":"x"}'
