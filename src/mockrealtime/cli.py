@@ -1,0 +1,117 @@
+"""Command line: ``mockrealtime serve`` runs the fake Realtime API until Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .faults import Faults
+from .server import MockConfig, serve_mock_realtime
+
+DEFAULT_PORT = 8765
+
+
+def _close_spec(text: str) -> tuple[int, str]:
+    code, sep, reason = text.partition(":")
+    if not sep or not code.isdigit():
+        raise argparse.ArgumentTypeError(f"expected CODE:REASON (e.g. 4001:bye), got {text!r}")
+    return int(code), reason
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mockrealtime",
+        description="An offline fake of the OpenAI Realtime API (WebSocket /v1/realtime and "
+        "the REST client-secret endpoints) for tests, demos and benchmarks.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve until interrupted")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"port to bind, 0 for any free port (default {DEFAULT_PORT})")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="accepted API key (repeatable); none given → any non-empty key")
+    serve.add_argument("--seed", type=int, default=0, help="seed for ids and replies (default 0)")
+    serve.add_argument("--pace", type=float, default=4.0,
+                       help="stream reply audio at N× real time; 0 = as fast as possible")
+    serve.add_argument("--reject-beta", action="store_true",
+                       help="refuse the beta dialect like today's real server "
+                       "(error beta_api_shape_disabled, close 4000)")
+    serve.add_argument("--max-session-seconds", type=float, default=3600.0,
+                       help="session length before the server closes it (default 3600)")
+    serve.add_argument("--ping-interval", type=float, default=20.0,
+                       help="seconds between server pings, 0 to disable (default 20)")
+    faults = serve.add_argument_group("fault injection (applies to every connection)")
+    faults.add_argument("--handshake-delay", type=float, default=0.0, metavar="SECONDS")
+    faults.add_argument("--refuse-status", type=int, default=None, metavar="HTTP_STATUS")
+    faults.add_argument("--close-after-open", type=_close_spec, default=None,
+                        metavar="CODE:REASON")
+    faults.add_argument("--drop-after-events", type=int, default=None, metavar="N")
+    faults.add_argument("--stall", action="store_true")
+    faults.add_argument("--send-delay", type=float, default=0.0, metavar="SECONDS")
+    faults.add_argument("--inject-error-after", type=int, default=None, metavar="N")  # fmt: skip
+    return parser
+
+
+async def _serve(config: MockConfig, host: str, port: int) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_mock_realtime, config, host, port)
+            print(f"mockrealtime listening on {server.url} (REST: {server.http_url})", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside a (possibly nested) exception group, if that is all it holds."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _os_error(exc.exceptions[0])
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        faults = Faults(
+            handshake_delay=args.handshake_delay,
+            refuse_status=args.refuse_status,
+            close_after_open=args.close_after_open,
+            drop_after_events=args.drop_after_events,
+            stall=args.stall,
+            send_delay=args.send_delay,
+            inject_error_after=args.inject_error_after,
+        )
+        config = MockConfig(
+            api_keys=frozenset(args.api_key),
+            seed=args.seed,
+            pace=args.pace,
+            reject_beta=args.reject_beta,
+            faults=faults,
+            max_session_seconds=args.max_session_seconds,
+            ping_interval=args.ping_interval or None,
+            record_messages=False,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        trio.run(_serve, config, args.host, args.port)
+    except (OSError, BaseExceptionGroup) as exc:
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        print(f"mockrealtime: cannot listen on {args.host}:{args.port}: {cause}", file=sys.stderr)
+        return 1
+    print("mockrealtime stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

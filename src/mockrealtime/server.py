@@ -1,0 +1,521 @@
+"""The thin Trio shell around ``Session``: TCP, HTTP (h11) and WebSocket (wsproto).
+
+One listening port serves both the WebSocket endpoint ``/v1/realtime`` and plain
+HTTP (the REST endpoints). The shell owns the TCP stream directly, without a
+WebSocket library in between, so fault injection can stall reading, delay
+writes or drop the TCP connection without a close frame.
+
+Per WebSocket connection there is one nursery with:
+
+- a reader task that is *always* reading the socket (so pings and close frames
+  are answered however slow the writer is) and feeds each message to the session;
+- a ticker task that wakes at ``session.next_deadline()`` for paced reply audio;
+- a writer task that serializes and sends events from an unbounded queue, in order;
+- an optional pinger (the real server pings every ~20 s).
+
+Cancelling ``serve_mock_realtime`` cancels every connection; clients then see the
+TCP connection end without a close frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import h11
+import orjson
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
+
+from .faults import FAULTS_HEADER, Faults, parse_faults
+from .rest import RestStore, handle_rest
+from .session import Event, Session, negotiate
+
+logger = logging.getLogger("mockrealtime")
+
+MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_BODY_BYTES: Final = 1024 * 1024
+HEAD_TIMEOUT: Final = 30.0
+CLOSE_TIMEOUT: Final = 5.0
+"""How long to wait for the client's close frame after sending ours."""
+RECEIVE_BYTES: Final = 65536
+REALTIME_PATH: Final = "/v1/realtime"
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """Settings of one fake server. Frozen: a server's behaviour is fixed at start.
+
+    ``api_keys`` empty means any non-empty key is accepted (except ``ek_`` keys, which
+    must have been minted by this server and not be expired). ``pace`` streams reply
+    audio at N× real time (0 → as fast as possible). ``record_messages`` keeps every
+    raw client message in ``ConnectionRecord.received`` (turn it off for load tests).
+    ``wall_clock`` gives Unix time for ``expires_at`` and ephemeral-key expiry.
+    """
+
+    api_keys: frozenset[str] = frozenset()
+    seed: int = 0
+    pace: float = 4.0
+    reject_beta: bool = False
+    faults: Faults = Faults()
+    max_session_seconds: float = 3600.0
+    ping_interval: float | None = 20.0
+    record_messages: bool = True
+    max_message_size: int = 32 * 1024 * 1024
+    wall_clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        if not (self.pace >= 0 and math.isfinite(self.pace)):
+            raise ValueError(f"pace must be a finite number >= 0, got {self.pace!r}")
+        if self.max_session_seconds <= 0:
+            raise ValueError("max_session_seconds must be > 0")
+        if self.ping_interval is not None and self.ping_interval <= 0:
+            raise ValueError("ping_interval must be > 0 or None")
+        if not isinstance(self.api_keys, frozenset):
+            object.__setattr__(self, "api_keys", frozenset(self.api_keys))
+
+
+@dataclass(eq=False)
+class ConnectionRecord:
+    """What the server saw of one accepted WebSocket, for tests to inspect."""
+
+    headers: dict[str, str]
+    subprotocols: list[str]
+    path: str
+    dialect: str = "ga"
+    selected_subprotocol: str | None = None
+    received: list[str | bytes] = field(default_factory=list)
+    closed: trio.Event = field(default_factory=trio.Event)
+    close_code: int | None = None
+    """Code of the close frame received from the client (None if none arrived)."""
+    close_reason: str | None = None
+    events_sent: int = 0
+    sent_types: list[str] = field(default_factory=list)
+    """Types of the server events sent, in order (only when recording)."""
+
+
+class MockServer:
+    """A running fake server: its address and what it has seen."""
+
+    def __init__(self, config: MockConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.url = f"ws://{host}:{port}{REALTIME_PATH}"
+        self.http_url = f"http://{host}:{port}"
+        self.connections: list[ConnectionRecord] = []
+        self.handshakes = 0
+        """Every WebSocket upgrade request seen, including refused ones."""
+        self.errors: list[BaseException] = []
+        """Unexpected exceptions in connection handlers (a bug in the mock if non-empty)."""
+        self.rest = RestStore()
+        self._rng = random.Random(f"mockrealtime/{config.seed}/rest")
+
+    def key_is_valid(self, key: str) -> bool:
+        """Accept configured keys (or any key if none configured) and unexpired ``ek_`` keys."""
+        if key.startswith("ek_"):
+            return self.rest.secret_is_valid(key, self.config.wall_clock())
+        if not self.config.api_keys:
+            return bool(key)
+        return key in self.config.api_keys
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one already-connected byte stream (HTTP or WebSocket), then close it.
+
+        ``serve_mock_realtime`` calls this per TCP connection; tests can call it with an
+        in-memory stream (``trio.testing.memory_stream_pair``) to run the whole server,
+        faults included, under ``MockClock`` without sockets.
+        """
+        await self._handle_stream(stream)
+
+    # --- TCP ------------------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        try:
+            head = b""
+            with trio.move_on_after(HEAD_TIMEOUT):
+                head = await _read_head(stream)
+            if not head:
+                return
+            parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            parser.receive_data(head)
+            try:
+                request = parser.next_event()
+            except h11.RemoteProtocolError:
+                await stream.send_all(_raw_response(400, {"error": {"message": "Bad request"}}))
+                return
+            if not isinstance(request, h11.Request):
+                return
+            headers = _header_dict(request.headers)
+            if "websocket" in headers.get("upgrade", "").lower():
+                await self._serve_websocket(stream, head, headers)
+            else:
+                await self._serve_http(stream, parser, request, headers)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception as exc:  # a bug in the mock: keep serving others, but record it
+            logger.exception("mockrealtime: connection handler failed")
+            self.errors.append(exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    # --- HTTP -----------------------------------------------------------------------
+
+    async def _serve_http(
+        self,
+        stream: trio.abc.Stream,
+        parser: h11.Connection,
+        request: h11.Request,
+        headers: dict[str, str],
+    ) -> None:
+        body = bytearray()
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return
+                parser.receive_data(data)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY_BYTES:
+                    await stream.send_all(_raw_response(413, _error_body("Request body too large")))
+                    return
+            else:
+                break
+        status, payload = handle_rest(
+            request.method.decode(),
+            request.target.decode("latin-1"),
+            headers,
+            bytes(body),
+            store=self.rest,
+            key_is_valid=self.key_is_valid,
+            now=self.config.wall_clock(),
+            rng=self._rng,
+        )
+        await stream.send_all(_raw_response(status, payload))
+
+    # --- WebSocket --------------------------------------------------------------------
+
+    async def _serve_websocket(
+        self, stream: trio.abc.Stream, head: bytes, headers: dict[str, str]
+    ) -> None:
+        self.handshakes += 1
+        ws = WSConnection(ConnectionType.SERVER)
+        ws.receive_data(head)
+        try:
+            request = next((e for e in ws.events() if isinstance(e, Request)), None)
+        except RemoteProtocolError as exc:
+            await stream.send_all(_raw_response(400, _error_body(f"Bad WebSocket upgrade: {exc}")))
+            return
+        if request is None:
+            await stream.send_all(_raw_response(400, _error_body("Bad WebSocket upgrade")))
+            return
+        faults = self.config.faults
+        if FAULTS_HEADER in headers:
+            try:
+                faults = parse_faults(headers[FAULTS_HEADER], faults)
+            except ValueError as exc:
+                await _reject(stream, ws, 400, _error_body(f"Bad {FAULTS_HEADER} header: {exc}"))
+                return
+        if faults.handshake_delay:
+            await trio.sleep(faults.handshake_delay)
+        path = request.target
+        if path.split("?", 1)[0].rstrip("/") != REALTIME_PATH:
+            await _reject(stream, ws, 404, _error_body(f"Invalid URL (GET {path.split('?')[0]})"))
+            return
+        if faults.refuse_status is not None:
+            body = _error_body(f"Refused by fault injection (HTTP {faults.refuse_status}).",
+                               code="mock_refused")  # fmt: skip
+            await _reject(stream, ws, faults.refuse_status, body)
+            return
+        subprotocols = list(request.subprotocols)
+        decision = negotiate(path, headers, subprotocols, key_is_valid=self.key_is_valid,
+                             reject_beta=self.config.reject_beta)  # fmt: skip
+        await stream.send_all(ws.send(AcceptConnection(subprotocol=decision.subprotocol)))
+        record = ConnectionRecord(headers=headers, subprotocols=subprotocols, path=path,
+                                  dialect=decision.dialect,
+                                  selected_subprotocol=decision.subprotocol)  # fmt: skip
+        index = len(self.connections)
+        self.connections.append(record)
+        session = Session(
+            decision.dialect,
+            decision.model,
+            trio.current_time,
+            random.Random(f"mockrealtime/{self.config.seed}/{index}"),
+            pace=self.config.pace,
+            started_at=self.config.wall_clock(),
+            max_duration=self.config.max_session_seconds,
+            intent=decision.intent,
+        )
+        try:
+            conn = _Connection(self.config, faults, stream, ws, session, record)
+            await conn.run(session.open(decision.rejection))
+        finally:
+            record.closed.set()
+
+
+class _Connection:
+    """One accepted WebSocket: reader, ticker, writer and pinger tasks around a Session."""
+
+    def __init__(
+        self,
+        config: MockConfig,
+        faults: Faults,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        session: Session,
+        record: ConnectionRecord,
+    ) -> None:
+        self.config = config
+        self.faults = faults
+        self.stream = stream
+        self.ws = ws
+        self.session = session
+        self.record = record
+        self._send, self._queue = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        self._wake = trio.Event()
+        self._close_queued = False
+        self._peer_closed = trio.Event()
+        self._client_messages = 0
+        self._parts: list[str | bytes] = []
+        self._size = 0
+        self._done: trio.CancelScope | None = None
+
+    async def run(self, first_events: list[Event]) -> None:
+        self._enqueue_events(first_events)
+        if self.session.close_requested is None and self.faults.close_after_open is not None:
+            self._queue_close(*self.faults.close_after_open)
+        async with trio.open_nursery() as nursery:
+            self._done = nursery.cancel_scope
+            nursery.start_soon(self._writer)
+            if self.faults.stall:
+                return  # nobody reads: the client's pings and close frames go unanswered
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._ticker)
+            if self.config.ping_interval is not None:
+                nursery.start_soon(self._pinger, self.config.ping_interval)
+
+    def _finish(self) -> None:
+        assert self._done is not None
+        self._done.cancel()
+
+    # --- queueing -------------------------------------------------------------------
+
+    def _enqueue_events(self, events: list[Event]) -> None:
+        for event in events:
+            self._send.send_nowait(("event", event))
+        if self.session.close_requested is not None:
+            self._queue_close(*self.session.close_requested)
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        if not self._close_queued:
+            self._close_queued = True
+            self._send.send_nowait(("close", (code, reason)))
+
+    # --- tasks ----------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        ws = self.ws
+        while True:
+            # events first: bytes that arrived with the upgrade request are already buffered
+            try:
+                for event in ws.events():
+                    if isinstance(event, TextMessage | BytesMessage):
+                        self._on_frame(event)
+                    elif isinstance(event, Ping):
+                        self._send.send_nowait(("pong", event.payload))
+                    elif isinstance(event, CloseConnection):
+                        self.record.close_code = event.code
+                        self.record.close_reason = event.reason or None
+                        self._peer_closed.set()
+                        if ws.state == ConnectionState.REMOTE_CLOSING:
+                            self._send.send_nowait(("reply", event.response()))
+                        return
+            except RemoteProtocolError as exc:
+                self._queue_close(1002, f"Protocol error: {exc}"[:120])
+                return
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._finish()  # TCP ended (with or without a close handshake)
+                return
+            ws.receive_data(data)
+
+    def _on_frame(self, event: TextMessage | BytesMessage) -> None:
+        if self._close_queued:
+            return
+        self._parts.append(event.data)
+        self._size += len(event.data)
+        if self._size > self.config.max_message_size:
+            self._parts, self._size = [], 0
+            self._queue_close(1009, f"Exceeded maximum message size: "
+                                    f"{self.config.max_message_size} bytes")  # fmt: skip
+            return
+        if not event.message_finished:
+            return
+        message: str | bytes
+        if isinstance(event, TextMessage):
+            message = "".join(self._parts)  # type: ignore[arg-type]
+        else:
+            message = b"".join(self._parts)  # type: ignore[arg-type]
+        self._parts, self._size = [], 0
+        if self.config.record_messages:
+            self.record.received.append(message)
+        self._client_messages += 1
+        self._enqueue_events(self.session.handle(message))
+        if self._client_messages == self.faults.inject_error_after:
+            self._send.send_nowait(("event", self.session.server_error()))
+        self._wake.set()
+
+    async def _ticker(self) -> None:
+        while self.session.close_requested is None:
+            deadline = self.session.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self._enqueue_events(self.session.tick())
+
+    async def _pinger(self, interval: float) -> None:
+        count = 0
+        while True:
+            await trio.sleep(interval)
+            count += 1
+            self._send.send_nowait(("ping", count.to_bytes(4, "big")))
+
+    async def _writer(self) -> None:
+        ws, stream, record = self.ws, self.stream, self.record
+        recording = self.config.record_messages
+        drop_after = self.faults.drop_after_events
+        delay = self.faults.send_delay
+        if drop_after == 0:
+            self._finish()
+            return
+        async for kind, payload in self._queue:
+            if ws.state != ConnectionState.OPEN and kind != "reply":
+                continue
+            if kind == "event":
+                if delay:
+                    await trio.sleep(delay)
+                    if ws.state != ConnectionState.OPEN:
+                        continue
+                data = ws.send(TextMessage(data=orjson.dumps(payload).decode()))
+                await stream.send_all(data)
+                record.events_sent += 1
+                if recording:
+                    record.sent_types.append(payload["type"])
+                if drop_after is not None and record.events_sent >= drop_after:
+                    self._finish()  # drop TCP: no close frame
+                    return
+            elif kind == "pong":
+                await stream.send_all(ws.send(Pong(payload=payload)))
+            elif kind == "ping":
+                await stream.send_all(ws.send(Ping(payload=payload)))
+            elif kind == "close":
+                code, reason = payload
+                await stream.send_all(ws.send(CloseConnection(code=code, reason=reason)))
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._peer_closed.wait()
+                self._finish()
+                return
+            elif kind == "reply":
+                if ws.state == ConnectionState.REMOTE_CLOSING:
+                    await stream.send_all(ws.send(payload))
+                self._finish()
+                return
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """Read until the end of the HTTP request head; returns b"" on EOF or oversize."""
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEAD_BYTES:
+            return b""
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            return b""
+        buf += data
+    return bytes(buf)
+
+
+def _header_dict(headers: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        key = bytes(name).decode("latin-1").lower()
+        text = bytes(value).decode("latin-1")
+        out[key] = f"{out[key]}, {text}" if key in out else text
+    return out
+
+
+def _error_body(message: str, *, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                      "code": code}}  # fmt: skip
+
+
+_REASONS: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                   404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+                   429: "Too Many Requests", 500: "Internal Server Error",
+                   502: "Bad Gateway", 503: "Service Unavailable"}  # fmt: skip
+
+
+def _raw_response(status: int, payload: dict[str, Any]) -> bytes:
+    body = orjson.dumps(payload)
+    reason = _REASONS.get(status, "Error")
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+async def _reject(
+    stream: trio.abc.Stream, ws: WSConnection, status: int, payload: dict[str, Any]
+) -> None:
+    body = orjson.dumps(payload)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+    data += ws.send(RejectData(data=body, body_finished=True))
+    await stream.send_all(data)
+
+
+async def serve_mock_realtime(
+    config: MockConfig,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    task_status: trio.TaskStatus[MockServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the fake Realtime API until cancelled.
+
+    Calls ``task_status.started(MockServer)`` once listening, so use it as
+    ``server = await nursery.start(serve_mock_realtime, MockConfig())``. Port 0 picks
+    a free port (see ``server.port``). On cancellation every connection is closed at
+    the TCP level, without WebSocket close frames.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = listeners[0].socket.getsockname()[1]
+    server = MockServer(config, host, bound_port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, server._handle_stream, listeners)
+        task_status.started(server)

@@ -1,0 +1,1320 @@
+"""The fake Realtime session as a sans-IO state machine: client events in, server events out.
+
+No trio, no sockets. ``Session.handle(message)`` takes one raw client message and
+returns the server events it causes; ``Session.tick()`` returns events that became
+due with time (paced reply audio, VAD idle timeouts, session expiry) and
+``next_deadline()`` says when to call it next. Time comes only from the ``clock``
+callable and randomness only from the ``random.Random`` given, so the same seed,
+inputs and clock readings give the same events and ids.
+
+``negotiate()`` is the sans-IO half of the WebSocket handshake: it picks the
+dialect, the subprotocol to select and whether the connection must be refused
+right after the 101 (bad key, bad model...), as the real server does.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Final, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from . import audio as au
+from .schema import instance_of
+from .sessionconfig import (
+    ClientError,
+    Dialect,
+    SessionConfig,
+    apply_beta_update,
+    apply_ga_update,
+    check_keys,
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_number,
+    expect_object,
+    expect_str,
+    invalid_type,
+    invalid_value,
+    missing_parameter,
+    parse_beta_modalities,
+    parse_ga_format,
+    parse_ga_modalities,
+    parse_max_tokens,
+    parse_tool_choice,
+    parse_tools,
+    parse_voice,
+    render_beta,
+    render_ga,
+    render_ga_format,
+    unknown_parameter,
+)
+
+Event = dict[str, Any]
+
+ALPHANUMERIC: Final = string.ascii_letters + string.digits
+MODEL_PATTERNS: Final = ("gpt-realtime*", "gpt-4o*-realtime-preview*")
+MIN_COMMIT_MS: Final = 100
+DEFAULT_MAX_SESSION_SECONDS: Final = 3600.0
+AUDIO_TOKENS_PER_CHUNK: Final = 2  # output audio: 20 tokens per second
+INPUT_AUDIO_TOKENS_PER_SECOND: Final = 10
+RATE_LIMIT_TOKENS: Final = 15_000_000
+RATE_LIMIT_REQUESTS: Final = 5_000
+TEXT_STEP_S: Final = 0.05  # one text delta per 50 ms of "generation" at pace 1
+ARGS_STEP_S: Final = 0.02
+MAX_REPLY_WORDS: Final = 40
+
+_GA_TYPES: Final = (
+    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+    "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",
+    "conversation.item.delete", "conversation.item.retrieve", "response.create",
+    "response.cancel", "session.close",
+)  # fmt: skip
+_BETA_TYPES: Final = (
+    "session.update", "transcription_session.update", "input_audio_buffer.append",
+    "input_audio_buffer.commit", "input_audio_buffer.clear", "conversation.item.create",
+    "conversation.item.truncate", "conversation.item.delete", "conversation.item.retrieve",
+    "response.create", "response.cancel",
+)  # fmt: skip
+_FILLERS: Final = (
+    "Sure, I can help with that.",
+    "That is a good question.",
+    "Let me think about it for a moment.",
+    "Here is what I can tell you.",
+    "I hope that helps!",
+    "Thanks for asking.",
+)
+_SPOKEN_WORDS: Final = (
+    "hello", "can", "you", "hear", "me", "what", "is", "the", "weather", "like", "today",
+    "please", "tell", "a", "short", "story", "about", "lighthouse", "keeper", "and", "cat",
+)  # fmt: skip
+
+
+# --- ids --------------------------------------------------------------------------
+
+
+class IdFactory:
+    """Real-looking ids: ``prefix_`` + 21 alphanumerics drawn from a seeded RNG."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def new(self, prefix: str, length: int = 21) -> str:
+        return prefix + "_" + "".join(self._rng.choices(ALPHANUMERIC, k=length))
+
+
+# --- handshake ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A fatal problem found at handshake time: one ``error`` event, then a close."""
+
+    code: str | None
+    message: str
+    close_code: int
+
+    @property
+    def close_reason(self) -> str:
+        return "invalid_request_error" + (f".{self.code}" if self.code else "")
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What the server decided about an upgrade request (it always answers 101)."""
+
+    dialect: Dialect
+    model: str
+    subprotocol: str | None
+    api_key: str | None
+    intent: str | None
+    rejection: Rejection | None
+
+
+def mask_key(key: str) -> str:
+    """Mask a key for an error message the way the real server does: ``sk-…abcd``."""
+    if len(key) < 8:
+        return "…"
+    return f"{key[:3]}…{key[-4:]}"
+
+
+def is_supported_model(model: str) -> bool:
+    """Realtime model names the real server accepts (GA and preview families)."""
+    return any(fnmatchcase(model, pattern) for pattern in MODEL_PATTERNS)
+
+
+def negotiate(
+    target: str,
+    headers: Mapping[str, str],
+    subprotocols: Sequence[str],
+    *,
+    key_is_valid: Callable[[str], bool],
+    reject_beta: bool = False,
+) -> Handshake:
+    """Decide the outcome of a WebSocket upgrade from its target, headers and subprotocols.
+
+    ``headers`` has lower-cased names. The key comes from ``Authorization: Bearer K``
+    or the ``openai-insecure-api-key.K`` subprotocol; the key-bearing subprotocol is
+    never selected: ``realtime`` is, when offered.
+    """
+    query = parse_qs(urlsplit(target).query)
+    model = (query.get("model") or [""])[0]
+    intent = (query.get("intent") or [None])[0]
+    beta = "realtime=v1" in headers.get("openai-beta", "").replace(" ", "") or (
+        "openai-beta.realtime-v1" in subprotocols
+    )
+    selected = "realtime" if "realtime" in subprotocols else None
+    key: str | None = None
+    scheme, _, credential = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credential.strip():
+        key = credential.strip()
+    else:
+        for proto in subprotocols:
+            if proto.startswith("openai-insecure-api-key.") and len(proto) > 24:
+                key = proto[len("openai-insecure-api-key.") :]
+                break
+    rejection: Rejection | None = None
+    if key is None:
+        rejection = Rejection(None, "Missing bearer or basic authentication in header", 3000)
+    elif not key_is_valid(key):
+        rejection = Rejection(
+            "invalid_api_key",
+            f"Incorrect API key provided: {mask_key(key)}. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            3000,
+        )
+    elif beta and reject_beta:
+        rejection = Rejection(
+            "beta_api_shape_disabled",
+            "The Realtime API beta shape has been disabled. Remove the 'OpenAI-Beta: "
+            "realtime=v1' header (or the openai-beta.realtime-v1 subprotocol) and use the "
+            "GA event and session shapes.",
+            4000,
+        )
+    elif not model and intent != "transcription":
+        rejection = Rejection(
+            "missing_model",
+            "You must provide a model parameter, e.g. wss://api.openai.com/v1/realtime"
+            "?model=gpt-realtime.",
+            4000,
+        )
+    elif model and not is_supported_model(model):
+        rejection = Rejection(
+            "invalid_model",
+            f'Model "{model}" is not supported in realtime mode. Use a realtime model such '
+            'as "gpt-realtime".',
+            4000,
+        )
+    return Handshake(
+        dialect="beta" if beta else "ga",
+        model=model,
+        subprotocol=selected,
+        api_key=key,
+        intent=intent,
+        rejection=rejection,
+    )
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    due: float
+    kind: Literal["transcript", "audio", "text", "args", "finish"]
+    data: Any = None
+
+
+@dataclass
+class _Response:
+    """One response in flight: its plan (timed steps) and what was emitted so far."""
+
+    id: str
+    item: Event
+    in_conversation: bool
+    conversation_id: str | None
+    modality: Literal["audio", "text"]
+    out_format: au.AudioFormat
+    voice: str | dict[str, Any]
+    temperature: float
+    max_output_tokens: int | Literal["inf"]
+    metadata: dict[str, Any] | None
+    started: float
+    input_text_tokens: int
+    input_audio_tokens: int
+    cached_tokens: int
+    steps: deque[_Step] = field(default_factory=deque)
+    final_status: str = "completed"
+    text_parts: list[str] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)
+    previous_item_id: str | None = None
+
+    @property
+    def is_function_call(self) -> bool:
+        return bool(self.item["type"] == "function_call")
+
+
+def _tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+# --- the session -----------------------------------------------------------------------
+
+
+class Session:
+    """One Realtime session (one WebSocket connection), sans-IO.
+
+    ``clock`` returns seconds on any monotonic scale (the Trio shell passes
+    ``trio.current_time``); ``started_at`` is the Unix time used for ``expires_at``.
+    ``pace`` streams reply audio at N× real time (0 → everything at once).
+    """
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        model: str,
+        clock: Callable[[], float],
+        rng: random.Random,
+        *,
+        pace: float = 4.0,
+        started_at: float = 0.0,
+        max_duration: float = DEFAULT_MAX_SESSION_SECONDS,
+        intent: str | None = None,
+    ) -> None:
+        self.dialect: Dialect = dialect
+        self.model = model
+        self._clock = clock
+        self._rng = rng
+        self._ids = IdFactory(rng)
+        self.pace = pace
+        self.max_duration = max_duration
+        self.config = SessionConfig()
+        if intent == "transcription" and dialect == "ga":
+            self.config.kind = "transcription"
+            self.config.turn_detection = None
+        self.session_id = self._ids.new("sess")
+        self.conversation_id = self._ids.new("conv")
+        self.expires_at = int(started_at + max_duration)
+        self._start = clock()
+        self.close_requested: tuple[int, str] | None = None
+        """Set when the server wants the connection closed (code, reason); shell acts on it."""
+        self.closed = False
+        # conversation
+        self._items: list[Event] = []
+        self._by_id: dict[str, Event] = {}
+        self._input_audio: dict[str, tuple[bytes, au.AudioFormat]] = {}
+        self._output_audio: dict[str, tuple[list[int], au.AudioFormat, int]] = {}
+        self._voice_locked = False
+        # input audio buffer and VAD
+        self._buf = bytearray()
+        self._buf_start_ms = 0.0
+        self._total_ms = 0.0
+        self._vad: au.EnergyVad | None = None
+        self._speech_item_id: str | None = None
+        self._speech_start_ms = 0
+        self._idle_deadline: float | None = None
+        self._rebuild_vad()
+        # responses
+        self._responses: dict[str, _Response] = {}
+        self._inband: _Response | None = None
+        self._last_input_tokens = 0
+        self._tokens_used = 0
+        self._requests = 0
+
+    # --- public API ---------------------------------------------------------------
+
+    def open(self, rejection: Rejection | None = None) -> list[Event]:
+        """The first events of the connection: ``session.created``, or the fatal error."""
+        if rejection is not None:
+            self.close_requested = (rejection.close_code, rejection.close_reason)
+            self.closed = True
+            return [self._error(rejection.code, rejection.message)]
+        return [self._event("session.created", session=self.render_session())]
+
+    def handle(self, message: str | bytes) -> list[Event]:
+        """Process one client WebSocket message (text or binary); return server events."""
+        now = self._clock()
+        out = self._advance(now)
+        if self.closed:
+            return out
+        if isinstance(message, bytes | bytearray | memoryview):
+            out.append(self._error(
+                "invalid_event",
+                "Expected a text WebSocket message; binary frames are not supported.",
+            ))  # fmt: skip
+            return out
+        try:
+            event = orjson.loads(message)
+        except orjson.JSONDecodeError as exc:
+            out.append(self._error(
+                "invalid_json",
+                f"Invalid event: failed to parse JSON value. {exc}. The event must be a JSON "
+                "object with a 'type' field.",
+            ))  # fmt: skip
+            return out
+        if not isinstance(event, dict):
+            out.append(self._error("invalid_event", "The event must be a JSON object."))
+            return out
+        client_event_id = event.get("event_id")
+        if not isinstance(client_event_id, str):
+            client_event_id = None
+        kind = event.get("type")
+        if kind is None:
+            out.append(self._error("invalid_event", "The 'type' field is missing.",
+                                   event_id=client_event_id))  # fmt: skip
+            return out
+        allowed = _GA_TYPES if self.dialect == "ga" else _BETA_TYPES
+        if kind not in allowed:
+            listed = ", ".join(f"'{t}'" for t in allowed)
+            out.append(self._error(
+                "invalid_value",
+                f"Invalid value: '{kind}'. Supported values are: {listed}.",
+                param="type",
+                event_id=client_event_id,
+            ))  # fmt: skip
+            return out
+        handler = getattr(self, "_on_" + kind.replace(".", "_"))
+        try:
+            handler(event, out, now)
+        except ClientError as err:
+            out.append(self._error(err.code, err.message, param=err.param,
+                                   event_id=client_event_id))  # fmt: skip
+        out.extend(self._advance(now))
+        return out
+
+    def tick(self, now: float | None = None) -> list[Event]:
+        """Emit whatever became due by ``now`` (default: the clock)."""
+        return self._advance(self._clock() if now is None else now)
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which ``tick`` has something to emit, or None if nothing is pending."""
+        if self.closed:
+            return None
+        candidates = [self._start + self.max_duration]
+        candidates.extend(r.steps[0].due for r in self._responses.values() if r.steps)
+        if self._idle_deadline is not None:
+            candidates.append(self._idle_deadline)
+        return min(candidates)
+
+    @property
+    def has_active_response(self) -> bool:
+        return self._inband is not None
+
+    @property
+    def items(self) -> list[Event]:
+        """The conversation, in order (internal dicts; do not mutate)."""
+        return self._items
+
+    def render_session(self) -> Event:
+        """The full effective session object in this connection's dialect."""
+        if self.dialect == "ga":
+            body = render_ga(self.config)
+            head: Event = {"id": self.session_id, "object": body.pop("object")}
+            if self.config.kind == "realtime":
+                head["model"] = self.model
+            head["expires_at"] = self.expires_at
+            return {"type": body.pop("type"), **head, **body}
+        body = render_beta(self.config)
+        return {"id": self.session_id, "object": body.pop("object"), "model": self.model,
+                "expires_at": self.expires_at, **body}  # fmt: skip
+
+    # --- event helpers --------------------------------------------------------------
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        return {"type": kind, "event_id": self._ids.new("event"), **fields}
+
+    def _error(
+        self,
+        code: str | None,
+        message: str,
+        *,
+        param: str | None = None,
+        event_id: str | None = None,
+        error_type: str = "invalid_request_error",
+    ) -> Event:
+        return self._event("error", error={
+            "type": error_type, "code": code, "message": message, "param": param,
+            "event_id": event_id,
+        })  # fmt: skip
+
+    def server_error(self) -> Event:
+        """An internal-error ``error`` event (used by fault injection)."""
+        return self._error(
+            None,
+            "The server had an error while processing your request. Sorry about that! You can "
+            "retry your request, or contact us through our help center if the error persists.",
+            error_type="server_error",
+        )
+
+    def _ga(self, ga_name: str, beta_name: str) -> str:
+        return ga_name if self.dialect == "ga" else beta_name
+
+    # --- session.update ----------------------------------------------------------------
+
+    def _on_session_update(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "session"}, "")  # top-level extras
+        if "session" not in event:
+            raise missing_parameter("session")
+        if self.dialect == "ga":
+            new = apply_ga_update(self.config, event["session"])
+        else:
+            new = apply_beta_update(self.config, event["session"])
+        if self._voice_locked and new.voice != self.config.voice:
+            raise ClientError(
+                "cannot_update_voice",
+                "Cannot update a conversation's voice if assistant audio is present.",
+                "session.audio.output.voice" if self.dialect == "ga" else "session.voice",
+            )
+        vad_changed = (new.turn_detection != self.config.turn_detection
+                       or new.input_format != self.config.input_format)  # fmt: skip
+        self.config = new
+        if vad_changed:
+            self._rebuild_vad()
+        out.append(self._event("session.updated", session=self.render_session()))
+
+    def _on_transcription_session_update(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "session"}, "")
+        s = expect_object(event.get("session", {}), "session")
+        allowed = {"input_audio_format", "input_audio_transcription", "turn_detection",
+                   "input_audio_noise_reduction", "include", "modalities", "client_secret"}
+        check_keys(s, allowed, "session")  # fmt: skip
+        self.config = apply_beta_update(
+            self.config, {k: v for k, v in s.items() if k not in ("client_secret",)}
+        )
+        self._rebuild_vad()
+        session = {
+            "id": self.session_id,
+            "object": "realtime.transcription_session",
+            "expires_at": self.expires_at,
+            "modalities": ["text"],
+            "input_audio_format": self.config.input_format,
+            "input_audio_transcription": self.config.transcription,
+            "turn_detection": self.render_session()["turn_detection"],
+            "input_audio_noise_reduction": self.config.noise_reduction,
+            "include": self.config.include,
+            "client_secret": None,
+        }
+        out.append(self._event("transcription_session.updated", session=session))
+
+    def _on_session_close(self, event: Event, out: list[Event], now: float) -> None:
+        self.close_requested = (1000, "")
+        self.closed = True
+
+    # --- input audio buffer -----------------------------------------------------------
+
+    def _rebuild_vad(self) -> None:
+        td = self.config.turn_detection
+        if td is None:
+            self._vad = None
+            self._speech_item_id = None
+            self._idle_deadline = None
+            return
+        if td["type"] == "semantic_vad":
+            silence = {"high": 200, "medium": 500, "auto": 500, "low": 800}[td["eagerness"]]
+            params = (0.5, 300, silence)
+        else:
+            params = (td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
+            if td.get("idle_timeout_ms") is None:
+                self._idle_deadline = None
+        self._vad = au.EnergyVad(self.config.input_format, threshold=params[0],
+                                 prefix_padding_ms=params[1], silence_duration_ms=params[2])  # fmt: skip
+        self._vad.position_ms = int(self._total_ms)
+        self._vad.reset(int(self._total_ms))
+        self._speech_item_id = None
+
+    def _bytes_at(self, ms: float) -> int:
+        bpm = au.bytes_per_ms(self.config.input_format)
+        offset = int(round(ms - self._buf_start_ms)) * bpm
+        return max(0, min(len(self._buf), offset))
+
+    def _on_input_audio_buffer_append(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "audio"}, "")
+        if "audio" not in event:
+            raise missing_parameter("audio")
+        raw = expect_str(event["audio"], "audio")
+        try:
+            data = au.b64decode(raw)
+        except ValueError:
+            raise ClientError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio "
+                              "in the session's input format.", "audio") from None  # fmt: skip
+        fmt = self.config.input_format
+        self._buf += data
+        self._total_ms += au.duration_ms(len(data), fmt)
+        if self._vad is None:
+            return
+        for result in self._vad.feed(data):
+            if result.speech_started_ms is not None:
+                self._speech_started(result.speech_started_ms, out, now)
+            elif result.speech_stopped_ms is not None:
+                self._speech_stopped(result.speech_stopped_ms, out, now)
+        if not self._vad.in_speech:
+            # keep only what could become prefix padding: memory stays bounded
+            keep_ms = self._vad.prefix_padding_ms + au.FRAME_MS
+            if self._total_ms - self._buf_start_ms > max(keep_ms, 10_000):
+                cut = self._bytes_at(self._total_ms - keep_ms)
+                del self._buf[:cut]
+                self._buf_start_ms += cut / au.bytes_per_ms(fmt)
+
+    def _speech_started(self, start_ms: int, out: list[Event], now: float) -> None:
+        start_ms = max(start_ms, int(self._buf_start_ms))
+        self._speech_item_id = self._ids.new("item")
+        self._speech_start_ms = start_ms
+        self._idle_deadline = None
+        out.append(self._event("input_audio_buffer.speech_started",
+                               audio_start_ms=start_ms, item_id=self._speech_item_id))  # fmt: skip
+        td = self.config.turn_detection or {}
+        if td.get("interrupt_response") and self._inband is not None:
+            self._finish(self._inband, out, now, status="cancelled", reason="turn_detected")
+
+    def _speech_stopped(self, end_ms: int, out: list[Event], now: float) -> None:
+        item_id = self._speech_item_id or self._ids.new("item")
+        out.append(self._event("input_audio_buffer.speech_stopped",
+                               audio_end_ms=end_ms, item_id=item_id))  # fmt: skip
+        start, end = self._bytes_at(self._speech_start_ms), self._bytes_at(end_ms)
+        audio = bytes(self._buf[start:end])
+        del self._buf[:end]
+        self._buf_start_ms = max(self._buf_start_ms, float(end_ms))
+        self._speech_item_id = None
+        self._commit_audio(item_id, audio, out)
+        td = self.config.turn_detection or {}
+        if td.get("create_response") and self._inband is None and self.config.kind == "realtime":
+            self._create_response({}, out, now)
+
+    def _on_input_audio_buffer_commit(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id"}, "")
+        fmt = self.config.input_format
+        ms = au.duration_ms(len(self._buf), fmt)
+        if ms < MIN_COMMIT_MS:
+            raise ClientError(
+                "input_audio_buffer_commit_empty",
+                "Error committing input audio buffer: buffer too small. Expected at least "
+                f"100ms of audio, but buffer only has {ms:.2f}ms of audio.",
+            )
+        item_id = self._speech_item_id or self._ids.new("item")
+        audio = bytes(self._buf)
+        self._reset_buffer()
+        self._commit_audio(item_id, audio, out)
+
+    def _on_input_audio_buffer_clear(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id"}, "")
+        self._reset_buffer()
+        out.append(self._event("input_audio_buffer.cleared"))
+
+    def _reset_buffer(self) -> None:
+        self._buf.clear()
+        self._buf_start_ms = self._total_ms
+        self._speech_item_id = None
+        if self._vad is not None:
+            self._vad.reset(int(self._total_ms))
+
+    def _commit_audio(self, item_id: str, audio: bytes, out: list[Event]) -> None:
+        previous = self._items[-1]["id"] if self._items else None
+        out.append(self._event("input_audio_buffer.committed",
+                               previous_item_id=previous, item_id=item_id))  # fmt: skip
+        item = {"id": item_id, "type": "message", "object": "realtime.item",
+                "status": "completed", "role": "user",
+                "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
+        self._input_audio[item_id] = (audio, self.config.input_format)
+        self._insert(item, len(self._items), out)
+        if self.config.transcription is not None:
+            self._transcribe(item_id, au.duration_ms(len(audio), self.config.input_format), out)
+
+    def _transcribe(self, item_id: str, ms: float, out: list[Event]) -> None:
+        n_words = max(1, round(ms / 400))
+        words = [self._rng.choice(_SPOKEN_WORDS) for _ in range(n_words)]
+        transcript = " ".join(words).capitalize() + "."
+        pieces = transcript.split(" ")
+        for i, piece in enumerate(pieces):
+            out.append(self._event(
+                "conversation.item.input_audio_transcription.delta",
+                item_id=item_id, content_index=0, delta=piece if i == 0 else " " + piece,
+            ))  # fmt: skip
+        seconds = round(ms / 1000, 3)
+        usage: Event
+        if (self.config.transcription or {}).get("model") == "whisper-1":
+            usage = {"type": "duration", "seconds": seconds}
+        else:
+            audio_tokens = max(1, round(seconds * INPUT_AUDIO_TOKENS_PER_SECOND))
+            text_out = _tokens(transcript)
+            usage = {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": text_out,
+                     "total_tokens": audio_tokens + text_out,
+                     "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}  # fmt: skip
+        out.append(self._event(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item_id, content_index=0, transcript=transcript, usage=usage,
+        ))  # fmt: skip
+        item = self._by_id.get(item_id)
+        if item is not None:
+            item["content"][0]["transcript"] = transcript
+
+    # --- conversation items -------------------------------------------------------------
+
+    def _public(self, item: Event) -> Event:
+        """Copy of an item as sent in added/done events: no audio bytes."""
+        out = dict(item)
+        if "content" in item:
+            out["content"] = [{k: v for k, v in part.items() if k != "audio"}
+                              for part in item["content"]]  # fmt: skip
+        return out
+
+    def _insert(self, item: Event, index: int, out: list[Event] | None) -> None:
+        previous = self._items[index - 1]["id"] if index > 0 else None
+        self._items.insert(index, item)
+        self._by_id[item["id"]] = item
+        if out is None:
+            return
+        public = self._public(item)
+        if self.dialect == "ga":
+            out.append(self._event("conversation.item.added",
+                                   previous_item_id=previous, item=public))  # fmt: skip
+            out.append(self._event("conversation.item.done",
+                                   previous_item_id=previous, item=dict(public)))  # fmt: skip
+        else:
+            out.append(self._event("conversation.item.created",
+                                   previous_item_id=previous, item=public))  # fmt: skip
+
+    def _parse_item(self, raw: Any, param: str = "item") -> Event:
+        """Validate a client item; returns it normalized (no id assigned yet)."""
+        item = expect_object(raw, param)
+        check_keys(item, {"id", "type", "object", "status", "role", "content", "call_id", "name",
+                          "arguments", "output"}, param)  # fmt: skip
+        if "type" not in item:
+            raise missing_parameter(f"{param}.type")
+        kind = expect_choice(item["type"], f"{param}.type",
+                             ("message", "function_call", "function_call_output"))  # fmt: skip
+        out: Event = {"type": kind, "object": "realtime.item"}
+        if "id" in item:
+            out["id"] = expect_str(item["id"], f"{param}.id")
+        if kind == "message":
+            for key in ("call_id", "name", "arguments", "output"):
+                if key in item:
+                    raise unknown_parameter(f"{param}.{key}")
+            if "role" not in item:
+                raise missing_parameter(f"{param}.role")
+            role = expect_choice(item["role"], f"{param}.role", ("user", "assistant", "system"))
+            if "content" not in item:
+                raise missing_parameter(f"{param}.content")
+            if not isinstance(item["content"], list):
+                raise invalid_type(f"{param}.content", "an array", item["content"])
+            out.update(status="completed", role=role,
+                       content=[self._parse_part(p, role, f"{param}.content[{i}]")
+                                for i, p in enumerate(item["content"])])  # fmt: skip
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if key not in item:
+                    raise missing_parameter(f"{param}.{key}")
+                out[key] = expect_str(item[key], f"{param}.{key}")
+            out["status"] = "completed"
+        else:
+            for key in ("call_id", "output"):
+                if key not in item:
+                    raise missing_parameter(f"{param}.{key}")
+                out[key] = expect_str(item[key], f"{param}.{key}")
+        return out
+
+    def _parse_part(self, raw: Any, role: str, param: str) -> Event:
+        part = expect_object(raw, param)
+        if self.dialect == "ga":
+            kinds = {"user": ("input_text", "input_audio", "input_image"),
+                     "system": ("input_text",), "assistant": ("output_text", "output_audio")}
+        else:
+            kinds = {"user": ("input_text", "input_audio"), "system": ("input_text",),
+                     "assistant": ("text",)}  # fmt: skip
+        kind = expect_choice(part.get("type"), f"{param}.type", kinds[role])
+        if kind == "output_audio":
+            raise ClientError("invalid_value", "Assistant audio messages cannot be created by "
+                              "the client; use output_text.", f"{param}.type")  # fmt: skip
+        if kind in ("input_text", "output_text", "text"):
+            check_keys(part, {"type", "text"}, param)
+            if "text" not in part:
+                raise missing_parameter(f"{param}.text")
+            return {"type": kind, "text": expect_str(part["text"], f"{param}.text")}
+        if kind == "input_audio":
+            check_keys(part, {"type", "audio", "transcript"}, param)
+            out: Event = {"type": kind, "transcript": None}
+            if part.get("audio") is not None:
+                try:
+                    au.b64decode(expect_str(part["audio"], f"{param}.audio"))
+                except ValueError:
+                    raise ClientError("invalid_value", "Invalid 'audio': expected base64.",
+                                      f"{param}.audio") from None  # fmt: skip
+                out["audio"] = part["audio"]
+            if part.get("transcript") is not None:
+                out["transcript"] = expect_str(part["transcript"], f"{param}.transcript")
+            return out
+        check_keys(part, {"type", "image_url", "detail"}, param)
+        if "image_url" not in part:
+            raise missing_parameter(f"{param}.image_url")
+        return {"type": kind, "image_url": expect_str(part["image_url"], f"{param}.image_url"),
+                "detail": part.get("detail", "auto")}  # fmt: skip
+
+    def _has_call(self, call_id: str) -> bool:
+        return any(i["type"] == "function_call" and i.get("call_id") == call_id
+                   for i in self._items)  # fmt: skip
+
+    def _on_conversation_item_create(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "item", "previous_item_id"}, "")
+        if "item" not in event:
+            raise missing_parameter("item")
+        item = self._parse_item(event["item"])
+        prev = event.get("previous_item_id")
+        if prev is None:
+            index = len(self._items)
+        elif prev == "root":
+            index = 0
+        else:
+            expect_str(prev, "previous_item_id")
+            if prev not in self._by_id:
+                raise ClientError(
+                    "item_not_found",
+                    f"Error adding item: the previous item with id '{prev}' does not exist.",
+                    "previous_item_id",
+                )
+            index = self._items.index(self._by_id[prev]) + 1
+        if "id" in item and item["id"] in self._by_id:
+            raise ClientError("item_already_exists",
+                              f"Item with id '{item['id']}' already exists.", "item.id")  # fmt: skip
+        if item["type"] == "function_call_output" and not self._has_call(item["call_id"]):
+            raise ClientError(
+                "invalid_value",
+                f"Tool call output with call_id '{item['call_id']}' has no matching "
+                "function_call item in the conversation.",
+                "item.call_id",
+            )
+        item = {"id": item.pop("id", None) or self._ids.new("item"), **item}
+        self._insert(item, index, out)
+
+    def _require_item(self, event: Event) -> Event:
+        if "item_id" not in event:
+            raise missing_parameter("item_id")
+        item_id = expect_str(event["item_id"], "item_id")
+        item = self._by_id.get(item_id)
+        if item is None:
+            raise ClientError("item_not_found",
+                              f"Item with item_id '{item_id}' not found.", "item_id")  # fmt: skip
+        return item
+
+    def _on_conversation_item_delete(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "item_id"}, "")
+        item = self._require_item(event)
+        self._items.remove(item)
+        del self._by_id[item["id"]]
+        self._input_audio.pop(item["id"], None)
+        self._output_audio.pop(item["id"], None)
+        out.append(self._event("conversation.item.deleted", item_id=item["id"]))
+
+    def _on_conversation_item_retrieve(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "item_id"}, "")
+        item = self._require_item(event)
+        full = dict(item)
+        if "content" in item:
+            full["content"] = [dict(part) for part in item["content"]]
+            if item["id"] in self._input_audio:
+                full["content"][0]["audio"] = au.b64encode(self._input_audio[item["id"]][0])
+            elif item["id"] in self._output_audio:
+                chunks, fmt, end_ms = self._output_audio[item["id"]]
+                data = b"".join(au.chunk_bytes(v, fmt) for v in chunks)
+                full["content"][0]["audio"] = au.b64encode(data[: end_ms * au.bytes_per_ms(fmt)])
+        out.append(self._event("conversation.item.retrieved", item=full))
+
+    def _on_conversation_item_truncate(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "item_id", "content_index", "audio_end_ms"}, "")
+        item = self._require_item(event)
+        for key in ("content_index", "audio_end_ms"):
+            if key not in event:
+                raise missing_parameter(key)
+        content_index = expect_int(event["content_index"], "content_index", 0)
+        end_ms = expect_int(event["audio_end_ms"], "audio_end_ms", 0)
+        if item["id"] not in self._output_audio or content_index != 0:
+            raise ClientError("unsupported_content_type",
+                              "Only model output audio messages can be truncated", "item_id")  # fmt: skip
+        chunks, fmt, length_ms = self._output_audio[item["id"]]
+        if end_ms > length_ms:
+            raise ClientError(
+                "invalid_value",
+                f"Audio content of {length_ms}ms is already shorter than {end_ms}ms",
+                "audio_end_ms",
+            )
+        self._output_audio[item["id"]] = (chunks, fmt, end_ms)
+        item["content"][0]["transcript"] = ""  # the unheard transcript is dropped
+        out.append(self._event("conversation.item.truncated", item_id=item["id"],
+                               content_index=content_index, audio_end_ms=end_ms))  # fmt: skip
+
+    # --- responses ---------------------------------------------------------------------
+
+    def _on_response_create(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "response"}, "")
+        body = event.get("response")
+        body = {} if body is None else expect_object(body, "response")
+        if self.config.kind != "realtime":
+            raise ClientError("invalid_value",
+                              "Responses are not available in a transcription session.", "type")
+        self._create_response(body, out, now)
+
+    def _parse_overrides(self, body: Event) -> tuple[SessionConfig, Event]:
+        """Per-response overrides on a copy of the session config (+ extra fields)."""
+        p = "response"
+        cfg = self.config.copy()
+        extra: Event = {"conversation": "auto", "metadata": None, "input": None}
+        if self.dialect == "ga":
+            allowed = {"output_modalities", "instructions", "audio", "tools", "tool_choice",
+                       "max_output_tokens", "conversation", "metadata", "input", "prompt",
+                       "tracing"}  # fmt: skip
+        else:
+            allowed = {"modalities", "instructions", "voice", "output_audio_format", "tools",
+                       "tool_choice", "temperature", "max_response_output_tokens",
+                       "max_output_tokens", "conversation", "metadata", "input"}  # fmt: skip
+        check_keys(body, allowed, p)
+        if "output_modalities" in body:
+            cfg.modality = parse_ga_modalities(body["output_modalities"], f"{p}.output_modalities")
+        if "modalities" in body:
+            cfg.modality = parse_beta_modalities(body["modalities"], f"{p}.modalities")
+        if "instructions" in body:
+            cfg.instructions = expect_str(body["instructions"], f"{p}.instructions")
+        if "audio" in body:
+            a = expect_object(body["audio"], f"{p}.audio")
+            check_keys(a, {"output"}, f"{p}.audio")
+            o = expect_object(a.get("output", {}), f"{p}.audio.output")
+            check_keys(o, {"format", "voice"}, f"{p}.audio.output")
+            if "format" in o:
+                cfg.output_format = parse_ga_format(o["format"], f"{p}.audio.output.format")
+            if "voice" in o:
+                cfg.voice = parse_voice(o["voice"], f"{p}.audio.output.voice")
+        if "voice" in body:
+            cfg.voice = parse_voice(body["voice"], f"{p}.voice")
+        if "output_audio_format" in body:
+            cfg.output_format = expect_choice(body["output_audio_format"], f"{p}.output_audio_format",
+                                              ("pcm16", "g711_ulaw", "g711_alaw"))  # type: ignore[assignment]  # fmt: skip
+        if "tools" in body:
+            cfg.tools = parse_tools(body["tools"], f"{p}.tools", allow_mcp=self.dialect == "ga")
+        if "tool_choice" in body:
+            cfg.tool_choice = parse_tool_choice(body["tool_choice"], f"{p}.tool_choice")
+        if "temperature" in body:
+            cfg.temperature = expect_number(body["temperature"], f"{p}.temperature", 0.6, 1.2)
+        for key in ("max_output_tokens", "max_response_output_tokens"):
+            if key in body:
+                cfg.max_output_tokens = parse_max_tokens(body[key], f"{p}.{key}")
+        if "conversation" in body:
+            extra["conversation"] = expect_choice(body["conversation"], f"{p}.conversation",
+                                                  ("auto", "none"))  # fmt: skip
+        if body.get("metadata") is not None:
+            meta = expect_object(body["metadata"], f"{p}.metadata")
+            if len(meta) > 16:
+                raise ClientError("invalid_value", "Invalid 'response.metadata': at most 16 "
+                                  "key-value pairs are allowed.", f"{p}.metadata")  # fmt: skip
+            for k, v in meta.items():
+                expect_str(v, f"{p}.metadata.{k}")
+            extra["metadata"] = dict(meta)
+        if "input" in body:
+            items = body["input"]
+            if not isinstance(items, list):
+                raise invalid_type(f"{p}.input", "an array", items)
+            resolved = []
+            for i, raw in enumerate(items):
+                ip = f"{p}.input[{i}]"
+                if isinstance(raw, dict) and raw.get("type") == "item_reference":
+                    check_keys(raw, {"type", "id"}, ip)
+                    ref = expect_str(raw.get("id"), f"{ip}.id")
+                    if ref not in self._by_id:
+                        raise ClientError("item_not_found",
+                                          f"Item with id '{ref}' not found.", f"{ip}.id")  # fmt: skip
+                    resolved.append(self._by_id[ref])
+                else:
+                    resolved.append(self._parse_item(raw, ip))
+            extra["input"] = resolved
+        if isinstance(cfg.tool_choice, dict) and cfg.tool_choice.get("type") == "function":
+            names = [t.get("name") for t in cfg.tools if t.get("type") == "function"]
+            if cfg.tool_choice["name"] not in names:
+                raise ClientError("invalid_value", f"Tool choice '{cfg.tool_choice['name']}' is "
+                                  "not one of the provided tools.", f"{p}.tool_choice")  # fmt: skip
+        return cfg, extra
+
+    def _create_response(self, body: Event, out: list[Event], now: float) -> None:
+        cfg, extra = self._parse_overrides(body)
+        in_conversation = extra["conversation"] == "auto"
+        if in_conversation and self._inband is not None:
+            raise ClientError(
+                "conversation_already_has_active_response",
+                f"Conversation already has an active response in progress: {self._inband.id}. "
+                "Wait until the response is finished before creating a new one.",
+            )
+        context: list[Event] = extra["input"] if extra["input"] is not None else list(self._items)
+        self._idle_deadline = None
+        text_tokens = _tokens(cfg.instructions)
+        audio_tokens = 0
+        for item in context:
+            text_tokens += self._item_text_tokens(item)
+            audio_tokens += self._item_audio_tokens(item)
+        total_in = text_tokens + audio_tokens
+        cached = min(total_in, self._last_input_tokens // 64 * 64)
+        self._last_input_tokens = total_in
+        tool = self._pick_tool(cfg, context)
+        response_id = self._ids.new("resp")
+        item_id = self._ids.new("item")
+        if tool is not None:
+            args = orjson.dumps(instance_of(tool.get("parameters", {}), self._rng)).decode()
+            item: Event = {"id": item_id, "type": "function_call", "object": "realtime.item",
+                           "status": "in_progress", "name": tool["name"],
+                           "call_id": self._ids.new("call", 16), "arguments": ""}  # fmt: skip
+        else:
+            args = ""
+            item = {"id": item_id, "type": "message", "object": "realtime.item",
+                    "status": "in_progress", "role": "assistant", "content": []}  # fmt: skip
+        resp = _Response(
+            id=response_id, item=item, in_conversation=in_conversation,
+            conversation_id=self.conversation_id if in_conversation else None,
+            modality=cfg.modality, out_format=cfg.output_format, voice=cfg.voice,
+            temperature=cfg.temperature, max_output_tokens=cfg.max_output_tokens,
+            metadata=extra["metadata"], started=now, input_text_tokens=text_tokens,
+            input_audio_tokens=audio_tokens, cached_tokens=cached,
+        )  # fmt: skip
+        self._responses[response_id] = resp
+        if in_conversation:
+            self._inband = resp
+        self._requests += 1
+        out.append(self._event("response.created", response=self._render_response(resp, [])))
+        out.append(self._event("response.output_item.added", response_id=response_id,
+                               output_index=0, item=self._public(item)))  # fmt: skip
+        if in_conversation:
+            resp.previous_item_id = self._items[-1]["id"] if self._items else None
+            self._items.append(item)
+            self._by_id[item_id] = item
+            name = self._ga("conversation.item.added", "conversation.item.created")
+            out.append(self._event(name, previous_item_id=resp.previous_item_id,
+                                   item=self._public(item)))  # fmt: skip
+        if tool is not None:
+            self._plan_arguments(resp, args, now)
+            return
+        part = {"type": "audio", "transcript": ""} if cfg.modality == "audio" else \
+            {"type": "text", "text": ""}  # fmt: skip
+        out.append(self._event("response.content_part.added", response_id=response_id,
+                               item_id=item_id, output_index=0, content_index=0, part=part))  # fmt: skip
+        self._plan_message(resp, self._reply_text(context), now)
+
+    def _item_text_tokens(self, item: Event) -> int:
+        n = 0
+        for part in item.get("content", ()):
+            n += _tokens(part.get("text") or "") + _tokens(part.get("transcript") or "")
+        for key in ("arguments", "output", "name"):
+            n += _tokens(item.get(key) or "")
+        return n
+
+    def _item_audio_tokens(self, item: Event) -> int:
+        item_id = item.get("id")
+        if item_id in self._input_audio:
+            data, fmt = self._input_audio[item_id]
+            return round(au.duration_ms(len(data), fmt) / 1000 * INPUT_AUDIO_TOKENS_PER_SECOND)
+        if item_id in self._output_audio:
+            return self._output_audio[item_id][2] // au.CHUNK_MS * AUDIO_TOKENS_PER_CHUNK
+        n = 0
+        for part in item.get("content", ()):
+            if part.get("audio"):
+                n += len(part["audio"]) * 3 // 4 // 4800  # assume 24 kHz PCM16: 100 ms units
+        return n
+
+    def _pick_tool(self, cfg: SessionConfig, context: list[Event]) -> Event | None:
+        """The fake model's tool policy: named/required → call; auto → if the user names it."""
+        functions = [t for t in cfg.tools if t.get("type") == "function"]
+        if not functions or cfg.tool_choice == "none":
+            return None
+        if context and context[-1]["type"] == "function_call_output":
+            return None
+        choice = cfg.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function":
+                return None
+            return next(t for t in functions if t["name"] == choice["name"])
+        if choice == "required":
+            return functions[0]
+        last_text = self._last_user_text(context).lower()
+        for tool in functions:
+            name = tool["name"].lower()
+            if name in last_text or name.replace("_", " ") in last_text:
+                return tool
+        return None
+
+    @staticmethod
+    def _last_user_text(context: list[Event]) -> str:
+        for item in reversed(context):
+            if item["type"] == "message" and item.get("role") == "user":
+                texts = [p.get("text") or p.get("transcript") or "" for p in item["content"]]
+                return " ".join(t for t in texts if t)
+        return ""
+
+    def _reply_text(self, context: list[Event]) -> str:
+        lead = "Hello! How can I help you today?"
+        for item in reversed(context):
+            if item["type"] == "function_call_output":
+                output = " ".join(item["output"].split()[:12])
+                lead = f"The tool returned {output}."
+                break
+            if item["type"] == "message" and item.get("role") == "user":
+                text = self._last_user_text([item])
+                if text:
+                    lead = "You said: " + " ".join(text.split()[:20])
+                    if lead[-1] not in ".?!":
+                        lead += "."
+                elif item.get("id") in self._input_audio:
+                    data, fmt = self._input_audio[item["id"]]
+                    seconds = au.duration_ms(len(data), fmt) / 1000
+                    lead = f"I heard {seconds:.1f} seconds of audio."
+                else:
+                    lead = "I got your message."
+                break
+        return lead + " " + self._rng.choice(_FILLERS)
+
+    def _plan_message(self, resp: _Response, text: str, now: float) -> None:
+        words = text.split()[:MAX_REPLY_WORDS]
+        budget = resp.max_output_tokens
+        used = 0
+        t = now
+        audio = resp.modality == "audio"
+        chunk_s = au.CHUNK_MS / 1000 / self.pace if self.pace > 0 else 0.0
+        text_s = TEXT_STEP_S / self.pace if self.pace > 0 else 0.0
+        last = now
+        for i, word in enumerate(words):
+            delta = word if i == 0 else " " + word
+            n_syl = au.syllables_in(word)
+            pause = word[-1] in ",.;:?!"
+            cost = _tokens(delta) + (AUDIO_TOKENS_PER_CHUNK * (n_syl + pause) if audio else 0)
+            if budget != "inf" and used + cost > budget:
+                resp.final_status = "incomplete"
+                break
+            used += cost
+            if audio:
+                resp.steps.append(_Step(t, "transcript", delta))
+                for _ in range(n_syl):
+                    resp.steps.append(_Step(t, "audio", self._rng.randrange(au.VARIANTS)))
+                    last, t = t, t + chunk_s
+                if pause:
+                    resp.steps.append(_Step(t, "audio", au.SILENCE))
+                    last, t = t, t + chunk_s
+            else:
+                resp.steps.append(_Step(t, "text", delta))
+                last, t = t, t + text_s
+        resp.steps.append(_Step(last, "finish"))
+
+    def _plan_arguments(self, resp: _Response, args: str, now: float) -> None:
+        step = ARGS_STEP_S / self.pace if self.pace > 0 else 0.0
+        t = now
+        last = now
+        for i in range(0, len(args), 8):
+            resp.steps.append(_Step(t, "args", args[i : i + 8]))
+            last, t = t, t + step
+        resp.steps.append(_Step(last, "finish"))
+
+    def _on_response_cancel(self, event: Event, out: list[Event], now: float) -> None:
+        check_keys(event, {"type", "event_id", "response_id"}, "")
+        target: _Response | None
+        if event.get("response_id") is not None:
+            target = self._responses.get(expect_str(event["response_id"], "response_id"))
+        else:
+            target = self._inband
+        if target is None:
+            raise ClientError("response_cancel_not_active",
+                              "Cancellation failed: no active response found")  # fmt: skip
+        self._finish(target, out, now, status="cancelled", reason="client_cancelled")
+
+    # --- emission ---------------------------------------------------------------------
+
+    def _advance(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        while not self.closed:
+            best: _Response | None = None
+            for resp in self._responses.values():
+                if resp.steps and resp.steps[0].due <= now and (
+                    best is None or resp.steps[0].due < best.steps[0].due
+                ):
+                    best = resp
+            if best is not None:
+                self._run_step(best, best.steps.popleft(), out, now)
+                continue
+            if self._idle_deadline is not None and self._idle_deadline <= now:
+                self._idle_deadline = None
+                self._idle_timeout(out, now)
+                continue
+            if now >= self._start + self.max_duration:
+                self._expire(out)
+            break
+        return out
+
+    def _run_step(self, resp: _Response, step: _Step, out: list[Event], now: float) -> None:
+        ids = {"response_id": resp.id, "item_id": resp.item["id"], "output_index": 0}
+        if step.kind == "audio":
+            resp.chunks.append(step.data)
+            out.append(self._event(self._ga("response.output_audio.delta", "response.audio.delta"),
+                                   **ids, content_index=0,
+                                   delta=au.chunk_b64(step.data, resp.out_format)))  # fmt: skip
+        elif step.kind == "transcript":
+            resp.text_parts.append(step.data)
+            name = self._ga("response.output_audio_transcript.delta",
+                            "response.audio_transcript.delta")  # fmt: skip
+            out.append(self._event(name, **ids, content_index=0, delta=step.data))
+        elif step.kind == "text":
+            resp.text_parts.append(step.data)
+            out.append(self._event(self._ga("response.output_text.delta", "response.text.delta"),
+                                   **ids, content_index=0, delta=step.data))  # fmt: skip
+        elif step.kind == "args":
+            resp.text_parts.append(step.data)
+            out.append(self._event("response.function_call_arguments.delta", **ids,
+                                   call_id=resp.item["call_id"], delta=step.data))  # fmt: skip
+        else:
+            self._finish(resp, out, now, status=resp.final_status)
+
+    def _finish(
+        self,
+        resp: _Response,
+        out: list[Event],
+        now: float,
+        *,
+        status: str,
+        reason: str | None = None,
+    ) -> None:
+        """Close the response's open parts and item, then ``response.done``."""
+        resp.steps.clear()
+        del self._responses[resp.id]
+        if self._inband is resp:
+            self._inband = None
+        ids = {"response_id": resp.id, "item_id": resp.item["id"], "output_index": 0}
+        text = "".join(resp.text_parts)
+        item = resp.item
+        item["status"] = "completed" if status == "completed" else "incomplete"
+        if resp.is_function_call:
+            item["arguments"] = text
+            done: Event = {**ids, "call_id": item["call_id"], "arguments": text}
+            if self.dialect == "ga":
+                done["name"] = item["name"]
+            out.append(self._event("response.function_call_arguments.done", **done))
+            output_tokens = _tokens(text)
+            audio_out = 0
+        elif resp.modality == "audio":
+            out.append(self._event(self._ga("response.output_audio.done", "response.audio.done"),
+                                   **ids, content_index=0))  # fmt: skip
+            name = self._ga("response.output_audio_transcript.done", "response.audio_transcript.done")
+            out.append(self._event(name, **ids, content_index=0, transcript=text))
+            out.append(self._event("response.content_part.done", **ids, content_index=0,
+                                   part={"type": "audio", "transcript": text}))  # fmt: skip
+            kind = self._ga("output_audio", "audio")
+            item["content"] = [{"type": kind, "transcript": text}]
+            if resp.chunks:
+                self._voice_locked = self._voice_locked or resp.in_conversation
+                if resp.in_conversation:
+                    self._output_audio[item["id"]] = (
+                        list(resp.chunks), resp.out_format, len(resp.chunks) * au.CHUNK_MS
+                    )
+            output_tokens = _tokens(text)
+            audio_out = len(resp.chunks) * AUDIO_TOKENS_PER_CHUNK
+        else:
+            out.append(self._event(self._ga("response.output_text.done", "response.text.done"),
+                                   **ids, content_index=0, text=text))  # fmt: skip
+            out.append(self._event("response.content_part.done", **ids, content_index=0,
+                                   part={"type": "text", "text": text}))  # fmt: skip
+            item["content"] = [{"type": self._ga("output_text", "text"), "text": text}]
+            output_tokens = _tokens(text)
+            audio_out = 0
+        public = self._public(item)
+        if resp.in_conversation and self.dialect == "ga" and item["id"] in self._by_id:
+            out.append(self._event("conversation.item.done",
+                                   previous_item_id=resp.previous_item_id, item=public))  # fmt: skip
+        out.append(self._event("response.output_item.done", response_id=resp.id,
+                               output_index=0, item=dict(public)))  # fmt: skip
+        details: Event | None = None
+        if status == "cancelled":
+            details = {"type": "cancelled", "reason": reason}
+        elif status == "incomplete":
+            details = {"type": "incomplete", "reason": "max_output_tokens"}
+        usage = self._usage(resp, output_tokens, audio_out)
+        self._tokens_used += usage["total_tokens"]
+        rendered = self._render_response(resp, [dict(public)], status=status, details=details,
+                                         usage=usage)  # fmt: skip
+        out.append(self._event("response.done", response=rendered))
+        out.append(self._rate_limits())
+        td = self.config.turn_detection
+        if (resp.in_conversation and td is not None and td.get("idle_timeout_ms")
+                and status == "completed"):  # fmt: skip
+            playback = len(resp.chunks) * au.CHUNK_MS / 1000
+            self._idle_deadline = max(now, resp.started + playback) + td["idle_timeout_ms"] / 1000
+
+    def _usage(self, resp: _Response, text_out: int, audio_out: int) -> Event:
+        total_in = resp.input_text_tokens + resp.input_audio_tokens
+        cached_text = min(resp.cached_tokens, resp.input_text_tokens)
+        cached_audio = resp.cached_tokens - cached_text
+        in_details: Event = {"text_tokens": resp.input_text_tokens,
+                             "audio_tokens": resp.input_audio_tokens}  # fmt: skip
+        cached_details: Event = {"text_tokens": cached_text, "audio_tokens": cached_audio}
+        if self.dialect == "ga":
+            in_details["image_tokens"] = 0
+            cached_details["image_tokens"] = 0
+        in_details["cached_tokens"] = resp.cached_tokens
+        in_details["cached_tokens_details"] = cached_details
+        return {
+            "total_tokens": total_in + text_out + audio_out,
+            "input_tokens": total_in,
+            "output_tokens": text_out + audio_out,
+            "input_token_details": in_details,
+            "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
+        }
+
+    def _rate_limits(self) -> Event:
+        remaining = max(0, RATE_LIMIT_TOKENS - self._tokens_used)
+        tokens = {"name": "tokens", "limit": RATE_LIMIT_TOKENS, "remaining": remaining,
+                  "reset_seconds": 0.001}  # fmt: skip
+        if self.dialect == "ga":
+            return self._event("rate_limits.updated", rate_limits=[tokens])
+        requests = {"name": "requests", "limit": RATE_LIMIT_REQUESTS,
+                    "remaining": max(0, RATE_LIMIT_REQUESTS - self._requests),
+                    "reset_seconds": 0.012}  # fmt: skip
+        return self._event("rate_limits.updated", rate_limits=[requests, tokens])
+
+    def _render_response(
+        self,
+        resp: _Response,
+        output: list[Event],
+        *,
+        status: str = "in_progress",
+        details: Event | None = None,
+        usage: Event | None = None,
+    ) -> Event:
+        body: Event = {"object": "realtime.response", "id": resp.id, "status": status,
+                       "status_details": details, "output": output,
+                       "conversation_id": resp.conversation_id}  # fmt: skip
+        if self.dialect == "ga":
+            body["output_modalities"] = [resp.modality]
+            body["max_output_tokens"] = resp.max_output_tokens
+            body["audio"] = {"output": {"format": render_ga_format(resp.out_format),
+                                        "voice": resp.voice}}  # fmt: skip
+        else:
+            body["modalities"] = ["text", "audio"] if resp.modality == "audio" else ["text"]
+            body["voice"] = resp.voice
+            body["output_audio_format"] = resp.out_format
+            body["temperature"] = resp.temperature
+            body["max_output_tokens"] = resp.max_output_tokens
+        body["usage"] = usage
+        body["metadata"] = resp.metadata
+        return body
+
+    def _idle_timeout(self, out: list[Event], now: float) -> None:
+        item_id = self._ids.new("item")
+        out.append(self._event("input_audio_buffer.timeout_triggered", item_id=item_id,
+                               audio_start_ms=int(self._buf_start_ms),
+                               audio_end_ms=int(self._total_ms)))  # fmt: skip
+        audio = bytes(self._buf)
+        self._reset_buffer()
+        self._commit_audio(item_id, audio, out)
+        if self._inband is None:
+            self._create_response({}, out, now)
+
+    def _expire(self, out: list[Event]) -> None:
+        minutes = self.max_duration / 60
+        shown = f"{minutes:.0f}" if minutes == int(minutes) else f"{minutes:g}"
+        message = f"Your session hit the maximum duration of {shown} minutes."
+        if self.dialect == "beta":
+            out.append(self._error("session_expired", message))
+        self.close_requested = (1001, message)
+        self.closed = True

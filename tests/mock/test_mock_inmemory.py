@@ -1,0 +1,154 @@
+"""The whole server (shell included) over in-memory streams under Trio's MockClock.
+
+No sockets here, so ``autojump_clock`` is safe: timing faults and pacing are checked
+in virtual time and the tests take no real time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from mockrealtime import Faults, MockConfig, MockServer
+
+from .helpers import user_text
+
+AUTH = [(b"authorization", b"Bearer sk-test")]
+
+
+@asynccontextmanager
+async def session(
+    server: MockServer, *, headers: list[tuple[bytes, bytes]] | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_stream)
+        ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
+                                      "/v1/realtime?model=gpt-realtime",
+                                      extra_headers=AUTH + (headers or []))  # fmt: skip
+        try:
+            yield ws
+        finally:
+            await ws.aclose()
+            await trio.aclose_forcefully(client_stream)
+
+
+async def next_event(ws: WebSocketConnection) -> dict[str, Any]:
+    return json.loads(await ws.get_message())  # type: ignore[no-any-return]
+
+
+async def test_handshake_delay_postpones_the_101(autojump_clock: trio.testing.MockClock) -> None:
+    server = MockServer(MockConfig(faults=Faults(handshake_delay=30.0)))
+    start = trio.current_time()
+    async with session(server) as ws:
+        assert trio.current_time() - start == pytest.approx(30.0)
+        assert (await next_event(ws))["type"] == "session.created"
+
+
+async def test_send_delay_spaces_out_every_server_event(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = MockServer(MockConfig(pace=0, faults=Faults(send_delay=2.0)))
+    async with session(server) as ws:
+        t0 = trio.current_time()
+        await next_event(ws)
+        t1 = trio.current_time()
+        await ws.send_message(json.dumps(user_text("hi")))
+        await next_event(ws)
+        await next_event(ws)
+        t2 = trio.current_time()
+    assert t1 - t0 == pytest.approx(2.0)
+    assert t2 - t1 == pytest.approx(4.0)
+
+
+async def test_stall_never_answers_pings_or_messages(autojump_clock: trio.testing.MockClock) -> None:
+    server = MockServer(MockConfig(faults=Faults(stall=True)))
+    async with trio.open_nursery() as nursery:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve_stream, server_stream)
+        ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
+                                      "/v1/realtime?model=gpt-realtime", extra_headers=AUTH)
+        assert (await next_event(ws))["type"] == "session.created"
+        await ws.send_message(json.dumps(user_text("anyone?")))
+        with trio.move_on_after(60) as scope:
+            await ws.ping()
+        assert scope.cancelled_caught
+        assert server.connections[0].received == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_reply_audio_is_paced_at_pace_times_real_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = MockServer(MockConfig(pace=2.0))
+    async with session(server) as ws:
+        await next_event(ws)
+        await ws.send_message(json.dumps(user_text("Hello")))
+        await ws.send_message(json.dumps({"type": "response.create"}))
+        times: list[tuple[str, float]] = []
+        while not times or times[-1][0] != "rate_limits.updated":
+            times.append(((await next_event(ws))["type"], trio.current_time()))
+    audio = [t for kind, t in times if kind == "response.output_audio.delta"]
+    assert len(audio) > 5
+    gaps = [b - a for a, b in zip(audio, audio[1:], strict=False)]
+    # each 100 ms chunk arrives 50 ms after the previous one at pace 2
+    assert all(g == pytest.approx(0.05) for g in gaps)
+
+
+async def test_server_pings_on_the_configured_interval(autojump_clock: trio.testing.MockClock) -> None:
+    server = MockServer(MockConfig(ping_interval=20.0))
+    pings: list[float] = []
+    three_pings = trio.Event()
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    original = client_stream.receive_some
+
+    async def spy(max_bytes: int | None = None) -> bytes:
+        data = await original(max_bytes)
+        if data[:1] == b"\x89":  # an unmasked PING frame from the server
+            pings.append(trio.current_time())
+            if len(pings) == 3:
+                three_pings.set()
+        return data
+
+    client_stream.receive_some = spy  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_stream)
+        start = trio.current_time()
+        ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
+                                      "/v1/realtime?model=gpt-realtime", extra_headers=AUTH)
+        await next_event(ws)
+        with trio.fail_after(100):
+            await three_pings.wait()
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
+    assert [round(p - start) for p in pings] == [20, 40, 60]
+
+
+async def test_max_session_duration_closes_with_1001(autojump_clock: trio.testing.MockClock) -> None:
+    server = MockServer(MockConfig(max_session_seconds=120.0, ping_interval=None))
+    async with session(server) as ws:
+        assert (await next_event(ws))["type"] == "session.created"
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.get_message()
+        assert trio.current_time() - start == pytest.approx(120.0)
+    assert info.value.reason.code == 1001
+    assert info.value.reason.reason == "Your session hit the maximum duration of 2 minutes."
+
+
+async def test_connection_record_closed_is_set_when_the_connection_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = MockServer(MockConfig())
+    async with session(server) as ws:
+        await next_event(ws)
+    with trio.fail_after(1):
+        await server.connections[0].closed.wait()
+    assert server.connections[0].close_code == 1000
