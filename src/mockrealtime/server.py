@@ -363,8 +363,6 @@ class _Connection:
             ws.receive_data(data)
 
     def _on_frame(self, event: TextMessage | BytesMessage) -> None:
-        if self._close_queued:
-            return
         self._parts.append(event.data)
         self._size += len(event.data)
         if self._size > self.config.max_message_size:
@@ -382,6 +380,8 @@ class _Connection:
         self._parts, self._size = [], 0
         if self.config.record_messages:
             self.record.received.append(message)
+        if self._close_queued:
+            return  # closing: recorded, but the session no longer answers
         self._client_messages += 1
         self._enqueue_events(self.session.handle(message))
         if self._client_messages == self.faults.inject_error_after:

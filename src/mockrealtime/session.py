@@ -297,7 +297,6 @@ class Session:
         self.config = SessionConfig()
         if intent == "transcription" and dialect == "ga":
             self.config.kind = "transcription"
-            self.config.turn_detection = None
         self.session_id = self._ids.new("sess")
         self.conversation_id = self._ids.new("conv")
         self.expires_at = int(started_at + max_duration)
