@@ -146,7 +146,8 @@ class RelayApp:
         pair = Pair(
             client,
             bridge,
-            lambda: self.dialer.open(model),
+            self.dialer.target(model),
+            dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
         )
         self.pairs.add(pair)

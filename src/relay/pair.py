@@ -21,23 +21,13 @@ reading the upstream. Nothing is buffered without bound.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    ConnectionTimeout,
-    HandshakeError,
-    WebSocketConnection,
-)
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from .bridge import Bridge, Ending, Message, Reply
-
-OpenUpstream = Callable[[], AbstractAsyncContextManager[WebSocketConnection]]
-
+from .upstream import Upstream
 
 class ClientSide(Protocol):
     """The client's WebSocket as the pair sees it (ASGI in production, memory in tests)."""
@@ -58,13 +48,15 @@ class Pair:
         self,
         client: ClientSide,
         bridge: Bridge,
-        open_upstream: OpenUpstream,
+        target: Upstream,
         *,
+        dial_timeout: float,
         close_timeout: float,
     ) -> None:
         self.client = client
         self.bridge = bridge
-        self._open_upstream = open_upstream
+        self._target = target
+        self._dial_timeout = dial_timeout
         self._close_timeout = close_timeout
         self._upstream: WebSocketConnection | None = None
         self._flushed = trio.Event()
@@ -108,29 +100,50 @@ class Pair:
                 return
 
     async def _upstream_task(self) -> None:
+        """Dial (connect, then handshake) within the dial timeout, flush, then pump."""
         bridge = self.bridge
+        deadline = trio.current_time() + self._dial_timeout
+        stream: trio.abc.Stream | None = None
         try:
-            async with self._open_upstream() as upstream:
-                self._upstream = upstream
-                bridge.upstream_opened()
+            with trio.move_on_at(deadline):
                 try:
-                    while (data := bridge.next_to_flush()) is not None:
-                        await upstream.send_message(data)
-                except ConnectionClosed:
-                    pass  # the reads below still deliver what the upstream sent first
-                finally:
-                    self._flushed.set()
-                await self._upstream_to_client(upstream)
-        except ConnectionRejected as exc:
-            await self._finish(
-                bridge.dial_failed(f"HTTP {exc.status_code}", status=exc.status_code)
-            )
-        except ConnectionTimeout:
-            await self._finish(bridge.dial_failed("timed out"))
-        except HandshakeError as exc:
-            cause = exc.__cause__
-            detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else "refused"
-            await self._finish(bridge.dial_failed(detail or "connection failed"))
+                    stream = await self._target.connect()
+                except (OSError, trio.BrokenResourceError) as exc:
+                    await self._finish(bridge.dial_failed(_describe(exc)))
+                    return
+            if stream is None:
+                await self._finish(bridge.dial_failed("timed out"))
+                return
+            try:
+                async with trio.open_nursery() as nursery:
+                    upstream = None
+                    with trio.move_on_at(deadline):
+                        upstream = await self._target.handshake(nursery, stream)
+                    if upstream is None:
+                        await self._finish(bridge.dial_failed("timed out"))
+                        nursery.cancel_scope.cancel()
+                        return
+                    self._upstream = upstream
+                    await self._flush(upstream)
+                    await self._upstream_to_client(upstream)
+            except* ConnectionRejected as group:
+                status = group.exceptions[0].status_code  # type: ignore[attr-defined]
+                await self._finish(bridge.dial_failed(f"HTTP {status}", status=status))
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    async def _flush(self, upstream: WebSocketConnection) -> None:
+        """Send session.update and the queued client messages, in order."""
+        bridge = self.bridge
+        bridge.upstream_opened()
+        try:
+            while (data := bridge.next_to_flush()) is not None:
+                await upstream.send_message(data)
+        except ConnectionClosed:
+            pass  # the reads that follow still deliver what the upstream sent first
+        finally:
+            self._flushed.set()
 
     async def _upstream_to_client(self, upstream: WebSocketConnection) -> None:
         bridge = self.bridge
@@ -167,8 +180,14 @@ class Pair:
             if ending.upstream_code is not None and upstream is not None:
                 await self._flushed.wait()
                 await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)
-        if self._upstream is not None:
-            # Past the close budget: cut the socket, never hang in teardown.
-            await trio.aclose_forcefully(self._upstream)  # type: ignore[arg-type]
         assert self._cancel_scope is not None
         self._cancel_scope.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, key-free description of why a connection could not be made."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, trio.BrokenResourceError):
+        return "TLS handshake failed"
+    return exc.__class__.__name__

@@ -3,15 +3,24 @@
 The relay's credential goes either in an ``Authorization: Bearer`` header (the
 default, as server SDKs do) or in the ``openai-insecure-api-key.<key>``
 subprotocol next to ``realtime`` (as browsers must). It is never part of the URL.
+
+Dialing is split in two so the pair owns every resource it opens: :meth:`connect`
+returns the TCP (or TLS) stream, which the pair closes whatever happens, and
+:meth:`handshake` runs the WebSocket handshake over it with trio-websocket.
+(trio-websocket's own ``open_websocket_url`` leaves the socket open when it is
+cancelled mid-handshake, which is exactly what a client leaving during the dial
+does.)
 """
 
 from __future__ import annotations
 
 import ssl
-from contextlib import AbstractAsyncContextManager
-from urllib.parse import quote
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import quote, urlsplit
 
-from trio_websocket import WebSocketConnection, open_websocket_url
+import trio
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from .config import RelayConfig
 
@@ -24,40 +33,85 @@ UPSTREAM_QUEUE_MESSAGES = 4
 RECEIVE_BUFFER_BYTES = 64 * 1024
 
 
+class Upstream(Protocol):
+    """How a pair reaches its upstream (a socket dialer in production, memory in tests)."""
+
+    async def connect(self) -> trio.abc.Stream:
+        """A connected byte stream; raises OSError or trio.BrokenResourceError."""
+        ...
+
+    async def handshake(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> WebSocketConnection:
+        """The WebSocket over ``stream``; its reader task runs in ``nursery``.
+
+        A refusal raises ``ConnectionRejected`` from the reader task, into ``nursery``.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """One upstream session's address and credentials. Built per client."""
+
+    host: str
+    port: int
+    resource: str
+    ssl_context: ssl.SSLContext | None
+    subprotocols: tuple[str, ...] | None
+    headers: tuple[tuple[bytes, bytes], ...]
+    max_message_bytes: int
+
+    async def connect(self) -> trio.abc.Stream:
+        if self.ssl_context is None:
+            return await trio.open_tcp_stream(self.host, self.port)
+        return await trio.open_ssl_over_tcp_stream(
+            self.host, self.port, ssl_context=self.ssl_context, https_compatible=True
+        )
+
+    async def handshake(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> WebSocketConnection:
+        default_port = 443 if self.ssl_context is not None else 80
+        host = self.host if self.port == default_port else f"{self.host}:{self.port}"
+        return await wrap_client_stream(
+            nursery,
+            stream,  # type: ignore[arg-type]
+            host,
+            self.resource,
+            subprotocols=self.subprotocols,
+            extra_headers=list(self.headers),
+            message_queue_size=UPSTREAM_QUEUE_MESSAGES,
+            max_message_size=self.max_message_bytes,
+            receive_buffer_size=RECEIVE_BUFFER_BYTES,
+        )
+
+
 class UpstreamDialer:
-    """Opens upstream connections with the relay's settings; one per app."""
+    """Makes :class:`UpstreamTarget` objects from the relay's settings; one per app."""
 
     def __init__(self, config: RelayConfig) -> None:
         self._config = config
-        self._ssl_context = (
-            ssl.create_default_context() if config.upstream_url.startswith("wss:") else None
-        )
-
-    def url_for(self, model: str) -> str:
-        return f"{self._config.upstream_url}?model={quote(model, safe='')}"
-
-    def open(self, model: str) -> AbstractAsyncContextManager[WebSocketConnection]:
-        """An async context manager for one upstream connection.
-
-        Raises ``HandshakeError`` (``ConnectionTimeout`` after the dial timeout,
-        ``ConnectionRejected`` on an HTTP refusal) if it cannot open.
-        """
-        config = self._config
+        url = urlsplit(config.upstream_url)
+        self._secure = url.scheme == "wss"
+        self._host = url.hostname or ""
+        self._port = url.port or (443 if self._secure else 80)
+        self._path = url.path or "/"
+        # One context per app: building it loads the CA store, which takes milliseconds.
+        self._ssl_context = ssl.create_default_context() if self._secure else None
         key = config.openai_api_key
-        headers: list[tuple[bytes, bytes]] = []
-        subprotocols: list[str] | None = None
         if config.upstream_auth == "header":
-            headers.append((b"authorization", b"Bearer " + key.encode()))
+            self._headers: tuple[tuple[bytes, bytes], ...] = (
+                (b"authorization", b"Bearer " + key.encode()),
+            )
+            self._subprotocols: tuple[str, ...] | None = None
         else:
-            subprotocols = ["realtime", "openai-insecure-api-key." + key]
-        return open_websocket_url(
-            self.url_for(model),
-            self._ssl_context,
-            subprotocols=subprotocols,
-            extra_headers=headers,
-            message_queue_size=UPSTREAM_QUEUE_MESSAGES,
-            max_message_size=config.upstream_max_message_bytes,
-            receive_buffer_size=RECEIVE_BUFFER_BYTES,
-            connect_timeout=config.dial_timeout,
-            disconnect_timeout=config.close_timeout,
+            self._headers = ()
+            self._subprotocols = ("realtime", "openai-insecure-api-key." + key)
+
+    def target(self, model: str) -> UpstreamTarget:
+        return UpstreamTarget(
+            host=self._host,
+            port=self._port,
+            resource=f"{self._path}?model={quote(model, safe='')}",
+            ssl_context=self._ssl_context,
+            subprotocols=self._subprotocols,
+            headers=self._headers,
+            max_message_bytes=self._config.upstream_max_message_bytes,
         )

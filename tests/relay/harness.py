@@ -10,10 +10,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_client_stream,
+    serve_websocket,
+)
 
+from relay.app import RelayApp, create_app
 from relay.config import RelayConfig, load_config
 from relay.server import serve
 
@@ -73,14 +82,101 @@ async def scripted_upstream(handler: Handler) -> AsyncIterator[ScriptedUpstream]
         nursery.cancel_scope.cancel()
 
 
+@dataclass
+class RunningRelay:
+    url: str  # ws://127.0.0.1:PORT
+    http_url: str
+    app: RelayApp
+
+
 @asynccontextmanager
-async def running_relay(**settings: object) -> AsyncIterator[str]:
-    """A relay under Hypercorn on a loopback port; yields its ws:// base URL."""
+async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
+    """A relay under Hypercorn on a loopback port."""
     values = {"openai_api_key": TEST_KEY, "port": 0, "dial_timeout": 5.0, "close_timeout": 2.0}
     values.update(settings)
     config: RelayConfig = load_config({}, values)
+    app = create_app(config)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(lambda task_status: serve(config, shutdown_trigger=stop.wait, task_status=task_status))
-        yield binds[0].replace("http://", "ws://")
+        binds = await nursery.start(
+            partial(serve, config, shutdown_trigger=stop.wait, app=app)
+        )
+        yield RunningRelay(binds[0].replace("http://", "ws://"), binds[0], app)
         stop.set()
+
+
+@dataclass
+class SilentUpstream:
+    """A TCP listener that takes connections and never answers the WebSocket handshake."""
+
+    url: str
+    connected: trio.Event
+    peer_closed: trio.Event
+
+
+@asynccontextmanager
+async def silent_upstream() -> AsyncIterator[SilentUpstream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    state = SilentUpstream(f"ws://127.0.0.1:{port}/v1/realtime", trio.Event(), trio.Event())
+
+    async def hold(stream: trio.SocketStream) -> None:
+        state.connected.set()
+        while await stream.receive_some(65536):
+            pass  # read the handshake, answer nothing
+        state.peer_closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        yield state
+        nursery.cancel_scope.cancel()
+
+
+def closed_port_url() -> str:
+    """A ws:// URL on a loopback port nobody listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"ws://127.0.0.1:{port}/v1/realtime"
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    subprotocols: list[str] | None = None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> AsyncIterator[WebSocketConnection]:
+    """A test client that owns its socket and closes it on every path.
+
+    (trio-websocket's ``open_websocket_url`` leaves the socket open after a
+    refused handshake or a server-initiated close.) Errors come out unwrapped.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                f"{parts.hostname}:{parts.port}",
+                resource,
+                subprotocols=subprotocols,
+                extra_headers=extra_headers,
+            )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(5, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -1,5 +1,5 @@
 import trio
-from trio_websocket import open_websocket_url
+from .harness import connect
 
 from .harness import running_relay, scripted_upstream
 
@@ -14,7 +14,7 @@ async def echo(conn):
 async def test_echo_roundtrip():
     with trio.fail_after(10):
         async with scripted_upstream(echo) as up, running_relay(upstream_url=up.url) as relay:
-            async with open_websocket_url(relay + "/voice") as ws:
+            async with connect(relay.url + "/voice") as ws:
                 first = await ws.get_message()
                 assert '"session.update"' in first
                 await ws.send_message('{"type":"x"}')

@@ -1,0 +1,80 @@
+"""Settings are validated once, and a bad one names itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.config import SETTINGS, ConfigError, load_config
+
+
+def test_defaults_need_nothing_but_give_the_real_api() -> None:
+    config = load_config({})
+    assert config.upstream_url == "wss://api.openai.com/v1/realtime"
+    assert config.model == "gpt-realtime"
+    assert config.port == 8000
+    assert config.session_object()["type"] == "realtime"
+
+
+def test_environment_values_are_typed() -> None:
+    config = load_config(
+        {"RELAY_PORT": "9001", "RELAY_DIAL_TIMEOUT": "2.5", "RELAY_MODELS": "a, b",
+         "RELAY_PERMESSAGE_DEFLATE": "yes"}
+    )
+    assert (config.port, config.dial_timeout, config.models) == (9001, 2.5, ("a", "b"))
+    assert config.permessage_deflate is True
+    assert config.allowed_models == {"a", "b", "gpt-realtime"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RELAY_PORT": "eighty"}, "RELAY_PORT"),
+        ({"RELAY_PORT": "70000"}, "RELAY_PORT"),
+        ({"RELAY_DIAL_TIMEOUT": "0"}, "RELAY_DIAL_TIMEOUT"),
+        ({"RELAY_UPSTREAM_URL": "https://api.openai.com/v1/realtime"}, "RELAY_UPSTREAM_URL"),
+        ({"RELAY_UPSTREAM_URL": "wss://x/v1/realtime?model=a"}, "RELAY_UPSTREAM_URL"),
+        ({"RELAY_UPSTREAM_AUTH": "query"}, "RELAY_UPSTREAM_AUTH"),
+        ({"RELAY_BINARY_FRAMES": "drop"}, "RELAY_BINARY_FRAMES"),
+        ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_and_names_itself(env: dict, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(env)
+
+
+def test_toml_file_sets_values_and_the_session(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        'model = "gpt-realtime-mini"\nqueue_messages = 3\n'
+        '[session]\ninstructions = "Speak like a pirate."\n'
+        '[session.audio.output]\nvoice = "cedar"\n'
+    )
+    config = load_config({"RELAY_CONFIG": str(path), "RELAY_VOICE": "ash"})
+    assert config.model == "gpt-realtime-mini"
+    assert config.queue_messages == 3
+    session = config.session_object()
+    assert session["instructions"] == "Speak like a pirate."
+    assert session["audio"]["output"]["voice"] == "ash"  # env wins over the file
+
+
+def test_toml_file_may_not_hold_the_api_key(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('openai_api_key = "sk-x"\n')
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        load_config({"RELAY_CONFIG": str(path)})
+
+
+def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_config({"RELAY_CONFIG": str(path)})
+
+
+def test_the_key_never_shows_in_the_config_repr() -> None:
+    config = load_config({"OPENAI_API_KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in repr(config)
+    assert all(s.env.startswith(("RELAY_", "OPENAI_")) for s in SETTINGS)

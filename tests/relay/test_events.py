@@ -1,0 +1,57 @@
+"""Reading the event type without decoding audio, always agreeing with a JSON parser."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.events import error_event, event_type
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type":"input_audio_buffer.append","audio":"AAAA"}', "input_audio_buffer.append"),
+        ('{"type":"a","type":"b"}', "b"),  # a parser takes the last duplicate key
+        ('{"event_id":"e","type":"c"}', "c"),
+        ('{"type": "spaced"}', "spaced"),
+        ('{"type":"a\\u0062"}', "ab"),
+        ('{"type":"conversation.item.create","item":{"type":"message"}}', "conversation.item.create"),
+        ("not json", None),
+        ("[1, 2]", None),
+        ('{"type": 3}', None),
+        ("{}", None),
+    ],
+)
+def test_event_type_matches_what_a_parser_sees(text: str, expected: str | None) -> None:
+    assert event_type(text) == expected
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(st.text(max_size=12), st.dictionaries(st.sampled_from(["type", "audio", "x"]), json_values, max_size=3))
+def test_event_type_agrees_with_orjson_on_any_object(kind: str, rest: dict) -> None:
+    event = {"type": kind, **rest}
+    text = orjson.dumps(event).decode()
+    parsed = orjson.loads(text)["type"]
+    assert event_type(text) == (parsed if isinstance(parsed, str) else None)
+
+
+def test_error_events_have_the_realtime_api_shape() -> None:
+    event = orjson.loads(error_event("relay_x", "Something happened.", client_event_id="c1"))
+    assert event["type"] == "error"
+    assert event["event_id"].startswith("event_relay")
+    assert event["error"] == {
+        "type": "invalid_request_error",
+        "code": "relay_x",
+        "message": "Something happened.",
+        "param": None,
+        "event_id": "c1",
+    }
