@@ -110,6 +110,32 @@ class ConnectionRecord:
     events_sent: int = 0
     sent_types: list[str] = field(default_factory=list)
     """Types of the server events sent, in order (only when recording)."""
+    _conn: _Connection | None = field(default=None, repr=False)
+
+    def _attach(self, conn: _Connection | None) -> None:
+        self._conn = conn
+
+    @property
+    def live(self) -> bool:
+        """True while the connection is being served (the test controls below work)."""
+        return self._conn is not None
+
+    def _live_conn(self) -> _Connection:
+        if self._conn is None:
+            raise RuntimeError("this connection has already ended")
+        return self._conn
+
+    def inject(self, event: dict[str, Any]) -> None:
+        """Send an arbitrary server event now (after those already queued)."""
+        self._live_conn()._send.send_nowait(("event", event))
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close this connection from the server side with a close frame (code, reason)."""
+        self._live_conn()._queue_close(code, reason)
+
+    def drop(self) -> None:
+        """Drop the TCP connection without a close frame, after the events already queued."""
+        self._live_conn()._queue_drop()
 
 
 class MockServer:
@@ -274,7 +300,12 @@ class MockServer:
 
 
 class _Connection:
-    """One accepted WebSocket: reader, ticker, writer and pinger tasks around a Session."""
+    """One accepted WebSocket: reader, ticker, writer, control and pinger tasks around a Session.
+
+    Two send lanes share the socket under a lock: the ordered *event* lane (server
+    events, then our close frame; subject to ``send_delay`` and ``drop_after_events``)
+    and the *control* lane (pongs and pings, never delayed behind events).
+    """
 
     def __init__(
         self,
@@ -292,6 +323,8 @@ class _Connection:
         self.session = session
         self.record = record
         self._send, self._queue = trio.open_memory_channel[tuple[str, Any]](math.inf)
+        self._control_send, self._control = trio.open_memory_channel[Ping | Pong](math.inf)
+        self._lock = trio.Lock()
         self._wake = trio.Event()
         self._close_queued = False
         self._peer_closed = trio.Event()
@@ -304,21 +337,38 @@ class _Connection:
         self._enqueue_events(first_events)
         if self.session.close_requested is None and self.faults.close_after_open is not None:
             self._queue_close(*self.faults.close_after_open)
-        async with trio.open_nursery() as nursery:
-            self._done = nursery.cancel_scope
-            nursery.start_soon(self._writer)
-            if self.faults.stall:
-                return  # nobody reads: the client's pings and close frames go unanswered
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._ticker)
-            if self.config.ping_interval is not None:
-                nursery.start_soon(self._pinger, self.config.ping_interval)
+        self.record._attach(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._done = nursery.cancel_scope
+                nursery.start_soon(self._guarded, self._writer)
+                if self.faults.stall:
+                    return  # nobody reads: the client's pings and close frames go unanswered
+                nursery.start_soon(self._guarded, self._reader)
+                nursery.start_soon(self._guarded, self._control_sender)
+                nursery.start_soon(self._ticker)
+                if self.config.ping_interval is not None:
+                    nursery.start_soon(self._pinger, self.config.ping_interval)
+        finally:
+            self.record._attach(None)
 
     def _finish(self) -> None:
+        """End the connection: cancel every task; the caller then closes TCP."""
         assert self._done is not None
         self._done.cancel()
 
-    # --- queueing -------------------------------------------------------------------
+    async def _guarded(self, task: Callable[[], Any]) -> None:
+        """A peer that vanishes mid-read or mid-write just ends the connection."""
+        try:
+            await task()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._finish()
+
+    async def _send_bytes(self, data: bytes) -> None:
+        async with self._lock:
+            await self.stream.send_all(data)
+
+    # --- queueing (also used by ConnectionRecord's test controls) -------------------
 
     def _enqueue_events(self, events: list[Event]) -> None:
         for event in events:
@@ -331,6 +381,9 @@ class _Connection:
             self._close_queued = True
             self._send.send_nowait(("close", (code, reason)))
 
+    def _queue_drop(self) -> None:
+        self._send.send_nowait(("drop", None))
+
     # --- tasks ----------------------------------------------------------------------
 
     async def _reader(self) -> None:
@@ -342,7 +395,7 @@ class _Connection:
                     if isinstance(event, TextMessage | BytesMessage):
                         self._on_frame(event)
                     elif isinstance(event, Ping):
-                        self._send.send_nowait(("pong", event.payload))
+                        self._control_send.send_nowait(event.response())
                     elif isinstance(event, CloseConnection):
                         self.record.close_code = event.code
                         self.record.close_reason = event.reason or None
@@ -353,10 +406,7 @@ class _Connection:
             except RemoteProtocolError as exc:
                 self._queue_close(1002, f"Protocol error: {exc}"[:120])
                 return
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            data = await self.stream.receive_some(RECEIVE_BYTES)
             if not data:
                 self._finish()  # TCP ended (with or without a close handshake)
                 return
@@ -401,10 +451,15 @@ class _Connection:
         while True:
             await trio.sleep(interval)
             count += 1
-            self._send.send_nowait(("ping", count.to_bytes(4, "big")))
+            self._control_send.send_nowait(Ping(payload=count.to_bytes(4, "big")))
+
+    async def _control_sender(self) -> None:
+        async for frame in self._control:
+            if self.ws.state == ConnectionState.OPEN:
+                await self._send_bytes(self.ws.send(frame))
 
     async def _writer(self) -> None:
-        ws, stream, record = self.ws, self.stream, self.record
+        ws, record = self.ws, self.record
         recording = self.config.record_messages
         drop_after = self.faults.drop_after_events
         delay = self.faults.send_delay
@@ -412,6 +467,9 @@ class _Connection:
             self._finish()
             return
         async for kind, payload in self._queue:
+            if kind == "drop":
+                self._finish()  # drop TCP: no close frame
+                return
             if ws.state != ConnectionState.OPEN and kind != "reply":
                 continue
             if kind == "event":
@@ -420,27 +478,23 @@ class _Connection:
                     if ws.state != ConnectionState.OPEN:
                         continue
                 data = ws.send(TextMessage(data=orjson.dumps(payload).decode()))
-                await stream.send_all(data)
+                await self._send_bytes(data)
                 record.events_sent += 1
                 if recording:
                     record.sent_types.append(payload["type"])
                 if drop_after is not None and record.events_sent >= drop_after:
                     self._finish()  # drop TCP: no close frame
                     return
-            elif kind == "pong":
-                await stream.send_all(ws.send(Pong(payload=payload)))
-            elif kind == "ping":
-                await stream.send_all(ws.send(Ping(payload=payload)))
             elif kind == "close":
                 code, reason = payload
-                await stream.send_all(ws.send(CloseConnection(code=code, reason=reason)))
+                await self._send_bytes(ws.send(CloseConnection(code=code, reason=reason)))
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._peer_closed.wait()
                 self._finish()
                 return
             elif kind == "reply":
                 if ws.state == ConnectionState.REMOTE_CLOSING:
-                    await stream.send_all(ws.send(payload))
+                    await self._send_bytes(ws.send(payload))
                 self._finish()
                 return
 

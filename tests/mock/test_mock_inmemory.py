@@ -152,3 +152,16 @@ async def test_connection_record_closed_is_set_when_the_connection_ends(
     with trio.fail_after(1):
         await server.connections[0].closed.wait()
     assert server.connections[0].close_code == 1000
+
+
+async def test_pongs_are_not_held_back_by_a_slow_sender(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = MockServer(MockConfig(pace=0, faults=Faults(send_delay=10.0)))
+    async with session(server) as ws:
+        await next_event(ws)
+        await ws.send_message(json.dumps(user_text("hi")))
+        await ws.send_message(json.dumps({"type": "response.create"}))  # ~40 slow events queued
+        start = trio.current_time()
+        await ws.ping()
+        assert trio.current_time() - start < 10.0

@@ -312,3 +312,48 @@ async def test_plain_http_on_the_same_port_gets_json_404(nursery: trio.Nursery) 
             response = await client.get("/v1/nothing")
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
+
+
+# --- test controls and robustness -------------------------------------------------------
+
+
+async def test_tests_can_inject_events_and_close_or_drop_a_live_connection(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start(nursery)
+    url = f"{server.url}?model=gpt-realtime"
+    with trio.fail_after(10):
+        async with connect(url, extra_headers=AUTH) as ws:
+            await next_event(ws)
+            record = server.connections[0]
+            assert record.live
+            record.inject({"type": "future.event", "x": 1})
+            assert await next_event(ws) == {"type": "future.event", "x": 1}
+            record.close(1011, "upstream trouble")
+            code, reason, _ = await expect_close(ws)
+            assert (code, reason) == (1011, "upstream trouble")
+        await record.closed.wait()
+        assert not record.live
+        with pytest.raises(RuntimeError, match="already ended"):
+            record.inject({"type": "x"})
+        async with connect(url, extra_headers=AUTH) as ws:
+            await next_event(ws)
+            server.connections[1].drop()
+            code, _, _ = await expect_close(ws)
+            assert code == 1006
+
+
+async def test_a_client_vanishing_mid_response_is_not_a_server_error(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start(nursery)
+    with trio.fail_after(10):
+        async with connect(f"{server.url}?model=gpt-realtime", extra_headers=AUTH) as ws:
+            await next_event(ws)
+            await ws.send_message(json.dumps(user_text("a long answer please " * 10)))
+            await ws.send_message(json.dumps({"type": "response.create"}))
+            await next_event(ws)
+            await ws._stream.aclose()  # TCP gone, no close frame
+        await server.connections[0].closed.wait()
+    assert server.connections[0].close_code is None
+    assert server.errors == []
