@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -98,33 +97,14 @@ async def _serve(config: RelayConfig) -> None:
 
 
 async def _demo(host: str, port: int) -> None:
-    """The relay and mockrealtime in one nursery; the fake's key is made up per run."""
-    from mockrealtime import MockConfig, serve_mock_realtime
+    from .demo import run_demo
 
-    from .server import serve
-
-    key = "sk-demo-" + secrets.token_urlsafe(16)
     async with trio.open_nursery() as nursery:
-        mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
-        config = load_config(
-            {},
-            {
-                "openai_api_key": key,
-                "upstream_url": mock.url,
-                "host": host,
-                "port": port,
-            },
-        )
-
-        async def run_relay(task_status: trio.TaskStatus[list[str]]) -> None:
-            await serve(config, task_status=task_status)
-            nursery.cancel_scope.cancel()  # the signal came: stop the fake too
-
-        binds = await nursery.start(run_relay)
-        ws = binds[0].replace("http", "ws", 1)
+        demo = await nursery.start(run_demo, host, port)
         print(
-            f"relay demo: fake Realtime API on {mock.url}\n"
-            f"relay demo: relay on {ws}/voice and {ws}/v1/realtime?model=gpt-realtime\n"
+            f"relay demo: fake Realtime API on {demo.mock.url}\n"
+            f"relay demo: relay on {demo.relay_url}/voice"
+            f" and {demo.relay_url}/v1/realtime?model=gpt-realtime\n"
             "relay demo: press Ctrl-C to stop",
             flush=True,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import httpx
 import orjson
@@ -334,3 +335,72 @@ async def test_the_upstream_key_never_reaches_the_client() -> None:
     assert TEST_KEY[-4:] not in everything
     assert error_codes(messages) == ["relay_upstream_auth_refused"]
     assert code == 1011
+
+
+async def test_shutdown_closes_live_sessions_with_an_error_and_1001_on_both_legs() -> None:
+    upstream_codes: list[int] = []
+
+    async def record(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.send_message('{"type":"session.created"}')
+        try:
+            while True:
+                await conn.receive()
+        except ConnectionClosed as exc:
+            upstream_codes.append(exc.reason.code)
+
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(record) as up:
+            async with running_relay(upstream_url=up.url) as relay:
+                async with connect(relay.url + "/voice") as ws:
+                    assert await ws.get_message() == '{"type":"session.created"}'
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(relay.app.shutdown_pairs)
+                        messages, code, _ = await receive_until_closed(ws)
+            assert error_codes(messages) == ["relay_shutting_down"]
+            assert code == 1001
+            while not upstream_codes:
+                await trio.sleep(0.01)
+            assert upstream_codes == [1001]
+
+
+async def test_many_sessions_leave_no_socket_behind() -> None:
+    """Whatever way a pair ends, its sockets are closed when it is over."""
+
+    async def varied(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.send_message('{"type":"session.created"}')
+        while True:
+            message = await conn.receive()
+            if "drop" in str(message):
+                await ws._stream.aclose()
+                return
+            if "close" in str(message):
+                await ws.aclose(4000, "asked to")
+                return
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with trio.fail_after(30):
+        async with scripted_upstream(varied) as up, running_relay(upstream_url=up.url) as relay:
+            async with connect(relay.url + "/voice") as ws:  # warm up lazily created resources
+                await ws.get_message()
+            while relay.app.pairs:
+                await trio.sleep(0.01)
+            baseline = open_fds()
+            for n in range(30):
+                async with connect(relay.url + "/voice") as ws:
+                    await ws.get_message()
+                    kind = ("drop", "close", "client")[n % 3]
+                    if kind != "client":
+                        await ws.send_message(f'{{"type":"{kind}"}}')
+                        await receive_until_closed(ws)
+            while relay.app.pairs:
+                await trio.sleep(0.01)
+            # The scripted upstream's own server-side sockets close as their handlers end.
+            for _ in range(200):
+                if open_fds() <= baseline:
+                    break
+                await trio.sleep(0.01)
+            assert open_fds() <= baseline

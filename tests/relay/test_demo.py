@@ -1,0 +1,129 @@
+"""``relay demo`` end to end: the relay in front of the bundled fake, as a newcomer runs it."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+from functools import partial
+
+import orjson
+import pytest
+import trio
+
+from relay.demo import run_demo
+
+from .harness import connect
+
+TIMEOUT = 20
+
+
+def tone_then_silence(tone_s: float = 1.0, silence_s: float = 1.2) -> list[str]:
+    """input_audio_buffer.append events of 20 ms: a 440 Hz tone, then silence (PCM16 24 kHz)."""
+    rate, chunk = 24000, 480
+    samples = [int(12000 * math.sin(2 * math.pi * 440 * n / rate)) for n in range(int(rate * tone_s))]
+    samples += [0] * int(rate * silence_s)
+    events = []
+    for start in range(0, len(samples), chunk):
+        pcm = struct.pack(f"<{len(samples[start:start + chunk])}h", *samples[start:start + chunk])
+        events.append(orjson.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()}).decode())
+    return events
+
+
+async def events_until(ws, last_type: str) -> list[dict]:
+    events = []
+    while True:
+        event = orjson.loads(await ws.get_message())
+        events.append(event)
+        if event["type"] == last_type:
+            return events
+
+
+@pytest.mark.parametrize("path", ["/voice", "/v1/realtime?model=gpt-realtime"])
+async def test_demo_serves_a_text_turn_and_a_voice_turn(path: str) -> None:
+    stop = trio.Event()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            demo = await nursery.start(partial(run_demo, "127.0.0.1", 0, shutdown_trigger=stop.wait))
+            async with connect(demo.relay_url + path, subprotocols=["realtime"]) as ws:
+                opening = await events_until(ws, "session.updated")
+                assert [e["type"] for e in opening] == ["session.created", "session.updated"]
+                assert opening[1]["session"]["instructions"] == demo.config.session_object()["instructions"]
+
+                # A text turn.
+                await ws.send_message(orjson.dumps({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": "What is the weather like?"}]}}).decode())
+                await ws.send_message('{"type":"response.create"}')
+                text_turn = await events_until(ws, "response.done")
+                assert text_turn[-1]["response"]["status"] == "completed"
+                assert text_turn[-1]["response"]["usage"]["total_tokens"] > 0
+
+                # A voice turn: server VAD hears the tone end and answers with audio.
+                for event in tone_then_silence():
+                    await ws.send_message(event)
+                voice_turn = await events_until(ws, "response.done")
+                kinds = [e["type"] for e in voice_turn]
+                for expected in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                 "input_audio_buffer.committed", "response.created"):
+                    assert expected in kinds
+                assert kinds.index("input_audio_buffer.speech_started") < kinds.index(
+                    "input_audio_buffer.speech_stopped") < kinds.index("input_audio_buffer.committed")
+                assert kinds.count("response.output_audio.delta") > 0
+                assert "response.output_audio_transcript.delta" in kinds
+                assert voice_turn[-1]["response"]["status"] == "completed"
+            stop.set()
+
+
+def test_relay_demo_command_serves_and_stops_cleanly_on_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        for _ in range(5):
+            line = proc.stdout.readline()
+            if "relay on" in line:
+                break
+        match = re.search(r"relay on (ws://127\.0\.0\.1:\d+)/voice", line)
+        assert match, line
+
+        async def one_session() -> str:
+            async with connect(match.group(1) + "/voice") as ws:
+                return orjson.loads(await ws.get_message())["type"]
+
+        assert trio.run(one_session) == "session.created"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+
+
+def test_relay_serve_refuses_to_start_without_an_api_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--port", "0"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "OPENAI_API_KEY is not set" in result.stderr
+
+
+def test_relay_serve_names_a_bad_setting() -> None:
+    env = dict(os.environ, OPENAI_API_KEY="sk-x", RELAY_DIAL_TIMEOUT="soon")
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert result.returncode == 2
+    assert "RELAY_DIAL_TIMEOUT" in result.stderr
