@@ -127,3 +127,37 @@ def test_relay_serve_names_a_bad_setting() -> None:
     )
     assert result.returncode == 2
     assert "RELAY_DIAL_TIMEOUT" in result.stderr
+
+
+def test_the_documented_hypercorn_command_line_serves_the_app() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OPENAI_API_KEY="sk-x")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", f"127.0.0.1:{port}",
+         "relay.app:create_app()"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(20):
+            if "Running on" in proc.stdout.readline():
+                break
+
+        async def health() -> int:
+            import httpx
+
+            async with httpx.AsyncClient() as http:
+                return (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code
+
+        assert trio.run(health) == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
