@@ -57,6 +57,8 @@ HEAD_TIMEOUT: Final = 30.0
 CLOSE_TIMEOUT: Final = 5.0
 """How long to wait for the client's close frame after sending ours."""
 RECEIVE_BYTES: Final = 65536
+WRITE_BATCH_EVENTS: Final = 64
+"""At most this many queued events are framed into one socket write."""
 REALTIME_PATH: Final = "/v1/realtime"
 
 
@@ -154,6 +156,12 @@ class MockServer:
         """Unexpected exceptions in connection handlers (a bug in the mock if non-empty)."""
         self.rest = RestStore()
         self._rng = random.Random(f"mockrealtime/{config.seed}/rest")
+
+    def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
+        """Close every live WebSocket with a close frame (after the events already queued)."""
+        for record in self.connections:
+            if record.live:
+                record.close(code, reason)
 
     def key_is_valid(self, key: str) -> bool:
         """Accept configured keys (or any key if none configured) and unexpired ``ek_`` keys."""
@@ -296,6 +304,7 @@ class MockServer:
             conn = _Connection(self.config, faults, stream, ws, session, record)
             await conn.run(session.open(decision.rejection))
         finally:
+            await trio.aclose_forcefully(stream)
             record.closed.set()
 
 
@@ -326,6 +335,7 @@ class _Connection:
         self._control_send, self._control = trio.open_memory_channel[Ping | Pong](math.inf)
         self._lock = trio.Lock()
         self._wake = trio.Event()
+        self._deadline: float | None = None
         self._close_queued = False
         self._peer_closed = trio.Event()
         self._client_messages = 0
@@ -436,11 +446,12 @@ class _Connection:
         self._enqueue_events(self.session.handle(message))
         if self._client_messages == self.faults.inject_error_after:
             self._send.send_nowait(("event", self.session.server_error()))
-        self._wake.set()
+        if self.session.next_deadline() != self._deadline:
+            self._wake.set()  # the schedule changed (a response started or ended...)
 
     async def _ticker(self) -> None:
         while self.session.close_requested is None:
-            deadline = self.session.next_deadline()
+            deadline = self._deadline = self.session.next_deadline()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -463,10 +474,19 @@ class _Connection:
         recording = self.config.record_messages
         drop_after = self.faults.drop_after_events
         delay = self.faults.send_delay
+        batching = not delay and drop_after is None
         if drop_after == 0:
             self._finish()
             return
-        async for kind, payload in self._queue:
+        pending: tuple[str, Any] | None = None
+        while True:
+            if pending is not None:
+                (kind, payload), pending = pending, None
+            else:
+                try:
+                    kind, payload = await self._queue.receive()
+                except trio.EndOfChannel:  # pragma: no cover - the send side is never closed
+                    return
             if kind == "drop":
                 self._finish()  # drop TCP: no close frame
                 return
@@ -477,11 +497,22 @@ class _Connection:
                     await trio.sleep(delay)
                     if ws.state != ConnectionState.OPEN:
                         continue
-                data = ws.send(TextMessage(data=orjson.dumps(payload).decode()))
+                events = [payload]
+                # events queued together (a whole reply at pace 0) go out in one write
+                while batching and len(events) < WRITE_BATCH_EVENTS:
+                    try:
+                        following = self._queue.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if following[0] != "event":
+                        pending = following
+                        break
+                    events.append(following[1])
+                data = b"".join(ws.send(TextMessage(data=orjson.dumps(e).decode())) for e in events)
                 await self._send_bytes(data)
-                record.events_sent += 1
+                record.events_sent += len(events)
                 if recording:
-                    record.sent_types.append(payload["type"])
+                    record.sent_types.extend(e["type"] for e in events)
                 if drop_after is not None and record.events_sent >= drop_after:
                     self._finish()  # drop TCP: no close frame
                     return

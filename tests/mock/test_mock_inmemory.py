@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
@@ -165,3 +167,80 @@ async def test_pongs_are_not_held_back_by_a_slow_sender(
         start = trio.current_time()
         await ws.ping()
         assert trio.current_time() - start < 10.0
+
+
+async def test_close_all_sends_every_live_client_a_close_frame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = MockServer(MockConfig())
+    async with session(server) as a, session(server) as b:
+        await next_event(a)
+        await next_event(b)
+        server.close_all(1012, "restarting")
+        for ws in (a, b):
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert (info.value.reason.code, info.value.reason.reason) == (1012, "restarting")
+
+
+# --- robustness under random faults and client behaviour -------------------------------
+
+_actions = st.lists(st.one_of(
+    st.tuples(st.just("text"), st.sampled_from([
+        json.dumps(user_text("hi")), '{"type": "response.create"}', '{"type": "response.cancel"}',
+        "{bad", '{"type": "input_audio_buffer.commit"}'])),
+    st.tuples(st.just("bytes"), st.binary(max_size=4)),
+    st.tuples(st.just("ping"), st.none()),
+    st.tuples(st.just("wait"), st.floats(0, 2)),
+), max_size=8)  # fmt: skip
+_faults = st.builds(
+    Faults,
+    send_delay=st.sampled_from([0.0, 0.01]),
+    drop_after_events=st.none() | st.integers(0, 20),
+    close_after_open=st.none() | st.just((4001, "bye")),
+    inject_error_after=st.none() | st.integers(1, 3),
+    handshake_delay=st.sampled_from([0.0, 1.0]),
+)
+_endings = st.sampled_from(["close", "drop", "nothing"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(faults=_faults, actions=_actions, ending=_endings, pace=st.sampled_from([0.0, 4.0]))
+def test_any_client_and_fault_mix_ends_cleanly_without_server_errors(
+    faults: Faults, actions: list[tuple[str, Any]], ending: str, pace: float
+) -> None:
+    async def scenario() -> None:
+        server = MockServer(MockConfig(pace=pace, faults=faults, ping_interval=5.0))
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_stream, server_stream)
+            ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
+                                          "/v1/realtime?model=gpt-realtime", extra_headers=AUTH,
+                                          message_queue_size=1000)  # fmt: skip
+            try:
+                for kind, arg in actions:
+                    if kind == "wait":
+                        await trio.sleep(arg)  # virtual time passing is part of the scenario
+                    elif kind == "ping":
+                        with trio.move_on_after(1):
+                            await ws.ping()
+                    else:
+                        await ws.send_message(arg)
+                if ending == "close":
+                    with trio.move_on_after(10):
+                        await ws.aclose(4000 + len(actions), "done")
+            except ConnectionClosed:
+                pass
+            finally:
+                await trio.aclose_forcefully(client_stream)
+            with trio.fail_after(30):
+                await server.connections[0].closed.wait()
+            record = server.connections[0]
+            assert server.errors == []
+            assert not record.live
+            if faults.close_after_open is None:  # otherwise the client's frame is an echo
+                expected = 4000 + len(actions) if ending == "close" else None
+                assert record.close_code in (None, expected)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
