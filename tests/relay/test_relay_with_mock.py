@@ -1,0 +1,116 @@
+"""The relay in front of mockrealtime, with the fake's faults switched on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+import trio
+from mockrealtime import Faults, MockConfig, MockServer, serve_mock_realtime
+
+from .harness import TEST_KEY, RunningRelay, connect, running_relay
+from .test_relay_loopback import error_codes, receive_until_closed
+
+TIMEOUT = 15
+
+
+@asynccontextmanager
+async def relay_and_mock(
+    faults: Faults = Faults(), *, api_keys: frozenset[str] = frozenset({TEST_KEY}), **settings: object
+) -> AsyncIterator[tuple[RunningRelay, MockServer]]:
+    async with trio.open_nursery() as nursery:
+        mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=api_keys, faults=faults))
+        async with running_relay(upstream_url=mock.url, **settings) as relay:
+            yield relay, mock
+        nursery.cancel_scope.cancel()
+
+
+async def test_upstream_refusing_the_upgrade_gives_1014() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(refuse_status=503)) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, _ = await receive_until_closed(ws)
+    assert error_codes(messages) == ["relay_upstream_unavailable"]
+    assert code == 1014
+
+
+async def test_upstream_refusing_the_key_at_the_upgrade_gives_1011() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(refuse_status=401)) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, _ = await receive_until_closed(ws)
+    assert error_codes(messages) == ["relay_upstream_auth_refused"]
+    assert code == 1011
+
+
+async def test_wrong_relay_key_is_reported_without_any_part_of_it() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(api_keys=frozenset({"sk-another-key-entirely"})) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, reason = await receive_until_closed(ws)
+    seen = "".join(messages) + (reason or "")
+    assert TEST_KEY[-4:] not in seen
+    assert error_codes(messages) == ["relay_upstream_auth_refused"]
+    assert code == 1011
+
+
+async def test_upstream_close_after_open_is_passed_on_with_its_code() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(close_after_open=(4001, "going away"))) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, reason = await receive_until_closed(ws)
+    assert orjson.loads(messages[0])["type"] == "session.created"
+    assert (code, reason) == (4001, "going away")
+
+
+async def test_upstream_dropping_tcp_gives_the_events_so_far_then_1011() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(drop_after_events=2)) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, _ = await receive_until_closed(ws)
+    kinds = [orjson.loads(m)["type"] for m in messages]
+    assert kinds == ["session.created", "session.updated", "error"]
+    assert error_codes(messages) == ["relay_upstream_lost"]
+    assert code == 1011
+
+
+async def test_a_slow_handshake_queues_the_first_turn_and_loses_nothing() -> None:
+    item = {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi there"}]}}
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(handshake_delay=0.3)) as (relay, mock):
+            async with connect(relay.url + "/voice") as ws:
+                await ws.send_message(orjson.dumps(item).decode())
+                await ws.send_message('{"type":"response.create"}')
+                kinds = []
+                while not kinds or kinds[-1] != "response.done":
+                    kinds.append(orjson.loads(await ws.get_message())["type"])
+            received = [orjson.loads(m)["type"] for m in mock.connections[0].received]
+    assert received[:3] == ["session.update", "conversation.item.create", "response.create"]
+    assert kinds[0] == "session.created"
+    assert "error" not in kinds
+
+
+async def test_injected_upstream_errors_pass_through_and_the_session_goes_on() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(inject_error_after=1)) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                await ws.get_message()  # session.created
+                await ws.send_message('{"type":"input_audio_buffer.clear"}')
+                kinds = set()
+                while "input_audio_buffer.cleared" not in kinds or "error" not in kinds:
+                    kinds.add(orjson.loads(await ws.get_message())["type"])
+
+
+async def test_client_leaving_a_stalled_upstream_ends_the_pair_within_the_close_timeout() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(stall=True), close_timeout=0.5) as (relay, _):
+            async with connect(relay.url + "/voice") as ws:
+                await ws.get_message()
+                for _ in range(5):
+                    await ws.send_message('{"type":"input_audio_buffer.clear"}')
+            left = trio.current_time()
+            while relay.app.pairs:
+                await trio.sleep(0.01)
+            assert trio.current_time() - left < 2
