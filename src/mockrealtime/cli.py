@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(error beta_api_shape_disabled, close 4000)")
     serve.add_argument("--max-session-seconds", type=float, default=3600.0,
                        help="session length before the server closes it (default 3600)")
+    serve.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS",
+                       help="model 'thinking' time before each response's first delta")
+    serve.add_argument("--obfuscation", action="store_true",
+                       help="add the GA 'obfuscation' padding field to delta events")
     serve.add_argument("--ping-interval", type=float, default=20.0,
                        help="seconds between server pings, 0 to disable (default 20)")
     faults = serve.add_argument_group("fault injection (applies to every connection)")
@@ -98,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_session_seconds=args.max_session_seconds,
             ping_interval=args.ping_interval or None,
             record_messages=False,
+            response_delay=args.response_delay,
+            obfuscation=args.obfuscation,
         )
     except ValueError as exc:
         parser.error(str(exc))

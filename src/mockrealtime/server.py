@@ -71,6 +71,8 @@ class MockConfig:
     audio at N× real time (0 → as fast as possible). ``record_messages`` keeps every
     raw client message in ``ConnectionRecord.received`` (turn it off for load tests).
     ``wall_clock`` gives Unix time for ``expires_at`` and ephemeral-key expiry.
+    ``response_delay`` is the model's thinking time before the first delta of each
+    response; ``obfuscation`` adds the GA ``obfuscation`` field to delta events.
     """
 
     api_keys: frozenset[str] = frozenset()
@@ -83,10 +85,14 @@ class MockConfig:
     record_messages: bool = True
     max_message_size: int = 32 * 1024 * 1024
     wall_clock: Callable[[], float] = time.time
+    response_delay: float = 0.0
+    obfuscation: bool = False
 
     def __post_init__(self) -> None:
         if not (self.pace >= 0 and math.isfinite(self.pace)):
             raise ValueError(f"pace must be a finite number >= 0, got {self.pace!r}")
+        if not (self.response_delay >= 0 and math.isfinite(self.response_delay)):
+            raise ValueError(f"response_delay must be >= 0 seconds, got {self.response_delay!r}")
         if self.max_session_seconds <= 0:
             raise ValueError("max_session_seconds must be > 0")
         if self.ping_interval is not None and self.ping_interval <= 0:
@@ -299,6 +305,8 @@ class MockServer:
             started_at=self.config.wall_clock(),
             max_duration=self.config.max_session_seconds,
             intent=decision.intent,
+            response_delay=self.config.response_delay,
+            obfuscation=self.config.obfuscation,
         )
         try:
             conn = _Connection(self.config, faults, stream, ws, session, record)

@@ -272,7 +272,10 @@ class Session:
 
     ``clock`` returns seconds on any monotonic scale (the Trio shell passes
     ``trio.current_time``); ``started_at`` is the Unix time used for ``expires_at``.
-    ``pace`` streams reply audio at N× real time (0 → everything at once).
+    ``pace`` streams reply audio at N× real time (0 → everything at once);
+    ``response_delay`` is the time from ``response.created`` to the first delta (the
+    model's "thinking"); ``obfuscation`` adds the GA ``obfuscation`` padding field to
+    delta events, as the real server does.
     """
 
     def __init__(
@@ -286,6 +289,8 @@ class Session:
         started_at: float = 0.0,
         max_duration: float = DEFAULT_MAX_SESSION_SECONDS,
         intent: str | None = None,
+        response_delay: float = 0.0,
+        obfuscation: bool = False,
     ) -> None:
         self.dialect: Dialect = dialect
         self.model = model
@@ -293,6 +298,8 @@ class Session:
         self._rng = rng
         self._ids = IdFactory(rng)
         self.pace = pace
+        self.response_delay = response_delay
+        self.obfuscation = obfuscation and dialect == "ga"
         self.max_duration = max_duration
         self.config = SessionConfig()
         if intent == "transcription" and dialect == "ga":
@@ -634,6 +641,7 @@ class Session:
                 "conversation.item.input_audio_transcription.delta",
                 item_id=item_id, content_index=0, delta=piece if i == 0 else " " + piece,
             ))  # fmt: skip
+            self._obfuscate(out[-1])
         seconds = round(ms / 1000, 3)
         usage: Event
         if (self.config.transcription or {}).get("model") == "whisper-1":
@@ -1072,11 +1080,11 @@ class Session:
         words = text.split()[:MAX_REPLY_WORDS]
         budget = resp.max_output_tokens
         used = 0
-        t = now
+        t = now + self.response_delay
         audio = resp.modality == "audio"
         chunk_s = au.CHUNK_MS / 1000 / self.pace if self.pace > 0 else 0.0
         text_s = TEXT_STEP_S / self.pace if self.pace > 0 else 0.0
-        last = now
+        last = t
         for i, word in enumerate(words):
             delta = word if i == 0 else " " + word
             n_syl = au.syllables_in(word)
@@ -1101,8 +1109,8 @@ class Session:
 
     def _plan_arguments(self, resp: _Response, args: str, now: float) -> None:
         step = ARGS_STEP_S / self.pace if self.pace > 0 else 0.0
-        t = now
-        last = now
+        t = now + self.response_delay
+        last = t
         for i in range(0, len(args), 8):
             resp.steps.append(_Step(t, "args", args[i : i + 8]))
             last, t = t, t + step
@@ -1144,6 +1152,20 @@ class Session:
         return out
 
     def _run_step(self, resp: _Response, step: _Step, out: list[Event], now: float) -> None:
+        if step.kind == "finish":
+            self._finish(resp, out, now, status=resp.final_status)
+            return
+        self._emit_delta(resp, step, out)
+        self._obfuscate(out[-1])
+
+    def _obfuscate(self, event: Event) -> None:
+        """GA pads delta events with a random ``obfuscation`` string (if enabled)."""
+        if self.obfuscation:
+            event["obfuscation"] = "".join(
+                self._rng.choices(ALPHANUMERIC, k=self._rng.randrange(1, 16))
+            )
+
+    def _emit_delta(self, resp: _Response, step: _Step, out: list[Event]) -> None:
         ids = {"response_id": resp.id, "item_id": resp.item["id"], "output_index": 0}
         if step.kind == "audio":
             resp.chunks.append(step.data)
@@ -1163,8 +1185,6 @@ class Session:
             resp.text_parts.append(step.data)
             out.append(self._event("response.function_call_arguments.delta", **ids,
                                    call_id=resp.item["call_id"], delta=step.data))  # fmt: skip
-        else:
-            self._finish(resp, out, now, status=resp.final_status)
 
     def _finish(
         self,

@@ -294,3 +294,22 @@ def test_any_client_input_yields_well_formed_events_and_no_crash(
     done = [e["response"]["id"] for e in emitted if e["type"] == "response.done"]
     assert sorted(created) == sorted(done)  # every response ends, exactly once
     assert not session.has_active_response
+
+
+def test_response_delay_holds_back_the_first_delta() -> None:
+    clock = FakeClock(0.0)
+    session, _ = make_session(clock=clock, pace=0.0, response_delay=0.4)
+    send(session, user_text("Hi"))
+    head = send(session, {"type": "response.create"})
+    assert types(head, deltas=True)[-1] == "response.content_part.added"
+    assert session.next_deadline() == pytest.approx(0.4)
+    clock.now = 0.4
+    assert types(session.tick())[-1] == "rate_limits.updated"
+
+
+def test_obfuscation_pads_ga_delta_events_only() -> None:
+    session, _ = make_session(obfuscation=True)
+    out = send(session, user_text("Hi")) + send(session, {"type": "response.create"})
+    deltas = [e for e in out if e["type"].endswith(".delta")]
+    assert deltas and all(isinstance(e["obfuscation"], str) and e["obfuscation"] for e in deltas)
+    assert not any("obfuscation" in e for e in out if not e["type"].endswith(".delta"))
