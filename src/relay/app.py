@@ -8,7 +8,7 @@ Routes:
 
 * WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at
   the relay work), with ``?model=`` checked against the allow-list;
-* ``GET /healthz``;
+* ``GET /healthz``; ``GET /`` and ``/static/…`` serve the demo page;
 * a plain HTTP request on a WebSocket path gets 400, any other path 404.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -102,6 +103,8 @@ class RelayApp:
         path = scope["path"]
         if path == "/healthz":
             await _respond(send, 200, {"status": "ok"})
+        elif path == "/" or path.startswith("/static/"):
+            await _static(send, "index.html" if path == "/" else path[len("/static/"):])
         elif path in WEBSOCKET_PATHS:
             await _respond(
                 send,
@@ -230,6 +233,37 @@ def _json_response_start(status: int, body: bytes) -> dict[str, Any]:
 async def _respond(send: Send, status: int, payload: dict[str, Any]) -> None:
     body = orjson.dumps(payload) + b"\n"
     await send({"type": "http.response.start", **_json_response_start(status, body)})
+    await send({"type": "http.response.body", "body": body})
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+CONTENT_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+    ".wav": b"audio/wav",
+}
+
+
+async def _static(send: Send, name: str) -> None:
+    """Serve a file of the demo page from the package (no directory walking)."""
+    path = STATIC_DIR / name
+    if "/" in name or name.startswith(".") or path.suffix not in CONTENT_TYPES or not path.is_file():
+        await _respond(send, 404, {"error": f"no such file: {name}"})
+        return
+    body = path.read_bytes()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", CONTENT_TYPES[path.suffix]),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-cache"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
