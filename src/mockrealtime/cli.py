@@ -50,14 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ping-interval", type=float, default=20.0,
                        help="seconds between server pings, 0 to disable (default 20)")
     faults = serve.add_argument_group("fault injection (applies to every connection)")
-    faults.add_argument("--handshake-delay", type=float, default=0.0, metavar="SECONDS")
-    faults.add_argument("--refuse-status", type=int, default=None, metavar="HTTP_STATUS")
+    faults.add_argument("--handshake-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="wait before answering the WebSocket upgrade")
+    faults.add_argument("--refuse-status", type=int, default=None, metavar="HTTP_STATUS",
+                        help="answer the upgrade with this HTTP error status instead of 101")
     faults.add_argument("--close-after-open", type=_close_spec, default=None,
-                        metavar="CODE:REASON")
-    faults.add_argument("--drop-after-events", type=int, default=None, metavar="N")
-    faults.add_argument("--stall", action="store_true")
-    faults.add_argument("--send-delay", type=float, default=0.0, metavar="SECONDS")
-    faults.add_argument("--inject-error-after", type=int, default=None, metavar="N")  # fmt: skip
+                        metavar="CODE:REASON", help="send session.created, then close")
+    faults.add_argument("--drop-after-events", type=int, default=None, metavar="N",
+                        help="drop TCP (no close frame) after sending N events")
+    faults.add_argument("--stall", action="store_true",
+                        help="send session.created, then never read or send again")
+    faults.add_argument("--send-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="wait before each server event")
+    faults.add_argument("--inject-error-after", type=int, default=None, metavar="N",
+                        help="send a server_error event after the Nth client message")
+    faults.description = ("Per connection, the request header x-mock-faults overrides these, "
+                          "e.g. 'x-mock-faults: drop_after_events=3, send_delay=0.01'.")
     return parser
 
 

@@ -490,8 +490,8 @@ class Session:
         allowed = {"input_audio_format", "input_audio_transcription", "turn_detection",
                    "input_audio_noise_reduction", "include", "modalities", "client_secret"}
         check_keys(s, allowed, "session")  # fmt: skip
-        self.config = apply_beta_update(
-            self.config, {k: v for k, v in s.items() if k not in ("client_secret",)}
+        self.config = apply_beta_update(  # modalities/client_secret: accepted, not applied
+            self.config, {k: v for k, v in s.items() if k not in ("client_secret", "modalities")}
         )
         self._rebuild_vad()
         session = {
