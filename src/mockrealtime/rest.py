@@ -134,7 +134,7 @@ def _client_secrets(request: Payload, store: RestStore, now: float,
     if model is not None and not is_supported_model(expect_str(model, "session.model")):
         raise ClientError("invalid_model", f'Model "{model}" is not supported in realtime mode.',
                           "session.model")  # fmt: skip
-    base = SessionConfig(kind=kind)
+    base = SessionConfig(kind="realtime" if kind == "realtime" else "transcription")
     if kind == "transcription":
         base.turn_detection = None
     cfg = apply_ga_update(base, {**session, "type": kind})

@@ -44,9 +44,9 @@ def instance_of(schema: Any, rng: random.Random, _depth: int = 0) -> Any:
         hi = int(schema.get("maximum", lo + 10))
         return rng.randint(lo, max(lo, hi))
     if kind == "number":
-        lo = float(schema.get("minimum", 0.0))
-        hi = float(schema.get("maximum", lo + 10.0))
-        return round(rng.uniform(lo, max(lo, hi)), 2)
+        low = float(schema.get("minimum", 0.0))
+        high = float(schema.get("maximum", low + 10.0))
+        return round(rng.uniform(low, max(low, high)), 2)
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "null":

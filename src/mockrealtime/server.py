@@ -233,7 +233,7 @@ class MockServer:
                 data = await stream.receive_some(RECEIVE_BYTES)
                 if not data:
                     return
-                parser.receive_data(data)
+                parser.receive_data(bytes(data))
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY_BYTES:
@@ -428,10 +428,10 @@ class _Connection:
             if not data:
                 self._finish()  # TCP ended (with or without a close handshake)
                 return
-            ws.receive_data(data)
+            ws.receive_data(data if isinstance(data, bytes) else bytes(data))
 
     def _on_frame(self, event: TextMessage | BytesMessage) -> None:
-        self._parts.append(event.data)
+        self._parts.append(event.data if isinstance(event.data, str | bytes) else bytes(event.data))
         self._size += len(event.data)
         if self._size > self.config.max_message_size:
             self._parts, self._size = [], 0

@@ -165,7 +165,8 @@ def negotiate(
     """
     query = parse_qs(urlsplit(target).query)
     model = (query.get("model") or [""])[0]
-    intent = (query.get("intent") or [None])[0]
+    intents = query.get("intent")
+    intent = intents[0] if intents else None
     beta = "realtime=v1" in headers.get("openai-beta", "").replace(" ", "") or (
         "openai-beta.realtime-v1" in subprotocols
     )
@@ -955,9 +956,9 @@ class Session:
         self._idle_deadline = None
         text_tokens = _tokens(cfg.instructions)
         audio_tokens = 0
-        for item in context:
-            text_tokens += self._item_text_tokens(item)
-            audio_tokens += self._item_audio_tokens(item)
+        for earlier in context:
+            text_tokens += self._item_text_tokens(earlier)
+            audio_tokens += self._item_audio_tokens(earlier)
         total_in = text_tokens + audio_tokens
         cached = min(total_in, self._last_input_tokens // 64 * 64)
         self._last_input_tokens = total_in

@@ -188,7 +188,7 @@ def expect_int(value: Any, param: str, lo: int | None = None, hi: int | None = N
             f"but got {value} instead.",
             param,
         )
-    return value
+    return int(value)
 
 
 def expect_number(
