@@ -13,7 +13,7 @@ import math
 import sys
 from array import array
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from operator import mul
 from typing import Final, Literal
 
@@ -300,25 +300,25 @@ def _encode(samples: list[int], fmt: AudioFormat) -> bytes:
     return samples_to_pcm16(array("h", samples))
 
 
-@lru_cache(maxsize=None)
+@cache
 def syllable_chunk(variant: int, fmt: AudioFormat) -> bytes:
     """Audio bytes of syllable ``variant`` (100 ms) in ``fmt``; cached, built once."""
     return _encode(_syllable_samples(variant % VARIANTS, sample_rate(fmt)), fmt)
 
 
-@lru_cache(maxsize=None)
+@cache
 def syllable_chunk_b64(variant: int, fmt: AudioFormat) -> str:
     """Base64 of ``syllable_chunk``; cached so streaming never re-encodes audio."""
     return b64encode(syllable_chunk(variant, fmt))
 
 
-@lru_cache(maxsize=None)
+@cache
 def silence_chunk(fmt: AudioFormat) -> bytes:
     """100 ms of digital silence in ``fmt``."""
     return _encode([0] * (sample_rate(fmt) * CHUNK_MS // 1000), fmt)
 
 
-@lru_cache(maxsize=None)
+@cache
 def silence_chunk_b64(fmt: AudioFormat) -> str:
     """Base64 of ``silence_chunk``."""
     return b64encode(silence_chunk(fmt))

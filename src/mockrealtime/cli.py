@@ -31,41 +31,106 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve until interrupted")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port to bind, 0 for any free port (default {DEFAULT_PORT})")
-    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                       help="accepted API key (repeatable); none given → any non-empty key")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to bind, 0 for any free port (default {DEFAULT_PORT})",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accepted API key (repeatable); none given → any non-empty key",
+    )
     serve.add_argument("--seed", type=int, default=0, help="seed for ids and replies (default 0)")
-    serve.add_argument("--pace", type=float, default=4.0,
-                       help="stream reply audio at N× real time; 0 = as fast as possible")
-    serve.add_argument("--reject-beta", action="store_true",
-                       help="refuse the beta dialect like today's real server "
-                       "(error beta_api_shape_disabled, close 4000)")
-    serve.add_argument("--max-session-seconds", type=float, default=3600.0,
-                       help="session length before the server closes it (default 3600)")
-    serve.add_argument("--response-delay", type=float, default=0.0, metavar="SECONDS",
-                       help="model 'thinking' time before each response's first delta")
-    serve.add_argument("--obfuscation", action="store_true",
-                       help="add the GA 'obfuscation' padding field to delta events")
-    serve.add_argument("--ping-interval", type=float, default=20.0,
-                       help="seconds between server pings, 0 to disable (default 20)")
+    serve.add_argument(
+        "--pace",
+        type=float,
+        default=4.0,
+        help="stream reply audio at N× real time; 0 = as fast as possible",
+    )
+    serve.add_argument(
+        "--reject-beta",
+        action="store_true",
+        help="refuse the beta dialect like today's real server "
+        "(error beta_api_shape_disabled, close 4000)",
+    )
+    serve.add_argument(
+        "--max-session-seconds",
+        type=float,
+        default=3600.0,
+        help="session length before the server closes it (default 3600)",
+    )
+    serve.add_argument(
+        "--response-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="model 'thinking' time before each response's first delta",
+    )
+    serve.add_argument(
+        "--obfuscation",
+        action="store_true",
+        help="add the GA 'obfuscation' padding field to delta events",
+    )
+    serve.add_argument(
+        "--ping-interval",
+        type=float,
+        default=20.0,
+        help="seconds between server pings, 0 to disable (default 20)",
+    )
     faults = serve.add_argument_group("fault injection (applies to every connection)")
-    faults.add_argument("--handshake-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="wait before answering the WebSocket upgrade")
-    faults.add_argument("--refuse-status", type=int, default=None, metavar="HTTP_STATUS",
-                        help="answer the upgrade with this HTTP error status instead of 101")
-    faults.add_argument("--close-after-open", type=_close_spec, default=None,
-                        metavar="CODE:REASON", help="send session.created, then close")
-    faults.add_argument("--drop-after-events", type=int, default=None, metavar="N",
-                        help="drop TCP (no close frame) after sending N events")
-    faults.add_argument("--stall", action="store_true",
-                        help="send session.created, then never read or send again")
-    faults.add_argument("--send-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="wait before each server event")
-    faults.add_argument("--inject-error-after", type=int, default=None, metavar="N",
-                        help="send a server_error event after the Nth client message")
-    faults.description = ("Per connection, the request header x-mock-faults overrides these, "
-                          "e.g. 'x-mock-faults: drop_after_events=3, send_delay=0.01'.")
+    faults.add_argument(
+        "--handshake-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait before answering the WebSocket upgrade",
+    )
+    faults.add_argument(
+        "--refuse-status",
+        type=int,
+        default=None,
+        metavar="HTTP_STATUS",
+        help="answer the upgrade with this HTTP error status instead of 101",
+    )
+    faults.add_argument(
+        "--close-after-open",
+        type=_close_spec,
+        default=None,
+        metavar="CODE:REASON",
+        help="send session.created, then close",
+    )
+    faults.add_argument(
+        "--drop-after-events",
+        type=int,
+        default=None,
+        metavar="N",
+        help="drop TCP (no close frame) after sending N events",
+    )
+    faults.add_argument(
+        "--stall", action="store_true", help="send session.created, then never read or send again"
+    )
+    faults.add_argument(
+        "--send-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait before each server event",
+    )
+    faults.add_argument(
+        "--inject-error-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="send a server_error event after the Nth client message",
+    )
+    faults.description = (
+        "Per connection, the request header x-mock-faults overrides these, "
+        "e.g. 'x-mock-faults: drop_after_events=3, send_delay=0.01'."
+    )
     return parser
 
 

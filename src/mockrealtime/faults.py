@@ -54,13 +54,16 @@ class Faults:
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         if self.refuse_status is not None and not 400 <= self.refuse_status <= 599:
-            raise ValueError(f"refuse_status must be an HTTP error status (400-599), "
-                             f"got {self.refuse_status!r}")  # fmt: skip
+            raise ValueError(
+                f"refuse_status must be an HTTP error status (400-599), got {self.refuse_status!r}"
+            )
         if self.close_after_open is not None:
             code, reason = self.close_after_open
             if not (code in (1000, 1001, 1008, 1011) or 3000 <= code <= 4999):
-                raise ValueError(f"close_after_open code {code} cannot be sent in a close frame; "
-                                 "use 1000, 1001, 1008, 1011 or 3000-4999")  # fmt: skip
+                raise ValueError(
+                    f"close_after_open code {code} cannot be sent in a close frame; "
+                    "use 1000, 1001, 1008, 1011 or 3000-4999"
+                )
             if len(reason.encode()) > 123:
                 raise ValueError("close_after_open reason must be at most 123 bytes of UTF-8")
         for name in ("drop_after_events", "inject_error_after"):

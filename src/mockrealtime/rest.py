@@ -51,19 +51,26 @@ class RestStore:
         return expires is not None and now < expires
 
 
-def _error(status: int, message: str, *, code: str | None = None,
-           param: str | None = None) -> tuple[int, Payload]:  # fmt: skip
-    return status, {"error": {"message": message, "type": "invalid_request_error",
-                              "param": param, "code": code}}  # fmt: skip
+def _error(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> tuple[int, Payload]:
+    return status, {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
 
 
-def _auth(headers: Mapping[str, str], key_is_valid: Callable[[str], bool]) -> tuple[int, Payload] | None:
+def _auth(
+    headers: Mapping[str, str], key_is_valid: Callable[[str], bool]
+) -> tuple[int, Payload] | None:
     scheme, _, key = headers.get("authorization", "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
-        return _error(401, "You didn't provide an API key. You need to provide your API key in "
-                      "an Authorization header using Bearer auth (i.e. Authorization: Bearer "
-                      "YOUR_KEY).")  # fmt: skip
+        return _error(
+            401,
+            "You didn't provide an API key. You need to provide your API key in "
+            "an Authorization header using Bearer auth (i.e. Authorization: Bearer "
+            "YOUR_KEY).",
+        )
     if key.startswith("ek_") or not key_is_valid(key):
         return _error(401, f"Incorrect API key provided: {mask_key(key)}.", code="invalid_api_key")
     return None
@@ -113,8 +120,9 @@ def handle_rest(
     try:
         data = orjson.loads(body) if body.strip() else {}
     except orjson.JSONDecodeError:
-        return _error(400, "We could not parse the JSON body of your request. The body must be "
-                      "a JSON object.")  # fmt: skip
+        return _error(
+            400, "We could not parse the JSON body of your request. The body must be a JSON object."
+        )
     try:
         request = expect_object(data, "body")
         return handler(request, store, now, rng)
@@ -122,41 +130,50 @@ def handle_rest(
         return _error(400, err.message, code=err.code, param=err.param)
 
 
-def _client_secrets(request: Payload, store: RestStore, now: float,
-                    rng: random.Random) -> tuple[int, Payload]:  # fmt: skip
+def _client_secrets(
+    request: Payload, store: RestStore, now: float, rng: random.Random
+) -> tuple[int, Payload]:
     check_keys(request, {"expires_after", "session"}, "")
     ttl = _ttl(request.get("expires_after"), "expires_after", GA_DEFAULT_TTL)
     raw = request.get("session") or {"type": "realtime"}
     session = expect_object(raw, "session")
-    kind = expect_choice(session.get("type", "realtime"), "session.type",
-                         ("realtime", "transcription"))  # fmt: skip
+    kind = expect_choice(
+        session.get("type", "realtime"), "session.type", ("realtime", "transcription")
+    )
     model = session.get("model", "gpt-realtime" if kind == "realtime" else None)
     if model is not None and not is_supported_model(expect_str(model, "session.model")):
-        raise ClientError("invalid_model", f'Model "{model}" is not supported in realtime mode.',
-                          "session.model")  # fmt: skip
+        raise ClientError(
+            "invalid_model", f'Model "{model}" is not supported in realtime mode.', "session.model"
+        )
     base = SessionConfig(kind="realtime" if kind == "realtime" else "transcription")
     if kind == "transcription":
         base.turn_detection = None
     cfg = apply_ga_update(base, {**session, "type": kind})
     value, expires_at = _mint(store, rng, now, ttl)
     rendered = render_ga(cfg)
-    head: Payload = {"type": rendered.pop("type"), "object": rendered.pop("object"),
-                     "id": IdFactory(rng).new("sess")}  # fmt: skip
+    head: Payload = {
+        "type": rendered.pop("type"),
+        "object": rendered.pop("object"),
+        "id": IdFactory(rng).new("sess"),
+    }
     if model is not None:
         head["model"] = model
     head["expires_at"] = 0
     return 200, {"value": value, "expires_at": expires_at, "session": {**head, **rendered}}
 
 
-def _sessions(request: Payload, store: RestStore, now: float,
-              rng: random.Random) -> tuple[int, Payload]:  # fmt: skip
+def _sessions(
+    request: Payload, store: RestStore, now: float, rng: random.Random
+) -> tuple[int, Payload]:
     if "model" not in request:
-        raise ClientError("missing_required_parameter", "Missing required parameter: 'model'.",
-                          "model")  # fmt: skip
+        raise ClientError(
+            "missing_required_parameter", "Missing required parameter: 'model'.", "model"
+        )
     model = expect_str(request["model"], "model")
     if not is_supported_model(model):
-        raise ClientError("invalid_model", f'Model "{model}" is not supported in realtime mode.',
-                          "model")  # fmt: skip
+        raise ClientError(
+            "invalid_model", f'Model "{model}" is not supported in realtime mode.', "model"
+        )
     secret = request.get("client_secret")
     ttl = BETA_DEFAULT_TTL
     if secret is not None:
@@ -168,5 +185,10 @@ def _sessions(request: Payload, store: RestStore, now: float,
     value, expires_at = _mint(store, rng, now, ttl)
     rendered = render_beta(cfg)
     rendered["client_secret"] = {"value": value, "expires_at": expires_at}
-    return 200, {"id": IdFactory(rng).new("sess"), "object": rendered.pop("object"),
-                 "model": model, "expires_at": 0, **rendered}  # fmt: skip
+    return 200, {
+        "id": IdFactory(rng).new("sess"),
+        "object": rendered.pop("object"),
+        "model": model,
+        "expires_at": 0,
+        **rendered,
+    }

@@ -283,17 +283,27 @@ class MockServer:
             await _reject(stream, ws, 404, _error_body(f"Invalid URL (GET {path.split('?')[0]})"))
             return
         if faults.refuse_status is not None:
-            body = _error_body(f"Refused by fault injection (HTTP {faults.refuse_status}).",
-                               code="mock_refused")  # fmt: skip
+            body = _error_body(
+                f"Refused by fault injection (HTTP {faults.refuse_status}).", code="mock_refused"
+            )
             await _reject(stream, ws, faults.refuse_status, body)
             return
         subprotocols = list(request.subprotocols)
-        decision = negotiate(path, headers, subprotocols, key_is_valid=self.key_is_valid,
-                             reject_beta=self.config.reject_beta)  # fmt: skip
+        decision = negotiate(
+            path,
+            headers,
+            subprotocols,
+            key_is_valid=self.key_is_valid,
+            reject_beta=self.config.reject_beta,
+        )
         await stream.send_all(ws.send(AcceptConnection(subprotocol=decision.subprotocol)))
-        record = ConnectionRecord(headers=headers, subprotocols=subprotocols, path=path,
-                                  dialect=decision.dialect,
-                                  selected_subprotocol=decision.subprotocol)  # fmt: skip
+        record = ConnectionRecord(
+            headers=headers,
+            subprotocols=subprotocols,
+            path=path,
+            dialect=decision.dialect,
+            selected_subprotocol=decision.subprotocol,
+        )
         index = len(self.connections)
         self.connections.append(record)
         session = Session(
@@ -435,8 +445,9 @@ class _Connection:
         self._size += len(event.data)
         if self._size > self.config.max_message_size:
             self._parts, self._size = [], 0
-            self._queue_close(1009, f"Exceeded maximum message size: "
-                                    f"{self.config.max_message_size} bytes")  # fmt: skip
+            self._queue_close(
+                1009, f"Exceeded maximum message size: {self.config.max_message_size} bytes"
+            )
             return
         if not event.message_finished:
             return
@@ -564,21 +575,33 @@ def _header_dict(headers: Any) -> dict[str, str]:
 
 
 def _error_body(message: str, *, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": code}}  # fmt: skip
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
 
 
-_REASONS: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                   404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
-                   429: "Too Many Requests", 500: "Internal Server Error",
-                   502: "Bad Gateway", 503: "Service Unavailable"}  # fmt: skip
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
 
 
 def _raw_response(status: int, payload: dict[str, Any]) -> bytes:
     body = orjson.dumps(payload)
     reason = _REASONS.get(status, "Error")
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 

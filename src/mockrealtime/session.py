@@ -34,14 +34,12 @@ from .sessionconfig import (
     apply_beta_update,
     apply_ga_update,
     check_keys,
-    expect_bool,
     expect_choice,
     expect_int,
     expect_number,
     expect_object,
     expect_str,
     invalid_type,
-    invalid_value,
     missing_parameter,
     parse_beta_modalities,
     parse_ga_format,
@@ -71,17 +69,31 @@ ARGS_STEP_S: Final = 0.02
 MAX_REPLY_WORDS: Final = 40
 
 _GA_TYPES: Final = (
-    "session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
-    "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",
-    "conversation.item.delete", "conversation.item.retrieve", "response.create",
-    "response.cancel", "session.close",
-)  # fmt: skip
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "conversation.item.create",
+    "conversation.item.truncate",
+    "conversation.item.delete",
+    "conversation.item.retrieve",
+    "response.create",
+    "response.cancel",
+    "session.close",
+)
 _BETA_TYPES: Final = (
-    "session.update", "transcription_session.update", "input_audio_buffer.append",
-    "input_audio_buffer.commit", "input_audio_buffer.clear", "conversation.item.create",
-    "conversation.item.truncate", "conversation.item.delete", "conversation.item.retrieve",
-    "response.create", "response.cancel",
-)  # fmt: skip
+    "session.update",
+    "transcription_session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "conversation.item.create",
+    "conversation.item.truncate",
+    "conversation.item.delete",
+    "conversation.item.retrieve",
+    "response.create",
+    "response.cancel",
+)
 _FILLERS: Final = (
     "Sure, I can help with that.",
     "That is a good question.",
@@ -91,9 +103,28 @@ _FILLERS: Final = (
     "Thanks for asking.",
 )
 _SPOKEN_WORDS: Final = (
-    "hello", "can", "you", "hear", "me", "what", "is", "the", "weather", "like", "today",
-    "please", "tell", "a", "short", "story", "about", "lighthouse", "keeper", "and", "cat",
-)  # fmt: skip
+    "hello",
+    "can",
+    "you",
+    "hear",
+    "me",
+    "what",
+    "is",
+    "the",
+    "weather",
+    "like",
+    "today",
+    "please",
+    "tell",
+    "a",
+    "short",
+    "story",
+    "about",
+    "lighthouse",
+    "keeper",
+    "and",
+    "cat",
+)
 
 
 # --- ids --------------------------------------------------------------------------
@@ -351,19 +382,23 @@ class Session:
         if self.closed:
             return out
         if isinstance(message, bytes | bytearray | memoryview):
-            out.append(self._error(
-                "invalid_event",
-                "Expected a text WebSocket message; binary frames are not supported.",
-            ))  # fmt: skip
+            out.append(
+                self._error(
+                    "invalid_event",
+                    "Expected a text WebSocket message; binary frames are not supported.",
+                )
+            )
             return out
         try:
             event = orjson.loads(message)
         except orjson.JSONDecodeError as exc:
-            out.append(self._error(
-                "invalid_json",
-                f"Invalid event: failed to parse JSON value. {exc}. The event must be a JSON "
-                "object with a 'type' field.",
-            ))  # fmt: skip
+            out.append(
+                self._error(
+                    "invalid_json",
+                    f"Invalid event: failed to parse JSON value. {exc}. The event must be a JSON "
+                    "object with a 'type' field.",
+                )
+            )
             return out
         if not isinstance(event, dict):
             out.append(self._error("invalid_event", "The event must be a JSON object."))
@@ -373,25 +408,31 @@ class Session:
             client_event_id = None
         kind = event.get("type")
         if kind is None:
-            out.append(self._error("invalid_event", "The 'type' field is missing.",
-                                   event_id=client_event_id))  # fmt: skip
+            out.append(
+                self._error(
+                    "invalid_event", "The 'type' field is missing.", event_id=client_event_id
+                )
+            )
             return out
         allowed = _GA_TYPES if self.dialect == "ga" else _BETA_TYPES
         if kind not in allowed:
             listed = ", ".join(f"'{t}'" for t in allowed)
-            out.append(self._error(
-                "invalid_value",
-                f"Invalid value: '{kind}'. Supported values are: {listed}.",
-                param="type",
-                event_id=client_event_id,
-            ))  # fmt: skip
+            out.append(
+                self._error(
+                    "invalid_value",
+                    f"Invalid value: '{kind}'. Supported values are: {listed}.",
+                    param="type",
+                    event_id=client_event_id,
+                )
+            )
             return out
         handler = getattr(self, "_on_" + kind.replace(".", "_"))
         try:
             handler(event, out, now)
         except ClientError as err:
-            out.append(self._error(err.code, err.message, param=err.param,
-                                   event_id=client_event_id))  # fmt: skip
+            out.append(
+                self._error(err.code, err.message, param=err.param, event_id=client_event_id)
+            )
         out.extend(self._advance(now))
         return out
 
@@ -428,8 +469,13 @@ class Session:
             head["expires_at"] = self.expires_at
             return {"type": body.pop("type"), **head, **body}
         body = render_beta(self.config)
-        return {"id": self.session_id, "object": body.pop("object"), "model": self.model,
-                "expires_at": self.expires_at, **body}  # fmt: skip
+        return {
+            "id": self.session_id,
+            "object": body.pop("object"),
+            "model": self.model,
+            "expires_at": self.expires_at,
+            **body,
+        }
 
     # --- event helpers --------------------------------------------------------------
 
@@ -445,10 +491,16 @@ class Session:
         event_id: str | None = None,
         error_type: str = "invalid_request_error",
     ) -> Event:
-        return self._event("error", error={
-            "type": error_type, "code": code, "message": message, "param": param,
-            "event_id": event_id,
-        })  # fmt: skip
+        return self._event(
+            "error",
+            error={
+                "type": error_type,
+                "code": code,
+                "message": message,
+                "param": param,
+                "event_id": event_id,
+            },
+        )
 
     def server_error(self) -> Event:
         """An internal-error ``error`` event (used by fault injection)."""
@@ -478,8 +530,10 @@ class Session:
                 "Cannot update a conversation's voice if assistant audio is present.",
                 "session.audio.output.voice" if self.dialect == "ga" else "session.voice",
             )
-        vad_changed = (new.turn_detection != self.config.turn_detection
-                       or new.input_format != self.config.input_format)  # fmt: skip
+        vad_changed = (
+            new.turn_detection != self.config.turn_detection
+            or new.input_format != self.config.input_format
+        )
         self.config = new
         if vad_changed:
             self._rebuild_vad()
@@ -488,9 +542,16 @@ class Session:
     def _on_transcription_session_update(self, event: Event, out: list[Event], now: float) -> None:
         check_keys(event, {"type", "event_id", "session"}, "")
         s = expect_object(event.get("session", {}), "session")
-        allowed = {"input_audio_format", "input_audio_transcription", "turn_detection",
-                   "input_audio_noise_reduction", "include", "modalities", "client_secret"}
-        check_keys(s, allowed, "session")  # fmt: skip
+        allowed = {
+            "input_audio_format",
+            "input_audio_transcription",
+            "turn_detection",
+            "input_audio_noise_reduction",
+            "include",
+            "modalities",
+            "client_secret",
+        }
+        check_keys(s, allowed, "session")
         self.config = apply_beta_update(  # modalities/client_secret: accepted, not applied
             self.config, {k: v for k, v in s.items() if k not in ("client_secret", "modalities")}
         )
@@ -529,8 +590,12 @@ class Session:
             params = (td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
             if td.get("idle_timeout_ms") is None:
                 self._idle_deadline = None
-        self._vad = au.EnergyVad(self.config.input_format, threshold=params[0],
-                                 prefix_padding_ms=params[1], silence_duration_ms=params[2])  # fmt: skip
+        self._vad = au.EnergyVad(
+            self.config.input_format,
+            threshold=params[0],
+            prefix_padding_ms=params[1],
+            silence_duration_ms=params[2],
+        )
         self._vad.position_ms = int(self._total_ms)
         self._vad.reset(int(self._total_ms))
         self._speech_item_id = None
@@ -548,8 +613,11 @@ class Session:
         try:
             data = au.b64decode(raw)
         except ValueError:
-            raise ClientError("invalid_value", "Invalid 'audio'. Expected base64-encoded audio "
-                              "in the session's input format.", "audio") from None  # fmt: skip
+            raise ClientError(
+                "invalid_value",
+                "Invalid 'audio'. Expected base64-encoded audio in the session's input format.",
+                "audio",
+            ) from None
         fmt = self.config.input_format
         self._buf += data
         self._total_ms += au.duration_ms(len(data), fmt)
@@ -573,16 +641,22 @@ class Session:
         self._speech_item_id = self._ids.new("item")
         self._speech_start_ms = start_ms
         self._idle_deadline = None
-        out.append(self._event("input_audio_buffer.speech_started",
-                               audio_start_ms=start_ms, item_id=self._speech_item_id))  # fmt: skip
+        out.append(
+            self._event(
+                "input_audio_buffer.speech_started",
+                audio_start_ms=start_ms,
+                item_id=self._speech_item_id,
+            )
+        )
         td = self.config.turn_detection or {}
         if td.get("interrupt_response") and self._inband is not None:
             self._finish(self._inband, out, now, status="cancelled", reason="turn_detected")
 
     def _speech_stopped(self, end_ms: int, out: list[Event], now: float) -> None:
         item_id = self._speech_item_id or self._ids.new("item")
-        out.append(self._event("input_audio_buffer.speech_stopped",
-                               audio_end_ms=end_ms, item_id=item_id))  # fmt: skip
+        out.append(
+            self._event("input_audio_buffer.speech_stopped", audio_end_ms=end_ms, item_id=item_id)
+        )
         start, end = self._bytes_at(self._speech_start_ms), self._bytes_at(end_ms)
         audio = bytes(self._buf[start:end])
         del self._buf[:end]
@@ -622,11 +696,17 @@ class Session:
 
     def _commit_audio(self, item_id: str, audio: bytes, out: list[Event]) -> None:
         previous = self._items[-1]["id"] if self._items else None
-        out.append(self._event("input_audio_buffer.committed",
-                               previous_item_id=previous, item_id=item_id))  # fmt: skip
-        item = {"id": item_id, "type": "message", "object": "realtime.item",
-                "status": "completed", "role": "user",
-                "content": [{"type": "input_audio", "transcript": None}]}  # fmt: skip
+        out.append(
+            self._event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+        )
+        item = {
+            "id": item_id,
+            "type": "message",
+            "object": "realtime.item",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
         self._input_audio[item_id] = (audio, self.config.input_format)
         self._insert(item, len(self._items), out)
         if self.config.transcription is not None:
@@ -638,10 +718,14 @@ class Session:
         transcript = " ".join(words).capitalize() + "."
         pieces = transcript.split(" ")
         for i, piece in enumerate(pieces):
-            out.append(self._event(
-                "conversation.item.input_audio_transcription.delta",
-                item_id=item_id, content_index=0, delta=piece if i == 0 else " " + piece,
-            ))  # fmt: skip
+            out.append(
+                self._event(
+                    "conversation.item.input_audio_transcription.delta",
+                    item_id=item_id,
+                    content_index=0,
+                    delta=piece if i == 0 else " " + piece,
+                )
+            )
             self._obfuscate(out[-1])
         seconds = round(ms / 1000, 3)
         usage: Event
@@ -650,13 +734,22 @@ class Session:
         else:
             audio_tokens = max(1, round(seconds * INPUT_AUDIO_TOKENS_PER_SECOND))
             text_out = _tokens(transcript)
-            usage = {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": text_out,
-                     "total_tokens": audio_tokens + text_out,
-                     "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}  # fmt: skip
-        out.append(self._event(
-            "conversation.item.input_audio_transcription.completed",
-            item_id=item_id, content_index=0, transcript=transcript, usage=usage,
-        ))  # fmt: skip
+            usage = {
+                "type": "tokens",
+                "input_tokens": audio_tokens,
+                "output_tokens": text_out,
+                "total_tokens": audio_tokens + text_out,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+            }
+        out.append(
+            self._event(
+                "conversation.item.input_audio_transcription.completed",
+                item_id=item_id,
+                content_index=0,
+                transcript=transcript,
+                usage=usage,
+            )
+        )
         item = self._by_id.get(item_id)
         if item is not None:
             item["content"][0]["transcript"] = transcript
@@ -667,8 +760,9 @@ class Session:
         """Copy of an item as sent in added/done events: no audio bytes."""
         out = dict(item)
         if "content" in item:
-            out["content"] = [{k: v for k, v in part.items() if k != "audio"}
-                              for part in item["content"]]  # fmt: skip
+            out["content"] = [
+                {k: v for k, v in part.items() if k != "audio"} for part in item["content"]
+            ]
         return out
 
     def _insert(self, item: Event, index: int, out: list[Event] | None) -> None:
@@ -679,23 +773,41 @@ class Session:
             return
         public = self._public(item)
         if self.dialect == "ga":
-            out.append(self._event("conversation.item.added",
-                                   previous_item_id=previous, item=public))  # fmt: skip
-            out.append(self._event("conversation.item.done",
-                                   previous_item_id=previous, item=dict(public)))  # fmt: skip
+            out.append(
+                self._event("conversation.item.added", previous_item_id=previous, item=public)
+            )
+            out.append(
+                self._event("conversation.item.done", previous_item_id=previous, item=dict(public))
+            )
         else:
-            out.append(self._event("conversation.item.created",
-                                   previous_item_id=previous, item=public))  # fmt: skip
+            out.append(
+                self._event("conversation.item.created", previous_item_id=previous, item=public)
+            )
 
     def _parse_item(self, raw: Any, param: str = "item") -> Event:
         """Validate a client item; returns it normalized (no id assigned yet)."""
         item = expect_object(raw, param)
-        check_keys(item, {"id", "type", "object", "status", "role", "content", "call_id", "name",
-                          "arguments", "output"}, param)  # fmt: skip
+        check_keys(
+            item,
+            {
+                "id",
+                "type",
+                "object",
+                "status",
+                "role",
+                "content",
+                "call_id",
+                "name",
+                "arguments",
+                "output",
+            },
+            param,
+        )
         if "type" not in item:
             raise missing_parameter(f"{param}.type")
-        kind = expect_choice(item["type"], f"{param}.type",
-                             ("message", "function_call", "function_call_output"))  # fmt: skip
+        kind = expect_choice(
+            item["type"], f"{param}.type", ("message", "function_call", "function_call_output")
+        )
         out: Event = {"type": kind, "object": "realtime.item"}
         if "id" in item:
             out["id"] = expect_str(item["id"], f"{param}.id")
@@ -710,9 +822,14 @@ class Session:
                 raise missing_parameter(f"{param}.content")
             if not isinstance(item["content"], list):
                 raise invalid_type(f"{param}.content", "an array", item["content"])
-            out.update(status="completed", role=role,
-                       content=[self._parse_part(p, role, f"{param}.content[{i}]")
-                                for i, p in enumerate(item["content"])])  # fmt: skip
+            out.update(
+                status="completed",
+                role=role,
+                content=[
+                    self._parse_part(p, role, f"{param}.content[{i}]")
+                    for i, p in enumerate(item["content"])
+                ],
+            )
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if key not in item:
@@ -729,15 +846,24 @@ class Session:
     def _parse_part(self, raw: Any, role: str, param: str) -> Event:
         part = expect_object(raw, param)
         if self.dialect == "ga":
-            kinds = {"user": ("input_text", "input_audio", "input_image"),
-                     "system": ("input_text",), "assistant": ("output_text", "output_audio")}
+            kinds = {
+                "user": ("input_text", "input_audio", "input_image"),
+                "system": ("input_text",),
+                "assistant": ("output_text", "output_audio"),
+            }
         else:
-            kinds = {"user": ("input_text", "input_audio"), "system": ("input_text",),
-                     "assistant": ("text",)}  # fmt: skip
+            kinds = {
+                "user": ("input_text", "input_audio"),
+                "system": ("input_text",),
+                "assistant": ("text",),
+            }
         kind = expect_choice(part.get("type"), f"{param}.type", kinds[role])
         if kind == "output_audio":
-            raise ClientError("invalid_value", "Assistant audio messages cannot be created by "
-                              "the client; use output_text.", f"{param}.type")  # fmt: skip
+            raise ClientError(
+                "invalid_value",
+                "Assistant audio messages cannot be created by the client; use output_text.",
+                f"{param}.type",
+            )
         if kind in ("input_text", "output_text", "text"):
             check_keys(part, {"type", "text"}, param)
             if "text" not in part:
@@ -750,8 +876,9 @@ class Session:
                 try:
                     au.b64decode(expect_str(part["audio"], f"{param}.audio"))
                 except ValueError:
-                    raise ClientError("invalid_value", "Invalid 'audio': expected base64.",
-                                      f"{param}.audio") from None  # fmt: skip
+                    raise ClientError(
+                        "invalid_value", "Invalid 'audio': expected base64.", f"{param}.audio"
+                    ) from None
                 out["audio"] = part["audio"]
             if part.get("transcript") is not None:
                 out["transcript"] = expect_str(part["transcript"], f"{param}.transcript")
@@ -759,12 +886,16 @@ class Session:
         check_keys(part, {"type", "image_url", "detail"}, param)
         if "image_url" not in part:
             raise missing_parameter(f"{param}.image_url")
-        return {"type": kind, "image_url": expect_str(part["image_url"], f"{param}.image_url"),
-                "detail": part.get("detail", "auto")}  # fmt: skip
+        return {
+            "type": kind,
+            "image_url": expect_str(part["image_url"], f"{param}.image_url"),
+            "detail": part.get("detail", "auto"),
+        }
 
     def _has_call(self, call_id: str) -> bool:
-        return any(i["type"] == "function_call" and i.get("call_id") == call_id
-                   for i in self._items)  # fmt: skip
+        return any(
+            i["type"] == "function_call" and i.get("call_id") == call_id for i in self._items
+        )
 
     def _on_conversation_item_create(self, event: Event, out: list[Event], now: float) -> None:
         check_keys(event, {"type", "event_id", "item", "previous_item_id"}, "")
@@ -786,8 +917,9 @@ class Session:
                 )
             index = self._items.index(self._by_id[prev]) + 1
         if "id" in item and item["id"] in self._by_id:
-            raise ClientError("item_already_exists",
-                              f"Item with id '{item['id']}' already exists.", "item.id")  # fmt: skip
+            raise ClientError(
+                "item_already_exists", f"Item with id '{item['id']}' already exists.", "item.id"
+            )
         if item["type"] == "function_call_output" and not self._has_call(item["call_id"]):
             raise ClientError(
                 "invalid_value",
@@ -804,8 +936,9 @@ class Session:
         item_id = expect_str(event["item_id"], "item_id")
         item = self._by_id.get(item_id)
         if item is None:
-            raise ClientError("item_not_found",
-                              f"Item with item_id '{item_id}' not found.", "item_id")  # fmt: skip
+            raise ClientError(
+                "item_not_found", f"Item with item_id '{item_id}' not found.", "item_id"
+            )
         return item
 
     def _on_conversation_item_delete(self, event: Event, out: list[Event], now: float) -> None:
@@ -840,8 +973,11 @@ class Session:
         content_index = expect_int(event["content_index"], "content_index", 0)
         end_ms = expect_int(event["audio_end_ms"], "audio_end_ms", 0)
         if item["id"] not in self._output_audio or content_index != 0:
-            raise ClientError("unsupported_content_type",
-                              "Only model output audio messages can be truncated", "item_id")  # fmt: skip
+            raise ClientError(
+                "unsupported_content_type",
+                "Only model output audio messages can be truncated",
+                "item_id",
+            )
         chunks, fmt, length_ms = self._output_audio[item["id"]]
         if end_ms > length_ms:
             raise ClientError(
@@ -851,8 +987,14 @@ class Session:
             )
         self._output_audio[item["id"]] = (chunks, fmt, end_ms)
         item["content"][0]["transcript"] = ""  # the unheard transcript is dropped
-        out.append(self._event("conversation.item.truncated", item_id=item["id"],
-                               content_index=content_index, audio_end_ms=end_ms))  # fmt: skip
+        out.append(
+            self._event(
+                "conversation.item.truncated",
+                item_id=item["id"],
+                content_index=content_index,
+                audio_end_ms=end_ms,
+            )
+        )
 
     # --- responses ---------------------------------------------------------------------
 
@@ -861,8 +1003,9 @@ class Session:
         body = event.get("response")
         body = {} if body is None else expect_object(body, "response")
         if self.config.kind != "realtime":
-            raise ClientError("invalid_value",
-                              "Responses are not available in a transcription session.", "type")
+            raise ClientError(
+                "invalid_value", "Responses are not available in a transcription session.", "type"
+            )
         self._create_response(body, out, now)
 
     def _parse_overrides(self, body: Event) -> tuple[SessionConfig, Event]:
@@ -871,13 +1014,34 @@ class Session:
         cfg = self.config.copy()
         extra: Event = {"conversation": "auto", "metadata": None, "input": None}
         if self.dialect == "ga":
-            allowed = {"output_modalities", "instructions", "audio", "tools", "tool_choice",
-                       "max_output_tokens", "conversation", "metadata", "input", "prompt",
-                       "tracing"}  # fmt: skip
+            allowed = {
+                "output_modalities",
+                "instructions",
+                "audio",
+                "tools",
+                "tool_choice",
+                "max_output_tokens",
+                "conversation",
+                "metadata",
+                "input",
+                "prompt",
+                "tracing",
+            }
         else:
-            allowed = {"modalities", "instructions", "voice", "output_audio_format", "tools",
-                       "tool_choice", "temperature", "max_response_output_tokens",
-                       "max_output_tokens", "conversation", "metadata", "input"}  # fmt: skip
+            allowed = {
+                "modalities",
+                "instructions",
+                "voice",
+                "output_audio_format",
+                "tools",
+                "tool_choice",
+                "temperature",
+                "max_response_output_tokens",
+                "max_output_tokens",
+                "conversation",
+                "metadata",
+                "input",
+            }
         check_keys(body, allowed, p)
         if "output_modalities" in body:
             cfg.modality = parse_ga_modalities(body["output_modalities"], f"{p}.output_modalities")
@@ -897,8 +1061,11 @@ class Session:
         if "voice" in body:
             cfg.voice = parse_voice(body["voice"], f"{p}.voice")
         if "output_audio_format" in body:
-            cfg.output_format = expect_choice(body["output_audio_format"], f"{p}.output_audio_format",
-                                              ("pcm16", "g711_ulaw", "g711_alaw"))  # type: ignore[assignment]  # fmt: skip
+            cfg.output_format = expect_choice(
+                body["output_audio_format"],
+                f"{p}.output_audio_format",
+                ("pcm16", "g711_ulaw", "g711_alaw"),
+            )  # type: ignore[assignment]
         if "tools" in body:
             cfg.tools = parse_tools(body["tools"], f"{p}.tools", allow_mcp=self.dialect == "ga")
         if "tool_choice" in body:
@@ -909,13 +1076,17 @@ class Session:
             if key in body:
                 cfg.max_output_tokens = parse_max_tokens(body[key], f"{p}.{key}")
         if "conversation" in body:
-            extra["conversation"] = expect_choice(body["conversation"], f"{p}.conversation",
-                                                  ("auto", "none"))  # fmt: skip
+            extra["conversation"] = expect_choice(
+                body["conversation"], f"{p}.conversation", ("auto", "none")
+            )
         if body.get("metadata") is not None:
             meta = expect_object(body["metadata"], f"{p}.metadata")
             if len(meta) > 16:
-                raise ClientError("invalid_value", "Invalid 'response.metadata': at most 16 "
-                                  "key-value pairs are allowed.", f"{p}.metadata")  # fmt: skip
+                raise ClientError(
+                    "invalid_value",
+                    "Invalid 'response.metadata': at most 16 key-value pairs are allowed.",
+                    f"{p}.metadata",
+                )
             for k, v in meta.items():
                 expect_str(v, f"{p}.metadata.{k}")
             extra["metadata"] = dict(meta)
@@ -930,8 +1101,9 @@ class Session:
                     check_keys(raw, {"type", "id"}, ip)
                     ref = expect_str(raw.get("id"), f"{ip}.id")
                     if ref not in self._by_id:
-                        raise ClientError("item_not_found",
-                                          f"Item with id '{ref}' not found.", f"{ip}.id")  # fmt: skip
+                        raise ClientError(
+                            "item_not_found", f"Item with id '{ref}' not found.", f"{ip}.id"
+                        )
                     resolved.append(self._by_id[ref])
                 else:
                     resolved.append(self._parse_item(raw, ip))
@@ -939,8 +1111,11 @@ class Session:
         if isinstance(cfg.tool_choice, dict) and cfg.tool_choice.get("type") == "function":
             names = [t.get("name") for t in cfg.tools if t.get("type") == "function"]
             if cfg.tool_choice["name"] not in names:
-                raise ClientError("invalid_value", f"Tool choice '{cfg.tool_choice['name']}' is "
-                                  "not one of the provided tools.", f"{p}.tool_choice")  # fmt: skip
+                raise ClientError(
+                    "invalid_value",
+                    f"Tool choice '{cfg.tool_choice['name']}' is not one of the provided tools.",
+                    f"{p}.tool_choice",
+                )
         return cfg, extra
 
     def _create_response(self, body: Event, out: list[Event], now: float) -> None:
@@ -967,42 +1142,80 @@ class Session:
         item_id = self._ids.new("item")
         if tool is not None:
             args = orjson.dumps(instance_of(tool.get("parameters", {}), self._rng)).decode()
-            item: Event = {"id": item_id, "type": "function_call", "object": "realtime.item",
-                           "status": "in_progress", "name": tool["name"],
-                           "call_id": self._ids.new("call", 16), "arguments": ""}  # fmt: skip
+            item: Event = {
+                "id": item_id,
+                "type": "function_call",
+                "object": "realtime.item",
+                "status": "in_progress",
+                "name": tool["name"],
+                "call_id": self._ids.new("call", 16),
+                "arguments": "",
+            }
         else:
             args = ""
-            item = {"id": item_id, "type": "message", "object": "realtime.item",
-                    "status": "in_progress", "role": "assistant", "content": []}  # fmt: skip
+            item = {
+                "id": item_id,
+                "type": "message",
+                "object": "realtime.item",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
         resp = _Response(
-            id=response_id, item=item, in_conversation=in_conversation,
+            id=response_id,
+            item=item,
+            in_conversation=in_conversation,
             conversation_id=self.conversation_id if in_conversation else None,
-            modality=cfg.modality, out_format=cfg.output_format, voice=cfg.voice,
-            temperature=cfg.temperature, max_output_tokens=cfg.max_output_tokens,
-            metadata=extra["metadata"], started=now, input_text_tokens=text_tokens,
-            input_audio_tokens=audio_tokens, cached_tokens=cached,
-        )  # fmt: skip
+            modality=cfg.modality,
+            out_format=cfg.output_format,
+            voice=cfg.voice,
+            temperature=cfg.temperature,
+            max_output_tokens=cfg.max_output_tokens,
+            metadata=extra["metadata"],
+            started=now,
+            input_text_tokens=text_tokens,
+            input_audio_tokens=audio_tokens,
+            cached_tokens=cached,
+        )
         self._responses[response_id] = resp
         if in_conversation:
             self._inband = resp
         self._requests += 1
         out.append(self._event("response.created", response=self._render_response(resp, [])))
-        out.append(self._event("response.output_item.added", response_id=response_id,
-                               output_index=0, item=self._public(item)))  # fmt: skip
+        out.append(
+            self._event(
+                "response.output_item.added",
+                response_id=response_id,
+                output_index=0,
+                item=self._public(item),
+            )
+        )
         if in_conversation:
             resp.previous_item_id = self._items[-1]["id"] if self._items else None
             self._items.append(item)
             self._by_id[item_id] = item
             name = self._ga("conversation.item.added", "conversation.item.created")
-            out.append(self._event(name, previous_item_id=resp.previous_item_id,
-                                   item=self._public(item)))  # fmt: skip
+            out.append(
+                self._event(name, previous_item_id=resp.previous_item_id, item=self._public(item))
+            )
         if tool is not None:
             self._plan_arguments(resp, args, now)
             return
-        part = {"type": "audio", "transcript": ""} if cfg.modality == "audio" else \
-            {"type": "text", "text": ""}  # fmt: skip
-        out.append(self._event("response.content_part.added", response_id=response_id,
-                               item_id=item_id, output_index=0, content_index=0, part=part))  # fmt: skip
+        part = (
+            {"type": "audio", "transcript": ""}
+            if cfg.modality == "audio"
+            else {"type": "text", "text": ""}
+        )
+        out.append(
+            self._event(
+                "response.content_part.added",
+                response_id=response_id,
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            )
+        )
         self._plan_message(resp, self._reply_text(context), now)
 
     def _item_text_tokens(self, item: Event) -> int:
@@ -1125,8 +1338,9 @@ class Session:
         else:
             target = self._inband
         if target is None:
-            raise ClientError("response_cancel_not_active",
-                              "Cancellation failed: no active response found")  # fmt: skip
+            raise ClientError(
+                "response_cancel_not_active", "Cancellation failed: no active response found"
+            )
         self._finish(target, out, now, status="cancelled", reason="client_cancelled")
 
     # --- emission ---------------------------------------------------------------------
@@ -1136,8 +1350,10 @@ class Session:
         while not self.closed:
             best: _Response | None = None
             for resp in self._responses.values():
-                if resp.steps and resp.steps[0].due <= now and (
-                    best is None or resp.steps[0].due < best.steps[0].due
+                if (
+                    resp.steps
+                    and resp.steps[0].due <= now
+                    and (best is None or resp.steps[0].due < best.steps[0].due)
                 ):
                     best = resp
             if best is not None:
@@ -1170,22 +1386,40 @@ class Session:
         ids = {"response_id": resp.id, "item_id": resp.item["id"], "output_index": 0}
         if step.kind == "audio":
             resp.chunks.append(step.data)
-            out.append(self._event(self._ga("response.output_audio.delta", "response.audio.delta"),
-                                   **ids, content_index=0,
-                                   delta=au.chunk_b64(step.data, resp.out_format)))  # fmt: skip
+            out.append(
+                self._event(
+                    self._ga("response.output_audio.delta", "response.audio.delta"),
+                    **ids,
+                    content_index=0,
+                    delta=au.chunk_b64(step.data, resp.out_format),
+                )
+            )
         elif step.kind == "transcript":
             resp.text_parts.append(step.data)
-            name = self._ga("response.output_audio_transcript.delta",
-                            "response.audio_transcript.delta")  # fmt: skip
+            name = self._ga(
+                "response.output_audio_transcript.delta", "response.audio_transcript.delta"
+            )
             out.append(self._event(name, **ids, content_index=0, delta=step.data))
         elif step.kind == "text":
             resp.text_parts.append(step.data)
-            out.append(self._event(self._ga("response.output_text.delta", "response.text.delta"),
-                                   **ids, content_index=0, delta=step.data))  # fmt: skip
+            out.append(
+                self._event(
+                    self._ga("response.output_text.delta", "response.text.delta"),
+                    **ids,
+                    content_index=0,
+                    delta=step.data,
+                )
+            )
         elif step.kind == "args":
             resp.text_parts.append(step.data)
-            out.append(self._event("response.function_call_arguments.delta", **ids,
-                                   call_id=resp.item["call_id"], delta=step.data))  # fmt: skip
+            out.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    **ids,
+                    call_id=resp.item["call_id"],
+                    delta=step.data,
+                )
+            )
 
     def _finish(
         self,
@@ -1214,36 +1448,69 @@ class Session:
             output_tokens = _tokens(text)
             audio_out = 0
         elif resp.modality == "audio":
-            out.append(self._event(self._ga("response.output_audio.done", "response.audio.done"),
-                                   **ids, content_index=0))  # fmt: skip
-            name = self._ga("response.output_audio_transcript.done", "response.audio_transcript.done")
+            out.append(
+                self._event(
+                    self._ga("response.output_audio.done", "response.audio.done"),
+                    **ids,
+                    content_index=0,
+                )
+            )
+            name = self._ga(
+                "response.output_audio_transcript.done", "response.audio_transcript.done"
+            )
             out.append(self._event(name, **ids, content_index=0, transcript=text))
-            out.append(self._event("response.content_part.done", **ids, content_index=0,
-                                   part={"type": "audio", "transcript": text}))  # fmt: skip
+            out.append(
+                self._event(
+                    "response.content_part.done",
+                    **ids,
+                    content_index=0,
+                    part={"type": "audio", "transcript": text},
+                )
+            )
             kind = self._ga("output_audio", "audio")
             item["content"] = [{"type": kind, "transcript": text}]
             if resp.chunks:
                 self._voice_locked = self._voice_locked or resp.in_conversation
                 if resp.in_conversation:
                     self._output_audio[item["id"]] = (
-                        list(resp.chunks), resp.out_format, len(resp.chunks) * au.CHUNK_MS
+                        list(resp.chunks),
+                        resp.out_format,
+                        len(resp.chunks) * au.CHUNK_MS,
                     )
             output_tokens = _tokens(text)
             audio_out = len(resp.chunks) * AUDIO_TOKENS_PER_CHUNK
         else:
-            out.append(self._event(self._ga("response.output_text.done", "response.text.done"),
-                                   **ids, content_index=0, text=text))  # fmt: skip
-            out.append(self._event("response.content_part.done", **ids, content_index=0,
-                                   part={"type": "text", "text": text}))  # fmt: skip
+            out.append(
+                self._event(
+                    self._ga("response.output_text.done", "response.text.done"),
+                    **ids,
+                    content_index=0,
+                    text=text,
+                )
+            )
+            out.append(
+                self._event(
+                    "response.content_part.done",
+                    **ids,
+                    content_index=0,
+                    part={"type": "text", "text": text},
+                )
+            )
             item["content"] = [{"type": self._ga("output_text", "text"), "text": text}]
             output_tokens = _tokens(text)
             audio_out = 0
         public = self._public(item)
         if resp.in_conversation and self.dialect == "ga" and item["id"] in self._by_id:
-            out.append(self._event("conversation.item.done",
-                                   previous_item_id=resp.previous_item_id, item=public))  # fmt: skip
-        out.append(self._event("response.output_item.done", response_id=resp.id,
-                               output_index=0, item=dict(public)))  # fmt: skip
+            out.append(
+                self._event(
+                    "conversation.item.done", previous_item_id=resp.previous_item_id, item=public
+                )
+            )
+        out.append(
+            self._event(
+                "response.output_item.done", response_id=resp.id, output_index=0, item=dict(public)
+            )
+        )
         details: Event | None = None
         if status == "cancelled":
             details = {"type": "cancelled", "reason": reason}
@@ -1251,13 +1518,18 @@ class Session:
             details = {"type": "incomplete", "reason": "max_output_tokens"}
         usage = self._usage(resp, output_tokens, audio_out)
         self._tokens_used += usage["total_tokens"]
-        rendered = self._render_response(resp, [dict(public)], status=status, details=details,
-                                         usage=usage)  # fmt: skip
+        rendered = self._render_response(
+            resp, [dict(public)], status=status, details=details, usage=usage
+        )
         out.append(self._event("response.done", response=rendered))
         out.append(self._rate_limits())
         td = self.config.turn_detection
-        if (resp.in_conversation and td is not None and td.get("idle_timeout_ms")
-                and status == "completed"):  # fmt: skip
+        if (
+            resp.in_conversation
+            and td is not None
+            and td.get("idle_timeout_ms")
+            and status == "completed"
+        ):
             playback = len(resp.chunks) * au.CHUNK_MS / 1000
             self._idle_deadline = max(now, resp.started + playback) + td["idle_timeout_ms"] / 1000
 
@@ -1265,8 +1537,10 @@ class Session:
         total_in = resp.input_text_tokens + resp.input_audio_tokens
         cached_text = min(resp.cached_tokens, resp.input_text_tokens)
         cached_audio = resp.cached_tokens - cached_text
-        in_details: Event = {"text_tokens": resp.input_text_tokens,
-                             "audio_tokens": resp.input_audio_tokens}  # fmt: skip
+        in_details: Event = {
+            "text_tokens": resp.input_text_tokens,
+            "audio_tokens": resp.input_audio_tokens,
+        }
         cached_details: Event = {"text_tokens": cached_text, "audio_tokens": cached_audio}
         if self.dialect == "ga":
             in_details["image_tokens"] = 0
@@ -1283,13 +1557,20 @@ class Session:
 
     def _rate_limits(self) -> Event:
         remaining = max(0, RATE_LIMIT_TOKENS - self._tokens_used)
-        tokens = {"name": "tokens", "limit": RATE_LIMIT_TOKENS, "remaining": remaining,
-                  "reset_seconds": 0.001}  # fmt: skip
+        tokens = {
+            "name": "tokens",
+            "limit": RATE_LIMIT_TOKENS,
+            "remaining": remaining,
+            "reset_seconds": 0.001,
+        }
         if self.dialect == "ga":
             return self._event("rate_limits.updated", rate_limits=[tokens])
-        requests = {"name": "requests", "limit": RATE_LIMIT_REQUESTS,
-                    "remaining": max(0, RATE_LIMIT_REQUESTS - self._requests),
-                    "reset_seconds": 0.012}  # fmt: skip
+        requests = {
+            "name": "requests",
+            "limit": RATE_LIMIT_REQUESTS,
+            "remaining": max(0, RATE_LIMIT_REQUESTS - self._requests),
+            "reset_seconds": 0.012,
+        }
         return self._event("rate_limits.updated", rate_limits=[requests, tokens])
 
     def _render_response(
@@ -1301,14 +1582,20 @@ class Session:
         details: Event | None = None,
         usage: Event | None = None,
     ) -> Event:
-        body: Event = {"object": "realtime.response", "id": resp.id, "status": status,
-                       "status_details": details, "output": output,
-                       "conversation_id": resp.conversation_id}  # fmt: skip
+        body: Event = {
+            "object": "realtime.response",
+            "id": resp.id,
+            "status": status,
+            "status_details": details,
+            "output": output,
+            "conversation_id": resp.conversation_id,
+        }
         if self.dialect == "ga":
             body["output_modalities"] = [resp.modality]
             body["max_output_tokens"] = resp.max_output_tokens
-            body["audio"] = {"output": {"format": render_ga_format(resp.out_format),
-                                        "voice": resp.voice}}  # fmt: skip
+            body["audio"] = {
+                "output": {"format": render_ga_format(resp.out_format), "voice": resp.voice}
+            }
         else:
             body["modalities"] = ["text", "audio"] if resp.modality == "audio" else ["text"]
             body["voice"] = resp.voice
@@ -1321,9 +1608,14 @@ class Session:
 
     def _idle_timeout(self, out: list[Event], now: float) -> None:
         item_id = self._ids.new("item")
-        out.append(self._event("input_audio_buffer.timeout_triggered", item_id=item_id,
-                               audio_start_ms=int(self._buf_start_ms),
-                               audio_end_ms=int(self._total_ms)))  # fmt: skip
+        out.append(
+            self._event(
+                "input_audio_buffer.timeout_triggered",
+                item_id=item_id,
+                audio_start_ms=int(self._buf_start_ms),
+                audio_end_ms=int(self._total_ms),
+            )
+        )
         audio = bytes(self._buf)
         self._reset_buffer()
         self._commit_audio(item_id, audio, out)

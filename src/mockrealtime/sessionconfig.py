@@ -25,11 +25,23 @@ DEFAULT_INSTRUCTIONS: Final = (
 )
 
 VOICES: Final = (
-    "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar",
-)  # fmt: skip
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
+)
 TRANSCRIPTION_MODELS: Final = (
-    "whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-transcribe-latest",
-)  # fmt: skip
+    "whisper-1",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
+    "gpt-4o-transcribe-latest",
+)
 MAX_TOKENS_LIMIT: Final = 4096
 
 
@@ -303,8 +315,9 @@ def parse_turn_detection(value: Any, param: str, dialect: Dialect) -> dict[str, 
     if value is None:
         return None
     obj = expect_object(value, param)
-    kind = expect_choice(obj.get("type", "server_vad"), f"{param}.type",
-                         ("server_vad", "semantic_vad"))  # fmt: skip
+    kind = expect_choice(
+        obj.get("type", "server_vad"), f"{param}.type", ("server_vad", "semantic_vad")
+    )
     if kind == "semantic_vad":
         check_keys(obj, {"type", "eagerness", "create_response", "interrupt_response"}, param)
         out: dict[str, Any] = {
@@ -318,8 +331,15 @@ def parse_turn_detection(value: Any, param: str, dialect: Dialect) -> dict[str, 
                 obj["eagerness"], f"{param}.eagerness", ("low", "medium", "high", "auto")
             )
     else:
-        allowed = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms",
-                   "create_response", "interrupt_response", "idle_timeout_ms"}  # fmt: skip
+        allowed = {
+            "type",
+            "threshold",
+            "prefix_padding_ms",
+            "silence_duration_ms",
+            "create_response",
+            "interrupt_response",
+            "idle_timeout_ms",
+        }
         check_keys(obj, allowed, param)
         out = server_vad_defaults()
         if "threshold" in obj:
@@ -346,11 +366,27 @@ _GA_FORMATS: Final[dict[str, AudioFormat]] = {
     "audio/pcmu": "g711_ulaw",
     "audio/pcma": "g711_alaw",
 }
-_GA_SESSION_KEYS: Final = frozenset({
-    "type", "model", "instructions", "output_modalities", "audio", "tools", "tool_choice",
-    "max_output_tokens", "tracing", "truncation", "prompt", "include", "id", "object",
-    "expires_at", "reasoning", "parallel_tool_calls",
-})  # fmt: skip
+_GA_SESSION_KEYS: Final = frozenset(
+    {
+        "type",
+        "model",
+        "instructions",
+        "output_modalities",
+        "audio",
+        "tools",
+        "tool_choice",
+        "max_output_tokens",
+        "tracing",
+        "truncation",
+        "prompt",
+        "include",
+        "id",
+        "object",
+        "expires_at",
+        "reasoning",
+        "parallel_tool_calls",
+    }
+)
 
 
 def parse_ga_format(value: Any, param: str) -> AudioFormat:
@@ -379,7 +415,9 @@ def parse_ga_modalities(value: Any, param: str) -> Literal["audio", "text"]:
             f"Invalid '{param}': exactly one of 'audio' or 'text' is supported.",
             param,
         )
-    return "audio" if expect_choice(value[0], f"{param}[0]", ("audio", "text")) == "audio" else "text"
+    return (
+        "audio" if expect_choice(value[0], f"{param}[0]", ("audio", "text")) == "audio" else "text"
+    )
 
 
 def apply_ga_update(current: SessionConfig, raw: Any, *, param: str = "session") -> SessionConfig:
@@ -433,7 +471,9 @@ def apply_ga_update(current: SessionConfig, raw: Any, *, param: str = "session")
                 cfg.speed = expect_number(out["speed"], f"{p}.speed", 0.25, 1.5)
     _apply_common(cfg, s, param, allow_mcp=True)
     if "max_output_tokens" in s:
-        cfg.max_output_tokens = parse_max_tokens(s["max_output_tokens"], f"{param}.max_output_tokens")
+        cfg.max_output_tokens = parse_max_tokens(
+            s["max_output_tokens"], f"{param}.max_output_tokens"
+        )
     if "truncation" in s:
         cfg.truncation = s["truncation"]
     if "prompt" in s:
@@ -511,12 +551,30 @@ def render_ga(cfg: SessionConfig) -> dict[str, Any]:
 # --- beta -----------------------------------------------------------------------
 
 _BETA_FORMATS: Final = ("pcm16", "g711_ulaw", "g711_alaw")
-_BETA_SESSION_KEYS: Final = frozenset({
-    "modalities", "instructions", "voice", "input_audio_format", "output_audio_format",
-    "input_audio_transcription", "turn_detection", "tools", "tool_choice", "temperature",
-    "max_response_output_tokens", "speed", "tracing", "input_audio_noise_reduction", "include",
-    "model", "client_secret", "id", "object", "expires_at",
-})  # fmt: skip
+_BETA_SESSION_KEYS: Final = frozenset(
+    {
+        "modalities",
+        "instructions",
+        "voice",
+        "input_audio_format",
+        "output_audio_format",
+        "input_audio_transcription",
+        "turn_detection",
+        "tools",
+        "tool_choice",
+        "temperature",
+        "max_response_output_tokens",
+        "speed",
+        "tracing",
+        "input_audio_noise_reduction",
+        "include",
+        "model",
+        "client_secret",
+        "id",
+        "object",
+        "expires_at",
+    }
+)
 
 
 def parse_beta_modalities(value: Any, param: str) -> Literal["audio", "text"]:

@@ -17,12 +17,18 @@ from mockrealtime.audio import b64encode
 from mockrealtime.session import Session
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-DELTA_TYPES = frozenset({
-    "response.output_audio.delta", "response.output_audio_transcript.delta",
-    "response.output_text.delta", "response.audio.delta", "response.audio_transcript.delta",
-    "response.text.delta", "response.function_call_arguments.delta",
-    "conversation.item.input_audio_transcription.delta",
-})  # fmt: skip
+DELTA_TYPES = frozenset(
+    {
+        "response.output_audio.delta",
+        "response.output_audio_transcript.delta",
+        "response.output_text.delta",
+        "response.audio.delta",
+        "response.audio_transcript.delta",
+        "response.text.delta",
+        "response.function_call_arguments.delta",
+        "conversation.item.input_audio_transcription.delta",
+    }
+)
 
 
 def wav_pcm16(name: str = "hello.wav") -> bytes:
@@ -50,8 +56,10 @@ def chunks(data: bytes, size: int) -> list[bytes]:
 
 def append_events(audio: bytes, chunk_bytes: int = 960) -> list[str]:
     """``input_audio_buffer.append`` messages carrying ``audio`` in 20 ms (PCM16) pieces."""
-    return [json.dumps({"type": "input_audio_buffer.append", "audio": b64encode(c)})
-            for c in chunks(audio, chunk_bytes)]  # fmt: skip
+    return [
+        json.dumps({"type": "input_audio_buffer.append", "audio": b64encode(c)})
+        for c in chunks(audio, chunk_bytes)
+    ]
 
 
 class FakeClock:
@@ -64,12 +72,27 @@ class FakeClock:
         return self.now
 
 
-def make_session(dialect: str = "ga", *, seed: int = 1, pace: float = 0.0,
-                 clock: FakeClock | None = None, **kwargs: Any) -> tuple[Session, list[dict]]:
+def make_session(
+    dialect: str = "ga",
+    *,
+    seed: int = 1,
+    pace: float = 0.0,
+    clock: FakeClock | None = None,
+    **kwargs: Any,
+) -> tuple[Session, list[dict]]:
     """A session and its opening events."""
-    session = Session(dialect, "gpt-realtime" if dialect == "ga" else  # type: ignore[arg-type]
-                      "gpt-4o-realtime-preview", clock or FakeClock(), random.Random(seed),
-                      pace=pace, started_at=1_700_000_000, **kwargs)  # fmt: skip
+    session = Session(
+        dialect,
+        "gpt-realtime"
+        if dialect == "ga"
+        # type: ignore[arg-type]
+        else "gpt-4o-realtime-preview",
+        clock or FakeClock(),
+        random.Random(seed),
+        pace=pace,
+        started_at=1_700_000_000,
+        **kwargs,
+    )
     return session, session.open()
 
 
@@ -84,9 +107,15 @@ def types(events: list[dict[str, Any]], *, deltas: bool = False) -> list[str]:
 
 
 def user_text(text: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user",
-                     "content": [{"type": "input_text", "text": text}]}, **extra}  # fmt: skip
+    return {
+        "type": "conversation.item.create",
+        "item": {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        },
+        **extra,
+    }
 
 
 def only(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:

@@ -13,14 +13,18 @@ from mockrealtime import audio as au
 from .helpers import chunks, wav_pcm16, wav_ulaw
 
 
-@pytest.mark.parametrize(("code", "value"), [(0xFF, 0), (0x7F, 0), (0x80, 32124), (0x00, -32124),
-                                             (0xF0, 120), (0x70, -120)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("code", "value"),
+    [(0xFF, 0), (0x7F, 0), (0x80, 32124), (0x00, -32124), (0xF0, 120), (0x70, -120)],
+)
 def test_ulaw_table_matches_g711(code: int, value: int) -> None:
     assert au.ULAW_TABLE[code] == value
 
 
-@pytest.mark.parametrize(("code", "value"), [(0xD5, 8), (0x55, -8), (0xAA, 32256), (0x2A, -32256),
-                                             (0xC5, 264), (0xD4, 24)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("code", "value"),
+    [(0xD5, 8), (0x55, -8), (0xAA, 32256), (0x2A, -32256), (0xC5, 264), (0xD4, 24)],
+)
 def test_alaw_table_matches_g711(code: int, value: int) -> None:
     assert au.ALAW_TABLE[code] == value
 
@@ -43,8 +47,10 @@ def test_every_alaw_code_survives_decode_then_encode(code: int) -> None:
 
 @given(st.integers(-32768, 32767))
 def test_g711_quantisation_error_is_bounded(sample: int) -> None:
-    for encode, table in ((au.ulaw_encode_sample, au.ULAW_TABLE),
-                          (au.alaw_encode_sample, au.ALAW_TABLE)):  # fmt: skip
+    for encode, table in (
+        (au.ulaw_encode_sample, au.ULAW_TABLE),
+        (au.alaw_encode_sample, au.ALAW_TABLE),
+    ):
         decoded = table[encode(sample)]
         assert abs(decoded - sample) <= max(16, abs(sample) // 16)
 
@@ -69,8 +75,9 @@ def test_vad_finds_the_one_utterance_in_the_fixture() -> None:
 
 
 def test_vad_options_move_the_offsets_and_the_threshold_gates_detection() -> None:
-    results = feed(au.EnergyVad("pcm16", prefix_padding_ms=100, silence_duration_ms=500),
-                   wav_pcm16())  # fmt: skip
+    results = feed(
+        au.EnergyVad("pcm16", prefix_padding_ms=100, silence_duration_ms=500), wav_pcm16()
+    )
     assert (results[0].speech_started_ms, results[1].speech_stopped_ms) == (250, 2450)
     assert feed(au.EnergyVad("pcm16", threshold=1.0), wav_pcm16()) == []
 

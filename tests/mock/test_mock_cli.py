@@ -31,8 +31,18 @@ def test_parser_collects_repeated_api_keys() -> None:
 
 
 async def test_serve_prints_its_url_and_stops_cleanly_on_sigterm() -> None:
-    command = [sys.executable, "-c", "import sys; from mockrealtime.cli import main; "
-               "sys.exit(main())", "serve", "--port", "0", "--api-key", "k1", "--pace", "0"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from mockrealtime.cli import main; sys.exit(main())",
+        "serve",
+        "--port",
+        "0",
+        "--api-key",
+        "k1",
+        "--pace",
+        "0",
+    ]
     with trio.fail_after(20):
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
         try:
@@ -45,8 +55,9 @@ async def test_serve_prints_its_url_and_stops_cleanly_on_sigterm() -> None:
             text = line.decode()
             assert text.startswith("mockrealtime listening on ws://127.0.0.1:")
             url = text.split()[3]
-            async with connect(f"{url}?model=gpt-realtime",
-                               extra_headers=[(b"authorization", b"Bearer k1")]) as ws:
+            async with connect(
+                f"{url}?model=gpt-realtime", extra_headers=[(b"authorization", b"Bearer k1")]
+            ) as ws:
                 assert json.loads(await ws.get_message())["type"] == "session.created"
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0

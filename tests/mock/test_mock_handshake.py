@@ -8,11 +8,19 @@ from mockrealtime.faults import Faults, parse_faults
 from mockrealtime.session import is_supported_model, mask_key, negotiate
 
 
-def decide(target: str = "/v1/realtime?model=gpt-realtime", headers: dict[str, str] | None = None,
-           protocols: tuple[str, ...] = (), reject_beta: bool = False):  # type: ignore[no-untyped-def]  # fmt: skip
-    return negotiate(target, headers if headers is not None else {"authorization": "Bearer good"},
-                     list(protocols), key_is_valid=lambda k: k == "good",
-                     reject_beta=reject_beta)  # fmt: skip
+def decide(
+    target: str = "/v1/realtime?model=gpt-realtime",
+    headers: dict[str, str] | None = None,
+    protocols: tuple[str, ...] = (),
+    reject_beta: bool = False,
+):  # type: ignore[no-untyped-def]
+    return negotiate(
+        target,
+        headers if headers is not None else {"authorization": "Bearer good"},
+        list(protocols),
+        key_is_valid=lambda k: k == "good",
+        reject_beta=reject_beta,
+    )
 
 
 def test_bearer_header_wins_over_the_subprotocol_key() -> None:
@@ -31,9 +39,11 @@ def test_rejections_in_order_key_then_beta_then_model() -> None:
     assert decide(headers={}).rejection.close_reason == "invalid_request_error"  # type: ignore[union-attr]
     bad = decide(target="/v1/realtime?model=nope", headers={"authorization": "Bearer x"})
     assert bad.rejection is not None and bad.rejection.code == "invalid_api_key"
-    beta = decide(target="/v1/realtime", headers={"authorization": "Bearer good",
-                                                  "openai-beta": "realtime = v1"},
-                  reject_beta=True)  # fmt: skip
+    beta = decide(
+        target="/v1/realtime",
+        headers={"authorization": "Bearer good", "openai-beta": "realtime = v1"},
+        reject_beta=True,
+    )
     assert beta.rejection is not None and beta.rejection.code == "beta_api_shape_disabled"
     assert beta.rejection.close_code == 4000
     assert decide(target="/v1/realtime").rejection.code == "missing_model"  # type: ignore[union-attr]
@@ -44,8 +54,16 @@ def test_transcription_intent_needs_no_model() -> None:
     assert d.rejection is None and d.intent == "transcription"
 
 
-@pytest.mark.parametrize("model", ["gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini",
-                                   "gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview-2024-12-17"])  # fmt: skip
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt-realtime",
+        "gpt-realtime-2025-08-28",
+        "gpt-realtime-mini",
+        "gpt-4o-realtime-preview",
+        "gpt-4o-mini-realtime-preview-2024-12-17",
+    ],
+)
 def test_realtime_model_families_are_accepted(model: str) -> None:
     assert is_supported_model(model)
 
@@ -62,12 +80,17 @@ def test_keys_are_masked_to_prefix_and_last_four() -> None:
 
 def test_fault_header_syntax() -> None:
     faults = parse_faults("drop_after_events=3, send_delay=0.5,stall, close_after_open=4001:a b")
-    assert faults == Faults(drop_after_events=3, send_delay=0.5, stall=True,
-                            close_after_open=(4001, "a b"))  # fmt: skip
+    assert faults == Faults(
+        drop_after_events=3, send_delay=0.5, stall=True, close_after_open=(4001, "a b")
+    )
     assert parse_faults("refuse_status=none", Faults(refuse_status=503)).refuse_status is None
     assert parse_faults("stall=false", Faults(stall=True)).stall is False
-    for bad, message in [("nope=1", "unknown fault"), ("send_delay=x", "bad value"),
-                         ("refuse_status", "needs a value"), ("refuse_status=200", "400-599"),
-                         ("send_delay=-1", ">= 0")]:  # fmt: skip
+    for bad, message in [
+        ("nope=1", "unknown fault"),
+        ("send_delay=x", "bad value"),
+        ("refuse_status", "needs a value"),
+        ("refuse_status=200", "400-599"),
+        ("send_delay=-1", ">= 0"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_faults(bad)

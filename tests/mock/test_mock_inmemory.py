@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from mockrealtime import Faults, MockConfig, MockServer
@@ -23,6 +23,7 @@ from mockrealtime import Faults, MockConfig, MockServer
 from .helpers import user_text
 
 AUTH = [(b"authorization", b"Bearer sk-test")]
+VIRTUAL_TIMEOUT = 600  # seconds of MockClock time: a deadlock fails instead of hanging
 
 
 @asynccontextmanager
@@ -32,9 +33,13 @@ async def session(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.serve_stream, server_stream)
-        ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
-                                      "/v1/realtime?model=gpt-realtime",
-                                      extra_headers=AUTH + (headers or []))  # fmt: skip
+        ws = await wrap_client_stream(
+            nursery,
+            client_stream,
+            "127.0.0.1",
+            "/v1/realtime?model=gpt-realtime",
+            extra_headers=AUTH + (headers or []),
+        )
         try:
             yield ws
         finally:
@@ -47,152 +52,189 @@ async def next_event(ws: WebSocketConnection) -> dict[str, Any]:
 
 
 async def test_handshake_delay_postpones_the_101(autojump_clock: trio.testing.MockClock) -> None:
-    server = MockServer(MockConfig(faults=Faults(handshake_delay=30.0)))
-    start = trio.current_time()
-    async with session(server) as ws:
-        assert trio.current_time() - start == pytest.approx(30.0)
-        assert (await next_event(ws))["type"] == "session.created"
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(faults=Faults(handshake_delay=30.0)))
+        start = trio.current_time()
+        async with session(server) as ws:
+            assert trio.current_time() - start == pytest.approx(30.0)
+            assert (await next_event(ws))["type"] == "session.created"
 
 
 async def test_send_delay_spaces_out_every_server_event(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = MockServer(MockConfig(pace=0, faults=Faults(send_delay=2.0)))
-    async with session(server) as ws:
-        t0 = trio.current_time()
-        await next_event(ws)
-        t1 = trio.current_time()
-        await ws.send_message(json.dumps(user_text("hi")))
-        await next_event(ws)
-        await next_event(ws)
-        t2 = trio.current_time()
-    assert t1 - t0 == pytest.approx(2.0)
-    assert t2 - t1 == pytest.approx(4.0)
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(pace=0, faults=Faults(send_delay=2.0)))
+        async with session(server) as ws:
+            t0 = trio.current_time()
+            await next_event(ws)
+            t1 = trio.current_time()
+            await ws.send_message(json.dumps(user_text("hi")))
+            await next_event(ws)
+            await next_event(ws)
+            t2 = trio.current_time()
+        assert t1 - t0 == pytest.approx(2.0)
+        assert t2 - t1 == pytest.approx(4.0)
 
 
-async def test_stall_never_answers_pings_or_messages(autojump_clock: trio.testing.MockClock) -> None:
-    server = MockServer(MockConfig(faults=Faults(stall=True)))
-    async with trio.open_nursery() as nursery:
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        nursery.start_soon(server.serve_stream, server_stream)
-        ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
-                                      "/v1/realtime?model=gpt-realtime", extra_headers=AUTH)
-        assert (await next_event(ws))["type"] == "session.created"
-        await ws.send_message(json.dumps(user_text("anyone?")))
-        with trio.move_on_after(60) as scope:
-            await ws.ping()
-        assert scope.cancelled_caught
-        assert server.connections[0].received == []
-        nursery.cancel_scope.cancel()
+async def test_stall_never_answers_pings_or_messages(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(faults=Faults(stall=True)))
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            nursery.start_soon(server.serve_stream, server_stream)
+            ws = await wrap_client_stream(
+                nursery,
+                client_stream,
+                "127.0.0.1",
+                "/v1/realtime?model=gpt-realtime",
+                extra_headers=AUTH,
+            )
+            assert (await next_event(ws))["type"] == "session.created"
+            await ws.send_message(json.dumps(user_text("anyone?")))
+            with trio.move_on_after(60) as scope:
+                await ws.ping()
+            assert scope.cancelled_caught
+            assert server.connections[0].received == []
+            nursery.cancel_scope.cancel()
 
 
 async def test_reply_audio_is_paced_at_pace_times_real_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = MockServer(MockConfig(pace=2.0))
-    async with session(server) as ws:
-        await next_event(ws)
-        await ws.send_message(json.dumps(user_text("Hello")))
-        await ws.send_message(json.dumps({"type": "response.create"}))
-        times: list[tuple[str, float]] = []
-        while not times or times[-1][0] != "rate_limits.updated":
-            times.append(((await next_event(ws))["type"], trio.current_time()))
-    audio = [t for kind, t in times if kind == "response.output_audio.delta"]
-    assert len(audio) > 5
-    gaps = [b - a for a, b in zip(audio, audio[1:], strict=False)]
-    # each 100 ms chunk arrives 50 ms after the previous one at pace 2
-    assert all(g == pytest.approx(0.05) for g in gaps)
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(pace=2.0))
+        async with session(server) as ws:
+            await next_event(ws)
+            await ws.send_message(json.dumps(user_text("Hello")))
+            await ws.send_message(json.dumps({"type": "response.create"}))
+            times: list[tuple[str, float]] = []
+            while not times or times[-1][0] != "rate_limits.updated":
+                times.append(((await next_event(ws))["type"], trio.current_time()))
+        audio = [t for kind, t in times if kind == "response.output_audio.delta"]
+        assert len(audio) > 5
+        gaps = [b - a for a, b in zip(audio, audio[1:], strict=False)]
+        # each 100 ms chunk arrives 50 ms after the previous one at pace 2
+        assert all(g == pytest.approx(0.05) for g in gaps)
 
 
-async def test_server_pings_on_the_configured_interval(autojump_clock: trio.testing.MockClock) -> None:
-    server = MockServer(MockConfig(ping_interval=20.0))
-    pings: list[float] = []
-    three_pings = trio.Event()
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    original = client_stream.receive_some
+async def test_server_pings_on_the_configured_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(ping_interval=20.0))
+        pings: list[float] = []
+        three_pings = trio.Event()
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        original = client_stream.receive_some
 
-    async def spy(max_bytes: int | None = None) -> bytes:
-        data = await original(max_bytes)
-        if data[:1] == b"\x89":  # an unmasked PING frame from the server
-            pings.append(trio.current_time())
-            if len(pings) == 3:
-                three_pings.set()
-        return data
+        async def spy(max_bytes: int | None = None) -> bytes:
+            data = await original(max_bytes)
+            if data[:1] == b"\x89":  # an unmasked PING frame from the server
+                pings.append(trio.current_time())
+                if len(pings) == 3:
+                    three_pings.set()
+            return data
 
-    client_stream.receive_some = spy  # type: ignore[method-assign]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.serve_stream, server_stream)
-        start = trio.current_time()
-        ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
-                                      "/v1/realtime?model=gpt-realtime", extra_headers=AUTH)
-        await next_event(ws)
-        with trio.fail_after(100):
-            await three_pings.wait()
-        await ws.aclose()
-        nursery.cancel_scope.cancel()
-    assert [round(p - start) for p in pings] == [20, 40, 60]
+        client_stream.receive_some = spy  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_stream, server_stream)
+            start = trio.current_time()
+            ws = await wrap_client_stream(
+                nursery,
+                client_stream,
+                "127.0.0.1",
+                "/v1/realtime?model=gpt-realtime",
+                extra_headers=AUTH,
+            )
+            await next_event(ws)
+            with trio.fail_after(100):
+                await three_pings.wait()
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+        assert [round(p - start) for p in pings] == [20, 40, 60]
 
 
-async def test_max_session_duration_closes_with_1001(autojump_clock: trio.testing.MockClock) -> None:
-    server = MockServer(MockConfig(max_session_seconds=120.0, ping_interval=None))
-    async with session(server) as ws:
-        assert (await next_event(ws))["type"] == "session.created"
-        start = trio.current_time()
-        with pytest.raises(ConnectionClosed) as info:
-            await ws.get_message()
-        assert trio.current_time() - start == pytest.approx(120.0)
-    assert info.value.reason.code == 1001
-    assert info.value.reason.reason == "Your session hit the maximum duration of 2 minutes."
+async def test_max_session_duration_closes_with_1001(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(max_session_seconds=120.0, ping_interval=None))
+        async with session(server) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            start = trio.current_time()
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert trio.current_time() - start == pytest.approx(120.0)
+        assert info.value.reason.code == 1001
+        assert info.value.reason.reason == "Your session hit the maximum duration of 2 minutes."
 
 
 async def test_connection_record_closed_is_set_when_the_connection_ends(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = MockServer(MockConfig())
-    async with session(server) as ws:
-        await next_event(ws)
-    with trio.fail_after(1):
-        await server.connections[0].closed.wait()
-    assert server.connections[0].close_code == 1000
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig())
+        async with session(server) as ws:
+            await next_event(ws)
+        with trio.fail_after(1):
+            await server.connections[0].closed.wait()
+        assert server.connections[0].close_code == 1000
 
 
 async def test_pongs_are_not_held_back_by_a_slow_sender(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = MockServer(MockConfig(pace=0, faults=Faults(send_delay=10.0)))
-    async with session(server) as ws:
-        await next_event(ws)
-        await ws.send_message(json.dumps(user_text("hi")))
-        await ws.send_message(json.dumps({"type": "response.create"}))  # ~40 slow events queued
-        start = trio.current_time()
-        await ws.ping()
-        assert trio.current_time() - start < 10.0
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig(pace=0, faults=Faults(send_delay=10.0)))
+        async with session(server) as ws:
+            await next_event(ws)
+            await ws.send_message(json.dumps(user_text("hi")))
+            await ws.send_message(json.dumps({"type": "response.create"}))  # ~40 slow events queued
+            start = trio.current_time()
+            await ws.ping()
+            assert trio.current_time() - start < 10.0
 
 
 async def test_close_all_sends_every_live_client_a_close_frame(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = MockServer(MockConfig())
-    async with session(server) as a, session(server) as b:
-        await next_event(a)
-        await next_event(b)
-        server.close_all(1012, "restarting")
-        for ws in (a, b):
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.get_message()
-            assert (info.value.reason.code, info.value.reason.reason) == (1012, "restarting")
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        server = MockServer(MockConfig())
+        async with session(server) as a, session(server) as b:
+            await next_event(a)
+            await next_event(b)
+            server.close_all(1012, "restarting")
+            for ws in (a, b):
+                with pytest.raises(ConnectionClosed) as info:
+                    await ws.get_message()
+                assert (info.value.reason.code, info.value.reason.reason) == (1012, "restarting")
 
 
 # --- robustness under random faults and client behaviour -------------------------------
 
-_actions = st.lists(st.one_of(
-    st.tuples(st.just("text"), st.sampled_from([
-        json.dumps(user_text("hi")), '{"type": "response.create"}', '{"type": "response.cancel"}',
-        "{bad", '{"type": "input_audio_buffer.commit"}'])),
-    st.tuples(st.just("bytes"), st.binary(max_size=4)),
-    st.tuples(st.just("ping"), st.none()),
-    st.tuples(st.just("wait"), st.floats(0, 2)),
-), max_size=8)  # fmt: skip
+_actions = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("text"),
+            st.sampled_from(
+                [
+                    json.dumps(user_text("hi")),
+                    '{"type": "response.create"}',
+                    '{"type": "response.cancel"}',
+                    "{bad",
+                    '{"type": "input_audio_buffer.commit"}',
+                ]
+            ),
+        ),
+        st.tuples(st.just("bytes"), st.binary(max_size=4)),
+        st.tuples(st.just("ping"), st.none()),
+        st.tuples(st.just("wait"), st.floats(0, 2)),
+    ),
+    max_size=8,
+)
 _faults = st.builds(
     Faults,
     send_delay=st.sampled_from([0.0, 0.01]),
@@ -214,9 +256,14 @@ def test_any_client_and_fault_mix_ends_cleanly_without_server_errors(
         client_stream, server_stream = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve_stream, server_stream)
-            ws = await wrap_client_stream(nursery, client_stream, "127.0.0.1",
-                                          "/v1/realtime?model=gpt-realtime", extra_headers=AUTH,
-                                          message_queue_size=1000)  # fmt: skip
+            ws = await wrap_client_stream(
+                nursery,
+                client_stream,
+                "127.0.0.1",
+                "/v1/realtime?model=gpt-realtime",
+                extra_headers=AUTH,
+                message_queue_size=1000,
+            )
             try:
                 for kind, arg in actions:
                     if kind == "wait":

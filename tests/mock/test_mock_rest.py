@@ -24,20 +24,44 @@ class WallClock:
         return self.now
 
 
-def call(method: str, path: str, body: object = None, *, key: str | None = KEY,
-         store: RestStore | None = None, now: float = 1000.0) -> tuple[int, dict]:  # fmt: skip
+def call(
+    method: str,
+    path: str,
+    body: object = None,
+    *,
+    key: str | None = KEY,
+    store: RestStore | None = None,
+    now: float = 1000.0,
+) -> tuple[int, dict]:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     raw = b"" if body is None else json.dumps(body).encode()
-    return handle_rest(method, path, headers, raw, store=store or RestStore(),
-                       key_is_valid=lambda k: k == KEY, now=now, rng=random.Random(0))  # fmt: skip
+    return handle_rest(
+        method,
+        path,
+        headers,
+        raw,
+        store=store or RestStore(),
+        key_is_valid=lambda k: k == KEY,
+        now=now,
+        rng=random.Random(0),
+    )
 
 
 def test_client_secrets_mints_an_ek_key_with_the_requested_expiry() -> None:
     store = RestStore()
-    status, body = call("POST", "/v1/realtime/client_secrets", {
-        "expires_after": {"anchor": "created_at", "seconds": 120},
-        "session": {"type": "realtime", "instructions": "Be terse.",
-                    "audio": {"output": {"voice": "cedar"}}}}, store=store)  # fmt: skip
+    status, body = call(
+        "POST",
+        "/v1/realtime/client_secrets",
+        {
+            "expires_after": {"anchor": "created_at", "seconds": 120},
+            "session": {
+                "type": "realtime",
+                "instructions": "Be terse.",
+                "audio": {"output": {"voice": "cedar"}},
+            },
+        },
+        store=store,
+    )
     assert status == 200
     assert body["value"].startswith("ek_") and body["expires_at"] == 1120
     assert body["session"]["instructions"] == "Be terse."
@@ -54,8 +78,9 @@ def test_client_secrets_defaults_to_ten_minutes_and_a_realtime_session() -> None
 
 
 def test_client_secrets_validates_like_session_update() -> None:
-    status, body = call("POST", "/v1/realtime/client_secrets",
-                        {"session": {"type": "realtime", "bogus": 1}})  # fmt: skip
+    status, body = call(
+        "POST", "/v1/realtime/client_secrets", {"session": {"type": "realtime", "bogus": 1}}
+    )
     assert status == 400 and body["error"]["code"] == "unknown_parameter"
     assert body["error"]["param"] == "session.bogus"
     status, body = call("POST", "/v1/realtime/client_secrets", {"expires_after": {"seconds": 5}})
@@ -72,8 +97,9 @@ def test_rest_needs_a_real_api_key() -> None:
 def test_beta_sessions_endpoint_needs_a_model_and_returns_a_client_secret() -> None:
     status, body = call("POST", "/v1/realtime/sessions", {"voice": "verse"})
     assert status == 400 and body["error"]["param"] == "model"
-    status, body = call("POST", "/v1/realtime/sessions",
-                        {"model": "gpt-4o-realtime-preview", "voice": "verse"})  # fmt: skip
+    status, body = call(
+        "POST", "/v1/realtime/sessions", {"model": "gpt-4o-realtime-preview", "voice": "verse"}
+    )
     assert status == 200
     assert body["voice"] == "verse" and body["modalities"] == ["text", "audio"]
     assert body["client_secret"]["value"].startswith("ek_")
@@ -85,10 +111,16 @@ def test_unknown_paths_and_methods() -> None:
     assert call("GET", "/v1/realtime/client_secrets")[0] == 405
     status, body = call("POST", "/v1/realtime/client_secrets", None)
     assert status == 200  # an empty body means all defaults
-    status, body = handle_rest("POST", "/v1/realtime/client_secrets",
-                               {"authorization": f"Bearer {KEY}"}, b"{nope",
-                               store=RestStore(), key_is_valid=lambda k: True, now=0,
-                               rng=random.Random(0))  # fmt: skip
+    status, body = handle_rest(
+        "POST",
+        "/v1/realtime/client_secrets",
+        {"authorization": f"Bearer {KEY}"},
+        b"{nope",
+        store=RestStore(),
+        key_is_valid=lambda k: True,
+        now=0,
+        rng=random.Random(0),
+    )
     assert status == 400 and "could not parse the JSON body" in body["error"]["message"]
 
 
@@ -99,10 +131,11 @@ async def test_a_minted_key_opens_websockets_until_it_expires(nursery: trio.Nurs
     )
     with trio.fail_after(10):
         async with httpx.AsyncClient(base_url=server.http_url) as client:
-            response = await client.post("/v1/realtime/client_secrets",
-                                         headers={"authorization": f"Bearer {KEY}"},
-                                         json={"expires_after": {"anchor": "created_at",
-                                                                 "seconds": 30}})  # fmt: skip
+            response = await client.post(
+                "/v1/realtime/client_secrets",
+                headers={"authorization": f"Bearer {KEY}"},
+                json={"expires_after": {"anchor": "created_at", "seconds": 30}},
+            )
         assert response.status_code == 200
         ek = response.json()["value"]
         url = f"{server.url}?model=gpt-realtime"

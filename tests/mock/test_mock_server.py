@@ -53,21 +53,31 @@ async def test_bearer_key_opens_a_session_and_the_record_sees_the_request(
     server = await start(nursery)
     assert server.url == f"ws://127.0.0.1:{server.port}/v1/realtime"
     with trio.fail_after(10):
-        async with connect(f"{server.url}?model=gpt-realtime",
-                                      extra_headers=AUTH + [(b"X-Trace", b"abc")]) as ws:
+        async with connect(
+            f"{server.url}?model=gpt-realtime", extra_headers=AUTH + [(b"X-Trace", b"abc")]
+        ) as ws:
             first = await next_event(ws)
             assert first["type"] == "session.created"
             assert ws.subprotocol is None
-            await ws.send_message(json.dumps({"type": "session.update", "session": {
-                "type": "realtime", "instructions": "hi"}}))  # fmt: skip
+            await ws.send_message(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"type": "realtime", "instructions": "hi"},
+                    }
+                )
+            )
             assert (await next_event(ws))["type"] == "session.updated"
         record = server.connections[0]
         await record.closed.wait()
     assert record.path == "/v1/realtime?model=gpt-realtime"
     assert record.headers["authorization"] == f"Bearer {KEY}"
     assert record.headers["x-trace"] == "abc"
-    assert record.received == [json.dumps({"type": "session.update", "session": {
-        "type": "realtime", "instructions": "hi"}})]  # fmt: skip
+    assert record.received == [
+        json.dumps(
+            {"type": "session.update", "session": {"type": "realtime", "instructions": "hi"}}
+        )
+    ]
     assert record.close_code == 1000
     assert server.errors == []
 
@@ -89,13 +99,18 @@ async def test_subprotocol_key_selects_realtime_and_never_echoes_the_key(
 @pytest.mark.parametrize(
     ("query", "headers", "code", "reason", "error_code"),
     [
-        ("?model=gpt-realtime", [(b"authorization", b"Bearer sk-wrong-9876")], 3000,
-         "invalid_request_error.invalid_api_key", "invalid_api_key"),
+        (
+            "?model=gpt-realtime",
+            [(b"authorization", b"Bearer sk-wrong-9876")],
+            3000,
+            "invalid_request_error.invalid_api_key",
+            "invalid_api_key",
+        ),
         ("?model=gpt-realtime", [], 3000, "invalid_request_error", None),
         ("", AUTH, 4000, "invalid_request_error.missing_model", "missing_model"),
         ("?model=gpt-5", AUTH, 4000, "invalid_request_error.invalid_model", "invalid_model"),
     ],
-)  # fmt: skip
+)
 async def test_handshake_failures_are_a_101_then_one_error_then_a_close(
     nursery: trio.Nursery,
     query: str,
@@ -121,8 +136,10 @@ async def test_any_non_empty_key_is_accepted_when_no_keys_are_configured(
 ) -> None:
     server = await start(nursery, api_keys=frozenset())
     with trio.fail_after(10):
-        async with connect(f"{server.url}?model=gpt-4o-realtime-preview-2025-06-03",
-                                      extra_headers=[(b"authorization", b"Bearer whatever")]) as ws:
+        async with connect(
+            f"{server.url}?model=gpt-4o-realtime-preview-2025-06-03",
+            extra_headers=[(b"authorization", b"Bearer whatever")],
+        ) as ws:
             assert (await next_event(ws))["type"] == "session.created"
 
 
@@ -136,8 +153,11 @@ async def test_text_turn_over_loopback_ends_with_rate_limits(nursery: trio.Nurse
             events = await events_until(ws, "rate_limits.updated")
     done = next(e for e in events if e["type"] == "response.done")
     assert done["response"]["status"] == "completed"
-    assert types(events)[:3] == ["conversation.item.added", "conversation.item.done",
-                                 "response.created"]  # fmt: skip
+    assert types(events)[:3] == [
+        "conversation.item.added",
+        "conversation.item.done",
+        "response.created",
+    ]
     assert server.connections[0].sent_types == ["session.created"] + [e["type"] for e in events]
 
 
@@ -150,10 +170,13 @@ async def test_vad_turn_fed_from_the_speech_fixture(nursery: trio.Nursery) -> No
                 await ws.send_message(message)
             events = await events_until(ws, "rate_limits.updated")
     assert types(events)[:6] == [
-        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-        "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done",
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
         "response.created",
-    ]  # fmt: skip
+    ]
     transcript = next(e for e in events if e["type"] == "response.output_audio_transcript.done")
     assert transcript["transcript"].startswith("I heard ")
 
@@ -188,8 +211,10 @@ async def test_client_close_code_is_recorded_and_echoed(nursery: trio.Nursery) -
 async def test_reject_beta_refuses_the_beta_header(nursery: trio.Nursery) -> None:
     server = await start(nursery, reject_beta=True)
     with trio.fail_after(10):
-        async with connect(f"{server.url}?model=gpt-4o-realtime-preview",
-                                      extra_headers=AUTH + [(b"openai-beta", b"realtime=v1")]) as ws:
+        async with connect(
+            f"{server.url}?model=gpt-4o-realtime-preview",
+            extra_headers=AUTH + [(b"openai-beta", b"realtime=v1")],
+        ) as ws:
             code, reason, events = await expect_close(ws)
     assert (code, reason) == (4000, "invalid_request_error.beta_api_shape_disabled")
     assert events[0]["error"]["code"] == "beta_api_shape_disabled"
@@ -216,9 +241,14 @@ async def upgrade(server: MockServer, extra: dict[str, str] | None = None) -> ht
 
     (trio-websocket's client leaks its socket when the handshake is rejected.)
     """
-    headers = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
-               "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "authorization": f"Bearer {KEY}",
-               **(extra or {})}  # fmt: skip
+    headers = {
+        "connection": "Upgrade",
+        "upgrade": "websocket",
+        "sec-websocket-version": "13",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "authorization": f"Bearer {KEY}",
+        **(extra or {}),
+    }
     async with httpx.AsyncClient(base_url=server.http_url) as client:
         return await client.get("/v1/realtime?model=gpt-realtime", headers=headers)
 
@@ -236,11 +266,16 @@ async def test_a_real_upgrade_is_answered_101(nursery: trio.Nursery) -> None:
     server = await start(nursery)
     with trio.fail_after(10):
         async with httpx.AsyncClient(base_url=server.http_url) as client:
-            headers = {"connection": "Upgrade", "upgrade": "websocket",
-                       "sec-websocket-version": "13", "authorization": f"Bearer {KEY}",
-                       "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
-            async with client.stream("GET", "/v1/realtime?model=gpt-realtime",
-                                     headers=headers) as response:  # fmt: skip
+            headers = {
+                "connection": "Upgrade",
+                "upgrade": "websocket",
+                "sec-websocket-version": "13",
+                "authorization": f"Bearer {KEY}",
+                "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+            }
+            async with client.stream(
+                "GET", "/v1/realtime?model=gpt-realtime", headers=headers
+            ) as response:
                 assert response.status_code == 101
                 assert response.headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 

@@ -26,13 +26,20 @@ from .helpers import (
 ID = re.compile(r"^(event|sess|conv|resp|item)_[A-Za-z0-9]{21}$")
 
 GA_TEXT_TURN = [
-    "conversation.item.added", "conversation.item.done",  # the user item
-    "response.created", "response.output_item.added", "conversation.item.added",
+    "conversation.item.added",
+    "conversation.item.done",  # the user item
+    "response.created",
+    "response.output_item.added",
+    "conversation.item.added",
     "response.content_part.added",
-    "response.output_audio.done", "response.output_audio_transcript.done",
-    "response.content_part.done", "conversation.item.done", "response.output_item.done",
-    "response.done", "rate_limits.updated",
-]  # fmt: skip
+    "response.output_audio.done",
+    "response.output_audio_transcript.done",
+    "response.content_part.done",
+    "conversation.item.done",
+    "response.output_item.done",
+    "response.done",
+    "rate_limits.updated",
+]
 
 
 def text_turn(session: Session, text: str = "Hello there") -> list[dict]:
@@ -47,13 +54,20 @@ def test_session_created_is_first_and_carries_the_captured_ga_defaults() -> None
     assert s["model"] == "gpt-realtime"
     assert s["output_modalities"] == ["audio"]
     assert s["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
-    assert s["audio"]["output"] == {"format": {"type": "audio/pcm", "rate": 24000},
-                                    "voice": "alloy", "speed": 1.0}  # fmt: skip
+    assert s["audio"]["output"] == {
+        "format": {"type": "audio/pcm", "rate": 24000},
+        "voice": "alloy",
+        "speed": 1.0,
+    }
     assert s["audio"]["input"]["turn_detection"] == {
-        "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-        "silence_duration_ms": 200, "idle_timeout_ms": None, "create_response": True,
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 200,
+        "idle_timeout_ms": None,
+        "create_response": True,
         "interrupt_response": True,
-    }  # fmt: skip
+    }
     assert s["audio"]["input"]["transcription"] is None
     assert s["audio"]["input"]["noise_reduction"] is None
     assert (s["tools"], s["tool_choice"], s["max_output_tokens"]) == ([], "auto", "inf")
@@ -83,15 +97,28 @@ def test_same_seed_same_inputs_same_clock_give_identical_events() -> None:
 
 def test_session_update_is_partial_and_echoes_the_full_effective_config() -> None:
     session, _ = make_session()
-    out = send(session, {"type": "session.update", "session": {
-        "type": "realtime", "instructions": "Be brief.",
-        "audio": {"output": {"voice": "marin"}}}})  # fmt: skip
+    out = send(
+        session,
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "Be brief.",
+                "audio": {"output": {"voice": "marin"}},
+            },
+        },
+    )
     s = only(out, "session.updated")["session"]
     assert s["instructions"] == "Be brief."
     assert s["audio"]["output"]["voice"] == "marin"
     assert s["audio"]["input"]["turn_detection"]["type"] == "server_vad"  # untouched
-    out = send(session, {"type": "session.update", "session": {
-        "type": "realtime", "audio": {"input": {"turn_detection": None}}}})  # fmt: skip
+    out = send(
+        session,
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+        },
+    )
     s = only(out, "session.updated")["session"]
     assert s["audio"]["input"]["turn_detection"] is None
     assert s["instructions"] == "Be brief." and s["audio"]["output"]["voice"] == "marin"
@@ -104,13 +131,22 @@ def test_session_update_is_partial_and_echoes_the_full_effective_config() -> Non
         ({"type": "realtime", "bogus_field": 1}, "unknown_parameter", "session.bogus_field"),
         ({"instructions": "x"}, "missing_required_parameter", "session.type"),
         ({"type": "realtime", "instructions": 5}, "invalid_type", "session.instructions"),
-        ({"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
-         "integer_below_min_value", "session.audio.input.format.rate"),
+        (
+            {
+                "type": "realtime",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+            },
+            "integer_below_min_value",
+            "session.audio.input.format.rate",
+        ),
         ({"type": "transcription"}, "invalid_value", "session.type"),
-        ({"type": "realtime", "output_modalities": ["audio", "text"]}, "invalid_value",
-         "session.output_modalities"),
+        (
+            {"type": "realtime", "output_modalities": ["audio", "text"]},
+            "invalid_value",
+            "session.output_modalities",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_session_update_is_discarded_whole_with_one_error(
     session_body: dict, code: str, param: str
 ) -> None:
@@ -160,8 +196,9 @@ def test_text_turn_follows_the_ga_event_order_and_ends_with_usage() -> None:
     out = text_turn(session, "What is the weather like?")
     assert types(out) == GA_TEXT_TURN
     deltas = [e for e in out if e["type"] == "response.output_audio.delta"]
-    transcript = "".join(e["delta"] for e in out
-                         if e["type"] == "response.output_audio_transcript.delta")  # fmt: skip
+    transcript = "".join(
+        e["delta"] for e in out if e["type"] == "response.output_audio_transcript.delta"
+    )
     assert deltas and transcript.startswith("You said: What is the weather like?")
     assert only(out, "response.output_audio_transcript.done")["transcript"] == transcript
     audio = b"".join(base64.b64decode(e["delta"]) for e in deltas)
@@ -180,8 +217,9 @@ def test_text_turn_follows_the_ga_event_order_and_ends_with_usage() -> None:
 def test_usage_grows_with_the_conversation() -> None:
     session, _ = make_session()
     first = only(text_turn(session, "Hi"), "response.done")["response"]["usage"]
-    second = only(text_turn(session, "Tell me more about this please, at some length"),
-                  "response.done")["response"]["usage"]  # fmt: skip
+    second = only(
+        text_turn(session, "Tell me more about this please, at some length"), "response.done"
+    )["response"]["usage"]
     assert second["input_tokens"] > first["input_tokens"]
     assert second["output_tokens"] >= first["output_tokens"]
     assert second["input_token_details"]["cached_tokens"] <= second["input_tokens"]
@@ -208,35 +246,53 @@ def test_reply_audio_is_paced_by_the_clock() -> None:
 
 def test_commit_below_100ms_is_an_error_and_clear_empties_the_buffer() -> None:
     session, _ = make_session()
-    send(session, {"type": "session.update",
-                   "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+        },
+    )
     for msg in append_events(b"\x01\x00" * 2000):  # 83 ms
         assert session.handle(msg) == []
     err = only(send(session, {"type": "input_audio_buffer.commit"}), "error")["error"]
     assert err["code"] == "input_audio_buffer_commit_empty"
     assert "buffer only has 83.33ms of audio" in err["message"]
-    assert types(send(session, {"type": "input_audio_buffer.clear"})) == ["input_audio_buffer.cleared"]
-    assert only(send(session, {"type": "input_audio_buffer.commit"}), "error")["error"]["message"] \
-        .endswith("buffer only has 0.00ms of audio.")  # fmt: skip
+    assert types(send(session, {"type": "input_audio_buffer.clear"})) == [
+        "input_audio_buffer.cleared"
+    ]
+    assert only(send(session, {"type": "input_audio_buffer.commit"}), "error")["error"][
+        "message"
+    ].endswith("buffer only has 0.00ms of audio.")
 
 
 def test_manual_commit_creates_a_user_audio_item_without_a_response() -> None:
     session, _ = make_session()
-    send(session, {"type": "session.update",
-                   "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+        },
+    )
     for msg in append_events(wav_pcm16()):
         session.handle(msg)
     out = send(session, {"type": "input_audio_buffer.commit"})
-    assert types(out) == ["input_audio_buffer.committed", "conversation.item.added",
-                          "conversation.item.done"]  # fmt: skip
+    assert types(out) == [
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
     committed = out[0]
     assert committed["previous_item_id"] is None
     item = out[1]["item"]
     assert item["id"] == committed["item_id"]
     assert item["content"] == [{"type": "input_audio", "transcript": None}]
     reply = send(session, {"type": "response.create"})
-    assert "I heard 3.0 seconds of audio." in only(
-        reply, "response.output_audio_transcript.done")["transcript"]
+    assert (
+        "I heard 3.0 seconds of audio."
+        in only(reply, "response.output_audio_transcript.done")["transcript"]
+    )
 
 
 def test_server_vad_turn_from_speech_fixture() -> None:
@@ -244,17 +300,27 @@ def test_server_vad_turn_from_speech_fixture() -> None:
     out: list[dict] = []
     for msg in append_events(wav_pcm16()):
         out += session.handle(msg)
-    assert types(out) == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                          "input_audio_buffer.committed", "conversation.item.added",
-                          "conversation.item.done"] + GA_TEXT_TURN[2:]  # fmt: skip
+    assert (
+        types(out)
+        == [
+            "input_audio_buffer.speech_started",
+            "input_audio_buffer.speech_stopped",
+            "input_audio_buffer.committed",
+            "conversation.item.added",
+            "conversation.item.done",
+        ]
+        + GA_TEXT_TURN[2:]
+    )
     started, stopped = out[0], out[1]
     # the fixture has 0.3 s of leading silence; 300 ms of prefix padding puts the start near 0
     assert 0 <= started["audio_start_ms"] <= 100
     # 0.8 s of trailing silence: the stop (which includes 200 ms of silence) is before the end
     assert 1500 < stopped["audio_end_ms"] < 2998 - 500
     assert started["item_id"] == stopped["item_id"] == out[2]["item_id"] == out[3]["item"]["id"]
-    retrieved = only(send(session, {"type": "conversation.item.retrieve",
-                                    "item_id": started["item_id"]}), "conversation.item.retrieved")
+    retrieved = only(
+        send(session, {"type": "conversation.item.retrieve", "item_id": started["item_id"]}),
+        "conversation.item.retrieved",
+    )
     audio = base64.b64decode(retrieved["item"]["content"][0]["audio"])
     assert len(audio) == (stopped["audio_end_ms"] - started["audio_start_ms"]) * 48
 
@@ -267,8 +333,18 @@ def test_silence_alone_never_triggers_the_vad() -> None:
 
 def test_vad_with_create_response_off_commits_without_responding() -> None:
     session, _ = make_session()
-    send(session, {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-        "turn_detection": {"type": "server_vad", "create_response": False}}}}})  # fmt: skip
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {
+                    "input": {"turn_detection": {"type": "server_vad", "create_response": False}}
+                },
+            },
+        },
+    )
     out = [e for msg in append_events(wav_pcm16()) for e in session.handle(msg)]
     assert types(out)[-1] == "conversation.item.done"
     assert "response.created" not in types(out)
@@ -294,7 +370,9 @@ def test_response_cancel_closes_the_open_parts_with_status_cancelled() -> None:
     assert done["status"] == "cancelled"
     assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
     assert done["output"][0]["status"] == "incomplete"
-    sent = "".join(e["delta"] for e in head if e["type"] == "response.output_audio_transcript.delta")
+    sent = "".join(
+        e["delta"] for e in head if e["type"] == "response.output_audio_transcript.delta"
+    )
     assert only(out, "response.output_audio_transcript.done")["transcript"] == sent
     assert session.next_deadline() == pytest.approx(3600.0)  # nothing else pending
     err = only(send(session, {"type": "response.cancel"}), "error")["error"]
@@ -318,10 +396,24 @@ def test_out_of_band_response_runs_beside_the_default_conversation() -> None:
     clock = FakeClock(0.0)
     session, _ = make_session(pace=1.0, clock=clock)
     text_turn(session)
-    out = send(session, {"type": "response.create", "response": {
-        "conversation": "none", "output_modalities": ["text"], "metadata": {"topic": "x"},
-        "input": [{"type": "message", "role": "user",
-                   "content": [{"type": "input_text", "text": "Classify this"}]}]}})  # fmt: skip
+    out = send(
+        session,
+        {
+            "type": "response.create",
+            "response": {
+                "conversation": "none",
+                "output_modalities": ["text"],
+                "metadata": {"topic": "x"},
+                "input": [
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "Classify this"}],
+                    }
+                ],
+            },
+        },
+    )
     created = only(out, "response.created")["response"]
     assert created["conversation_id"] is None and created["metadata"] == {"topic": "x"}
     assert "conversation.item.added" not in types(out)
@@ -330,15 +422,25 @@ def test_out_of_band_response_runs_beside_the_default_conversation() -> None:
 
 def test_text_modality_streams_output_text() -> None:
     session, _ = make_session()
-    send(session, {"type": "session.update",
-                   "session": {"type": "realtime", "output_modalities": ["text"]}})
+    send(
+        session,
+        {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}},
+    )
     out = text_turn(session)
     assert types(out) == [
-        "conversation.item.added", "conversation.item.done", "response.created",
-        "response.output_item.added", "conversation.item.added", "response.content_part.added",
-        "response.output_text.done", "response.content_part.done", "conversation.item.done",
-        "response.output_item.done", "response.done", "rate_limits.updated",
-    ]  # fmt: skip
+        "conversation.item.added",
+        "conversation.item.done",
+        "response.created",
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.content_part.added",
+        "response.output_text.done",
+        "response.content_part.done",
+        "conversation.item.done",
+        "response.output_item.done",
+        "response.done",
+        "rate_limits.updated",
+    ]
     text = "".join(e["delta"] for e in out if e["type"] == "response.output_text.delta")
     assert only(out, "response.output_text.done")["text"] == text
     assert only(out, "response.content_part.added")["part"] == {"type": "text", "text": ""}
@@ -356,24 +458,53 @@ def test_max_output_tokens_cuts_the_reply_and_marks_it_incomplete() -> None:
 
 def test_named_tool_choice_yields_a_function_call_with_schema_valid_arguments() -> None:
     session, _ = make_session()
-    tool = {"type": "function", "name": "get_weather", "description": "Weather for a city",
-            "parameters": {"type": "object", "required": ["city", "unit"], "properties": {
-                "city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 3}}}}  # fmt: skip
-    send(session, {"type": "session.update", "session": {
-        "type": "realtime", "tools": [tool],
-        "tool_choice": {"type": "function", "name": "get_weather"}}})  # fmt: skip
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "required": ["city", "unit"],
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"enum": ["c", "f"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 3},
+            },
+        },
+    }
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "tools": [tool],
+                "tool_choice": {"type": "function", "name": "get_weather"},
+            },
+        },
+    )
     out = text_turn(session, "Weather in Paris?")
     args_done = only(out, "response.function_call_arguments.done")
     args = json.loads(args_done["arguments"])
     assert isinstance(args["city"], str) and args["unit"] in ("c", "f") and 1 <= args["days"] <= 3
     assert args_done["name"] == "get_weather"
-    deltas = "".join(e["delta"] for e in out if e["type"] == "response.function_call_arguments.delta")
+    deltas = "".join(
+        e["delta"] for e in out if e["type"] == "response.function_call_arguments.delta"
+    )
     assert deltas == args_done["arguments"]
     item = only(out, "response.output_item.done")["item"]
     assert item["type"] == "function_call" and item["call_id"] == args_done["call_id"]
-    follow = send(session, {"type": "conversation.item.create", "item": {
-        "type": "function_call_output", "call_id": item["call_id"], "output": '{"temp": 21}'}})
+    follow = send(
+        session,
+        {
+            "type": "conversation.item.create",
+            "item": {
+                "type": "function_call_output",
+                "call_id": item["call_id"],
+                "output": '{"temp": 21}',
+            },
+        },
+    )
     assert types(follow) == ["conversation.item.added", "conversation.item.done"]
     reply = send(session, {"type": "response.create"})
     assert "The tool returned" in only(reply, "response.output_audio_transcript.done")["transcript"]
@@ -381,8 +512,13 @@ def test_named_tool_choice_yields_a_function_call_with_schema_valid_arguments() 
 
 def test_function_call_output_for_an_unknown_call_is_rejected() -> None:
     session, _ = make_session()
-    out = send(session, {"type": "conversation.item.create", "item": {
-        "type": "function_call_output", "call_id": "call_nope", "output": "x"}})
+    out = send(
+        session,
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "function_call_output", "call_id": "call_nope", "output": "x"},
+        },
+    )
     assert only(out, "error")["error"]["param"] == "item.call_id"
 
 
@@ -397,10 +533,13 @@ def test_items_can_be_prepended_inserted_deleted_and_retrieved() -> None:
     err = only(send(session, user_text("d", previous_item_id="item_missing")), "error")["error"]
     assert err["param"] == "previous_item_id"
     assert types(send(session, {"type": "conversation.item.delete", "item_id": a})) == [
-        "conversation.item.deleted"]
+        "conversation.item.deleted"
+    ]
     for kind in ("conversation.item.delete", "conversation.item.retrieve"):
-        assert only(send(session, {"type": kind, "item_id": a}), "error")["error"]["code"] == \
-            "item_not_found"  # fmt: skip
+        assert (
+            only(send(session, {"type": kind, "item_id": a}), "error")["error"]["code"]
+            == "item_not_found"
+        )
 
 
 def test_truncate_only_applies_to_assistant_audio_within_its_length() -> None:
@@ -408,15 +547,36 @@ def test_truncate_only_applies_to_assistant_audio_within_its_length() -> None:
     out = text_turn(session)
     item_id = only(out, "response.output_item.done")["item"]["id"]
     n = sum(e["type"] == "response.output_audio.delta" for e in out)
-    ok = send(session, {"type": "conversation.item.truncate", "item_id": item_id,
-                        "content_index": 0, "audio_end_ms": 150})  # fmt: skip
+    ok = send(
+        session,
+        {
+            "type": "conversation.item.truncate",
+            "item_id": item_id,
+            "content_index": 0,
+            "audio_end_ms": 150,
+        },
+    )
     assert only(ok, "conversation.item.truncated")["audio_end_ms"] == 150
-    too_long = send(session, {"type": "conversation.item.truncate", "item_id": item_id,
-                              "content_index": 0, "audio_end_ms": n * 100 + 1})  # fmt: skip
+    too_long = send(
+        session,
+        {
+            "type": "conversation.item.truncate",
+            "item_id": item_id,
+            "content_index": 0,
+            "audio_end_ms": n * 100 + 1,
+        },
+    )
     assert only(too_long, "error")["error"]["param"] == "audio_end_ms"
     user_id = session.items[0]["id"]
-    wrong = send(session, {"type": "conversation.item.truncate", "item_id": user_id,
-                           "content_index": 0, "audio_end_ms": 0})  # fmt: skip
+    wrong = send(
+        session,
+        {
+            "type": "conversation.item.truncate",
+            "item_id": user_id,
+            "content_index": 0,
+            "audio_end_ms": 0,
+        },
+    )
     assert only(wrong, "error")["error"]["code"] == "unsupported_content_type"
 
 
@@ -436,11 +596,18 @@ def test_beta_dialect_uses_flat_session_and_beta_event_names() -> None:
     assert s["turn_detection"]["silence_duration_ms"] == 200 and "type" not in s
     out = text_turn(session)
     assert types(out) == [
-        "conversation.item.created", "response.created", "response.output_item.added",
-        "conversation.item.created", "response.content_part.added", "response.audio.done",
-        "response.audio_transcript.done", "response.content_part.done",
-        "response.output_item.done", "response.done", "rate_limits.updated",
-    ]  # fmt: skip
+        "conversation.item.created",
+        "response.created",
+        "response.output_item.added",
+        "conversation.item.created",
+        "response.content_part.added",
+        "response.audio.done",
+        "response.audio_transcript.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.done",
+        "rate_limits.updated",
+    ]
     assert [r["name"] for r in out[-1]["rate_limits"]] == ["requests", "tokens"]
     assert only(out, "response.output_item.done")["item"]["content"][0]["type"] == "audio"
 
@@ -457,16 +624,28 @@ def test_beta_session_expiry_sends_session_expired_first() -> None:
 
 def test_input_transcription_events_follow_the_committed_item() -> None:
     session, _ = make_session()
-    send(session, {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-        "transcription": {"model": "gpt-4o-transcribe"}}}}})  # fmt: skip
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+            },
+        },
+    )
     out = [e for msg in append_events(wav_pcm16()) for e in session.handle(msg)]
     kinds = types(out, deltas=True)
     i = kinds.index("conversation.item.input_audio_transcription.completed")
-    assert kinds.index("conversation.item.done") < kinds.index(
-        "conversation.item.input_audio_transcription.delta") < i
+    assert (
+        kinds.index("conversation.item.done")
+        < kinds.index("conversation.item.input_audio_transcription.delta")
+        < i
+    )
     completed = out[i]
-    deltas = "".join(e["delta"] for e in out
-                     if e["type"] == "conversation.item.input_audio_transcription.delta")
+    deltas = "".join(
+        e["delta"] for e in out if e["type"] == "conversation.item.input_audio_transcription.delta"
+    )
     assert completed["transcript"] == deltas and completed["usage"]["type"] == "tokens"
 
 
@@ -474,27 +653,49 @@ def test_g711_input_drives_the_vad_too() -> None:
     from .helpers import wav_ulaw
 
     session, _ = make_session()
-    send(session, {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-        "format": {"type": "audio/pcmu"}}}}})  # fmt: skip
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+        },
+    )
     out = []
     for piece in [wav_ulaw()[i : i + 160] for i in range(0, len(wav_ulaw()), 160)]:
         out += send(session, {"type": "input_audio_buffer.append", "audio": b64encode(piece)})
-    assert types(out)[:3] == ["input_audio_buffer.speech_started",
-                              "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
+    assert types(out)[:3] == [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+    ]
 
 
 def test_idle_timeout_triggers_a_response_after_silence() -> None:
     clock = FakeClock(0.0)
     session, _ = make_session(clock=clock)
-    send(session, {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-        "turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}}}})  # fmt: skip
+    send(
+        session,
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "audio": {
+                    "input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}
+                },
+            },
+        },
+    )
     text_turn(session)
     deadline = session.next_deadline()
     assert deadline is not None and deadline > 5.0
     clock.now = deadline
     out = session.tick()
-    assert types(out)[:4] == ["input_audio_buffer.timeout_triggered", "input_audio_buffer.committed",
-                              "conversation.item.added", "conversation.item.done"]
+    assert types(out)[:4] == [
+        "input_audio_buffer.timeout_triggered",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
     assert "response.created" in types(out)
 
 
