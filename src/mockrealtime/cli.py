@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model 'thinking' time before each response's first delta",
     )
     serve.add_argument(
+        "--reply-sentences",
+        type=int,
+        default=1,
+        metavar="N",
+        help="filler sentences after each reply's lead, ~1.5 s of audio each (default 1)",
+    )
+    serve.add_argument(
         "--obfuscation",
         action="store_true",
         help="add the GA 'obfuscation' padding field to delta events",
@@ -177,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record_messages=False,
             response_delay=args.response_delay,
             obfuscation=args.obfuscation,
+            reply_sentences=args.reply_sentences,
         )
     except ValueError as exc:
         parser.error(str(exc))

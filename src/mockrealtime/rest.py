@@ -2,6 +2,7 @@
 
 - GA ``POST /v1/realtime/client_secrets`` → ``{value, expires_at, session}``
 - beta ``POST /v1/realtime/sessions`` → the session object plus ``client_secret``
+- ``GET /healthz`` → ``{"status": "ok"}`` (mock-only, for readiness checks)
 
 Minted keys are accepted by the WebSocket endpoint (Bearer header or
 ``openai-insecure-api-key.`` subprotocol) until they expire; a session opened
@@ -109,6 +110,8 @@ def handle_rest(
     """Answer one HTTP request: returns (status, JSON payload)."""
     path = urlsplit(target).path.rstrip("/")
     routes = {"/v1/realtime/client_secrets": _client_secrets, "/v1/realtime/sessions": _sessions}
+    if path == "/healthz" and method == "GET":
+        return 200, {"status": "ok"}  # mock-only, for orchestrators' readiness checks
     handler = routes.get(path)
     if handler is None:
         return _error(404, f"Invalid URL ({method} {path or '/'})")

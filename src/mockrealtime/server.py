@@ -72,7 +72,8 @@ class MockConfig:
     raw client message in ``ConnectionRecord.received`` (turn it off for load tests).
     ``wall_clock`` gives Unix time for ``expires_at`` and ephemeral-key expiry.
     ``response_delay`` is the model's thinking time before the first delta of each
-    response; ``obfuscation`` adds the GA ``obfuscation`` field to delta events.
+    response; ``obfuscation`` adds the GA ``obfuscation`` field to delta events;
+    ``reply_sentences`` sets how long replies are (filler sentences after the lead).
     """
 
     api_keys: frozenset[str] = frozenset()
@@ -87,12 +88,15 @@ class MockConfig:
     wall_clock: Callable[[], float] = time.time
     response_delay: float = 0.0
     obfuscation: bool = False
+    reply_sentences: int = 1
 
     def __post_init__(self) -> None:
         if not (self.pace >= 0 and math.isfinite(self.pace)):
             raise ValueError(f"pace must be a finite number >= 0, got {self.pace!r}")
         if not (self.response_delay >= 0 and math.isfinite(self.response_delay)):
             raise ValueError(f"response_delay must be >= 0 seconds, got {self.response_delay!r}")
+        if not 0 <= self.reply_sentences <= 20:
+            raise ValueError(f"reply_sentences must be 0-20, got {self.reply_sentences!r}")
         if self.max_session_seconds <= 0:
             raise ValueError("max_session_seconds must be > 0")
         if self.ping_interval is not None and self.ping_interval <= 0:
@@ -317,6 +321,7 @@ class MockServer:
             intent=decision.intent,
             response_delay=self.config.response_delay,
             obfuscation=self.config.obfuscation,
+            reply_sentences=self.config.reply_sentences,
         )
         try:
             conn = _Connection(self.config, faults, stream, ws, session, record)

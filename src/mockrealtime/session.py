@@ -66,7 +66,7 @@ RATE_LIMIT_TOKENS: Final = 15_000_000
 RATE_LIMIT_REQUESTS: Final = 5_000
 TEXT_STEP_S: Final = 0.05  # one text delta per 50 ms of "generation" at pace 1
 ARGS_STEP_S: Final = 0.02
-MAX_REPLY_WORDS: Final = 40
+MAX_REPLY_WORDS: Final = 400
 
 _GA_TYPES: Final = (
     "session.update",
@@ -307,7 +307,8 @@ class Session:
     ``pace`` streams reply audio at N× real time (0 → everything at once);
     ``response_delay`` is the time from ``response.created`` to the first delta (the
     model's "thinking"); ``obfuscation`` adds the GA ``obfuscation`` padding field to
-    delta events, as the real server does.
+    delta events, as the real server does; ``reply_sentences`` filler sentences follow the
+    canned lead of each reply (about 1.5 s of audio each).
     """
 
     def __init__(
@@ -323,6 +324,7 @@ class Session:
         intent: str | None = None,
         response_delay: float = 0.0,
         obfuscation: bool = False,
+        reply_sentences: int = 1,
     ) -> None:
         self.dialect: Dialect = dialect
         self.model = model
@@ -332,6 +334,7 @@ class Session:
         self.pace = pace
         self.response_delay = response_delay
         self.obfuscation = obfuscation and dialect == "ga"
+        self.reply_sentences = reply_sentences
         self.max_duration = max_duration
         self.config = SessionConfig()
         if intent == "transcription" and dialect == "ga":
@@ -1288,7 +1291,8 @@ class Session:
                 else:
                     lead = "I got your message."
                 break
-        return lead + " " + self._rng.choice(_FILLERS)
+        fillers = [self._rng.choice(_FILLERS) for _ in range(self.reply_sentences)]
+        return " ".join([lead, *fillers])
 
     def _plan_message(self, resp: _Response, text: str, now: float) -> None:
         words = text.split()[:MAX_REPLY_WORDS]

@@ -147,3 +147,7 @@ async def test_a_minted_key_opens_websockets_until_it_expires(nursery: trio.Nurs
         async with connect(url, extra_headers=[(b"authorization", f"Bearer {ek}".encode())]) as ws:
             error = json.loads(await ws.get_message())
     assert error["error"]["code"] == "invalid_api_key"
+
+
+def test_healthz_answers_ok_without_a_key() -> None:
+    assert call("GET", "/healthz", key=None) == (200, {"status": "ok"})

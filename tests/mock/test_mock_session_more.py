@@ -454,3 +454,12 @@ def test_obfuscation_pads_ga_delta_events_only() -> None:
     deltas = [e for e in out if e["type"].endswith(".delta")]
     assert deltas and all(isinstance(e["obfuscation"], str) and e["obfuscation"] for e in deltas)
     assert not any("obfuscation" in e for e in out if not e["type"].endswith(".delta"))
+
+
+def test_reply_sentences_lengthen_the_reply_audio() -> None:
+    def audio_chunks(n: int) -> int:
+        session, _ = make_session(reply_sentences=n)
+        out = send(session, user_text("Hi")) + send(session, {"type": "response.create"})
+        return sum(e["type"] == "response.output_audio.delta" for e in out)
+
+    assert audio_chunks(0) < audio_chunks(1) < audio_chunks(5)
