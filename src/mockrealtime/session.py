@@ -1091,7 +1091,14 @@ class Session:
                     f"{p}.metadata",
                 )
             for k, v in meta.items():
-                expect_str(v, f"{p}.metadata.{k}")
+                value = expect_str(v, f"{p}.metadata.{k}")
+                if len(k) > 64 or len(value) > 512:
+                    raise ClientError(
+                        "invalid_value",
+                        f"Invalid 'response.metadata.{k[:64]}': keys are at most 64 characters "
+                        "and values at most 512.",
+                        f"{p}.metadata",
+                    )
             extra["metadata"] = dict(meta)
         if "input" in body:
             items = body["input"]

@@ -291,3 +291,22 @@ def test_any_client_and_fault_mix_ends_cleanly_without_server_errors(
             nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_same_seed_replays_the_same_event_stream_through_the_whole_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def run(seed: int) -> list[dict[str, Any]]:
+        server = MockServer(MockConfig(seed=seed, pace=4.0, wall_clock=lambda: 1_700_000_000.0))
+        async with session(server) as ws:
+            events = [await next_event(ws)]
+            await ws.send_message(json.dumps(user_text("Same input")))
+            await ws.send_message(json.dumps({"type": "response.create"}))
+            while events[-1]["type"] != "rate_limits.updated":
+                events.append(await next_event(ws))
+        return events
+
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        first, second, other = await run(5), await run(5), await run(6)
+    assert first == second
+    assert first != other

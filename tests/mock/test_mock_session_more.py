@@ -463,3 +463,14 @@ def test_reply_sentences_lengthen_the_reply_audio() -> None:
         return sum(e["type"] == "response.output_audio.delta" for e in out)
 
     assert audio_chunks(0) < audio_chunks(1) < audio_chunks(5)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1}],
+)
+def test_response_metadata_limits(metadata: dict[str, Any]) -> None:
+    session, _ = make_session()
+    out = send(session, {"type": "response.create", "response": {"metadata": metadata}})
+    assert only(out, "error")["error"]["param"].startswith("response.metadata")
+    assert not session.has_active_response
