@@ -58,6 +58,8 @@ CLOSE_TIMEOUT: Final = 5.0
 """How long to wait for the client's close frame after sending ours."""
 RECEIVE_BYTES: Final = 65536
 WRITE_BATCH_EVENTS: Final = 64
+MAX_QUEUED_EVENTS: Final = 50_000
+"""A client that lets this many events pile up unread is dropped (memory stays bounded)."""
 """At most this many queued events are framed into one socket write."""
 REALTIME_PATH: Final = "/v1/realtime"
 
@@ -404,6 +406,10 @@ class _Connection:
     # --- queueing (also used by ConnectionRecord's test controls) -------------------
 
     def _enqueue_events(self, events: list[Event]) -> None:
+        if self._send.statistics().current_buffer_used + len(events) > MAX_QUEUED_EVENTS:
+            logger.warning("mockrealtime: client is not reading; dropping the connection")
+            self._finish()
+            return
         for event in events:
             self._send.send_nowait(("event", event))
         if self.session.close_requested is not None:

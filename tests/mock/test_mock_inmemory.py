@@ -310,3 +310,32 @@ async def test_same_seed_replays_the_same_event_stream_through_the_whole_server(
         first, second, other = await run(5), await run(5), await run(6)
     assert first == second
     assert first != other
+
+
+async def test_a_client_that_never_reads_is_dropped_once_too_much_is_queued(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mockrealtime.server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_QUEUED_EVENTS", 20)
+    server = MockServer(MockConfig())
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()  # no buffering at all
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_stream, server_stream)
+            ws = await wrap_client_stream(
+                nursery,
+                client_stream,
+                "127.0.0.1",
+                "/v1/realtime?model=gpt-realtime",
+                extra_headers=AUTH,
+                message_queue_size=0,
+            )
+            with pytest.raises(ConnectionClosed):
+                for _ in range(1000):  # bad JSON: one error event each, never read
+                    await ws.send_message("{")
+            await server.connections[0].closed.wait()
+            assert server.connections[0].close_code is None
+            assert server.errors == []
+            await trio.aclose_forcefully(client_stream)
+            nursery.cancel_scope.cancel()
