@@ -12,9 +12,9 @@ from __future__ import annotations
 from .faults import FAULTS_HEADER as FAULTS_HEADER
 from .faults import Faults as Faults
 from .faults import parse_faults as parse_faults
+from .handshake import negotiate as negotiate
 from .server import ConnectionRecord as ConnectionRecord
 from .server import MockConfig as MockConfig
 from .server import MockServer as MockServer
 from .server import serve_mock_realtime as serve_mock_realtime
 from .session import Session as Session
-from .session import negotiate as negotiate

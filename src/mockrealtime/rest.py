@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .session import IdFactory, is_supported_model, mask_key
+from .handshake import is_supported_model, mask_key
+from .ids import IdFactory
 from .sessionconfig import (
     ClientError,
     SessionConfig,

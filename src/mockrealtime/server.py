@@ -46,8 +46,9 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError
 
 from .faults import FAULTS_HEADER, Faults, parse_faults
+from .handshake import negotiate
 from .rest import RestStore, handle_rest
-from .session import Event, Session, negotiate
+from .session import Event, Session
 
 logger = logging.getLogger("mockrealtime")
 

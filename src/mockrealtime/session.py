@@ -7,25 +7,23 @@ due with time (paced reply audio, VAD idle timeouts, session expiry) and
 callable and randomness only from the ``random.Random`` given, so the same seed,
 inputs and clock readings give the same events and ids.
 
-``negotiate()`` is the sans-IO half of the WebSocket handshake: it picks the
-dialect, the subprotocol to select and whether the connection must be refused
-right after the 101 (bad key, bad model...), as the real server does.
+The handshake decision lives in ``handshake.py``; ``Session.open()`` turns a
+rejection into the real server's ``error`` event and close.
 """
 
 from __future__ import annotations
 
 import random
-import string
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any, Final, Literal
-from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 from . import audio as au
+from .handshake import Rejection
+from .ids import ALPHANUMERIC, IdFactory
 from .schema import instance_of
 from .sessionconfig import (
     ClientError,
@@ -56,8 +54,6 @@ from .sessionconfig import (
 
 Event = dict[str, Any]
 
-ALPHANUMERIC: Final = string.ascii_letters + string.digits
-MODEL_PATTERNS: Final = ("gpt-realtime*", "gpt-4o*-realtime-preview*")
 MIN_COMMIT_MS: Final = 100
 DEFAULT_MAX_SESSION_SECONDS: Final = 3600.0
 AUDIO_TOKENS_PER_CHUNK: Final = 2  # output audio: 20 tokens per second
@@ -125,132 +121,6 @@ _SPOKEN_WORDS: Final = (
     "and",
     "cat",
 )
-
-
-# --- ids --------------------------------------------------------------------------
-
-
-class IdFactory:
-    """Real-looking ids: ``prefix_`` + 21 alphanumerics drawn from a seeded RNG."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-
-    def new(self, prefix: str, length: int = 21) -> str:
-        return prefix + "_" + "".join(self._rng.choices(ALPHANUMERIC, k=length))
-
-
-# --- handshake ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A fatal problem found at handshake time: one ``error`` event, then a close."""
-
-    code: str | None
-    message: str
-    close_code: int
-
-    @property
-    def close_reason(self) -> str:
-        return "invalid_request_error" + (f".{self.code}" if self.code else "")
-
-
-@dataclass(frozen=True)
-class Handshake:
-    """What the server decided about an upgrade request (it always answers 101)."""
-
-    dialect: Dialect
-    model: str
-    subprotocol: str | None
-    api_key: str | None
-    intent: str | None
-    rejection: Rejection | None
-
-
-def mask_key(key: str) -> str:
-    """Mask a key for an error message the way the real server does: ``sk-…abcd``."""
-    if len(key) < 8:
-        return "…"
-    return f"{key[:3]}…{key[-4:]}"
-
-
-def is_supported_model(model: str) -> bool:
-    """Realtime model names the real server accepts (GA and preview families)."""
-    return any(fnmatchcase(model, pattern) for pattern in MODEL_PATTERNS)
-
-
-def negotiate(
-    target: str,
-    headers: Mapping[str, str],
-    subprotocols: Sequence[str],
-    *,
-    key_is_valid: Callable[[str], bool],
-    reject_beta: bool = False,
-) -> Handshake:
-    """Decide the outcome of a WebSocket upgrade from its target, headers and subprotocols.
-
-    ``headers`` has lower-cased names. The key comes from ``Authorization: Bearer K``
-    or the ``openai-insecure-api-key.K`` subprotocol; the key-bearing subprotocol is
-    never selected: ``realtime`` is, when offered.
-    """
-    query = parse_qs(urlsplit(target).query)
-    model = (query.get("model") or [""])[0]
-    intents = query.get("intent")
-    intent = intents[0] if intents else None
-    beta = "realtime=v1" in headers.get("openai-beta", "").replace(" ", "") or (
-        "openai-beta.realtime-v1" in subprotocols
-    )
-    selected = "realtime" if "realtime" in subprotocols else None
-    key: str | None = None
-    scheme, _, credential = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credential.strip():
-        key = credential.strip()
-    else:
-        for proto in subprotocols:
-            if proto.startswith("openai-insecure-api-key.") and len(proto) > 24:
-                key = proto[len("openai-insecure-api-key.") :]
-                break
-    rejection: Rejection | None = None
-    if key is None:
-        rejection = Rejection(None, "Missing bearer or basic authentication in header", 3000)
-    elif not key_is_valid(key):
-        rejection = Rejection(
-            "invalid_api_key",
-            f"Incorrect API key provided: {mask_key(key)}. You can find your API key at "
-            "https://platform.openai.com/account/api-keys.",
-            3000,
-        )
-    elif beta and reject_beta:
-        rejection = Rejection(
-            "beta_api_shape_disabled",
-            "The Realtime API beta shape has been disabled. Remove the 'OpenAI-Beta: "
-            "realtime=v1' header (or the openai-beta.realtime-v1 subprotocol) and use the "
-            "GA event and session shapes.",
-            4000,
-        )
-    elif not model and intent != "transcription":
-        rejection = Rejection(
-            "missing_model",
-            "You must provide a model parameter, e.g. wss://api.openai.com/v1/realtime"
-            "?model=gpt-realtime.",
-            4000,
-        )
-    elif model and not is_supported_model(model):
-        rejection = Rejection(
-            "invalid_model",
-            f'Model "{model}" is not supported in realtime mode. Use a realtime model such '
-            'as "gpt-realtime".',
-            4000,
-        )
-    return Handshake(
-        dialect="beta" if beta else "ga",
-        model=model,
-        subprotocol=selected,
-        api_key=key,
-        intent=intent,
-        rejection=rejection,
-    )
 
 
 # --- responses ------------------------------------------------------------------------
@@ -1641,3 +1511,4 @@ class Session:
             out.append(self._error("session_expired", message))
         self.close_requested = (1001, message)
         self.closed = True
+

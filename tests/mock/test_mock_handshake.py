@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mockrealtime.faults import Faults, parse_faults
-from mockrealtime.session import is_supported_model, mask_key, negotiate
+from mockrealtime.handshake import is_supported_model, mask_key, negotiate
 
 
 def decide(
