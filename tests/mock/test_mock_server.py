@@ -392,3 +392,36 @@ async def test_a_client_vanishing_mid_response_is_not_a_server_error(
         await server.connections[0].closed.wait()
     assert server.connections[0].close_code is None
     assert server.errors == []
+
+
+async def test_handshake_delay_over_loopback(nursery: trio.Nursery) -> None:
+    server = await start(nursery, faults=Faults(handshake_delay=0.2))
+    with trio.fail_after(10):
+        begin = trio.current_time()
+        async with connect(f"{server.url}?model=gpt-realtime", extra_headers=AUTH) as ws:
+            assert trio.current_time() - begin >= 0.2
+            assert (await next_event(ws))["type"] == "session.created"
+
+
+async def test_send_delay_over_loopback(nursery: trio.Nursery) -> None:
+    server = await start(nursery, faults=Faults(send_delay=0.05))
+    with trio.fail_after(10):
+        async with connect(f"{server.url}?model=gpt-realtime", extra_headers=AUTH) as ws:
+            await next_event(ws)
+            begin = trio.current_time()
+            await ws.send_message(json.dumps(user_text("hi")))
+            await next_event(ws)
+            await next_event(ws)
+            assert trio.current_time() - begin >= 0.1
+
+
+async def test_stall_over_loopback_leaves_pings_unanswered(nursery: trio.Nursery) -> None:
+    server = await start(nursery, faults=Faults(stall=True))
+    with trio.fail_after(10):
+        async with connect(f"{server.url}?model=gpt-realtime", extra_headers=AUTH) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+            with trio.move_on_after(0.3) as scope:
+                await ws.ping()
+            assert scope.cancelled_caught
+            await trio.aclose_forcefully(ws._stream)  # the server will never answer a close
+    assert server.connections[0].received == []
