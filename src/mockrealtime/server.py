@@ -30,6 +30,7 @@ from typing import Any, Final
 import h11
 import orjson
 import trio
+import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -192,6 +193,17 @@ class MockServer:
         faults included, under ``MockClock`` without sockets.
         """
         await self._handle_stream(stream)
+
+    def memory_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
+        """A client-side in-memory stream to this server, served by a task in ``nursery``.
+
+        For socket-free tests (e.g. under ``MockClock``): wrap it with trio-websocket's
+        ``wrap_client_stream(nursery, stream, host, "/v1/realtime?model=...")``. The
+        stream buffers without limit (``trio.testing.memory_stream_pair``).
+        """
+        client, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(self.serve_stream, server_side)
+        return client
 
     # --- TCP ------------------------------------------------------------------------
 

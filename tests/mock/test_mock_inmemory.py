@@ -30,9 +30,8 @@ VIRTUAL_TIMEOUT = 600  # seconds of MockClock time: a deadlock fails instead of 
 async def session(
     server: MockServer, *, headers: list[tuple[bytes, bytes]] | None = None
 ) -> AsyncIterator[WebSocketConnection]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.serve_stream, server_stream)
+        client_stream = server.memory_stream(nursery)
         ws = await wrap_client_stream(
             nursery,
             client_stream,
