@@ -218,8 +218,8 @@ class MockServer:
             parser.receive_data(head)
             try:
                 request = parser.next_event()
-            except h11.RemoteProtocolError:
-                await stream.send_all(_raw_response(400, {"error": {"message": "Bad request"}}))
+            except h11.RemoteProtocolError as exc:
+                await stream.send_all(_raw_response(400, _error_body(f"Bad HTTP request: {exc}")))
                 return
             if not isinstance(request, h11.Request):
                 return
@@ -247,7 +247,11 @@ class MockServer:
     ) -> None:
         body = bytearray()
         while True:
-            event = parser.next_event()
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                await stream.send_all(_raw_response(400, _error_body(f"Bad HTTP request: {exc}")))
+                return
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(RECEIVE_BYTES)
                 if not data:
@@ -279,8 +283,8 @@ class MockServer:
     ) -> None:
         self.handshakes += 1
         ws = WSConnection(ConnectionType.SERVER)
-        ws.receive_data(head)
         try:
+            ws.receive_data(head)
             request = next((e for e in ws.events() if isinstance(e, Request)), None)
         except RemoteProtocolError as exc:
             await stream.send_all(_raw_response(400, _error_body(f"Bad WebSocket upgrade: {exc}")))

@@ -1511,4 +1511,3 @@ class Session:
             out.append(self._error("session_expired", message))
         self.close_requested = (1001, message)
         self.closed = True
-

@@ -425,3 +425,27 @@ async def test_stall_over_loopback_leaves_pings_unanswered(nursery: trio.Nursery
             assert scope.cancelled_caught
             await trio.aclose_forcefully(ws._stream)  # the server will never answer a close
     assert server.connections[0].received == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+        b"POST /v1/realtime/client_secrets HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    ],
+)
+async def test_malformed_requests_get_400_and_are_not_server_errors(
+    nursery: trio.Nursery, raw: bytes
+) -> None:
+    server = await start(nursery)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(raw)
+            response = b""
+            while chunk := await stream.receive_some(4096):
+                response += chunk
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert b'"message":"Bad ' in response
+    assert server.errors == []
