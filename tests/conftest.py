@@ -1,10 +1,51 @@
-"""Test-wide set-up."""
+"""Test-wide set-up: Hypothesis profiles, a printed replay seed, and a wsproto fix for test clients."""
 
 from __future__ import annotations
 
+import os
+import random
 import struct
 
+import pytest
+from hypothesis import HealthCheck, settings
 from wsproto import frame_protocol
+
+# `ci` (the default) keeps the whole suite within a few minutes on 2 cores;
+# `thorough` is for long runs: HYPOTHESIS_PROFILE=thorough uv run pytest tests/relay/test_properties.py
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=20_000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pick the run's Hypothesis seed up front so a failure can be replayed exactly."""
+    if getattr(config.option, "hypothesis_seed", None) is None:
+        seed = os.environ.get("HYPOTHESIS_SEED") or str(random.randrange(2**32))
+        config.option.hypothesis_seed = int(seed)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.option.hypothesis_seed
+    profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    return f"hypothesis: profile {profile}, seed {seed} (replay with HYPOTHESIS_SEED={seed})"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if terminalreporter.stats.get("failed"):
+        seed = config.option.hypothesis_seed
+        terminalreporter.write_line(f"hypothesis seed was {seed}: replay with HYPOTHESIS_SEED={seed}")
 
 _process_close = frame_protocol.FrameProtocol._process_close
 

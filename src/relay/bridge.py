@@ -182,6 +182,9 @@ class Bridge:
     def upstream_opened(self) -> None:
         """The upstream WebSocket is open: start flushing, session.update first."""
         if self.phase is Phase.CLOSED:
+            # The pair ended while the dial finished: nothing may go upstream.
+            self._queue.clear()
+            self._queued_bytes = 0
             return
         if self.phase is not Phase.CONNECTING:
             raise BridgeError(f"upstream_opened() in phase {self.phase.name}")

@@ -250,3 +250,13 @@ def test_long_reasons_are_clipped_to_fit_a_close_frame() -> None:
     clipped = clip_reason(reason)
     assert len(clipped.encode()) <= 123
     assert reason.startswith(clipped)
+
+
+def test_nothing_goes_upstream_when_the_pair_ended_before_the_dial_finished() -> None:
+    """Regression (found by the properties): a queue overflow during the dial, then the
+    dial completing, flushed the queued messages without session.update."""
+    bridge = make_bridge(queue_messages=1)
+    bridge.client_message("a")
+    assert isinstance(bridge.client_message("b"), Ending)
+    bridge.upstream_opened()
+    assert flush_all(bridge) == []

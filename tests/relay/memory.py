@@ -1,0 +1,241 @@
+"""An in-memory world for one pair: a scripted client and a scripted upstream over memory streams.
+
+Everything runs under Trio's ``MockClock(autojump_threshold=0)``: delays, timeouts
+and slow readers cost no real time, and a scenario replays exactly. The upstream
+side is a real trio-websocket server over ``trio.testing.memory_stream_pair``, so
+the relay's WebSocket handshake, framing and close handshakes are the real ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+from relay.bridge import Bridge, Ending, Limits, Message
+from relay.closecodes import sendable
+from relay.pair import Pair
+from relay.upstream import UpstreamTarget
+
+SECRET = "sk-memory-secret-7f3a9c"
+SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime","instructions":"x"}}'
+DIAL_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True)
+class ClientScript:
+    messages: tuple[Message, ...] = ()
+    gaps: tuple[float, ...] = ()  # delay before each message
+    closes_after: float | None = 0.0  # delay after the last message before closing; None: stays
+    read_delay: float = 0.0  # a slow reader takes this long per message
+
+
+@dataclass(frozen=True)
+class UpstreamScript:
+    unreachable: bool = False
+    open_delay: float = 0.0  # > DIAL_TIMEOUT: never answers in time
+    refuse_status: int | None = None
+    events: tuple[str, ...] = ()
+    gaps: tuple[float, ...] = ()
+    ending: str = "stay"  # "stay", "close", "drop"
+    close_code: int = 1000
+    close_reason: str = ""
+    read_delay: float = 0.0
+
+
+@dataclass
+class ClientRecord:
+    received: list[Message] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str | None = None
+    closed_at: float | None = None  # when the relay closed the client
+    left_at: float | None = None  # when the client closed
+    sends_after_close: int = 0
+
+
+@dataclass
+class UpstreamRecord:
+    received: list[Message] = field(default_factory=list)
+    accepted: bool = False
+    sent: list[str] = field(default_factory=list)
+    finished_sending_at: float | None = None
+    close_code: int | None = None  # the relay's close, as the upstream saw it
+    closed_at: float | None = None
+    peer_gone: trio.Event = field(default_factory=trio.Event)
+
+
+class MemoryClient:
+    """The pair's client side, scripted. Sending after the relay closed it is recorded
+    as a fault (Hypercorn raises on it)."""
+
+    def __init__(self, script: ClientScript, record: ClientRecord) -> None:
+        self.script = script
+        self.record = record
+        self._send, self._receive = trio.open_memory_channel[Message](math.inf)
+
+    async def drive(self) -> None:
+        """Send the scripted messages, then close (unless the relay closed us first)."""
+        for gap, message in zip(self.script.gaps, self.script.messages, strict=True):
+            await trio.sleep(gap)
+            if self.record.close_code is not None:
+                return
+            self._send.send_nowait(message)
+        if self.script.closes_after is None:
+            return
+        await trio.sleep(self.script.closes_after)
+        if self.record.close_code is None:
+            self.record.left_at = trio.current_time()
+            self._send.close()
+
+    async def receive(self) -> Message | None:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            return None
+
+    async def send(self, data: Message) -> None:
+        if self.record.close_code is not None:
+            self.record.sends_after_close += 1
+            return
+        await trio.sleep(self.script.read_delay)
+        self.record.received.append(data)
+
+    async def close(self, code: int, reason: str) -> None:
+        assert sendable(code), f"the relay tried to send close code {code}"
+        if self.record.close_code is not None:
+            self.record.sends_after_close += 1
+            return
+        self.record.close_code = code
+        self.record.close_reason = reason
+        self.record.closed_at = trio.current_time()
+
+
+class MemoryUpstream:
+    """The pair's upstream: ``connect`` reaches a scripted server in memory; the
+    handshake is the relay's own (:class:`UpstreamTarget`)."""
+
+    def __init__(self, script: UpstreamScript, record: UpstreamRecord, nursery: trio.Nursery) -> None:
+        self.script = script
+        self.record = record
+        self._nursery = nursery
+        self._target = UpstreamTarget(
+            host="upstream.test",
+            port=80,
+            resource="/v1/realtime?model=gpt-realtime",
+            ssl_context=None,
+            subprotocols=None,
+            headers=((b"authorization", b"Bearer " + SECRET.encode()),),
+            max_message_bytes=1 << 20,
+        )
+
+    async def connect(self) -> trio.abc.Stream:
+        if self.script.unreachable:
+            raise OSError(111, "Connection refused")
+        relay_end, server_end = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self._serve, server_end)
+        return relay_end
+
+    async def handshake(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> WebSocketConnection:
+        return await self._target.handshake(nursery, stream)
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        script, record = self.script, self.record
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await wrap_server_stream(nursery, stream)  # type: ignore[arg-type]
+                await trio.sleep(script.open_delay)
+                if script.refuse_status is not None:
+                    await request.reject(script.refuse_status, body=b'{"error":"no"}')
+                    return
+                ws = await request.accept()
+                record.accepted = True
+                nursery.start_soon(self._read, ws)
+                await self._write(ws, stream)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the relay went away; the records say how
+        finally:
+            record.peer_gone.set()
+            await trio.aclose_forcefully(stream)
+
+    async def _read(self, ws: WebSocketConnection) -> None:
+        try:
+            while True:
+                message = await ws.get_message()
+                await trio.sleep(self.script.read_delay)
+                self.record.received.append(message)
+        except ConnectionClosed:
+            self._note_close(ws)
+
+    def _note_close(self, ws: WebSocketConnection) -> None:
+        """Record the relay's close code (the first side to see the close records it)."""
+        if self.record.close_code is None and ws.closed is not None:
+            self.record.close_code = ws.closed.code
+            self.record.closed_at = trio.current_time()
+
+    async def _write(self, ws: WebSocketConnection, stream: trio.abc.Stream) -> None:
+        script, record = self.script, self.record
+        for gap, event in zip(script.gaps, script.events, strict=True):
+            await trio.sleep(gap)
+            try:
+                await ws.send_message(event)
+            except ConnectionClosed:
+                self._note_close(ws)
+                raise
+            record.sent.append(event)
+        record.finished_sending_at = trio.current_time()
+        if script.ending == "close":
+            await ws.aclose(script.close_code, script.close_reason or None)
+        elif script.ending == "drop":
+            await stream.aclose()
+        else:
+            await trio.sleep_forever()
+
+
+@dataclass
+class Outcome:
+    ending: Ending
+    client: ClientRecord
+    upstream: UpstreamRecord
+    log: list[str]
+    ended_at: float
+    bridge: Bridge
+
+
+def limits() -> Limits:
+    return Limits(queue_messages=8, queue_bytes=6000, max_message_bytes=2000)
+
+
+async def run_pair(client_script: ClientScript, upstream_script: UpstreamScript) -> Outcome:
+    """Run one pair to its end in memory; everything it started is gone when this returns."""
+    client_record, upstream_record = ClientRecord(), UpstreamRecord()
+    log: list[str] = []
+    bridge = Bridge(session_update=SESSION_UPDATE, limits=limits(), secret=SECRET)
+    for name in ("upstream_opened", "client_closed"):
+        _log_calls(bridge, name, log)
+    async with trio.open_nursery() as world:
+        client = MemoryClient(client_script, client_record)
+        upstream = MemoryUpstream(upstream_script, upstream_record, world)
+        pair = Pair(client, bridge, upstream, dial_timeout=DIAL_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
+        world.start_soon(client.drive)
+        ending = await pair.run()
+        ended_at = trio.current_time()
+        # The upstream's side notices the relay is gone by itself: wait for it, bounded.
+        with trio.move_on_after(CLOSE_TIMEOUT + 1):
+            if upstream_record.accepted or upstream_script.refuse_status is not None:
+                await upstream_record.peer_gone.wait()
+        world.cancel_scope.cancel()
+    return Outcome(ending, client_record, upstream_record, log, ended_at, bridge)
+
+
+def _log_calls(bridge: Bridge, name: str, log: list[str]) -> None:
+    method = getattr(bridge, name)
+
+    def logged(*args: object, **kwargs: object) -> object:
+        log.append(name)
+        return method(*args, **kwargs)
+
+    setattr(bridge, name, logged)
