@@ -259,6 +259,19 @@ _F0: Final = (118.0, 131.0, 142.0, 156.0, 170.0, 185.0)
 _VOWELS: Final = ((730.0, 1090.0), (300.0, 2300.0))  # /a/ and /i/ formants
 
 
+_LOW_VOICES: Final = frozenset({"ash", "ballad", "echo", "verse", "cedar"})
+
+
+def voice_variants(voice: str | dict[str, object]) -> tuple[int, ...]:
+    """The syllable variants a voice speaks with: lower voices use the three lowest
+    pitches, the others the three highest, so voices are told apart by ear."""
+    name = voice if isinstance(voice, str) else str(voice.get("id", ""))
+    base = 0 if name in _LOW_VOICES else len(_F0) // 2
+    return tuple(
+        vowel * len(_F0) + base + k for vowel in range(len(_VOWELS)) for k in range(len(_F0) // 2)
+    )
+
+
 def _syllable_samples(variant: int, rate: int) -> list[int]:
     """One 100 ms voiced syllable: a few formant-weighted harmonics under an envelope."""
     f0 = _F0[variant % len(_F0)]

@@ -1180,6 +1180,7 @@ class Session:
         chunk_s = au.CHUNK_MS / 1000 / self.pace if self.pace > 0 else 0.0
         text_s = TEXT_STEP_S / self.pace if self.pace > 0 else 0.0
         last = t
+        variants = au.voice_variants(resp.voice)
         for i, word in enumerate(words):
             delta = word if i == 0 else " " + word
             n_syl = au.syllables_in(word)
@@ -1192,7 +1193,7 @@ class Session:
             if audio:
                 resp.steps.append(_Step(t, "transcript", delta))
                 for _ in range(n_syl):
-                    resp.steps.append(_Step(t, "audio", self._rng.randrange(au.VARIANTS)))
+                    resp.steps.append(_Step(t, "audio", self._rng.choice(variants)))
                     last, t = t, t + chunk_s
                 if pause:
                     resp.steps.append(_Step(t, "audio", au.SILENCE))

@@ -120,3 +120,10 @@ def test_g711_reply_chunks_are_100ms_at_8khz() -> None:
         assert len(au.syllable_chunk(1, fmt)) == 800  # type: ignore[arg-type]
         assert len(au.silence_chunk(fmt)) == 800  # type: ignore[arg-type]
     assert set(au.ulaw_decode(au.silence_chunk("g711_ulaw"))) == {0}
+
+
+def test_voices_speak_at_different_pitches() -> None:
+    low, high = au.voice_variants("echo"), au.voice_variants("alloy")
+    assert set(low).isdisjoint(high)
+    assert au.voice_variants({"id": "voice_custom"}) == high
+    assert all(0 <= v < au.VARIANTS for v in low + high)
