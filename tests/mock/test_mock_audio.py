@@ -127,3 +127,44 @@ def test_voices_speak_at_different_pitches() -> None:
     assert set(low).isdisjoint(high)
     assert au.voice_variants({"id": "voice_custom"}) == high
     assert all(0 <= v < au.VARIANTS for v in low + high)
+
+
+_segments = st.lists(st.tuples(st.booleans(), st.integers(1, 60)), min_size=1, max_size=12)
+
+
+def _render(segments: list[tuple[bool, int]]) -> bytes:
+    loud = au.syllable_chunk(0, "pcm16")[2400:2880]  # 10 ms from the middle of a syllable
+    quiet = b"\x00" * 480
+    return b"".join((loud if is_loud else quiet) * frames for is_loud, frames in segments)
+
+
+@given(_segments, st.lists(st.integers(1, 5000), min_size=1, max_size=20))
+def test_vad_results_do_not_depend_on_how_audio_is_chunked(
+    segments: list[tuple[bool, int]], cuts: list[int]
+) -> None:
+    pcm = _render(segments)
+    whole = au.EnergyVad("pcm16").feed(pcm)
+    vad = au.EnergyVad("pcm16")
+    pieces, pos = [], 0
+    for cut in cuts:
+        pieces.append(pcm[pos : pos + cut])
+        pos += cut
+    pieces.append(pcm[pos:])
+    chunked = [r for piece in pieces for r in vad.feed(piece)]
+    assert chunked == whole
+
+
+@given(_segments)
+def test_vad_alternates_start_and_stop_with_increasing_offsets(
+    segments: list[tuple[bool, int]],
+) -> None:
+    results = au.EnergyVad("pcm16").feed(_render(segments))
+    kinds = [r.speech_started_ms is not None for r in results]
+    assert kinds == [i % 2 == 0 for i in range(len(kinds))]
+    offsets = [
+        r.speech_started_ms if r.speech_started_ms is not None else r.speech_stopped_ms
+        for r in results
+    ]
+    assert offsets == sorted(offsets)
+    if any(loud for loud, _ in segments):
+        assert results and results[0].speech_started_ms is not None
