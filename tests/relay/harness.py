@@ -71,7 +71,7 @@ async def scripted_upstream(handler: Handler) -> AsyncIterator[ScriptedUpstream]
         send.send_nowait(conn)
         try:
             await handler(conn)
-        except ConnectionClosed:
+        except* ConnectionClosed:
             pass  # the relay closed this connection; the test checks how
 
     async with trio.open_nursery() as nursery:

@@ -174,12 +174,14 @@ def time_bound(client: ClientScript, upstream: UpstreamScript) -> float:
     )
 
 
-def check_common(outcome: Outcome, client: ClientScript, upstream: UpstreamScript) -> None:
+def check_common(
+    outcome: Outcome, client: ClientScript, upstream: UpstreamScript, session_update: str = SESSION_UPDATE
+) -> None:
     """What holds for every pair, however it ends."""
     up, cl = outcome.upstream, outcome.client
     # Invariant 2: the configured session.update is the first message upstream.
     if up.received:
-        assert up.received[0] == SESSION_UPDATE
+        assert up.received[0] == session_update
     # Invariant 1: in order, exactly once, nothing invented, both ways.
     assert is_prefix(up.received[1:], acceptable_prefix(client.messages))
     assert is_prefix(relayed(cl.received), [redacted(e) for e in up.sent])

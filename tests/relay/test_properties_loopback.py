@@ -1,0 +1,177 @@
+"""The same invariants with real sockets: the relay under Hypercorn, a scripted upstream, loopback.
+
+Fewer examples than the in-memory properties (each one starts two servers and
+runs in real time), with delays scaled down to milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import trio
+from hypothesis import given, settings
+from trio_websocket import ConnectionClosed
+
+from relay.bridge import Cause, Ending
+
+from .harness import UpstreamConnection, closed_port_url, connect, running_relay, scripted_upstream
+from .memory import SECRET, ClientScript, UpstreamScript, limits
+from .test_properties import acceptable_prefix, check_common, client_code_for, redacted, relay_errors, scenarios
+
+SCALE = 0.01  # scenario seconds → real seconds
+DIAL_TIMEOUT = 0.5
+EXAMPLES = max(25, settings.default.max_examples // 4)
+
+CAUSE_BY_ERROR = {
+    "relay_upstream_lost": Cause.UPSTREAM_LOST,
+    "relay_upstream_auth_refused": Cause.UPSTREAM_AUTH_REFUSED,
+    "relay_upstream_unavailable": Cause.UPSTREAM_UNAVAILABLE,
+    "relay_message_too_big": Cause.MESSAGE_TOO_BIG,
+    "relay_queue_overflow": Cause.QUEUE_OVERFLOW,
+}
+
+
+@dataclass
+class ClientSeen:
+    received: list[str | bytes] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str | None = None
+    sends_after_close: int = 0
+
+
+@dataclass
+class UpstreamSeen:
+    received: list[str | bytes] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    close_code: int | None = None
+
+
+@dataclass
+class LoopbackOutcome:
+    ending: Ending
+    client: ClientSeen
+    upstream: UpstreamSeen
+    session_update: str
+
+
+def scaled(client: ClientScript, upstream: UpstreamScript) -> tuple[ClientScript, UpstreamScript]:
+    client = replace(
+        client,
+        gaps=tuple(g * SCALE for g in client.gaps),
+        closes_after=None if client.closes_after is None else client.closes_after * SCALE,
+        read_delay=client.read_delay * SCALE,
+    )
+    upstream = replace(
+        upstream,
+        open_delay=DIAL_TIMEOUT + 0.3 if upstream.open_delay > 5 else upstream.open_delay * SCALE,
+        gaps=tuple(g * SCALE for g in upstream.gaps),
+        read_delay=upstream.read_delay * SCALE,
+    )
+    return client, upstream
+
+
+async def run_over_loopback(client: ClientScript, upstream: UpstreamScript) -> LoopbackOutcome:
+    seen_client, seen_upstream = ClientSeen(), UpstreamSeen()
+
+    async def serve_script(conn: UpstreamConnection) -> None:
+        await trio.sleep(upstream.open_delay)
+        if upstream.refuse_status is not None:
+            await conn.request.reject(upstream.refuse_status, body=b'{"error":"no"}')
+            return
+        ws = await conn.accept()
+
+        async def read() -> None:
+            try:
+                while True:
+                    message = await ws.get_message()
+                    await trio.sleep(upstream.read_delay)
+                    seen_upstream.received.append(message)
+            except ConnectionClosed as exc:
+                seen_upstream.close_code = exc.reason.code if exc.reason else None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            for gap, event in zip(upstream.gaps, upstream.events, strict=True):
+                await trio.sleep(gap)
+                await ws.send_message(event)
+                seen_upstream.sent.append(event)
+            if upstream.ending == "close":
+                await ws.aclose(upstream.close_code, upstream.close_reason or None)
+            elif upstream.ending == "drop":
+                await ws._stream.aclose()
+
+    async def drive(ws: object) -> None:
+        for gap, message in zip(client.gaps, client.messages, strict=True):
+            await trio.sleep(gap)
+            await ws.send_message(message)  # type: ignore[attr-defined]
+        if client.closes_after is None:
+            await trio.sleep_forever()
+        await trio.sleep(client.closes_after)
+
+    with trio.fail_after(15):
+        async with scripted_upstream(serve_script) as up:
+            url = closed_port_url() if upstream.unreachable else up.url
+            q = limits()
+            async with running_relay(
+                upstream_url=url,
+                dial_timeout=DIAL_TIMEOUT,
+                close_timeout=1.0,
+                max_message_bytes=q.max_message_bytes,
+                queue_messages=q.queue_messages,
+                queue_bytes=q.queue_bytes,
+                openai_api_key=SECRET,
+            ) as relay:
+                session_update = relay.app.session_update
+                async with connect(relay.url + "/voice") as ws:
+                    async with trio.open_nursery() as nursery:
+
+                        async def driver() -> None:
+                            try:
+                                await drive(ws)
+                            except ConnectionClosed:
+                                await trio.sleep_forever()  # the relay closed us; the reader sees it
+                            nursery.cancel_scope.cancel()  # we leave: close from our side
+
+                        nursery.start_soon(driver)
+                        try:
+                            while True:
+                                seen_client.received.append(await ws.get_message())
+                                await trio.sleep(client.read_delay)
+                        except ConnectionClosed as exc:
+                            seen_client.close_code = exc.reason.code if exc.reason else None
+                            seen_client.close_reason = exc.reason.reason if exc.reason else None
+                            nursery.cancel_scope.cancel()
+                with trio.fail_after(5):
+                    while relay.app.pairs:
+                        await trio.sleep(0.005)
+    errors = relay_errors(seen_client.received)
+    if seen_client.close_code is None:
+        cause = Cause.CLIENT_CLOSED
+    elif errors:
+        cause = CAUSE_BY_ERROR[errors[-1]]
+    else:
+        cause = Cause.UPSTREAM_CLOSED
+    ending = Ending(cause, seen_client.close_code, "", None)
+    return LoopbackOutcome(ending, seen_client, seen_upstream, session_update)
+
+
+@settings(max_examples=EXAMPLES)
+@given(scenarios())
+def test_invariants_hold_through_hypercorn_over_loopback(
+    scenario: tuple[ClientScript, UpstreamScript],
+) -> None:
+    client, upstream = scaled(*scenario)
+
+    outcome = trio.run(run_over_loopback, client, upstream)
+    check_common(outcome, client, upstream, outcome.session_update)  # type: ignore[arg-type]
+    cause, up, cl = outcome.ending.cause, outcome.upstream, outcome.client
+    if cause is Cause.CLIENT_CLOSED and up.received and upstream.ending == "stay":
+        assert up.received[1:] == acceptable_prefix(client.messages)
+        assert up.close_code == 1000
+    if cause is Cause.UPSTREAM_CLOSED:
+        assert upstream.ending == "close"
+        assert cl.received == [redacted(e) for e in upstream.events]
+        assert cl.close_code == client_code_for(upstream.close_code)
+    if cause is Cause.UPSTREAM_UNAVAILABLE:
+        assert cl.close_code == 1014
+        assert upstream.unreachable or upstream.refuse_status or upstream.open_delay > DIAL_TIMEOUT
