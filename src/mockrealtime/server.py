@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,12 +158,14 @@ class ConnectionRecord:
 class MockServer:
     """A running fake server: its address and what it has seen."""
 
-    def __init__(self, config: MockConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, config: MockConfig, host: str = "127.0.0.1", port: int = 0, *, tls: bool = False
+    ) -> None:
         self.config = config
         self.host = host
         self.port = port
-        self.url = f"ws://{host}:{port}{REALTIME_PATH}"
-        self.http_url = f"http://{host}:{port}"
+        self.url = f"{'wss' if tls else 'ws'}://{host}:{port}{REALTIME_PATH}"
+        self.http_url = f"{'https' if tls else 'http'}://{host}:{port}"
         self.connections: list[ConnectionRecord] = []
         self.handshakes = 0
         """Every WebSocket upgrade request seen, including refused ones."""
@@ -648,18 +651,26 @@ async def serve_mock_realtime(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[MockServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the fake Realtime API until cancelled.
 
     Calls ``task_status.started(MockServer)`` once listening, so use it as
     ``server = await nursery.start(serve_mock_realtime, MockConfig())``. Port 0 picks
-    a free port (see ``server.port``). On cancellation every connection is closed at
-    the TCP level, without WebSocket close frames.
+    a free port (see ``server.port``). With ``ssl_context`` (a server context holding a
+    certificate) it serves ``wss://`` and ``https://`` instead. On cancellation every
+    connection is closed at the TCP level, without WebSocket close frames.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound_port = listeners[0].socket.getsockname()[1]
-    server = MockServer(config, host, bound_port)
+    tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_port = tcp_listeners[0].socket.getsockname()[1]
+    listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+    if ssl_context is not None:
+        listeners = [
+            trio.SSLListener(listener, ssl_context, https_compatible=True)
+            for listener in tcp_listeners
+        ]
+    server = MockServer(config, host, bound_port, tls=ssl_context is not None)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server._handle_stream, listeners)
         task_status.started(server)

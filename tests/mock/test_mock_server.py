@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -449,3 +453,29 @@ async def test_malformed_requests_get_400_and_are_not_server_errors(
     assert response.startswith(b"HTTP/1.1 400 ")
     assert b'"message":"Bad ' in response
     assert server.errors == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_serves_wss_and_https(nursery: trio.Nursery, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await trio.run_process(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_stdout=True, capture_stderr=True,
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    config = MockConfig(api_keys=frozenset({KEY}), pace=0)
+    server: MockServer = await nursery.start(
+        partial(serve_mock_realtime, config, ssl_context=server_ctx)
+    )
+    assert server.url.startswith("wss://") and server.http_url.startswith("https://")
+    with trio.fail_after(10):
+        async with connect(
+            f"{server.url}?model=gpt-realtime", ssl_context=client_ctx, extra_headers=AUTH
+        ) as ws:
+            assert (await next_event(ws))["type"] == "session.created"
+        async with httpx.AsyncClient(base_url=server.http_url, verify=client_ctx) as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
