@@ -63,6 +63,10 @@ RATE_LIMIT_REQUESTS: Final = 5_000
 TEXT_STEP_S: Final = 0.05  # one text delta per 50 ms of "generation" at pace 1
 ARGS_STEP_S: Final = 0.02
 MAX_REPLY_WORDS: Final = 400
+MAX_RETAINED_AUDIO_BYTES: Final = 16 * 1024 * 1024
+"""Committed input audio kept per session for ``conversation.item.retrieve``; beyond it the
+oldest items' audio is forgotten (their length still counts for usage), so long load
+tests do not grow without bound."""
 
 _GA_TYPES: Final = (
     "session.update",
@@ -162,6 +166,15 @@ class _Response:
         return bool(self.item["type"] == "function_call")
 
 
+@dataclass
+class _InputAudio:
+    """A committed user audio item: its bytes (None once evicted), format and length."""
+
+    data: bytes | None
+    fmt: au.AudioFormat
+    ms: float
+
+
 def _tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
@@ -219,7 +232,8 @@ class Session:
         # conversation
         self._items: list[Event] = []
         self._by_id: dict[str, Event] = {}
-        self._input_audio: dict[str, tuple[bytes, au.AudioFormat]] = {}
+        self._input_audio: dict[str, _InputAudio] = {}
+        self._retained_bytes = 0
         self._output_audio: dict[str, tuple[list[int], au.AudioFormat, int]] = {}
         self._voice_locked = False
         # input audio buffer and VAD
@@ -580,7 +594,15 @@ class Session:
             "role": "user",
             "content": [{"type": "input_audio", "transcript": None}],
         }
-        self._input_audio[item_id] = (audio, self.config.input_format)
+        fmt = self.config.input_format
+        self._input_audio[item_id] = _InputAudio(audio, fmt, au.duration_ms(len(audio), fmt))
+        self._retained_bytes += len(audio)
+        for old in self._input_audio.values():
+            if self._retained_bytes <= MAX_RETAINED_AUDIO_BYTES:
+                break
+            if old.data is not None:
+                self._retained_bytes -= len(old.data)
+                old.data = None
         self._insert(item, len(self._items), out)
         if self.config.transcription is not None:
             self._transcribe(item_id, au.duration_ms(len(audio), self.config.input_format), out)
@@ -819,7 +841,9 @@ class Session:
         item = self._require_item(event)
         self._items.remove(item)
         del self._by_id[item["id"]]
-        self._input_audio.pop(item["id"], None)
+        removed = self._input_audio.pop(item["id"], None)
+        if removed is not None and removed.data is not None:
+            self._retained_bytes -= len(removed.data)
         self._output_audio.pop(item["id"], None)
         out.append(self._event("conversation.item.deleted", item_id=item["id"]))
 
@@ -829,8 +853,10 @@ class Session:
         full = dict(item)
         if "content" in item:
             full["content"] = [dict(part) for part in item["content"]]
-            if item["id"] in self._input_audio:
-                full["content"][0]["audio"] = au.b64encode(self._input_audio[item["id"]][0])
+            kept = self._input_audio.get(item["id"])
+            if kept is not None:
+                if kept.data is not None:
+                    full["content"][0]["audio"] = au.b64encode(kept.data)
             elif item["id"] in self._output_audio:
                 chunks, fmt, end_ms = self._output_audio[item["id"]]
                 data = b"".join(au.chunk_bytes(v, fmt) for v in chunks)
@@ -1109,8 +1135,7 @@ class Session:
     def _item_audio_tokens(self, item: Event) -> int:
         item_id = item.get("id")
         if item_id in self._input_audio:
-            data, fmt = self._input_audio[item_id]
-            return round(au.duration_ms(len(data), fmt) / 1000 * INPUT_AUDIO_TOKENS_PER_SECOND)
+            return round(self._input_audio[item_id].ms / 1000 * INPUT_AUDIO_TOKENS_PER_SECOND)
         if item_id in self._output_audio:
             return self._output_audio[item_id][2] // au.CHUNK_MS * AUDIO_TOKENS_PER_CHUNK
         n = 0
@@ -1162,8 +1187,7 @@ class Session:
                     if lead[-1] not in ".?!":
                         lead += "."
                 elif item.get("id") in self._input_audio:
-                    data, fmt = self._input_audio[item["id"]]
-                    seconds = au.duration_ms(len(data), fmt) / 1000
+                    seconds = self._input_audio[item["id"]].ms / 1000
                     lead = f"I heard {seconds:.1f} seconds of audio."
                 else:
                     lead = "I got your message."

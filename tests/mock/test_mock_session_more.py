@@ -474,3 +474,30 @@ def test_response_metadata_limits(metadata: dict[str, Any]) -> None:
     out = send(session, {"type": "response.create", "response": {"metadata": metadata}})
     assert only(out, "error")["error"]["param"].startswith("response.metadata")
     assert not session.has_active_response
+
+
+def test_old_input_audio_is_forgotten_beyond_the_retention_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mockrealtime.session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_RETAINED_AUDIO_BYTES", 200_000)
+    session, _ = make_session()
+    update(session, audio={"input": {"turn_detection": None}})
+    ids = []
+    for _ in range(3):
+        for msg in append_events(wav_pcm16()):  # ~144 kB each
+            session.handle(msg)
+        ids.append(only(send(session, {"type": "input_audio_buffer.commit"}),
+                        "input_audio_buffer.committed")["item_id"])  # fmt: skip
+    retrieved = [
+        only(
+            send(session, {"type": "conversation.item.retrieve", "item_id": i}),
+            "conversation.item.retrieved",
+        )["item"]["content"][0]  # fmt: skip
+        for i in ids
+    ]
+    assert ["audio" in part for part in retrieved] == [False, False, True]
+    reply = send(session, {"type": "response.create"})
+    usage = only(reply, "response.done")["response"]["usage"]
+    assert usage["input_token_details"]["audio_tokens"] == 3 * 30  # lengths still count
