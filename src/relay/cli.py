@@ -62,6 +62,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--port", type=int, default=8000, help="relay port (default 8000)")
     demo.add_argument("--host", default="127.0.0.1", help="relay address (default 127.0.0.1)")
+
+    talk = commands.add_parser(
+        "talk",
+        help="say a WAV file through a relay; print the transcripts, save the reply audio",
+        description="Stream a WAV file through the relay as one spoken turn, print the"
+        " transcripts and latency, and write the reply audio to a WAV file."
+        " Exit status: 0 on a reply, 1 if the connection or session failed,"
+        " 2 if the input file cannot be used.",
+    )
+    talk.add_argument(
+        "input",
+        metavar="INPUT.wav",
+        help="audio to say: WAV at any rate, mono or stereo, PCM 8/16/24/32-bit, float,"
+        " G.711 mu-law or A-law",
+    )
+    talk.add_argument(
+        "-o",
+        "--output",
+        metavar="REPLY.wav",
+        default="reply.wav",
+        help="where to write the reply audio, 24 kHz mono PCM16 (default reply.wav)",
+    )
+    talk.add_argument(
+        "--url",
+        default="ws://127.0.0.1:8000/voice",
+        help="the relay's WebSocket URL (default ws://127.0.0.1:8000/voice)",
+    )
+    talk.add_argument("--token", help="client token, offered as subprotocol relay-token.TOKEN")
+    talk.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace the audio like a microphone (default: as fast as the connection takes it)",
+    )
+    talk.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up if the reply is not complete after this long (default 60)",
+    )
     return parser
 
 
@@ -80,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_serve, config)
         elif args.command == "demo":
             trio.run(_demo, args.host, args.port)
+        elif args.command == "talk":
+            from .talk import run as run_talk
+
+            return run_talk(args)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2

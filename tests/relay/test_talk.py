@@ -1,0 +1,148 @@
+"""``relay talk`` end to end: through ``relay demo`` and the relay's failure paths."""
+
+from __future__ import annotations
+
+import sys
+import wave
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from mockrealtime import MockConfig, serve_mock_realtime
+
+from relay import wav
+from relay.cli import main
+from relay.demo import Demo, run_demo
+from relay.talk import BYTES_PER_MS, Options, TalkError, open_relay, talk
+
+from .harness import TEST_KEY, closed_port_url, running_relay, scripted_upstream
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+HELLO = FIXTURES / "hello.wav"
+TIMEOUT = 30
+
+
+@asynccontextmanager
+async def demo() -> AsyncIterator[Demo]:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        yield await nursery.start(partial(run_demo, "127.0.0.1", 0, shutdown_trigger=stop.wait))
+        stop.set()
+
+
+def hello_pcm() -> bytes:
+    return wav.load_for_api(HELLO)[0]
+
+
+async def test_the_command_round_trips_a_wav_through_relay_demo(tmp_path: Path) -> None:
+    reply = tmp_path / "reply.wav"
+    with trio.fail_after(TIMEOUT):
+        async with demo() as running:
+            result = await trio.run_process(
+                [sys.executable, "-m", "relay", "talk", str(FIXTURES / "hello-ulaw8k.wav"),
+                 "-o", str(reply), "--url", running.relay_url + "/voice"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "you:       (speech" in out
+    assert "assistant: I heard" in out  # the fake's reply to audio
+    assert "ms from end of speech to first reply audio" in out
+    assert f"written to {reply}" in out
+    with wave.open(str(reply)) as r:
+        assert (r.getframerate(), r.getnchannels(), r.getsampwidth()) == (24000, 1, 2)
+        frames = r.readframes(r.getnframes())
+    assert r.getnframes() > 24000 // 2  # the fake says a sentence: well over half a second
+    assert any(wav.pcm16_samples(frames))  # and it is not silence
+
+
+async def test_realtime_pacing_takes_as_long_as_the_audio_and_reports_the_turn() -> None:
+    pcm = hello_pcm()
+    with trio.fail_after(TIMEOUT):
+        async with demo() as running:
+            started = trio.current_time()
+            conversation = await talk(pcm, Options(url=running.relay_url + "/voice", realtime=True))
+            elapsed = trio.current_time() - started
+    assert elapsed >= len(pcm) / BYTES_PER_MS / 1000  # paced like a microphone
+    [turn] = conversation.turns
+    assert turn.user_item is not None and turn.status == "completed"
+    assert turn.assistant_transcript.startswith("I heard")
+    assert turn.latency_ms is not None and turn.latency_ms >= 0
+    assert turn.reply_bytes == len(conversation.reply) > 0
+
+
+async def test_silence_the_vad_never_hears_is_committed_by_hand() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with demo() as running:
+            conversation = await talk(bytes(48000), Options(url=running.relay_url + "/voice"))
+    [turn] = conversation.turns
+    assert turn.user_item is not None  # the item of the manual commit
+    assert turn.assistant_transcript.startswith("I heard")
+    assert conversation.reply
+
+
+async def test_without_turn_detection_it_commits_and_shows_the_input_transcript() -> None:
+    session = {"audio": {"input": {"turn_detection": None,
+                                   "transcription": {"model": "gpt-4o-mini-transcribe"}}}}  # fmt: skip
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY})))
+            async with running_relay(upstream_url=mock.url, session=session) as relay:
+                conversation = await talk(hello_pcm(), Options(url=relay.url + "/voice"))
+            nursery.cancel_scope.cancel()
+    [turn] = conversation.turns
+    assert turn.user_transcript  # the fake transcribes with made-up words
+    assert turn.assistant_transcript.startswith("You said:")
+    received = mock.connections[0].received
+    assert '{"type":"input_audio_buffer.commit"}' in received
+    assert not any("speech_started" in str(m) for m in received)
+
+
+async def test_a_token_is_offered_as_a_subprotocol_next_to_realtime() -> None:
+    async def accept(conn) -> None:  # type: ignore[no-untyped-def]
+        await conn.accept()
+        await conn.receive()
+
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(accept) as server:
+            async with open_relay(server.url, token="s3cr3t-Token") as ws:
+                assert ws.subprotocol == "realtime"
+    assert list(server.connections[0].request.proposed_subprotocols) == ["realtime", "relay-token.s3cr3t-Token"]
+
+
+async def test_the_relays_error_event_explains_a_closed_session() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(upstream_url=closed_port_url(), dial_timeout=2.0) as relay:
+            with pytest.raises(TalkError, match="relay_upstream_unavailable") as caught:
+                await talk(hello_pcm(), Options(url=relay.url + "/voice"))
+    assert "\n" not in str(caught.value)
+
+
+async def test_a_refused_handshake_says_what_the_relay_answered() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_relay() as relay:
+            with pytest.raises(TalkError, match=r"refused the WebSocket handshake \(HTTP 404\): no WebSocket"):
+                await talk(hello_pcm(), Options(url=relay.url + "/nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["missing.wav"], 2, "relay talk: missing.wav: no such file"),
+        ([__file__], 2, "is not a WAV file (no RIFF/WAVE header)"),
+        ([str(HELLO), "--url", "http://127.0.0.1:1/voice"], 2, "--url must be a ws:// or wss:// URL"),
+        ([str(HELLO), "--token", "a b"], 2, "--token may only hold"),
+        ([str(HELLO), "--url", closed_port_url().replace("/v1/realtime", "/voice")], 1,
+         "connection refused. Is the relay running?"),
+    ],
+)
+def test_clear_one_line_errors(args: list[str], code: int, message: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    assert main(["talk", *args, "-o", str(tmp_path / "r.wav")]) == code
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.wav").exists()
