@@ -354,3 +354,55 @@ def test_a_faulty_pair_never_disturbs_a_healthy_one(scenario: tuple[ClientScript
         assert (healthy.client.close_code, healthy.client.close_reason) == (1000, "done")
 
     run_in_virtual_time(main)
+
+
+@given(client=client_scripts(may_stay=False), open_delay=GAPS, events=upstream_events(), read_delay=GAPS)
+def test_a_client_leaving_an_open_pair_closes_the_upstream_with_1000_after_all_it_sent(
+    client: ClientScript, open_delay: float, events: tuple[str, ...], read_delay: float
+) -> None:
+    upstream = UpstreamScript(
+        open_delay=open_delay, events=events, gaps=tuple(0.01 for _ in events), read_delay=read_delay
+    )
+
+    async def main() -> None:
+        outcome = await run_pair(client, upstream)
+        check_common(outcome, client, upstream)
+        if outcome.ending.cause is not Cause.CLIENT_CLOSED or outcome.log[0] != "upstream_opened":
+            return  # a limit ended it, or the client left during the dial (other properties)
+        event("client left an open pair")
+        assert outcome.upstream.received[1:] == acceptable_prefix(client.messages)
+        assert outcome.upstream.close_code == 1000
+        assert outcome.upstream.closed_at is not None and outcome.client.left_at is not None
+        assert outcome.upstream.closed_at - outcome.client.left_at <= time_bound(client, upstream)
+
+    run_in_virtual_time(main)
+
+
+@given(
+    events=upstream_events(),
+    code=st.sampled_from([1000, 1001, 1008, 1011, 1012, 1013, 3000, 3001, 4000, 4999]),
+    reason=st.sampled_from(["", "bye", "Your session hit the maximum duration of 60 minutes."]),
+    client_read_delay=st.sampled_from([0.0, 0.01, 0.2]),
+)
+def test_an_upstream_close_reaches_the_client_with_the_mapped_code_after_all_its_events(
+    events: tuple[str, ...], code: int, reason: str, client_read_delay: float
+) -> None:
+    client = ClientScript(closes_after=None, read_delay=client_read_delay)
+    upstream = UpstreamScript(
+        events=events, gaps=tuple(0.01 for _ in events), ending="close", close_code=code, close_reason=reason
+    )
+
+    async def main() -> None:
+        outcome = await run_pair(client, upstream)
+        check_common(outcome, client, upstream)
+        cl = outcome.client
+        assert relayed(cl.received) == [redacted(e) for e in events]
+        assert cl.close_code == client_code_for(code)
+        if code == 3000:
+            assert relay_errors(cl.received) == ["relay_upstream_auth_refused"]
+        else:
+            assert cl.close_reason == reason
+        assert cl.closed_at is not None and outcome.upstream.finished_sending_at is not None
+        assert cl.closed_at - outcome.upstream.finished_sending_at <= time_bound(client, upstream)
+
+    run_in_virtual_time(main)
