@@ -21,7 +21,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "thorough",
-    max_examples=20_000,
+    max_examples=25_000,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
