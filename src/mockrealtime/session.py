@@ -417,11 +417,12 @@ class Session:
                 "Cannot update a conversation's voice if assistant audio is present.",
                 "session.audio.output.voice" if self.dialect == "ga" else "session.voice",
             )
-        vad_changed = (
-            new.turn_detection != self.config.turn_detection
-            or new.input_format != self.config.input_format
-        )
+        format_changed = new.input_format != self.config.input_format
+        vad_changed = format_changed or new.turn_detection != self.config.turn_detection
         self.config = new
+        if format_changed:
+            self._buf.clear()  # bytes in the old format would be misread
+            self._buf_start_ms = self._total_ms
         if vad_changed:
             self._rebuild_vad()
         out.append(self._event("session.updated", session=self.render_session()))
