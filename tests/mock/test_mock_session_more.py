@@ -501,3 +501,13 @@ def test_old_input_audio_is_forgotten_beyond_the_retention_cap(
     reply = send(session, {"type": "response.create"})
     usage = only(reply, "response.done")["response"]["usage"]
     assert usage["input_token_details"]["audio_tokens"] == 3 * 30  # lengths still count
+
+
+def test_changing_the_input_format_drops_audio_buffered_in_the_old_one() -> None:
+    session, _ = make_session()
+    update(session, audio={"input": {"turn_detection": None}})
+    for msg in append_events(b"\x00\x01" * 4800):  # 200 ms of PCM16
+        session.handle(msg)
+    update(session, audio={"input": {"format": {"type": "audio/pcmu"}}})
+    err = only(send(session, {"type": "input_audio_buffer.commit"}), "error")["error"]
+    assert err["code"] == "input_audio_buffer_commit_empty"
