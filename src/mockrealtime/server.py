@@ -214,7 +214,12 @@ class MockServer:
         try:
             head = b""
             with trio.move_on_after(HEAD_TIMEOUT):
-                head = await _read_head(stream)
+                try:
+                    head = await _read_head(stream)
+                except _HeadTooLarge:
+                    body = _error_body("Request head too large")
+                    await stream.send_all(_raw_response(431, body))
+                    return
             if not head:
                 return
             parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -583,16 +588,22 @@ class _Connection:
 # --- helpers ---------------------------------------------------------------------------
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
-    """Read until the end of the HTTP request head; returns b"" on EOF or oversize."""
+    """Read until the end of the HTTP request head; returns b"" on EOF."""
     buf = bytearray()
-    while b"\r\n\r\n" not in buf:
+    while (end := buf.find(b"\r\n\r\n")) < 0:
         if len(buf) > MAX_HEAD_BYTES:
-            return b""
+            raise _HeadTooLarge
         data = await stream.receive_some(RECEIVE_BYTES)
         if not data:
             return b""
         buf += data
+    if end > MAX_HEAD_BYTES:
+        raise _HeadTooLarge
     return bytes(buf)
 
 
@@ -620,6 +631,7 @@ _REASONS: Final = {
     405: "Method Not Allowed",
     413: "Content Too Large",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
