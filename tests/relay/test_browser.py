@@ -1,0 +1,226 @@
+"""The demo page in a real browser: headless Chromium whose microphone plays a WAV file.
+
+The page is driven against ``relay demo`` (a subprocess: the relay and the fake
+Realtime API) the way a person would use it: open it, click Connect, speak. The
+assertions read the page's ``data-*`` attributes and its conversation, waiting with
+the driver's own polling. A screenshot after the turn lands in ``artifacts/``.
+
+Needs Debian's ``chromium`` and ``chromium-driver``; skipped (with that hint) without them.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.request import urlopen
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
+TURN_TIMEOUT = 30  # seconds for one spoken turn and its reply to play out
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """(browser binary, chromedriver) if both are installed.
+
+    The real binary is preferred over Debian's /usr/bin/chromium wrapper, which
+    sources /etc/chromium.d and re-enables remote extensions.
+    """
+    browser = next((p for p in map(shutil.which, CHROMIUM_CANDIDATES) if p), None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+CHROMIUM = find_chromium()
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not installed: apt-get install chromium chromium-driver"
+)
+
+
+@pytest.fixture(scope="module")
+def demo_url() -> Iterator[str]:
+    """``relay demo`` on a free port, as a newcomer starts it; stopped with Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        match = None
+        for _ in range(5):  # the banner is three lines
+            match = re.search(r"relay on ws://(127\.0\.0\.1:\d+)/voice", proc.stdout.readline())
+            if match:
+                break
+        assert match, "relay demo did not print its URL"
+        yield f"http://{match.group(1)}"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def microphone_file(path: Path, *parts: str | float) -> Path:
+    """A 24 kHz WAV for the fake microphone: fixture names and seconds of silence, in order.
+
+    It opens with silence because Chromium starts the file when the device opens,
+    a little before the page starts listening.
+    """
+    frames = b""
+    for part in parts:
+        if isinstance(part, float):
+            frames += bytes(2 * int(24000 * part))
+        else:
+            with wave.open(str(FIXTURES / part)) as clip:
+                assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (24000, 1, 2)
+                frames += clip.readframes(clip.getnframes())
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(24000)
+        out.writeframes(frames)
+    return path
+
+
+def open_browser(mic_wav: Path, profile: Path):  # type: ignore[no-untyped-def]
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert CHROMIUM is not None
+    browser, driver = CHROMIUM
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic_wav}%noloop",  # absolute path; a bad one gives silence
+        "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}",
+        "--window-size=900,900",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # With the driver's path given, Selenium Manager (which would go online) is not run.
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def body_data(drv) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return drv.execute_script("return Object.assign({}, document.body.dataset)")
+
+
+def wait_for(drv, condition: str, timeout: float = TURN_TIMEOUT):  # type: ignore[no-untyped-def]
+    """Poll the page until the JavaScript expression ``condition`` over ``d`` (body.dataset) holds."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    script = f"const d = document.body.dataset; return Boolean({condition});"
+    try:
+        WebDriverWait(drv, timeout, poll_frequency=0.1).until(lambda d: d.execute_script(script))
+    except TimeoutException:
+        logs = "\n".join(entry["message"] for entry in drv.get_log("browser"))
+        pytest.fail(f"page never reached {condition!r}; state {body_data(drv)}\nconsole:\n{logs}")
+
+
+def connect(drv, url: str, *, token: str = "") -> None:  # type: ignore[no-untyped-def]
+    """Open the page, turn off the browser's voice processing (it distorts the test signal), connect."""
+    from selenium.webdriver.common.by import By
+
+    drv.get(url + "/")
+    drv.find_element(By.CSS_SELECTOR, "details.settings summary").click()
+    if token:
+        drv.find_element(By.ID, "token").send_keys(token)
+    drv.find_element(By.ID, "echo").click()
+    drv.find_element(By.ID, "connect").click()
+    wait_for(drv, "d.state === 'live'", timeout=10)
+
+
+def screenshot(drv, name: str) -> Path:  # type: ignore[no-untyped-def]
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    drv.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def turns(drv, role: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return drv.execute_script(
+        "return [...document.querySelectorAll(`.turn[data-role='${arguments[0]}'] .text`)]"
+        ".map(e => e.textContent)",
+        role,
+    )
+
+
+def test_the_page_and_its_files_are_served(demo_url: str) -> None:
+    with urlopen(demo_url + "/", timeout=10) as page:
+        html = page.read().decode()
+    assert 'id="connect"' in html and "/static/app.js" in html
+    for name, kind in [("app.js", "text/javascript"), ("capture-worklet.js", "text/javascript"),
+                       ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")]:  # fmt: skip
+        with urlopen(f"{demo_url}/static/{name}", timeout=10) as response:
+            assert response.headers["content-type"].startswith(kind)
+            assert response.read()
+
+
+@needs_chromium
+def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(demo_url: str, tmp_path: Path) -> None:
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
+    drv = open_browser(mic, tmp_path / "profile")
+    try:
+        connect(drv, demo_url, token="demo-token")  # the relay ignores a token it does not check
+        wait_for(drv, "+d.turns >= 1 && +d.receivedMs > 0 && +d.playedMs >= +d.receivedMs - 1")
+        data = body_data(drv)
+        screenshot(drv, "browser-demo-turn.png")
+        assert data["state"] == "live" and "error" not in data
+        assert int(data["userTurns"]) == 1
+        assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
+        assert int(data["playedMs"]) >= 500  # the fake's sentence, played out
+        assert 0 <= int(data["latencyMs"]) < 3000
+        [user] = turns(drv, "user")
+        assert re.fullmatch(r"\d\.\d s of speech", user)  # no input transcription in the demo
+        [assistant] = turns(drv, "assistant")
+        assert assistant.startswith("I heard ") and "seconds of audio" in assistant
+
+        from selenium.webdriver.common.by import By
+
+        drv.find_element(By.ID, "connect").click()  # now "Disconnect"
+        wait_for(drv, "d.state === 'closed'", timeout=10)
+    finally:
+        drv.quit()
+
+
+@needs_chromium
+def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
+    demo_url: str, tmp_path: Path
+) -> None:
+    # The second "hello" starts about 0.5 s into the first reply (which lasts about 2 s).
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", "hello.wav", 1.0)
+    drv = open_browser(mic, tmp_path / "profile")
+    try:
+        connect(drv, demo_url)
+        wait_for(drv, "+d.turns >= 2 && +d.userTurns >= 2 && d.playing === 'false'")
+        wait_for(drv, "document.querySelector('.turn.assistant .meta').textContent.includes('interrupted')",
+                 timeout=5)  # the server's conversation.item.truncated came back
+        screenshot(drv, "browser-demo-barge-in.png")
+        data = body_data(drv)
+        assert int(data["truncations"]) == 1
+        assert "error" not in data
+        first, second = drv.execute_script(
+            "return [...document.querySelectorAll('.turn.assistant')].map(e => e.className)"
+        )
+        assert "interrupted" in first and "interrupted" not in second
+        heard = drv.execute_script("return document.querySelector('.turn.assistant .meta').textContent")
+        seconds = float(re.search(r"interrupted after (\d+\.\d) s", heard).group(1))  # type: ignore[union-attr]
+        assert 0.0 < seconds < 2.0
+    finally:
+        drv.quit()
