@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="pace the audio like a microphone (default: as fast as the connection takes it)",
     )
     talk.add_argument(
+        "--transcribe",
+        action="store_true",
+        help="ask the session to transcribe the input too (billed separately by OpenAI)",
+    )
+    talk.add_argument(
         "--timeout",
         type=float,
         default=60.0,

@@ -50,6 +50,23 @@ SETTLE_AFTER_DONE: Final = 1.0
 """Seconds to wait after the last response for a late input transcript (it runs asynchronously)."""
 TOKEN_RE: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP token (RFC 9110)
 
+PCM: Final = {"type": "audio/pcm", "rate": wav.API_RATE}
+SESSION_UPDATE_ID: Final = "relay_talk_session"
+TRANSCRIBE_MODEL: Final = "gpt-4o-mini-transcribe"
+
+
+def session_update(transcribe: bool) -> dict[str, Any]:
+    """The client's own session.update: the audio it speaks, and transcription if asked."""
+    audio_input: dict[str, Any] = {"format": PCM}
+    if transcribe:
+        audio_input["transcription"] = {"model": TRANSCRIBE_MODEL}
+    return {
+        "type": "session.update",
+        "event_id": SESSION_UPDATE_ID,
+        "session": {"type": "realtime", "audio": {"input": audio_input, "output": {"format": PCM}}},
+    }
+
+
 EXIT_SESSION: Final = 1
 EXIT_INPUT: Final = 2
 
@@ -88,13 +105,15 @@ class Conversation:
     reply: bytearray = field(default_factory=bytearray)
     errors: list[str] = field(default_factory=list)
     session: dict[str, Any] = field(default_factory=dict)
-    ready: bool = False
+    ready: bool = False  # session.created (or updated) arrived
+    updated: bool = False  # session.updated arrived
     in_speech: bool = False
     uncommitted_speech: bool = False  # speech started and not yet committed
     awaiting_response: bool = False  # a committed turn whose response has not started
     active_response: str | None = None
     responses_done: int = 0
     last_error: tuple[str, str] | None = None  # (code, message) of the latest error event
+    format_refusal: str | None = None  # the error answering our session.update, if any
 
     def _turn_for_item(self, item_id: str | None) -> Turn:
         for turn in reversed(self.turns):
@@ -114,6 +133,7 @@ class Conversation:
         kind = event.get("type")
         if kind in ("session.created", "session.updated"):
             self.ready = True
+            self.updated = self.updated or kind == "session.updated"
             if isinstance(event.get("session"), dict):
                 self.session = event["session"]
         elif kind == "input_audio_buffer.speech_started":
@@ -167,6 +187,8 @@ class Conversation:
             message = str(error.get("message") or "")
             self.last_error = (code, message)
             self.errors.append(f"{code}: {message}")
+            if error.get("event_id") == SESSION_UPDATE_ID:
+                self.format_refusal = f"{code}: {message}"
 
     @property
     def settled(self) -> bool:
@@ -177,6 +199,15 @@ class Conversation:
             and not self.in_speech
             and not self.awaiting_response
         )
+
+    def speaks_pcm(self) -> bool:
+        """The last session.updated has PCM16 24 kHz both ways."""
+        audio = self.session.get("audio") if self.updated else None
+        if not isinstance(audio, dict):
+            return False
+        formats = [(audio.get(side) or {}).get("format") for side in ("input", "output")]
+        return all(isinstance(f, dict) and f.get("type") == "audio/pcm" and f.get("rate", 24000) == 24000
+                   for f in formats)  # fmt: skip
 
     def input_config(self) -> dict[str, Any]:
         """``session.audio.input`` as the server last reported it ({} if unknown)."""
@@ -196,6 +227,7 @@ class Options:
     token: str | None = None
     realtime: bool = False
     timeout: float = 60.0
+    transcribe: bool = False  # ask the session to transcribe the input too
 
 
 Progress = Callable[[float, float, Conversation], None]
@@ -273,6 +305,16 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
                     f"connected to {options.url}, but no session.created came within"
                     f" {CONNECT_TIMEOUT:.0f} s; is the relay's upstream reachable?"
                 )
+            # Say which audio this client speaks (the relay's own session may be set up for
+            # phones), and start only once the session uses it: turn detection is then final too.
+            await send(ws, session_update(options.transcribe))
+            with trio.move_on_after(CONNECT_TIMEOUT) as waited:
+                while not conversation.speaks_pcm():
+                    if conversation.format_refusal is not None:
+                        raise TalkError(f"the session refused PCM16 24 kHz audio: {conversation.format_refusal}")
+                    await changed.wait()
+            if waited.cancelled_caught:
+                raise TalkError(f"the session did not confirm PCM16 24 kHz audio within {CONNECT_TIMEOUT:.0f} s")
             with trio.move_on_at(deadline) as overall:
                 chunk_ms = REALTIME_CHUNK_MS if options.realtime else FAST_CHUNK_MS
                 step = chunk_ms * BYTES_PER_MS
@@ -486,7 +528,7 @@ def report(conversation: Conversation, out: TextIO) -> None:
         if turn.user_transcript:
             you = turn.user_transcript
         elif turn.user_item:
-            you = "(speech; the session has no input transcription)"
+            you = "(speech; add --transcribe to see it as text)"
         else:
             you = "(no speech detected; committed by hand)"
         print(f"{prefix}you:       {you}", file=out)
@@ -508,7 +550,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         except wav.WavError as exc:
             raise TalkError(str(exc), EXIT_INPUT) from None
         progress = ProgressLine(out) if out.isatty() else None
-        options = Options(url=args.url, token=args.token, realtime=args.realtime, timeout=args.timeout)
+        options = Options(url=args.url, token=args.token, realtime=args.realtime, timeout=args.timeout,
+                          transcribe=args.transcribe)  # fmt: skip
         try:
             conversation = trio.run(talk, pcm, options, progress)
         finally:

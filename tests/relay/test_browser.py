@@ -132,7 +132,7 @@ def wait_for(drv, condition: str, timeout: float = TURN_TIMEOUT):  # type: ignor
         pytest.fail(f"page never reached {condition!r}; state {body_data(drv)}\nconsole:\n{logs}")
 
 
-def connect(drv, url: str, *, token: str = "") -> None:  # type: ignore[no-untyped-def]
+def connect(drv, url: str, *, token: str = "", transcribe: bool = False) -> None:  # type: ignore[no-untyped-def]
     """Open the page, turn off the browser's voice processing (it distorts the test signal), connect."""
     from selenium.webdriver.common.by import By
 
@@ -141,6 +141,8 @@ def connect(drv, url: str, *, token: str = "") -> None:  # type: ignore[no-untyp
     if token:
         drv.find_element(By.ID, "token").send_keys(token)
     drv.find_element(By.ID, "echo").click()
+    if transcribe:
+        drv.find_element(By.ID, "transcribe").click()
     drv.find_element(By.ID, "connect").click()
     wait_for(drv, "d.state === 'live'", timeout=10)
 
@@ -177,7 +179,8 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(demo_url: str
     mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
-        connect(drv, demo_url, token="demo-token")  # the relay ignores a token it does not check
+        # The relay ignores a token it does not check; the fake transcribes with made-up words.
+        connect(drv, demo_url, token="demo-token", transcribe=True)
         wait_for(drv, "+d.turns >= 1 && +d.receivedMs > 0 && +d.playedMs >= +d.receivedMs - 1")
         data = body_data(drv)
         screenshot(drv, "browser-demo-turn.png")
@@ -186,10 +189,12 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(demo_url: str
         assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
         assert int(data["playedMs"]) >= 500  # the fake's sentence, played out
         assert 0 <= int(data["latencyMs"]) < 3000
+        wait_for(drv, "!document.querySelector('.turn.user .text').classList.contains('placeholder')",
+                 timeout=5)  # the transcript may come after the reply
         [user] = turns(drv, "user")
-        assert re.fullmatch(r"\d\.\d s of speech", user)  # no input transcription in the demo
+        assert re.fullmatch(r"[A-Z][a-z]*( [a-z]+)*\.", user), user
         [assistant] = turns(drv, "assistant")
-        assert assistant.startswith("I heard ") and "seconds of audio" in assistant
+        assert assistant.startswith("You said: " + user.rstrip(".")), assistant
 
         from selenium.webdriver.common.by import By
 
@@ -215,6 +220,7 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
         data = body_data(drv)
         assert int(data["truncations"]) == 1
         assert "error" not in data
+        assert all(re.fullmatch(r"\d\.\d s of speech", t) for t in turns(drv, "user"))  # no transcription
         first, second = drv.execute_script(
             "return [...document.querySelectorAll('.turn.assistant')].map(e => e.className)"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import sys
 import wave
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from mockrealtime import MockConfig, serve_mock_realtime
 from relay import wav
 from relay.cli import main
 from relay.demo import Demo, run_demo
-from relay.talk import BYTES_PER_MS, Options, TalkError, open_relay, talk
+from relay.talk import BYTES_PER_MS, Conversation, Options, ProgressLine, TalkError, open_relay, talk
 
 from .harness import TEST_KEY, closed_port_url, running_relay, scripted_upstream
 
@@ -43,15 +45,17 @@ async def test_the_command_round_trips_a_wav_through_relay_demo(tmp_path: Path) 
         async with demo() as running:
             result = await trio.run_process(
                 [sys.executable, "-m", "relay", "talk", str(FIXTURES / "hello-ulaw8k.wav"),
-                 "-o", str(reply), "--url", running.relay_url + "/voice"],
+                 "-o", str(reply), "--url", running.relay_url + "/voice", "--transcribe"],
                 capture_stdout=True, capture_stderr=True, check=False,
             )  # fmt: skip
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()
-    assert "you:       (speech" in out
-    assert "assistant: I heard" in out  # the fake's reply to audio
+    said = re.search(r"^you:       ([A-Z][a-z]*(?: [a-z]+)*)\.$", out, re.M)  # the fake's made-up words
+    assert said, out
+    assert f"assistant: You said: {said.group(1)}." in out
     assert "ms from end of speech to first reply audio" in out
     assert f"written to {reply}" in out
+    assert "\r" not in out and "sending" not in out  # no progress display when stdout is a pipe
     with wave.open(str(reply)) as r:
         assert (r.getframerate(), r.getnchannels(), r.getsampwidth()) == (24000, 1, 2)
         frames = r.readframes(r.getnframes())
@@ -69,6 +73,7 @@ async def test_realtime_pacing_takes_as_long_as_the_audio_and_reports_the_turn()
     assert elapsed >= len(pcm) / BYTES_PER_MS / 1000  # paced like a microphone
     [turn] = conversation.turns
     assert turn.user_item is not None and turn.status == "completed"
+    assert turn.user_transcript is None  # not asked for
     assert turn.assistant_transcript.startswith("I heard")
     assert turn.latency_ms is not None and turn.latency_ms >= 0
     assert turn.reply_bytes == len(conversation.reply) > 0
@@ -99,6 +104,37 @@ async def test_without_turn_detection_it_commits_and_shows_the_input_transcript(
     received = mock.connections[0].received
     assert '{"type":"input_audio_buffer.commit"}' in received
     assert not any("speech_started" in str(m) for m in received)
+
+
+async def test_it_asks_for_pcm_when_the_relay_is_set_up_for_phones() -> None:
+    session = {"audio": {"input": {"format": {"type": "audio/pcmu"}},
+                         "output": {"format": {"type": "audio/pcmu"}}}}  # fmt: skip
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY})))
+            async with running_relay(upstream_url=mock.url, session=session) as relay:
+                conversation = await talk(hello_pcm(), Options(url=relay.url + "/voice"))
+            nursery.cancel_scope.cancel()
+    assert conversation.speaks_pcm()
+    [turn] = conversation.turns
+    assert turn.assistant_transcript.startswith("I heard 2.")  # the VAD heard the PCM speech
+    # PCM16 at 24 kHz: 4800 bytes per 100 ms chunk of the fake's reply (μ-law would be 800).
+    assert len(conversation.reply) % 4800 == 0 and conversation.reply
+
+
+def test_the_progress_line_draws_on_a_terminal_and_clears_itself() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    line = ProgressLine(screen)
+    line(1.5, 3.0, Conversation(in_speech=True))
+    line.clear()
+    drawn = screen.getvalue()
+    assert drawn.startswith("\r\x1b[K sending ") and " 1.5/3.0 s" in drawn and "speaking" in drawn
+    assert drawn.endswith("\r\x1b[K")
+    assert "█" * 12 + "·" * 12 in drawn  # half of the bar
 
 
 async def test_a_token_is_offered_as_a_subprotocol_next_to_realtime() -> None:

@@ -11,6 +11,7 @@
 
 const RATE = 24000; // PCM16 mono, the API's only PCM rate
 const CHUNK_SAMPLES = 960; // 40 ms per input_audio_buffer.append
+const TRANSCRIBE_MODEL = "gpt-4o-mini-transcribe";
 const TOKEN_RE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // what a subprotocol may hold
 
 const $ = (id) => document.getElementById(id);
@@ -19,6 +20,7 @@ const ui = {
   connect: $("connect"),
   token: $("token"),
   echo: $("echo"),
+  transcribe: $("transcribe"),
   status: $("status"),
   log: $("log"),
   empty: $("empty"),
@@ -40,7 +42,7 @@ function setState(state, label) {
   const busy = state === "connecting" || state === "live";
   ui.connect.textContent = busy ? "Disconnect" : "Connect";
   ui.connect.classList.toggle("danger", busy);
-  ui.token.disabled = ui.echo.disabled = busy;
+  ui.token.disabled = ui.echo.disabled = ui.transcribe.disabled = busy;
 }
 
 function showStats() {
@@ -327,9 +329,18 @@ function disconnect(s) {
 
 function onEvent(s, event) {
   switch (event.type) {
-    case "session.created":
+    case "session.created": {
+      // The audio this page speaks, whatever the relay set up (it may be configured for
+      // phones); input transcription only when asked for, as it is billed separately.
+      const input = { format: { type: "audio/pcm", rate: RATE } };
+      if (ui.transcribe.checked) input.transcription = { model: TRANSCRIBE_MODEL };
+      send(s, {
+        type: "session.update",
+        session: { type: "realtime", audio: { input, output: { format: { type: "audio/pcm", rate: RATE } } } },
+      });
       setState("live", "live");
       break;
+    }
     case "input_audio_buffer.speech_started": {
       bargeIn(s);
       const el = bubble(event.item_id, "user");
