@@ -141,6 +141,7 @@ class Conversation:
             self._turn_for_item(event.get("item_id"))
         elif kind == "input_audio_buffer.speech_stopped":
             self.in_speech = False
+            self.awaiting_response = True  # the VAD commits the turn next; a reply should follow
             turn = self._turn_for_item(event.get("item_id"))
             turn.end_of_speech = now
         elif kind == "input_audio_buffer.committed":

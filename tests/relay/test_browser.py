@@ -230,3 +230,51 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
         assert 0.0 < seconds < 2.0
     finally:
         drv.quit()
+
+
+@needs_chromium
+def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None:
+    """A relay whose upstream is down sends an error event and closes 1014; the page says so."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = sock.getsockname()[1]
+    env = dict(os.environ, OPENAI_API_KEY="sk-test", RELAY_UPSTREAM_URL=f"ws://127.0.0.1:{nobody}/v1/realtime")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    drv = None
+    try:
+        assert proc.stdout is not None
+        match = None
+        for _ in range(3):
+            match = re.search(r"listening on ws://(127\.0\.0\.1:\d+)/voice", proc.stdout.readline())
+            if match:
+                break
+        assert match, "relay serve did not print its URL"
+        drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.5), tmp_path / "profile")
+        drv.get(f"http://{match.group(1)}/")
+        from selenium.webdriver.common.by import By
+
+        drv.find_element(By.ID, "connect").click()
+        wait_for(drv, "d.state === 'error'", timeout=15)
+        data = body_data(drv)
+        assert data["error"] == "relay_upstream_unavailable"
+        shown = drv.find_element(By.ID, "error").text
+        assert shown.startswith("Connection closed (code 1014): relay_upstream_unavailable: ")
+        assert drv.find_element(By.ID, "status").text == "closed 1014"
+        assert drv.find_element(By.ID, "connect").text == "Connect"  # ready to try again
+    finally:
+        if drv is not None:
+            drv.quit()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout:
+                proc.stdout.close()

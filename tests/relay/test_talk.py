@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import sys
@@ -182,3 +183,41 @@ def test_clear_one_line_errors(args: list[str], code: int, message: str, tmp_pat
     assert message in captured.err
     assert len(captured.err.strip().splitlines()) == 1
     assert not (tmp_path / "r.wav").exists()
+
+
+def test_a_turn_stays_open_from_speech_stopped_until_its_response_is_done() -> None:
+    """The bookkeeping behind the exit: two utterances, the second interrupting the first reply."""
+    audio = base64.b64encode(bytes(4800)).decode()
+    conversation = Conversation()
+    script: list[tuple[float, dict[str, object]]] = [
+        (0.0, {"type": "input_audio_buffer.speech_started", "item_id": "u1", "audio_start_ms": 0}),
+        (1.0, {"type": "input_audio_buffer.speech_stopped", "item_id": "u1", "audio_end_ms": 900}),
+        (1.0, {"type": "input_audio_buffer.committed", "item_id": "u1"}),
+        (1.0, {"type": "response.created", "response": {"id": "r1", "status": "in_progress"}}),
+        (1.2, {"type": "response.output_audio.delta", "response_id": "r1", "item_id": "a1", "delta": audio}),
+        (1.3, {"type": "response.output_audio_transcript.delta", "response_id": "r1", "item_id": "a1",
+               "delta": "Hel"}),  # fmt: skip
+        (1.5, {"type": "input_audio_buffer.speech_started", "item_id": "u2", "audio_start_ms": 1400}),
+        (1.5, {"type": "response.done", "response": {"id": "r1", "status": "cancelled"}}),
+        (2.0, {"type": "input_audio_buffer.speech_stopped", "item_id": "u2", "audio_end_ms": 1900}),
+    ]
+    for now, event in script:
+        conversation.handle(event, now)
+        assert not conversation.settled, event["type"]
+    conversation.handle({"type": "input_audio_buffer.committed", "item_id": "u2"}, 2.0)
+    conversation.handle({"type": "conversation.item.input_audio_transcription.completed", "item_id": "u2",
+                         "transcript": "Stop."}, 2.0)  # fmt: skip
+    conversation.handle({"type": "response.created", "response": {"id": "r2"}}, 2.0)
+    conversation.handle({"type": "response.output_audio.delta", "response_id": "r2", "item_id": "a2",
+                         "delta": audio}, 2.05)  # fmt: skip
+    conversation.handle({"type": "response.output_audio_transcript.done", "response_id": "r2",
+                         "item_id": "a2", "transcript": "Okay."}, 2.1)  # fmt: skip
+    assert not conversation.settled
+    conversation.handle({"type": "response.done", "response": {"id": "r2", "status": "completed"}}, 2.2)
+    assert conversation.settled
+    first, second = conversation.turns
+    assert (first.user_item, first.status, first.assistant_transcript) == ("u1", "cancelled", "Hel")
+    assert first.latency_ms == pytest.approx(200)
+    assert (second.user_item, second.user_transcript, second.assistant_transcript) == ("u2", "Stop.", "Okay.")
+    assert second.latency_ms == pytest.approx(50)
+    assert len(conversation.reply) == 2 * 4800

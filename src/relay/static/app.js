@@ -208,7 +208,7 @@ async function connect() {
   delete body.dataset.error;
   const token = ui.token.value.trim();
   if (token && !TOKEN_RE.test(token)) {
-    showError("The token may only hold letters, digits and !#$%&'*+-.^_`|~ (it is sent as a subprotocol).");
+    showError("The token may only hold letters, digits and !#$%&'*+-.^_`|~ (it is sent as a subprotocol).", "invalid_token");
     return;
   }
   if (!window.isSecureContext || !navigator.mediaDevices) {
@@ -225,17 +225,18 @@ async function connect() {
     ctx: null,
     stream: null,
     player: null,
+    opened: false,
     closing: false,
     speechStoppedAt: null, // performance.now() of the last speech_stopped not yet answered
-    assistant: new Map(), // item id → {el, heardMs, truncated, responseId}
-    responses: new Map(), // response id → {el, firstAudio}
+    assistant: new Map(), // item id → {el, text, truncated, responseId, meta}
+    responses: new Map(), // response id → {firstAudio}
     lastError: null,
   };
   session = s;
   try {
     s.ctx = new AudioContext();
     if (!s.ctx.audioWorklet) throw new Error("This browser has no AudioWorklet; use a current Chrome, Edge, Firefox or Safari.");
-    await s.ctx.resume();
+    s.ctx.resume(); // not awaited: without a user gesture it may never settle
     // Module and socket first: the microphone's clock starts when it opens.
     await s.ctx.audioWorklet.addModule("/static/capture-worklet.js");
     s.player = new Player(s.ctx, (ms) => {
@@ -250,7 +251,7 @@ async function connect() {
     if (session !== s || s.closing) return disconnect(s);
     startCapture(s);
   } catch (err) {
-    if (session === s) {
+    if (session === s && !s.closing) {
       const message = err && err.name === "NotAllowedError"
         ? "Microphone permission was denied: allow it in the address bar and connect again."
         : `Could not start: ${err && err.message ? err.message : err}`;
@@ -268,7 +269,10 @@ function openSocket(s, token) {
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(`${scheme}://${location.host}/voice`, protocols);
     s.ws = ws;
-    ws.onopen = () => resolve();
+    ws.onopen = () => {
+      s.opened = true;
+      resolve();
+    };
     ws.onmessage = (message) => {
       try {
         onEvent(s, JSON.parse(message.data));
@@ -279,8 +283,13 @@ function openSocket(s, token) {
     ws.onclose = (close) => {
       reject(new Error(`the relay closed the connection (${close.code})`));
       if (session !== s) return;
-      const why = s.lastError ? `: ${s.lastError}` : close.reason ? `: ${close.reason}` : "";
-      if (!s.closing) showError(`Connection closed (code ${close.code})${why}`, body.dataset.error || `close_${close.code}`);
+      if (!s.closing && !s.opened) {
+        // Browsers do not say why a handshake failed; the relay's log does.
+        showError(`Could not open ${ws.url}: is the relay running, and is it accepting sessions?`, "connect_failed");
+      } else if (!s.closing) {
+        const why = s.lastError ? `: ${s.lastError}` : close.reason ? `: ${close.reason}` : "";
+        showError(`Connection closed (code ${close.code})${why}`, body.dataset.error || `close_${close.code}`);
+      }
       setState(s.closing ? "closed" : "error", s.closing ? "disconnected" : `closed ${close.code}`);
       disconnect(s);
     };
