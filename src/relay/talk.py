@@ -85,7 +85,8 @@ class Turn:
 
     user_item: str | None = None
     user_transcript: str | None = None
-    speech_ms: int | None = None  # how long the VAD heard speech
+    speech_start_ms: int | None = None  # audio_start_ms of speech_started
+    speech_ms: int | None = None  # how long the VAD heard speech (with its padding)
     end_of_speech: float | None = None  # monotonic time speech_stopped (or the commit) arrived
     response_id: str | None = None
     assistant_transcript: str = ""
@@ -138,12 +139,17 @@ class Conversation:
                 self.session = event["session"]
         elif kind == "input_audio_buffer.speech_started":
             self.in_speech = self.uncommitted_speech = True
-            self._turn_for_item(event.get("item_id"))
+            turn = self._turn_for_item(event.get("item_id"))
+            if isinstance(event.get("audio_start_ms"), int):
+                turn.speech_start_ms = event["audio_start_ms"]
         elif kind == "input_audio_buffer.speech_stopped":
             self.in_speech = False
             self.awaiting_response = True  # the VAD commits the turn next; a reply should follow
             turn = self._turn_for_item(event.get("item_id"))
             turn.end_of_speech = now
+            end = event.get("audio_end_ms")
+            if isinstance(end, int) and turn.speech_start_ms is not None:
+                turn.speech_ms = end - turn.speech_start_ms
         elif kind == "input_audio_buffer.committed":
             self.in_speech = self.uncommitted_speech = False
             self.awaiting_response = True
@@ -154,7 +160,9 @@ class Conversation:
             turn = self._turn_for_item(event.get("item_id"))
             turn.user_transcript = (turn.user_transcript or "") + str(event.get("delta", ""))
         elif kind == "conversation.item.input_audio_transcription.completed":
-            self._turn_for_item(event.get("item_id")).user_transcript = str(event.get("transcript", ""))
+            self._turn_for_item(event.get("item_id")).user_transcript = str(
+                event.get("transcript", "")
+            )
         elif kind == "response.created":
             response_id = (event.get("response") or {}).get("id")
             self.active_response = response_id
@@ -207,8 +215,10 @@ class Conversation:
         if not isinstance(audio, dict):
             return False
         formats = [(audio.get(side) or {}).get("format") for side in ("input", "output")]
-        return all(isinstance(f, dict) and f.get("type") == "audio/pcm" and f.get("rate", 24000) == 24000
-                   for f in formats)  # fmt: skip
+        return all(
+            isinstance(f, dict) and f.get("type") == "audio/pcm" and f.get("rate", 24000) == 24000
+            for f in formats
+        )
 
     def input_config(self) -> dict[str, Any]:
         """``session.audio.input`` as the server last reported it ({} if unknown)."""
@@ -293,7 +303,9 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
             raise TalkError(_closed_message(exc, conversation)) from None
 
     async def append(ws: WebSocketConnection, chunk: bytes) -> None:
-        await send(ws, {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()})
+        await send(
+            ws, {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()}
+        )
 
     async with open_relay(options.url, options.token) as ws:
         async with trio.open_nursery() as nursery:
@@ -312,10 +324,14 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
             with trio.move_on_after(CONNECT_TIMEOUT) as waited:
                 while not conversation.speaks_pcm():
                     if conversation.format_refusal is not None:
-                        raise TalkError(f"the session refused PCM16 24 kHz audio: {conversation.format_refusal}")
+                        raise TalkError(
+                            f"the session refused PCM16 24 kHz audio: {conversation.format_refusal}"
+                        )
                     await changed.wait()
             if waited.cancelled_caught:
-                raise TalkError(f"the session did not confirm PCM16 24 kHz audio within {CONNECT_TIMEOUT:.0f} s")
+                raise TalkError(
+                    f"the session did not confirm PCM16 24 kHz audio within {CONNECT_TIMEOUT:.0f} s"
+                )
             with trio.move_on_at(deadline) as overall:
                 chunk_ms = REALTIME_CHUNK_MS if options.realtime else FAST_CHUNK_MS
                 step = chunk_ms * BYTES_PER_MS
@@ -325,7 +341,11 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
                         await trio.sleep_until(start + index * chunk_ms / 1000)
                     await append(ws, pcm[offset : offset + step])
                     if progress:
-                        progress(min(total_s, (offset + step) / BYTES_PER_MS / 1000), total_s, conversation)
+                        progress(
+                            min(total_s, (offset + step) / BYTES_PER_MS / 1000),
+                            total_s,
+                            conversation,
+                        )
                 turn_detection = conversation.input_config().get(
                     "turn_detection", {"silence_duration_ms": 500}
                 )
@@ -342,14 +362,14 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
                         await append(ws, silence)
                         if progress:
                             progress(total_s, total_s, conversation)
-                committed_by_hand = False
+                # Wait until every turn is answered. Quiet for VAD_GRACE with no response
+                # under way means the VAD did not end the turn (or is off): commit by hand
+                # and ask for the response ourselves, once.
+                asked = False
                 while not conversation.settled:
-                    if manual and not committed_by_hand or not await wait_change(VAD_GRACE):
-                        if conversation.active_response is not None or committed_by_hand:
-                            await wait_change(VAD_GRACE)
-                            continue
-                        # The VAD did not end the turn (or is off): commit and ask ourselves.
-                        committed_by_hand = True
+                    quiet = (manual and not asked) or not await wait_change(VAD_GRACE)
+                    if quiet and not asked and conversation.active_response is None:
+                        asked = True
                         if conversation.uncommitted_speech or not conversation.turns:
                             await send(ws, {"type": "input_audio_buffer.commit"})
                         await send(ws, {"type": "response.create"})
@@ -394,8 +414,9 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
     """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise TalkError(f"--url must be a ws:// or wss:// URL such as {DEFAULT_URL}, not {url!r}",
-                        EXIT_INPUT)  # fmt: skip
+        raise TalkError(
+            f"--url must be a ws:// or wss:// URL such as {DEFAULT_URL}, not {url!r}", EXIT_INPUT
+        )
     subprotocols = ["realtime"]
     if token:
         if not TOKEN_RE.match(token):
@@ -410,15 +431,17 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             if parts.scheme == "wss":
-                stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = (
-                    await trio.open_ssl_over_tcp_stream(
-                        parts.hostname, port, ssl_context=ssl.create_default_context()
-                    )
+                stream: (
+                    trio.SocketStream | trio.SSLStream[trio.SocketStream]
+                ) = await trio.open_ssl_over_tcp_stream(
+                    parts.hostname, port, ssl_context=ssl.create_default_context()
                 )
             else:
                 stream = await trio.open_tcp_stream(parts.hostname, port)
     except trio.TooSlowError:
-        raise TalkError(f"cannot connect to {url}: no answer within {CONNECT_TIMEOUT:.0f} s") from None
+        raise TalkError(
+            f"cannot connect to {url}: no answer within {CONNECT_TIMEOUT:.0f} s"
+        ) from None
     except OSError as exc:
         why = _os_reason(exc)
         raise TalkError(
@@ -427,8 +450,9 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(CONNECT_TIMEOUT):
-                ws = await wrap_client_stream(nursery, stream, host_header, resource,
-                                              subprotocols=subprotocols)  # fmt: skip
+                ws = await wrap_client_stream(
+                    nursery, stream, host_header, resource, subprotocols=subprotocols
+                )
             try:
                 yield ws
             finally:
@@ -447,7 +471,7 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
 
 
 def _os_reason(exc: OSError) -> str:
-    """"connection refused" rather than trio's "all attempts to connect … failed"."""
+    """ "connection refused" rather than trio's "all attempts to connect … failed"."""
     cause = exc.__cause__
     causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,)
     for inner in (exc, *causes):
@@ -485,10 +509,14 @@ def _connect_error(exc: BaseException, url: str) -> BaseException:
             detail = f": {body['error']}" if isinstance(body, dict) and "error" in body else ""
         except orjson.JSONDecodeError:
             pass
-        return TalkError(f"the relay at {url} refused the WebSocket handshake (HTTP {exc.status_code}){detail}")
+        return TalkError(
+            f"the relay at {url} refused the WebSocket handshake (HTTP {exc.status_code}){detail}"
+        )
     if isinstance(exc, trio.TooSlowError):
-        return TalkError(f"{url} accepted the connection but did not complete the WebSocket handshake"
-                         f" within {CONNECT_TIMEOUT:.0f} s")  # fmt: skip
+        return TalkError(
+            f"{url} accepted the connection but did not complete the WebSocket handshake"
+            f" within {CONNECT_TIMEOUT:.0f} s"
+        )
     if isinstance(exc, HandshakeError | trio.BrokenResourceError):
         return TalkError(f"the WebSocket handshake with {url} failed ({type(exc).__name__}: {exc})")
     return exc
@@ -510,8 +538,16 @@ class ProgressLine:
         filled = int(width * sent / total) if total else width
         bar = "█" * filled + "·" * (width - filled)
         reply_s = len(conversation.reply) / BYTES_PER_MS / 1000
-        state = "speaking" if conversation.in_speech else "replying" if conversation.active_response else ""
-        self.out.write(f"\r\x1b[K sending {bar} {sent:4.1f}/{total:.1f} s   reply {reply_s:4.1f} s  {state}")
+        state = (
+            "speaking"
+            if conversation.in_speech
+            else "replying"
+            if conversation.active_response
+            else ""
+        )
+        self.out.write(
+            f"\r\x1b[K sending {bar} {sent:4.1f}/{total:.1f} s   reply {reply_s:4.1f} s  {state}"
+        )
         self.out.flush()
 
     def clear(self) -> None:
@@ -529,16 +565,20 @@ def report(conversation: Conversation, out: TextIO) -> None:
         if turn.user_transcript:
             you = turn.user_transcript
         elif turn.user_item:
-            you = "(speech; add --transcribe to see it as text)"
+            heard = f"{turn.speech_ms / 1000:.1f} s of " if turn.speech_ms else ""
+            you = f"({heard}speech; add --transcribe to see it as text)"
         else:
             you = "(no speech detected; committed by hand)"
         print(f"{prefix}you:       {you}", file=out)
         if turn.response_id is not None:
             status = "" if turn.status in (None, "completed") else f"  [{turn.status}]"
-            print(f"{prefix}assistant: {turn.assistant_transcript or '(no transcript)'}{status}", file=out)
+            print(
+                f"{prefix}assistant: {turn.assistant_transcript or '(no transcript)'}{status}",
+                file=out,
+            )
         if turn.latency_ms is not None:
-            print(f"{prefix}latency:   {turn.latency_ms:.0f} ms from end of speech to first reply audio",
-                  file=out)  # fmt: skip
+            latency = f"{turn.latency_ms:.0f} ms"
+            print(f"{prefix}latency:   {latency} from end of speech to first reply audio", file=out)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -551,8 +591,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         except wav.WavError as exc:
             raise TalkError(str(exc), EXIT_INPUT) from None
         progress = ProgressLine(out) if out.isatty() else None
-        options = Options(url=args.url, token=args.token, realtime=args.realtime, timeout=args.timeout,
-                          transcribe=args.transcribe)  # fmt: skip
+        options = Options(
+            url=args.url,
+            token=args.token,
+            realtime=args.realtime,
+            timeout=args.timeout,
+            transcribe=args.transcribe,
+        )
         try:
             conversation = trio.run(talk, pcm, options, progress)
         finally:
@@ -566,10 +611,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         try:
             wav.write_wav(args.output, bytes(conversation.reply))
         except OSError as exc:
-            raise TalkError(f"cannot write {args.output}: {exc.strerror or exc}", EXIT_INPUT) from None
+            raise TalkError(
+                f"cannot write {args.output}: {exc.strerror or exc}", EXIT_INPUT
+            ) from None
         seconds = len(conversation.reply) / BYTES_PER_MS / 1000
-        print(f"reply:     {seconds:.1f} s of audio written to {args.output}"
-              f"  (sent {len(pcm) / BYTES_PER_MS / 1000:.1f} s from {fmt.describe()})", file=out)  # fmt: skip
+        print(
+            f"reply:     {seconds:.1f} s of audio written to {args.output}"
+            f"  (sent {len(pcm) / BYTES_PER_MS / 1000:.1f} s from {fmt.describe()})",
+            file=out,
+        )
         return 0
     except TalkError as exc:
         print(f"relay talk: {exc}", file=err)

@@ -58,8 +58,10 @@ class WavFormat:
 
     def describe(self) -> str:
         layout = {1: "mono", 2: "stereo"}.get(self.channels, f"{self.channels} channels")
-        kind = f"{self.bits}-bit {self.encoding.upper()}" if self.encoding in ("pcm", "float") else (
-            f"G.711 {self.encoding}"
+        kind = (
+            f"{self.bits}-bit {self.encoding.upper()}"
+            if self.encoding in ("pcm", "float")
+            else (f"G.711 {self.encoding}")
         )
         return f"{kind}, {self.rate} Hz, {layout}"
 
@@ -73,7 +75,9 @@ def _g711_tables() -> tuple[list[int], list[int]]:
         mulaw.append(0x84 - magnitude if u & 0x80 else magnitude - 0x84)
         a = byte ^ 0x55
         exponent, mantissa = (a & 0x70) >> 4, a & 0x0F
-        value = (mantissa << 4) + 8 if exponent == 0 else ((mantissa << 4) + 0x108) << (exponent - 1)
+        value = (
+            (mantissa << 4) + 8 if exponent == 0 else ((mantissa << 4) + 0x108) << (exponent - 1)
+        )
         alaw.append(value if a & 0x80 else -value)
     return mulaw, alaw
 
@@ -168,8 +172,10 @@ def _decode(payload: bytes, fmt: WavFormat) -> list[int]:
     elif width == 2:
         values = _ints("h", payload)
     elif width == 3:
-        values = [int.from_bytes(payload[i + 1 : i + 3], "little", signed=True)
-                  for i in range(0, len(payload), 3)]  # fmt: skip
+        values = [
+            int.from_bytes(payload[i + 1 : i + 3], "little", signed=True)
+            for i in range(0, len(payload), 3)
+        ]
     else:
         values = [v >> 16 for v in _ints("i", payload)]
     if fmt.channels == 1:

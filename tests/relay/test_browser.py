@@ -51,8 +51,10 @@ def demo_url() -> Iterator[str]:
     """``relay demo`` on a free port, as a newcomer starts it; stopped with Ctrl-C."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "demo", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         match = None
@@ -83,7 +85,11 @@ def microphone_file(path: Path, *parts: str | float) -> Path:
             frames += bytes(2 * int(24000 * part))
         else:
             with wave.open(str(FIXTURES / part)) as clip:
-                assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (24000, 1, 2)
+                assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (
+                    24000,
+                    1,
+                    2,
+                )
                 frames += clip.readframes(clip.getnframes())
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
@@ -102,13 +108,22 @@ def open_browser(mic_wav: Path, profile: Path):  # type: ignore[no-untyped-def]
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={mic_wav}%noloop",  # absolute path; a bad one gives silence
-        "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        # An absolute path: a wrong one gives silence, not an error.
+        f"--use-file-for-fake-audio-capture={mic_wav}%noloop",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--user-data-dir={profile}",
         "--window-size=900,900",
-    ):  # fmt: skip
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # With the driver's path given, Selenium Manager (which would go online) is not run.
@@ -120,7 +135,7 @@ def body_data(drv) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def wait_for(drv, condition: str, timeout: float = TURN_TIMEOUT):  # type: ignore[no-untyped-def]
-    """Poll the page until the JavaScript expression ``condition`` over ``d`` (body.dataset) holds."""
+    """Poll the page until the JS expression ``condition`` over ``d`` (body.dataset) holds."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -133,7 +148,7 @@ def wait_for(drv, condition: str, timeout: float = TURN_TIMEOUT):  # type: ignor
 
 
 def connect(drv, url: str, *, token: str = "", transcribe: bool = False) -> None:  # type: ignore[no-untyped-def]
-    """Open the page, turn off the browser's voice processing (it distorts the test signal), connect."""
+    """Open the page, turn off voice processing (it distorts the test signal), connect."""
     from selenium.webdriver.common.by import By
 
     drv.get(url + "/")
@@ -167,15 +182,21 @@ def test_the_page_and_its_files_are_served(demo_url: str) -> None:
     with urlopen(demo_url + "/", timeout=10) as page:
         html = page.read().decode()
     assert 'id="connect"' in html and "/static/app.js" in html
-    for name, kind in [("app.js", "text/javascript"), ("capture-worklet.js", "text/javascript"),
-                       ("style.css", "text/css"), ("favicon.svg", "image/svg+xml")]:  # fmt: skip
+    for name, kind in [
+        ("app.js", "text/javascript"),
+        ("capture-worklet.js", "text/javascript"),
+        ("style.css", "text/css"),
+        ("favicon.svg", "image/svg+xml"),
+    ]:
         with urlopen(f"{demo_url}/static/{name}", timeout=10) as response:
             assert response.headers["content-type"].startswith(kind)
             assert response.read()
 
 
 @needs_chromium
-def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(demo_url: str, tmp_path: Path) -> None:
+def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
+    demo_url: str, tmp_path: Path
+) -> None:
     mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
@@ -189,8 +210,11 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(demo_url: str
         assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
         assert int(data["playedMs"]) >= 500  # the fake's sentence, played out
         assert 0 <= int(data["latencyMs"]) < 3000
-        wait_for(drv, "!document.querySelector('.turn.user .text').classList.contains('placeholder')",
-                 timeout=5)  # the transcript may come after the reply
+        wait_for(
+            drv,
+            "!document.querySelector('.turn.user .text').classList.contains('placeholder')",
+            timeout=5,
+        )  # the transcript may come after the reply
         [user] = turns(drv, "user")
         assert re.fullmatch(r"[A-Z][a-z]*( [a-z]+)*\.", user), user
         [assistant] = turns(drv, "assistant")
@@ -214,18 +238,25 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
     try:
         connect(drv, demo_url)
         wait_for(drv, "+d.turns >= 2 && +d.userTurns >= 2 && d.playing === 'false'")
-        wait_for(drv, "document.querySelector('.turn.assistant .meta').textContent.includes('interrupted')",
-                 timeout=5)  # the server's conversation.item.truncated came back
+        wait_for(
+            drv,
+            "document.querySelector('.turn.assistant .meta').textContent.includes('interrupted')",
+            timeout=5,
+        )  # the server's conversation.item.truncated came back
         screenshot(drv, "browser-demo-barge-in.png")
         data = body_data(drv)
         assert int(data["truncations"]) == 1
         assert "error" not in data
-        assert all(re.fullmatch(r"\d\.\d s of speech", t) for t in turns(drv, "user"))  # no transcription
+        assert all(
+            re.fullmatch(r"\d\.\d s of speech", t) for t in turns(drv, "user")
+        )  # no transcription
         first, second = drv.execute_script(
             "return [...document.querySelectorAll('.turn.assistant')].map(e => e.className)"
         )
         assert "interrupted" in first and "interrupted" not in second
-        heard = drv.execute_script("return document.querySelector('.turn.assistant .meta').textContent")
+        heard = drv.execute_script(
+            "return document.querySelector('.turn.assistant .meta').textContent"
+        )
         seconds = float(re.search(r"interrupted after (\d+\.\d) s", heard).group(1))  # type: ignore[union-attr]
         assert 0.0 < seconds < 2.0
     finally:
@@ -241,11 +272,18 @@ def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         nobody = sock.getsockname()[1]
-    env = dict(os.environ, OPENAI_API_KEY="sk-test", RELAY_UPSTREAM_URL=f"ws://127.0.0.1:{nobody}/v1/realtime")
+    env = dict(
+        os.environ,
+        OPENAI_API_KEY="sk-test",
+        RELAY_UPSTREAM_URL=f"ws://127.0.0.1:{nobody}/v1/realtime",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     drv = None
     try:
         assert proc.stdout is not None

@@ -14,12 +14,20 @@ from pathlib import Path
 
 import pytest
 import trio
-from mockrealtime import MockConfig, serve_mock_realtime
 
+from mockrealtime import MockConfig, serve_mock_realtime
 from relay import wav
 from relay.cli import main
 from relay.demo import Demo, run_demo
-from relay.talk import BYTES_PER_MS, Conversation, Options, ProgressLine, TalkError, open_relay, talk
+from relay.talk import (
+    BYTES_PER_MS,
+    Conversation,
+    Options,
+    ProgressLine,
+    TalkError,
+    open_relay,
+    talk,
+)
 
 from .harness import TEST_KEY, closed_port_url, running_relay, scripted_upstream
 
@@ -45,13 +53,27 @@ async def test_the_command_round_trips_a_wav_through_relay_demo(tmp_path: Path) 
     with trio.fail_after(TIMEOUT):
         async with demo() as running:
             result = await trio.run_process(
-                [sys.executable, "-m", "relay", "talk", str(FIXTURES / "hello-ulaw8k.wav"),
-                 "-o", str(reply), "--url", running.relay_url + "/voice", "--transcribe"],
-                capture_stdout=True, capture_stderr=True, check=False,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "relay",
+                    "talk",
+                    str(FIXTURES / "hello-ulaw8k.wav"),
+                    "-o",
+                    str(reply),
+                    "--url",
+                    running.relay_url + "/voice",
+                    "--transcribe",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()
-    said = re.search(r"^you:       ([A-Z][a-z]*(?: [a-z]+)*)\.$", out, re.M)  # the fake's made-up words
+    said = re.search(
+        r"^you:       ([A-Z][a-z]*(?: [a-z]+)*)\.$", out, re.M
+    )  # the fake's made-up words
     assert said, out
     assert f"assistant: You said: {said.group(1)}." in out
     assert "ms from end of speech to first reply audio" in out
@@ -91,11 +113,16 @@ async def test_silence_the_vad_never_hears_is_committed_by_hand() -> None:
 
 
 async def test_without_turn_detection_it_commits_and_shows_the_input_transcript() -> None:
-    session = {"audio": {"input": {"turn_detection": None,
-                                   "transcription": {"model": "gpt-4o-mini-transcribe"}}}}  # fmt: skip
+    session = {
+        "audio": {
+            "input": {"turn_detection": None, "transcription": {"model": "gpt-4o-mini-transcribe"}}
+        }
+    }
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY})))
+            mock = await nursery.start(
+                serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}))
+            )
             async with running_relay(upstream_url=mock.url, session=session) as relay:
                 conversation = await talk(hello_pcm(), Options(url=relay.url + "/voice"))
             nursery.cancel_scope.cancel()
@@ -108,11 +135,17 @@ async def test_without_turn_detection_it_commits_and_shows_the_input_transcript(
 
 
 async def test_it_asks_for_pcm_when_the_relay_is_set_up_for_phones() -> None:
-    session = {"audio": {"input": {"format": {"type": "audio/pcmu"}},
-                         "output": {"format": {"type": "audio/pcmu"}}}}  # fmt: skip
+    session = {
+        "audio": {
+            "input": {"format": {"type": "audio/pcmu"}},
+            "output": {"format": {"type": "audio/pcmu"}},
+        }
+    }
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY})))
+            mock = await nursery.start(
+                serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}))
+            )
             async with running_relay(upstream_url=mock.url, session=session) as relay:
                 conversation = await talk(hello_pcm(), Options(url=relay.url + "/voice"))
             nursery.cancel_scope.cancel()
@@ -147,7 +180,10 @@ async def test_a_token_is_offered_as_a_subprotocol_next_to_realtime() -> None:
         async with scripted_upstream(accept) as server:
             async with open_relay(server.url, token="s3cr3t-Token") as ws:
                 assert ws.subprotocol == "realtime"
-    assert list(server.connections[0].request.proposed_subprotocols) == ["realtime", "relay-token.s3cr3t-Token"]
+    assert list(server.connections[0].request.proposed_subprotocols) == [
+        "realtime",
+        "relay-token.s3cr3t-Token",
+    ]
 
 
 async def test_the_relays_error_event_explains_a_closed_session() -> None:
@@ -161,7 +197,9 @@ async def test_the_relays_error_event_explains_a_closed_session() -> None:
 async def test_a_refused_handshake_says_what_the_relay_answered() -> None:
     with trio.fail_after(TIMEOUT):
         async with running_relay() as relay:
-            with pytest.raises(TalkError, match=r"refused the WebSocket handshake \(HTTP 404\): no WebSocket"):
+            with pytest.raises(
+                TalkError, match=r"refused the WebSocket handshake \(HTTP 404\): no WebSocket"
+            ):
                 await talk(hello_pcm(), Options(url=relay.url + "/nowhere"))
 
 
@@ -170,14 +208,22 @@ async def test_a_refused_handshake_says_what_the_relay_answered() -> None:
     [
         (["missing.wav"], 2, "relay talk: missing.wav: no such file"),
         ([__file__], 2, "is not a WAV file (no RIFF/WAVE header)"),
-        ([str(HELLO), "--url", "http://127.0.0.1:1/voice"], 2, "--url must be a ws:// or wss:// URL"),
+        (
+            [str(HELLO), "--url", "http://127.0.0.1:1/voice"],
+            2,
+            "--url must be a ws:// or wss:// URL",
+        ),
         ([str(HELLO), "--token", "a b"], 2, "--token may only hold"),
-        ([str(HELLO), "--url", closed_port_url().replace("/v1/realtime", "/voice")], 1,
-         "connection refused. Is the relay running?"),
+        (
+            [str(HELLO), "--url", closed_port_url().replace("/v1/realtime", "/voice")],
+            1,
+            "connection refused. Is the relay running?",
+        ),
     ],
 )
-def test_clear_one_line_errors(args: list[str], code: int, message: str, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_clear_one_line_errors(
+    args: list[str], code: int, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["talk", *args, "-o", str(tmp_path / "r.wav")]) == code
     captured = capsys.readouterr()
     assert message in captured.err
@@ -194,10 +240,28 @@ def test_a_turn_stays_open_from_speech_stopped_until_its_response_is_done() -> N
         (1.0, {"type": "input_audio_buffer.speech_stopped", "item_id": "u1", "audio_end_ms": 900}),
         (1.0, {"type": "input_audio_buffer.committed", "item_id": "u1"}),
         (1.0, {"type": "response.created", "response": {"id": "r1", "status": "in_progress"}}),
-        (1.2, {"type": "response.output_audio.delta", "response_id": "r1", "item_id": "a1", "delta": audio}),
-        (1.3, {"type": "response.output_audio_transcript.delta", "response_id": "r1", "item_id": "a1",
-               "delta": "Hel"}),  # fmt: skip
-        (1.5, {"type": "input_audio_buffer.speech_started", "item_id": "u2", "audio_start_ms": 1400}),
+        (
+            1.2,
+            {
+                "type": "response.output_audio.delta",
+                "response_id": "r1",
+                "item_id": "a1",
+                "delta": audio,
+            },
+        ),
+        (
+            1.3,
+            {
+                "type": "response.output_audio_transcript.delta",
+                "response_id": "r1",
+                "item_id": "a1",
+                "delta": "Hel",
+            },
+        ),
+        (
+            1.5,
+            {"type": "input_audio_buffer.speech_started", "item_id": "u2", "audio_start_ms": 1400},
+        ),
         (1.5, {"type": "response.done", "response": {"id": "r1", "status": "cancelled"}}),
         (2.0, {"type": "input_audio_buffer.speech_stopped", "item_id": "u2", "audio_end_ms": 1900}),
     ]
@@ -205,19 +269,46 @@ def test_a_turn_stays_open_from_speech_stopped_until_its_response_is_done() -> N
         conversation.handle(event, now)
         assert not conversation.settled, event["type"]
     conversation.handle({"type": "input_audio_buffer.committed", "item_id": "u2"}, 2.0)
-    conversation.handle({"type": "conversation.item.input_audio_transcription.completed", "item_id": "u2",
-                         "transcript": "Stop."}, 2.0)  # fmt: skip
+    conversation.handle(
+        {
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": "u2",
+            "transcript": "Stop.",
+        },
+        2.0,
+    )
     conversation.handle({"type": "response.created", "response": {"id": "r2"}}, 2.0)
-    conversation.handle({"type": "response.output_audio.delta", "response_id": "r2", "item_id": "a2",
-                         "delta": audio}, 2.05)  # fmt: skip
-    conversation.handle({"type": "response.output_audio_transcript.done", "response_id": "r2",
-                         "item_id": "a2", "transcript": "Okay."}, 2.1)  # fmt: skip
+    conversation.handle(
+        {
+            "type": "response.output_audio.delta",
+            "response_id": "r2",
+            "item_id": "a2",
+            "delta": audio,
+        },
+        2.05,
+    )
+    conversation.handle(
+        {
+            "type": "response.output_audio_transcript.done",
+            "response_id": "r2",
+            "item_id": "a2",
+            "transcript": "Okay.",
+        },
+        2.1,
+    )
     assert not conversation.settled
-    conversation.handle({"type": "response.done", "response": {"id": "r2", "status": "completed"}}, 2.2)
+    conversation.handle(
+        {"type": "response.done", "response": {"id": "r2", "status": "completed"}}, 2.2
+    )
     assert conversation.settled
     first, second = conversation.turns
     assert (first.user_item, first.status, first.assistant_transcript) == ("u1", "cancelled", "Hel")
     assert first.latency_ms == pytest.approx(200)
-    assert (second.user_item, second.user_transcript, second.assistant_transcript) == ("u2", "Stop.", "Okay.")
+    assert (first.speech_ms, second.speech_ms) == (900, 500)
+    assert (second.user_item, second.user_transcript, second.assistant_transcript) == (
+        "u2",
+        "Stop.",
+        "Okay.",
+    )
     assert second.latency_ms == pytest.approx(50)
     assert len(conversation.reply) == 2 * 4800

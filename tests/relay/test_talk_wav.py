@@ -15,7 +15,10 @@ FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def tone(rate: int, freq: float, seconds: float, amplitude: int = 12000) -> list[int]:
-    return [round(amplitude * math.sin(2 * math.pi * freq * n / rate)) for n in range(int(rate * seconds))]
+    return [
+        round(amplitude * math.sin(2 * math.pi * freq * n / rate))
+        for n in range(int(rate * seconds))
+    ]
 
 
 def rms(samples: list[int]) -> float:
@@ -24,23 +27,29 @@ def rms(samples: list[int]) -> float:
 
 def frequency(samples: list[int], rate: int) -> float:
     """Zero-crossing estimate of a steady tone's frequency."""
-    crossings = sum(1 for a, b in zip(samples, samples[1:]) if (a < 0) != (b < 0))
+    crossings = sum(1 for a, b in zip(samples, samples[1:], strict=False) if (a < 0) != (b < 0))
     return crossings / 2 / (len(samples) / rate)
 
 
-def riff(tag: int, channels: int, rate: int, bits: int, data: bytes, *, extensible: bool = False) -> bytes:
+def riff(
+    tag: int, channels: int, rate: int, bits: int, data: bytes, *, extensible: bool = False
+) -> bytes:
     """A WAV file built by hand, for encodings the wave module cannot write."""
     block = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block, block, bits)
+    fmt = struct.pack(
+        "<HHIIHH", 0xFFFE if extensible else tag, channels, rate, rate * block, block, bits
+    )
     if extensible:
         guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
         fmt += struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + guid_tail
-    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    chunks = (
+        b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    )
     return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
 
 
 def write_pcm16(path: Path, rate: int, channels: list[list[int]]) -> None:
-    frames = [s for frame in zip(*channels) for s in frame]
+    frames = [s for frame in zip(*channels, strict=True) for s in frame]
     with wave.open(str(path), "wb") as out:
         out.setnchannels(len(channels))
         out.setsampwidth(2)
@@ -70,7 +79,9 @@ def test_8k_input_is_upsampled_to_24k_keeping_pitch_and_level(tmp_path: Path) ->
     assert rms(out) == pytest.approx(12000 / math.sqrt(2), rel=0.03)
 
 
-def test_44k1_input_takes_the_non_integer_ratio_and_filters_what_24k_cannot_hold(tmp_path: Path) -> None:
+def test_44k1_input_takes_the_non_integer_ratio_and_filters_what_24k_cannot_hold(
+    tmp_path: Path,
+) -> None:
     write_pcm16(tmp_path / "cd.wav", 44100, [tone(44100, 1000, 1.0)])
     pcm, _ = wav.load_for_api(tmp_path / "cd.wav")
     out = wav.pcm16_samples(pcm)
@@ -94,8 +105,16 @@ def test_the_mu_law_fixture_decodes_to_the_same_speech_as_the_pcm_one() -> None:
 
 
 def test_g711_tables_match_the_standard() -> None:
-    assert (wav.MULAW_TO_PCM16[0xFF], wav.MULAW_TO_PCM16[0x80], wav.MULAW_TO_PCM16[0x00]) == (0, 32124, -32124)
-    assert (wav.ALAW_TO_PCM16[0xD5], wav.ALAW_TO_PCM16[0x55], wav.ALAW_TO_PCM16[0xAA]) == (8, -8, 32256)
+    assert (wav.MULAW_TO_PCM16[0xFF], wav.MULAW_TO_PCM16[0x80], wav.MULAW_TO_PCM16[0x00]) == (
+        0,
+        32124,
+        -32124,
+    )
+    assert (wav.ALAW_TO_PCM16[0xD5], wav.ALAW_TO_PCM16[0x55], wav.ALAW_TO_PCM16[0xAA]) == (
+        8,
+        -8,
+        32256,
+    )
 
 
 @pytest.mark.parametrize(
@@ -109,8 +128,9 @@ def test_g711_tables_match_the_standard() -> None:
         (1, 16, struct.pack("<2h", 1000, -1000), [1000, -1000], True),
     ],
 )
-def test_every_supported_encoding_decodes(tag: int, bits: int, data: bytes, expected: list[int],
-                                          extensible: bool) -> None:
+def test_every_supported_encoding_decodes(
+    tag: int, bits: int, data: bytes, expected: list[int], extensible: bool
+) -> None:
     samples, fmt = wav.parse_wav(riff(tag, 1, 16000, bits, data, extensible=extensible))
     assert samples == expected
     assert fmt.rate == 16000
@@ -130,7 +150,9 @@ def test_every_supported_encoding_decodes(tag: int, bits: int, data: bytes, expe
     ],
 )
 def test_unusable_files_get_a_one_line_reason(data: bytes, message: str) -> None:
-    with pytest.raises(wav.WavError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+    with pytest.raises(
+        wav.WavError, match=message.replace("(", r"\(").replace(")", r"\)")
+    ) as caught:
         wav.parse_wav(data, "in.wav")
     assert "\n" not in str(caught.value)
     assert str(caught.value).startswith("in.wav")
@@ -146,4 +168,9 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 def test_written_reply_is_a_24k_mono_pcm16_wav(tmp_path: Path) -> None:
     wav.write_wav(tmp_path / "r.wav", wav.pcm16_bytes([0, 1, -1, 32767]))
     with wave.open(str(tmp_path / "r.wav")) as r:
-        assert (r.getframerate(), r.getnchannels(), r.getsampwidth(), r.getnframes()) == (24000, 1, 2, 4)
+        assert (r.getframerate(), r.getnchannels(), r.getsampwidth(), r.getnframes()) == (
+            24000,
+            1,
+            2,
+            4,
+        )
