@@ -454,7 +454,7 @@ class Session:
             "turn_detection": self.render_session()["turn_detection"],
             "input_audio_noise_reduction": self.config.noise_reduction,
             "include": self.config.include,
-            "client_secret": None,
+            # no client_secret: "not present when a session is updated via the WebSocket API"
         }
         out.append(self._event("transcription_session.updated", session=session))
 
