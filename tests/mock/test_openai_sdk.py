@@ -25,6 +25,8 @@ import openai
 import pydantic
 import pytest
 import trio
+from openai.types.beta.realtime import RealtimeServerEvent as BetaServerEvent
+from openai.types.beta.realtime import SessionCreateResponse as BetaSessionCreateResponse
 from openai.types.realtime import (
     ClientSecretCreateResponse,
     RealtimeErrorEvent,
@@ -43,6 +45,7 @@ TEST_TIMEOUT = 20.0
 """Absolute bound per test (the tests themselves take well under a second each)."""
 START_TIMEOUT = 5.0
 SERVER_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RealtimeServerEvent)
+BETA_SERVER_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(BetaServerEvent)
 
 WEATHER_TOOL = {
     "type": "function",
@@ -93,8 +96,19 @@ class RunningMock:
         assert self.server is not None
         return f"{self.server.http_url}/v1"
 
-    def client(self, api_key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(api_key=api_key, base_url=self.base_url, max_retries=0, timeout=5.0)
+    def client(self, api_key: str = KEY, *, websocket_base_url: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(
+            api_key=api_key,
+            base_url=self.base_url,
+            websocket_base_url=websocket_base_url,
+            max_retries=0,
+            timeout=5.0,
+        )
+
+    def beta_client(self, api_key: str = KEY) -> openai.OpenAI:
+        """The beta realtime client always dials ``wss://`` unless given a WebSocket base URL."""
+        assert self.server is not None
+        return self.client(api_key, websocket_base_url=self.server.url.removesuffix("/realtime"))
 
     def start(self) -> None:
         self._thread.start()
@@ -145,7 +159,12 @@ def running_mock(**options: Any) -> Iterator[RunningMock]:
     watchdog = threading.Timer(TEST_TIMEOUT, expire)
     watchdog.start()
     try:
-        yield mock
+        try:
+            yield mock
+        except Exception as exc:
+            if mock.timed_out:
+                raise AssertionError(f"timed out after {TEST_TIMEOUT} s") from exc
+            raise
         assert not mock.timed_out, f"timed out after {TEST_TIMEOUT} s"
         mock.wait_closed()  # the client closed first; the mock saw every connection end
     finally:
@@ -154,24 +173,26 @@ def running_mock(**options: Any) -> Iterator[RunningMock]:
     assert mock.server is not None and mock.server.errors == []
 
 
-def receive(conn: Any) -> Any:
+def receive(conn: Any, models: pydantic.TypeAdapter[Any] = SERVER_EVENT) -> Any:
     """The next server event, parsed by the SDK and checked against its typed models."""
     raw = conn.recv_bytes()
     event = conn.parse_event(raw)
     data = json.loads(raw)
     try:
-        SERVER_EVENT.validate_python(data)
+        models.validate_json(raw, strict=True)
     except pydantic.ValidationError as exc:  # pragma: no cover - shows what the mock got wrong
         pytest.fail(f"the SDK's models reject {data['type']}: {exc}")
     assert event.type == data["type"]
     return event
 
 
-def receive_until(conn: Any, done: Callable[[Any], bool]) -> list[Any]:
+def receive_until(
+    conn: Any, done: Callable[[Any], bool], models: pydantic.TypeAdapter[Any] = SERVER_EVENT
+) -> list[Any]:
     """Events up to and including the first for which ``done`` holds (errors fail the test)."""
     events = []
     while True:
-        event = receive(conn)
+        event = receive(conn, models)
         events.append(event)
         assert not isinstance(event, RealtimeErrorEvent), event.error
         if done(event):
@@ -436,3 +457,51 @@ def test_wrong_key_gets_invalid_api_key_then_close_3000() -> None:
         assert closed.value.rcvd.code == 3000
         assert closed.value.rcvd.reason == "invalid_request_error.invalid_api_key"
     assert reconnects == []
+
+
+def test_beta_client_text_turn_and_session_mint() -> None:
+    """The SDK's deprecated beta client (``OpenAI-Beta: realtime=v1``) still works too."""
+    model = "gpt-4o-realtime-preview"
+    with running_mock() as mock:
+        raw = mock.client().beta.realtime.sessions.with_raw_response.create(
+            model=model, modalities=["text"]
+        )
+        BetaSessionCreateResponse.model_validate_json(raw.content, strict=True)
+        minted = raw.parse()
+        assert minted.client_secret.value.startswith("ek_")
+        client = mock.beta_client(api_key=minted.client_secret.value)
+        with client.beta.realtime.connect(model=model) as conn:
+            created = receive(conn, BETA_SERVER_EVENT)
+            assert created.type == "session.created" and created.session.model == model
+            conn.session.update(session={"modalities": ["text"]})
+            receive_until(conn, of_type("session.updated"), BETA_SERVER_EVENT)
+            say_hello_text(conn)
+            conn.response.create()
+            events = receive_until(conn, of_type("rate_limits.updated"), BETA_SERVER_EVENT)
+            text = "".join(e.delta for e in events if e.type == "response.text.delta")
+            assert text.startswith("You said: Hello, mock!")
+            assert kinds(events)[:4] == [
+                "conversation.item.created",
+                "response.created",
+                "response.output_item.added",
+                "conversation.item.created",
+            ]
+            done = next(e for e in events if e.type == "response.done")
+            assert done.response.status == "completed"
+        assert mock.server is not None and mock.server.connections[-1].dialect == "beta"
+
+
+def test_beta_client_against_a_server_that_rejects_beta() -> None:
+    with (
+        running_mock(reject_beta=True) as mock,
+        mock.beta_client().beta.realtime.connect(model="gpt-4o-realtime-preview") as conn,
+    ):
+        error = receive(conn, BETA_SERVER_EVENT)
+        assert error.type == "error" and error.error.code == "beta_api_shape_disabled"
+        with pytest.raises(ConnectionClosedError) as closed:
+            conn.recv()
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+            4000,
+            "invalid_request_error.beta_api_shape_disabled",
+        )
