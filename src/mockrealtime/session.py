@@ -443,6 +443,7 @@ class Session:
         self.config = apply_beta_update(  # modalities/client_secret: accepted, not applied
             self.config, {k: v for k, v in s.items() if k not in ("client_secret", "modalities")}
         )
+        self.config.kind = "transcription"  # from now on: transcribe, never respond (§3 F)
         self._rebuild_vad()
         session = {
             "id": self.session_id,
