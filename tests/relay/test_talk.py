@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import sys
 import wave
@@ -312,3 +313,33 @@ def test_a_turn_stays_open_from_speech_stopped_until_its_response_is_done() -> N
     )
     assert second.latency_ms == pytest.approx(50)
     assert len(conversation.reply) == 2 * 4800
+
+
+def client_sockets_to(port: int) -> int:
+    """Sockets of this process connected to ``port`` on loopback (Linux /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and f"socket:[{fields[9]}]" in ours:
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc to list sockets")
+async def test_failed_sessions_leave_no_socket_open() -> None:
+    """A refused handshake and a session the relay closes both give back the client's socket."""
+    pcm = hello_pcm()
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(upstream_url=closed_port_url(), dial_timeout=2.0) as relay:
+            port = int(relay.url.rsplit(":", 1)[1])
+            for path in ("/nowhere", "/voice", "/nowhere", "/voice"):  # HTTP 404; error + 1014
+                with pytest.raises(TalkError):
+                    await talk(pcm, Options(url=relay.url + path))
+                assert client_sockets_to(port) == 0, path
