@@ -6,7 +6,8 @@
 
 Minted keys are accepted by the WebSocket endpoint (Bearer header or
 ``openai-insecure-api-key.`` subprotocol) until they expire; a session opened
-before expiry outlives its key. Everything else answers 404 in OpenAI's shape.
+before expiry outlives its key and starts from the session config minted with it.
+Everything else answers 404 in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -43,14 +44,23 @@ Payload = dict[str, Any]
 
 
 class RestStore:
-    """Minted client secrets and their expiry (Unix seconds)."""
+    """Minted client secrets: their expiry (Unix seconds) and the session config they carry."""
 
     def __init__(self) -> None:
         self.secrets: dict[str, float] = {}
+        self.presets: dict[str, SessionConfig] = {}
 
     def secret_is_valid(self, key: str, now: float) -> bool:
         expires = self.secrets.get(key)
         return expires is not None and now < expires
+
+    def session_preset(self, key: str) -> SessionConfig | None:
+        """The session config minted with ``key`` (a copy), or None for other keys.
+
+        A session opened with a minted key starts from this config instead of the defaults.
+        """
+        preset = self.presets.get(key)
+        return None if preset is None else preset.copy()
 
 
 def _error(
@@ -90,10 +100,13 @@ def _ttl(raw: Any, param: str, default: int) -> int:
     return expect_int(obj["seconds"], f"{param}.seconds", MIN_TTL, MAX_TTL)
 
 
-def _mint(store: RestStore, rng: random.Random, now: float, ttl: int) -> tuple[str, int]:
+def _mint(
+    store: RestStore, rng: random.Random, now: float, ttl: int, cfg: SessionConfig
+) -> tuple[str, int]:
     value = IdFactory(rng).new("ek", 32)
     expires_at = int(now) + ttl
     store.secrets[value] = float(expires_at)
+    store.presets[value] = cfg.copy()
     return value, expires_at
 
 
@@ -153,7 +166,7 @@ def _client_secrets(
     if kind == "transcription":
         base.turn_detection = None
     cfg = apply_ga_update(base, {**session, "type": kind})
-    value, expires_at = _mint(store, rng, now, ttl)
+    value, expires_at = _mint(store, rng, now, ttl, cfg)
     rendered = render_ga(cfg)
     head: Payload = {
         "type": rendered.pop("type"),
@@ -186,7 +199,7 @@ def _sessions(
         ttl = _ttl(secret_obj.get("expires_after"), "client_secret.expires_after", ttl)
     update = {k: v for k, v in request.items() if k not in ("model", "client_secret")}
     cfg = apply_beta_update(SessionConfig(), update)
-    value, expires_at = _mint(store, rng, now, ttl)
+    value, expires_at = _mint(store, rng, now, ttl, cfg)
     rendered = render_beta(cfg)
     rendered["client_secret"] = {"value": value, "expires_at": expires_at}
     return 200, {

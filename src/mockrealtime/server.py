@@ -349,6 +349,7 @@ class MockServer:
             response_delay=self.config.response_delay,
             obfuscation=self.config.obfuscation,
             reply_sentences=self.config.reply_sentences,
+            preset=self.rest.session_preset(decision.api_key) if decision.api_key else None,
         )
         try:
             conn = _Connection(self.config, faults, stream, ws, session, record)

@@ -191,7 +191,8 @@ class Session:
     ``response_delay`` is the time from ``response.created`` to the first delta (the
     model's "thinking"); ``obfuscation`` adds the GA ``obfuscation`` padding field to
     delta events, as the real server does; ``reply_sentences`` filler sentences follow the
-    canned lead of each reply (about 1.5 s of audio each).
+    canned lead of each reply (about 1.5 s of audio each). ``preset`` replaces the default
+    session config (a client secret's session, for connections authenticated with it).
     """
 
     def __init__(
@@ -208,6 +209,7 @@ class Session:
         response_delay: float = 0.0,
         obfuscation: bool = False,
         reply_sentences: int = 1,
+        preset: SessionConfig | None = None,
     ) -> None:
         self.dialect: Dialect = dialect
         self.model = model
@@ -219,7 +221,7 @@ class Session:
         self.obfuscation = obfuscation and dialect == "ga"
         self.reply_sentences = reply_sentences
         self.max_duration = max_duration
-        self.config = SessionConfig()
+        self.config = SessionConfig() if preset is None else preset.copy()
         if intent == "transcription" and dialect == "ga":
             self.config.kind = "transcription"
         self.session_id = self._ids.new("sess")
@@ -443,7 +445,7 @@ class Session:
         self.config = apply_beta_update(  # modalities/client_secret: accepted, not applied
             self.config, {k: v for k, v in s.items() if k not in ("client_secret", "modalities")}
         )
-        self.config.kind = "transcription"  # from now on: transcribe, never respond (§3 F)
+        self.config.kind = "transcription"  # from now on: transcribe, never respond
         self._rebuild_vad()
         session = {
             "id": self.session_id,

@@ -71,6 +71,20 @@ def test_client_secrets_mints_an_ek_key_with_the_requested_expiry() -> None:
     assert not store.secret_is_valid(body["value"], 1120.0)
 
 
+def test_a_minted_secret_carries_its_session_config_for_the_websocket() -> None:
+    store = RestStore()
+    session = {"type": "realtime", "instructions": "Be terse.", "output_modalities": ["text"]}
+    _, body = call("POST", "/v1/realtime/client_secrets", {"session": session}, store=store)
+    preset = store.session_preset(body["value"])
+    assert preset is not None
+    assert (preset.instructions, preset.modality, preset.kind) == ("Be terse.", "text", "realtime")
+    assert store.session_preset("sk-not-minted") is None
+    request = {"model": "gpt-4o-realtime-preview", "voice": "ash"}
+    _, beta = call("POST", "/v1/realtime/sessions", request, store=store)
+    beta_preset = store.session_preset(beta["client_secret"]["value"])
+    assert beta_preset is not None and beta_preset.voice == "ash"
+
+
 def test_client_secrets_defaults_to_ten_minutes_and_a_realtime_session() -> None:
     status, body = call("POST", "/v1/realtime/client_secrets", {})
     assert status == 200 and body["expires_at"] == 1600

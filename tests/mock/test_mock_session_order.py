@@ -43,7 +43,7 @@ TOOL = {
 
 
 class Names:
-    """Event names that differ between the dialects (protocol §0)."""
+    """Event names that differ between the GA and beta dialects."""
 
     def __init__(self, dialect: str) -> None:
         ga = dialect == "ga"
@@ -97,7 +97,7 @@ def text_only(session: Session) -> list[dict[str, Any]]:
     return update(session, modalities=["text"])
 
 
-# --- §2: every client event type ------------------------------------------------------------
+# --- every client event type ------------------------------------------------------------------
 
 
 def _assistant_audio_item(session: Session) -> str:
@@ -194,7 +194,7 @@ def test_response_cancel_with_a_response_id_stops_that_response_only(dialect: st
     assert done["id"] == inband["id"]
 
 
-# --- §5: every error code ---------------------------------------------------------------------
+# --- every error code ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
@@ -325,7 +325,7 @@ def test_session_expiry_is_a_close_in_ga_and_an_error_then_close_in_beta() -> No
         assert session.close_requested == (1001, message)
 
 
-# --- §3: event order --------------------------------------------------------------------------
+# --- event order --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

@@ -425,7 +425,8 @@ def test_client_secret_mint_then_connect_with_the_ek_key() -> None:
         assert secret.session.type == "realtime"
         assert secret.expires_at > 0
         with mock.client(api_key=secret.value).realtime.connect(model="gpt-realtime") as conn:
-            opened(conn)
+            created = opened(conn)
+            assert created.session.instructions == "Be brief."  # the secret's session config
             say_hello_text(conn)
             conn.response.create()
             events = receive_until(conn, of_type("response.done"))
@@ -473,8 +474,7 @@ def test_beta_client_text_turn_and_session_mint() -> None:
         with client.beta.realtime.connect(model=model) as conn:
             created = receive(conn, BETA_SERVER_EVENT)
             assert created.type == "session.created" and created.session.model == model
-            conn.session.update(session={"modalities": ["text"]})
-            receive_until(conn, of_type("session.updated"), BETA_SERVER_EVENT)
+            assert created.session.modalities == ["text"]  # minted with the secret
             say_hello_text(conn)
             conn.response.create()
             events = receive_until(conn, of_type("rate_limits.updated"), BETA_SERVER_EVENT)
