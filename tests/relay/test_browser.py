@@ -247,9 +247,11 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
         data = body_data(drv)
         assert int(data["truncations"]) == 1
         assert "error" not in data
-        assert all(
-            re.fullmatch(r"\d\.\d s of speech", t) for t in turns(drv, "user")
-        )  # no transcription
+        # No transcription: each user turn shows how long the server heard speech. The same
+        # file through `relay talk` gives 2.4 s, so the page's 44.1 → 24 kHz rate is right.
+        spoken = [re.fullmatch(r"(\d\.\d) s of speech", t) for t in turns(drv, "user")]
+        assert len(spoken) == 2 and all(spoken), spoken
+        assert all(2.1 <= float(m.group(1)) <= 2.7 for m in spoken if m), spoken
         first, second = drv.execute_script(
             "return [...document.querySelectorAll('.turn.assistant')].map(e => e.className)"
         )
@@ -316,3 +318,52 @@ def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None
             proc.wait()
             if proc.stdout:
                 proc.stdout.close()
+
+
+RESAMPLE_SCRIPT = """
+const [rate, done] = [arguments[0], arguments[arguments.length - 1]];
+(async () => {
+  // One second of a 1 kHz tone at `rate`, through the page's capture worklet, offline.
+  const ctx = new OfflineAudioContext(1, rate, rate);
+  await ctx.audioWorklet.addModule("/static/capture-worklet.js");
+  const node = new AudioWorkletNode(ctx, "pcm16-capture", {
+    processorOptions: { targetRate: 24000, chunkSamples: 960 },
+  });
+  const expected = 25;  // 24000 samples in chunks of 960
+  const chunks = [];
+  const received = new Promise((resolve) => {
+    node.port.onmessage = ({ data }) => {
+      chunks.push(new Int16Array(data.pcm));
+      if (chunks.length === expected) resolve();
+    };
+  });
+  const tone = new OscillatorNode(ctx, { frequency: 1000 });
+  const half = new GainNode(ctx, { gain: 0.5 });
+  tone.connect(half).connect(node).connect(ctx.destination);
+  tone.start();
+  await ctx.startRendering();
+  await received;
+  const pcm = Int16Array.from(chunks.flatMap((c) => Array.from(c)));
+  let crossings = 0, energy = 0;
+  for (let i = 1; i < pcm.length; i++) if ((pcm[i - 1] < 0) !== (pcm[i] < 0)) crossings++;
+  for (const s of pcm) energy += s * s;
+  done({ samples: pcm.length, frequency: crossings / 2, rms: Math.sqrt(energy / pcm.length) });
+})().catch((err) => done({ error: String(err) }));
+"""
+
+
+@needs_chromium
+def test_the_capture_worklet_resamples_any_rate_to_24k(demo_url: str, tmp_path: Path) -> None:
+    """44.1 kHz (headless Chromium's default, a non-integer ratio), 48 kHz and 24 kHz in."""
+    drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.1), tmp_path / "profile")
+    try:
+        drv.set_script_timeout(20)
+        drv.get(demo_url + "/")
+        for rate in (44100, 48000, 24000):
+            result = drv.execute_async_script(RESAMPLE_SCRIPT, rate)
+            assert "error" not in result, result
+            assert result["samples"] == 24000, rate  # one second at 24 kHz
+            assert result["frequency"] == pytest.approx(1000, abs=3), rate  # pitch kept
+            assert result["rms"] == pytest.approx(0.5 * 32767 / 2**0.5, rel=0.02), rate
+    finally:
+        drv.quit()
