@@ -258,6 +258,29 @@ def test_text_turn_completes_with_typed_events() -> None:
         assert message.type == "message" and message.role == "assistant"
 
 
+def test_the_sdks_event_dispatch_runs_a_turn_to_the_end() -> None:
+    """The push-style API: handlers per event type, ``dispatch_events`` until closed."""
+    seen: list[str] = []
+    with running_mock() as mock, mock.client().realtime.connect(model="gpt-realtime") as conn:
+
+        @conn.on("event")
+        def every(event: Any) -> None:
+            seen.append(event.type)
+
+        @conn.on("session.created")
+        def start(event: SessionCreatedEvent) -> None:
+            say_hello_text(conn)
+            conn.response.create(response={"output_modalities": ["text"]})
+
+        @conn.on("rate_limits.updated")
+        def finish(event: Any) -> None:
+            conn.close()
+
+        conn.dispatch_events()  # returns once the connection is closed (no error event)
+    assert seen[0] == "session.created" and seen[-1] == "rate_limits.updated"
+    assert "response.output_text.delta" in seen and "response.done" in seen
+
+
 def test_manual_commit_audio_turn_streams_audio_and_transcripts() -> None:
     pcm = wav_pcm16()
     with running_mock() as mock, mock.client().realtime.connect(model="gpt-realtime") as conn:
