@@ -71,3 +71,15 @@ async def test_serve_prints_its_url_and_stops_cleanly_on_sigterm() -> None:
                 await process.wait()
             if process.stdout is not None:
                 await process.stdout.aclose()
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mockrealtime", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--port" in done.stdout and "--reject-beta" in done.stdout
