@@ -127,7 +127,22 @@ def open_browser(mic_wav: Path, profile: Path):  # type: ignore[no-untyped-def]
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # With the driver's path given, Selenium Manager (which would go online) is not run.
-    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    drv = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    # Record what each page offers when it opens a WebSocket (URL and subprotocols).
+    drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_WEBSOCKETS})
+    return drv
+
+
+RECORD_WEBSOCKETS = """
+window.openedSockets = [];
+const PageWebSocket = window.WebSocket;
+window.WebSocket = class extends PageWebSocket {
+  constructor(url, protocols) {
+    super(url, protocols);
+    window.openedSockets.push({ url: String(url), protocols: [].concat(protocols || []) });
+  }
+};
+"""
 
 
 def body_data(drv) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -205,6 +220,11 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
         wait_for(drv, "+d.turns >= 1 && +d.receivedMs > 0 && +d.playedMs >= +d.receivedMs - 1")
         data = body_data(drv)
         screenshot(drv, "browser-demo-turn.png")
+        [socket] = drv.execute_script("return window.openedSockets")
+        assert socket == {
+            "url": demo_url.replace("http://", "ws://") + "/voice",
+            "protocols": ["realtime", "relay-token.demo-token"],
+        }
         assert data["state"] == "live" and "error" not in data
         assert int(data["userTurns"]) == 1
         assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
