@@ -70,6 +70,18 @@ class AsgiClient:
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
+    async def wait_closed(self, timeout: float) -> None:
+        """After our close frame, let the client answer it before the app returns.
+
+        Hypercorn closes the TCP connection when the app returns; if the client is
+        still sending then, unread data makes the kernel reset the connection, and
+        a client that has not read our error event and close frame yet loses them
+        (it sees 1006). Reading until the client's close reply avoids that.
+        """
+        with trio.move_on_after(timeout):
+            while await self.receive() is not None:
+                pass
+
 
 class RelayApp:
     """One relay: its settings, its upstream dialer and the pairs it is running."""
@@ -138,6 +150,7 @@ class RelayApp:
             code, message, reason = refusal
             await client.send(error_event(code, message))
             await client.close(Code.INVALID_REQUEST, reason)
+            await client.wait_closed(self.config.close_timeout)
             return
         model = _query_param(scope, "model") or self.config.model
         bridge = Bridge(
@@ -152,10 +165,13 @@ class RelayApp:
             self.dialer.target(model),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
+            send_timeout=self.config.send_timeout,
         )
         self.pairs.add(pair)
         try:
             ending = await pair.run()
+            if ending.client_code is not None:
+                await client.wait_closed(self.config.close_timeout)
         finally:
             self.pairs.discard(pair)
         log.info(

@@ -48,6 +48,8 @@ class Cause(Enum):
     UPSTREAM_AUTH_REFUSED = "upstream_auth_refused"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     MESSAGE_TOO_BIG = "message_too_big"
+    CLIENT_TOO_SLOW = "client_too_slow"
+    UPSTREAM_TOO_SLOW = "upstream_too_slow"
     QUEUE_OVERFLOW = "queue_overflow"
     SHUTDOWN = "shutdown"
 
@@ -303,6 +305,34 @@ class Bridge:
             error=error_event(
                 "relay_upstream_unavailable",
                 f"The relay could not reach the Realtime API ({detail}). Try again shortly.",
+                kind="server_error",
+            ),
+        )
+
+    def client_too_slow(self, seconds: float) -> Ending | None:
+        """The client took more than ``seconds`` to accept one message."""
+        return self._end(
+            Cause.CLIENT_TOO_SLOW,
+            client=(Code.POLICY_VIOLATION, "client too slow to read"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="client too slow",
+            error=error_event(
+                "relay_client_too_slow",
+                f"The relay could not deliver an event to you within {seconds:g} s"
+                " (RELAY_SEND_TIMEOUT): read events as they arrive.",
+            ),
+        )
+
+    def upstream_too_slow(self, seconds: float) -> Ending | None:
+        """The upstream took more than ``seconds`` to accept one message."""
+        return self._end(
+            Cause.UPSTREAM_TOO_SLOW,
+            client=(Code.BAD_GATEWAY, "upstream stalled"),
+            upstream=None,  # a send was cut mid-frame: no close frame, the socket is dropped
+            error=error_event(
+                "relay_upstream_stalled",
+                f"The Realtime API stopped taking messages for {seconds:g} s. Reconnect to"
+                " start a new session.",
                 kind="server_error",
             ),
         )

@@ -15,6 +15,7 @@ from enum import IntEnum
 class Code(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013

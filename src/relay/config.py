@@ -111,6 +111,12 @@ class RelayConfig:
     close_timeout: float = _setting(
         5.0, "RELAY_CLOSE_TIMEOUT", "Seconds a close handshake may take before the socket is cut."
     )
+    send_timeout: float = _setting(
+        10.0,
+        "RELAY_SEND_TIMEOUT",
+        "Seconds either side may take to accept one message before the pair is closed"
+        " (a stalled reader: client 1008, upstream 1014).",
+    )
     queue_messages: int = _setting(
         256, "RELAY_QUEUE_MESSAGES", "Most client messages held while the upstream opens."
     )
@@ -281,6 +287,7 @@ def _validate(config: RelayConfig) -> None:
     for name in (
         "dial_timeout",
         "close_timeout",
+        "send_timeout",
         "queue_messages",
         "queue_bytes",
         "max_message_bytes",

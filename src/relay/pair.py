@@ -16,7 +16,9 @@ the dial.
 
 Backpressure: each task awaits its send before reading the next message, so a
 slow upstream stops the relay reading the client, and a slow client stops it
-reading the upstream. Nothing is buffered without bound.
+reading the upstream. Nothing is buffered without bound, and a side that takes
+longer than the send timeout to accept one message ends the pair (client 1008,
+or 1014 for a stalled upstream).
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ class Pair:
         *,
         dial_timeout: float,
         close_timeout: float,
+        send_timeout: float = 10.0,
     ) -> None:
         self.client = client
         self.bridge = bridge
         self._target = target
         self._dial_timeout = dial_timeout
         self._close_timeout = close_timeout
+        self._send_timeout = send_timeout
         self._upstream: WebSocketConnection | None = None
         self._flushed = trio.Event()
         self._cancel_scope: trio.CancelScope | None = None
@@ -88,10 +92,14 @@ class Pair:
             if out is None:
                 continue
             if out.__class__ is str or out.__class__ is bytes:
-                try:
-                    await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
-                except ConnectionClosed:
-                    # The upstream is closing; its task reads what is left and ends the pair.
+                with trio.move_on_after(self._send_timeout) as waited:
+                    try:
+                        await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
+                    except ConnectionClosed:
+                        # The upstream is closing; its task reads what is left and ends the pair.
+                        return
+                if waited.cancelled_caught:
+                    await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
             elif out.__class__ is Reply:
                 await self.client.send(out.text)  # type: ignore[union-attr]
@@ -139,7 +147,12 @@ class Pair:
         bridge.upstream_opened()
         try:
             while (data := bridge.next_to_flush()) is not None:
-                await upstream.send_message(data)
+                with trio.move_on_after(self._send_timeout) as waited:
+                    await upstream.send_message(data)
+                if waited.cancelled_caught:
+                    self._flushed.set()
+                    await self._finish(bridge.upstream_too_slow(self._send_timeout))
+                    return
         except ConnectionClosed:
             pass  # the reads that follow still deliver what the upstream sent first
         finally:
@@ -160,7 +173,11 @@ class Pair:
             out = bridge.upstream_message(data)
             if out is None:
                 continue
-            await send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
+            with trio.move_on_after(self._send_timeout) as waited:
+                await send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
+            if waited.cancelled_caught:
+                await self._finish(bridge.client_too_slow(self._send_timeout))
+                return
 
     async def _finish(self, ending: Ending | None) -> None:
         """Carry out an ending: the client's error and close, the upstream's close, cancel.
@@ -172,16 +189,22 @@ class Pair:
         if ending is None:
             return
         with trio.move_on_after(self._close_timeout, shield=True):
-            if ending.client_code is not None:
-                if ending.error is not None:
-                    await self.client.send(ending.error)
-                await self.client.close(ending.client_code, ending.client_reason)
-            upstream = self._upstream
-            if ending.upstream_code is not None and upstream is not None:
-                await self._flushed.wait()
-                await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)
+            async with trio.open_nursery() as closing:
+                if ending.client_code is not None:
+                    closing.start_soon(self._close_client, ending)
+                if ending.upstream_code is not None and self._upstream is not None:
+                    closing.start_soon(self._close_upstream, self._upstream, ending)
         assert self._cancel_scope is not None
         self._cancel_scope.cancel()
+
+    async def _close_client(self, ending: Ending) -> None:
+        if ending.error is not None:
+            await self.client.send(ending.error)
+        await self.client.close(ending.client_code, ending.client_reason)  # type: ignore[arg-type]
+
+    async def _close_upstream(self, upstream: WebSocketConnection, ending: Ending) -> None:
+        await self._flushed.wait()  # a client leaving mid-flush still gets its messages sent
+        await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)  # type: ignore[arg-type]
 
 
 def _describe(exc: BaseException) -> str:

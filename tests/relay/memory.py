@@ -24,6 +24,7 @@ SECRET = "sk-memory-secret-7f3a9c"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime","instructions":"x"}}'
 DIAL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
+SEND_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class UpstreamScript:
     close_code: int = 1000
     close_reason: str = ""
     read_delay: float = 0.0
+    tight: bool = False  # lockstep streams: a slow reader pushes back on the relay's writes
 
 
 @dataclass
@@ -135,7 +137,8 @@ class MemoryUpstream:
     async def connect(self) -> trio.abc.Stream:
         if self.script.unreachable:
             raise OSError(111, "Connection refused")
-        relay_end, server_end = trio.testing.memory_stream_pair()
+        pair = trio.testing.lockstep_stream_pair if self.script.tight else trio.testing.memory_stream_pair
+        relay_end, server_end = pair()
         self._nursery.start_soon(self._serve, server_end)
         return relay_end
 
@@ -164,9 +167,8 @@ class MemoryUpstream:
     async def _read(self, ws: WebSocketConnection) -> None:
         try:
             while True:
-                message = await ws.get_message()
-                await trio.sleep(self.script.read_delay)
-                self.record.received.append(message)
+                self.record.received.append(await ws.get_message())
+                await trio.sleep(self.script.read_delay)  # a slow consumer
         except ConnectionClosed:
             self._note_close(ws)
 
@@ -184,7 +186,7 @@ class MemoryUpstream:
                 await ws.send_message(event)
             except ConnectionClosed:
                 self._note_close(ws)
-                raise
+                return  # the reader still takes what the relay sent before its close
             record.sent.append(event)
         record.finished_sending_at = trio.current_time()
         if script.ending == "close":
@@ -219,7 +221,14 @@ async def run_pair(client_script: ClientScript, upstream_script: UpstreamScript)
     async with trio.open_nursery() as world:
         client = MemoryClient(client_script, client_record)
         upstream = MemoryUpstream(upstream_script, upstream_record, world)
-        pair = Pair(client, bridge, upstream, dial_timeout=DIAL_TIMEOUT, close_timeout=CLOSE_TIMEOUT)
+        pair = Pair(
+            client,
+            bridge,
+            upstream,
+            dial_timeout=DIAL_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            send_timeout=SEND_TIMEOUT,
+        )
         world.start_soon(client.drive)
         ending = await pair.run()
         ended_at = trio.current_time()

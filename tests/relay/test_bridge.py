@@ -260,3 +260,21 @@ def test_nothing_goes_upstream_when_the_pair_ended_before_the_dial_finished() ->
     assert isinstance(bridge.client_message("b"), Ending)
     bridge.upstream_opened()
     assert flush_all(bridge) == []
+
+
+def test_a_stalled_client_ends_with_1008_and_the_upstream_closed_normally() -> None:
+    bridge = make_bridge()
+    bridge.upstream_opened()
+    flush_all(bridge)
+    ending = bridge.client_too_slow(10)
+    assert (ending.client_code, ending.upstream_code) == (1008, 1000)
+    assert error_code(ending.error) == "relay_client_too_slow"
+
+
+def test_a_stalled_upstream_ends_with_1014_and_no_close_frame() -> None:
+    bridge = make_bridge()
+    bridge.upstream_opened()
+    flush_all(bridge)
+    ending = bridge.upstream_too_slow(10)
+    assert (ending.client_code, ending.upstream_code) == (1014, None)
+    assert error_code(ending.error) == "relay_upstream_stalled"

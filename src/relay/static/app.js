@@ -32,7 +32,15 @@ const ui = {
   error: $("error"),
 };
 
-const stats = { turns: 0, userTurns: 0, sentMs: 0, receivedMs: 0, playedMs: 0, truncations: 0, latencies: [] };
+const stats = {
+  turns: 0,
+  userTurns: 0,
+  sentMs: 0,
+  receivedMs: 0,
+  playedMs: 0,
+  truncations: 0,
+  latencies: [],
+};
 let session = null; // the live connection, see connect()
 
 function setState(state, label) {
@@ -208,7 +216,10 @@ async function connect() {
   delete body.dataset.error;
   const token = ui.token.value.trim();
   if (token && !TOKEN_RE.test(token)) {
-    showError("The token may only hold letters, digits and !#$%&'*+-.^_`|~ (it is sent as a subprotocol).", "invalid_token");
+    showError(
+      "The token may only hold letters, digits and !#$%&'*+-.^_`|~ (it is sent as a subprotocol).",
+      "invalid_token",
+    );
     return;
   }
   if (!window.isSecureContext || !navigator.mediaDevices) {
@@ -235,7 +246,9 @@ async function connect() {
   session = s;
   try {
     s.ctx = new AudioContext();
-    if (!s.ctx.audioWorklet) throw new Error("This browser has no AudioWorklet; use a current Chrome, Edge, Firefox or Safari.");
+    if (!s.ctx.audioWorklet) {
+      throw new Error("this browser has no AudioWorklet; use a current Chrome, Edge, Firefox or Safari");
+    }
     s.ctx.resume(); // not awaited: without a user gesture it may never settle
     // Module and socket first: the microphone's clock starts when it opens.
     await s.ctx.audioWorklet.addModule("/static/capture-worklet.js");
@@ -285,12 +298,15 @@ function openSocket(s, token) {
       if (session !== s) return;
       if (!s.closing && !s.opened) {
         // Browsers do not say why a handshake failed; the relay's log does.
-        showError(`Could not open ${ws.url}: is the relay running, and is it accepting sessions?`, "connect_failed");
+        const hint = "is the relay running, and is it accepting sessions?";
+        showError(`Could not open ${ws.url}: ${hint}`, "connect_failed");
       } else if (!s.closing) {
         const why = s.lastError ? `: ${s.lastError}` : close.reason ? `: ${close.reason}` : "";
-        showError(`Connection closed (code ${close.code})${why}`, body.dataset.error || `close_${close.code}`);
+        const code = body.dataset.error || `close_${close.code}`;
+        showError(`Connection closed (code ${close.code})${why}`, code);
       }
-      setState(s.closing ? "closed" : "error", s.closing ? "disconnected" : `closed ${close.code}`);
+      const clean = s.closing || (close.code === 1000 && !s.lastError);
+      setState(clean ? "closed" : "error", s.closing ? "disconnected" : `closed ${close.code}`);
       disconnect(s);
     };
   });
@@ -345,7 +361,10 @@ function onEvent(s, event) {
       if (ui.transcribe.checked) input.transcription = { model: TRANSCRIBE_MODEL };
       send(s, {
         type: "session.update",
-        session: { type: "realtime", audio: { input, output: { format: { type: "audio/pcm", rate: RATE } } } },
+        session: {
+          type: "realtime",
+          audio: { input, output: { format: { type: "audio/pcm", rate: RATE } } },
+        },
       });
       setState("live", "live");
       break;
@@ -367,9 +386,9 @@ function onEvent(s, event) {
         // No transcript (yet): the session may not transcribe input. Show the turn itself.
         const start = Number(el.dataset.startMs);
         const seconds = (event.audio_end_ms - start) / 1000;
-        setText(el, Number.isFinite(seconds) && seconds > 0 ? `${seconds.toFixed(1)} s of speech` : "speech", {
-          placeholder: true,
-        });
+        const known = Number.isFinite(seconds) && seconds > 0;
+        const spoken = known ? `${seconds.toFixed(1)} s of speech` : "speech";
+        setText(el, spoken, { placeholder: true });
       }
       stats.userTurns += 1;
       showStats();
@@ -422,7 +441,9 @@ function onEvent(s, event) {
           const status = response.status;
           item.el.classList.remove("pending");
           if (status && status !== "completed") item.el.classList.add("interrupted");
-          if (status === "cancelled" && !item.truncated) setMeta(item.el, joinMeta(item.meta, "cancelled"));
+          if (status === "cancelled" && !item.truncated) {
+            setMeta(item.el, joinMeta(item.meta, "cancelled"));
+          }
         }
       }
       stats.turns += 1;
@@ -431,7 +452,8 @@ function onEvent(s, event) {
     }
     case "conversation.item.truncated": {
       const item = s.assistant.get(event.item_id);
-      if (item) setMeta(item.el, joinMeta(item.meta, `interrupted after ${(event.audio_end_ms / 1000).toFixed(1)} s`));
+      const heard = `interrupted after ${(event.audio_end_ms / 1000).toFixed(1)} s`;
+      if (item) setMeta(item.el, joinMeta(item.meta, heard));
       break;
     }
     case "error": {
@@ -448,7 +470,13 @@ function onEvent(s, event) {
 function assistantItem(s, event) {
   let item = s.assistant.get(event.item_id);
   if (!item) {
-    item = { el: bubble(event.item_id, "assistant"), text: "", truncated: false, responseId: event.response_id, meta: "" };
+    item = {
+      el: bubble(event.item_id, "assistant"),
+      text: "",
+      truncated: false,
+      responseId: event.response_id,
+      meta: "",
+    };
     s.assistant.set(event.item_id, item);
   }
   return item;
