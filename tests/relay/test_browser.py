@@ -229,6 +229,7 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
         assert int(data["userTurns"]) == 1
         assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
         assert int(data["playedMs"]) >= 500  # the fake's sentence, played out
+        assert data["underruns"] == "0"  # back to back: no gap inside the reply
         assert 0 <= int(data["latencyMs"]) < 3000
         wait_for(
             drv,

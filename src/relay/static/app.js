@@ -7,7 +7,7 @@
 //
 // Tests read the page through data-* attributes on <body>: data-state, data-turns,
 // data-user-turns, data-sent-ms, data-received-ms, data-played-ms, data-playing,
-// data-latency-ms, data-truncations and data-error.
+// data-underruns (gaps inside a reply), data-latency-ms, data-truncations and data-error.
 
 const RATE = 24000; // PCM16 mono, the API's only PCM rate
 const CHUNK_SAMPLES = 960; // 40 ms per input_audio_buffer.append
@@ -127,6 +127,9 @@ class Player {
     this.next = 0; // context time at which the next chunk starts
     this.chunks = []; // {itemId, start, duration, source, done}
     this.heard = new Map(); // item id → seconds of its chunks that finished playing
+    this.lastItem = null;
+    this.underruns = 0;
+    body.dataset.underruns = 0;
   }
 
   play(itemId, pcm) {
@@ -139,6 +142,12 @@ class Player {
     source.connect(this.out);
     // Back to back when we are ahead; a little slack when the network fell behind.
     const start = Math.max(this.next, this.ctx.currentTime + 0.03);
+    if (itemId === this.lastItem && start > this.next) {
+      // The previous chunk of this reply ran out before this one came: an audible gap.
+      this.underruns += 1;
+      body.dataset.underruns = this.underruns;
+    }
+    this.lastItem = itemId;
     const chunk = { itemId, start, duration: buffer.duration, source, done: false };
     source.onended = () => {
       chunk.done = true;
@@ -183,6 +192,7 @@ class Player {
     }
     this.chunks = [];
     this.next = 0;
+    this.lastItem = null;
     body.dataset.playing = "false";
   }
 }
