@@ -8,6 +8,7 @@ every live pair with 1001 and an ``error`` event, then lets Hypercorn stop.
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -31,7 +32,8 @@ def hypercorn_config(config: RelayConfig) -> HypercornConfig:
     hc.websocket_max_message_size = max(2 * config.max_message_bytes, config.max_message_bytes + 65536)
     hc.graceful_timeout = GRACEFUL_TIMEOUT
     hc.accesslog = None
-    hc.errorlog = "-"
+    # Hypercorn's own records go through the standard logging tree like the relay's.
+    hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
 
 
