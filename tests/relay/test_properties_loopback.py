@@ -6,10 +6,14 @@ runs in real time), with delays scaled down to milliseconds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
+import orjson
 import trio
 from hypothesis import given, settings
+from hypothesis import strategies as st
+from mockrealtime import Faults, MockConfig, serve_mock_realtime
 from trio_websocket import ConnectionClosed
 
 from relay.bridge import Cause, Ending
@@ -178,3 +182,73 @@ def test_invariants_hold_through_hypercorn_over_loopback(
     if cause is Cause.UPSTREAM_UNAVAILABLE:
         assert cl.close_code == 1014
         assert upstream.unreachable or upstream.refuse_status or upstream.open_delay > DIAL_TIMEOUT
+
+
+# -- against mockrealtime with its faults --------------------------------------------
+
+faults = st.builds(
+    Faults,
+    handshake_delay=st.sampled_from([0.0, 0.0, 0.05, 0.8]),  # 0.8 > the 0.5 s dial timeout
+    refuse_status=st.sampled_from([None, None, None, 401, 503]),
+    close_after_open=st.sampled_from([None, None, None, (1000, "bye"), (4001, "going away"), (1011, "x")]),
+    drop_after_events=st.sampled_from([None, None, 1, 3, 8]),
+    send_delay=st.sampled_from([0.0, 0.0, 0.001]),
+    inject_error_after=st.sampled_from([None, None, 1]),
+)
+
+DOCUMENTED = {1000, 1001, 1008, 1009, 1011, 1013, 1014, 4001}
+
+
+@settings(max_examples=EXAMPLES)
+@given(faults=faults, leave_early=st.booleans())
+def test_a_text_turn_through_a_faulty_fake_ends_well_or_with_a_documented_close(
+    faults: Faults, leave_early: bool
+) -> None:
+    """Whatever the fake does, the client gets its reply or a documented close (with the
+    relay's error event when the relay decided it), the fake gets session.update first,
+    the key never leaks, and the pair leaves no socket behind."""
+    item = {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}}
+
+    async def main() -> None:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        received: list[str] = []
+        code: int | None = None
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                mock = await nursery.start(
+                    serve_mock_realtime, MockConfig(api_keys=frozenset({SECRET}), faults=faults, pace=0)
+                )
+                async with running_relay(
+                    upstream_url=mock.url, dial_timeout=DIAL_TIMEOUT, close_timeout=1.0, openai_api_key=SECRET
+                ) as relay:
+                    session_update = relay.app.session_update
+                    async with connect(relay.url + "/voice") as ws:
+                        await ws.send_message(orjson.dumps(item).decode())
+                        await ws.send_message('{"type":"response.create"}')
+                        try:
+                            while True:
+                                message = await ws.get_message()
+                                received.append(message)
+                                if leave_early or '"type":"response.done"' in message:
+                                    break
+                        except ConnectionClosed as exc:
+                            code = exc.reason.code if exc.reason else None
+                    with trio.fail_after(5):
+                        while relay.app.pairs:
+                            await trio.sleep(0.005)
+                nursery.cancel_scope.cancel()
+        assert all(SECRET not in m for m in received)
+        if code is not None:
+            assert code in DOCUMENTED, code
+            upstream_chose_it = faults.close_after_open is not None and faults.close_after_open[0] == code
+            if not upstream_chose_it:
+                assert relay_errors(received), (code, received)  # the relay decided: it says why
+        elif not leave_early:
+            assert orjson.loads(received[-1])["type"] == "response.done"
+        for record in mock.connections:
+            if record.received:
+                assert record.received[0] == session_update
+        assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+    trio.run(main)
