@@ -25,9 +25,10 @@ import orjson
 import trio
 
 from . import _hypercorn
+from .auth import Authenticator, Identity, Refusal, parse_api_keys
 from .bridge import Bridge, Limits, Message
 from .closecodes import Code
-from .config import RelayConfig, load_config
+from .config import ConfigError, RelayConfig, load_config
 from .events import dumps, error_event
 from .pair import Pair
 from .upstream import UpstreamDialer
@@ -95,6 +96,19 @@ class RelayApp:
             max_message_bytes=config.max_message_bytes,
         )
         self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        self.auth = Authenticator(
+            api_keys=parse_api_keys(config.api_keys),
+            jwt_secret=config.jwt_secret,
+            jwt_public_key=config.jwt_public_key,
+            allowed_origins=config.allowed_origins,
+            anonymous=config.allow_anonymous,
+        )
+        if not self.auth.configured and not config.allow_anonymous:
+            raise ConfigError(
+                "no client authentication is configured, so anyone who finds this relay could"
+                " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
+                " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
+            )
         self.pairs: set[Pair] = set()
         self.draining = False
 
@@ -141,11 +155,17 @@ class RelayApp:
             await _deny(send, 503, "the relay is shutting down; connect again in a moment")
             return
         offered = scope.get("subprotocols") or ()
+        try:
+            identity = self.auth.authenticate(scope["headers"], offered)
+        except Refusal as refused:
+            log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
+            await _deny(send, refused.status, refused.message, code=refused.code)
+            return
         await send(
             {"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in offered else None}
         )
         client = AsgiClient(receive, send)
-        refusal = self._refusal(scope, offered)
+        refusal = self._refusal(scope, offered, identity)
         if refusal is not None:
             code, message, reason = refusal
             await client.send(error_event(code, message))
@@ -175,13 +195,14 @@ class RelayApp:
         finally:
             self.pairs.discard(pair)
         log.info(
-            "session ended: %s (client %s, upstream %s)",
+            "session ended for %s: %s (client %s, upstream %s)",
+            identity.user,
             ending.cause.value,
             ending.client_code,
             ending.upstream_code,
         )
 
-    def _refusal(self, scope: Scope, offered: Any) -> tuple[str, str, str] | None:
+    def _refusal(self, scope: Scope, offered: Any, identity: Identity) -> tuple[str, str, str] | None:
         """Why this connection cannot start (error code, message, close reason), if so."""
         beta_header = any(
             name == b"openai-beta" and b"realtime=v1" in value for name, value in scope["headers"]
@@ -200,6 +221,13 @@ class RelayApp:
             return (
                 "invalid_model",
                 f"Model {model!r} is not available through this relay. Allowed: {allowed}.",
+                "invalid_request_error.invalid_model",
+            )
+        if identity.model is not None and (model or self.config.model) != identity.model:
+            return (
+                "invalid_model",
+                f"Your token allows only the model {identity.model!r}; connect with"
+                f" ?model={identity.model}.",
                 "invalid_request_error.invalid_model",
             )
         return None
@@ -283,8 +311,11 @@ async def _static(send: Send, name: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _deny(send: Send, status: int, message: str) -> None:
+async def _deny(send: Send, status: int, message: str, *, code: str | None = None) -> None:
     """Refuse a WebSocket handshake with an HTTP status and a JSON body."""
-    body = orjson.dumps({"error": message}) + b"\n"
-    await send({"type": "websocket.http.response.start", **_json_response_start(status, body)})
+    body = orjson.dumps({"error": message, "code": code} if code else {"error": message}) + b"\n"
+    start = _json_response_start(status, body)
+    if status == 401:
+        start["headers"].append((b"www-authenticate", b'Bearer realm="relay"'))
+    await send({"type": "websocket.http.response.start", **start})
     await send({"type": "websocket.http.response.body", "body": body})

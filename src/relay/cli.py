@@ -12,9 +12,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from .app import RelayApp
 
 from .config import SETTINGS, ConfigError, RelayConfig, coerce_setting, load_config
 
@@ -24,12 +28,13 @@ def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] =
     for setting in SETTINGS:
         if setting.secret or (only and setting.name not in only):
             continue
-        parser.add_argument(
-            setting.flag,
-            dest=setting.name,
-            metavar="VALUE",
-            help=f"{setting.help} [{setting.env}]".replace("%", "%%"),
-        )
+        help_text = f"{setting.help} [{setting.env}]".replace("%", "%%")
+        if setting.is_flag:
+            parser.add_argument(
+                setting.flag, dest=setting.name, action="store_const", const="true", help=help_text
+            )
+        else:
+            parser.add_argument(setting.flag, dest=setting.name, metavar="VALUE", help=help_text)
 
 
 def _config_from(args: argparse.Namespace, environ: dict[str, str]) -> RelayConfig:
@@ -54,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the relay. OPENAI_API_KEY must be set in the environment.",
     )
     _add_setting_flags(serve)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="make a client API key and the RELAY_API_KEYS entry that accepts it",
+        description="Print a new client API key (give it to the client) and its"
+        " RELAY_API_KEYS entry (give that to the relay; it holds only a hash).",
+    )
+    keygen.add_argument("user", help="the user this key authenticates")
 
     demo = commands.add_parser(
         "demo",
@@ -122,7 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."
                     " Export it, or try `relay demo` to run against the bundled fake."
                 )
-            trio.run(_serve, config)
+            from .app import create_app
+
+            trio.run(_serve, config, create_app(config))
+        elif args.command == "keygen":
+            from .auth import hash_key, new_api_key
+
+            key = new_api_key()
+            print(f"client key (give it to {args.user}): {key}")
+            print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
         elif args.command == "demo":
             trio.run(_demo, args.host, args.port)
         elif args.command == "talk":
@@ -137,11 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def _serve(config: RelayConfig) -> None:
+async def _serve(config: RelayConfig, app: RelayApp) -> None:
     from .server import serve
 
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, config)
+        binds = await nursery.start(partial(serve, config, app=app))
         for bind in binds:
             ws = bind.replace("http", "ws", 1)
             print(f"relay: listening on {ws}/voice and {ws}/v1/realtime", flush=True)

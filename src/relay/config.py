@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .auth import parse_api_keys
+
 MiB = 1024 * 1024
 
 #: The GA session the relay asks for as soon as the upstream opens, unless the
@@ -58,6 +60,8 @@ class Setting:
     help: str
     secret: bool = False
 
+    is_flag: bool = False  # a boolean: its CLI flag takes no value
+
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
@@ -79,6 +83,37 @@ class RelayConfig:
             "help": "Key the relay uses upstream. Never sent to clients or logged.",
             "secret": True,
         },
+    )
+    jwt_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_JWT_SECRET",
+            "help": "Shared secret of client JWTs (HS256). Environment only.",
+            "secret": True,
+        },
+    )
+    jwt_public_key: str = _setting(
+        "",
+        "RELAY_JWT_PUBLIC_KEY",
+        "PEM public key of client JWTs (RS256/ES256).",
+    )
+    api_keys: tuple[str, ...] = _setting(
+        (),
+        "RELAY_API_KEYS",
+        "Comma-separated `user:sha256hex` client API keys (make them with `relay keygen USER`).",
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        (),
+        "RELAY_ALLOWED_ORIGINS",
+        "Comma-separated browser origins allowed to connect (empty: any). Non-browser"
+        " clients send no Origin and are not affected.",
+    )
+    allow_anonymous: bool = _setting(
+        False,
+        "RELAY_ALLOW_ANONYMOUS",
+        "Let clients in without a token (all as user `anonymous`). `relay serve` refuses to"
+        " start with no client auth unless this is set.",
     )
     upstream_url: str = _setting(
         "wss://api.openai.com/v1/realtime",
@@ -161,7 +196,9 @@ class RelayConfig:
 
 
 SETTINGS: tuple[Setting, ...] = tuple(
-    Setting(f.name, f.metadata["env"], f.metadata["help"], f.metadata.get("secret", False))
+    Setting(
+        f.name, f.metadata["env"], f.metadata["help"], f.metadata.get("secret", False), f.type == "bool"
+    )
     for f in dataclasses.fields(RelayConfig)
     if "env" in f.metadata
 )
@@ -295,5 +332,19 @@ def _validate(config: RelayConfig) -> None:
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be positive")
+    try:
+        parse_api_keys(config.api_keys)
+    except ValueError as exc:
+        raise ConfigError(f"RELAY_API_KEYS: {exc}") from None
+    if config.jwt_secret and len(config.jwt_secret.encode()) < 32:
+        raise ConfigError(
+            "RELAY_JWT_SECRET must be at least 32 bytes (RFC 7518 §3.2); make one with"
+            " `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    if config.jwt_public_key and not config.jwt_public_key.lstrip().startswith("-----BEGIN"):
+        raise ConfigError(
+            "RELAY_JWT_PUBLIC_KEY must hold a PEM public key (-----BEGIN PUBLIC KEY-----…);"
+            " to read it from a file use RELAY_JWT_PUBLIC_KEY=\"$(cat key.pem)\""
+        )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")

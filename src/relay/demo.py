@@ -38,7 +38,13 @@ async def run_demo(
         mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
         config = load_config(
             {},
-            {"openai_api_key": key, "upstream_url": mock.url, "host": host, "port": port},
+            {
+                "openai_api_key": key,
+                "upstream_url": mock.url,
+                "host": host,
+                "port": port,
+                "allow_anonymous": True,  # loopback only, for trying it out
+            },
         )
 
         async def relay(task_status: trio.TaskStatus[list[str]]) -> None:

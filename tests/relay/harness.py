@@ -92,7 +92,13 @@ class RunningRelay:
 @asynccontextmanager
 async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
     """A relay under Hypercorn on a loopback port."""
-    values = {"openai_api_key": TEST_KEY, "port": 0, "dial_timeout": 5.0, "close_timeout": 2.0}
+    values = {
+        "openai_api_key": TEST_KEY,
+        "port": 0,
+        "dial_timeout": 5.0,
+        "close_timeout": 2.0,
+        "allow_anonymous": True,
+    }
     values.update(settings)
     config: RelayConfig = load_config({}, values)
     app = create_app(config)

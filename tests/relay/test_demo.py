@@ -120,6 +120,31 @@ def test_relay_serve_refuses_to_start_without_an_api_key() -> None:
     assert "OPENAI_API_KEY is not set" in result.stderr
 
 
+def test_relay_serve_refuses_to_start_without_client_auth_unless_told_to() -> None:
+    env = dict(os.environ, OPENAI_API_KEY="sk-x")
+    env.pop("RELAY_API_KEYS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--port", "0"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "no client authentication is configured" in result.stderr
+    assert "--allow-anonymous" in result.stderr
+
+
+def test_relay_keygen_prints_a_key_and_the_entry_that_accepts_it() -> None:
+    from relay.auth import hash_key
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "keygen", "alice"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    key = re.search(r"client key \(give it to alice\): (\S+)", result.stdout).group(1)
+    entry = re.search(r"RELAY_API_KEYS entry \(give it to the relay\): (\S+)", result.stdout).group(1)
+    assert entry == f"alice:{hash_key(key)}"
+    assert key not in entry
+
+
 def test_relay_serve_names_a_bad_setting() -> None:
     env = dict(os.environ, OPENAI_API_KEY="sk-x", RELAY_DIAL_TIMEOUT="soon")
     result = subprocess.run(
@@ -135,7 +160,7 @@ def test_the_documented_hypercorn_command_line_serves_the_app() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, OPENAI_API_KEY="sk-x")
+    env = dict(os.environ, OPENAI_API_KEY="sk-x", RELAY_ALLOW_ANONYMOUS="true")
     proc = subprocess.Popen(
         [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", f"127.0.0.1:{port}",
          "relay.app:create_app()"],

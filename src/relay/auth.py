@@ -1,0 +1,171 @@
+"""Who is connecting: client identity from static API keys or JWTs, and the Origin check.
+
+Credentials come from ``Authorization: Bearer <token>`` (servers and the official
+SDKs) or from a ``relay-token.<token>`` WebSocket subprotocol offered next to
+``realtime`` (browsers cannot set headers). A token with two dots is a JWT when a
+JWT key is configured; anything else is a static API key, compared by its SHA-256
+hash, so the configuration never holds a key in clear.
+
+Nothing here does I/O: :meth:`Authenticator.authenticate` takes the handshake's
+headers and offered subprotocols and returns an :class:`Identity` or raises
+:class:`Refusal` with the HTTP status the handshake is refused with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import jwt
+
+TOKEN_SUBPROTOCOL = "relay-token."
+#: Clock skew tolerated on a JWT's exp/nbf.
+JWT_LEEWAY_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated client. Optional JWT claims can only tighten the relay's policy."""
+
+    user: str
+    method: str  # "api_key", "jwt" or "anonymous"
+    model: str | None = None
+    max_session_seconds: float | None = None
+    budget: int | None = None
+
+
+class Refusal(Exception):
+    """The handshake is refused with ``status``; ``code`` and the message go in the JSON body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def hash_key(key: str) -> str:
+    """The form in which an API key is configured (RELAY_API_KEYS holds ``user:hash``)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return "rk_" + secrets.token_urlsafe(32)
+
+
+def parse_api_keys(entries: Iterable[str]) -> dict[str, str]:
+    """``["alice:<sha256 hex>", …]`` → ``{hash: user}``; raises ValueError on a bad entry."""
+    keys: dict[str, str] = {}
+    for entry in entries:
+        user, sep, digest = entry.partition(":")
+        digest = digest.strip().lower()
+        if not sep or not user.strip() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(
+                "each entry must be USER:SHA256HEX (make one with `relay keygen USER`);"
+                f" got {entry[:12]!r}…"
+            )
+        keys[digest] = user.strip()
+    return keys
+
+
+class Authenticator:
+    """Checks one handshake's credentials and Origin against the relay's settings."""
+
+    def __init__(
+        self,
+        *,
+        api_keys: Mapping[str, str],
+        jwt_secret: str = "",
+        jwt_public_key: str = "",
+        allowed_origins: Iterable[str] = (),
+        anonymous: bool = False,
+    ) -> None:
+        self._api_keys = dict(api_keys)
+        if jwt_public_key:
+            self._jwt_key: str | None = jwt_public_key
+            self._jwt_algorithms = ["RS256", "ES256"]
+        elif jwt_secret:
+            self._jwt_key = jwt_secret
+            self._jwt_algorithms = ["HS256"]
+        else:
+            self._jwt_key = None
+            self._jwt_algorithms = []
+        self._origins = frozenset(o.rstrip("/") for o in allowed_origins)
+        self._anonymous = anonymous
+
+    @property
+    def configured(self) -> bool:
+        """Whether any client credential is accepted at all (else only anonymous use)."""
+        return bool(self._api_keys) or self._jwt_key is not None
+
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]], offered: Iterable[str]) -> Identity:
+        origin: str | None = None
+        bearer: str | None = None
+        for name, value in headers:
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"authorization":
+                scheme, _, rest = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and rest.strip():
+                    bearer = rest.strip()
+        if self._origins and origin is not None and origin.rstrip("/") not in self._origins:
+            raise Refusal(
+                403,
+                "origin_not_allowed",
+                f"Pages from {origin} may not use this relay (RELAY_ALLOWED_ORIGINS).",
+            )
+        token = bearer or next(
+            (p[len(TOKEN_SUBPROTOCOL) :] for p in offered if p.startswith(TOKEN_SUBPROTOCOL)), None
+        )
+        if token is None:
+            if self._anonymous:
+                return Identity(user="anonymous", method="anonymous")
+            raise Refusal(
+                401,
+                "missing_credentials",
+                "This relay needs a token: send `Authorization: Bearer <token>`, or from a"
+                " browser offer the subprotocols `realtime` and `relay-token.<token>`.",
+            )
+        if token.count(".") == 2 and self._jwt_key is not None:
+            return self._from_jwt(token)
+        user = self._api_keys.get(hash_key(token))
+        if user is None:
+            raise Refusal(401, "invalid_credentials", "The token is not valid for this relay.")
+        return Identity(user=user, method="api_key")
+
+    def _from_jwt(self, token: str) -> Identity:
+        try:
+            claims = jwt.decode(
+                token,
+                self._jwt_key,  # type: ignore[arg-type]
+                algorithms=self._jwt_algorithms,
+                options={"require": ["exp", "sub"]},
+                leeway=JWT_LEEWAY_SECONDS,
+            )
+        except jwt.ExpiredSignatureError:
+            raise Refusal(401, "token_expired", "The token has expired; get a new one.") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Refusal(401, "invalid_credentials", f"The token lacks the {exc.claim!r} claim.") from None
+        except jwt.InvalidTokenError:
+            raise Refusal(401, "invalid_credentials", "The token is not valid for this relay.") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise Refusal(401, "invalid_credentials", "The token's 'sub' must name the user.")
+        return Identity(
+            user=sub,
+            method="jwt",
+            model=_optional(claims, "model", str),
+            max_session_seconds=_optional(claims, "max_session_seconds", (int, float)),
+            budget=_optional(claims, "budget", int),
+        )
+
+
+def _optional(claims: Mapping[str, object], name: str, kind: type | tuple[type, ...]) -> object:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise Refusal(401, "invalid_credentials", f"The token's {name!r} claim has the wrong type.")
+    return value
