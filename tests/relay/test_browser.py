@@ -1,7 +1,7 @@
 """The demo page in a real browser: headless Chromium whose microphone plays a WAV file.
 
-The page is driven against ``relay demo`` (a subprocess: the relay and the fake
-Realtime API) the way a person would use it: open it, click Connect, speak. The
+The page is driven against ``relay demo`` (the relay and the fake Realtime API, in a
+thread of the test process) the way a person would use it: open it, click Connect, speak. The
 assertions read the page's ``data-*`` attributes and its conversation, waiting with
 the driver's own polling. A screenshot after the turn lands in ``artifacts/``.
 
@@ -10,17 +10,27 @@ Needs Debian's ``chromium`` and ``chromium-driver``; skipped (with that hint) wi
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
-import signal
-import subprocess
-import sys
+import threading
 import wave
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.request import urlopen
 
 import pytest
+import trio
+
+from relay.demo import run_demo
+
+from .harness import closed_port_url, running_relay
+
+Trigger = Callable[[], Awaitable[None]]
+Starter = Callable[..., Awaitable[None]]  # for nursery.start: takes task_status
 
 ROOT = Path(__file__).parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -46,31 +56,52 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
+@contextmanager
+def served_in_thread(starter: Callable[[Trigger], Starter]) -> Iterator[Any]:
+    """Run a Trio server in a thread of the test process, for the synchronous driver.
+
+    ``starter(shutdown_trigger)`` is given to ``nursery.start``; what it reports is
+    yielded. On exit the trigger fires and the server must end within 15 s. (A thread
+    rather than a subprocess: the server cannot be signalled by anything else.)
+    """
+    handoff: queue.Queue[Any] = queue.Queue()
+
+    def run() -> None:
+        async def main() -> None:
+            stop = trio.Event()
+            try:
+                async with trio.open_nursery() as nursery:
+                    started = await nursery.start(starter(stop.wait))
+                    handoff.put((started, trio.lowlevel.current_trio_token(), stop))
+            except BaseException as exc:
+                handoff.put(exc)
+                raise
+
+        trio.run(main)
+
+    thread = threading.Thread(target=run, name="server-under-test", daemon=True)
+    thread.start()
+    item = handoff.get(timeout=20)
+    if isinstance(item, BaseException):
+        raise item
+    started, token, stop = item
+    try:
+        yield started
+    finally:
+        trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "the server did not stop"
+
+
 @pytest.fixture(scope="module")
 def demo_url() -> Iterator[str]:
-    """``relay demo`` on a free port, as a newcomer starts it; stopped with Ctrl-C."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "demo", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        match = None
-        for _ in range(5):  # the banner is three lines
-            match = re.search(r"relay on ws://(127\.0\.0\.1:\d+)/voice", proc.stdout.readline())
-            if match:
-                break
-        assert match, "relay demo did not print its URL"
-        yield f"http://{match.group(1)}"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+    """``relay demo`` (the relay in front of the fake) on a free loopback port."""
+
+    def starter(trigger: Trigger) -> Starter:
+        return partial(run_demo, "127.0.0.1", 0, shutdown_trigger=trigger)
+
+    with served_in_thread(starter) as demo:
+        yield demo.relay_url.replace("ws://", "http://", 1)
 
 
 def microphone_file(path: Path, *parts: str | float) -> Path:
@@ -215,15 +246,14 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
     mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
-        # The relay ignores a token it does not check; the fake transcribes with made-up words.
-        connect(drv, demo_url, token="demo-token", transcribe=True)
+        connect(drv, demo_url, transcribe=True)  # the fake transcribes with made-up words
         wait_for(drv, "+d.turns >= 1 && +d.receivedMs > 0 && +d.playedMs >= +d.receivedMs - 1")
         data = body_data(drv)
         screenshot(drv, "browser-demo-turn.png")
         [socket] = drv.execute_script("return window.openedSockets")
         assert socket == {
             "url": demo_url.replace("http://", "ws://") + "/voice",
-            "protocols": ["realtime", "relay-token.demo-token"],
+            "protocols": ["realtime"],
         }
         assert data["state"] == "live" and "error" not in data
         assert int(data["userTurns"]) == 1
@@ -289,56 +319,60 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
 @needs_chromium
 def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None:
     """A relay whose upstream is down sends an error event and closes 1014; the page says so."""
-    import os
-    import socket
+    from selenium.webdriver.common.by import By
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        nobody = sock.getsockname()[1]
-    env = dict(
-        os.environ,
-        OPENAI_API_KEY="sk-test",
-        RELAY_UPSTREAM_URL=f"ws://127.0.0.1:{nobody}/v1/realtime",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    drv = None
-    try:
-        assert proc.stdout is not None
-        match = None
-        for _ in range(3):
-            match = re.search(r"listening on ws://(127\.0\.0\.1:\d+)/voice", proc.stdout.readline())
-            if match:
-                break
-        assert match, "relay serve did not print its URL"
+    def starter(trigger: Trigger) -> Starter:
+        async def run(task_status: trio.TaskStatus[str]) -> None:
+            async with running_relay(upstream_url=closed_port_url(), dial_timeout=2.0) as relay:
+                task_status.started(relay.http_url)
+                await trigger()
+
+        return run
+
+    with served_in_thread(starter) as http_url:
         drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.5), tmp_path / "profile")
-        drv.get(f"http://{match.group(1)}/")
-        from selenium.webdriver.common.by import By
-
-        drv.find_element(By.ID, "connect").click()
-        wait_for(drv, "d.state === 'error'", timeout=15)
-        data = body_data(drv)
-        assert data["error"] == "relay_upstream_unavailable"
-        shown = drv.find_element(By.ID, "error").text
-        assert shown.startswith("Connection closed (code 1014): relay_upstream_unavailable: ")
-        assert drv.find_element(By.ID, "status").text == "closed 1014"
-        assert drv.find_element(By.ID, "connect").text == "Connect"  # ready to try again
-    finally:
-        if drv is not None:
-            drv.quit()
-        proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=15)
+            drv.get(http_url + "/")
+
+            drv.find_element(By.ID, "connect").click()
+            wait_for(drv, "d.state === 'error'", timeout=15)
+            data = body_data(drv)
+            assert data["error"] == "relay_upstream_unavailable"
+            shown = drv.find_element(By.ID, "error").text
+            assert shown.startswith("Connection closed (code 1014): relay_upstream_unavailable: ")
+            assert drv.find_element(By.ID, "status").text == "closed 1014"
+            assert drv.find_element(By.ID, "connect").text == "Connect"  # ready to try again
         finally:
-            proc.kill()
-            proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            drv.quit()
+
+
+@needs_chromium
+def test_a_token_is_offered_as_a_subprotocol(demo_url: str, tmp_path: Path) -> None:
+    """With the token field filled, the page also offers ``relay-token.<token>``; a token
+    that cannot be a subprotocol is refused on the page, before any connection."""
+    from selenium.webdriver.common.by import By
+
+    def connect_with(token: str) -> None:
+        drv.get(demo_url + "/")
+        drv.find_element(By.CSS_SELECTOR, "details.settings summary").click()
+        drv.find_element(By.ID, "token").send_keys(token)
+        drv.find_element(By.ID, "connect").click()
+
+    drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.1), tmp_path / "profile")
+    try:
+        connect_with("s3cr3t-Token")
+        # Whether this relay accepts the token is another matter: what is offered is the point.
+        wait_for(drv, "d.state === 'live' || d.state === 'error'", timeout=10)
+        [socket] = drv.execute_script("return window.openedSockets")
+        assert socket["protocols"] == ["realtime", "relay-token.s3cr3t-Token"]
+
+        connect_with("not a token")
+        wait_for(drv, "d.error === 'invalid_token'", timeout=10)
+        assert drv.execute_script("return window.openedSockets") == []
+        assert body_data(drv)["state"] == "idle"
+        assert "may only hold letters" in drv.find_element(By.ID, "error").text
+    finally:
+        drv.quit()
 
 
 RESAMPLE_SCRIPT = """
