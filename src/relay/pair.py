@@ -64,6 +64,7 @@ class Pair:
         self._send_timeout = send_timeout
         self._upstream: WebSocketConnection | None = None
         self._flushed = trio.Event()
+        self._upstream_cut = False  # a send to the upstream was abandoned part-way
         self._cancel_scope: trio.CancelScope | None = None
 
     async def run(self) -> Ending:
@@ -99,6 +100,7 @@ class Pair:
                         # The upstream is closing; its task reads what is left and ends the pair.
                         return
                 if waited.cancelled_caught:
+                    self._upstream_cut = True
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
             elif out.__class__ is Reply:
@@ -150,6 +152,7 @@ class Pair:
                 with trio.move_on_after(self._send_timeout) as waited:
                     await upstream.send_message(data)
                 if waited.cancelled_caught:
+                    self._upstream_cut = True
                     self._flushed.set()
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
@@ -204,6 +207,8 @@ class Pair:
 
     async def _close_upstream(self, upstream: WebSocketConnection, ending: Ending) -> None:
         await self._flushed.wait()  # a client leaving mid-flush still gets its messages sent
+        if self._upstream_cut:
+            return  # a send was cut mid-frame: a close frame now would be garbage; drop the socket
         await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)  # type: ignore[arg-type]
 
 

@@ -468,3 +468,21 @@ def test_a_stalled_upstream_ends_the_pair_with_1014(messages: tuple[str | bytes,
         assert outcome.ended_at <= 0.01 * len(messages) + SEND_TIMEOUT + CLOSE_TIMEOUT + 0.01
 
     run_in_virtual_time(main)
+
+
+def test_no_close_frame_follows_an_upstream_send_cut_mid_frame() -> None:
+    """Regression (found by the thorough profile): the client left while a flush was blocked
+    on a stalled upstream; the send was then cut by the send timeout, and the relay wrote
+    its close frame right after the partial frame."""
+    client = ClientScript((b"",) * 4, (0.0, 0.0, 0.0, 0.001), closes_after=2.0)
+    events = tuple(f'{{"type":"response.output_audio.delta","n":{n}}}' for n in range(7))
+    upstream = UpstreamScript(events=events, gaps=(0.0,) * 7, read_delay=10.0, tight=True)
+
+    async def main() -> None:
+        baseline = trio.lowlevel.current_statistics().tasks_living
+        outcome = await run_pair(client, upstream)
+        check_common(outcome, client, upstream)
+        assert outcome.upstream.close_code in (None, 1006)  # dropped, not closed with garbage before
+        assert trio.lowlevel.current_statistics().tasks_living == baseline
+
+    run_in_virtual_time(main)

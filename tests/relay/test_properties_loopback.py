@@ -99,7 +99,10 @@ async def run_over_loopback(client: ClientScript, upstream: UpstreamScript) -> L
             nursery.start_soon(read)
             for gap, event in zip(upstream.gaps, upstream.events, strict=True):
                 await trio.sleep(gap)
-                await ws.send_message(event)
+                try:
+                    await ws.send_message(event)
+                except ConnectionClosed:
+                    return  # the reader records how the relay closed
                 seen_upstream.sent.append(event)
             if upstream.ending == "close":
                 await ws.aclose(upstream.close_code, upstream.close_reason or None)
