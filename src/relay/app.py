@@ -178,6 +178,7 @@ class RelayApp:
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
+            policy=self.config.policy,
         )
         pair = Pair(
             client,

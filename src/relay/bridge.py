@@ -28,6 +28,7 @@ from enum import Enum, auto
 
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
 from .events import error_event, event_type, parse_event
+from .policy import Policy
 
 Message = str | bytes
 
@@ -103,6 +104,7 @@ class Bridge:
         limits: Limits,
         secret: str = "",
         binary_as_audio: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         self.phase = Phase.CONNECTING
         self.ending: Ending | None = None
@@ -110,6 +112,7 @@ class Bridge:
         self._limits = limits
         self._secret = secret
         self._binary_as_audio = binary_as_audio
+        self._policy = policy
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
         self._auth_refusal_reported = False
@@ -126,7 +129,11 @@ class Bridge:
             if self.phase is Phase.CLOSED:
                 return None
             return self._end_too_big(len(data))
-        if data.__class__ is bytes:
+        if self._policy is not None and data.__class__ is str:
+            data, refusal = self._policy.screen_client(data)  # type: ignore[arg-type]
+            if refusal is not None:
+                return Reply(refusal) if self.phase is not Phase.CLOSED else None
+        elif data.__class__ is bytes:
             if not self._binary_as_audio:
                 return Reply(
                     error_event(
@@ -136,6 +143,8 @@ class Bridge:
                     )
                 )
             data = _append_event(data)  # type: ignore[arg-type]
+        if data is None:
+            return None
         if self.phase is Phase.OPEN:
             return data
         if self.phase is Phase.CLOSED:
@@ -219,7 +228,9 @@ class Bridge:
                 if replaced is not None:
                     return replaced
             if self._secret and self._secret in data:  # type: ignore[operator]
-                return data.replace(self._secret, "[redacted]")  # type: ignore[union-attr,arg-type]
+                data = data.replace(self._secret, "[redacted]")  # type: ignore[union-attr,arg-type]
+            if self._policy is not None:
+                return self._policy.screen_upstream(data)  # type: ignore[arg-type]
         elif self._secret and self._secret.encode() in data:  # type: ignore[operator]
             return data.replace(self._secret.encode(), b"[redacted]")  # type: ignore[union-attr,arg-type]
         return data

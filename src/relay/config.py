@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .auth import parse_api_keys
+from .policy import Policy
 
 MiB = 1024 * 1024
 
@@ -175,6 +176,7 @@ class RelayConfig:
         "RELAY_PERMESSAGE_DEFLATE",
         "Negotiate permessage-deflate with clients. Off: it costs 2-9x CPU on audio.",
     )
+    policy: Policy = field(default_factory=Policy, metadata={"toml_only": True})
     session: Mapping[str, Any] = field(
         default_factory=lambda: copy.deepcopy(DEFAULT_SESSION),
         metadata={"toml_only": True},
@@ -286,6 +288,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
             session = copy.deepcopy(DEFAULT_SESSION)
             session.update(value)
             values["session"] = session
+        elif key == "policy":
+            if not isinstance(value, dict):
+                raise ConfigError(f"RELAY_CONFIG: [policy] in {path} must be a table")
+            try:
+                values["policy"] = Policy.from_table(value)
+            except ValueError as exc:
+                raise ConfigError(f"RELAY_CONFIG: {exc}") from None
         elif key in _FIELDS and "env" in _FIELDS[key].metadata:
             if _FIELDS[key].metadata.get("secret"):
                 raise ConfigError(
@@ -296,7 +305,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         else:
             known = ", ".join(sorted(s.name for s in SETTINGS if not s.secret))
             raise ConfigError(
-                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session]"
+                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session], [policy]"
             )
     return values
 

@@ -506,11 +506,16 @@ def _connect_error(exc: BaseException, url: str) -> BaseException:
         detail = ""
         try:
             body = orjson.loads(exc.body or b"{}")
-            detail = f": {body['error']}" if isinstance(body, dict) and "error" in body else ""
         except orjson.JSONDecodeError:
-            pass
+            body = None
+        if isinstance(body, dict) and "error" in body:  # the relay's {"error", "code"?} body
+            detail = (
+                f": {body['code']}: {body['error']}" if body.get("code") else f": {body['error']}"
+            )
+        hint = " (check --token)" if exc.status_code in (401, 403) else ""
         return TalkError(
-            f"the relay at {url} refused the WebSocket handshake (HTTP {exc.status_code}){detail}"
+            f"the relay at {url} refused the WebSocket handshake"
+            f" (HTTP {exc.status_code}){detail}{hint}"
         )
     if isinstance(exc, trio.TooSlowError):
         return TalkError(

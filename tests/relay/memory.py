@@ -70,6 +70,37 @@ class UpstreamRecord:
     peer_gone: trio.Event = field(default_factory=trio.Event)
 
 
+class CutAwareStream(trio.abc.Stream):
+    """A lockstep stream that behaves like a socket after a write was cut part-way.
+
+    trio's lockstep streams assert that no half-sent data is pending when the next
+    send starts; a socket instead carries on (the peer then sees a corrupt frame).
+    Here the stream refuses further writes, as a broken connection would.
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+        self._cut = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._cut:
+            raise trio.BrokenResourceError("an earlier write was cut part-way")
+        try:
+            await self._inner.send_all(data)
+        except BaseException:
+            self._cut = True
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class MemoryClient:
     """The pair's client side, scripted. Sending after the relay closed it is recorded
     as a fault (Hypercorn raises on it)."""
@@ -137,8 +168,10 @@ class MemoryUpstream:
     async def connect(self) -> trio.abc.Stream:
         if self.script.unreachable:
             raise OSError(111, "Connection refused")
-        pair = trio.testing.lockstep_stream_pair if self.script.tight else trio.testing.memory_stream_pair
-        relay_end, server_end = pair()
+        if self.script.tight:
+            relay_end, server_end = map(CutAwareStream, trio.testing.lockstep_stream_pair())
+        else:
+            relay_end, server_end = trio.testing.memory_stream_pair()
         self._nursery.start_soon(self._serve, server_end)
         return relay_end
 

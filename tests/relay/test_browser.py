@@ -25,9 +25,10 @@ from urllib.request import urlopen
 import pytest
 import trio
 
+from mockrealtime import MockConfig, serve_mock_realtime
 from relay.demo import run_demo
 
-from .harness import closed_port_url, running_relay
+from .harness import TEST_KEY, closed_port_url, running_relay
 
 Trigger = Callable[[], Awaitable[None]]
 Starter = Callable[..., Awaitable[None]]  # for nursery.start: takes task_status
@@ -347,32 +348,58 @@ def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None
 
 
 @needs_chromium
-def test_a_token_is_offered_as_a_subprotocol(demo_url: str, tmp_path: Path) -> None:
-    """With the token field filled, the page also offers ``relay-token.<token>``; a token
-    that cannot be a subprotocol is refused on the page, before any connection."""
+def test_the_token_field_authenticates_the_page(tmp_path: Path) -> None:
+    """A relay that takes client keys: the page's token (offered as ``relay-token.<token>``)
+    gets it in, a wrong one is refused, and one that cannot be a subprotocol never leaves."""
     from selenium.webdriver.common.by import By
 
+    from relay.auth import hash_key, new_api_key
+
+    key = new_api_key()
+
+    def starter(trigger: Trigger) -> Starter:
+        async def run(task_status: trio.TaskStatus[str]) -> None:
+            async with trio.open_nursery() as nursery:
+                mock = await nursery.start(
+                    serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}))
+                )
+                async with running_relay(
+                    upstream_url=mock.url,
+                    api_keys=(f"alice:{hash_key(key)}",),
+                    allow_anonymous=False,
+                ) as relay:
+                    task_status.started(relay.http_url)
+                    await trigger()
+                nursery.cancel_scope.cancel()
+
+        return run
+
     def connect_with(token: str) -> None:
-        drv.get(demo_url + "/")
+        drv.get(url + "/")
         drv.find_element(By.CSS_SELECTOR, "details.settings summary").click()
         drv.find_element(By.ID, "token").send_keys(token)
         drv.find_element(By.ID, "connect").click()
 
-    drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.1), tmp_path / "profile")
-    try:
-        connect_with("s3cr3t-Token")
-        # Whether this relay accepts the token is another matter: what is offered is the point.
-        wait_for(drv, "d.state === 'live' || d.state === 'error'", timeout=10)
-        [socket] = drv.execute_script("return window.openedSockets")
-        assert socket["protocols"] == ["realtime", "relay-token.s3cr3t-Token"]
+    with served_in_thread(starter) as url:
+        drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.1), tmp_path / "profile")
+        try:
+            connect_with(key)
+            wait_for(drv, "d.state === 'live'", timeout=10)
+            [socket] = drv.execute_script("return window.openedSockets")
+            assert socket["protocols"] == ["realtime", f"relay-token.{key}"]
 
-        connect_with("not a token")
-        wait_for(drv, "d.error === 'invalid_token'", timeout=10)
-        assert drv.execute_script("return window.openedSockets") == []
-        assert body_data(drv)["state"] == "idle"
-        assert "may only hold letters" in drv.find_element(By.ID, "error").text
-    finally:
-        drv.quit()
+            connect_with("rk_not-the-key")
+            wait_for(drv, "d.state === 'error'", timeout=10)
+            assert body_data(drv)["error"] == "connect_failed"  # browsers hide the 401
+            assert "is the token right?" in drv.find_element(By.ID, "error").text
+
+            connect_with("not a token")
+            wait_for(drv, "d.error === 'invalid_token'", timeout=10)
+            assert drv.execute_script("return window.openedSockets") == []
+            assert body_data(drv)["state"] == "idle"
+            assert "may only hold letters" in drv.find_element(By.ID, "error").text
+        finally:
+            drv.quit()
 
 
 RESAMPLE_SCRIPT = """

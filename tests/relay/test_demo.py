@@ -53,7 +53,10 @@ async def test_demo_serves_a_text_turn_and_a_voice_turn(path: str) -> None:
             async with connect(demo.relay_url + path, subprotocols=["realtime"]) as ws:
                 opening = await events_until(ws, "session.updated")
                 assert [e["type"] for e in opening] == ["session.created", "session.updated"]
-                assert opening[1]["session"]["instructions"] == demo.config.session_object()["instructions"]
+                # The relay's instructions reached the upstream; the client never sees them.
+                assert "instructions" not in opening[1]["session"]
+                first_upstream = orjson.loads(demo.mock.connections[-1].received[0])
+                assert first_upstream["session"]["instructions"] == demo.config.session_object()["instructions"]
 
                 # A text turn.
                 await ws.send_message(orjson.dumps({"type": "conversation.item.create", "item": {

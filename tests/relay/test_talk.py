@@ -187,6 +187,29 @@ async def test_a_token_is_offered_as_a_subprotocol_next_to_realtime() -> None:
     ]
 
 
+async def test_a_relay_with_client_keys_takes_the_token_and_refuses_others() -> None:
+    from relay.auth import hash_key, new_api_key
+
+    key = new_api_key()
+    pcm = hello_pcm()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            mock = await nursery.start(
+                serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}))
+            )
+            async with running_relay(
+                upstream_url=mock.url,
+                api_keys=(f"alice:{hash_key(key)}",),
+                allow_anonymous=False,
+            ) as relay:
+                conversation = await talk(pcm, Options(url=relay.url + "/voice", token=key))
+                assert conversation.reply
+                for token in ("rk_not-the-key", None):
+                    with pytest.raises(TalkError, match=r"\(HTTP 401\): .*\(check --token\)$"):
+                        await talk(pcm, Options(url=relay.url + "/voice", token=token))
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_relays_error_event_explains_a_closed_session() -> None:
     with trio.fail_after(TIMEOUT):
         async with running_relay(upstream_url=closed_port_url(), dial_timeout=2.0) as relay:

@@ -308,7 +308,9 @@ function openSocket(s, token) {
       if (session !== s) return;
       if (!s.closing && !s.opened) {
         // Browsers do not say why a handshake failed; the relay's log does.
-        const hint = "is the relay running, and is it accepting sessions?";
+        const hint = token
+          ? "the relay refused the connection (is the token right?) or is not running."
+          : "the relay is not running, or it refused the connection (does it need a token?).";
         showError(`Could not open ${ws.url}: ${hint}`, "connect_failed");
       } else if (!s.closing) {
         const why = s.lastError ? `: ${s.lastError}` : close.reason ? `: ${close.reason}` : "";
