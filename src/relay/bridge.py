@@ -79,6 +79,16 @@ class Ending:
     error: str | None = None
 
 
+@dataclass(slots=True)
+class Traffic:
+    """What passed through a pair, for usage accounting (messages as received, before policy)."""
+
+    client_messages: int = 0
+    client_bytes: int = 0
+    upstream_messages: int = 0
+    upstream_bytes: int = 0
+
+
 class BridgeError(Exception):
     """The shell asked for a transition the bridge cannot make (a bug in the shell)."""
 
@@ -113,6 +123,9 @@ class Bridge:
         self._secret = secret
         self._binary_as_audio = binary_as_audio
         self._policy = policy
+        self.traffic = Traffic()
+        #: ``response.done`` events seen since the shell last took them (for usage and budgets).
+        self.responses_done: list[dict[str, object]] = []
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
         self._auth_refusal_reported = False
@@ -125,6 +138,9 @@ class Bridge:
         Returns what to send upstream now, a :class:`Reply` for the client, an
         :class:`Ending`, or None when the message was queued (or the pair is over).
         """
+        traffic = self.traffic
+        traffic.client_messages += 1
+        traffic.client_bytes += len(data)
         if len(data) > self._limits.max_message_bytes:
             if self.phase is Phase.CLOSED:
                 return None
@@ -220,10 +236,16 @@ class Bridge:
         """A message from the upstream: what to send the client (None: nothing)."""
         if self.phase is Phase.CLOSED:
             return None
+        traffic = self.traffic
+        traffic.upstream_messages += 1
+        traffic.upstream_bytes += len(data)
         if data.__class__ is str:
-            if data.startswith('{"type":"error"') or (
-                not data.startswith('{"type":"') and event_type(data) == "error"  # type: ignore[arg-type]
-            ):
+            kind = _notable(data)  # type: ignore[arg-type]
+            if kind == "response.done":
+                done = parse_event(data)
+                if done is not None:
+                    self.responses_done.append(done)
+            elif kind == "error":
                 replaced = self._screen_error(data)  # type: ignore[arg-type]
                 if replaced is not None:
                     return replaced
@@ -382,6 +404,19 @@ class Bridge:
             error=error,
         )
         return self.ending
+
+
+def _notable(text: str) -> str | None:
+    """The type of an upstream event the bridge must look inside (``error`` and
+    ``response.done``), else None; the common case is two prefix checks."""
+    if text.startswith('{"type":"'):
+        if text.startswith('{"type":"error"'):
+            return "error"
+        if text.startswith('{"type":"response.done"'):
+            return "response.done"
+        return None
+    kind = event_type(text)
+    return kind if kind in ("error", "response.done") else None
 
 
 def _append_event(audio: bytes) -> str:

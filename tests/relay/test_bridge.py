@@ -278,3 +278,19 @@ def test_a_stalled_upstream_ends_with_1014_and_no_close_frame() -> None:
     ending = bridge.upstream_too_slow(10)
     assert (ending.client_code, ending.upstream_code) == (1014, None)
     assert error_code(ending.error) == "relay_upstream_stalled"
+
+
+def test_traffic_and_finished_responses_are_counted_for_usage() -> None:
+    bridge = make_bridge()
+    bridge.client_message('{"type":"a"}')
+    bridge.upstream_opened()
+    flush_all(bridge)
+    bridge.client_message(b"\x00\x01")
+    bridge.upstream_message('{"type":"response.output_audio.delta","delta":"AAAA"}')
+    done = '{"type":"response.done","response":{"usage":{"total_tokens":7}}}'
+    bridge.upstream_message(done)
+    bridge.upstream_message('{ "type": "response.done", "response": {"usage": null}}')
+    t = bridge.traffic
+    assert (t.client_messages, t.client_bytes) == (2, len('{"type":"a"}') + 2)
+    assert t.upstream_messages == 3
+    assert [d["response"]["usage"] for d in bridge.responses_done] == [{"total_tokens": 7}, None]
