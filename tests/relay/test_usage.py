@@ -1,0 +1,561 @@
+"""The usage and limits store, on both backends: counters, leases, the cap across instances.
+
+Redis tests start a private ``redis-server`` on a free loopback port (no system
+service is used) and skip when the binary is missing.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay.usage import (
+    UsageDelta,
+    UsageRow,
+    UsageStore,
+    open_store,
+    usage_from_response_done,
+)
+
+DAY = "2026-11-24"
+#: Every I/O test finishes well within this (they take tens of milliseconds).
+TEST_TIMEOUT = 20
+REDIS_MISSING = "redis-server not installed: apt-get install redis-server"
+
+
+class FakeClock:
+    """A wall clock the test moves by hand, for lease expiry."""
+
+    def __init__(self, now: float = 1_790_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# --- a private redis-server -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server subprocess on loopback, its data in ``directory``, killed on :meth:`stop`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, port: int | None = None) -> None:
+        """Start on ``port`` (or a free one, retried if another process takes it first)."""
+        for _attempt in range(5):
+            self.port = port or free_port()
+            log = (self.directory / "redis.log").open("ab")
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            log.close()
+            if self._wait_ready():
+                return
+        log_text = (self.directory / "redis.log").read_text()
+        raise RuntimeError(f"redis-server did not start: {log_text}")
+
+    def _wait_ready(self) -> bool:
+        """Poll (bounded) until the server answers PING; False if it exited."""
+        assert self.process is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if self.command("PING") == b"+PONG":
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.01)
+        self.stop()
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def command(self, *args: str) -> bytes:
+        """Send one command; the first line of the reply."""
+        request = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(request)
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.strip()
+
+    def stop(self, *, save: bool = False) -> None:
+        if self.process is None:
+            return
+        if save and self.process.poll() is None:
+            self.command("SHUTDOWN", "SAVE")
+        else:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip(REDIS_MISSING)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server for one test that restarts it."""
+    if shutil.which("redis-server") is None:
+        pytest.skip(REDIS_MISSING)
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty store; every store opened on it shares its data."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'usage.db'}"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    assert server.command("FLUSHALL") == b"+OK"
+    return server.url
+
+
+@asynccontextmanager
+async def opened(url: str, clock: Callable[[], float] = time.time) -> AsyncIterator[UsageStore]:
+    store = await open_store(url, clock=clock)
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+# --- counters ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_adds_from_two_instances_sum_exactly(store_url: str) -> None:
+    delta = UsageDelta(
+        sessions=1, connected_seconds=0.5, client_messages=3, client_bytes=1000,
+        upstream_messages=7, upstream_bytes=20_000, input_text_tokens=11,
+        input_audio_tokens=13, input_cached_tokens=5, output_text_tokens=17,
+        output_audio_tokens=19,
+    )  # fmt: skip
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as a, opened(store_url) as b:
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon((a, b)[i % 2].add, "alice", DAY, delta)
+            (row,) = await a.rows()
+            assert await b.tokens("alice", DAY) == 200 * (11 + 13 + 17 + 19)
+    expected = {name: 200 * value for name, value in asdict(delta).items()}
+    assert asdict(row) == {"day": DAY, "user": "alice", **expected}
+    assert row.total_tokens == 200 * 60
+
+
+async def test_counters_survive_closing_and_reopening_the_store(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as store:
+            await store.add("alice", DAY, UsageDelta(sessions=1, output_audio_tokens=40))
+            await store.add("bob", DAY, UsageDelta(connected_seconds=2.25))
+            before = await store.rows()
+        async with opened(store_url) as reopened:
+            assert await reopened.rows() == before
+            await reopened.add("alice", DAY, UsageDelta(sessions=1, output_audio_tokens=2))
+            assert await reopened.tokens("alice", DAY) == 42
+            assert (await reopened.rows(user="alice"))[0].sessions == 2
+
+
+async def test_redis_counters_survive_a_server_restart(own_redis_server: RedisServer) -> None:
+    own_redis_server.start()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(own_redis_server.url) as store:
+            await store.add("alice", DAY, UsageDelta(sessions=1, input_text_tokens=5))
+            own_redis_server.stop(save=True)
+            own_redis_server.start(own_redis_server.port)
+            # The same client reconnects, and the day's counters were saved.
+            assert await store.tokens("alice", DAY) == 5
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+            (row,) = await store.rows()
+    assert (row.sessions, row.input_text_tokens) == (2, 5)
+
+
+async def test_a_zero_delta_still_records_the_user_day(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as store:
+            await store.add("alice", DAY, UsageDelta())
+            assert await store.rows() == [UsageRow(DAY, "alice")]
+            assert await store.tokens("alice", DAY) == 0
+            assert await store.tokens("nobody", DAY) == 0
+
+
+async def test_rows_filter_by_day_and_user_and_sort_by_day_then_user(store_url: str) -> None:
+    days = ["2026-11-25", "2026-11-23", DAY]
+    users = ["carol", "alice", "bob:with:colons"]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as store:
+            for day in days:
+                for user in users:
+                    await store.add(user, day, UsageDelta(sessions=1))
+            every = await store.rows()
+            assert [(r.day, r.user) for r in every] == sorted((d, u) for d in days for u in users)
+            assert [r.user for r in await store.rows(day=DAY)] == sorted(users)
+            assert [r.day for r in await store.rows(user="carol")] == sorted(days)
+            assert await store.rows(day=DAY, user="alice") == [UsageRow(DAY, "alice", sessions=1)]
+            assert await store.rows(day="2001-01-01") == []
+            assert await store.rows(user="nobody") == []
+
+
+async def test_tokens_count_text_and_audio_both_ways_but_not_cached(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as store:
+            await store.add("alice", DAY, UsageDelta(
+                input_text_tokens=1, input_audio_tokens=10, input_cached_tokens=1000,
+                output_text_tokens=100, output_audio_tokens=10_000, client_bytes=99,
+            ))  # fmt: skip
+            await store.add("alice", "2026-11-25", UsageDelta(input_text_tokens=7))
+            assert await store.tokens("alice", DAY) == 10_111
+            (row,) = await store.rows(day=DAY)
+            assert row.total_tokens == 10_111
+
+
+# --- concurrency slots ------------------------------------------------------------------------
+
+
+async def attempt_slots(
+    stores: list[UsageStore], user: str, attempts: int, *, limit: int, tag: str
+) -> list[str]:
+    """``attempts`` concurrent acquisitions through each store; the session ids that got a slot."""
+    granted: list[str] = []
+    go = trio.Event()
+
+    async def attempt(store: UsageStore, session_id: str) -> None:
+        await go.wait()
+        if await store.acquire_slot(user, session_id, limit=limit, lease_seconds=60):
+            granted.append(session_id)
+
+    async with trio.open_nursery() as nursery:
+        for s, store in enumerate(stores):
+            for i in range(attempts):
+                nursery.start_soon(attempt, store, f"{tag}-{s}-{i}")
+        go.set()
+    return granted
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_two_instances_never_let_a_user_exceed_the_cap(store_url: str, limit: int) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as a, opened(store_url) as b:
+            granted = await attempt_slots([a, b], "alice", 50, limit=limit, tag="first")
+            assert len(granted) == limit
+            # Another user's cap is their own.
+            assert len(await attempt_slots([a, b], "bob", 5, limit=limit, tag="bob")) == limit
+            # Releasing one slot lets exactly one more session in, through either instance.
+            await b.release_slot("alice", granted[0])
+            again = await attempt_slots([a, b], "alice", 20, limit=limit, tag="second")
+            assert len(again) == 1
+            # Releasing them all frees the cap entirely.
+            for session_id in granted[1:] + again:
+                await a.release_slot("alice", session_id)
+            assert len(await attempt_slots([b, a], "alice", 20, limit=limit, tag="third")) == limit
+
+
+async def test_two_processes_on_one_sqlite_file_never_exceed_the_cap(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+    script = textwrap.dedent(
+        f"""
+        import trio
+        from relay.usage import open_store
+
+        async def main():
+            store = await open_store({url!r})
+            granted = []
+            async def attempt(i):
+                if await store.acquire_slot("alice", f"{{pid}}-{{i}}", limit=3, lease_seconds=60):
+                    granted.append(i)
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(attempt, i)
+            await store.aclose()
+            print(len(granted))
+
+        import os
+        pid = os.getpid()
+        trio.run(main)
+        """
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(url):  # create the file and schema first
+            pass
+        counts: list[int] = []
+
+        async def run() -> None:
+            done = await trio.run_process([sys.executable, "-c", script], capture_stdout=True)
+            counts.append(int(done.stdout))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(run)
+    assert sum(counts) == 3
+
+
+async def test_expired_leases_free_their_slots(store_url: str) -> None:
+    clock = FakeClock()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url, clock) as a, opened(store_url, clock) as b:
+            assert await a.acquire_slot("alice", "s1", limit=2, lease_seconds=30)
+            assert await b.acquire_slot("alice", "s2", limit=2, lease_seconds=30)
+            assert not await a.acquire_slot("alice", "s3", limit=2, lease_seconds=30)
+            clock.advance(29.9)
+            assert not await b.acquire_slot("alice", "s3", limit=2, lease_seconds=30)
+            clock.advance(0.1)  # a lease ends exactly at its expiry
+            assert await b.acquire_slot("alice", "s3", limit=2, lease_seconds=30)
+            assert await a.acquire_slot("alice", "s4", limit=2, lease_seconds=30)
+            assert not await a.acquire_slot("alice", "s5", limit=2, lease_seconds=30)
+
+
+async def test_renewing_keeps_a_lease_alive_and_an_expired_lease_stays_gone(store_url: str) -> None:
+    clock = FakeClock()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url, clock) as a, opened(store_url, clock) as b:
+            assert await a.acquire_slot("alice", "kept", limit=2, lease_seconds=60)
+            assert await b.acquire_slot("alice", "lapsed", limit=2, lease_seconds=60)
+            for _ in range(5):  # renewed every 20 s for 100 s
+                clock.advance(20)
+                await b.renew_slot("alice", "kept", lease_seconds=60)
+            # "lapsed" expired at 60 s: renewing it now does not bring it back.
+            await a.renew_slot("alice", "lapsed", lease_seconds=60)
+            assert await b.acquire_slot("alice", "new", limit=2, lease_seconds=60)
+            assert not await a.acquire_slot("alice", "lapsed", limit=2, lease_seconds=60)
+
+
+async def test_a_session_acquiring_again_keeps_its_one_slot(store_url: str) -> None:
+    clock = FakeClock()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url, clock) as store:
+            assert await store.acquire_slot("alice", "s1", limit=2, lease_seconds=10)
+            clock.advance(9)
+            assert await store.acquire_slot("alice", "s1", limit=2, lease_seconds=10)  # renewed
+            clock.advance(9)
+            assert await store.acquire_slot("alice", "s2", limit=2, lease_seconds=10)
+            assert await store.acquire_slot("alice", "s1", limit=2, lease_seconds=10)
+            assert not await store.acquire_slot("alice", "s3", limit=2, lease_seconds=10)
+
+
+async def test_releasing_a_slot_not_held_is_harmless(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as store:
+            await store.release_slot("alice", "never-held")
+            await store.renew_slot("alice", "never-held", lease_seconds=60)
+            assert await store.acquire_slot("alice", "s1", limit=1, lease_seconds=60)
+            await store.release_slot("alice", "s1")
+            await store.release_slot("alice", "s1")
+            assert await store.acquire_slot("alice", "s2", limit=1, lease_seconds=60)
+
+
+async def test_slot_arguments_are_checked(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as store:
+            with pytest.raises(ValueError, match="limit"):
+                await store.acquire_slot("alice", "s1", limit=0, lease_seconds=60)
+            with pytest.raises(ValueError, match="lease_seconds"):
+                await store.renew_slot("alice", "s1", lease_seconds=0)
+
+
+# --- opening and closing ----------------------------------------------------------------------
+
+
+async def test_a_closed_store_refuses_use_and_closing_twice_is_harmless(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = await open_store(store_url)
+        await store.aclose()
+        await store.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+
+
+async def test_a_store_opened_inside_a_timeout_can_be_closed_outside_it(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        with trio.move_on_after(TEST_TIMEOUT):
+            store = await open_store(store_url)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.add, "alice", DAY, UsageDelta(sessions=1))
+        assert (await store.rows())[0].sessions == 1
+        await store.aclose()
+
+
+async def test_sqlite_paths_are_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(f"sqlite:///{tmp_path}/data/usage.db") as absolute:
+            await absolute.add("alice", DAY, UsageDelta(sessions=1))
+        async with opened("sqlite:///data/usage.db") as relative:
+            assert [r.user for r in await relative.rows()] == ["alice"]
+
+
+async def test_an_in_memory_sqlite_store_is_private_to_its_instance() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened("sqlite:///:memory:") as a, opened("sqlite:///:memory:") as b:
+            await a.add("alice", DAY, UsageDelta(sessions=1))
+            assert len(await a.rows()) == 1
+            assert await b.rows() == []
+
+
+async def test_an_unreachable_redis_is_a_connection_error() -> None:
+    pytest.importorskip("coredis")
+    with trio.fail_after(TEST_TIMEOUT):
+        with pytest.raises(ConnectionError, match=r"RELAY_STORE.*127\.0\.0\.1"):
+            await open_store(f"redis://127.0.0.1:{free_port()}/0")
+    gc.collect()  # anything left unclosed warns here, not in a later test
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "relay-usage.db",
+        "postgres://localhost/relay",
+        "sqlite:relay.db",
+        "sqlite://relay.db",
+        "sqlite:///",
+        "redis://",
+        "redis:///0",
+        "redis://localhost:port/0",
+        "redis://localhost:6379/zero",
+        "redis://localhost:6379/0?ssl=true",
+        "redis:localhost",
+    ],
+)
+async def test_a_bad_url_is_a_value_error_naming_the_setting_and_the_forms(url: str) -> None:
+    with pytest.raises(ValueError, match="RELAY_STORE") as caught:
+        await open_store(url)
+    assert "sqlite:///PATH" in str(caught.value)
+    assert "redis://HOST" in str(caught.value)
+
+
+async def test_a_bad_url_error_does_not_show_the_password() -> None:
+    with pytest.raises(ValueError) as caught:
+        await open_store("redis://:hunter2@localhost:6379/zero")
+    assert "hunter2" not in str(caught.value)
+
+
+# --- usage from response.done ----------------------------------------------------------------
+
+
+def response_done(usage: object) -> dict[str, object]:
+    return {
+        "type": "response.done",
+        "event_id": "event_123",
+        "response": {
+            "object": "realtime.response",
+            "id": "resp_123",
+            "status": "completed",
+            "status_details": None,
+            "output": [],
+            "conversation_id": "conv_123",
+            "usage": usage,
+            "metadata": None,
+        },
+    }
+
+
+def test_usage_from_a_ga_response_done() -> None:
+    usage = {
+        "total_tokens": 127, "input_tokens": 120, "output_tokens": 7,
+        "input_token_details": {
+            "text_tokens": 120, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 64,
+            "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0, "image_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": 7, "audio_tokens": 0},
+    }  # fmt: skip
+    delta = usage_from_response_done(response_done(usage))
+    assert delta == UsageDelta(input_text_tokens=120, input_cached_tokens=64, output_text_tokens=7)
+    assert UsageRow(DAY, "alice", **asdict(delta)).total_tokens == usage["total_tokens"]
+
+
+def test_usage_from_an_audio_response_done() -> None:
+    usage = {
+        "total_tokens": 355, "input_tokens": 211, "output_tokens": 144,
+        "input_token_details": {"text_tokens": 195, "audio_tokens": 16, "cached_tokens": 192},
+        "output_token_details": {"text_tokens": 31, "audio_tokens": 113},
+    }  # fmt: skip
+    assert usage_from_response_done(response_done(usage)) == UsageDelta(
+        input_text_tokens=195, input_audio_tokens=16, input_cached_tokens=192,
+        output_text_tokens=31, output_audio_tokens=113,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        response_done(None),
+        response_done({}),
+        {"type": "response.done"},
+        {"type": "response.done", "response": None},
+        {"type": "response.done", "response": {"usage": "lots"}},
+    ],
+)
+def test_usage_from_a_response_done_without_usage_is_zero(event: dict[str, object]) -> None:
+    assert usage_from_response_done(event) == UsageDelta()
+
+
+def test_usage_missing_or_malformed_fields_count_as_zero() -> None:
+    usage = {
+        "input_token_details": {"text_tokens": None, "audio_tokens": 5, "cached_tokens": "x"},
+        "output_token_details": {"text_tokens": True, "audio_tokens": -3},
+    }
+    assert usage_from_response_done(response_done(usage)) == UsageDelta(input_audio_tokens=5)
+
+
+def test_usage_without_a_breakdown_is_charged_as_text() -> None:
+    usage = {"input_tokens": 20, "output_tokens": 10, "input_token_details": None}
+    delta = usage_from_response_done(response_done(usage))
+    assert delta == UsageDelta(input_text_tokens=20, output_text_tokens=10)
+
+
+def test_a_usage_row_has_every_counter_of_a_delta() -> None:
+    row_fields = [f.name for f in fields(UsageRow)]
+    assert row_fields == ["day", "user", *(f.name for f in fields(UsageDelta))]
