@@ -1,0 +1,155 @@
+"""The SQLite usage store: one file shared by the relay instances on one host."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from .usage import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
+
+#: How long an operation waits for another process's lock before failing.
+SQLITE_BUSY_TIMEOUT_SECONDS: Final = 10.0
+
+_SQLITE_COLUMNS: Final = ",\n    ".join(
+    f"{name} {'REAL' if name in FLOAT_COUNTERS else 'INTEGER'} NOT NULL DEFAULT 0"
+    for name in COUNTERS
+)
+_SQLITE_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL,
+    user TEXT NOT NULL,
+    {_SQLITE_COLUMNS},
+    PRIMARY KEY (day, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slots (
+    user TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (user, session_id)
+) WITHOUT ROWID;
+"""
+
+_SQLITE_ADD: Final = (
+    f"INSERT INTO usage (day, user, {', '.join(COUNTERS)})"
+    f" VALUES (?, ?, {', '.join('?' for _ in COUNTERS)})"
+    f" ON CONFLICT (day, user) DO UPDATE SET"
+    f" {', '.join(f'{name} = {name} + excluded.{name}' for name in COUNTERS)}"
+)
+
+
+class SqliteUsageStore:
+    """The embedded store: one SQLite connection, used from worker threads one call at a time.
+
+    The connection is in autocommit mode: ``add`` is one upsert statement, and a
+    slot is taken inside ``BEGIN IMMEDIATE``, which holds the file's write lock
+    from the expiry sweep to the insert, so two processes can't both take the
+    last slot. Calls are not abandoned on cancellation, so the connection is
+    never used by two threads at once.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, *, clock: Callable[[], float]) -> None:
+        self._connection = connection
+        self._clock = clock
+        self._limiter = trio.CapacityLimiter(1)
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str, *, clock: Callable[[], float]) -> SqliteUsageStore:
+        def connect() -> sqlite3.Connection:
+            connection = sqlite3.connect(
+                path,
+                timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                if path != ":memory:":
+                    connection.execute("PRAGMA journal_mode = WAL")
+                    # In WAL mode NORMAL survives an application crash; only a power cut can
+                    # lose the last commits, which is fine for usage counters.
+                    connection.execute("PRAGMA synchronous = NORMAL")
+                connection.executescript(_SQLITE_SCHEMA)
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+
+        return cls(await trio.to_thread.run_sync(connect), clock=clock)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._closed:
+            raise trio.ClosedResourceError("the usage store is closed")
+        return await trio.to_thread.run_sync(fn, self._connection, limiter=self._limiter)
+
+    async def add(self, user: str, day: str, delta: UsageDelta) -> None:
+        values = (day, user, *(getattr(delta, name) for name in COUNTERS))
+        await self._run(lambda db: db.execute(_SQLITE_ADD, values))
+
+    async def tokens(self, user: str, day: str) -> int:
+        query = f"SELECT {' + '.join(TOKEN_COUNTERS)} FROM usage WHERE day = ? AND user = ?"
+        row = await self._run(lambda db: db.execute(query, (day, user)).fetchone())
+        return int(row[0]) if row else 0
+
+    async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
+        query = (
+            f"SELECT day, user, {', '.join(COUNTERS)} FROM usage"
+            " WHERE (?1 IS NULL OR day = ?1) AND (?2 IS NULL OR user = ?2) ORDER BY day, user"
+        )
+        found = await self._run(lambda db: db.execute(query, (day, user)).fetchall())
+        return [UsageRow(*row) for row in found]
+
+    async def acquire_slot(
+        self, user: str, session_id: str, *, limit: int, lease_seconds: float
+    ) -> bool:
+        check_slot_args(limit, lease_seconds)
+        now = self._clock()
+
+        def acquire(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM slots WHERE user = ? AND expires <= ?", (user, now))
+                held = db.execute(
+                    "SELECT 1 FROM slots WHERE user = ? AND session_id = ?", (user, session_id)
+                ).fetchone()
+                query = "SELECT count(*) FROM slots WHERE user = ?"
+                (live,) = db.execute(query, (user,)).fetchone()
+                granted = bool(held) or live < limit
+                if granted:
+                    db.execute(
+                        "INSERT INTO slots (user, session_id, expires) VALUES (?, ?, ?)"
+                        " ON CONFLICT (user, session_id) DO UPDATE SET expires = excluded.expires",
+                        (user, session_id, now + lease_seconds),
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return granted
+
+        return bool(await self._run(acquire))
+
+    async def renew_slot(self, user: str, session_id: str, *, lease_seconds: float) -> None:
+        check_slot_args(None, lease_seconds)
+        now = self._clock()
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE slots SET expires = ? WHERE user = ? AND session_id = ? AND expires > ?",
+                (now + lease_seconds, user, session_id, now),
+            )
+        )
+
+    async def release_slot(self, user: str, session_id: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "DELETE FROM slots WHERE user = ? AND session_id = ?", (user, session_id)
+            )
+        )
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await trio.to_thread.run_sync(self._connection.close, limiter=self._limiter)
