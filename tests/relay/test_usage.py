@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.usage import (
     UsageDelta,
@@ -33,6 +35,8 @@ DAY = "2026-11-24"
 #: Every I/O test finishes well within this (they take tens of milliseconds).
 TEST_TIMEOUT = 20
 REDIS_MISSING = "redis-server not installed: apt-get install redis-server"
+#: Each example opens two stores; a quarter of the profile's examples keeps this file fast.
+PROPERTY_EXAMPLES = max(25, settings.default.max_examples // 4)
 
 
 class FakeClock:
@@ -400,6 +404,73 @@ async def test_slot_arguments_are_checked(store_url: str) -> None:
                 await store.acquire_slot("alice", "s1", limit=0, lease_seconds=60)
             with pytest.raises(ValueError, match="lease_seconds"):
                 await store.renew_slot("alice", "s1", lease_seconds=0)
+
+
+# Steps of the lease property: (instance, action, session, seconds).
+lease_steps = st.lists(
+    st.tuples(
+        st.integers(0, 1),
+        st.sampled_from(["acquire", "renew", "release", "advance"]),
+        st.integers(0, 5),
+        st.sampled_from([0.0, 1.0, 10.0, 29.5, 30.0, 45.0]),
+    ),
+    max_size=40,
+)
+
+
+def check_leases_against_a_model(
+    url: str, limit: int, steps: list[tuple[int, str, int, float]]
+) -> None:
+    """Two instances on ``url`` answer every step exactly as a one-dict model of the leases does."""
+    lease = 30.0
+    clock = FakeClock()
+    model: dict[str, float] = {}  # session id -> expiry
+
+    async def main() -> None:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with opened(url, clock) as a, opened(url, clock) as b:
+                for instance, action, session, seconds in steps:
+                    store, sid, now = (a, b)[instance], f"s{session}", clock()
+                    if action == "advance":
+                        clock.advance(seconds)
+                    elif action == "acquire":
+                        for held in [k for k, expiry in model.items() if expiry <= now]:
+                            del model[held]
+                        expected = sid in model or len(model) < limit
+                        if expected:
+                            model[sid] = now + lease
+                        got = await store.acquire_slot(
+                            "alice", sid, limit=limit, lease_seconds=lease
+                        )
+                        assert got == expected, (action, sid, now, model)
+                        assert len(model) <= limit
+                    elif action == "renew":
+                        if model.get(sid, now) > now:
+                            model[sid] = now + lease
+                        await store.renew_slot("alice", sid, lease_seconds=lease)
+                    else:
+                        model.pop(sid, None)
+                        await store.release_slot("alice", sid)
+
+    trio.run(main)
+
+
+@settings(max_examples=PROPERTY_EXAMPLES)
+@given(limit=st.integers(1, 3), steps=lease_steps)
+def test_leases_behave_like_the_model_on_sqlite(
+    tmp_path_factory: pytest.TempPathFactory, limit: int, steps: list[tuple[int, str, int, float]]
+) -> None:
+    url = f"sqlite:///{tmp_path_factory.mktemp('leases') / 'usage.db'}"
+    check_leases_against_a_model(url, limit, steps)
+
+
+@settings(max_examples=PROPERTY_EXAMPLES)
+@given(limit=st.integers(1, 3), steps=lease_steps)
+def test_leases_behave_like_the_model_on_redis(
+    redis_server: RedisServer, limit: int, steps: list[tuple[int, str, int, float]]
+) -> None:
+    assert redis_server.command("FLUSHALL") == b"+OK"
+    check_leases_against_a_model(redis_server.url, limit, steps)
 
 
 # --- opening and closing ----------------------------------------------------------------------
