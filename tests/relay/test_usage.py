@@ -473,6 +473,20 @@ def test_leases_behave_like_the_model_on_redis(
     check_leases_against_a_model(redis_server.url, limit, steps)
 
 
+async def test_every_redis_key_is_prefixed_and_expires(redis_server: RedisServer) -> None:
+    assert redis_server.command("FLUSHALL") == b"+OK"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(redis_server.url) as store:
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+            assert await store.acquire_slot("alice", "s1", limit=1, lease_seconds=60)
+    day_keys = ["relay:usage:2026-11-24:alice", "relay:usage-users:2026-11-24", "relay:usage-days"]
+    assert redis_server.command("DBSIZE") == b":4"  # those and relay:slots:alice
+    for key in day_keys:
+        assert 30 * 86400 < int(redis_server.command("TTL", key)[1:]) <= 40 * 86400, key
+    # A lease set outlives its longest lease by a minute.
+    assert 60 < int(redis_server.command("TTL", "relay:slots:alice")[1:]) <= 120
+
+
 # --- opening and closing ----------------------------------------------------------------------
 
 
