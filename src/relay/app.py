@@ -14,9 +14,12 @@ Routes:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -25,6 +28,7 @@ import orjson
 import trio
 
 from . import _hypercorn
+from .accounting import Accounting, usage_json
 from .auth import Authenticator, Identity, Refusal, parse_api_keys
 from .bridge import Bridge, Limits, Message
 from .closecodes import Code
@@ -32,12 +36,15 @@ from .config import ConfigError, RelayConfig, load_config
 from .events import dumps, error_event
 from .pair import Pair
 from .upstream import UpstreamDialer
+from .usage import open_store
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
+#: Seconds the usage store may take to admit a session before the handshake gets 503.
+STORE_TIMEOUT = 5.0
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 
 log = logging.getLogger("relay")
@@ -111,6 +118,8 @@ class RelayApp:
             )
         self.pairs: set[Pair] = set()
         self.draining = False
+        #: Usage, leases and budgets; set when the lifespan opens the store.
+        self.accounting: Accounting | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -119,7 +128,7 @@ class RelayApp:
         elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await self._lifespan(receive, send)
         else:
             raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
 
@@ -129,6 +138,8 @@ class RelayApp:
         path = scope["path"]
         if path == "/healthz":
             await _respond(send, 200, {"status": "ok"})
+        elif path == "/admin/usage":
+            await self._admin_usage(scope, send)
         elif path == "/" or path.startswith("/static/"):
             await _static(send, "index.html" if path == "/" else path[len("/static/"):])
         elif path in WEBSOCKET_PATHS:
@@ -143,6 +154,24 @@ class RelayApp:
         else:
             await _respond(send, 404, {"error": f"no such endpoint: {path}"})
 
+    async def _admin_usage(self, scope: Scope, send: Send) -> None:
+        """``GET /admin/usage?day=&user=``: the usage table as JSON, for the admin token only."""
+        token = self.config.admin_token
+        if not token:
+            await _respond(send, 404, {"error": "the admin endpoint is off; set RELAY_ADMIN_TOKEN"})
+            return
+        offered = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if not hmac.compare_digest(offered, b"Bearer " + token.encode()):
+            await _respond(send, 401, {"error": "send Authorization: Bearer <RELAY_ADMIN_TOKEN>"})
+            return
+        if self.accounting is None:
+            await _respond(send, 503, {"error": "the relay is still starting"})
+            return
+        rows = await self.accounting.store.rows(
+            day=_query_param(scope, "day"), user=_query_param(scope, "user")
+        )
+        await _respond(send, 200, {"rows": [usage_json(row) for row in rows]})
+
     # -- WebSocket ----------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -155,12 +184,50 @@ class RelayApp:
             await _deny(send, 503, "the relay is shutting down; connect again in a moment")
             return
         offered = scope.get("subprotocols") or ()
+        accounting = self.accounting
+        if accounting is None:
+            await _deny(send, 503, "the relay is still starting; connect again in a moment")
+            return
+        session_id = secrets.token_hex(8)
         try:
             identity = self.auth.authenticate(scope["headers"], offered)
+            with trio.fail_after(STORE_TIMEOUT):
+                await accounting.admit(identity, session_id)
         except Refusal as refused:
             log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
             await _deny(send, refused.status, refused.message, code=refused.code)
             return
+        except (trio.TooSlowError, OSError) as exc:
+            log.error("usage store unavailable at admission: %r", exc)
+            await _deny(send, 503, "the relay's usage store is not answering; try again shortly")
+            return
+        started = trio.current_time()
+        bridge = Bridge(
+            session_update=self.session_update,
+            limits=self.limits,
+            secret=self.config.openai_api_key,
+            binary_as_audio=self.config.binary_frames == "audio",
+            policy=self.config.policy,
+        )
+        try:
+            async with trio.open_nursery() as lease:
+                lease.start_soon(accounting.keep_lease, identity, session_id)
+                await self._session(scope, receive, send, offered, identity, bridge, accounting)
+                lease.cancel_scope.cancel()
+        finally:
+            await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
+
+    async def _session(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        offered: Any,
+        identity: Identity,
+        bridge: Bridge,
+        accounting: Accounting,
+    ) -> None:
+        """Accept the WebSocket and run its pair to its end."""
         await send(
             {"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in offered else None}
         )
@@ -173,13 +240,6 @@ class RelayApp:
             await client.wait_closed(self.config.close_timeout)
             return
         model = _query_param(scope, "model") or self.config.model
-        bridge = Bridge(
-            session_update=self.session_update,
-            limits=self.limits,
-            secret=self.config.openai_api_key,
-            binary_as_audio=self.config.binary_frames == "audio",
-            policy=self.config.policy,
-        )
         pair = Pair(
             client,
             bridge,
@@ -187,6 +247,7 @@ class RelayApp:
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
+            on_responses_done=partial(accounting.record_responses, identity),
         )
         self.pairs.add(pair)
         try:
@@ -233,6 +294,29 @@ class RelayApp:
             )
         return None
 
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Open the usage store for the app's lifetime (the lifespan task outlives every session)."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    store = await open_store(self.config.store)
+                except (OSError, ValueError) as exc:
+                    message_text = f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
+                    await send({"type": "lifespan.startup.failed", "message": message_text})
+                    return
+                self.accounting = Accounting(
+                    store,
+                    max_sessions=self.config.max_sessions_per_user,
+                    daily_budget=self.config.daily_token_budget,
+                )
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.accounting is not None:
+                    await self.accounting.store.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
     async def shutdown_pairs(self) -> None:
         """Stop taking sessions and end every live pair with 1001; return when all ended."""
         self.draining = True
@@ -255,14 +339,6 @@ def _query_param(scope: Scope, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _json_response_start(status: int, body: bytes) -> dict[str, Any]:

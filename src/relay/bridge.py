@@ -53,6 +53,7 @@ class Cause(Enum):
     UPSTREAM_TOO_SLOW = "upstream_too_slow"
     QUEUE_OVERFLOW = "queue_overflow"
     SHUTDOWN = "shutdown"
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,8 @@ class Ending:
     upstream_code: int | None
     upstream_reason: str = ""
     error: str | None = None
+    #: Sent upstream just before its close frame (e.g. a response.cancel).
+    upstream_last: str | None = None
 
 
 @dataclass(slots=True)
@@ -370,6 +373,21 @@ class Bridge:
             ),
         )
 
+    def budget_exhausted(self) -> Ending | None:
+        """The user's daily token budget is used up: cancel any response, warn, close 4029."""
+        return self._end(
+            Cause.BUDGET_EXHAUSTED,
+            client=(Code.BUDGET_EXHAUSTED, "daily token budget used up"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="budget exhausted",
+            error=error_event(
+                "relay_budget_exhausted",
+                "Your daily token budget is used up; the session ends now. It resets at"
+                " 00:00 UTC.",
+            ),
+            upstream_last='{"type":"response.cancel"}',
+        )
+
     def shutdown(self) -> Ending | None:
         """The relay is going away: close both sides with 1001."""
         return self._end(
@@ -391,6 +409,7 @@ class Bridge:
         upstream: int | None,
         upstream_reason: str = "",
         error: str | None = None,
+        upstream_last: str | None = None,
     ) -> Ending | None:
         if self.phase is Phase.CLOSED:
             return None
@@ -402,6 +421,7 @@ class Bridge:
             upstream_code=upstream,
             upstream_reason=upstream_reason,
             error=error,
+            upstream_last=upstream_last,
         )
         return self.ending
 

@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_setting_flags(serve)
 
+    usage = commands.add_parser(
+        "usage",
+        help="print usage per user and day from the store (RELAY_STORE)",
+        description="Print usage per user and UTC day: sessions, connected seconds, messages,"
+        " bytes and tokens.",
+    )
+    usage.add_argument("--day", help="one UTC day, YYYY-MM-DD")
+    usage.add_argument("--user", help="one user")
+    usage.add_argument("--store", help="store URL (default: RELAY_STORE, else sqlite:///relay-usage.db)")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     keygen = commands.add_parser(
         "keygen",
         help="make a client API key and the RELAY_API_KEYS entry that accepts it",
@@ -138,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .app import create_app
 
             trio.run(_serve, config, create_app(config))
+        elif args.command == "usage":
+            overrides = {"store": args.store} if args.store else {}
+            config = load_config(environ, overrides)
+            print(trio.run(_usage_report, config.store, args.day, args.user, args.json))
         elif args.command == "keygen":
             from .auth import hash_key, new_api_key
 
@@ -180,3 +195,19 @@ async def _demo(host: str, port: int) -> None:
             "relay demo: press Ctrl-C to stop",
             flush=True,
         )
+
+
+async def _usage_report(url: str, day: str | None, user: str | None, as_json: bool) -> str:
+    import orjson
+
+    from .accounting import format_table, usage_json
+    from .usage import open_store
+
+    store = await open_store(url)
+    try:
+        rows = await store.rows(day=day, user=user)
+    finally:
+        await store.aclose()
+    if as_json:
+        return orjson.dumps({"rows": [usage_json(r) for r in rows]}, option=orjson.OPT_INDENT_2).decode()
+    return format_table(rows)

@@ -116,6 +116,30 @@ class RelayConfig:
         "Let clients in without a token (all as user `anonymous`). `relay serve` refuses to"
         " start with no client auth unless this is set.",
     )
+    store: str = _setting(
+        "sqlite:///relay-usage.db",
+        "RELAY_STORE",
+        "Usage and limits store: `sqlite:///PATH` (embedded) or `redis://HOST:PORT/DB` (shared"
+        " by many relay instances).",
+    )
+    max_sessions_per_user: int = _setting(
+        0, "RELAY_MAX_SESSIONS_PER_USER", "Live sessions one user may hold across all instances (0: no cap)."
+    )
+    daily_token_budget: int = _setting(
+        0,
+        "RELAY_DAILY_TOKEN_BUDGET",
+        "Tokens one user may use per UTC day, checked at admission and after each response"
+        " (0: no budget).",
+    )
+    admin_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_ADMIN_TOKEN",
+            "help": "Bearer token of `GET /admin/usage` (unset: the endpoint is off). Environment only.",
+            "secret": True,
+        },
+    )
     upstream_url: str = _setting(
         "wss://api.openai.com/v1/realtime",
         "RELAY_UPSTREAM_URL",
@@ -341,6 +365,12 @@ def _validate(config: RelayConfig) -> None:
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be positive")
+    if config.max_sessions_per_user < 0 or config.daily_token_budget < 0:
+        raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
+    if not config.store.startswith(("sqlite:///", "redis://")):
+        raise ConfigError(
+            f"RELAY_STORE must be sqlite:///PATH or redis://HOST:PORT/DB, got {config.store!r}"
+        )
     try:
         parse_api_keys(config.api_keys)
     except ValueError as exc:

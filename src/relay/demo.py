@@ -44,6 +44,7 @@ async def run_demo(
                 "host": host,
                 "port": port,
                 "allow_anonymous": True,  # loopback only, for trying it out
+                "store": "sqlite:///:memory:",
             },
         )
 

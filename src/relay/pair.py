@@ -23,6 +23,8 @@ or 1014 for a stalled upstream).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -55,6 +57,7 @@ class Pair:
         dial_timeout: float,
         close_timeout: float,
         send_timeout: float = 10.0,
+        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[bool]] | None = None,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -62,6 +65,7 @@ class Pair:
         self._dial_timeout = dial_timeout
         self._close_timeout = close_timeout
         self._send_timeout = send_timeout
+        self._on_responses_done = on_responses_done
         self._upstream: WebSocketConnection | None = None
         self._flushed = trio.Event()
         self._upstream_cut = False  # a send to the upstream was abandoned part-way
@@ -181,6 +185,11 @@ class Pair:
             if waited.cancelled_caught:
                 await self._finish(bridge.client_too_slow(self._send_timeout))
                 return
+            if bridge.responses_done:
+                done, bridge.responses_done = bridge.responses_done, []
+                if self._on_responses_done is not None and await self._on_responses_done(done):
+                    await self._finish(bridge.budget_exhausted())
+                    return
 
     async def _finish(self, ending: Ending | None) -> None:
         """Carry out an ending: the client's error and close, the upstream's close, cancel.
@@ -209,6 +218,9 @@ class Pair:
         await self._flushed.wait()  # a client leaving mid-flush still gets its messages sent
         if self._upstream_cut:
             return  # a send was cut mid-frame: a close frame now would be garbage; drop the socket
+        if ending.upstream_last is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await upstream.send_message(ending.upstream_last)
         await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)  # type: ignore[arg-type]
 
 

@@ -98,6 +98,7 @@ async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
         "dial_timeout": 5.0,
         "close_timeout": 2.0,
         "allow_anonymous": True,
+        "store": "sqlite:///:memory:",
     }
     values.update(settings)
     config: RelayConfig = load_config({}, values)

@@ -163,7 +163,7 @@ def test_the_documented_hypercorn_command_line_serves_the_app() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, OPENAI_API_KEY="sk-x", RELAY_ALLOW_ANONYMOUS="true")
+    env = dict(os.environ, OPENAI_API_KEY="sk-x", RELAY_ALLOW_ANONYMOUS="true", RELAY_STORE="sqlite:///:memory:")
     proc = subprocess.Popen(
         [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", f"127.0.0.1:{port}",
          "relay.app:create_app()"],

@@ -1,0 +1,171 @@
+"""Usage accounting, concurrency caps and the daily budget, through the relay in front of mockrealtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import trio
+from mockrealtime import MockConfig, serve_mock_realtime
+from trio_websocket import ConnectionRejected
+
+from relay.auth import hash_key
+
+from .harness import TEST_KEY, RunningRelay, connect, running_relay
+from .test_relay_loopback import error_codes, receive_until_closed
+
+TIMEOUT = 15
+ALICE = "rk_alice_0123456789"
+BEARER = [(b"authorization", f"Bearer {ALICE}".encode())]
+TEXT_TURN = [
+    orjson.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}}).decode(),
+    '{"type":"response.create"}',
+]
+
+
+@asynccontextmanager
+async def relays(store: str, count: int = 1, **settings: object) -> AsyncIterator[list[RunningRelay]]:
+    """``count`` relay instances sharing one store, in front of one mockrealtime."""
+    values: dict[str, object] = {
+        "allow_anonymous": False,
+        "api_keys": (f"alice:{hash_key(ALICE)}",),
+        "store": store,
+        **settings,
+    }
+    async with trio.open_nursery() as nursery:
+        mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}), pace=0))
+        values["upstream_url"] = mock.url
+        async with running_relay(**values) as first:
+            if count == 1:
+                yield [first]
+            else:
+                async with running_relay(**values) as second:
+                    yield [first, second]
+        nursery.cancel_scope.cancel()
+
+
+async def text_turn(relay: RunningRelay) -> list[dict]:
+    async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
+        for message in TEXT_TURN:
+            await ws.send_message(message)
+        events = []
+        while not events or events[-1]["type"] != "response.done":
+            events.append(orjson.loads(await ws.get_message()))
+    return events
+
+
+async def rows(relay: RunningRelay) -> list[dict]:
+    assert relay.app.accounting is not None
+    from relay.accounting import usage_json
+
+    return [usage_json(r) for r in await relay.app.accounting.store.rows(user="alice")]
+
+
+async def wait_for_sessions(relay: RunningRelay, count: int) -> list[dict]:
+    with trio.fail_after(5):
+        while True:
+            found = await rows(relay)
+            if found and found[0]["sessions"] >= count:
+                return found
+            await trio.sleep(0.01)
+
+
+async def test_a_session_is_accounted_and_the_counters_survive_a_restart(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'usage.db'}"
+    with trio.fail_after(TIMEOUT):
+        async with relays(store) as (relay,):
+            events = await text_turn(relay)
+            found = await wait_for_sessions(relay, 1)
+        usage = events[-1]["response"]["usage"]
+        (row,) = found
+        assert row["sessions"] == 1 and row["connected_seconds"] > 0
+        assert row["client_messages"] == 2
+        assert row["upstream_messages"] >= len(events)  # + rate_limits.updated after response.done
+        assert row["total_tokens"] == usage["total_tokens"]
+        assert row["output_audio_tokens"] == usage["output_token_details"]["audio_tokens"]
+        async with relays(store) as (restarted,):  # a new process on the same file
+            assert await rows(restarted) == found
+    table = subprocess.run(
+        [sys.executable, "-m", "relay", "usage", "--store", store, "--user", "alice"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()
+    assert table[0].split()[:3] == ["day", "user", "sessions"]
+    assert table[1].split()[1:3] == ["alice", "1"]
+    assert table[1].split()[-1] == str(row["total_tokens"])
+    as_json = subprocess.run(
+        [sys.executable, "-m", "relay", "usage", "--store", store, "--json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert orjson.loads(as_json)["rows"] == found
+
+
+async def test_two_instances_never_let_a_user_exceed_the_session_cap(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'usage.db'}"
+    opened: list[object] = []
+    refused: list[int] = []
+    with trio.fail_after(TIMEOUT):
+        async with relays(store, count=2, max_sessions_per_user=2) as (a, b):
+            release = trio.Event()
+
+            async def attempt(relay: RunningRelay) -> None:
+                try:
+                    async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
+                        await ws.get_message()
+                        opened.append(ws)
+                        await release.wait()
+                except ConnectionRejected as exc:
+                    refused.append(exc.status_code)
+                    assert orjson.loads(exc.body)["code"] == "too_many_sessions"
+
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(attempt, (a, b)[n % 2])
+                while len(opened) + len(refused) < 8:
+                    await trio.sleep(0.01)
+                assert (len(opened), refused) == (2, [429] * 6)
+                release.set()
+            # The slots are free again once those sessions ended.
+            await wait_for_sessions(a, 2)
+            await text_turn(b)
+
+
+async def test_the_budget_ends_a_session_mid_way_and_then_refuses_new_ones() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relays("sqlite:///:memory:", daily_token_budget=10) as (relay,):
+            async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
+                for message in TEXT_TURN:
+                    await ws.send_message(message)
+                messages, code, _ = await receive_until_closed(ws)
+            kinds = [orjson.loads(m)["type"] for m in messages]
+            assert "response.done" in kinds  # the turn that crossed the budget is delivered
+            assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
+            with pytest.raises(ConnectionRejected) as refused:
+                async with connect(relay.url + "/voice", extra_headers=BEARER):
+                    pass
+            assert refused.value.status_code == 429
+            assert orjson.loads(refused.value.body)["code"] == "daily_budget_exhausted"
+
+
+async def test_the_admin_endpoint_needs_the_admin_token() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relays("sqlite:///:memory:", admin_token="admin-secret-token") as (relay,):
+            await text_turn(relay)
+            await wait_for_sessions(relay, 1)
+            async with httpx.AsyncClient(base_url=relay.http_url) as http:
+                assert (await http.get("/admin/usage")).status_code == 401
+                wrong = await http.get("/admin/usage", headers={"authorization": "Bearer nope"})
+                assert wrong.status_code == 401
+                ok = await http.get("/admin/usage?user=alice", headers={"authorization": "Bearer admin-secret-token"})
+            assert ok.status_code == 200
+            (row,) = ok.json()["rows"]
+            assert row["user"] == "alice" and row["sessions"] == 1 and row["total_tokens"] > 0
+        async with relays("sqlite:///:memory:") as (closed,):
+            async with httpx.AsyncClient(base_url=closed.http_url) as http:
+                assert (await http.get("/admin/usage")).status_code == 404
