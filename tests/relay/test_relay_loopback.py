@@ -404,3 +404,34 @@ async def test_many_sessions_leave_no_socket_behind() -> None:
                     break
                 await trio.sleep(0.01)
             assert open_fds() <= baseline
+
+
+async def test_a_client_still_sending_when_closed_gets_the_error_and_close_frame() -> None:
+    """A client that keeps sending and reads slowly still gets the relay's error event and
+    close frame. (The loopback properties once saw such a client get 1006 when the app
+    returned right after its close frame; the app now waits for the client's close reply.
+    This test does not reproduce that failure deterministically; the property covers it.)"""
+    with trio.fail_after(TIMEOUT):
+        async with silent_upstream() as up, running_relay(upstream_url=up.url, queue_messages=5) as relay:
+            async with connect(relay.url + "/voice") as ws:
+
+                async def keep_sending() -> None:
+                    for n in range(2000):
+                        try:
+                            await ws.send_message(f'{{"type":"x","n":{n}}}')
+                        except ConnectionClosed:
+                            return
+                        await trio.sleep(0.001)
+
+                messages: list[str | bytes] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(keep_sending)
+                    try:
+                        while True:
+                            await trio.sleep(0.05)  # a slow reader
+                            messages.append(await ws.get_message())
+                    except ConnectionClosed as exc:
+                        code = exc.reason.code
+                    nursery.cancel_scope.cancel()
+            assert error_codes(messages) == ["relay_queue_overflow"]
+            assert code == 1013
