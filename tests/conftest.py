@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import struct
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -29,7 +32,50 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+#: Every credential the suite hands to the relay or the fake; none may appear in a log line.
+SECRETS = (
+    "sk-test-upstream-secret-0123456789",  # the relay's upstream key in tests/relay
+    "sk-memory-secret-7f3a9c",
+    "jwt-shared-secret-for-tests-0123456789abcdef",
+    "rk_alice_0123456789",
+    "rk_alice_key",
+    "rk_test_client_key_abcdef",
+    "sk-test-0123456789",
+    "sk-sdk-conformance",
+)
+SECRET_PATTERNS = (re.compile(r"sk-demo-[A-Za-z0-9_-]{16}"),)  # relay demo's per-run key
+
+
+class SecretScanner(logging.Handler):
+    """Sees every log record of the run (at INFO and above) and remembers any that holds a secret."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        if any(secret in text for secret in SECRETS) or any(p.search(text) for p in SECRET_PATTERNS):
+            self.leaks.append(f"{record.name}: {text[:300]}")
+
+
+SCANNER = SecretScanner()
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """Fail the test during which a log line carried a credential."""
+    seen = len(SCANNER.leaks)
+    yield
+    assert SCANNER.leaks[seen:] == [], "a log line carried a secret"
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger().addHandler(SCANNER)
+    if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
+        logging.getLogger().setLevel(logging.INFO)
     """Pick the run's Hypothesis seed up front so a failure can be replayed exactly."""
     if getattr(config.option, "hypothesis_seed", None) is None:
         seed = os.environ.get("HYPOTHESIS_SEED") or str(random.randrange(2**32))
