@@ -50,6 +50,12 @@ BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 log = logging.getLogger("relay")
 
 
+#: What Hypercorn's socket writes raise when the client's connection is going away. Busy:
+#: Hypercorn half-closes the socket (send_eof) without its send lock when the client hangs up,
+#: so a write racing that raises BusyResourceError.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+
+
 class AsgiClient:
     """The client's WebSocket over ASGI, as :class:`relay.pair.ClientSide`."""
 
@@ -70,13 +76,19 @@ class AsgiClient:
                 return None
 
     async def send(self, data: Message) -> None:
-        if data.__class__ is str:
-            await self._send({"type": "websocket.send", "text": data})
-        else:
-            await self._send({"type": "websocket.send", "bytes": data})
+        try:
+            if data.__class__ is str:
+                await self._send({"type": "websocket.send", "text": data})
+            else:
+                await self._send({"type": "websocket.send", "bytes": data})
+        except _GONE:
+            pass  # the client's TCP connection is closing; its disconnect event follows
 
     async def close(self, code: int, reason: str) -> None:
-        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except _GONE:
+            pass
 
     async def wait_closed(self, timeout: float) -> None:
         """After our close frame, let the client answer it before the app returns.

@@ -78,6 +78,7 @@ def scaled(client: ClientScript, upstream: UpstreamScript) -> tuple[ClientScript
 
 async def run_over_loopback(client: ClientScript, upstream: UpstreamScript) -> LoopbackOutcome:
     seen_client, seen_upstream = ClientSeen(), UpstreamSeen()
+    upstream_done = trio.Event()  # the upstream has seen the relay's close (or its own end)
 
     async def serve_script(conn: UpstreamConnection) -> None:
         await trio.sleep(upstream.open_delay)
@@ -89,11 +90,12 @@ async def run_over_loopback(client: ClientScript, upstream: UpstreamScript) -> L
         async def read() -> None:
             try:
                 while True:
-                    message = await ws.get_message()
-                    await trio.sleep(upstream.read_delay)
-                    seen_upstream.received.append(message)
+                    seen_upstream.received.append(await ws.get_message())
+                    await trio.sleep(upstream.read_delay)  # a slow consumer
             except ConnectionClosed as exc:
                 seen_upstream.close_code = exc.reason.code if exc.reason else None
+            finally:
+                upstream_done.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
@@ -153,6 +155,9 @@ async def run_over_loopback(client: ClientScript, upstream: UpstreamScript) -> L
                 with trio.fail_after(5):
                     while relay.app.pairs:
                         await trio.sleep(0.005)
+                with trio.move_on_after(2):  # let a slow upstream finish reading what it was sent
+                    if up.connections and up.connections[0].ws is not None:
+                        await upstream_done.wait()
     errors = relay_errors(seen_client.received)
     if seen_client.close_code is None:
         cause = Cause.CLIENT_CLOSED
