@@ -119,7 +119,10 @@ class Authenticator:
         token = bearer or next(
             (p[len(TOKEN_SUBPROTOCOL) :] for p in offered if p.startswith(TOKEN_SUBPROTOCOL)), None
         )
-        if token is None:
+        if token is None or (self._anonymous and not self.configured):
+            # With no client credentials configured at all, a token means nothing here: the
+            # official SDKs always send their own key as a Bearer token, which must not lock
+            # them out of an anonymous relay (and is never forwarded upstream).
             if self._anonymous:
                 return Identity(user="anonymous", method="anonymous")
             raise Refusal(

@@ -111,3 +111,10 @@ def test_a_page_from_another_origin_is_refused_with_403() -> None:
 def test_api_key_entries_must_be_hashes() -> None:
     with pytest.raises(ValueError, match="USER:SHA256HEX"):
         parse_api_keys(["alice:rk_in_clear"])
+
+
+def test_an_anonymous_relay_ignores_the_token_an_sdk_always_sends() -> None:
+    anonymous_only = Authenticator(api_keys={}, anonymous=True)
+    assert anonymous_only.authenticate(bearer("sk-the-sdk-users-own-key"), []).method == "anonymous"
+    # With credentials configured, a token must be a valid one even if anonymous use is allowed.
+    assert refusal(lambda: auth(anonymous=True).authenticate(bearer("rk_guess"), [])).status == 401
