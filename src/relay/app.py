@@ -203,6 +203,14 @@ class RelayApp:
         session_id = secrets.token_hex(8)
         try:
             identity = self.auth.authenticate(scope["headers"], offered)
+            refusal = self._refusal(scope, offered, identity)
+            if refusal is not None:  # refused after accept, as the Realtime API does: no session
+                client = await _accept(send, receive, offered)
+                code, message, reason = refusal
+                await client.send(error_event(code, message))
+                await client.close(Code.INVALID_REQUEST, reason)
+                await client.wait_closed(self.config.close_timeout)
+                return
             with trio.fail_after(STORE_TIMEOUT):
                 await accounting.admit(identity, session_id)
         except Refusal as refused:
@@ -240,17 +248,7 @@ class RelayApp:
         accounting: Accounting,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
-        await send(
-            {"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in offered else None}
-        )
-        client = AsgiClient(receive, send)
-        refusal = self._refusal(scope, offered, identity)
-        if refusal is not None:
-            code, message, reason = refusal
-            await client.send(error_event(code, message))
-            await client.close(Code.INVALID_REQUEST, reason)
-            await client.wait_closed(self.config.close_timeout)
-            return
+        client = await _accept(send, receive, offered)
         model = _query_param(scope, "model") or self.config.model
         pair = Pair(
             client,
@@ -335,6 +333,12 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             for pair in list(self.pairs):
                 nursery.start_soon(pair.shutdown)
+
+
+async def _accept(send: Send, receive: Receive, offered: Any) -> AsgiClient:
+    """Complete the handshake, selecting ``realtime`` if offered (never a token-bearing one)."""
+    await send({"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in offered else None})
+    return AsgiClient(receive, send)
 
 
 def create_app(config: RelayConfig | None = None) -> RelayApp:
