@@ -34,6 +34,8 @@ from .bridge import Bridge, Limits, Message
 from .closecodes import Code
 from .config import ConfigError, RelayConfig, load_config
 from .events import dumps, error_event
+from .mint import MAX_BODY_BYTES as MAX_MINT_BODY
+from .mint import Minter
 from .pair import Pair
 from .upstream import UpstreamDialer
 from .usage import open_store
@@ -130,6 +132,7 @@ class RelayApp:
             )
         self.pairs: set[Pair] = set()
         self.draining = False
+        self.minter = Minter(config)
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
 
@@ -150,6 +153,8 @@ class RelayApp:
         path = scope["path"]
         if path == "/healthz":
             await _respond(send, 200, {"status": "ok"})
+        elif path == "/v1/realtime/client_secrets" and scope["method"] == "POST":
+            await self._mint(scope, receive, send)
         elif path == "/admin/usage":
             await self._admin_usage(scope, send)
         elif path == "/" or path.startswith("/static/"):
@@ -165,6 +170,26 @@ class RelayApp:
             )
         else:
             await _respond(send, 404, {"error": f"no such endpoint: {path}"})
+
+    async def _mint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/realtime/client_secrets`` for an authenticated relay client."""
+        try:
+            identity = self.auth.authenticate(scope["headers"], ())
+        except Refusal as refused:
+            await _respond(send, refused.status, {"error": {"code": refused.code, "message": refused.message}})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_MINT_BODY:
+                await _respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
+                return
+            if not message.get("more_body"):
+                break
+        status, answer = await self.minter.mint(identity, body)
+        log.info("client key minted for %s: HTTP %d", identity.user, status)
+        await _respond(send, status, answer)
 
     async def _admin_usage(self, scope: Scope, send: Send) -> None:
         """``GET /admin/usage?day=&user=``: the usage table as JSON, for the admin token only."""

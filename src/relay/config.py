@@ -140,6 +140,9 @@ class RelayConfig:
             "secret": True,
         },
     )
+    mint_per_minute: int = _setting(
+        10, "RELAY_MINT_PER_MINUTE", "Client keys one user may mint per minute (per instance)."
+    )
     upstream_url: str = _setting(
         "wss://api.openai.com/v1/realtime",
         "RELAY_UPSTREAM_URL",
