@@ -21,7 +21,6 @@ import orjson
 
 from .auth import Identity
 from .config import RelayConfig
-from .policy import FIELD_PATHS
 
 MAX_BODY_BYTES = 64 * 1024
 WINDOW_SECONDS = 60.0
@@ -73,13 +72,7 @@ class Minter:
         minted = answer.json()
         session = minted.get("session")
         if isinstance(session, dict):
-            for name in self._config.policy.redacted:
-                *parents, last = FIELD_PATHS[name][0]
-                target = session
-                for part in parents:
-                    target = target.get(part) if isinstance(target, dict) else None
-                if isinstance(target, dict):
-                    target.pop(last, None)
+            self._config.policy.redact_session(session)
         return 200, minted
 
     def _session(self, identity: Identity) -> dict[str, Any]:

@@ -145,10 +145,14 @@ class Policy:
             event = parse_event(text)
             session = event.get("session") if event else None
             if isinstance(session, dict):
-                for name in self.redacted:
-                    _remove(session, FIELD_PATHS[name][0])
+                self.redact_session(session)
                 return dumps(event)  # type: ignore[arg-type]
         return text
+
+    def redact_session(self, session: dict[str, Any]) -> None:
+        """Remove the server-only fields from a session object a client will see (in place)."""
+        for name in self.redacted:
+            _remove(session, FIELD_PATHS[name][0])
 
 
 def _names(value: Iterable[str] | None, default: frozenset[str]) -> frozenset[str]:
