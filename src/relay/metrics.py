@@ -1,0 +1,247 @@
+"""Prometheus metrics of one relay process, rendered for ``GET /metrics``.
+
+The relay forwards tens of thousands of messages a second, so the hot path
+never touches a Prometheus object. The bridge already counts every message and
+byte on its pair (:class:`relay.bridge.Traffic`, plain ints); this module reads
+those counters only when Prometheus scrapes. A session's :class:`Traffic` is
+registered when it starts and, when it ends, is folded once into running totals
+and dropped from the live set in the same synchronous step, so a scrape sees it
+either live or ended, never both and never neither: the totals only grow.
+
+Everything here must be called from the thread that runs the event loop (the
+relay is one Trio thread per process), which is also where ``render`` runs.
+
+Each relay process has its own registry. With several Hypercorn workers in one
+container, a scrape reaches one worker at random and sees only its numbers, so
+run one worker per container (scale with replicas) and scrape every container,
+or switch to prometheus-client's multiprocess mode (which does not support the
+custom collector used here for traffic). No metric carries a per-user label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from enum import Enum
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from .bridge import Cause, Traffic
+from .closecodes import UPSTREAM_AUTH_REFUSED, Code
+
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+#: Messages queued before the upstream opened (RELAY_QUEUE_MESSAGES defaults to 256).
+QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Connect plus WebSocket handshake to the Realtime API, seconds.
+DIAL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+#: End of the user's speech to the first audio of the reply, seconds.
+VOICE_BUCKETS = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+_CAUSES = frozenset(cause.value for cause in Cause)
+#: Client close codes worth a label of their own; anything else is "other".
+_CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
+
+
+def cause_label(cause: Cause | str) -> str:
+    """A bounded label for why a session ended: a :class:`Cause` value, else ``other``."""
+    value = cause.value if isinstance(cause, Enum) else cause
+    return value if value in _CAUSES else "other"
+
+
+def code_label(code: int | None) -> str:
+    """A bounded label for the client close code: ``none`` when the client was already gone."""
+    if code is None:
+        return "none"
+    return str(code) if code in _CODES else "other"
+
+
+def status_label(status: int) -> str:
+    """A bounded label for an HTTP refusal status."""
+    return str(status) if 400 <= status <= 599 else "other"
+
+
+class _TrafficCollector(Collector):
+    """Messages, bytes and live sessions, computed at scrape time from the pairs' counters."""
+
+    def __init__(self, metrics: RelayMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(Traffic(), 0)
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self._metrics
+        total = Traffic(**{name: getattr(metrics.ended_traffic, name) for name in _TRAFFIC_FIELDS})
+        live = 0
+        for traffic in metrics.live_traffic():
+            live += 1
+            total.client_messages += traffic.client_messages
+            total.client_bytes += traffic.client_bytes
+            total.upstream_messages += traffic.upstream_messages
+            total.upstream_bytes += traffic.upstream_bytes
+        return self._families(total, live)
+
+    @staticmethod
+    def _families(total: Traffic, live: int) -> list[Metric]:
+        messages = CounterMetricFamily(
+            "relay_messages",
+            "WebSocket messages received by the relay, by direction (before policy).",
+            labels=["direction"],
+        )
+        messages.add_metric([CLIENT_TO_UPSTREAM], total.client_messages)
+        messages.add_metric([UPSTREAM_TO_CLIENT], total.upstream_messages)
+        size = CounterMetricFamily(
+            "relay_bytes",
+            "Payload bytes (characters for text frames) received by the relay, by direction.",
+            labels=["direction"],
+        )
+        size.add_metric([CLIENT_TO_UPSTREAM], total.client_bytes)
+        size.add_metric([UPSTREAM_TO_CLIENT], total.upstream_bytes)
+        active = GaugeMetricFamily("relay_sessions_active", "Sessions running now.", value=live)
+        return [messages, size, active]
+
+
+_TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
+
+
+class RelayMetrics:
+    """The relay's metrics, in a registry of their own (tests build many apps per process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        #: Traffic of the sessions that have ended, folded in once each.
+        self.ended_traffic = Traffic()
+        self._live: dict[int, Traffic] = {}
+        self._started = Counter(
+            "relay_sessions_started", "Sessions accepted.", registry=self.registry
+        )
+        self._ended = Counter(
+            "relay_sessions_ended",
+            "Sessions ended, by cause and the close code sent to the client (none: client gone).",
+            ["cause", "client_code"],
+            registry=self.registry,
+        )
+        self._queued = Histogram(
+            "relay_preopen_queue_messages",
+            "Client messages queued while the upstream was opening, once per session.",
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self._dial = Histogram(
+            "relay_upstream_dial_seconds",
+            "Time to open the upstream WebSocket (connect and handshake).",
+            buckets=DIAL_BUCKETS,
+            registry=self.registry,
+        )
+        self._voice = Histogram(
+            "relay_voice_latency_seconds",
+            "From input_audio_buffer.speech_stopped to the reply's first"
+            " response.output_audio.delta, as seen by the relay.",
+            buckets=VOICE_BUCKETS,
+            registry=self.registry,
+        )
+        self._refused = Counter(
+            "relay_handshake_refusals",
+            "WebSocket handshakes refused with an HTTP status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.registry.register(_TrafficCollector(self))
+
+    def live_traffic(self) -> Iterable[Traffic]:
+        """The counters of the sessions running now."""
+        return self._live.values()
+
+    def session_started(self, traffic: Traffic) -> None:
+        """A session was accepted; its bridge's counters are read at each scrape from now on."""
+        self._started.inc()
+        self._live[id(traffic)] = traffic
+
+    def session_ended(
+        self,
+        traffic: Traffic,
+        cause: Cause | str,
+        client_code: int | None,
+        queued: int | None = None,
+    ) -> None:
+        """A session ended: move its traffic from live to the totals, count how it ended.
+
+        Call it once per session. ``queued`` is how many client messages waited for
+        the upstream to open (None: not known, nothing observed).
+        """
+        self._live.pop(id(traffic), None)
+        ended = self.ended_traffic
+        ended.client_messages += traffic.client_messages
+        ended.client_bytes += traffic.client_bytes
+        ended.upstream_messages += traffic.upstream_messages
+        ended.upstream_bytes += traffic.upstream_bytes
+        self._ended.labels(cause_label(cause), code_label(client_code)).inc()
+        if queued is not None:
+            self._queued.observe(queued)
+
+    def dial_latency(self, seconds: float) -> None:
+        """The upstream WebSocket opened after ``seconds``."""
+        self._dial.observe(seconds)
+
+    def voice_latency(self, seconds: float) -> None:
+        """A spoken turn was answered: see :class:`VoiceClock`."""
+        self._voice.observe(seconds)
+
+    def refused(self, status: int) -> None:
+        """A WebSocket handshake was answered with this HTTP status instead of 101."""
+        self._refused.labels(status_label(status)).inc()
+
+    def render(self, accept_header: bytes | None = None) -> tuple[bytes, bytes]:
+        """The body and Content-Type of ``GET /metrics`` (OpenMetrics if the scraper asks)."""
+        encoder, content_type = choose_encoder((accept_header or b"").decode("latin-1"))
+        return encoder(self.registry), content_type.encode("latin-1")
+
+
+_STOPPED = '{"type":"input_audio_buffer.speech_stopped"'
+_CREATED = '{"type":"response.created"'
+_AUDIO = '{"type":"response.output_audio.delta"'
+_DONE = '{"type":"response.done"'
+
+
+class VoiceClock:
+    """Times one pair's voice turns from the upstream's events: speech end to first reply audio.
+
+    Feed it every upstream text message; it returns the latency once per turn.
+    Only audio of a response created after the speech stopped counts, so the tail
+    of an earlier reply still streaming is not mistaken for the answer; a reply
+    that finishes without audio ends the wait. Cheap enough for the hot path: one
+    prefix check per message while idle, and the clock is read only on the two
+    events that matter. It recognises the Realtime API's own serialisation
+    (``type`` first), which is what the API and mockrealtime send.
+    """
+
+    __slots__ = ("_clock", "_created", "_stopped_at")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._stopped_at: float | None = None
+        self._created = False
+
+    def upstream_event(self, text: str) -> float | None:
+        """Seconds since speech stopped if ``text`` is the reply's first audio, else None."""
+        if text.startswith(_STOPPED):
+            self._stopped_at = self._clock()
+            self._created = False
+            return None
+        stopped_at = self._stopped_at
+        if stopped_at is None:
+            return None
+        if not self._created:
+            self._created = text.startswith(_CREATED)
+            return None
+        if text.startswith(_AUDIO):
+            self._stopped_at = None
+            return self._clock() - stopped_at
+        if text.startswith(_DONE):
+            self._stopped_at = None
+        return None
