@@ -88,6 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="seconds between server pings, 0 to disable (default 20)",
     )
+    echo = commands.add_parser(
+        "echo",
+        help="serve a cheap echo upstream for benchmarks (handshake, session.created, "
+        "session.updated, then every client message sent back unchanged)",
+    )
+    echo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    echo.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to bind, 0 for any free port (default {DEFAULT_PORT})",
+    )
+    echo.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accepted API key (repeatable); none given → any non-empty key",
+    )
     faults = serve.add_argument_group("fault injection (applies to every connection)")
     faults.add_argument(
         "--handshake-delay",
@@ -160,9 +179,36 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _echo(host: str, port: int, api_keys: frozenset[str]) -> int:
+    import asyncio
+
+    from .echo import serve_echo
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+
+        def started(_server: object, bound: int) -> None:
+            print(f"mockrealtime echo listening on ws://{host}:{bound}/v1/realtime", flush=True)
+
+        await serve_echo(host, port, api_keys=api_keys, started=started, stop=stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"mockrealtime: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    print("mockrealtime stopped", flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "echo":
+        return _echo(args.host, args.port, frozenset(args.api_key))
     try:
         faults = Faults(
             handshake_delay=args.handshake_delay,
