@@ -54,6 +54,8 @@ class Cause(Enum):
     QUEUE_OVERFLOW = "queue_overflow"
     SHUTDOWN = "shutdown"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    SESSION_EXPIRED = "session_expired"
+    IDLE_TIMEOUT = "idle_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +388,54 @@ class Bridge:
                 " 00:00 UTC.",
             ),
             upstream_last='{"type":"response.cancel"}',
+        )
+
+    def session_warning(self, seconds_left: float, limit: float) -> Reply:
+        """The session will reach its maximum length in ``seconds_left``."""
+        return Reply(
+            error_event(
+                "relay_session_ending_soon",
+                f"This session ends in {seconds_left:.0f} s: it reaches the relay's limit of"
+                f" {limit:g} s per session. Finish the turn, then reconnect for a new session.",
+            )
+        )
+
+    def session_expired(self, limit: float) -> Ending | None:
+        """The session reached its maximum length: close 1001, as the Realtime API does."""
+        return self._end(
+            Cause.SESSION_EXPIRED,
+            client=(Code.GOING_AWAY, f"session hit the maximum duration of {limit:g} s"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="session expired",
+            error=error_event(
+                "session_expired",
+                f"Your session hit the relay's maximum duration of {limit:g} s"
+                " (RELAY_MAX_SESSION_SECONDS). Reconnect to start a new session.",
+            ),
+        )
+
+    def idle_warning(self, seconds_left: float, limit: float) -> Reply:
+        """Nothing has passed either way for a while; the cut comes in ``seconds_left``."""
+        return Reply(
+            error_event(
+                "relay_idle_warning",
+                f"Nothing has been sent either way for {limit - seconds_left:.0f} s; this session"
+                f" closes in {seconds_left:.0f} s unless traffic resumes (RELAY_IDLE_TIMEOUT).",
+            )
+        )
+
+    def idle_timeout(self, limit: float) -> Ending | None:
+        """Nothing passed either way for ``limit`` seconds: close 4008."""
+        return self._end(
+            Cause.IDLE_TIMEOUT,
+            client=(Code.IDLE_TIMEOUT, "idle timeout"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="idle timeout",
+            error=error_event(
+                "relay_idle_timeout",
+                f"Nothing was sent either way for {limit:g} s (RELAY_IDLE_TIMEOUT), so the"
+                " session was closed. Reconnect to start a new one.",
+            ),
         )
 
     def shutdown(self) -> Ending | None:

@@ -22,6 +22,8 @@ class Code(IntEnum):
     BAD_GATEWAY = 1014
     #: The Realtime API's own code for a bad request at connect (model, dialect).
     INVALID_REQUEST = 4000
+    #: No message either way for the idle timeout (cf. HTTP 408).
+    IDLE_TIMEOUT = 4008
     #: The user's daily token budget ran out during the session (cf. HTTP 429).
     BUDGET_EXHAUSTED = 4029
 

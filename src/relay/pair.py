@@ -31,6 +31,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from .bridge import Bridge, Ending, Message, Reply
+from .deadlines import Deadlines, Due
 from .upstream import Upstream
 
 class ClientSide(Protocol):
@@ -58,6 +59,7 @@ class Pair:
         close_timeout: float,
         send_timeout: float = 10.0,
         on_responses_done: Callable[[list[dict[str, object]]], Awaitable[bool]] | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -70,6 +72,9 @@ class Pair:
         self._flushed = trio.Event()
         self._upstream_cut = False  # a send to the upstream was abandoned part-way
         self._cancel_scope: trio.CancelScope | None = None
+        self._deadlines = deadlines if deadlines is not None and deadlines.active else None
+        #: Trio time of the last message either way (for the idle timeout).
+        self.last_activity = trio.current_time()
 
     async def run(self) -> Ending:
         """Relay until either side ends; return how the pair ended."""
@@ -77,6 +82,8 @@ class Pair:
             self._cancel_scope = nursery.cancel_scope
             nursery.start_soon(self._client_task)
             nursery.start_soon(self._upstream_task)
+            if self._deadlines is not None:
+                nursery.start_soon(self._deadline_task, self._deadlines)
         ending = self.bridge.ending
         assert ending is not None, "a pair's nursery only exits through an ending"
         return ending
@@ -88,8 +95,10 @@ class Pair:
     async def _client_task(self) -> None:
         bridge = self.bridge
         receive = self.client.receive
+        now = trio.current_time
         while True:
             data = await receive()
+            self.last_activity = now()
             if data is None:
                 await self._finish(bridge.client_closed())
                 return
@@ -169,6 +178,7 @@ class Pair:
         bridge = self.bridge
         get_message = upstream.get_message
         send = self.client.send
+        now = trio.current_time
         while True:
             try:
                 data = await get_message()
@@ -177,6 +187,7 @@ class Pair:
                 code, text = (reason.code, reason.reason) if reason else (1006, None)
                 await self._finish(bridge.upstream_closed(code, text))
                 return
+            self.last_activity = now()
             out = bridge.upstream_message(data)
             if out is None:
                 continue
@@ -190,6 +201,31 @@ class Pair:
                 if self._on_responses_done is not None and await self._on_responses_done(done):
                     await self._finish(bridge.budget_exhausted())
                     return
+
+    async def _deadline_task(self, deadlines: Deadlines) -> None:
+        """Warn before the session's maximum length or idle timeout, then end the pair."""
+        bridge = self.bridge
+        while True:
+            now = trio.current_time()
+            step = deadlines.step(now, self.last_activity)
+            for due in step.due:
+                if due is Due.SESSION_END:
+                    await self._finish(bridge.session_expired(deadlines.max_seconds))
+                    return
+                if due is Due.IDLE_END:
+                    await self._finish(bridge.idle_timeout(deadlines.idle_seconds))
+                    return
+                left = deadlines.seconds_left(now, self.last_activity, due)
+                if due is Due.SESSION_WARNING:
+                    warning = bridge.session_warning(left, deadlines.max_seconds)
+                else:
+                    warning = bridge.idle_warning(left, deadlines.idle_seconds)
+                with trio.move_on_after(self._send_timeout) as waited:
+                    await self.client.send(warning.text)
+                if waited.cancelled_caught:
+                    await self._finish(bridge.client_too_slow(self._send_timeout))
+                    return
+            await trio.sleep_until(step.wake_at)
 
     async def _finish(self, ending: Ending | None) -> None:
         """Carry out an ending: the client's error and close, the upstream's close, cancel.

@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from relay.bridge import Bridge, Ending, Limits, Message
 from relay.closecodes import sendable
+from relay.deadlines import Deadlines
 from relay.pair import Pair
 from relay.upstream import UpstreamTarget
 
@@ -244,8 +245,18 @@ def limits() -> Limits:
     return Limits(queue_messages=8, queue_bytes=6000, max_message_bytes=2000)
 
 
-async def run_pair(client_script: ClientScript, upstream_script: UpstreamScript) -> Outcome:
-    """Run one pair to its end in memory; everything it started is gone when this returns."""
+async def run_pair(
+    client_script: ClientScript,
+    upstream_script: UpstreamScript,
+    *,
+    max_seconds: float = 0.0,
+    idle_seconds: float = 0.0,
+    warning_lead: float = 0.0,
+) -> Outcome:
+    """Run one pair to its end in memory; everything it started is gone when this returns.
+
+    Time 0 of the scripts is when the pair starts; the limits (0: off) start then too.
+    """
     client_record, upstream_record = ClientRecord(), UpstreamRecord()
     log: list[str] = []
     bridge = Bridge(session_update=SESSION_UPDATE, limits=limits(), secret=SECRET)
@@ -261,6 +272,9 @@ async def run_pair(client_script: ClientScript, upstream_script: UpstreamScript)
             dial_timeout=DIAL_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
             send_timeout=SEND_TIMEOUT,
+            deadlines=Deadlines(
+                trio.current_time(), max_seconds=max_seconds, idle_seconds=idle_seconds, lead=warning_lead
+            ),
         )
         world.start_soon(client.drive)
         ending = await pair.run()
