@@ -33,6 +33,7 @@ from .auth import Authenticator, Identity, Refusal, parse_api_keys
 from .bridge import Bridge, Limits, Message
 from .closecodes import Code
 from .config import ConfigError, RelayConfig, load_config
+from .deadlines import Deadlines
 from .events import dumps, error_event
 from .mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from .mint import Minter
@@ -197,7 +198,7 @@ class RelayApp:
         if not token:
             await _respond(send, 404, {"error": "the admin endpoint is off; set RELAY_ADMIN_TOKEN"})
             return
-        offered = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        offered = _header(scope, b"authorization") or b""
         if not hmac.compare_digest(offered, b"Bearer " + token.encode()):
             await _respond(send, 401, {"error": "send Authorization: Bearer <RELAY_ADMIN_TOKEN>"})
             return
@@ -240,7 +241,14 @@ class RelayApp:
                 await accounting.admit(identity, session_id)
         except Refusal as refused:
             log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
-            await _deny(send, refused.status, refused.message, code=refused.code)
+            if self.config.browser_refusals == "close" and _header(scope, b"origin") is not None:
+                # A page cannot read a refused handshake's status; a close code it can read.
+                client = await _accept(send, receive, offered)
+                await client.send(error_event(refused.code, refused.message))
+                await client.close(4000 + refused.status, refused.code)
+                await client.wait_closed(self.config.close_timeout)
+            else:
+                await _deny(send, refused.status, refused.message, code=refused.code)
             return
         except (trio.TooSlowError, OSError) as exc:
             log.error("usage store unavailable at admission: %r", exc)
@@ -283,6 +291,12 @@ class RelayApp:
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
             on_responses_done=partial(accounting.record_responses, identity),
+            deadlines=Deadlines(
+                trio.current_time(),
+                max_seconds=_tightest(self.config.max_session_seconds, identity.max_session_seconds),
+                idle_seconds=self.config.idle_timeout,
+                lead=self.config.limit_warning_seconds,
+            ),
         )
         self.pairs.add(pair)
         try:
@@ -373,6 +387,15 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         config = load_config(os.environ)
     _hypercorn.set_permessage_deflate(config.permessage_deflate)
     return RelayApp(config)
+
+
+def _tightest(*limits: float | None) -> float:
+    """The smallest of the limits that are set (0 or None: not set); 0 if none is."""
+    return min((limit for limit in limits if limit), default=0.0)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 def _query_param(scope: Scope, name: str) -> str | None:

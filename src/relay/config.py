@@ -110,6 +110,13 @@ class RelayConfig:
         "Comma-separated browser origins allowed to connect (empty: any). Non-browser"
         " clients send no Origin and are not affected.",
     )
+    browser_refusals: str = _setting(
+        "http",
+        "RELAY_BROWSER_REFUSALS",
+        "How a refused browser (a request with an Origin header) is told: `http` (401/403/429,"
+        " which a page sees only as close 1006) or `close` (accept, send an `error` event, close"
+        " 4401/4403/4429 so the page can tell why).",
+    )
     allow_anonymous: bool = _setting(
         False,
         "RELAY_ALLOW_ANONYMOUS",
@@ -130,6 +137,23 @@ class RelayConfig:
         "RELAY_DAILY_TOKEN_BUDGET",
         "Tokens one user may use per UTC day, checked at admission and after each response"
         " (0: no budget).",
+    )
+    max_session_seconds: float = _setting(
+        0.0,
+        "RELAY_MAX_SESSION_SECONDS",
+        "Longest a session may last (0: no relay limit; the Realtime API's own is 60 min). A JWT's"
+        " `max_session_seconds` claim can shorten it. Warned before, then closed 1001.",
+    )
+    idle_timeout: float = _setting(
+        300.0,
+        "RELAY_IDLE_TIMEOUT",
+        "Seconds with no message either way before a session is closed 4008 (0: never).",
+    )
+    limit_warning_seconds: float = _setting(
+        30.0,
+        "RELAY_LIMIT_WARNING_SECONDS",
+        "How long before the session-length or idle cut the client gets a warning event"
+        " (at most half the limit).",
     )
     admin_token: str = field(
         default="",
@@ -349,6 +373,10 @@ def _validate(config: RelayConfig) -> None:
         raise ConfigError(
             f"RELAY_UPSTREAM_AUTH must be 'header' or 'subprotocol', got {config.upstream_auth!r}"
         )
+    if config.browser_refusals not in ("http", "close"):
+        raise ConfigError(
+            f"RELAY_BROWSER_REFUSALS must be 'http' or 'close', got {config.browser_refusals!r}"
+        )
     if config.binary_frames not in ("audio", "reject"):
         raise ConfigError(
             f"RELAY_BINARY_FRAMES must be 'audio' or 'reject', got {config.binary_frames!r}"
@@ -368,6 +396,9 @@ def _validate(config: RelayConfig) -> None:
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be positive")
+    for name in ("max_session_seconds", "idle_timeout", "limit_warning_seconds"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0 (0 turns it off)")
     if config.max_sessions_per_user < 0 or config.daily_token_budget < 0:
         raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
     if not config.store.startswith(("sqlite:///", "redis://")):

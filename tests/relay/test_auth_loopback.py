@@ -99,3 +99,41 @@ async def test_a_token_limited_to_one_model_cannot_open_another() -> None:
             async with connect(relay.url + "/v1/realtime?model=gpt-realtime-mini", extra_headers=headers) as ws:
                 assert await ws.get_message() == '{"type":"session.created"}'
             assert len(up.connections) == 1
+
+
+async def test_a_tokens_session_length_claim_shortens_the_session() -> None:
+    headers = [(b"authorization", b"Bearer " + signed({"max_session_seconds": 0.6}).encode())]
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(greet) as up, running_relay(
+            upstream_url=up.url, max_session_seconds=3600, limit_warning_seconds=0.2, **settings()
+        ) as relay:
+            async with connect(relay.url + "/voice", extra_headers=headers) as ws:
+                started = trio.current_time()
+                messages, code, reason = await receive_until_closed(ws)
+                lasted = trio.current_time() - started
+            assert error_codes(messages) == ["relay_session_ending_soon", "session_expired"]
+            assert code == 1001 and "0.6 s" in reason
+            assert 0.5 < lasted < 3
+
+
+BROWSER_REFUSED = [
+    ("no token", [(b"origin", b"https://app.example")], 4401),
+    ("wrong origin", [(b"origin", b"https://evil.example"), (b"authorization", f"Bearer {API_KEY}".encode())], 4403),
+]
+
+
+@pytest.mark.parametrize(("case", "headers", "code"), BROWSER_REFUSED, ids=[c[0] for c in BROWSER_REFUSED])
+async def test_browsers_can_be_refused_with_a_close_code_they_can_read(case: str, headers: list, code: int) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(greet) as up, running_relay(
+            upstream_url=up.url, browser_refusals="close", **settings()
+        ) as relay:
+            async with connect(relay.url + "/voice", subprotocols=["realtime"], extra_headers=headers) as ws:
+                messages, closed_with, reason = await receive_until_closed(ws)
+            assert closed_with == code and error_codes(messages) == [reason]
+            # Servers and SDKs, which send no Origin, still get the plain HTTP refusal.
+            with pytest.raises(ConnectionRejected) as refused:
+                async with connect(relay.url + "/voice"):
+                    pass
+            assert refused.value.status_code == 401
+            assert up.connections == []
