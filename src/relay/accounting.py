@@ -10,6 +10,7 @@ the instance dies, so a crash never keeps a slot taken for good.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,6 +23,10 @@ from .usage import UsageDelta, UsageRow, UsageStore, usage_from_response_done
 
 #: A session's lease on its concurrency slot lasts this long unless renewed.
 LEASE_SECONDS = 60.0
+#: Seconds recording an ended session may take; a hung store must not hold up teardown.
+FINISH_TIMEOUT = 5.0
+
+log = logging.getLogger("relay")
 
 
 def utc_day(now: float) -> str:
@@ -89,8 +94,9 @@ class Accounting:
         return bool(budget) and await self.store.tokens(identity.user, day) >= budget
 
     async def finish(self, identity: Identity, session_id: str, traffic: Traffic, seconds: float) -> None:
-        """Record the session itself and give its slot back (shielded: runs while cancelled)."""
-        with trio.CancelScope(shield=True):
+        """Record the session itself and give its slot back (shielded, so it runs while the
+        session is being cancelled, and bounded, so a hung store cannot stall teardown)."""
+        with trio.move_on_after(FINISH_TIMEOUT, shield=True) as bounded:
             await self.store.add(
                 identity.user,
                 utc_day(self._clock()),
@@ -105,11 +111,18 @@ class Accounting:
             )
             if self._max_sessions:
                 await self.store.release_slot(identity.user, session_id)
+        if bounded.cancelled_caught:
+            log.error(
+                "usage store did not answer within %g s: session of %s not recorded"
+                " (its concurrency slot frees itself when the lease expires)",
+                FINISH_TIMEOUT,
+                identity.user,
+            )
 
 
 def usage_json(row: UsageRow) -> dict[str, object]:
     """One usage row as JSON (the admin endpoint and ``relay usage --json``)."""
-    return {**dataclasses.asdict(row), "total_tokens": row.total_tokens}
+    return {"day": row.day, "user": row.user, **dataclasses.asdict(row), "total_tokens": row.total_tokens}
 
 
 _COLUMNS = (

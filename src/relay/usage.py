@@ -56,23 +56,12 @@ TOKEN_COUNTERS: Final = (
 )
 
 
-@dataclass(frozen=True)
-class UsageRow:
+@dataclass(frozen=True, kw_only=True)
+class UsageRow(UsageDelta):
     """One user's totals for one UTC day."""
 
     day: str  # "YYYY-MM-DD" (UTC)
     user: str
-    sessions: int = 0
-    connected_seconds: float = 0.0
-    client_messages: int = 0
-    client_bytes: int = 0
-    upstream_messages: int = 0
-    upstream_bytes: int = 0
-    input_text_tokens: int = 0
-    input_audio_tokens: int = 0
-    input_cached_tokens: int = 0
-    output_text_tokens: int = 0
-    output_audio_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

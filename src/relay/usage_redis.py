@@ -214,7 +214,7 @@ def _row_from_hash(day: str, user: str, counters: dict[str, str]) -> UsageRow:
     for name in COUNTERS:
         raw = counters.get(name, "0")
         values[name] = float(raw) if name in FLOAT_COUNTERS else int(raw)
-    return UsageRow(day, user, **values)
+    return UsageRow(day=day, user=user, **values)
 
 
 class _PoolHost:

@@ -99,7 +99,7 @@ class SqliteUsageStore:
             " WHERE (?1 IS NULL OR day = ?1) AND (?2 IS NULL OR user = ?2) ORDER BY day, user"
         )
         found = await self._run(lambda db: db.execute(query, (day, user)).fetchall())
-        return [UsageRow(*row) for row in found]
+        return [UsageRow(day=day, user=user, **dict(zip(COUNTERS, counters, strict=True))) for day, user, *counters in found]
 
     async def acquire_slot(
         self, user: str, session_id: str, *, limit: int, lease_seconds: float

@@ -106,33 +106,38 @@ async def test_a_session_is_accounted_and_the_counters_survive_a_restart(tmp_pat
     assert orjson.loads(as_json)["rows"] == found
 
 
-async def test_two_instances_never_let_a_user_exceed_the_session_cap(tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path / 'usage.db'}"
+async def test_two_instances_never_let_a_user_exceed_the_session_cap(store_url: str) -> None:
+    """Many simultaneous attempts, spread over two relays sharing one store (SQLite file or Redis)."""
+    cap, attempts = 3, 24
     opened: list[object] = []
     refused: list[int] = []
     with trio.fail_after(TIMEOUT):
-        async with relays(store, count=2, max_sessions_per_user=2) as (a, b):
+        async with relays(store_url, count=2, max_sessions_per_user=cap) as (a, b):
             release = trio.Event()
+            all_in = trio.Event()
 
             async def attempt(relay: RunningRelay) -> None:
                 try:
                     async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
                         await ws.get_message()
                         opened.append(ws)
+                        if len(opened) + len(refused) == attempts:
+                            all_in.set()
                         await release.wait()
                 except ConnectionRejected as exc:
                     refused.append(exc.status_code)
                     assert orjson.loads(exc.body)["code"] == "too_many_sessions"
+                    if len(opened) + len(refused) == attempts:
+                        all_in.set()
 
             async with trio.open_nursery() as nursery:
-                for n in range(8):
+                for n in range(attempts):
                     nursery.start_soon(attempt, (a, b)[n % 2])
-                while len(opened) + len(refused) < 8:
-                    await trio.sleep(0.01)
-                assert (len(opened), refused) == (2, [429] * 6)
+                await all_in.wait()
+                assert (len(opened), refused) == (cap, [429] * (attempts - cap))
                 release.set()
             # The slots are free again once those sessions ended.
-            await wait_for_sessions(a, 2)
+            await wait_for_sessions(a, cap)
             await text_turn(b)
 
 
@@ -169,3 +174,29 @@ async def test_the_admin_endpoint_needs_the_admin_token() -> None:
         async with relays("sqlite:///:memory:") as (closed,):
             async with httpx.AsyncClient(base_url=closed.http_url) as http:
                 assert (await http.get("/admin/usage")).status_code == 404
+
+
+class HungStore:
+    """A store whose writes never return, like a Redis that stopped answering."""
+
+    async def add(self, *args: object) -> None:
+        await trio.sleep_forever()
+
+    async def release_slot(self, *args: object) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_hung_store_cannot_hold_up_a_sessions_teardown(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from relay.accounting import FINISH_TIMEOUT, Accounting
+    from relay.auth import Identity
+    from relay.bridge import Traffic
+
+    accounting = Accounting(HungStore(), max_sessions=2, daily_budget=0)  # type: ignore[arg-type]
+    started = trio.current_time()
+    with trio.CancelScope() as scope:
+        scope.cancel()  # the session is being cancelled, as at shutdown: finish still runs, bounded
+        await accounting.finish(Identity("alice", "api_key"), "s1", Traffic(), 1.0)
+    assert trio.current_time() - started == pytest.approx(FINISH_TIMEOUT)
+    assert "session of alice not recorded" in caplog.text
