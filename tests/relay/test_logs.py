@@ -112,7 +112,9 @@ def test_secrets_are_redacted_in_messages_args_fields_and_exceptions(format: str
         assert secret not in output
         assert orjson.dumps(secret).decode()[1:-1] not in output  # nor its JSON spelling
         assert repr(secret)[1:-1] not in output  # nor its repr
-    assert "ValueError: the upstream refused [redacted] and [redacted]" in output.replace("\\n", "\n")
+    assert "ValueError: the upstream refused [redacted] and [redacted]" in output.replace(
+        "\\n", "\n"
+    )
 
 
 def test_no_secret_redacts_nothing() -> None:
