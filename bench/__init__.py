@@ -1,0 +1,1 @@
+"""Benchmarks of the relay against the echo upstream (``uv run python -m bench``)."""

@@ -1,0 +1,95 @@
+"""``python -m bench all | latency | stream N | capacity | overload [N] | idle [N] | coldstart``.
+
+Each scenario prints one line of figures on stdout (progress goes to stderr). The echo
+upstream and the relay run as subprocesses on 127.0.0.1; the load generator is this
+process (asyncio, a minimal WebSocket framer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+
+from . import procs, scenarios
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    sub.add_parser("all", help="every scenario below, in order (overload at 2x the measured capacity)")
+    lat = sub.add_parser("latency", help="sequential round trips of a small event, relay vs direct")
+    lat.add_argument("count", type=int, nargs="?", default=3000)
+    st = sub.add_parser("stream", help="N sessions streaming audio-sized events every 20 ms")
+    st.add_argument("n", type=int)
+    st.add_argument("--seconds", type=float, default=10.0)
+    sub.add_parser("capacity", help="largest N holding p99<=60ms with no loss, relay and direct")
+    ov = sub.add_parser("overload", help="stream at N sessions (default 2x the relay's capacity)")
+    ov.add_argument("n", type=int, nargs="?", default=0)
+    ov.add_argument("--seconds", type=float, default=10.0)
+    idle = sub.add_parser("idle", help="relay RSS per idle session")
+    idle.add_argument("n", type=int, nargs="?", default=1000)
+    cold = sub.add_parser("coldstart", help="relay process start to first relayed round trip")
+    cold.add_argument("--runs", type=int, default=5)
+    return parser
+
+
+async def run(args: argparse.Namespace) -> None:
+    echo = procs.start_echo()
+    relay: procs.Server | None = None
+    try:
+        if args.scenario == "coldstart":
+            print(await scenarios.coldstart(echo, args.runs), flush=True)
+            return
+
+        async def fresh_relay() -> procs.Server:
+            nonlocal relay
+            if relay is not None:
+                relay.stop()
+            relay = await procs.start_relay(echo.port)
+            return relay
+
+        if args.scenario == "latency":
+            print(await scenarios.latency(await fresh_relay(), echo, args.count), flush=True)
+        elif args.scenario == "stream":
+            print(await scenarios.stream(await fresh_relay(), echo, args.n, args.seconds), flush=True)
+        elif args.scenario == "capacity":
+            print(await scenarios.capacity(await fresh_relay(), echo), flush=True)
+        elif args.scenario == "overload":
+            r = await fresh_relay()
+            n = args.n
+            if not n:
+                n = 2 * (await scenarios.capacity_figures(r, echo, budget=90.0))[0]
+                r = await fresh_relay()
+            print(await scenarios.overload(r, echo, n, args.seconds), flush=True)
+        elif args.scenario == "idle":
+            print(await scenarios.idle(await fresh_relay(), echo, args.n), flush=True)
+        elif args.scenario == "all":
+            print(await scenarios.latency(await fresh_relay(), echo), flush=True)
+            print(await scenarios.idle(await fresh_relay(), echo), flush=True)
+            r = await fresh_relay()
+            cap, line = await scenarios.capacity_figures(r, echo)
+            print(line, flush=True)
+            print(await scenarios.stream(await fresh_relay(), echo, max(1, cap)), flush=True)
+            print(await scenarios.overload(await fresh_relay(), echo, 2 * max(1, cap)), flush=True)
+            if relay is not None:
+                relay.stop()
+            print(await scenarios.coldstart(echo), flush=True)
+    finally:
+        if relay is not None:
+            relay.stop()
+        echo.stop()
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The processes under test: the echo upstream and the relay, started as subprocesses.
+
+Both run with this interpreter (the project's virtualenv), so the pid is the server's
+own (``uv run`` would put uv in between) and ``/proc/<pid>`` describes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def self_cpu_seconds() -> float:
+    return time.process_time()
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_echo() -> Server:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mockrealtime", "echo", "--port", "0"],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if "listening on ws://" not in line:
+        process.kill()
+        raise RuntimeError(f"echo upstream did not start: {line!r}")
+    port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+    return Server(process, port)
+
+
+def relay_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "relay", "serve", "--allow-anonymous", "--host", HOST, "--port", str(port)]
+
+
+def relay_env(upstream_port: int, workdir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RELAY_UPSTREAM_URL=f"ws://{HOST}:{upstream_port}/v1/realtime",
+        RELAY_STORE=f"sqlite:///{workdir}/usage.db",
+        OPENAI_API_KEY="sk-bench",
+    )
+    return env
+
+
+def spawn_relay(upstream_port: int, workdir: str | None = None) -> Server:
+    """Start ``relay serve``; returns at once (use :func:`wait_listening`)."""
+    workdir = workdir or tempfile.mkdtemp(prefix="relay-bench-")
+    port = free_port()
+    log = Path(workdir) / "relay.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            relay_command(port), env=relay_env(upstream_port, workdir), stdout=out, stderr=out
+        )
+    return Server(process, port, log, {"workdir": workdir})
+
+
+async def wait_listening(server: Server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not server.alive():
+            tail = server.log.read_text()[-2000:] if server.log else ""
+            raise RuntimeError(f"the relay exited ({server.process.returncode}):\n{tail}")
+        try:
+            _, writer = await asyncio.open_connection(HOST, server.port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.002)
+            continue
+        writer.close()
+        return
+
+
+async def start_relay(upstream_port: int) -> Server:
+    server = spawn_relay(upstream_port)
+    await wait_listening(server)
+    return server

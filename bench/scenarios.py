@@ -1,0 +1,419 @@
+"""The benchmark scenarios. Each returns one line of figures."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from . import procs
+from .wsclient import Client, open_client
+
+PATH = "/v1/realtime?model=gpt-realtime"
+PERIOD = 0.020
+"""Each streaming session sends one 20 ms audio chunk per PERIOD."""
+SLOTS = 10
+"""Sessions are spread over this many phases of PERIOD (one timer tick per phase)."""
+CHUNK_BYTES = 4800
+"""Audio bytes per message (100 ms of PCM16 at 24 kHz; sent every 20 ms, ~6.5 KB of JSON)."""
+POOL_CHUNKS = 512
+P99_LIMIT_MS = 60.0
+CONNECT_CONCURRENCY = 64
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# --- targets -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    headers: dict[str, str]
+    wait_updated: bool
+    pid: int | None = None
+    """The relay's pid, when the target is the relay."""
+
+
+def relay_target(relay: procs.Server) -> Target:
+    return Target("relay", relay.port, {}, True, relay.pid)
+
+
+def direct_target(echo: procs.Server) -> Target:
+    return Target("direct", echo.port, {"Authorization": "Bearer sk-bench"}, False)
+
+
+async def open_many(target: Target, n: int) -> tuple[list[Client], list[str]]:
+    """Open ``n`` sessions (bounded concurrency); returns the ready ones and the failures."""
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    clients: list[Client] = []
+    failures: list[str] = []
+
+    async def one() -> None:
+        async with gate:
+            try:
+                clients.append(
+                    await open_client(procs.HOST, target.port, PATH, target.headers, wait_updated=target.wait_updated)
+                )
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}"[:120])
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return clients, failures
+
+
+async def close_many(clients: list[Client], timeout: float = 5.0) -> None:
+    for c in clients:
+        c.close()
+    pending = [c.closed for c in clients if not c.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    for c in clients:
+        if c.transport is not None and not c.closed.done():
+            c.transport.abort()
+
+
+# --- figures -------------------------------------------------------------------------
+
+
+def pct(sorted_values: list[int], p: float) -> int:
+    if not sorted_values:
+        return -1
+    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+
+
+def ms(us: int) -> str:
+    return f"{us / 1000:.1f}"
+
+
+# --- audio ---------------------------------------------------------------------------
+
+_POOL: list[bytes] = []
+
+
+def audio_pool() -> list[bytes]:
+    """Distinct base64 chunks of random PCM16 (no two alike, nothing compressible)."""
+    if not _POOL:
+        rng = random.Random(1234)
+        for _ in range(POOL_CHUNKS):
+            _POOL.append(base64.b64encode(rng.randbytes(CHUNK_BYTES)))
+    return _POOL
+
+
+# --- latency ---------------------------------------------------------------------------
+
+
+async def round_trips(target: Target, count: int, warmup: int = 200) -> list[int]:
+    client = await open_client(procs.HOST, target.port, PATH, target.headers, wait_updated=target.wait_updated)
+    client.request_mode()
+    loop = asyncio.get_running_loop()
+    rtts: list[int] = []
+    try:
+        for i in range(warmup + count):
+            message = b'{"type":"conversation.item.retrieve","item_id":"item_%08d"}' % i
+            client.waiter = loop.create_future()
+            t0 = time.perf_counter_ns()
+            client.send(message)
+            echoed = await asyncio.wait_for(client.waiter, 10)
+            t1 = time.perf_counter_ns()
+            if echoed != message:
+                raise RuntimeError(f"unexpected echo {echoed[:100]!r}")
+            if i >= warmup:
+                rtts.append((t1 - t0) // 1000)
+    finally:
+        await close_many([client])
+    rtts.sort()
+    return rtts
+
+
+async def latency(relay: procs.Server, echo: procs.Server, count: int = 3000) -> str:
+    figures = {}
+    for target in (direct_target(echo), relay_target(relay)):
+        progress(f"latency: {count} round trips {target.name}")
+        figures[target.name] = await round_trips(target, count)
+    d, r = figures["direct"], figures["relay"]
+
+    def row(v: list[int]) -> str:
+        return f"p50={pct(v, 50)} p90={pct(v, 90)} p99={pct(v, 99)} max={v[-1]}"
+
+    return (
+        f"latency: n={count} cores={cores()} µs relay {row(r)} | direct {row(d)} | "
+        f"added p50={pct(r, 50) - pct(d, 50)} p90={pct(r, 90) - pct(d, 90)} p99={pct(r, 99) - pct(d, 99)} "
+        f"(targets: added p50<=150 p99<=1500)"
+    )
+
+
+# --- stream ------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    target: str
+    sessions: int
+    connect_failures: int
+    seconds: float
+    sent: int
+    received: int
+    lost: int
+    out_of_order: int
+    closed_by_server: Counter[int | None]
+    p50_us: int
+    p99_us: int
+    max_us: int
+    max_lag_ms: float
+    cpu: dict[str, float]
+    peak_rss_kb: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.connect_failures == 0
+            and self.lost == 0
+            and self.out_of_order == 0
+            and not self.closed_by_server
+            and self.received > 0
+            and self.p99_us <= P99_LIMIT_MS * 1000
+        )
+
+    def line(self) -> str:
+        cpu = " ".join(f"{k}={v:.0f}%" for k, v in self.cpu.items())
+        closed = ",".join(f"{k}x{v}" for k, v in sorted(self.closed_by_server.items(), key=str)) or "0"
+        return (
+            f"{self.target} N={self.sessions} {self.received / self.seconds:.0f} msg/s "
+            f"(offered {self.sent / self.seconds:.0f}) rtt p50={ms(self.p50_us)}ms p99={ms(self.p99_us)}ms "
+            f"max={ms(self.max_us)}ms lost={self.lost} ooo={self.out_of_order} "
+            f"connect_fail={self.connect_failures} closed={closed} cpu[{cpu}] gen_lag_max={self.max_lag_ms:.1f}ms"
+        )
+
+
+async def stream_run(
+    target: Target, n: int, seconds: float, *, warmup: float = 1.0, echo_pid: int | None = None,
+    sample_rss: bool = False,
+) -> StreamResult:
+    loop = asyncio.get_running_loop()
+    clients, failures = await open_many(target, n)
+    pool = audio_pool()
+    for c in clients:
+        c.stream_mode()
+    groups = [clients[i::SLOTS] for i in range(SLOTS)]
+    offsets = {id(c): (i * 37) % len(pool) for i, c in enumerate(clients)}
+    tick = PERIOD / SLOTS
+    warm_ticks = round(warmup / tick)
+    total_ticks = warm_ticks + round(seconds / tick)
+    t0 = loop.time() + 0.01
+    max_lag = 0.0
+    peak_rss = 0
+    pids = {"gen": None, "relay": target.pid, "echo": echo_pid}
+    cpu0: dict[str, float] = {}
+    wall0 = 0.0
+    template = b'{"event_id":"b%d.%d","type":"input_audio_buffer.append","audio":"%s"}'
+    perf = time.perf_counter_ns
+    for k in range(total_ticks):
+        due = t0 + k * tick
+        now = loop.time()
+        if due > now:
+            await asyncio.sleep(due - now)
+        else:
+            max_lag = max(max_lag, now - due)
+        if k == warm_ticks:
+            for c in clients:
+                c.stream.counted_from = c.stream.sent
+            cpu0 = {name: (procs.cpu_seconds(pid) if pid else procs.self_cpu_seconds()) for name, pid in pids.items()
+                    if name == "gen" or pid}
+            wall0 = time.monotonic()
+        if sample_rss and target.pid and k % 25 == 0:
+            peak_rss = max(peak_rss, procs.rss_kb(target.pid))
+        for c in groups[k % SLOTS]:
+            s = c.stream
+            if c.closed.done():
+                continue
+            c.send(template % (s.sent, perf(), pool[(offsets[id(c)] + s.sent) % len(pool)]))
+            s.sent += 1
+    wall = time.monotonic() - wall0
+    cpu = {name: 100 * ((procs.cpu_seconds(pids[name]) if name != "gen" else procs.self_cpu_seconds()) - v) / wall
+           for name, v in cpu0.items()}
+    # drain: wait (bounded) for the echoes still in flight
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        if all(c.stream.received >= c.stream.sent - c.stream.counted_from or c.closed.done() for c in clients):
+            break
+        await asyncio.sleep(0.02)
+    if sample_rss and target.pid:
+        peak_rss = max(peak_rss, procs.rss_kb(target.pid))
+    closed_by_server = Counter(c.close_code for c in clients if c.closed.done())
+    await close_many(clients)
+    rtts = sorted(x for c in clients for x in c.stream.rtts_us)
+    sent = sum(max(0, c.stream.sent - c.stream.counted_from) for c in clients)
+    received = sum(c.stream.received for c in clients)
+    return StreamResult(
+        target=target.name,
+        sessions=n,
+        connect_failures=len(failures),
+        seconds=seconds,
+        sent=sent,
+        received=received,
+        lost=sent - received,
+        out_of_order=sum(c.stream.out_of_order for c in clients),
+        closed_by_server=closed_by_server,
+        p50_us=pct(rtts, 50),
+        p99_us=pct(rtts, 99),
+        max_us=rtts[-1] if rtts else -1,
+        max_lag_ms=max_lag * 1000,
+        cpu=cpu,
+        peak_rss_kb=peak_rss,
+    )
+
+
+async def stream(relay: procs.Server, echo: procs.Server, n: int, seconds: float = 10.0) -> str:
+    progress(f"stream: {n} sessions through the relay for {seconds:.0f} s")
+    result = await stream_run(relay_target(relay), n, seconds, echo_pid=echo.pid)
+    return f"stream: cores={cores()} {result.line()}"
+
+
+# --- capacity ------------------------------------------------------------------------
+
+
+async def search(target: Target, echo: procs.Server, budget: float, *, start: int = 16, cap: int = 4096,
+                 seconds: float = 4.0) -> tuple[int, bool, StreamResult | None]:
+    """Largest N that holds (p99 <= 60 ms, no loss): doubling, then bisection to ~5 %.
+
+    Returns (N, reached_the_cap_or_budget_while_passing, result at N).
+    """
+    deadline = time.monotonic() + budget
+    good, bad = 0, 0
+    best: StreamResult | None = None
+    n = start
+
+    async def attempt(n: int) -> bool:
+        nonlocal best
+        result = await stream_run(target, n, seconds, echo_pid=echo.pid)
+        progress(f"capacity {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
+        await asyncio.sleep(0.5)
+        if result.ok:
+            best = result
+        return result.ok
+
+    while n <= cap and time.monotonic() < deadline:
+        if await attempt(n):
+            good = n
+            n *= 2
+        else:
+            bad = n
+            break
+    if not bad:
+        return good, True, best
+    while bad - good > max(1, good // 20) and time.monotonic() < deadline:
+        mid = (good + bad) // 2
+        if await attempt(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, time.monotonic() >= deadline, best
+
+
+async def capacity_figures(relay: procs.Server, echo: procs.Server, budget: float = 180.0) -> tuple[int, str]:
+    t0 = time.monotonic()
+    r, r_cut, r_best = await search(relay_target(relay), echo, budget * 0.45)
+    d, d_cut, d_best = await search(direct_target(echo), echo, budget - (time.monotonic() - t0),
+                                    start=max(16, r))
+    ratio = 100 * r / d if d else 0.0
+    gen = f"{d_best.cpu.get('gen', 0):.0f}%" if d_best else "?"
+    line = (
+        f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 relay N={r}{'+' if r_cut else ''} "
+        f"direct N={d}{'+' if d_cut else ''} relay/direct={ratio:.0f}% (target >=45%) "
+        f"direct/relay={d / r if r else 0:.1f}x gen_cpu_at_direct_max={gen} "
+        f"relay_cpu_at_max={r_best.cpu.get('relay', 0) if r_best else 0:.0f}% "
+        f"searched in {time.monotonic() - t0:.0f}s"
+    )
+    return r, line
+
+
+async def capacity(relay: procs.Server, echo: procs.Server) -> str:
+    return (await capacity_figures(relay, echo))[1]
+
+
+# --- overload ------------------------------------------------------------------------
+
+
+async def overload(relay: procs.Server, echo: procs.Server, n: int, seconds: float = 10.0) -> str:
+    progress(f"overload: {n} sessions through the relay for {seconds:.0f} s")
+    rss0 = procs.rss_kb(relay.pid)
+    result = await stream_run(relay_target(relay), n, seconds, echo_pid=echo.pid, sample_rss=True)
+    await asyncio.sleep(1.0)
+    alive = relay.alive()
+    after = procs.rss_kb(relay.pid) if alive else -1
+    return (
+        f"overload: cores={cores()} relay_up={'yes' if alive else 'NO'} rss_before={rss0 // 1024}MB "
+        f"rss_peak={result.peak_rss_kb // 1024}MB rss_after={after // 1024}MB {result.line()}"
+    )
+
+
+# --- idle ----------------------------------------------------------------------------
+
+
+async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
+    target = relay_target(relay)
+    warm, _ = await open_many(target, 10)
+    await close_many(warm)
+    await asyncio.sleep(0.5)
+    before = procs.rss_kb(relay.pid)
+    fds0 = len(os.listdir(f"/proc/{relay.pid}/fd"))
+    progress(f"idle: opening {n} sessions through the relay")
+    t0 = time.monotonic()
+    clients, failures = await open_many(target, n)
+    opened = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    after = procs.rss_kb(relay.pid)
+    fds = len(os.listdir(f"/proc/{relay.pid}/fd")) - fds0
+    still = sum(1 for c in clients if not c.closed.done())
+    await close_many(clients)
+    per = (after - before) / max(1, len(clients))
+    return (
+        f"idle: cores={cores()} N={n} open={len(clients)} failed={len(failures)} still_open_after_1s={still} "
+        f"relay rss {before // 1024}MB -> {after // 1024}MB = {per:.1f} kB/session (target <=40) "
+        f"fds/session={fds / max(1, len(clients)):.1f} opened in {opened:.1f}s ({len(clients) / opened:.0f}/s)"
+    )
+
+
+# --- coldstart -----------------------------------------------------------------------
+
+
+async def coldstart(echo: procs.Server, runs: int = 5) -> str:
+    totals: list[float] = []
+    listens: list[float] = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        relay = procs.spawn_relay(echo.port)
+        try:
+            await procs.wait_listening(relay)
+            t_listen = time.perf_counter()
+            client = await open_client(procs.HOST, relay.port, PATH, {}, wait_updated=True)
+            client.request_mode()
+            client.waiter = asyncio.get_running_loop().create_future()
+            client.send(b'{"type":"conversation.item.retrieve","item_id":"cold"}')
+            await asyncio.wait_for(client.waiter, 10)
+            t_done = time.perf_counter()
+            await close_many([client])
+        finally:
+            relay.stop()
+        totals.append((t_done - t0) * 1000)
+        listens.append((t_listen - t0) * 1000)
+        progress(f"coldstart run {i + 1}: listening {listens[-1]:.0f} ms, first round trip {totals[-1]:.0f} ms")
+    return (
+        f"coldstart: cores={cores()} runs={runs} start->first relayed round trip median={statistics.median(totals):.0f}ms "
+        f"min={min(totals):.0f} max={max(totals):.0f} (start->listening median={statistics.median(listens):.0f}ms) "
+        f"(target <=700ms)"
+    )

@@ -1,0 +1,203 @@
+"""The load generator's WebSocket client: an ``asyncio.Protocol`` with a minimal framer.
+
+No WebSocket library: each message costs one header, one C mask (``websockets.speedups``
+when installed) and one ``transport.write``; received frames are cut by
+:class:`mockrealtime.echo.FrameReader`. Echoes are matched by the ``event_id`` the client
+put at the front of each message (``"b<seq>.<send ns>"``), so the 6 KB audio JSON is
+never parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from mockrealtime.echo import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, frame
+
+_ID_MARK = b'"event_id":"b'
+_rand4 = random.Random(os.getpid()).randbytes
+
+
+@dataclass
+class StreamStats:
+    """What one session saw of its echoed stream."""
+
+    sent: int = 0
+    received: int = 0
+    out_of_order: int = 0
+    last_seq: int = -1
+    rtts_us: list[int] = field(default_factory=list)
+    counted_from: int = 1 << 62
+    """Sequence numbers below this are warm-up: echoed but not counted."""
+
+
+class Client(asyncio.Protocol):
+    """One WebSocket session to the relay or straight to the echo upstream."""
+
+    def __init__(self, host: str, port: int, path: str, headers: dict[str, str], *, wait_updated: bool) -> None:
+        self.host, self.port, self.path, self.headers = host, port, path, headers
+        self.wait_updated = wait_updated
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.upgraded = False
+        self._head = bytearray()
+        self._reader = FrameReader()
+        self._parts: list[bytes] = []
+        self.on_message: Callable[[bytes], None] = self._handshake_message
+        self.stream = StreamStats()
+        self.waiter: asyncio.Future[bytes] | None = None
+
+    # --- asyncio ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {self.path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{k}: {v}" for k, v in self.headers.items()),
+        ]
+        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed before ready ({self.close_code})"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.upgraded:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self._head[:12])
+            data = bytes(self._head[end + 4 :])
+            self._head = bytearray()
+            if not status.startswith(b"HTTP/1.1 101"):
+                self.close_reason = status.decode(errors="replace")
+                if not self.ready.done():
+                    self.ready.set_exception(ConnectionError(f"refused: {self.close_reason}"))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.upgraded = True
+        for opcode, fin, payload in self._reader.feed(data):
+            if opcode == OP_TEXT or opcode == OP_BINARY or opcode == 0:
+                if not fin or self._parts:
+                    self._parts.append(payload)
+                    if not fin:
+                        continue
+                    payload = b"".join(self._parts)
+                    self._parts = []
+                self.on_message(payload)
+            elif opcode == OP_PING:
+                self._write(OP_PONG, payload)
+            elif opcode == OP_CLOSE:
+                if len(payload) >= 2:
+                    self.close_code = int.from_bytes(payload[:2], "big")
+                    self.close_reason = payload[2:].decode(errors="replace")
+                else:
+                    self.close_code = 1005
+                self._write(OP_CLOSE, payload[:2])
+                assert self.transport is not None
+                self.transport.close()
+            elif opcode == OP_PONG:
+                pass
+
+    # --- sending ----------------------------------------------------------------------
+
+    def _write(self, opcode: int, payload: bytes) -> None:
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.write(frame(opcode, payload, _rand4(4)))
+
+    def send(self, payload: bytes) -> None:
+        self._write(OP_TEXT, payload)
+
+    def close(self, code: int = 1000) -> None:
+        self._write(OP_CLOSE, code.to_bytes(2, "big"))
+
+    # --- receiving modes ----------------------------------------------------------------
+
+    def _handshake_message(self, payload: bytes) -> None:
+        try:
+            kind = orjson.loads(payload).get("type")
+        except orjson.JSONDecodeError:
+            return
+        if self.ready.done():
+            return
+        if kind == "error":
+            self.ready.set_exception(ConnectionError(f"error event: {payload[:200]!r}"))
+        elif kind == "session.updated" or (kind == "session.created" and not self.wait_updated):
+            self.ready.set_result(None)
+
+    def request_mode(self) -> None:
+        """Each message resolves ``waiter`` (for sequential round trips)."""
+        self.on_message = self._request_message
+
+    def _request_message(self, payload: bytes) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(payload)
+
+    def stream_mode(self) -> None:
+        """Echoes are matched by the ``event_id`` prefix; their round trip is recorded."""
+        self.on_message = self._stream_message
+
+    def _stream_message(self, payload: bytes) -> None:
+        now = time.perf_counter_ns()
+        at = payload.find(_ID_MARK, 0, 64)
+        if at < 0:
+            return
+        start = at + len(_ID_MARK)
+        end = payload.index(b'"', start, start + 48)
+        seq_text, _, sent_text = payload[start:end].partition(b".")
+        seq = int(seq_text)
+        s = self.stream
+        if seq < s.last_seq:
+            s.out_of_order += 1
+        else:
+            s.last_seq = seq
+        if seq >= s.counted_from:
+            s.received += 1
+            s.rtts_us.append((now - int(sent_text)) // 1000)
+
+
+async def open_client(
+    host: str, port: int, path: str, headers: dict[str, str], *, wait_updated: bool, timeout: float = 15.0
+) -> Client:
+    """A connected session whose ``session.created`` (and ``session.updated``) arrived."""
+    loop = asyncio.get_running_loop()
+    client: Client | None = None
+
+    def factory() -> Client:
+        nonlocal client
+        client = Client(host, port, path, headers, wait_updated=wait_updated)
+        return client
+
+    async with asyncio.timeout(timeout):
+        await loop.create_connection(factory, host, port)
+        assert client is not None
+        try:
+            await client.ready
+        except BaseException:
+            if client.transport is not None:
+                client.transport.abort()
+            raise
+    return client
