@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import sys
 
@@ -17,6 +18,12 @@ from . import procs, scenarios
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--relay-src",
+        metavar="DIR",
+        help="benchmark the relay package found in DIR (e.g. `git archive REV src | tar -x -C D`"
+        " then D/src) instead of the installed one",
+    )
     sub = parser.add_subparsers(dest="scenario", required=True)
     sub.add_parser("all", help="every scenario below, in order (overload at 2x the measured capacity)")
     lat = sub.add_parser("latency", help="sequential round trips of a small event, relay vs direct")
@@ -84,6 +91,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     args = build_parser().parse_args()
+    if args.relay_src:
+        procs.RELAY_SRC = os.path.abspath(args.relay_src)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

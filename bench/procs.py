@@ -87,8 +87,15 @@ def relay_command(port: int) -> list[str]:
     return [sys.executable, "-m", "relay", "serve", "--allow-anonymous", "--host", HOST, "--port", str(port)]
 
 
+RELAY_SRC: str | None = None
+"""A directory holding another ``relay`` package to benchmark (e.g. a ``git archive`` of
+an older commit's ``src``); None benchmarks the installed one."""
+
+
 def relay_env(upstream_port: int, workdir: str) -> dict[str, str]:
     env = dict(os.environ)
+    if RELAY_SRC:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (RELAY_SRC, env.get("PYTHONPATH")) if p)
     env.update(
         RELAY_UPSTREAM_URL=f"ws://{HOST}:{upstream_port}/v1/realtime",
         RELAY_STORE=f"sqlite:///{workdir}/usage.db",

@@ -219,7 +219,8 @@ async def stream_run(
     pids = {"gen": None, "relay": target.pid, "echo": echo_pid}
     cpu0: dict[str, float] = {}
     wall0 = 0.0
-    template = b'{"event_id":"b%d.%d","type":"input_audio_buffer.append","audio":"%s"}'
+    # type first, as the SDKs write events (the relay reads it from the prefix), then the id
+    template = b'{"type":"input_audio_buffer.append","event_id":"b%d.%d","audio":"%s"}'
     perf = time.perf_counter_ns
     for k in range(total_ticks):
         due = t0 + k * tick

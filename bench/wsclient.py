@@ -3,7 +3,7 @@
 No WebSocket library: each message costs one header, one C mask (``websockets.speedups``
 when installed) and one ``transport.write``; received frames are cut by
 :class:`mockrealtime.echo.FrameReader`. Echoes are matched by the ``event_id`` the client
-put at the front of each message (``"b<seq>.<send ns>"``), so the 6 KB audio JSON is
+put near the front of each message (``"b<seq>.<send ns>"``), so the 6 KB audio JSON is
 never parsed.
 """
 
@@ -162,7 +162,7 @@ class Client(asyncio.Protocol):
 
     def _stream_message(self, payload: bytes) -> None:
         now = time.perf_counter_ns()
-        at = payload.find(_ID_MARK, 0, 64)
+        at = payload.find(_ID_MARK, 0, 96)
         if at < 0:
             return
         start = at + len(_ID_MARK)
