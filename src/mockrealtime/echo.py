@@ -323,8 +323,10 @@ class EchoProtocol(asyncio.Protocol):
     # --- sending --------------------------------------------------------------------
 
     def _send(self, opcode: int, payload: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(frame(opcode, payload))
+        transport = self.transport
+        assert transport is not None
+        if not transport.is_closing():  # a client that reset: drop, do not log each write
+            transport.write(frame(opcode, payload))
 
     def _close(self, code: int, reason: str) -> None:
         """Send our close frame; the client's answer (or its leaving) ends the connection."""
