@@ -288,12 +288,12 @@ async def stream(relay: procs.Server, echo: procs.Server, n: int, seconds: float
 
 
 async def search(target: Target, echo: procs.Server, budget: float, *, start: int = 16, cap: int = 4096,
-                 seconds: float = 4.0) -> tuple[int, bool, StreamResult | None]:
+                 seconds: float = 4.0) -> tuple[int, int, StreamResult | None]:
     """Largest N that holds (p99 <= 60 ms, no loss): doubling, then bisection to ~5 %.
 
     Within ``budget`` seconds (checked between runs).
 
-    Returns (N, reached_the_cap_or_budget_while_passing, result at N).
+    Returns (largest N that passed, smallest N that failed or 0 if none did, result at N).
     """
     deadline = time.monotonic() + budget
     good, bad = 0, 0
@@ -320,26 +320,30 @@ async def search(target: Target, echo: procs.Server, budget: float, *, start: in
             bad = n
             break
     if not bad:
-        return good, True, best
+        return good, 0, best
     while bad - good > max(1, good // 20) and time.monotonic() < deadline:
         mid = (good + bad) // 2
         if await attempt(mid):
             good = mid
         else:
             bad = mid
-    return good, time.monotonic() >= deadline, best
+    return good, bad, best
+
+
+def failed(bad: int) -> str:
+    return f" (fails at {bad})" if bad else "+ (never failed)"
 
 
 async def capacity_figures(relay: procs.Server, echo: procs.Server, budget: float = 180.0) -> tuple[int, str]:
     t0 = time.monotonic()
-    r, r_cut, r_best = await search(relay_target(relay), echo, budget * 0.45)
-    d, d_cut, d_best = await search(direct_target(echo), echo, budget - (time.monotonic() - t0),
+    r, r_bad, r_best = await search(relay_target(relay), echo, budget * 0.5)
+    d, d_bad, d_best = await search(direct_target(echo), echo, budget - (time.monotonic() - t0),
                                     start=max(16, r))
     ratio = 100 * r / d if d else 0.0
     gen = f"{d_best.cpu.get('gen', 0):.0f}%" if d_best else "?"
     line = (
-        f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 relay N={r}{'+' if r_cut else ''} "
-        f"direct N={d}{'+' if d_cut else ''} relay/direct={ratio:.0f}% (target >=45%) "
+        f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 relay N={r}{failed(r_bad)} "
+        f"direct N={d}{failed(d_bad)} relay/direct={ratio:.0f}% (target >=45%) "
         f"direct/relay={d / r if r else 0:.1f}x gen_cpu_at_direct_max={gen} "
         f"relay_cpu_at_max={r_best.cpu.get('relay', 0) if r_best else 0:.0f}% "
         f"searched in {time.monotonic() - t0:.0f}s"
