@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         " then D/src) instead of the installed one",
     )
     sub = parser.add_subparsers(dest="scenario", required=True)
-    sub.add_parser("all", help="every scenario below, in order (overload at 2x the measured capacity)")
+    sub.add_parser(
+        "all", help="every scenario below, in order (overload at 2x the measured capacity)"
+    )
     lat = sub.add_parser("latency", help="sequential round trips of a small event, relay vs direct")
     lat.add_argument("count", type=int, nargs="?", default=3000)
     st = sub.add_parser("stream", help="N sessions streaming audio-sized events every 20 ms")
@@ -60,7 +62,9 @@ async def run(args: argparse.Namespace) -> None:
         if args.scenario == "latency":
             print(await scenarios.latency(await fresh_relay(), echo, args.count), flush=True)
         elif args.scenario == "stream":
-            print(await scenarios.stream(await fresh_relay(), echo, args.n, args.seconds), flush=True)
+            print(
+                await scenarios.stream(await fresh_relay(), echo, args.n, args.seconds), flush=True
+            )
         elif args.scenario == "capacity":
             print(await scenarios.capacity(await fresh_relay(), echo), flush=True)
         elif args.scenario == "overload":

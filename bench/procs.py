@@ -84,7 +84,17 @@ def start_echo() -> Server:
 
 
 def relay_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "relay", "serve", "--allow-anonymous", "--host", HOST, "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "relay",
+        "serve",
+        "--allow-anonymous",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
 
 
 RELAY_SRC: str | None = None
@@ -116,8 +126,8 @@ def spawn_relay(upstream_port: int, workdir: str | None = None) -> Server:
     return Server(process, port, log, {"workdir": workdir})
 
 
-async def wait_listening(server: Server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_listening(server: Server, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
     while True:
         if not server.alive():
             tail = server.log.read_text()[-2000:] if server.log else ""

@@ -66,7 +66,13 @@ async def open_many(target: Target, n: int) -> tuple[list[Client], list[str]]:
         async with gate:
             try:
                 clients.append(
-                    await open_client(procs.HOST, target.port, PATH, target.headers, wait_updated=target.wait_updated)
+                    await open_client(
+                        procs.HOST,
+                        target.port,
+                        PATH,
+                        target.headers,
+                        wait_updated=target.wait_updated,
+                    )
                 )
             except (OSError, ConnectionError, TimeoutError) as exc:
                 failures.append(f"{type(exc).__name__}: {exc}"[:120])
@@ -75,12 +81,12 @@ async def open_many(target: Target, n: int) -> tuple[list[Client], list[str]]:
     return clients, failures
 
 
-async def close_many(clients: list[Client], timeout: float = 5.0) -> None:
+async def close_many(clients: list[Client], within: float = 5.0) -> None:
     for c in clients:
         c.close()
     pending = [c.closed for c in clients if not c.closed.done()]
     if pending:
-        await asyncio.wait(pending, timeout=timeout)
+        await asyncio.wait(pending, timeout=within)
     for c in clients:
         if c.transport is not None and not c.closed.done():
             c.transport.abort()
@@ -117,7 +123,9 @@ def audio_pool() -> list[bytes]:
 
 
 async def round_trips(target: Target, count: int, warmup: int = 200) -> list[int]:
-    client = await open_client(procs.HOST, target.port, PATH, target.headers, wait_updated=target.wait_updated)
+    client = await open_client(
+        procs.HOST, target.port, PATH, target.headers, wait_updated=target.wait_updated
+    )
     client.request_mode()
     loop = asyncio.get_running_loop()
     rtts: list[int] = []
@@ -151,7 +159,8 @@ async def latency(relay: procs.Server, echo: procs.Server, count: int = 3000) ->
 
     return (
         f"latency: n={count} cores={cores()} µs relay {row(r)} | direct {row(d)} | "
-        f"added p50={pct(r, 50) - pct(d, 50)} p90={pct(r, 90) - pct(d, 90)} p99={pct(r, 99) - pct(d, 99)} "
+        f"added p50={pct(r, 50) - pct(d, 50)} p90={pct(r, 90) - pct(d, 90)} "
+        f"p99={pct(r, 99) - pct(d, 99)} "
         f"(targets: added p50<=150 p99<=1500)"
     )
 
@@ -190,17 +199,26 @@ class StreamResult:
 
     def line(self) -> str:
         cpu = " ".join(f"{k}={v:.0f}%" for k, v in self.cpu.items())
-        closed = ",".join(f"{k}x{v}" for k, v in sorted(self.closed_by_server.items(), key=str)) or "0"
+        closed = (
+            ",".join(f"{k}x{v}" for k, v in sorted(self.closed_by_server.items(), key=str)) or "0"
+        )
         return (
             f"{self.target} N={self.sessions} {self.received / self.seconds:.0f} msg/s "
-            f"(offered {self.sent / self.seconds:.0f}) rtt p50={ms(self.p50_us)}ms p99={ms(self.p99_us)}ms "
+            f"(offered {self.sent / self.seconds:.0f}) "
+            f"rtt p50={ms(self.p50_us)}ms p99={ms(self.p99_us)}ms "
             f"max={ms(self.max_us)}ms lost={self.lost} ooo={self.out_of_order} "
-            f"connect_fail={self.connect_failures} closed={closed} cpu[{cpu}] gen_lag_max={self.max_lag_ms:.1f}ms"
+            f"connect_fail={self.connect_failures} closed={closed} cpu[{cpu}] "
+            f"gen_lag_max={self.max_lag_ms:.1f}ms"
         )
 
 
 async def stream_run(
-    target: Target, n: int, seconds: float, *, warmup: float = 1.0, echo_pid: int | None = None,
+    target: Target,
+    n: int,
+    seconds: float,
+    *,
+    warmup: float = 1.0,
+    echo_pid: int | None = None,
     sample_rss: bool = False,
 ) -> StreamResult:
     loop = asyncio.get_running_loop()
@@ -232,8 +250,11 @@ async def stream_run(
         if k == warm_ticks:
             for c in clients:
                 c.stream.counted_from = c.stream.sent
-            cpu0 = {name: (procs.cpu_seconds(pid) if pid else procs.self_cpu_seconds()) for name, pid in pids.items()
-                    if name == "gen" or pid}
+            cpu0 = {
+                name: (procs.cpu_seconds(pid) if pid else procs.self_cpu_seconds())
+                for name, pid in pids.items()
+                if name == "gen" or pid
+            }
             wall0 = time.monotonic()
         if sample_rss and target.pid and k % 25 == 0:
             peak_rss = max(peak_rss, procs.rss_kb(target.pid))
@@ -244,12 +265,19 @@ async def stream_run(
             c.send(template % (s.sent, perf(), pool[(offsets[id(c)] + s.sent) % len(pool)]))
             s.sent += 1
     wall = time.monotonic() - wall0
-    cpu = {name: 100 * ((procs.cpu_seconds(pids[name]) if name != "gen" else procs.self_cpu_seconds()) - v) / wall
-           for name, v in cpu0.items()}
+    cpu = {
+        name: 100
+        * ((procs.cpu_seconds(pids[name]) if name != "gen" else procs.self_cpu_seconds()) - v)
+        / wall
+        for name, v in cpu0.items()
+    }
     # drain: wait (bounded) for the echoes still in flight
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
-        if all(c.stream.received >= c.stream.sent - c.stream.counted_from or c.closed.done() for c in clients):
+        if all(
+            c.stream.received >= c.stream.sent - c.stream.counted_from or c.closed.done()
+            for c in clients
+        ):
             break
         await asyncio.sleep(0.02)
     if sample_rss and target.pid:
@@ -287,8 +315,15 @@ async def stream(relay: procs.Server, echo: procs.Server, n: int, seconds: float
 # --- capacity ------------------------------------------------------------------------
 
 
-async def search(target: Target, echo: procs.Server, budget: float, *, start: int = 16, cap: int = 4096,
-                 seconds: float = 4.0) -> tuple[int, int, StreamResult | None]:
+async def search(
+    target: Target,
+    echo: procs.Server,
+    budget: float,
+    *,
+    start: int = 16,
+    cap: int = 4096,
+    seconds: float = 4.0,
+) -> tuple[int, int, StreamResult | None]:
     """Largest N that holds (p99 <= 60 ms, no loss): doubling, then bisection to ~5 %.
 
     Within ``budget`` seconds (checked between runs).
@@ -334,11 +369,14 @@ def failed(bad: int) -> str:
     return f" (fails at {bad})" if bad else "+ (never failed)"
 
 
-async def capacity_figures(relay: procs.Server, echo: procs.Server, budget: float = 180.0) -> tuple[int, str]:
+async def capacity_figures(
+    relay: procs.Server, echo: procs.Server, budget: float = 180.0
+) -> tuple[int, str]:
     t0 = time.monotonic()
     r, r_bad, r_best = await search(relay_target(relay), echo, budget * 0.5)
-    d, d_bad, d_best = await search(direct_target(echo), echo, budget - (time.monotonic() - t0),
-                                    start=max(16, r))
+    d, d_bad, d_best = await search(
+        direct_target(echo), echo, budget - (time.monotonic() - t0), start=max(16, r)
+    )
     ratio = 100 * r / d if d else 0.0
     gen = f"{d_best.cpu.get('gen', 0):.0f}%" if d_best else "?"
     line = (
@@ -366,7 +404,8 @@ async def overload(relay: procs.Server, echo: procs.Server, n: int, seconds: flo
     alive = relay.alive()
     after = procs.rss_kb(relay.pid) if alive else -1
     return (
-        f"overload: cores={cores()} relay_up={'yes' if alive else 'NO'} rss_before={rss0 // 1024}MB "
+        f"overload: cores={cores()} relay_up={'yes' if alive else 'NO'} "
+        f"rss_before={rss0 // 1024}MB "
         f"rss_peak={result.peak_rss_kb // 1024}MB rss_after={after // 1024}MB {result.line()}"
     )
 
@@ -392,9 +431,11 @@ async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
     await close_many(clients)
     per = (after - before) / max(1, len(clients))
     return (
-        f"idle: cores={cores()} N={n} open={len(clients)} failed={len(failures)} still_open_after_1s={still} "
+        f"idle: cores={cores()} N={n} open={len(clients)} failed={len(failures)} "
+        f"still_open_after_1s={still} "
         f"relay rss {before // 1024}MB -> {after // 1024}MB = {per:.1f} kB/session (target <=40) "
-        f"fds/session={fds / max(1, len(clients)):.1f} opened in {opened:.1f}s ({len(clients) / opened:.0f}/s)"
+        f"fds/session={fds / max(1, len(clients)):.1f} "
+        f"opened in {opened:.1f}s ({len(clients) / opened:.0f}/s)"
     )
 
 
@@ -421,9 +462,13 @@ async def coldstart(echo: procs.Server, runs: int = 5) -> str:
             relay.stop()
         totals.append((t_done - t0) * 1000)
         listens.append((t_listen - t0) * 1000)
-        progress(f"coldstart run {i + 1}: listening {listens[-1]:.0f} ms, first round trip {totals[-1]:.0f} ms")
+        progress(
+            f"coldstart run {i + 1}: listening {listens[-1]:.0f} ms, "
+            f"first round trip {totals[-1]:.0f} ms"
+        )
     return (
-        f"coldstart: cores={cores()} runs={runs} start->first relayed round trip median={statistics.median(totals):.0f}ms "
-        f"min={min(totals):.0f} max={max(totals):.0f} (start->listening median={statistics.median(listens):.0f}ms) "
+        f"coldstart: cores={cores()} runs={runs} start->first relayed round trip "
+        f"median={statistics.median(totals):.0f}ms min={min(totals):.0f} max={max(totals):.0f} "
+        f"(start->listening median={statistics.median(listens):.0f}ms) "
         f"(target <=700ms)"
     )

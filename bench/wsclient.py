@@ -41,7 +41,9 @@ class StreamStats:
 class Client(asyncio.Protocol):
     """One WebSocket session to the relay or straight to the echo upstream."""
 
-    def __init__(self, host: str, port: int, path: str, headers: dict[str, str], *, wait_updated: bool) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, headers: dict[str, str], *, wait_updated: bool
+    ) -> None:
         self.host, self.port, self.path, self.headers = host, port, path, headers
         self.wait_updated = wait_updated
         self.transport: asyncio.Transport | None = None
@@ -180,7 +182,13 @@ class Client(asyncio.Protocol):
 
 
 async def open_client(
-    host: str, port: int, path: str, headers: dict[str, str], *, wait_updated: bool, timeout: float = 15.0
+    host: str,
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    *,
+    wait_updated: bool,
+    within: float = 15.0,
 ) -> Client:
     """A connected session whose ``session.created`` (and ``session.updated``) arrived."""
     loop = asyncio.get_running_loop()
@@ -191,7 +199,7 @@ async def open_client(
         client = Client(host, port, path, headers, wait_updated=wait_updated)
         return client
 
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         await loop.create_connection(factory, host, port)
         assert client is not None
         try:

@@ -147,7 +147,14 @@ def accept_token(key: str) -> str:
 
 def _http_error(status: int, reason: str, message: str) -> bytes:
     body = orjson.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
     )
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
@@ -192,7 +199,9 @@ class EchoProtocol(asyncio.Protocol):
             end = self._head.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._head) > MAX_HEAD_BYTES:
-                    self._abort(_http_error(431, "Request Header Fields Too Large", "Head too large"))
+                    self._abort(
+                        _http_error(431, "Request Header Fields Too Large", "Head too large")
+                    )
                 return
             rest = bytes(self._head[end + 4 :])
             head = bytes(self._head[: end + 4])
@@ -263,7 +272,11 @@ class EchoProtocol(asyncio.Protocol):
             self._close(r.close_code, r.close_reason)
             return False
         self._session = self.server.base_session(decision.model or "gpt-realtime")
-        created = {"type": "session.created", "event_id": self.server.event_id(), "session": self._session}
+        created = {
+            "type": "session.created",
+            "event_id": self.server.event_id(),
+            "session": self._session,
+        }
         self._send(OP_TEXT, orjson.dumps(created))
         return True
 
@@ -306,7 +319,11 @@ class EchoProtocol(asyncio.Protocol):
         session = event.get("session")
         if isinstance(session, dict):
             self._session = {**self._session, **session}
-        updated = {"type": "session.updated", "event_id": self.server.event_id(), "session": self._session}
+        updated = {
+            "type": "session.updated",
+            "event_id": self.server.event_id(),
+            "session": self._session,
+        }
         self._send(OP_TEXT, orjson.dumps(updated))
         return True
 

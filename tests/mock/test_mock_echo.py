@@ -73,14 +73,25 @@ async def test_handshake_session_events_and_echo_in_order() -> None:
             assert created["type"] == "session.created"
             assert created["session"]["model"] == "gpt-realtime"
             await ws.send_message(
-                json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "hi"}})
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"type": "realtime", "instructions": "hi"},
+                    }
+                )
             )
             updated = json.loads(await ws.get_message())
             assert updated["type"] == "session.updated"
             assert updated["session"]["instructions"] == "hi"
             assert updated["event_id"] != created["event_id"]
             sent = [
-                json.dumps({"event_id": f"e{i}", "type": "input_audio_buffer.append", "audio": "A" * i * 97})
+                json.dumps(
+                    {
+                        "event_id": f"e{i}",
+                        "type": "input_audio_buffer.append",
+                        "audio": "A" * i * 97,
+                    }
+                )
                 for i in range(200)
             ]
             sent.append('{"type":"conversation.item.retrieve","item_id":"x"}')
@@ -169,9 +180,13 @@ def test_frames_fragments_ping_and_close_sans_io() -> None:
     assert json.loads(client.feed(rest)[0][2])["type"] == "session.created"
     transport.out.clear()
     proto.data_received(
-        bytes([0x01, 0x80 | 2]) + mask + apply_mask(b"he", mask)
+        bytes([0x01, 0x80 | 2])
+        + mask
+        + apply_mask(b"he", mask)
         + frame(OP_PING, b"p", mask)  # control frames may come between fragments
-        + bytes([0x80, 0x80 | 3]) + mask + apply_mask(b"llo", mask)
+        + bytes([0x80, 0x80 | 3])
+        + mask
+        + apply_mask(b"llo", mask)
     )
     assert client.feed(bytes(transport.out)) == [(OP_PONG, True, b"p"), (OP_TEXT, True, b"hello")]
     transport.out.clear()
