@@ -8,7 +8,9 @@ Routes:
 
 * WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at
   the relay work), with ``?model=`` checked against the allow-list;
-* ``GET /healthz``; ``GET /`` and ``/static/…`` serve the demo page;
+* ``GET /healthz`` (alive), ``GET /readyz`` (taking sessions; ``?upstream=1`` also checks
+  the upstream is reachable), ``GET /metrics`` (Prometheus);
+* ``GET /`` and ``/static/…`` serve the demo page;
 * a plain HTTP request on a WebSocket path gets 400, any other path 404.
 """
 
@@ -34,6 +36,7 @@ from .bridge import Bridge, Limits, Message
 from .closecodes import Code
 from .config import ConfigError, RelayConfig, load_config
 from .deadlines import Deadlines
+from .metrics import RelayMetrics
 from .events import dumps, error_event
 from .mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from .mint import Minter
@@ -48,6 +51,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
 #: Seconds the usage store may take to admit a session before the handshake gets 503.
 STORE_TIMEOUT = 5.0
+#: Seconds ``/readyz?upstream=1`` gives the upstream to accept a TCP (and TLS) connection.
+READY_UPSTREAM_TIMEOUT = 2.0
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 
 log = logging.getLogger("relay")
@@ -133,7 +138,11 @@ class RelayApp:
             )
         self.pairs: set[Pair] = set()
         self.draining = False
+        #: Set whenever the last live pair ends (the drain waits on it).
+        self._no_pairs = trio.Event()
+        self._grace: trio.CancelScope | None = None
         self.minter = Minter(config)
+        self.metrics = RelayMetrics()
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
 
@@ -154,6 +163,21 @@ class RelayApp:
         path = scope["path"]
         if path == "/healthz":
             await _respond(send, 200, {"status": "ok"})
+        elif path == "/readyz":
+            await self._readyz(scope, send)
+        elif path == "/metrics":
+            body, content_type = self.metrics.render(_header(scope, b"accept"))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", content_type),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
         elif path == "/v1/realtime/client_secrets" and scope["method"] == "POST":
             await self._mint(scope, receive, send)
         elif path == "/admin/usage":
@@ -192,6 +216,24 @@ class RelayApp:
         log.info("client key minted for %s: HTTP %d", identity.user, status)
         await _respond(send, status, answer)
 
+    async def _readyz(self, scope: Scope, send: Send) -> None:
+        """Ready means: started, not draining, and (with ``?upstream=1``) the upstream reachable."""
+        if self.draining:
+            await _respond(send, 503, {"status": "draining", "sessions": len(self.pairs)})
+            return
+        if self.accounting is None:
+            await _respond(send, 503, {"status": "starting"})
+            return
+        if _query_param(scope, "upstream") in ("1", "true"):
+            try:
+                with trio.fail_after(READY_UPSTREAM_TIMEOUT):
+                    await trio.aclose_forcefully(await self.dialer.target(self.config.model).connect())
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                detail = "timed out" if isinstance(exc, trio.TooSlowError) else exc.__class__.__name__
+                await _respond(send, 503, {"status": "upstream unreachable", "detail": detail})
+                return
+        await _respond(send, 200, {"status": "ready", "sessions": len(self.pairs)})
+
     async def _admin_usage(self, scope: Scope, send: Send) -> None:
         """``GET /admin/usage?day=&user=``: the usage table as JSON, for the admin token only."""
         token = self.config.admin_token
@@ -216,15 +258,15 @@ class RelayApp:
         await receive()  # websocket.connect
         path = scope["path"]
         if path not in WEBSOCKET_PATHS:
-            await _deny(send, 404, f"no WebSocket endpoint at {path}; use /voice or /v1/realtime")
+            await self._deny(send, 404, f"no WebSocket endpoint at {path}; use /voice or /v1/realtime")
             return
         if self.draining:
-            await _deny(send, 503, "the relay is shutting down; connect again in a moment")
+            await self._deny(send, 503, "the relay is shutting down; connect again in a moment")
             return
         offered = scope.get("subprotocols") or ()
         accounting = self.accounting
         if accounting is None:
-            await _deny(send, 503, "the relay is still starting; connect again in a moment")
+            await self._deny(send, 503, "the relay is still starting; connect again in a moment")
             return
         session_id = secrets.token_hex(8)
         try:
@@ -248,11 +290,11 @@ class RelayApp:
                 await client.close(4000 + refused.status, refused.code)
                 await client.wait_closed(self.config.close_timeout)
             else:
-                await _deny(send, refused.status, refused.message, code=refused.code)
+                await self._deny(send, refused.status, refused.message, code=refused.code)
             return
         except (trio.TooSlowError, OSError) as exc:
             log.error("usage store unavailable at admission: %r", exc)
-            await _deny(send, 503, "the relay's usage store is not answering; try again shortly")
+            await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
         started = trio.current_time()
         bridge = Bridge(
@@ -265,10 +307,14 @@ class RelayApp:
         try:
             async with trio.open_nursery() as lease:
                 lease.start_soon(accounting.keep_lease, identity, session_id)
-                await self._session(scope, receive, send, offered, identity, bridge, accounting)
+                await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
                 lease.cancel_scope.cancel()
         finally:
             await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
+
+    async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
+        self.metrics.refused(status)
+        await _deny(send, status, message, code=code)
 
     async def _session(
         self,
@@ -277,6 +323,7 @@ class RelayApp:
         send: Send,
         offered: Any,
         identity: Identity,
+        session_id: str,
         bridge: Bridge,
         accounting: Accounting,
     ) -> None:
@@ -297,21 +344,56 @@ class RelayApp:
                 idle_seconds=self.config.idle_timeout,
                 lead=self.config.limit_warning_seconds,
             ),
+            ping_interval=self.config.ping_interval,
+            peer_timeout=self.config.peer_timeout,
+            on_voice_latency=self.metrics.voice_latency,
         )
         self.pairs.add(pair)
+        if self._no_pairs.is_set():
+            self._no_pairs = trio.Event()
+        metrics = self.metrics
+        metrics.session_started(bridge.traffic)
+        started = trio.current_time()
+        log.info(
+            "session started",
+            extra={"fields": {"session": session_id, "user": identity.user, "model": model}},
+        )
+        ending = None
         try:
             ending = await pair.run()
             if ending.client_code is not None:
                 await client.wait_closed(self.config.close_timeout)
         finally:
             self.pairs.discard(pair)
-        log.info(
-            "session ended for %s: %s (client %s, upstream %s)",
-            identity.user,
-            ending.cause.value,
-            ending.client_code,
-            ending.upstream_code,
-        )
+            if not self.pairs:
+                self._no_pairs.set()
+            metrics.session_ended(
+                bridge.traffic,
+                ending.cause if ending else "error",
+                ending.client_code if ending else None,
+                bridge.queued_at_open,
+            )
+            if pair.dial_seconds is not None:
+                metrics.dial_latency(pair.dial_seconds)
+            traffic = bridge.traffic
+            log.info(
+                "session ended",
+                extra={
+                    "fields": {
+                        "session": session_id,
+                        "user": identity.user,
+                        "seconds": round(trio.current_time() - started, 3),
+                        "cause": ending.cause.value if ending else "error",
+                        "client_code": ending.client_code if ending else None,
+                        "upstream_code": ending.upstream_code if ending else None,
+                        "client_messages": traffic.client_messages,
+                        "client_bytes": traffic.client_bytes,
+                        "upstream_messages": traffic.upstream_messages,
+                        "upstream_bytes": traffic.upstream_bytes,
+                        "responses": bridge.responses_seen,
+                    }
+                },
+            )
 
     def _refusal(self, scope: Scope, offered: Any, identity: Identity) -> tuple[str, str, str] | None:
         """Why this connection cannot start (error code, message, close reason), if so."""
@@ -366,12 +448,32 @@ class RelayApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def shutdown_pairs(self) -> None:
-        """Stop taking sessions and end every live pair with 1001; return when all ended."""
+    def hurry_drain(self) -> None:
+        """Cut the drain's grace time short: close the remaining sessions now."""
+        if self._grace is not None:
+            self._grace.cancel()
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking sessions, give live ones ``grace`` seconds, then close the rest with 1012.
+
+        Readiness turns 503 at once, so a load balancer stops sending clients here;
+        every live client is told (``relay_draining``) how long it has. Pairs run on
+        unchanged meanwhile, so nothing a client sent is lost.
+        """
         self.draining = True
+        log.info("draining: %d live sessions, %g s to finish", len(self.pairs), grace)
         async with trio.open_nursery() as nursery:
             for pair in list(self.pairs):
-                nursery.start_soon(pair.shutdown)
+                nursery.start_soon(pair.notify, pair.bridge.draining_notice(grace))
+        with trio.move_on_after(grace) as self._grace:
+            while self.pairs:
+                await self._no_pairs.wait()
+        while self.pairs:  # also any session admitted while the drain began
+            async with trio.open_nursery() as nursery:
+                for pair in list(self.pairs):
+                    nursery.start_soon(pair.shutdown)
+            if self.pairs:
+                await self._no_pairs.wait()
 
 
 async def _accept(send: Send, receive: Receive, offered: Any) -> AsgiClient:

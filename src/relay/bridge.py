@@ -131,8 +131,12 @@ class Bridge:
         self.traffic = Traffic()
         #: ``response.done`` events seen since the shell last took them (for usage and budgets).
         self.responses_done: list[dict[str, object]] = []
+        #: ``response.done`` events seen in all (for the session's log line).
+        self.responses_seen = 0
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
+        #: Client messages held while the upstream opened (None until it opens), for metrics.
+        self.queued_at_open: int | None = None
         self._auth_refusal_reported = False
 
     # -- client → upstream ------------------------------------------------------
@@ -221,6 +225,7 @@ class Bridge:
         if self.phase is not Phase.CONNECTING:
             raise BridgeError(f"upstream_opened() in phase {self.phase.name}")
         self.phase = Phase.FLUSHING
+        self.queued_at_open = len(self._queue)
         self._queue.appendleft(self._session_update)
         self._queued_bytes += len(self._session_update)
 
@@ -248,6 +253,7 @@ class Bridge:
             kind = _notable(data)  # type: ignore[arg-type]
             if kind == "response.done":
                 done = parse_event(data)
+                self.responses_seen += 1
                 if done is not None:
                     self.responses_done.append(done)
             elif kind == "error":
@@ -438,15 +444,40 @@ class Bridge:
             ),
         )
 
+    def draining_notice(self, seconds: float) -> Reply:
+        """The relay is restarting: the session has ``seconds`` left to finish."""
+        return Reply(
+            error_event(
+                "relay_draining",
+                f"The relay is restarting: finish the current turn; this session will be closed"
+                f" (1012) in {seconds:g} s at most. Reconnect to continue with a new session.",
+                kind="server_error",
+            )
+        )
+
     def shutdown(self) -> Ending | None:
-        """The relay is going away: close both sides with 1001."""
+        """The relay is going away and the drain time is over: client 1012, upstream 1001."""
         return self._end(
             Cause.SHUTDOWN,
-            client=(Code.GOING_AWAY, "relay shutting down"),
+            client=(Code.SERVICE_RESTART, "relay restarting"),
             upstream=Code.GOING_AWAY if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
             error=error_event(
                 "relay_shutting_down",
-                "The relay is shutting down. Reconnect to continue with a new session.",
+                "The relay is restarting. Reconnect to continue with a new session.",
+                kind="server_error",
+            ),
+        )
+
+    def upstream_unresponsive(self, seconds: float) -> Ending | None:
+        """The upstream answered no ping for ``seconds``: take it for dead, drop its socket."""
+        return self._end(
+            Cause.UPSTREAM_LOST,
+            client=(Code.INTERNAL_ERROR, "upstream stopped answering"),
+            upstream=None,  # a dead peer cannot finish a close handshake
+            error=error_event(
+                "relay_upstream_lost",
+                f"The Realtime API stopped answering for {seconds:g} s (RELAY_PEER_TIMEOUT)."
+                " Reconnect to start a new session.",
                 kind="server_error",
             ),
         )

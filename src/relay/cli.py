@@ -8,7 +8,6 @@ the environment only so they never show up in a process list.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from .app import RelayApp
 
 from .config import SETTINGS, ConfigError, RelayConfig, coerce_setting, load_config
+from .logs import configure_logging
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] = ()) -> None:
@@ -136,16 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     environ = dict(os.environ)
     try:
         if args.command == "serve":
             config = _config_from(args, environ)
+            configure_logging(
+                config.log_format,
+                config.log_level,
+                secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
+            )
             if not config.openai_api_key:
                 raise ConfigError(
                     "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."
                     " Export it, or try `relay demo` to run against the bundled fake."
                 )
+            if config.workers > 1:
+                from .server import serve_workers
+
+                return serve_workers(config)
             from .app import create_app
 
             trio.run(_serve, config, create_app(config))

@@ -186,6 +186,41 @@ class RelayConfig:
     )
     host: str = _setting("127.0.0.1", "RELAY_HOST", "Address `relay serve` binds to.")
     port: int = _setting(8000, "RELAY_PORT", "Port `relay serve` binds to.")
+    workers: int = _setting(
+        1,
+        "RELAY_WORKERS",
+        "Worker processes of `relay serve`, sharing the port (SO_REUSEPORT); one per core.",
+    )
+    tls_cert: str = _setting(
+        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve https:// and wss://."
+    )
+    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of RELAY_TLS_CERT.")
+    keep_alive_timeout: float = _setting(
+        5.0, "RELAY_KEEP_ALIVE_TIMEOUT", "Seconds an idle HTTP keep-alive connection is kept."
+    )
+    ping_interval: float = _setting(
+        20.0,
+        "RELAY_PING_INTERVAL",
+        "Seconds between WebSocket pings on both legs, keeping proxies and NATs from timing"
+        " out an idle session (0: no pings).",
+    )
+    peer_timeout: float = _setting(
+        45.0,
+        "RELAY_PEER_TIMEOUT",
+        "Seconds without a pong (upstream) or without any data (client) after which a peer"
+        " is taken for dead and its session ended (0: never). Keep it above RELAY_PING_INTERVAL"
+        " and RELAY_SEND_TIMEOUT.",
+    )
+    drain_seconds: float = _setting(
+        10.0,
+        "RELAY_DRAIN_SECONDS",
+        "On SIGTERM/SIGINT: seconds live sessions get to finish, after a `relay_draining`"
+        " notice, before the rest are closed 1012.",
+    )
+    log_format: str = _setting(
+        "auto", "RELAY_LOG_FORMAT", "`json` (one object per line), `text`, or `auto` (text on a terminal)."
+    )
+    log_level: str = _setting("info", "RELAY_LOG_LEVEL", "`debug`, `info`, `warning` or `error`.")
     instructions: str | None = _setting(
         None, "RELAY_INSTRUCTIONS", "Overrides `session.instructions` of the session.update."
     )
@@ -372,6 +407,29 @@ def _validate(config: RelayConfig) -> None:
     if config.upstream_auth not in ("header", "subprotocol"):
         raise ConfigError(
             f"RELAY_UPSTREAM_AUTH must be 'header' or 'subprotocol', got {config.upstream_auth!r}"
+        )
+    if config.workers < 1:
+        raise ConfigError(f"RELAY_WORKERS must be at least 1, got {config.workers}")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("RELAY_TLS_CERT and RELAY_TLS_KEY go together: set both, or neither")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(config, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{_FIELDS[name].metadata['env']}: no such file {path!r}")
+    for name in ("keep_alive_timeout", "ping_interval", "peer_timeout", "drain_seconds"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0")
+    if config.peer_timeout and config.peer_timeout <= config.send_timeout:
+        raise ConfigError(
+            f"RELAY_PEER_TIMEOUT ({config.peer_timeout:g}) must be above RELAY_SEND_TIMEOUT"
+            f" ({config.send_timeout:g}): while the relay waits on a slow client it cannot read"
+            " the upstream's pongs, and that must not look like a dead upstream."
+        )
+    if config.log_format not in ("auto", "json", "text"):
+        raise ConfigError(f"RELAY_LOG_FORMAT must be auto, json or text, got {config.log_format!r}")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"RELAY_LOG_LEVEL must be debug, info, warning or error, got {config.log_level!r}"
         )
     if config.browser_refusals not in ("http", "close"):
         raise ConfigError(

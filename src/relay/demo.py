@@ -15,7 +15,7 @@ import trio
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
 from .config import RelayConfig, load_config
-from .server import serve, wait_for_signal
+from .server import serve
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ async def run_demo(
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
-    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Demo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the fake and the relay until ``shutdown_trigger`` returns."""

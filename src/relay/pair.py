@@ -32,6 +32,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 
 from .bridge import Bridge, Ending, Message, Reply
 from .deadlines import Deadlines, Due
+from .metrics import VoiceClock
 from .upstream import Upstream
 
 class ClientSide(Protocol):
@@ -60,6 +61,9 @@ class Pair:
         send_timeout: float = 10.0,
         on_responses_done: Callable[[list[dict[str, object]]], Awaitable[bool]] | None = None,
         deadlines: Deadlines | None = None,
+        ping_interval: float = 0.0,
+        peer_timeout: float = 0.0,
+        on_voice_latency: Callable[[float], None] | None = None,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -73,6 +77,11 @@ class Pair:
         self._upstream_cut = False  # a send to the upstream was abandoned part-way
         self._cancel_scope: trio.CancelScope | None = None
         self._deadlines = deadlines if deadlines is not None and deadlines.active else None
+        self._ping_interval = ping_interval
+        self._peer_timeout = peer_timeout
+        self._on_voice_latency = on_voice_latency
+        #: Seconds the upstream took to open (connect and handshake), once it has.
+        self.dial_seconds: float | None = None
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = trio.current_time()
 
@@ -89,8 +98,15 @@ class Pair:
         return ending
 
     async def shutdown(self) -> None:
-        """End the pair because the relay is going away (1001 both ways)."""
+        """End the pair because the relay is going away (client 1012, upstream 1001)."""
         await self._finish(self.bridge.shutdown())
+
+    async def notify(self, notice: Reply) -> None:
+        """Send the client an event of the relay's own (bounded like any other send)."""
+        with trio.move_on_after(self._send_timeout) as waited:
+            await self.client.send(notice.text)
+        if waited.cancelled_caught:
+            await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
     async def _client_task(self) -> None:
         bridge = self.bridge
@@ -125,7 +141,8 @@ class Pair:
     async def _upstream_task(self) -> None:
         """Dial (connect, then handshake) within the dial timeout, flush, then pump."""
         bridge = self.bridge
-        deadline = trio.current_time() + self._dial_timeout
+        dial_started = trio.current_time()
+        deadline = dial_started + self._dial_timeout
         stream: trio.abc.Stream | None = None
         try:
             with trio.move_on_at(deadline):
@@ -147,6 +164,9 @@ class Pair:
                         nursery.cancel_scope.cancel()
                         return
                     self._upstream = upstream
+                    self.dial_seconds = trio.current_time() - dial_started
+                    if self._ping_interval and self._peer_timeout:
+                        nursery.start_soon(self._keepalive, upstream)
                     await self._flush(upstream)
                     await self._upstream_to_client(upstream)
             except* ConnectionRejected as group:
@@ -179,6 +199,8 @@ class Pair:
         get_message = upstream.get_message
         send = self.client.send
         now = trio.current_time
+        on_voice_latency = self._on_voice_latency
+        voice = VoiceClock(now) if on_voice_latency is not None else None
         while True:
             try:
                 data = await get_message()
@@ -188,6 +210,10 @@ class Pair:
                 await self._finish(bridge.upstream_closed(code, text))
                 return
             self.last_activity = now()
+            if voice is not None and data.__class__ is str:
+                latency = voice.upstream_event(data)  # type: ignore[arg-type]
+                if latency is not None:
+                    on_voice_latency(latency)  # type: ignore[misc]
             out = bridge.upstream_message(data)
             if out is None:
                 continue
@@ -217,15 +243,26 @@ class Pair:
                     return
                 left = deadlines.seconds_left(now, self.last_activity, due)
                 if due is Due.SESSION_WARNING:
-                    warning = bridge.session_warning(left, deadlines.max_seconds)
+                    await self.notify(bridge.session_warning(left, deadlines.max_seconds))
                 else:
-                    warning = bridge.idle_warning(left, deadlines.idle_seconds)
-                with trio.move_on_after(self._send_timeout) as waited:
-                    await self.client.send(warning.text)
-                if waited.cancelled_caught:
-                    await self._finish(bridge.client_too_slow(self._send_timeout))
-                    return
+                    await self.notify(bridge.idle_warning(left, deadlines.idle_seconds))
             await trio.sleep_until(step.wake_at)
+
+    async def _keepalive(self, upstream: WebSocketConnection) -> None:
+        """Ping the upstream every ping interval; no pong within the peer timeout: it is dead.
+
+        The pings also keep proxies and NATs on the way from timing out a quiet session.
+        """
+        while True:
+            await trio.sleep(self._ping_interval)
+            with trio.move_on_after(self._peer_timeout) as waited:
+                try:
+                    await upstream.ping()
+                except ConnectionClosed:
+                    return  # the upstream task reads the close and ends the pair
+            if waited.cancelled_caught:
+                await self._finish(self.bridge.upstream_unresponsive(self._peer_timeout))
+                return
 
     async def _finish(self, ending: Ending | None) -> None:
         """Carry out an ending: the client's error and close, the upstream's close, cancel.

@@ -2,19 +2,26 @@
 
 :func:`serve` is what ``relay serve`` and ``relay demo`` run. Hypercorn never
 sends close frames on shutdown (it cancels the app after its graceful timeout,
-and clients see 1006), so shutdown goes through the app first: the trigger ends
-every live pair with 1001 and an ``error`` event, then lets Hypercorn stop.
+and clients see 1006), so shutdown goes through the app first: the trigger drains
+the relay (readiness 503, a ``relay_draining`` notice, ``RELAY_DRAIN_SECONDS`` for
+sessions to finish, then 1012 and an ``error`` event for the rest), then lets
+Hypercorn stop.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .app import RelayApp, create_app
 from .config import RelayConfig
@@ -22,11 +29,21 @@ from .config import RelayConfig
 #: Seconds Hypercorn waits for connections after the relay closed its sessions.
 GRACEFUL_TIMEOUT = 2.0
 
+log = logging.getLogger("relay")
+
 
 def hypercorn_config(config: RelayConfig) -> HypercornConfig:
     """The Hypercorn settings that follow from the relay's."""
     hc = HypercornConfig()
     hc.bind = [f"{config.host}:{config.port}"]
+    if config.tls_cert:
+        hc.certfile, hc.keyfile = config.tls_cert, config.tls_key
+    hc.keep_alive_timeout = config.keep_alive_timeout
+    # Pings keep proxies from timing out a quiet client; Hypercorn never checks pongs, but
+    # a pong is data, so a client that sends nothing, not even pongs, for the peer timeout
+    # is dropped by the read timeout.
+    hc.websocket_ping_interval = config.ping_interval or None
+    hc.read_timeout = config.peer_timeout or None
     # Above the relay's own limit, so the bridge sees an oversized message and
     # answers it with an error event and 1009 instead of Hypercorn's bare 1009.
     hc.websocket_max_message_size = max(2 * config.max_message_bytes, config.max_message_bytes + 65536)
@@ -37,34 +54,96 @@ def hypercorn_config(config: RelayConfig) -> HypercornConfig:
     return hc
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGINT or SIGTERM."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
-
-
 async def serve(
     config: RelayConfig,
     *,
-    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     app: RelayApp | None = None,
+    sockets: Sockets | None = None,
 ) -> None:
-    """Serve until ``shutdown_trigger`` returns, then close every session with 1001.
+    """Serve until ``shutdown_trigger`` returns (default: SIGINT or SIGTERM), then drain.
 
-    ``task_status.started`` gets the bound URLs (``["http://127.0.0.1:8000"]``).
+    ``task_status.started`` gets the bound URLs (``["http://127.0.0.1:8000"]``). With
+    signals, a second signal during the drain cuts the drain time short.
+    ``sockets`` are listening sockets made by the parent of several workers.
     """
     app = app or create_app(config)
+    drain_bound = config.drain_seconds + config.close_timeout + 1
 
     async def trigger() -> None:
-        await shutdown_trigger()
-        with trio.move_on_after(config.close_timeout + 1):
-            await app.shutdown_pairs()
+        if shutdown_trigger is not None:
+            await shutdown_trigger()
+            with trio.move_on_after(drain_bound):
+                await app.drain(config.drain_seconds)
+            return
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("got %s: draining", signal.Signals(signum).name)
+                break
+            async with trio.open_nursery() as nursery:
 
-    await hypercorn_serve(
-        app,  # type: ignore[arg-type]
+                async def hurry() -> None:
+                    async for _ in signals:
+                        log.info("second signal: closing the remaining sessions now")
+                        app.hurry_drain()
+
+                nursery.start_soon(hurry)
+                with trio.move_on_after(drain_bound):
+                    await app.drain(config.drain_seconds)
+                nursery.cancel_scope.cancel()
+
+    await worker_serve(
+        wrap_app(app, HypercornConfig.wsgi_max_body_size, None),  # type: ignore[arg-type]
         hypercorn_config(config),
+        sockets=sockets,
         shutdown_trigger=trigger,
         task_status=task_status,
     )
+
+
+def serve_workers(config: RelayConfig) -> int:
+    """Run ``config.workers`` worker processes on one listening socket; return an exit status.
+
+    The parent binds once (SO_REUSEPORT) and hands the sockets to spawned workers,
+    each a whole relay with its own event loop. Each worker runs in its own process
+    group, so a terminal's Ctrl-C reaches only the parent, which passes SIGINT and
+    SIGTERM on to every worker exactly once; each then drains as a single relay does.
+    """
+    hc = hypercorn_config(config)
+    hc.workers = config.workers
+    sockets = hc.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(hc.backlog)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(config, sockets)) for _ in range(config.workers)]
+    for worker in workers:
+        worker.start()
+    scheme = "wss" if config.tls_cert else "ws"
+    print(
+        f"relay: {config.workers} workers listening on {scheme}://{config.host}:{config.port}/voice",
+        flush=True,
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for worker in workers:
+        worker.join()
+    return max((worker.exitcode or 0) for worker in workers)
+
+
+def _worker(config: RelayConfig, sockets: Sockets) -> None:
+    os.setpgid(0, 0)
+    from .logs import configure_logging
+
+    configure_logging(
+        config.log_format,
+        config.log_level,
+        secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
+    )
+    trio.run(partial(serve, config, sockets=sockets))

@@ -7,6 +7,7 @@ how it closes). Tests that need the protocol itself use mockrealtime.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
         binds = await nursery.start(
             partial(serve, config, shutdown_trigger=stop.wait, app=app)
         )
-        yield RunningRelay(binds[0].replace("http://", "ws://"), binds[0], app)
+        yield RunningRelay(binds[0].replace("http", "ws", 1), binds[0], app)
         stop.set()
 
 
@@ -155,6 +156,7 @@ async def connect(
     *,
     subprotocols: list[str] | None = None,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     """A test client that owns its socket and closes it on every path.
 
@@ -164,7 +166,10 @@ async def connect(
     parts = urlsplit(url)
     assert parts.hostname and parts.port
     resource = parts.path + (f"?{parts.query}" if parts.query else "")
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    if parts.scheme == "wss":
+        assert ssl_context is not None, "a wss:// test needs the test CA's ssl_context"
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=parts.hostname)
     try:
         async with trio.open_nursery() as nursery:
             ws = await wrap_client_stream(

@@ -48,6 +48,7 @@ class UpstreamScript:
     close_reason: str = ""
     read_delay: float = 0.0
     tight: bool = False  # lockstep streams: a slow reader pushes back on the relay's writes
+    deaf_after: float | None = None  # from then on it reads nothing: no pongs, a dead peer
 
 
 @dataclass
@@ -97,6 +98,32 @@ class CutAwareStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class DeafStream(trio.abc.Stream):
+    """The server's end of a connection whose peer dies at ``deaf_at``: after it, nothing
+    the relay sends is read (so no ping is answered), and nothing more is written."""
+
+    def __init__(self, inner: trio.abc.Stream, deaf_at: float) -> None:
+        self._inner = inner
+        self._deaf_at = deaf_at
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if trio.current_time() >= self._deaf_at:
+            await trio.sleep_forever()
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._inner.receive_some(max_bytes)
+        if trio.current_time() >= self._deaf_at:
+            await trio.sleep_forever()
+        return data
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -173,6 +200,8 @@ class MemoryUpstream:
             relay_end, server_end = map(CutAwareStream, trio.testing.lockstep_stream_pair())
         else:
             relay_end, server_end = trio.testing.memory_stream_pair()
+        if self.script.deaf_after is not None:
+            server_end = DeafStream(server_end, trio.current_time() + self.script.deaf_after)
         self._nursery.start_soon(self._serve, server_end)
         return relay_end
 
@@ -252,6 +281,8 @@ async def run_pair(
     max_seconds: float = 0.0,
     idle_seconds: float = 0.0,
     warning_lead: float = 0.0,
+    ping_interval: float = 0.0,
+    peer_timeout: float = 0.0,
 ) -> Outcome:
     """Run one pair to its end in memory; everything it started is gone when this returns.
 
@@ -275,6 +306,8 @@ async def run_pair(
             deadlines=Deadlines(
                 trio.current_time(), max_seconds=max_seconds, idle_seconds=idle_seconds, lead=warning_lead
             ),
+            ping_interval=ping_interval,
+            peer_timeout=peer_timeout,
         )
         world.start_soon(client.drive)
         ending = await pair.run()

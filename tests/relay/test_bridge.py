@@ -222,12 +222,12 @@ def test_dial_failures_are_1014_or_1011_when_the_credential_was_refused() -> Non
     assert error_code(refused.error) == "relay_upstream_auth_refused"
 
 
-def test_shutdown_closes_both_sides_with_1001() -> None:
+def test_shutdown_closes_the_client_with_1012_and_the_upstream_with_1001() -> None:
     bridge = make_bridge()
     bridge.upstream_opened()
     flush_all(bridge)
     ending = bridge.shutdown()
-    assert (ending.client_code, ending.upstream_code) == (1001, 1001)
+    assert (ending.client_code, ending.upstream_code) == (1012, 1001)
     assert error_code(ending.error) == "relay_shutting_down"
 
 

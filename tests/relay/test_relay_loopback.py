@@ -337,31 +337,62 @@ async def test_the_upstream_key_never_reaches_the_client() -> None:
     assert code == 1011
 
 
-async def test_shutdown_closes_live_sessions_with_an_error_and_1001_on_both_legs() -> None:
-    upstream_codes: list[int] = []
+async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest_with_1012() -> None:
+    upstream_got: dict[str, list[str]] = {}
+    upstream_codes: dict[str, int] = {}
 
     async def record(conn: UpstreamConnection) -> None:
         ws = await conn.accept()
+        name = conn.request.path.rsplit("=", 1)[-1]
+        upstream_got[name] = []
         await ws.send_message('{"type":"session.created"}')
         try:
             while True:
-                await conn.receive()
+                upstream_got[name].append(await conn.receive())
         except ConnectionClosed as exc:
-            upstream_codes.append(exc.reason.code)
+            upstream_codes[name] = exc.reason.code
 
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(record) as up:
-            async with running_relay(upstream_url=up.url) as relay:
-                async with connect(relay.url + "/voice") as ws:
-                    assert await ws.get_message() == '{"type":"session.created"}'
+            async with running_relay(upstream_url=up.url, models=("stays", "leaves")) as relay:
+                async with connect(relay.url + "/voice?model=stays") as stays, connect(
+                    relay.url + "/voice?model=leaves"
+                ) as leaves:
+                    for ws in (stays, leaves):
+                        assert await ws.get_message() == '{"type":"session.created"}'
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(relay.app.shutdown_pairs)
-                        messages, code, _ = await receive_until_closed(ws)
+                        nursery.start_soon(relay.app.drain, 1.0)
+                        for ws in (stays, leaves):
+                            assert error_codes([await ws.get_message()]) == ["relay_draining"]
+                        async with httpx.AsyncClient(base_url=relay.http_url) as http:
+                            assert (await http.get("/readyz")).status_code == 503
+                        # Both sessions go on during the drain; one finishes its business and leaves.
+                        for n in range(5):
+                            await stays.send_message(f'{{"type":"input_audio_buffer.clear","n":{n}}}')
+                        await leaves.send_message('{"type":"response.cancel"}')
+                        await leaves.aclose()
+                        messages, code, reason = await receive_until_closed(stays)
             assert error_codes(messages) == ["relay_shutting_down"]
-            assert code == 1001
-            while not upstream_codes:
-                await trio.sleep(0.01)
-            assert upstream_codes == [1001]
+            assert code == 1012
+            with trio.fail_after(2):
+                while len(upstream_codes) < 2:
+                    await trio.sleep(0.01)
+            assert upstream_codes == {"leaves": 1000, "stays": 1001}
+            assert upstream_got["leaves"][1:] == ['{"type":"response.cancel"}']
+            assert [orjson.loads(m)["n"] for m in upstream_got["stays"][1:]] == list(range(5))
+
+
+async def test_readiness_reports_starting_ready_and_an_unreachable_upstream() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(lambda conn: conn.accept()) as up, running_relay(upstream_url=up.url) as relay:
+            async with httpx.AsyncClient(base_url=relay.http_url) as http:
+                ready = await http.get("/readyz?upstream=1")
+                assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        async with running_relay(upstream_url=closed_port_url()) as relay:
+            async with httpx.AsyncClient(base_url=relay.http_url) as http:
+                assert (await http.get("/readyz")).status_code == 200
+                down = await http.get("/readyz?upstream=1")
+                assert down.status_code == 503 and down.json()["status"] == "upstream unreachable"
 
 
 async def test_many_sessions_leave_no_socket_behind() -> None:
