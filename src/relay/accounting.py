@@ -77,10 +77,13 @@ class Accounting:
                 " (RELAY_MAX_SESSIONS_PER_USER); close one and try again.",
             )
 
+    @property
+    def holds_leases(self) -> bool:
+        """Whether sessions take concurrency slots (and so must renew their leases)."""
+        return bool(self._max_sessions)
+
     async def keep_lease(self, identity: Identity, session_id: str) -> None:
         """Renew the session's lease until cancelled."""
-        if not self._max_sessions:
-            return
         while True:
             await trio.sleep(LEASE_SECONDS / 3)
             await self.store.renew_slot(identity.user, session_id, lease_seconds=LEASE_SECONDS)

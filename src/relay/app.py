@@ -36,10 +36,11 @@ from .bridge import Bridge, Limits, Message
 from .closecodes import Code
 from .config import ConfigError, RelayConfig, load_config
 from .deadlines import Deadlines
-from .metrics import RelayMetrics
 from .events import dumps, error_event
+from .metrics import RelayMetrics
 from .mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from .mint import Minter
+from .overload import SAMPLE_SECONDS, LoadGuard
 from .pair import Pair
 from .upstream import UpstreamDialer
 from .usage import open_store
@@ -136,11 +137,16 @@ class RelayApp:
                 " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
                 " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
-        self.pairs: set[Pair] = set()
+        #: Live pairs, oldest first (load shedding closes the newest).
+        self.pairs: dict[Pair, None] = {}
+        self.guard = LoadGuard(refuse_lag=config.overload_lag, shed_lag=config.shed_lag)
+        #: WebSocket connections past the load checks and not yet over (for RELAY_MAX_SESSIONS).
+        self._handshakes = 0
         self.draining = False
         #: Set whenever the last live pair ends (the drain waits on it).
         self._no_pairs = trio.Event()
         self._grace: trio.CancelScope | None = None
+        self._started = trio.Event()
         self.minter = Minter(config)
         self.metrics = RelayMetrics()
         #: Usage, leases and budgets; set when the lifespan opens the store.
@@ -224,6 +230,9 @@ class RelayApp:
         if self.accounting is None:
             await _respond(send, 503, {"status": "starting"})
             return
+        if not self.guard.admitting:
+            await _respond(send, 503, {"status": "overloaded", "lag": round(self.guard.lag, 3)})
+            return
         if _query_param(scope, "upstream") in ("1", "true"):
             try:
                 with trio.fail_after(READY_UPSTREAM_TIMEOUT):
@@ -263,6 +272,28 @@ class RelayApp:
         if self.draining:
             await self._deny(send, 503, "the relay is shutting down; connect again in a moment")
             return
+        if not self.guard.admitting:
+            await self._deny(
+                send, 503, "the relay is overloaded; connect again shortly", code="relay_overloaded"
+            )
+            return
+        if self.config.max_sessions and self._handshakes >= self.config.max_sessions:
+            await self._deny(
+                send,
+                503,
+                f"the relay is at its limit of {self.config.max_sessions} sessions"
+                " (RELAY_MAX_SESSIONS); connect again shortly",
+                code="relay_full",
+            )
+            return
+        self._handshakes += 1
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self._handshakes -= 1
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, admit against the user's limits, then run the session."""
         offered = scope.get("subprotocols") or ()
         accounting = self.accounting
         if accounting is None:
@@ -305,10 +336,13 @@ class RelayApp:
             policy=self.config.policy,
         )
         try:
-            async with trio.open_nursery() as lease:
-                lease.start_soon(accounting.keep_lease, identity, session_id)
+            if accounting.holds_leases:
+                async with trio.open_nursery() as lease:
+                    lease.start_soon(accounting.keep_lease, identity, session_id)
+                    await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
+                    lease.cancel_scope.cancel()
+            else:  # no nursery: every idle session's memory counts
                 await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
-                lease.cancel_scope.cancel()
         finally:
             await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
 
@@ -348,7 +382,7 @@ class RelayApp:
             peer_timeout=self.config.peer_timeout,
             on_voice_latency=self.metrics.voice_latency,
         )
-        self.pairs.add(pair)
+        self.pairs[pair] = None
         if self._no_pairs.is_set():
             self._no_pairs = trio.Event()
         metrics = self.metrics
@@ -364,7 +398,7 @@ class RelayApp:
             if ending.client_code is not None:
                 await client.wait_closed(self.config.close_timeout)
         finally:
-            self.pairs.discard(pair)
+            self.pairs.pop(pair, None)
             if not self.pairs:
                 self._no_pairs.set()
             metrics.session_ended(
@@ -426,7 +460,35 @@ class RelayApp:
         return None
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        """Open the usage store for the app's lifetime (the lifespan task outlives every session)."""
+        """Open the usage store and watch the load for the app's lifetime (the lifespan task
+        outlives every session)."""
+        async with trio.open_nursery() as nursery:
+            if self.guard.enabled:
+                nursery.start_soon(self._watch_load)
+            await self._lifespan_events(receive, send)
+            nursery.cancel_scope.cancel()
+
+    async def _watch_load(self) -> None:
+        """Sample the event loop's lag; shed the newest sessions when the guard says so."""
+        await self._started.wait()  # start-up work is not load
+        async with trio.open_nursery() as shedding:
+            while True:
+                asked = trio.current_time() + SAMPLE_SECONDS
+                await trio.sleep_until(asked)
+                now = trio.current_time()
+                shed = self.guard.sample(now - asked, now, len(self.pairs))
+                if shed:
+                    newest = list(self.pairs)[-shed:]
+                    log.warning(
+                        "overloaded (loop lag %.0f ms): closing the %d newest of %d sessions",
+                        self.guard.lag * 1000,
+                        len(newest),
+                        len(self.pairs),
+                    )
+                    for pair in newest:
+                        shedding.start_soon(pair.shed)
+
+    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -442,6 +504,7 @@ class RelayApp:
                     daily_budget=self.config.daily_token_budget,
                 )
                 await send({"type": "lifespan.startup.complete"})
+                self._started.set()
             elif message["type"] == "lifespan.shutdown":
                 if self.accounting is not None:
                     await self.accounting.store.aclose()
@@ -487,7 +550,7 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
     which is what ``hypercorn -k trio 'relay.app:create_app()'`` uses."""
     if config is None:
         config = load_config(os.environ)
-    _hypercorn.set_permessage_deflate(config.permessage_deflate)
+    _hypercorn.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)
 
 

@@ -55,6 +55,7 @@ class Cause(Enum):
     SHUTDOWN = "shutdown"
     BUDGET_EXHAUSTED = "budget_exhausted"
     SESSION_EXPIRED = "session_expired"
+    OVERLOADED = "overloaded"
     IDLE_TIMEOUT = "idle_timeout"
 
 
@@ -464,6 +465,21 @@ class Bridge:
             error=error_event(
                 "relay_shutting_down",
                 "The relay is restarting. Reconnect to continue with a new session.",
+                kind="server_error",
+            ),
+        )
+
+    def overloaded(self) -> Ending | None:
+        """The relay is too far behind to serve every session: this one is shed (1013)."""
+        return self._end(
+            Cause.OVERLOADED,
+            client=(Code.TRY_AGAIN_LATER, "relay overloaded"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="relay overloaded",
+            error=error_event(
+                "relay_overloaded",
+                "The relay has more live audio than it can forward without delay, and this"
+                " session was among the newest. Reconnect shortly (another instance may take it).",
                 kind="server_error",
             ),
         )

@@ -211,6 +211,23 @@ class RelayConfig:
         " is taken for dead and its session ended (0: never). Keep it above RELAY_PING_INTERVAL"
         " and RELAY_SEND_TIMEOUT.",
     )
+    max_sessions: int = _setting(
+        0,
+        "RELAY_MAX_SESSIONS",
+        "Live sessions one relay process takes (0: no cap); beyond it, HTTP 503 `relay_full`.",
+    )
+    overload_lag: float = _setting(
+        0.1,
+        "RELAY_OVERLOAD_LAG",
+        "Event-loop lag (seconds, smoothed) above which new sessions get HTTP 503"
+        " `relay_overloaded` and /readyz 503 (0: never).",
+    )
+    shed_lag: float = _setting(
+        0.5,
+        "RELAY_SHED_LAG",
+        "Lag above which, after 2 s, the newest tenth of the sessions is closed 1013"
+        " `relay_overloaded`, again every 2 s until it recovers (0: never).",
+    )
     drain_seconds: float = _setting(
         10.0,
         "RELAY_DRAIN_SECONDS",
@@ -416,7 +433,10 @@ def _validate(config: RelayConfig) -> None:
         path = getattr(config, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"{_FIELDS[name].metadata['env']}: no such file {path!r}")
-    for name in ("keep_alive_timeout", "ping_interval", "peer_timeout", "drain_seconds"):
+    for name in (
+        "keep_alive_timeout", "ping_interval", "peer_timeout", "drain_seconds",
+        "max_sessions", "overload_lag", "shed_lag",
+    ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0")
     if config.peer_timeout and config.peer_timeout <= config.send_timeout:

@@ -24,6 +24,7 @@ or 1014 for a stalled upstream).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -79,6 +80,7 @@ class Pair:
         self._deadlines = deadlines if deadlines is not None and deadlines.active else None
         self._ping_interval = ping_interval
         self._peer_timeout = peer_timeout
+        self._pinging = bool(ping_interval and peer_timeout)
         self._on_voice_latency = on_voice_latency
         #: Seconds the upstream took to open (connect and handshake), once it has.
         self.dial_seconds: float | None = None
@@ -91,8 +93,8 @@ class Pair:
             self._cancel_scope = nursery.cancel_scope
             nursery.start_soon(self._client_task)
             nursery.start_soon(self._upstream_task)
-            if self._deadlines is not None:
-                nursery.start_soon(self._deadline_task, self._deadlines)
+            if self._deadlines is not None or self._pinging:
+                nursery.start_soon(self._timer_task)
         ending = self.bridge.ending
         assert ending is not None, "a pair's nursery only exits through an ending"
         return ending
@@ -100,6 +102,10 @@ class Pair:
     async def shutdown(self) -> None:
         """End the pair because the relay is going away (client 1012, upstream 1001)."""
         await self._finish(self.bridge.shutdown())
+
+    async def shed(self) -> None:
+        """End the pair to relieve an overloaded relay (client 1013)."""
+        await self._finish(self.bridge.overloaded())
 
     async def notify(self, notice: Reply) -> None:
         """Send the client an event of the relay's own (bounded like any other send)."""
@@ -112,9 +118,10 @@ class Pair:
         bridge = self.bridge
         receive = self.client.receive
         now = trio.current_time
+        send_timeout = self._send_timeout
         while True:
             data = await receive()
-            self.last_activity = now()
+            self.last_activity = received_at = now()
             if data is None:
                 await self._finish(bridge.client_closed())
                 return
@@ -122,7 +129,8 @@ class Pair:
             if out is None:
                 continue
             if out.__class__ is str or out.__class__ is bytes:
-                with trio.move_on_after(self._send_timeout) as waited:
+                # A bare CancelScope: move_on_after's generator wrapper costs more than the scope.
+                with trio.CancelScope(deadline=received_at + send_timeout) as waited:
                     try:
                         await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
                     except ConnectionClosed:
@@ -165,8 +173,6 @@ class Pair:
                         return
                     self._upstream = upstream
                     self.dial_seconds = trio.current_time() - dial_started
-                    if self._ping_interval and self._peer_timeout:
-                        nursery.start_soon(self._keepalive, upstream)
                     await self._flush(upstream)
                     await self._upstream_to_client(upstream)
             except* ConnectionRejected as group:
@@ -201,6 +207,7 @@ class Pair:
         now = trio.current_time
         on_voice_latency = self._on_voice_latency
         voice = VoiceClock(now) if on_voice_latency is not None else None
+        send_timeout = self._send_timeout
         while True:
             try:
                 data = await get_message()
@@ -209,7 +216,7 @@ class Pair:
                 code, text = (reason.code, reason.reason) if reason else (1006, None)
                 await self._finish(bridge.upstream_closed(code, text))
                 return
-            self.last_activity = now()
+            self.last_activity = received_at = now()
             if voice is not None and data.__class__ is str:
                 latency = voice.upstream_event(data)  # type: ignore[arg-type]
                 if latency is not None:
@@ -217,7 +224,7 @@ class Pair:
             out = bridge.upstream_message(data)
             if out is None:
                 continue
-            with trio.move_on_after(self._send_timeout) as waited:
+            with trio.CancelScope(deadline=received_at + send_timeout) as waited:
                 await send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
             if waited.cancelled_caught:
                 await self._finish(bridge.client_too_slow(self._send_timeout))
@@ -228,41 +235,48 @@ class Pair:
                     await self._finish(bridge.budget_exhausted())
                     return
 
-    async def _deadline_task(self, deadlines: Deadlines) -> None:
-        """Warn before the session's maximum length or idle timeout, then end the pair."""
+    async def _timer_task(self) -> None:
+        """Everything a pair does on a clock, in one task (a task per timer costs memory on
+        every idle session): warnings and cuts at the session's maximum length and idle
+        timeout, and pings to the upstream, which also keep proxies and NATs from timing
+        out a quiet session. An upstream that answers no ping within the peer timeout is
+        taken for dead.
+        """
         bridge = self.bridge
+        deadlines = self._deadlines
+        next_ping = trio.current_time() + self._ping_interval if self._pinging else math.inf
         while True:
             now = trio.current_time()
-            step = deadlines.step(now, self.last_activity)
-            for due in step.due:
-                if due is Due.SESSION_END:
-                    await self._finish(bridge.session_expired(deadlines.max_seconds))
-                    return
-                if due is Due.IDLE_END:
-                    await self._finish(bridge.idle_timeout(deadlines.idle_seconds))
-                    return
-                left = deadlines.seconds_left(now, self.last_activity, due)
-                if due is Due.SESSION_WARNING:
-                    await self.notify(bridge.session_warning(left, deadlines.max_seconds))
-                else:
-                    await self.notify(bridge.idle_warning(left, deadlines.idle_seconds))
-            await trio.sleep_until(step.wake_at)
-
-    async def _keepalive(self, upstream: WebSocketConnection) -> None:
-        """Ping the upstream every ping interval; no pong within the peer timeout: it is dead.
-
-        The pings also keep proxies and NATs on the way from timing out a quiet session.
-        """
-        while True:
-            await trio.sleep(self._ping_interval)
-            with trio.move_on_after(self._peer_timeout) as waited:
-                try:
-                    await upstream.ping()
-                except ConnectionClosed:
-                    return  # the upstream task reads the close and ends the pair
-            if waited.cancelled_caught:
-                await self._finish(self.bridge.upstream_unresponsive(self._peer_timeout))
-                return
+            wake = math.inf
+            if deadlines is not None:
+                step = deadlines.step(now, self.last_activity)
+                for due in step.due:
+                    if due is Due.SESSION_END:
+                        await self._finish(bridge.session_expired(deadlines.max_seconds))
+                        return
+                    if due is Due.IDLE_END:
+                        await self._finish(bridge.idle_timeout(deadlines.idle_seconds))
+                        return
+                    left = deadlines.seconds_left(now, self.last_activity, due)
+                    if due is Due.SESSION_WARNING:
+                        await self.notify(bridge.session_warning(left, deadlines.max_seconds))
+                    else:
+                        await self.notify(bridge.idle_warning(left, deadlines.idle_seconds))
+                wake = step.wake_at
+            if now >= next_ping:
+                upstream = self._upstream  # None while dialling: the dial timeout covers that
+                if upstream is not None:
+                    with trio.move_on_after(self._peer_timeout) as waited:
+                        try:
+                            await upstream.ping()
+                        except ConnectionClosed:
+                            next_ping = math.inf  # the upstream task reads the close
+                    if waited.cancelled_caught:
+                        await self._finish(bridge.upstream_unresponsive(self._peer_timeout))
+                        return
+                if next_ping != math.inf:
+                    next_ping = trio.current_time() + self._ping_interval
+            await trio.sleep_until(min(wake, next_ping))
 
     async def _finish(self, ending: Ending | None) -> None:
         """Carry out an ending: the client's error and close, the upstream's close, cancel.

@@ -254,3 +254,18 @@ def test_the_documented_hypercorn_line_configures_hypercorn_as_relay_serve_does(
                  "websocket_ping_interval"):
         assert getattr(theirs, name) == getattr(ours, name), name
     assert theirs.application_path == "relay.app:create_app()" and theirs.worker_class == "trio"
+
+
+async def test_a_closed_websockets_ping_task_ends_with_it_so_shutdown_does_not_wait() -> None:
+    """Hypercorn's ping task sleeps a whole interval before it sees the close; the relay
+    cancels it, so a relay whose sessions are over stops at once, not after its graceful
+    timeout (2 s), and no connection lingers for up to an interval."""
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(greet) as up:
+            async with running_relay(upstream_url=up.url, ping_interval=30) as relay:
+                async with connect(relay.url + "/voice") as ws:
+                    assert await ws.get_message() == '{"type":"session.created"}'
+                while relay.app.pairs:
+                    await trio.sleep(0.01)
+                stopping = trio.current_time()
+            assert trio.current_time() - stopping < 1.0
