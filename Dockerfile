@@ -41,6 +41,6 @@ EXPOSE 8000
 # No curl in slim images: Python's urllib asks /healthz; any error or non-2xx status fails.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RELAY_PORT', '8000'), timeout=3)"]
-# The relay closes every session with 1001 on SIGTERM before it exits.
+# On SIGTERM the relay drains (readyz 503, a notice, RELAY_DRAIN_SECONDS, then 1012) and exits 0.
 STOPSIGNAL SIGTERM
 CMD ["relay", "serve", "--host", "0.0.0.0"]

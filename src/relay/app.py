@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from pathlib import Path
@@ -40,7 +41,7 @@ from .events import dumps, error_event
 from .metrics import RelayMetrics
 from .mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from .mint import Minter
-from .overload import SAMPLE_SECONDS, LoadGuard
+from .overload import SAMPLE_SECONDS, LoadGuard, Thresholds
 from .pair import Pair
 from .upstream import UpstreamDialer
 from .usage import open_store
@@ -139,7 +140,14 @@ class RelayApp:
             )
         #: Live pairs, oldest first (load shedding closes the newest).
         self.pairs: dict[Pair, None] = {}
-        self.guard = LoadGuard(refuse_lag=config.overload_lag, shed_lag=config.shed_lag)
+        self.guard = LoadGuard(
+            Thresholds(
+                refuse_cpu=config.overload_cpu,
+                refuse_lag=config.overload_lag,
+                shed_cpu=config.shed_cpu,
+                shed_lag=config.shed_lag,
+            )
+        )
         #: WebSocket connections past the load checks and not yet over (for RELAY_MAX_SESSIONS).
         self._handshakes = 0
         self.draining = False
@@ -231,7 +239,11 @@ class RelayApp:
             await _respond(send, 503, {"status": "starting"})
             return
         if not self.guard.admitting:
-            await _respond(send, 503, {"status": "overloaded", "lag": round(self.guard.lag, 3)})
+            await _respond(
+                send,
+                503,
+                {"status": "overloaded", "cpu": round(self.guard.cpu, 2), "lag": round(self.guard.lag, 3)},
+            )
             return
         if _query_param(scope, "upstream") in ("1", "true"):
             try:
@@ -472,15 +484,24 @@ class RelayApp:
         """Sample the event loop's lag; shed the newest sessions when the guard says so."""
         await self._started.wait()  # start-up work is not load
         async with trio.open_nursery() as shedding:
+            cpu_before, before = time.process_time(), trio.current_time()
             while True:
-                asked = trio.current_time() + SAMPLE_SECONDS
+                asked = before + SAMPLE_SECONDS
                 await trio.sleep_until(asked)
-                now = trio.current_time()
-                shed = self.guard.sample(now - asked, now, len(self.pairs))
+                cpu_now, now = time.process_time(), trio.current_time()
+                shed = self.guard.sample(
+                    cpu=(cpu_now - cpu_before) / (now - before),
+                    lag=now - asked,
+                    now=now,
+                    sessions=len(self.pairs),
+                )
+                cpu_before, before = cpu_now, now
                 if shed:
                     newest = list(self.pairs)[-shed:]
                     log.warning(
-                        "overloaded (loop lag %.0f ms): closing the %d newest of %d sessions",
+                        "overloaded (%.0f%% of a core, loop lag %.0f ms): closing the %d newest"
+                        " of %d sessions",
+                        self.guard.cpu * 100,
                         self.guard.lag * 1000,
                         len(newest),
                         len(self.pairs),

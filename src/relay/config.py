@@ -216,17 +216,26 @@ class RelayConfig:
         "RELAY_MAX_SESSIONS",
         "Live sessions one relay process takes (0: no cap); beyond it, HTTP 503 `relay_full`.",
     )
+    overload_cpu: float = _setting(
+        0.85,
+        "RELAY_OVERLOAD_CPU",
+        "Share of a core (0-1, smoothed over ~1 s) the relay process may use before new sessions"
+        " get HTTP 503 `relay_overloaded` and /readyz 503 (0: no limit).",
+    )
     overload_lag: float = _setting(
         0.1,
         "RELAY_OVERLOAD_LAG",
-        "Event-loop lag (seconds, smoothed) above which new sessions get HTTP 503"
-        " `relay_overloaded` and /readyz 503 (0: never).",
+        "Event-loop lag (seconds, smoothed) above which new sessions are refused the same way"
+        " (0: no limit).",
+    )
+    shed_cpu: float = _setting(
+        0.97,
+        "RELAY_SHED_CPU",
+        "Core share above which, after 1 s, the newest tenth of the sessions is closed 1013"
+        " `relay_overloaded`, again every second until the load recovers (0: never).",
     )
     shed_lag: float = _setting(
-        0.5,
-        "RELAY_SHED_LAG",
-        "Lag above which, after 2 s, the newest tenth of the sessions is closed 1013"
-        " `relay_overloaded`, again every 2 s until it recovers (0: never).",
+        0.5, "RELAY_SHED_LAG", "Loop lag (seconds) that sheds sessions the same way (0: never)."
     )
     drain_seconds: float = _setting(
         10.0,
@@ -435,7 +444,7 @@ def _validate(config: RelayConfig) -> None:
             raise ConfigError(f"{_FIELDS[name].metadata['env']}: no such file {path!r}")
     for name in (
         "keep_alive_timeout", "ping_interval", "peer_timeout", "drain_seconds",
-        "max_sessions", "overload_lag", "shed_lag",
+        "max_sessions", "overload_cpu", "overload_lag", "shed_cpu", "shed_lag",
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0")

@@ -1,15 +1,19 @@
-"""Load shedding: refuse new sessions, then close some, when the event loop falls behind.
+"""Load shedding: refuse new sessions, then close some, when the relay cannot keep up.
 
 A relay that takes more audio than its CPU can forward does not fail; it gets
-slower for everyone, until every caller hears seconds of delay. The event loop's
-lag (how late a timer fires) measures that directly: each live session adds work
-to every loop turn. :class:`LoadGuard` turns lag samples into two decisions:
+slower for everyone (messages queue in socket buffers) until every caller hears
+seconds of delay. Two measures show it coming, sampled every 100 ms and smoothed
+over about a second: the share of a core the process is using (an event loop is
+one thread: near 100 % it cannot keep up, and backlogs grow), and the event loop's
+lag (how late a timer fires: one long stall). :class:`LoadGuard` turns them into
+two decisions:
 
-* above ``refuse_lag`` (smoothed), new sessions are refused (HTTP 503,
-  ``relay_overloaded``) so a load balancer sends them elsewhere;
-* above ``shed_lag`` for ``shed_after`` seconds, the newest sessions are closed
-  with 1013 (try again later), a tenth at a time, until the lag recovers; the
-  oldest conversations are the ones kept.
+* above a refuse threshold, new sessions are refused (HTTP 503,
+  ``relay_overloaded``) and readiness fails, so a load balancer sends callers
+  elsewhere;
+* above a shed threshold for ``shed_after`` seconds, the newest sessions are
+  closed with 1013 (try again later), a tenth at a time every ``SHED_PAUSE``
+  seconds until the load recovers; the oldest conversations are the ones kept.
 
 It only does arithmetic on the samples it is given, so it is tested without a loop.
 """
@@ -17,38 +21,57 @@ It only does arithmetic on the samples it is given, so it is tested without a lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-#: Weight of each new sample in the smoothed lag (samples every SAMPLE_SECONDS): about a
-#: second's memory, so one stall (a GC pause, start-up work) does not turn callers away.
+#: Weight of each new sample (one every SAMPLE_SECONDS): about a second's memory, so one
+#: stall (a GC pause, start-up work) does not turn callers away.
 SMOOTHING = 0.1
 SAMPLE_SECONDS = 0.1
-#: After shedding, wait this long for the lag to react before shedding again.
-SHED_PAUSE = 2.0
+#: After shedding, wait this long for the load to react before shedding again.
+SHED_PAUSE = 1.0
 SHED_FRACTION = 0.1
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits on the smoothed CPU share (0-1) and loop lag (seconds); 0 turns one off."""
+
+    refuse_cpu: float = 0.0
+    refuse_lag: float = 0.0
+    shed_cpu: float = 0.0
+    shed_lag: float = 0.0
+
+
+def _over(value: float, limit: float) -> bool:
+    return limit > 0 and value >= limit
+
+
 class LoadGuard:
-    def __init__(self, *, refuse_lag: float, shed_lag: float, shed_after: float = 2.0) -> None:
-        self.refuse_lag = refuse_lag
-        self.shed_lag = shed_lag
+    def __init__(self, thresholds: Thresholds, *, shed_after: float = 1.0) -> None:
+        self.thresholds = thresholds
         self.shed_after = shed_after
+        self.cpu = 0.0
         self.lag = 0.0
         self._high_since: float | None = None
         self._shed_at = -math.inf
 
     @property
     def enabled(self) -> bool:
-        return self.refuse_lag > 0
+        t = self.thresholds
+        return any(limit > 0 for limit in (t.refuse_cpu, t.refuse_lag, t.shed_cpu, t.shed_lag))
 
     @property
     def admitting(self) -> bool:
         """Whether a new session may start now."""
-        return not self.enabled or self.lag < self.refuse_lag
+        t = self.thresholds
+        return not (_over(self.cpu, t.refuse_cpu) or _over(self.lag, t.refuse_lag))
 
-    def sample(self, lag: float, now: float, sessions: int) -> int:
-        """Record one lag sample; return how many of the newest sessions to close now."""
+    def sample(self, *, cpu: float, lag: float, now: float, sessions: int) -> int:
+        """Record one sample; return how many of the newest sessions to close now."""
+        self.cpu = SMOOTHING * cpu + (1 - SMOOTHING) * self.cpu
         self.lag = SMOOTHING * lag + (1 - SMOOTHING) * self.lag
-        if not self.enabled or self.shed_lag <= 0 or self.lag < self.shed_lag:
+        t = self.thresholds
+        if not (_over(self.cpu, t.shed_cpu) or _over(self.lag, t.shed_lag)):
             self._high_since = None
             return 0
         if self._high_since is None:

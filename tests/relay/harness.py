@@ -100,9 +100,12 @@ async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
         "close_timeout": 2.0,
         "allow_anonymous": True,
         "store": "sqlite:///:memory:",
-        # The tests' clients share the relay's event loop, so their own work would read as
-        # relay lag; the load guard has its own tests.
+        # The tests' clients share the relay's process and event loop, so their own work
+        # would read as relay load; the load guard has its own tests.
+        "overload_cpu": 0.0,
         "overload_lag": 0.0,
+        "shed_cpu": 0.0,
+        "shed_lag": 0.0,
     }
     values.update(settings)
     config: RelayConfig = load_config({}, values)

@@ -175,6 +175,14 @@ def test_the_relay_dials_the_mock_on_the_port_it_listens_on() -> None:
     assert f"http://127.0.0.1:{mock_port()}/healthz" in mock_url
 
 
+def test_the_stop_grace_period_covers_the_relays_drain() -> None:
+    config = relay_config()
+    grace = SERVICES["relay"]["stop_grace_period"]
+    assert grace.endswith("s")
+    # The drain, then close handshakes, then Hypercorn's own graceful timeout.
+    assert float(grace[:-1]) >= config.drain_seconds + config.close_timeout + 3
+
+
 def test_the_store_is_the_redis_service() -> None:
     store = urlsplit(relay_config().store)
     assert (store.scheme, store.hostname, store.port or 6379) == ("redis", "redis", 6379)

@@ -10,38 +10,43 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-from relay.overload import LoadGuard
+from relay.overload import LoadGuard, Thresholds
 
 from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
 
 TIMEOUT = 20
 
 
-def test_a_lagging_loop_stops_admitting_and_recovers() -> None:
-    guard = LoadGuard(refuse_lag=0.1, shed_lag=0.5)
+def test_a_busy_or_lagging_relay_stops_admitting_and_recovers() -> None:
+    guard = LoadGuard(Thresholds(refuse_cpu=0.85, refuse_lag=0.1))
     assert guard.admitting
-    guard.sample(0.5, 0.0, 10)
+    guard.sample(cpu=1.0, lag=0.5, now=0.0, sessions=10)
     assert guard.admitting  # one stall is smoothed away
-    for n in range(1, 12):
-        guard.sample(0.25, 0.1 * n, 10)
-    assert not guard.admitting  # a second of steady lag is not
-    for n in range(12, 40):
-        guard.sample(0.0, 0.1 * n, 10)
+    for n in range(1, 20):
+        guard.sample(cpu=1.0, lag=0.0, now=0.1 * n, sessions=10)
+    assert not guard.admitting and guard.lag < 0.1  # two seconds flat out is not
+    for n in range(20, 60):
+        guard.sample(cpu=0.5, lag=0.0, now=0.1 * n, sessions=10)
     assert guard.admitting
+    for n in range(60, 72):
+        guard.sample(cpu=0.2, lag=0.25, now=0.1 * n, sessions=10)
+    assert not guard.admitting  # a loop stalled for a second, whatever the CPU says
 
 
-def test_sustained_heavy_lag_sheds_a_tenth_of_the_sessions_every_two_seconds() -> None:
-    guard = LoadGuard(refuse_lag=0.1, shed_lag=0.5, shed_after=2.0)
-    shed = [(round(t * 0.1, 1), guard.sample(2.0, t * 0.1, 95)) for t in range(0, 70)]
+def test_sustained_overload_sheds_a_tenth_of_the_sessions_every_second() -> None:
+    guard = LoadGuard(Thresholds(shed_cpu=0.5), shed_after=1.0)
+    shed = [(round(t * 0.1, 1), guard.sample(cpu=1.0, lag=0.0, now=t * 0.1, sessions=95)) for t in range(40)]
     cuts = [(t, n) for t, n in shed if n]
-    # The smoothed lag passes 0.5 s at the third sample (0.2 s): 2 s later the first cut, then every 2 s.
-    assert cuts == [(2.2, 10), (4.2, 10), (6.2, 10)]
-    assert guard.sample(0.0, 7.0, 0) == 0
+    # The smoothed share passes 0.5 at the seventh sample (0.6 s): 1 s later the first cut, then
+    # every second.
+    assert cuts == [(1.6, 10), (2.6, 10), (3.6, 10)]
+    assert guard.sample(cpu=1.0, lag=0.0, now=7.0, sessions=0) == 0
 
 
-def test_a_zero_lag_limit_turns_the_guard_off() -> None:
-    guard = LoadGuard(refuse_lag=0.0, shed_lag=0.5)
-    assert all(guard.sample(10.0, t, 100) == 0 for t in range(10))
+def test_limits_of_zero_turn_the_guard_off() -> None:
+    guard = LoadGuard(Thresholds())
+    assert not guard.enabled
+    assert all(guard.sample(cpu=1.0, lag=10.0, now=t, sessions=100) == 0 for t in range(10))
     assert guard.admitting
 
 
@@ -54,12 +59,14 @@ async def test_an_overloaded_relay_refuses_new_sessions_with_503_and_readyz_says
 
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(greet) as up, running_relay(
-            upstream_url=up.url, overload_lag=0.1, shed_lag=0.0
+            upstream_url=up.url, overload_cpu=0.85, overload_lag=0.1
         ) as relay:
             async with httpx.AsyncClient(base_url=relay.http_url) as http:
                 assert (await http.get("/readyz")).status_code == 200
                 while relay.app.guard.admitting:
-                    time.sleep(0.3)  # CPU-bound work hogging the loop, as too much audio would
+                    busy_until = time.perf_counter() + 0.05
+                    while time.perf_counter() < busy_until:
+                        pass  # CPU-bound work in the relay's process, as too much audio would be
                     await trio.sleep(0)
                 with pytest.raises(ConnectionRejected) as refused:
                     async with connect(relay.url + "/voice"):
