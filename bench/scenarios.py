@@ -56,26 +56,44 @@ def direct_target(echo: procs.Server) -> Target:
     return Target("direct", echo.port, {"Authorization": "Bearer sk-bench"}, False)
 
 
-async def open_many(target: Target, n: int) -> tuple[list[Client], list[str]]:
-    """Open ``n`` sessions (bounded concurrency); returns the ready ones and the failures."""
+#: A 503 refusal (the relay shedding a burst of connects) is retried like a real client would.
+RETRIES_ON_503 = 20
+RETRY_DELAY = 0.2
+
+
+async def open_many(
+    target: Target, n: int, retried: list[int] | None = None
+) -> tuple[list[Client], list[str]]:
+    """Open ``n`` sessions (bounded concurrency); returns the ready ones and the failures.
+
+    A session refused with HTTP 503 is retried after a pause, up to RETRIES_ON_503 times;
+    ``retried`` (if given) gets one entry per retry.
+    """
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     clients: list[Client] = []
     failures: list[str] = []
 
     async def one() -> None:
-        async with gate:
-            try:
-                clients.append(
-                    await open_client(
-                        procs.HOST,
-                        target.port,
-                        PATH,
-                        target.headers,
-                        wait_updated=target.wait_updated,
+        for attempt in range(RETRIES_ON_503 + 1):
+            async with gate:
+                try:
+                    clients.append(
+                        await open_client(
+                            procs.HOST,
+                            target.port,
+                            PATH,
+                            target.headers,
+                            wait_updated=target.wait_updated,
+                        )
                     )
-                )
-            except (OSError, ConnectionError, TimeoutError) as exc:
-                failures.append(f"{type(exc).__name__}: {exc}"[:120])
+                    return
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    if " 503" not in str(exc) or attempt == RETRIES_ON_503:
+                        failures.append(f"{type(exc).__name__}: {exc}"[:120])
+                        return
+            if retried is not None:
+                retried.append(1)
+            await asyncio.sleep(RETRY_DELAY)
 
     await asyncio.gather(*(one() for _ in range(n)))
     return clients, failures
@@ -422,7 +440,8 @@ async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
     fds0 = len(os.listdir(f"/proc/{relay.pid}/fd"))
     progress(f"idle: opening {n} sessions through the relay")
     t0 = time.monotonic()
-    clients, failures = await open_many(target, n)
+    retried: list[int] = []
+    clients, failures = await open_many(target, n, retried)
     opened = time.monotonic() - t0
     await asyncio.sleep(1.0)
     after = procs.rss_kb(relay.pid)
@@ -432,6 +451,7 @@ async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
     per = (after - before) / max(1, len(clients))
     return (
         f"idle: cores={cores()} N={n} open={len(clients)} failed={len(failures)} "
+        f"retried_after_503={len(retried)} "
         f"still_open_after_1s={still} "
         f"relay rss {before // 1024}MB -> {after // 1024}MB = {per:.1f} kB/session (target <=40) "
         f"fds/session={fds / max(1, len(clients)):.1f} "
