@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stream", help="N sessions streaming audio-sized events every 20 ms")
     st.add_argument("n", type=int)
     st.add_argument("--seconds", type=float, default=10.0)
+    st.add_argument("--direct", action="store_true", help="straight to the upstream, no relay")
     sub.add_parser("capacity", help="largest N holding p99<=60ms with no loss, relay and direct")
     ov = sub.add_parser("overload", help="stream at N sessions (default 2x the relay's capacity)")
     ov.add_argument("n", type=int, nargs="?", default=0)
@@ -61,6 +62,8 @@ async def run(args: argparse.Namespace) -> None:
 
         if args.scenario == "latency":
             print(await scenarios.latency(await fresh_relay(), echo, args.count), flush=True)
+        elif args.scenario == "stream" and args.direct:
+            print(await scenarios.stream_direct(echo, args.n, args.seconds), flush=True)
         elif args.scenario == "stream":
             print(
                 await scenarios.stream(await fresh_relay(), echo, args.n, args.seconds), flush=True

@@ -330,6 +330,12 @@ async def stream(relay: procs.Server, echo: procs.Server, n: int, seconds: float
     return f"stream: cores={cores()} {result.line()}"
 
 
+async def stream_direct(echo: procs.Server, n: int, seconds: float = 10.0) -> str:
+    progress(f"stream: {n} sessions straight to the upstream for {seconds:.0f} s")
+    result = await stream_run(direct_target(echo), n, seconds, echo_pid=echo.pid)
+    return f"stream: cores={cores()} {result.line()}"
+
+
 # --- capacity ------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The Trio shell around :class:`~relay.bridge.Bridge`: one nursery per client/upstream pair.
 
-Two tasks live in the pair's nursery (plus the upstream connection's own reader):
+Two tasks live in the pair's nursery (plus a timer task when pings or time limits are on):
 
 * the client task reads client messages and sends them upstream, or hands them
   to the bridge's queue while the upstream is still opening;
@@ -29,12 +29,14 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from .bridge import Bridge, Ending, Message, Reply
 from .deadlines import Deadlines, Due
 from .metrics import VoiceClock
 from .upstream import Upstream
+from .websocket import HandshakeFailed, WebSocket
+
 
 class ClientSide(Protocol):
     """The client's WebSocket as the pair sees it (ASGI in production, memory in tests)."""
@@ -73,7 +75,7 @@ class Pair:
         self._close_timeout = close_timeout
         self._send_timeout = send_timeout
         self._on_responses_done = on_responses_done
-        self._upstream: WebSocketConnection | None = None
+        self._upstream: WebSocket | None = None
         self._flushed = trio.Event()
         self._upstream_cut = False  # a send to the upstream was abandoned part-way
         self._cancel_scope: trio.CancelScope | None = None
@@ -162,27 +164,29 @@ class Pair:
             if stream is None:
                 await self._finish(bridge.dial_failed("timed out"))
                 return
-            try:
-                async with trio.open_nursery() as nursery:
-                    upstream = None
-                    with trio.move_on_at(deadline):
-                        upstream = await self._target.handshake(nursery, stream)
-                    if upstream is None:
-                        await self._finish(bridge.dial_failed("timed out"))
-                        nursery.cancel_scope.cancel()
-                        return
-                    self._upstream = upstream
-                    self.dial_seconds = trio.current_time() - dial_started
-                    await self._flush(upstream)
-                    await self._upstream_to_client(upstream)
-            except* ConnectionRejected as group:
-                status = group.exceptions[0].status_code  # type: ignore[attr-defined]
-                await self._finish(bridge.dial_failed(f"HTTP {status}", status=status))
+            upstream = None
+            with trio.move_on_at(deadline):
+                try:
+                    upstream = await self._target.handshake(stream)
+                except ConnectionRejected as rejected:
+                    status = rejected.status_code
+                    await self._finish(bridge.dial_failed(f"HTTP {status}", status=status))
+                    return
+                except (OSError, trio.BrokenResourceError) as exc:
+                    await self._finish(bridge.dial_failed(_describe(exc)))
+                    return
+            if upstream is None:
+                await self._finish(bridge.dial_failed("timed out"))
+                return
+            self._upstream = upstream
+            self.dial_seconds = trio.current_time() - dial_started
+            await self._flush(upstream)
+            await self._upstream_to_client(upstream)
         finally:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
-    async def _flush(self, upstream: WebSocketConnection) -> None:
+    async def _flush(self, upstream: WebSocket) -> None:
         """Send session.update and the queued client messages, in order."""
         bridge = self.bridge
         bridge.upstream_opened()
@@ -200,7 +204,7 @@ class Pair:
         finally:
             self._flushed.set()
 
-    async def _upstream_to_client(self, upstream: WebSocketConnection) -> None:
+    async def _upstream_to_client(self, upstream: WebSocket) -> None:
         bridge = self.bridge
         get_message = upstream.get_message
         send = self.client.send
@@ -301,7 +305,7 @@ class Pair:
             await self.client.send(ending.error)
         await self.client.close(ending.client_code, ending.client_reason)  # type: ignore[arg-type]
 
-    async def _close_upstream(self, upstream: WebSocketConnection, ending: Ending) -> None:
+    async def _close_upstream(self, upstream: WebSocket, ending: Ending) -> None:
         await self._flushed.wait()  # a client leaving mid-flush still gets its messages sent
         if self._upstream_cut:
             return  # a send was cut mid-frame: a close frame now would be garbage; drop the socket
@@ -315,6 +319,6 @@ def _describe(exc: BaseException) -> str:
     """A short, key-free description of why a connection could not be made."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    if isinstance(exc, trio.BrokenResourceError):
-        return "TLS handshake failed"
+    if isinstance(exc, (HandshakeFailed, trio.BrokenResourceError)):
+        return str(exc) or "TLS handshake failed"
     return exc.__class__.__name__

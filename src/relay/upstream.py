@@ -6,10 +6,7 @@ subprotocol next to ``realtime`` (as browsers must). It is never part of the URL
 
 Dialing is split in two so the pair owns every resource it opens: :meth:`connect`
 returns the TCP (or TLS) stream, which the pair closes whatever happens, and
-:meth:`handshake` runs the WebSocket handshake over it with trio-websocket.
-(trio-websocket's own ``open_websocket_url`` leaves the socket open when it is
-cancelled mid-handshake, which is exactly what a client leaving during the dial
-does.)
+:meth:`handshake` runs the WebSocket handshake over it (:func:`relay.websocket.connect`).
 """
 
 from __future__ import annotations
@@ -20,17 +17,9 @@ from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from .config import RelayConfig
-
-#: Upstream messages trio-websocket may hold while the client is slow to take them.
-#: Small, so a stalled client quickly stalls the upstream read (TCP backpressure),
-#: yet large enough that a short hiccup does not stop the reader answering pings.
-UPSTREAM_QUEUE_MESSAGES = 4
-
-#: Read size on the upstream socket: one 20 ms audio delta (about 6.5 KB) per read.
-RECEIVE_BUFFER_BYTES = 64 * 1024
+from .websocket import WebSocket, connect
 
 
 class Upstream(Protocol):
@@ -40,10 +29,11 @@ class Upstream(Protocol):
         """A connected byte stream; raises OSError or trio.BrokenResourceError."""
         ...
 
-    async def handshake(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> WebSocketConnection:
-        """The WebSocket over ``stream``; its reader task runs in ``nursery``.
+    async def handshake(self, stream: trio.abc.Stream) -> WebSocket:
+        """The WebSocket over ``stream``.
 
-        A refusal raises ``ConnectionRejected`` from the reader task, into ``nursery``.
+        Raises ``trio_websocket.ConnectionRejected`` when refused, OSError or
+        trio.BrokenResourceError when the answer is no handshake or the connection drops.
         """
         ...
 
@@ -67,19 +57,16 @@ class UpstreamTarget:
             self.host, self.port, ssl_context=self.ssl_context, https_compatible=True
         )
 
-    async def handshake(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> WebSocketConnection:
+    async def handshake(self, stream: trio.abc.Stream) -> WebSocket:
         default_port = 443 if self.ssl_context is not None else 80
         host = self.host if self.port == default_port else f"{self.host}:{self.port}"
-        return await wrap_client_stream(
-            nursery,
-            stream,  # type: ignore[arg-type]
+        return await connect(
+            stream,
             host,
             self.resource,
             subprotocols=self.subprotocols,
-            extra_headers=list(self.headers),
-            message_queue_size=UPSTREAM_QUEUE_MESSAGES,
-            max_message_size=self.max_message_bytes,
-            receive_buffer_size=RECEIVE_BUFFER_BYTES,
+            headers=self.headers,
+            max_message_bytes=self.max_message_bytes,
         )
 
 

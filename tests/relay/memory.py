@@ -20,6 +20,7 @@ from relay.closecodes import sendable
 from relay.deadlines import Deadlines
 from relay.pair import Pair
 from relay.upstream import UpstreamTarget
+from relay.websocket import WebSocket as RelayWebSocket
 
 SECRET = "sk-memory-secret-7f3a9c"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime","instructions":"x"}}'
@@ -205,8 +206,8 @@ class MemoryUpstream:
         self._nursery.start_soon(self._serve, server_end)
         return relay_end
 
-    async def handshake(self, nursery: trio.Nursery, stream: trio.abc.Stream) -> WebSocketConnection:
-        return await self._target.handshake(nursery, stream)
+    async def handshake(self, stream: trio.abc.Stream) -> RelayWebSocket:
+        return await self._target.handshake(stream)
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         script, record = self.script, self.record

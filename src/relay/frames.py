@@ -1,0 +1,248 @@
+"""WebSocket framing (RFC 6455) without I/O: the relay's hot path in and out of bytes.
+
+Every audio chunk crosses two WebSocket connections, so this is the code that runs
+most. It does what the relay needs and no more: no extensions (the relay declines
+permessage-deflate), whole messages out (continuation frames are assembled), control
+frames handed to the caller, and the errors a peer can cause turned into the close
+code RFC 6455 gives them (:class:`ProtocolError`).
+
+:class:`FrameReader` takes bytes and gives messages; :func:`frame` builds a frame.
+Masking uses the C helper from ``websockets`` when it is installed (about 25 times
+faster than Python on a 6.5 KB audio event).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+#: Close codes a peer may send (RFC 6455 §7.4; 1005, 1006 and 1015 never go on the wire).
+_VALID_CLOSE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+try:
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - websockets ships the C helper on every common platform
+
+    def _apply_mask(data: bytes, mask: bytes) -> bytes:
+        n = len(data)
+        key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
+        return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``mask``, repeated (masking and unmasking are the same)."""
+    return _apply_mask(bytes(data), mask) if data else b""
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The peer's close frame (1005 when it carried no code)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    payload: bytes
+
+
+Event = str | bytes | Close | Ping | Pong
+
+
+class FrameReader:
+    """Bytes in (:meth:`feed`), whole messages and control frames out (:meth:`next`).
+
+    ``masked`` says what the peer must send: a server reads masked frames (from
+    clients), a client reads unmasked ones. A message (all its fragments) over
+    ``max_message_bytes`` is refused as soon as a frame header announces it, so
+    nothing that large is ever buffered.
+    """
+
+    __slots__ = ("_buf", "_pos", "_masked", "_max", "_parts", "_part_op", "_part_len")
+
+    def __init__(self, *, masked: bool, max_message_bytes: int) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._masked = 0x80 if masked else 0
+        self._max = max_message_bytes
+        self._parts: list[bytes] = []
+        self._part_op = 0
+        self._part_len = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        buf = self._buf
+        if self._pos:
+            if self._pos == len(buf):
+                buf.clear()
+            else:
+                del buf[: self._pos]
+            self._pos = 0
+        buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as (part of) an event."""
+        return len(self._buf) - self._pos
+
+    def next(self) -> Event | None:
+        """The next message or control frame, or None until more bytes are fed.
+
+        Raises :class:`ProtocolError` for anything RFC 6455 says fails the connection.
+        """
+        while True:
+            buf = self._buf
+            pos = self._pos
+            avail = len(buf) - pos
+            if avail < 2:
+                return None
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if b0 & 0x70:
+                raise ProtocolError(1002, "reserved bits set, but no extension was negotiated")
+            if b1 & 0x80 != self._masked:
+                raise ProtocolError(1002, "frame masking is wrong for this side of the connection")
+            op = b0 & 0x0F
+            n = b1 & 0x7F
+            head = 2
+            if n == 126:
+                if avail < 4:
+                    return None
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif n == 127:
+                if avail < 10:
+                    return None
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if op >= 0x8:
+                if n > 125 or not b0 & 0x80:
+                    raise ProtocolError(1002, "control frames must be whole and at most 125 bytes")
+            elif self._part_len + n > self._max:
+                raise ProtocolError(1009, f"message over {self._max} bytes")
+            if self._masked:
+                head += 4
+            end = pos + head + n
+            if len(buf) < end:
+                return None
+            if self._masked:
+                payload = apply_mask(buf[pos + head : end], bytes(buf[pos + head - 4 : pos + head]))
+            else:
+                payload = bytes(buf[pos + head : end])
+            self._pos = end
+            if op == OP_TEXT or op == OP_BINARY:
+                if self._parts:
+                    raise ProtocolError(1002, "a new message started inside a fragmented one")
+                if b0 & 0x80:
+                    return _decode(payload) if op == OP_TEXT else payload
+                self._parts.append(payload)
+                self._part_op = op
+                self._part_len = n
+            elif op == OP_CONTINUATION:
+                if not self._parts:
+                    raise ProtocolError(1002, "a continuation frame with no message to continue")
+                self._parts.append(payload)
+                self._part_len += n
+                if b0 & 0x80:
+                    whole = b"".join(self._parts)
+                    self._parts = []
+                    self._part_len = 0
+                    return _decode(whole) if self._part_op == OP_TEXT else whole
+            elif op == OP_CLOSE:
+                return _close(payload)
+            elif op == OP_PING:
+                return Ping(payload)
+            elif op == OP_PONG:
+                return Pong(payload)
+            else:
+                raise ProtocolError(1002, f"unknown opcode {op}")
+
+
+def _decode(payload: bytes) -> str:
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(1007, "a text message that is not valid UTF-8") from None
+
+
+def _close(payload: bytes) -> Close:
+    if not payload:
+        return Close(1005, "")
+    if len(payload) == 1:
+        raise ProtocolError(1002, "a close frame with a one-byte payload")
+    code = (payload[0] << 8) | payload[1]
+    if code not in _VALID_CLOSE and not 3000 <= code <= 4999:
+        raise ProtocolError(1002, f"close code {code} may not be sent")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(1007, "a close reason that is not valid UTF-8") from None
+    return Close(code, reason)
+
+
+class MaskKeys:
+    """Unpredictable 4-byte masking keys, drawn from the OS 1,024 at a time."""
+
+    __slots__ = ("_pool", "_at")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool = os.urandom(4096)
+            at = 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+_keys = MaskKeys()
+_pack_short = struct.Struct("!BBH").pack
+_pack_long = struct.Struct("!BBQ").pack
+
+
+def frame(op: int, payload: bytes, *, mask: bool) -> bytes:
+    """One whole frame (FIN set) carrying ``payload``; masked when a client sends it."""
+    n = len(payload)
+    b0 = 0x80 | op
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((b0, bit | n))
+    elif n < 65536:
+        head = _pack_short(b0, bit | 126, n)
+    else:
+        head = _pack_long(b0, bit | 127, n)
+    if mask:
+        key = _keys.next()
+        return head + key + apply_mask(payload, key)
+    return head + payload
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload; the reason is cut to fit the 125-byte limit on a UTF-8 boundary."""
+    raw = reason.encode()[:123]
+    return code.to_bytes(2, "big") + raw.decode(errors="ignore").encode()

@@ -1,0 +1,489 @@
+"""One WebSocket connection over a Trio stream, for both legs of a pair.
+
+The relay's two WebSockets carry every audio chunk, so this is a lean I/O shell
+around :mod:`relay.frames`:
+
+* **No reader task.** The task that wants the next message reads the stream
+  itself, so a message costs no task switch and no channel. Pings are answered
+  and pongs noted as they are read. One task reads at a time; :meth:`aclose`
+  waits for that task to see the peer's close reply rather than reading beside it.
+* **Plain sockets skip Trio's stream layer.** On a :class:`trio.SocketStream` the
+  socket is read and written directly while it has data or room, and Trio is
+  asked to wait only when it has not (``wait_readable``/``wait_writable``).
+  A task that never has to wait still reaches a checkpoint every
+  :data:`CHECKPOINT_EVERY` reads, so it can be cancelled and others run. TLS and
+  in-memory streams go through their ordinary ``receive_some``/``send_all``.
+* **A write cut part-way breaks the connection.** After that, a close frame would
+  be garbage, so the socket is dropped instead.
+
+Errors use trio-websocket's types (:class:`~trio_websocket.ConnectionClosed` with
+a :class:`~trio_websocket.CloseReason`), so code written against it reads the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import os
+import socket
+
+import trio
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
+
+from . import frames
+from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Close, Ping, Pong, ProtocolError
+
+#: Bytes asked of the socket per read: several 6.5 KB audio events when they queue up.
+RECEIVE_BYTES = 64 * 1024
+#: Reads in a row that found data at once before the reading task yields to others.
+CHECKPOINT_EVERY = 16
+#: The largest handshake response head or refusal body the relay reads from an upstream.
+MAX_HANDSHAKE_BYTES = 64 * 1024
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class HandshakeFailed(OSError):
+    """The upstream answered the WebSocket handshake with something that is not one."""
+
+
+class WebSocket:
+    """A WebSocket over ``stream``; ``client`` is True for the end that dialled (it masks).
+
+    ``peer_timeout`` (seconds, 0: none): a peer that sends nothing at all, not even a
+    pong, for that long is taken for gone, as if its connection had dropped.
+    """
+
+    __slots__ = (
+        "_stream",
+        "_sock",
+        "_client",
+        "_reader",
+        "_send_lock",
+        "_broken",
+        "_close_sent",
+        "_closed",
+        "_reading",
+        "_close_seen",
+        "_pings",
+        "_streak",
+        "_peer_timeout",
+        "_last_heard",
+        "subprotocol",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client: bool,
+        max_message_bytes: int,
+        buffered: bytes = b"",
+        subprotocol: str | None = None,
+        peer_timeout: float = 0.0,
+    ) -> None:
+        self._stream = stream
+        self._sock = _raw_socket(stream)
+        self._client = client
+        self._reader = frames.FrameReader(masked=not client, max_message_bytes=max_message_bytes)
+        if buffered:
+            self._reader.feed(buffered)
+        self._send_lock = trio.Lock()
+        self._broken = False  # a write was cut part-way
+        self._close_sent = False
+        self._closed: CloseReason | None = None
+        self._reading = False
+        self._close_seen = trio.Event()
+        self._pings: dict[bytes, trio.Event] = {}
+        self._streak = 0
+        self._peer_timeout = peer_timeout
+        self._last_heard = trio.current_time() if peer_timeout else 0.0
+        self.subprotocol = subprotocol
+
+    @property
+    def closed(self) -> CloseReason | None:
+        """Why the connection closed (or is closing), or None while it is open."""
+        return self._closed
+
+    @property
+    def broken(self) -> bool:
+        """Whether a write was cut part-way (the peer may have seen half a frame)."""
+        return self._broken
+
+    # -- reading ------------------------------------------------------------------
+
+    async def get_message(self) -> str | bytes:
+        """The next text (str) or binary (bytes) message.
+
+        Raises :class:`ConnectionClosed` once the peer closed (its close is answered),
+        the connection dropped (1006), the peer broke the protocol (the relay closes
+        with the code RFC 6455 gives), or the connection was closed here.
+        """
+        if self._reading:
+            if not self._close_sent:
+                raise trio.BusyResourceError("another task is already reading this WebSocket")
+            await self._close_seen.wait()  # aclose is reading for the peer's close reply
+            raise ConnectionClosed(self._closed)
+        self._reading = True
+        try:
+            while True:
+                event = await self._next_event()
+                cls = event.__class__
+                if cls is str or cls is bytes:
+                    return event  # type: ignore[return-value]
+                await self._control(event)  # type: ignore[arg-type]
+        finally:
+            self._reading = False
+
+    async def _next_event(self) -> frames.Event:
+        reader = self._reader
+        while True:
+            if self._closed is not None and self._close_seen.is_set():
+                raise ConnectionClosed(self._closed)
+            try:
+                event = reader.next()
+            except ProtocolError as exc:
+                await self._fail(exc.code, exc.reason)
+                raise ConnectionClosed(self._closed) from None
+            if event is not None:
+                return event
+            data = await self._receive()
+            if not data:
+                self._lost()
+                raise ConnectionClosed(self._closed)
+            reader.feed(data)
+
+    async def _control(self, event: Close | Ping | Pong) -> None:
+        cls = event.__class__
+        if cls is Ping:
+            if not self._close_sent:
+                try:
+                    await self._write(frames.frame(OP_PONG, event.payload, mask=self._client))  # type: ignore[union-attr]
+                except _GONE:
+                    pass  # the read that follows sees the connection end
+        elif cls is Pong:
+            waiter = self._pings.pop(event.payload, None)  # type: ignore[union-attr]
+            if waiter is not None:
+                waiter.set()
+        else:
+            close: Close = event  # type: ignore[assignment]
+            if self._closed is None:
+                self._closed = CloseReason(close.code, close.reason or None)
+            if not self._close_sent and not self._broken:
+                self._close_sent = True
+                reply = (
+                    b"" if close.code == 1005 else frames.close_payload(close.code, close.reason)
+                )
+                try:
+                    await self._write(frames.frame(OP_CLOSE, reply, mask=self._client))
+                except _GONE:
+                    pass
+            self._ended()
+            raise ConnectionClosed(self._closed)
+
+    async def _receive(self) -> bytes:
+        """Bytes from the peer; b"" once it is gone (EOF, reset, closed here, peer timeout)."""
+        sock = self._sock
+        if sock is None:
+            try:
+                with trio.CancelScope(deadline=self._read_deadline()) as waited:
+                    data = await self._stream.receive_some(RECEIVE_BYTES)
+            except _GONE:
+                return b""
+            if waited.cancelled_caught:
+                return b""
+            if self._peer_timeout:
+                self._last_heard = trio.current_time()
+            return data  # type: ignore[return-value]
+        self._streak += 1
+        if self._streak >= CHECKPOINT_EVERY:
+            self._streak = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""
+            else:
+                if self._peer_timeout:
+                    self._last_heard = trio.current_time()
+                return data
+            self._streak = 0
+            try:
+                if self._peer_timeout:
+                    with trio.CancelScope(deadline=self._read_deadline()) as waited:
+                        await trio.lowlevel.wait_readable(sock)
+                    if waited.cancelled_caught:
+                        return b""
+                else:
+                    await trio.lowlevel.wait_readable(sock)
+            except _GONE:
+                return b""
+
+    def _read_deadline(self) -> float:
+        return self._last_heard + self._peer_timeout if self._peer_timeout else math.inf
+
+    def _lost(self) -> None:
+        if self._closed is None:
+            self._closed = CloseReason(1006, None)
+        self._ended()
+
+    def _ended(self) -> None:
+        """The peer's side is over: wake whoever waits for the close or for a pong."""
+        self._close_seen.set()
+        for waiter in self._pings.values():
+            waiter.set()
+        self._pings.clear()
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: close with ``code`` and stop reading."""
+        if self._closed is None:
+            self._closed = CloseReason(code, reason)
+        if not self._close_sent and not self._broken:
+            self._close_sent = True
+            try:
+                await self._write(
+                    frames.frame(OP_CLOSE, frames.close_payload(code, reason), mask=self._client)
+                )
+            except _GONE:
+                pass
+        self._ended()
+
+    # -- writing ------------------------------------------------------------------
+
+    async def send_message(self, message: str | bytes) -> None:
+        """Send one text (str) or binary (bytes) message.
+
+        Raises :class:`ConnectionClosed` if the connection is closed or closing.
+        Cancelled part-way, the connection is broken (:attr:`broken`).
+        """
+        if self._close_sent or self._closed is not None:
+            raise ConnectionClosed(self._closed or CloseReason(1006, None))
+        if message.__class__ is str:
+            data = frames.frame(OP_TEXT, message.encode(), mask=self._client)  # type: ignore[union-attr]
+        else:
+            data = frames.frame(OP_BINARY, message, mask=self._client)  # type: ignore[arg-type]
+        try:
+            await self._write(data)
+        except _GONE:
+            self._lost()
+            raise ConnectionClosed(self._closed) from None
+
+    async def ping(self) -> None:
+        """Send a ping and wait for its pong. Raises :class:`ConnectionClosed` if the
+        connection ends first. The pong is read by the task reading messages."""
+        if self._close_sent or self._closed is not None:
+            raise ConnectionClosed(self._closed or CloseReason(1006, None))
+        payload = os.urandom(4)
+        answered = self._pings[payload] = trio.Event()
+        try:
+            await self._write(frames.frame(OP_PING, payload, mask=self._client))
+        except _GONE:
+            self._lost()
+        await answered.wait()
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)
+
+    async def send_ping(self) -> None:
+        """Send a ping and return at once (keepalive; any data from the peer counts)."""
+        if self._close_sent or self._closed is not None:
+            return
+        try:
+            await self._write(frames.frame(OP_PING, b"", mask=self._client))
+        except _GONE:
+            pass
+
+    async def send_close(self, code: int, reason: str = "") -> None:
+        """Send a close frame (once) and return; see :meth:`aclose` to also wait for the reply."""
+        if self._close_sent or self._broken:
+            return
+        self._close_sent = True
+        if self._closed is None:
+            self._closed = CloseReason(code, reason or None)
+        try:
+            await self._write(
+                frames.frame(OP_CLOSE, frames.close_payload(code, reason), mask=self._client)
+            )
+        except _GONE:
+            self._lost()
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close: our close frame, the peer's reply (or its end), then the stream.
+
+        Bound it with a timeout; cancelled, the stream is closed all the same.
+        """
+        try:
+            if self._broken:
+                return
+            await self.send_close(code, reason or "")
+            await self.wait_closed()
+        finally:
+            await trio.aclose_forcefully(self._stream)
+
+    async def wait_closed(self) -> None:
+        """Wait until the peer answered our close frame or went away, discarding its messages."""
+        if self._reading:
+            await self._close_seen.wait()
+            return
+        self._reading = True
+        try:
+            while not self._close_seen.is_set():
+                try:
+                    event = await self._next_event()
+                except ConnectionClosed:
+                    return
+                if event.__class__ is Close:
+                    self._ended()
+        finally:
+            self._reading = False
+
+    async def _write(self, data: bytes) -> None:
+        """Write ``data`` whole, one writer at a time (Broken- or ClosedResourceError if not)."""
+        if self._broken:
+            raise trio.BrokenResourceError("an earlier write was cut part-way")
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            sock = self._sock
+            if sock is None:
+                try:
+                    await self._stream.send_all(data)
+                except BaseException:
+                    self._broken = True
+                    raise
+                return
+            view = memoryview(data)
+            sent = 0
+            total = len(data)
+            while True:
+                try:
+                    sent += sock.send(view[sent:] if sent else view)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if sent:
+                        self._broken = True
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                if sent >= total:
+                    return
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except BaseException:
+                    if sent:
+                        self._broken = True
+                    raise
+        finally:
+            lock.release()
+
+
+def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The non-blocking OS socket under a plain :class:`trio.SocketStream`, else None."""
+    if stream.__class__ is not trio.SocketStream:
+        return None
+    raw = getattr(stream.socket, "_sock", None)  # trio's socket wraps a stdlib one
+    return raw if isinstance(raw, socket.socket) else None
+
+
+def accept_key(key: bytes) -> bytes:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+async def connect(
+    stream: trio.abc.Stream,
+    host: str,
+    resource: str,
+    *,
+    subprotocols: tuple[str, ...] | None,
+    headers: tuple[tuple[bytes, bytes], ...],
+    max_message_bytes: int,
+    peer_timeout: float = 0.0,
+) -> WebSocket:
+    """Open a WebSocket over a connected ``stream`` (the client's handshake).
+
+    Raises :class:`~trio_websocket.ConnectionRejected` (with the status, headers and
+    body) if the server answers with anything but 101, :class:`HandshakeFailed` if the
+    answer is not a valid WebSocket handshake, and trio.BrokenResourceError if the
+    connection drops.
+    """
+    key = base64.b64encode(os.urandom(16))
+    lines = [
+        b"GET " + resource.encode() + b" HTTP/1.1",
+        b"Host: " + host.encode(),
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + key,
+        b"Sec-WebSocket-Version: 13",
+    ]
+    if subprotocols:
+        lines.append(b"Sec-WebSocket-Protocol: " + ", ".join(subprotocols).encode())
+    lines.extend(name + b": " + value for name, value in headers)
+    await stream.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+    buffer = bytearray()
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > MAX_HANDSHAKE_BYTES:
+            raise HandshakeFailed("the upstream's handshake response is too long")
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise trio.BrokenResourceError(
+                "the upstream closed the connection during the handshake"
+            )
+        buffer += data
+    status, response_headers = _parse_head(bytes(buffer[:end]))
+    rest = bytes(buffer[end + 4 :])
+    if status != 101:
+        raise ConnectionRejected(
+            status, response_headers, await _body(stream, response_headers, rest)
+        )
+    found = dict(response_headers)
+    if found.get(b"sec-websocket-accept") != accept_key(key):
+        raise HandshakeFailed("the upstream's Sec-WebSocket-Accept does not match the key sent")
+    if found.get(b"sec-websocket-extensions"):
+        raise HandshakeFailed("the upstream selected an extension the relay did not offer")
+    chosen = found.get(b"sec-websocket-protocol")
+    subprotocol = chosen.decode("latin-1") if chosen else None
+    if subprotocol is not None and subprotocol not in (subprotocols or ()):
+        raise HandshakeFailed("the upstream selected a subprotocol the relay did not offer")
+    return WebSocket(
+        stream,
+        client=True,
+        max_message_bytes=max_message_bytes,
+        buffered=rest,
+        subprotocol=subprotocol,
+        peer_timeout=peer_timeout,
+    )
+
+
+def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    status_line, *header_lines = head.split(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise HandshakeFailed("the upstream's answer is not HTTP")
+    headers = []
+    for line in header_lines:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise HandshakeFailed("a malformed header in the upstream's handshake response")
+        headers.append((name.strip().lower(), value.strip()))
+    return int(parts[1]), headers
+
+
+async def _body(stream: trio.abc.Stream, headers: list[tuple[bytes, bytes]], rest: bytes) -> bytes:
+    """A refusal's body, as far as Content-Length says and at most MAX_HANDSHAKE_BYTES."""
+    length = next((value for name, value in headers if name == b"content-length"), None)
+    want = min(int(length), MAX_HANDSHAKE_BYTES) if length and length.isdigit() else 0
+    body = bytearray(rest)
+    with trio.move_on_after(1.0):
+        while len(body) < want:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                break
+            body += data
+    return bytes(body[:want])
