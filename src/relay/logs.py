@@ -50,7 +50,19 @@ def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     return fields if isinstance(fields, Mapping) else {}
 
 
-class JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """Puts the fields every line of the process carries (a worker's ``pid``) under the record's."""
+
+    def __init__(self, common: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.common = dict(common or {})
+
+    def fields(self, record: logging.LogRecord) -> Mapping[str, Any]:
+        own = _fields(record)
+        return {**self.common, **own} if self.common else own
+
+
+class JsonFormatter(_Formatter):
     """One JSON object per record, on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -60,7 +72,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in _fields(record).items():
+        for key, value in self.fields(record).items():
             if str(key) not in RESERVED:
                 entry[str(key)] = value
         if record.exc_info:
@@ -72,12 +84,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     """``ts LEVEL logger: msg key=value…`` with any traceback on the lines after."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        fields = _fields(record)
+        fields = self.fields(record)
         if fields:
             line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
         if record.exc_info:
@@ -127,12 +139,15 @@ def configure_logging(
     secrets: Iterable[str] = (),
     *,
     stream: TextIO | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) as JSON lines or text, secrets redacted.
 
     ``auto`` picks text when the stream is a terminal, else JSON. Calling it again
     replaces the handler it installed before (new format, level or secrets) and
-    leaves every other handler alone. Returns the installed handler.
+    leaves every other handler alone. ``fields`` go on every line (a record's own
+    fields of the same name win): the worker processes of one relay, whose lines
+    interleave, each add their ``pid``. Returns the installed handler.
     """
     if format not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -142,7 +157,7 @@ def configure_logging(
     if format == "auto":
         isatty = getattr(stream, "isatty", None)
         format = "text" if isatty is not None and isatty() else "json"
-    inner: logging.Formatter = JsonFormatter() if format == "json" else TextFormatter()
+    inner: logging.Formatter = JsonFormatter(fields) if format == "json" else TextFormatter(fields)
 
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -1,33 +1,43 @@
-"""Prometheus metrics of one relay process, rendered for ``GET /metrics``.
+"""Prometheus metrics of the relay, rendered for ``GET /metrics``.
 
 The relay forwards tens of thousands of messages a second, so the hot path
 never touches a Prometheus object. The bridge already counts every message and
-byte on its pair (:class:`relay.bridge.Traffic`, plain ints); this module reads
-those counters only when Prometheus scrapes. A session's :class:`Traffic` is
-registered when it starts and, when it ends, is folded once into running totals
-and dropped from the live set in the same synchronous step, so a scrape sees it
-either live or ended, never both and never neither: the totals only grow.
+byte on its pair (:class:`relay.bridge.Traffic`, plain ints); this module adds
+them to the Prometheus counters in batches (:meth:`RelayMetrics.publish`): the
+whole relay's total since the last batch, four ``inc`` calls whatever the number
+of sessions. A session's :class:`Traffic` is registered when it starts and, when
+it ends, is folded into the ended total and dropped from the live set in the same
+synchronous step, so a batch sees it either live or ended, never both and never
+neither: the counters only grow.
+
+Every scrape publishes first, so one process's ``/metrics`` is exact. With several
+worker processes on one port (``relay serve --workers N``) a scrape reaches one
+worker at random, so the metrics live in prometheus-client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set up by :func:`relay.server.serve_workers`) and
+any worker renders the sum of all. A scrape cannot reach into the other workers
+to publish their live sessions, so in that mode each worker also publishes once a
+second from a background task: the traffic of the other workers' running sessions
+is then at most a second old, and everything else (sessions started and ended,
+refusals, histograms) is exact. The mode is prometheus-client's choice, made when
+it is first imported, from the environment; one :class:`RelayMetrics` per process
+then, as every metric of a process shares its files.
 
 Everything here must be called from the thread that runs the event loop (the
 relay is one Trio thread per process), which is also where ``render`` runs.
-
-Each relay process has its own registry. With several Hypercorn workers in one
-container, a scrape reaches one worker at random and sees only its numbers, so
-run one worker per container (scale with replicas) and scrape every container,
-or switch to prometheus-client's multiprocess mode (which does not support the
-custom collector used here for traffic). No metric carries a per-user label.
+No metric carries a per-user label.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from enum import Enum
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .bridge import Cause, Traffic
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code
@@ -41,10 +51,20 @@ QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DIAL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 #: End of the user's speech to the first audio of the reply, seconds.
 VOICE_BUCKETS = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+#: Seconds between a worker's batches of traffic in multiprocess mode.
+PUBLISH_SECONDS = 1.0
 
 _CAUSES = frozenset(cause.value for cause in Cause)
 #: Client close codes worth a label of their own; anything else is "other".
 _CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
+_TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
+
+log = logging.getLogger("relay")
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus-client keeps this process's metrics in PROMETHEUS_MULTIPROC_DIR."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
 
 
 def cause_label(cause: Cause | str) -> str:
@@ -65,58 +85,23 @@ def status_label(status: int) -> str:
     return str(status) if 400 <= status <= 599 else "other"
 
 
-class _TrafficCollector(Collector):
-    """Messages, bytes and live sessions, computed at scrape time from the pairs' counters."""
-
-    def __init__(self, metrics: RelayMetrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families(Traffic(), 0)
-
-    def collect(self) -> Iterable[Metric]:
-        metrics = self._metrics
-        total = Traffic(**{name: getattr(metrics.ended_traffic, name) for name in _TRAFFIC_FIELDS})
-        live = 0
-        for traffic in metrics.live_traffic():
-            live += 1
-            total.client_messages += traffic.client_messages
-            total.client_bytes += traffic.client_bytes
-            total.upstream_messages += traffic.upstream_messages
-            total.upstream_bytes += traffic.upstream_bytes
-        return self._families(total, live)
-
-    @staticmethod
-    def _families(total: Traffic, live: int) -> list[Metric]:
-        messages = CounterMetricFamily(
-            "relay_messages",
-            "WebSocket messages received by the relay, by direction (before policy).",
-            labels=["direction"],
-        )
-        messages.add_metric([CLIENT_TO_UPSTREAM], total.client_messages)
-        messages.add_metric([UPSTREAM_TO_CLIENT], total.upstream_messages)
-        size = CounterMetricFamily(
-            "relay_bytes",
-            "Payload bytes (characters for text frames) received by the relay, by direction.",
-            labels=["direction"],
-        )
-        size.add_metric([CLIENT_TO_UPSTREAM], total.client_bytes)
-        size.add_metric([UPSTREAM_TO_CLIENT], total.upstream_bytes)
-        active = GaugeMetricFamily("relay_sessions_active", "Sessions running now.", value=live)
-        return [messages, size, active]
-
-
-_TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
-
-
 class RelayMetrics:
     """The relay's metrics, in a registry of their own (tests build many apps per process)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_mode()
+        #: What a scrape renders: this registry, or every worker's files in multiprocess mode.
+        self._rendered = self.registry
+        if self.multiprocess:
+            self._rendered = CollectorRegistry()
+            MultiProcessCollector(self._rendered)
         #: Traffic of the sessions that have ended, folded in once each.
         self.ended_traffic = Traffic()
         self._live: dict[int, Traffic] = {}
+        #: The traffic already added to the counters below.
+        self._published = Traffic()
+        self._publishing_in: trio.lowlevel.TrioToken | None = None
         self._started = Counter(
             "relay_sessions_started", "Sessions accepted.", registry=self.registry
         )
@@ -125,6 +110,31 @@ class RelayMetrics:
             "Sessions ended, by cause and the close code sent to the client (none: client gone).",
             ["cause", "client_code"],
             registry=self.registry,
+        )
+        self._active = Gauge(
+            "relay_sessions_active",
+            "Sessions running now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # summed over the workers alive
+        )
+        messages = Counter(
+            "relay_messages",
+            "WebSocket messages received by the relay, by direction (before policy).",
+            ["direction"],
+            registry=self.registry,
+        )
+        size = Counter(
+            "relay_bytes",
+            "Payload bytes (characters for text frames) received by the relay, by direction.",
+            ["direction"],
+            registry=self.registry,
+        )
+        #: The counter each field of :class:`Traffic` goes to, in ``_TRAFFIC_FIELDS`` order.
+        self._traffic_counters = (
+            messages.labels(CLIENT_TO_UPSTREAM),
+            size.labels(CLIENT_TO_UPSTREAM),
+            messages.labels(UPSTREAM_TO_CLIENT),
+            size.labels(UPSTREAM_TO_CLIENT),
         )
         self._queued = Histogram(
             "relay_preopen_queue_messages",
@@ -151,16 +161,18 @@ class RelayMetrics:
             ["status"],
             registry=self.registry,
         )
-        self.registry.register(_TrafficCollector(self))
 
     def live_traffic(self) -> Iterable[Traffic]:
         """The counters of the sessions running now."""
         return self._live.values()
 
     def session_started(self, traffic: Traffic) -> None:
-        """A session was accepted; its bridge's counters are read at each scrape from now on."""
+        """A session was accepted; its bridge's counters are published from now on."""
         self._started.inc()
+        self._active.inc()
         self._live[id(traffic)] = traffic
+        if self.multiprocess:
+            self._publish_periodically()
 
     def session_ended(
         self,
@@ -174,7 +186,8 @@ class RelayMetrics:
         Call it once per session. ``queued`` is how many client messages waited for
         the upstream to open (None: not known, nothing observed).
         """
-        self._live.pop(id(traffic), None)
+        if self._live.pop(id(traffic), None) is not None:
+            self._active.dec()
         ended = self.ended_traffic
         ended.client_messages += traffic.client_messages
         ended.client_bytes += traffic.client_bytes
@@ -183,6 +196,49 @@ class RelayMetrics:
         self._ended.labels(cause_label(cause), code_label(client_code)).inc()
         if queued is not None:
             self._queued.observe(queued)
+
+    def publish(self) -> None:
+        """Add the traffic forwarded since the last call to the message and byte counters."""
+        total = Traffic(*(getattr(self.ended_traffic, name) for name in _TRAFFIC_FIELDS))
+        for traffic in self._live.values():
+            total.client_messages += traffic.client_messages
+            total.client_bytes += traffic.client_bytes
+            total.upstream_messages += traffic.upstream_messages
+            total.upstream_bytes += traffic.upstream_bytes
+        published = self._published
+        for name, counter in zip(_TRAFFIC_FIELDS, self._traffic_counters, strict=True):
+            if added := getattr(total, name) - getattr(published, name):
+                counter.inc(added)
+        self._published = total
+
+    def _publish_periodically(self) -> None:
+        """Start publishing every PUBLISH_SECONDS for the rest of this Trio run, once per run.
+
+        A system task, so that every way of serving the app gets it (``relay serve
+        --workers``, or Hypercorn's own ``-w`` with PROMETHEUS_MULTIPROC_DIR set), and
+        it publishes a last time when the run ends, after the last session.
+        """
+        token = trio.lowlevel.current_trio_token()
+        if self._publishing_in is token:
+            return
+        self._publishing_in = token
+
+        async def publish_every_second() -> None:
+            try:
+                while True:
+                    await trio.sleep(PUBLISH_SECONDS)
+                    self._publish_logged()
+            finally:
+                self._publish_logged()
+
+        trio.lowlevel.spawn_system_task(publish_every_second, name="relay metrics publisher")
+
+    def _publish_logged(self) -> None:
+        # A system task's exception would end the whole process; a full disk must not.
+        try:
+            self.publish()
+        except OSError as exc:
+            log.warning("cannot write the metrics to PROMETHEUS_MULTIPROC_DIR: %s", exc)
 
     def dial_latency(self, seconds: float) -> None:
         """The upstream WebSocket opened after ``seconds``."""
@@ -198,8 +254,9 @@ class RelayMetrics:
 
     def render(self, accept_header: bytes | None = None) -> tuple[bytes, bytes]:
         """The body and Content-Type of ``GET /metrics`` (OpenMetrics if the scraper asks)."""
+        self.publish()
         encoder, content_type = choose_encoder((accept_header or b"").decode("latin-1"))
-        return encoder(self.registry), content_type.encode("latin-1")
+        return encoder(self._rendered), content_type.encode("latin-1")
 
 
 _STOPPED = '{"type":"input_audio_buffer.speech_stopped"'

@@ -109,32 +109,67 @@ def serve_workers(config: RelayConfig) -> int:
     each a whole relay with its own event loop. Each worker runs in its own process
     group, so a terminal's Ctrl-C reaches only the parent, which passes SIGINT and
     SIGTERM on to every worker exactly once; each then drains as a single relay does.
+
+    A scrape of ``/metrics`` reaches whichever worker accepts it, so the workers keep
+    their metrics in prometheus-client's multiprocess files (see :mod:`relay.metrics`),
+    in a directory of their own that the parent makes fresh (old files would add a
+    previous run's counts) and removes at exit; a worker's live-session gauge stops
+    counting when it exits.
     """
+    import shutil
+    import tempfile
+    from multiprocessing.connection import wait
+
+    from hypercorn.utils import repr_socket_addr
+    from prometheus_client import multiprocess
+
+    multiproc_dir = "PROMETHEUS_MULTIPROC_DIR"
     hc = hypercorn_config(config)
     hc.workers = config.workers
     sockets = hc.create_sockets()
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(hc.backlog)
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(config, sockets)) for _ in range(config.workers)]
-    for worker in workers:
-        worker.start()
-    scheme = "wss" if config.tls_cert else "ws"
-    print(
-        f"relay: {config.workers} workers listening on {scheme}://{config.host}:{config.port}/voice",
-        flush=True,
-    )
+    metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
+    try:
+        context = multiprocessing.get_context("spawn")
+        workers = [
+            context.Process(target=_worker, args=(config, sockets)) for _ in range(config.workers)
+        ]
+        # Read by prometheus-client when a worker first imports it; spawned workers
+        # inherit the environment as it is at start().
+        inherited = os.environ.get(multiproc_dir)
+        os.environ[multiproc_dir] = metrics_dir
+        try:
+            for worker in workers:
+                worker.start()
+        finally:
+            if inherited is None:
+                os.environ.pop(multiproc_dir, None)
+            else:
+                os.environ[multiproc_dir] = inherited
+        scheme = "wss" if config.tls_cert else "ws"
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            bound = repr_socket_addr(sock.family, sock.getsockname())  # the real port of --port 0
+            print(
+                f"relay: {config.workers} workers listening on {scheme}://{bound}/voice", flush=True
+            )
 
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signum)
+        def forward(signum: int, _frame: object) -> None:
+            for worker in workers:
+                if worker.is_alive() and worker.pid is not None:
+                    os.kill(worker.pid, signum)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for worker in workers:
-        worker.join()
-    return max((worker.exitcode or 0) for worker in workers)
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        running = {worker.sentinel: worker for worker in workers}
+        while running:  # one worker leaves per pass at least
+            for sentinel in wait(list(running)):
+                worker = running.pop(sentinel)  # type: ignore[arg-type]
+                worker.join()
+                multiprocess.mark_process_dead(worker.pid, metrics_dir)
+        return max((worker.exitcode or 0) for worker in workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _worker(config: RelayConfig, sockets: Sockets) -> None:
@@ -145,5 +180,6 @@ def _worker(config: RelayConfig, sockets: Sockets) -> None:
         config.log_format,
         config.log_level,
         secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
+        fields={"pid": os.getpid()},  # the workers' lines interleave
     )
     trio.run(partial(serve, config, sockets=sockets))

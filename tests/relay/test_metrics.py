@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.bridge import Cause, Traffic
-from relay.metrics import RelayMetrics, VoiceClock
+from relay.metrics import PUBLISH_SECONDS, RelayMetrics, VoiceClock
 
 
 def scrape(metrics: RelayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -237,3 +239,48 @@ def test_voice_clock_restarts_on_new_speech() -> None:
     results = [voice.upstream_event(text) for text in stream]
     assert results[-1] == pytest.approx(0.5)
     assert list(itertools.compress(results, results)) == [pytest.approx(0.5)]
+
+
+# -- several workers ---------------------------------------------------------------------------
+
+
+def published_messages(metrics: RelayMetrics) -> float | None:
+    """What the counter holds now, without the publish a scrape would do first."""
+    return metrics.registry.get_sample_value(
+        "relay_messages_total", {"direction": "client_to_upstream"}
+    )
+
+
+def test_with_several_workers_live_traffic_is_published_every_second_without_a_scrape() -> None:
+    """A scrape reaches one worker; the others' running sessions must reach the shared files
+    on their own, and a worker's last traffic must not be lost when it exits."""
+    metrics = RelayMetrics()
+    metrics.multiprocess = True  # as under PROMETHEUS_MULTIPROC_DIR (not settable in-process)
+
+    async def main() -> None:
+        traffic = Traffic()
+        metrics.session_started(traffic)
+        traffic.client_messages += 5
+        await trio.sleep(PUBLISH_SECONDS / 2)
+        assert published_messages(metrics) == 0
+        await trio.sleep(PUBLISH_SECONDS)
+        assert published_messages(metrics) == 5
+        traffic.client_messages += 2
+        metrics.session_ended(traffic, Cause.CLIENT_CLOSED, None)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert published_messages(metrics) == 7  # published once more as the process's run ended
+
+
+def test_without_several_workers_nothing_publishes_in_the_background() -> None:
+    metrics = RelayMetrics()
+
+    async def main() -> None:
+        traffic = Traffic()
+        metrics.session_started(traffic)
+        traffic.client_messages += 5
+        await trio.sleep(10 * PUBLISH_SECONDS)
+        assert published_messages(metrics) == 0
+        assert traffic_totals(scrape(metrics))[0] == 5
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
