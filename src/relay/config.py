@@ -448,6 +448,19 @@ def _validate(config: RelayConfig) -> None:
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0")
+    if config.peer_timeout and not config.ping_interval:
+        raise ConfigError(
+            f"RELAY_PEER_TIMEOUT ({config.peer_timeout:g}) needs pings: with RELAY_PING_INTERVAL=0"
+            " a quiet client sends nothing and the upstream answers no ping, so every session"
+            f" that stays quiet for {config.peer_timeout:g} s would be dropped as dead. Set"
+            " RELAY_PING_INTERVAL below it, or RELAY_PEER_TIMEOUT=0 too."
+        )
+    if config.peer_timeout and config.peer_timeout <= config.ping_interval:
+        raise ConfigError(
+            f"RELAY_PEER_TIMEOUT ({config.peer_timeout:g}) must be above RELAY_PING_INTERVAL"
+            f" ({config.ping_interval:g}): a quiet peer is heard from only when it answers a"
+            " ping, so a shorter timeout would drop live sessions between two pings."
+        )
     if config.peer_timeout and config.peer_timeout <= config.send_timeout:
         raise ConfigError(
             f"RELAY_PEER_TIMEOUT ({config.peer_timeout:g}) must be above RELAY_SEND_TIMEOUT"
