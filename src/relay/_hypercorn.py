@@ -10,16 +10,33 @@
   looking whether the stream closed, and the connection (its socket included) is
   torn down only when that task ends: up to a whole interval after the close. The
   relay's ping task is cancelled as soon as the stream closes.
+* **Handing a WebSocket's socket to the app.** Hypercorn handles every message of
+  a WebSocket in pure Python through several layers and a channel to the app's
+  task, which costs more than the rest of the relay together. After the upgrade the
+  relay asks for the socket instead (:func:`take_over`): Hypercorn writes the 101,
+  stops reading, and leaves the connection to the app until it returns. Routing,
+  the handshake, denial responses, TLS, lifespan, workers and shutdown stay Hypercorn's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from math import inf
 from typing import Any
 
 import trio
+from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ws_stream
+from hypercorn.trio import run as trio_run
+from hypercorn.trio import tcp_server
 from wsproto.events import Ping
+
+#: The ASGI message an app sends instead of ``websocket.accept`` to take the socket.
+TAKE_OVER = "relay.websocket.take_over"
+
+#: The connection whose task spawned the app (Trio copies the context into new tasks).
+_connection: ContextVar[_TCPServer | None] = ContextVar("relay_hypercorn_connection", default=None)
 
 _original_accept = ws_stream.Handshake.accept
 _original_handle = ws_stream.WSStream.handle
@@ -55,10 +72,77 @@ def _stop_pings_once_closed(
     return wrapped
 
 
+class _TCPServer(tcp_server.TCPServer):
+    """Hypercorn's connection, able to stop reading and hand its stream to the app."""
+
+    _reading: trio.CancelScope | None = None
+    _released: trio.Event | None = None
+
+    async def run(self) -> None:
+        _connection.set(self)
+        await super().run()
+
+    async def _read_data(self) -> None:
+        while True:
+            if self._released is not None:
+                await self._released.wait()  # the app owns the socket until its session ends
+                break
+            with trio.CancelScope() as self._reading:
+                try:
+                    with trio.fail_after(self.config.read_timeout or inf):
+                        data = await self.stream.receive_some(tcp_server.MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+            if self._reading.cancelled_caught:
+                continue  # taken over: no byte was read
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+
+    def stop_reading(self) -> None:
+        self._released = trio.Event()
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def release(self) -> None:
+        if self._released is not None:
+            self._released.set()
+
+
+async def _app_send(self: ws_stream.WSStream, message: Any) -> None:
+    if message is None or message["type"] != TAKE_OVER:
+        await _original_app_send(self, message)
+        return
+    server = _connection.get()
+    if server is None or self.closed or self.state != ws_stream.ASGIWebsocketState.HANDSHAKE:
+        raise RuntimeError("this WebSocket cannot be taken over")
+    server.stop_reading()  # before the 101: the client sends nothing before it
+    await self._accept({"type": "websocket.accept", "subprotocol": message.get("subprotocol")})
+    self.closed = True  # Hypercorn leaves the stream alone from here: no pings, no close
+
+
+async def take_over(
+    send: Callable[[Any], Awaitable[None]], subprotocol: str | None
+) -> tuple[trio.abc.Stream, Callable[[], None]] | None:
+    """Accept the WebSocket and take its stream from Hypercorn, or None where it cannot.
+
+    Returns the stream (the 101 is written) and the function that gives the
+    connection back to Hypercorn to close; call it when the session is over.
+    None (nothing sent) when not served by :class:`_TCPServer`; accept as usual then.
+    """
+    server = _connection.get()
+    if server is None:
+        return None
+    await send({"type": TAKE_OVER, "subprotocol": subprotocol})
+    return server.stream, server.release
+
+
 def install(*, permessage_deflate: bool) -> None:
     """Apply the changes above; ``permessage_deflate`` says whether clients may negotiate it."""
     _deflate["enabled"] = permessage_deflate
     ws_stream.Handshake.accept = _accept  # type: ignore[method-assign]
     ws_stream.WSStream._send_pings = _send_pings  # type: ignore[method-assign]
     ws_stream.WSStream.handle = _stop_pings_once_closed(_original_handle)  # type: ignore[method-assign]
-    ws_stream.WSStream.app_send = _stop_pings_once_closed(_original_app_send)  # type: ignore[method-assign]
+    ws_stream.WSStream.app_send = _stop_pings_once_closed(_app_send)  # type: ignore[method-assign]
+    trio_run.TCPServer = _TCPServer  # type: ignore[misc]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import secrets
 import time
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs
 
 import orjson
 import trio
+from trio_websocket import ConnectionClosed
 
 from . import _hypercorn
 from .accounting import Accounting, usage_json
@@ -45,6 +47,7 @@ from .overload import SAMPLE_SECONDS, LoadGuard, Thresholds
 from .pair import Pair
 from .upstream import UpstreamDialer
 from .usage import open_store
+from .websocket import WebSocket
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -69,11 +72,12 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceEr
 class AsgiClient:
     """The client's WebSocket over ASGI, as :class:`relay.pair.ClientSide`."""
 
-    __slots__ = ("_receive", "_send")
+    __slots__ = ("_receive", "_send", "_send_timeout")
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, send_timeout: float = math.inf) -> None:
         self._receive = receive
         self._send = send
+        self._send_timeout = send_timeout
 
     async def receive(self) -> Message | None:
         while True:
@@ -86,11 +90,14 @@ class AsgiClient:
                 return None
 
     async def send(self, data: Message) -> None:
+        message = (
+            {"type": "websocket.send", "text": data}
+            if data.__class__ is str
+            else {"type": "websocket.send", "bytes": data}
+        )
         try:
-            if data.__class__ is str:
-                await self._send({"type": "websocket.send", "text": data})
-            else:
-                await self._send({"type": "websocket.send", "bytes": data})
+            with trio.fail_after(self._send_timeout):
+                await self._send(message)
         except _GONE:
             pass  # the client's TCP connection is closing; its disconnect event follows
 
@@ -99,6 +106,12 @@ class AsgiClient:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
         except _GONE:
             pass
+
+    async def keepalive(self) -> None:
+        pass  # Hypercorn pings (websocket_ping_interval)
+
+    #: Hypercorn's read timeout reaps a silent client.
+    last_heard = math.inf
 
     async def wait_closed(self, timeout: float) -> None:
         """After our close frame, let the client answer it before the app returns.
@@ -111,6 +124,49 @@ class AsgiClient:
         with trio.move_on_after(timeout):
             while await self.receive() is not None:
                 pass
+
+
+class SocketClient:
+    """The client's WebSocket once the relay owns its socket, as :class:`relay.pair.ClientSide`."""
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
+
+    async def receive(self) -> Message | None:
+        try:
+            return await self._ws.get_message()
+        except ConnectionClosed:
+            return None
+
+    async def send(self, data: Message) -> None:
+        try:
+            await self._ws.send_message(data)
+        except ConnectionClosed:
+            pass  # the client is gone; the read that follows says so
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._ws.send_close(code, reason)
+
+    async def keepalive(self) -> None:
+        await self._ws.send_ping()
+
+    @property
+    def last_heard(self) -> float:
+        return self._ws.last_heard
+
+    async def wait_closed(self, timeout: float) -> None:
+        """After our close frame, read until the client's reply (bounded), so it gets
+        everything we sent before the connection is closed."""
+        with trio.move_on_after(timeout):
+            await self._ws.wait_closed()
+
+
+def client_frame_limit(max_message_bytes: int) -> int:
+    """The hard limit on a client message, above RELAY_MAX_MESSAGE_BYTES so that the
+    bridge, not the framing, answers an oversized message (with an error event and 1009)."""
+    return max(2 * max_message_bytes, max_message_bytes + 65536)
 
 
 class RelayApp:
@@ -374,7 +430,22 @@ class RelayApp:
         accounting: Accounting,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
-        client = await _accept(send, receive, offered)
+        subprotocol = "realtime" if "realtime" in offered else None
+        taken = await _hypercorn.take_over(send, subprotocol)
+        client: AsgiClient | SocketClient
+        if taken is None:
+            client = await _accept(send, receive, offered, self.config.send_timeout)
+            release = None
+        else:
+            stream, release = taken
+            ws = WebSocket(
+                stream,
+                client=False,
+                max_message_bytes=client_frame_limit(self.config.max_message_bytes),
+                subprotocol=subprotocol,
+            )
+            ws.send_timeout = self.config.send_timeout
+            client = SocketClient(ws)
         model = _query_param(scope, "model") or self.config.model
         pair = Pair(
             client,
@@ -410,6 +481,8 @@ class RelayApp:
             if ending.client_code is not None:
                 await client.wait_closed(self.config.close_timeout)
         finally:
+            if release is not None:
+                release()  # Hypercorn closes the connection
             self.pairs.pop(pair, None)
             if not self.pairs:
                 self._no_pairs.set()
@@ -560,10 +633,12 @@ class RelayApp:
                 await self._no_pairs.wait()
 
 
-async def _accept(send: Send, receive: Receive, offered: Any) -> AsgiClient:
+async def _accept(
+    send: Send, receive: Receive, offered: Any, send_timeout: float = math.inf
+) -> AsgiClient:
     """Complete the handshake, selecting ``realtime`` if offered (never a token-bearing one)."""
     await send({"type": "websocket.accept", "subprotocol": "realtime" if "realtime" in offered else None})
-    return AsgiClient(receive, send)
+    return AsgiClient(receive, send, send_timeout)
 
 
 def create_app(config: RelayConfig | None = None) -> RelayApp:

@@ -18,7 +18,9 @@ Backpressure: each task awaits its send before reading the next message, so a
 slow upstream stops the relay reading the client, and a slow client stops it
 reading the upstream. Nothing is buffered without bound, and a side that takes
 longer than the send timeout to accept one message ends the pair (client 1008,
-or 1014 for a stalled upstream).
+or 1014 for a stalled upstream). Each side enforces that timeout itself and raises
+``trio.TooSlowError``: a WebSocket pays for a deadline only when a write has to wait,
+which on the hot path it almost never does.
 """
 
 from __future__ import annotations
@@ -45,9 +47,20 @@ class ClientSide(Protocol):
         """The next message, or None once the client has gone."""
         ...
 
-    async def send(self, data: Message) -> None: ...
+    async def send(self, data: Message) -> None:
+        """Send one message; raises trio.TooSlowError past the side's send timeout."""
+        ...
 
     async def close(self, code: int, reason: str) -> None: ...
+
+    async def keepalive(self) -> None:
+        """Ping the client, where the relay rather than the server owns its socket."""
+        ...
+
+    @property
+    def last_heard(self) -> float:
+        """Trio time the client last sent anything (inf where the server reaps silent clients)."""
+        ...
 
 
 class Pair:
@@ -77,12 +90,11 @@ class Pair:
         self._on_responses_done = on_responses_done
         self._upstream: WebSocket | None = None
         self._flushed = trio.Event()
-        self._upstream_cut = False  # a send to the upstream was abandoned part-way
         self._cancel_scope: trio.CancelScope | None = None
         self._deadlines = deadlines if deadlines is not None and deadlines.active else None
         self._ping_interval = ping_interval
         self._peer_timeout = peer_timeout
-        self._pinging = bool(ping_interval and peer_timeout)
+        self._pinging = bool(ping_interval and peer_timeout)  # the upstream must answer
         self._on_voice_latency = on_voice_latency
         #: Seconds the upstream took to open (connect and handshake), once it has.
         self.dial_seconds: float | None = None
@@ -95,7 +107,7 @@ class Pair:
             self._cancel_scope = nursery.cancel_scope
             nursery.start_soon(self._client_task)
             nursery.start_soon(self._upstream_task)
-            if self._deadlines is not None or self._pinging:
+            if self._deadlines is not None or self._ping_interval:
                 nursery.start_soon(self._timer_task)
         ending = self.bridge.ending
         assert ending is not None, "a pair's nursery only exits through an ending"
@@ -111,19 +123,18 @@ class Pair:
 
     async def notify(self, notice: Reply) -> None:
         """Send the client an event of the relay's own (bounded like any other send)."""
-        with trio.move_on_after(self._send_timeout) as waited:
+        try:
             await self.client.send(notice.text)
-        if waited.cancelled_caught:
+        except trio.TooSlowError:
             await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
     async def _client_task(self) -> None:
         bridge = self.bridge
         receive = self.client.receive
         now = trio.current_time
-        send_timeout = self._send_timeout
         while True:
             data = await receive()
-            self.last_activity = received_at = now()
+            self.last_activity = now()
             if data is None:
                 await self._finish(bridge.client_closed())
                 return
@@ -131,19 +142,20 @@ class Pair:
             if out is None:
                 continue
             if out.__class__ is str or out.__class__ is bytes:
-                # A bare CancelScope: move_on_after's generator wrapper costs more than the scope.
-                with trio.CancelScope(deadline=received_at + send_timeout) as waited:
-                    try:
-                        await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
-                    except ConnectionClosed:
-                        # The upstream is closing; its task reads what is left and ends the pair.
-                        return
-                if waited.cancelled_caught:
-                    self._upstream_cut = True
+                try:
+                    await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
+                except ConnectionClosed:
+                    # The upstream is closing; its task reads what is left and ends the pair.
+                    return
+                except trio.TooSlowError:
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
             elif out.__class__ is Reply:
-                await self.client.send(out.text)  # type: ignore[union-attr]
+                try:
+                    await self.client.send(out.text)  # type: ignore[union-attr]
+                except trio.TooSlowError:
+                    await self._finish(bridge.client_too_slow(self._send_timeout))
+                    return
             else:
                 await self._finish(out)  # type: ignore[arg-type]
                 return
@@ -178,6 +190,7 @@ class Pair:
             if upstream is None:
                 await self._finish(bridge.dial_failed("timed out"))
                 return
+            upstream.send_timeout = self._send_timeout
             self._upstream = upstream
             self.dial_seconds = trio.current_time() - dial_started
             await self._flush(upstream)
@@ -192,10 +205,9 @@ class Pair:
         bridge.upstream_opened()
         try:
             while (data := bridge.next_to_flush()) is not None:
-                with trio.move_on_after(self._send_timeout) as waited:
+                try:
                     await upstream.send_message(data)
-                if waited.cancelled_caught:
-                    self._upstream_cut = True
+                except trio.TooSlowError:
                     self._flushed.set()
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
@@ -211,7 +223,6 @@ class Pair:
         now = trio.current_time
         on_voice_latency = self._on_voice_latency
         voice = VoiceClock(now) if on_voice_latency is not None else None
-        send_timeout = self._send_timeout
         while True:
             try:
                 data = await get_message()
@@ -220,7 +231,7 @@ class Pair:
                 code, text = (reason.code, reason.reason) if reason else (1006, None)
                 await self._finish(bridge.upstream_closed(code, text))
                 return
-            self.last_activity = received_at = now()
+            self.last_activity = now()
             if voice is not None and data.__class__ is str:
                 latency = voice.upstream_event(data)  # type: ignore[arg-type]
                 if latency is not None:
@@ -228,9 +239,9 @@ class Pair:
             out = bridge.upstream_message(data)
             if out is None:
                 continue
-            with trio.CancelScope(deadline=received_at + send_timeout) as waited:
+            try:
                 await send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
-            if waited.cancelled_caught:
+            except trio.TooSlowError:
                 await self._finish(bridge.client_too_slow(self._send_timeout))
                 return
             if bridge.responses_done:
@@ -242,16 +253,21 @@ class Pair:
     async def _timer_task(self) -> None:
         """Everything a pair does on a clock, in one task (a task per timer costs memory on
         every idle session): warnings and cuts at the session's maximum length and idle
-        timeout, and pings to the upstream, which also keep proxies and NATs from timing
+        timeout, and pings on both legs, which also keep proxies and NATs from timing
         out a quiet session. An upstream that answers no ping within the peer timeout is
-        taken for dead.
+        taken for dead; so is a client that sent nothing at all, not even a pong, for
+        the peer timeout.
         """
         bridge = self.bridge
         deadlines = self._deadlines
-        next_ping = trio.current_time() + self._ping_interval if self._pinging else math.inf
+        next_ping = trio.current_time() + self._ping_interval if self._ping_interval else math.inf
+        peer_timeout = self._peer_timeout or math.inf
         while True:
             now = trio.current_time()
-            wake = math.inf
+            if now - self.client.last_heard >= peer_timeout:
+                await self._finish(bridge.client_closed())  # gone without a word, like a dropped TCP
+                return
+            wake = self.client.last_heard + peer_timeout
             if deadlines is not None:
                 step = deadlines.step(now, self.last_activity)
                 for due in step.due:
@@ -266,10 +282,15 @@ class Pair:
                         await self.notify(bridge.session_warning(left, deadlines.max_seconds))
                     else:
                         await self.notify(bridge.idle_warning(left, deadlines.idle_seconds))
-                wake = step.wake_at
+                wake = min(wake, step.wake_at)
             if now >= next_ping:
+                try:
+                    await self.client.keepalive()
+                except trio.TooSlowError:
+                    await self._finish(bridge.client_too_slow(self._send_timeout))
+                    return
                 upstream = self._upstream  # None while dialling: the dial timeout covers that
-                if upstream is not None:
+                if upstream is not None and self._pinging:
                     with trio.move_on_after(self._peer_timeout) as waited:
                         try:
                             await upstream.ping()
@@ -307,7 +328,7 @@ class Pair:
 
     async def _close_upstream(self, upstream: WebSocket, ending: Ending) -> None:
         await self._flushed.wait()  # a client leaving mid-flush still gets its messages sent
-        if self._upstream_cut:
+        if upstream.broken:
             return  # a send was cut mid-frame: a close frame now would be garbage; drop the socket
         if ending.upstream_last is not None:
             with contextlib.suppress(ConnectionClosed):

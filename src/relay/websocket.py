@@ -13,6 +13,8 @@ around :mod:`relay.frames`:
   A task that never has to wait still reaches a checkpoint every
   :data:`CHECKPOINT_EVERY` reads, so it can be cancelled and others run. TLS and
   in-memory streams go through their ordinary ``receive_some``/``send_all``.
+* **Send timeout.** A write that cannot finish within :attr:`send_timeout` raises
+  ``trio.TooSlowError``. The deadline is set only when a write has to wait.
 * **A write cut part-way breaks the connection.** After that, a close frame would
   be garbage, so the socket is dropped instead.
 
@@ -42,7 +44,7 @@ CHECKPOINT_EVERY = 16
 MAX_HANDSHAKE_BYTES = 64 * 1024
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
 class HandshakeFailed(OSError):
@@ -52,8 +54,8 @@ class HandshakeFailed(OSError):
 class WebSocket:
     """A WebSocket over ``stream``; ``client`` is True for the end that dialled (it masks).
 
-    ``peer_timeout`` (seconds, 0: none): a peer that sends nothing at all, not even a
-    pong, for that long is taken for gone, as if its connection had dropped.
+    :attr:`last_heard` is when the peer last sent anything (pongs included), for a
+    caller that reaps silent peers: a clock read per read costs less than a deadline.
     """
 
     __slots__ = (
@@ -69,9 +71,9 @@ class WebSocket:
         "_close_seen",
         "_pings",
         "_streak",
-        "_peer_timeout",
-        "_last_heard",
+        "last_heard",
         "subprotocol",
+        "send_timeout",
     )
 
     def __init__(
@@ -82,7 +84,6 @@ class WebSocket:
         max_message_bytes: int,
         buffered: bytes = b"",
         subprotocol: str | None = None,
-        peer_timeout: float = 0.0,
     ) -> None:
         self._stream = stream
         self._sock = _raw_socket(stream)
@@ -98,9 +99,11 @@ class WebSocket:
         self._close_seen = trio.Event()
         self._pings: dict[bytes, trio.Event] = {}
         self._streak = 0
-        self._peer_timeout = peer_timeout
-        self._last_heard = trio.current_time() if peer_timeout else 0.0
+        #: Trio time the peer last sent anything.
+        self.last_heard = trio.current_time()
         self.subprotocol = subprotocol
+        #: Seconds one write may take (0: no limit); past it, trio.TooSlowError.
+        self.send_timeout = 0.0
 
     @property
     def closed(self) -> CloseReason | None:
@@ -188,14 +191,10 @@ class WebSocket:
         sock = self._sock
         if sock is None:
             try:
-                with trio.CancelScope(deadline=self._read_deadline()) as waited:
-                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                data = await self._stream.receive_some(RECEIVE_BYTES)
             except _GONE:
                 return b""
-            if waited.cancelled_caught:
-                return b""
-            if self._peer_timeout:
-                self._last_heard = trio.current_time()
+            self.last_heard = trio.current_time()
             return data  # type: ignore[return-value]
         self._streak += 1
         if self._streak >= CHECKPOINT_EVERY:
@@ -209,23 +208,13 @@ class WebSocket:
             except OSError:
                 return b""
             else:
-                if self._peer_timeout:
-                    self._last_heard = trio.current_time()
+                self.last_heard = trio.current_time()
                 return data
             self._streak = 0
             try:
-                if self._peer_timeout:
-                    with trio.CancelScope(deadline=self._read_deadline()) as waited:
-                        await trio.lowlevel.wait_readable(sock)
-                    if waited.cancelled_caught:
-                        return b""
-                else:
-                    await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(sock)
             except _GONE:
                 return b""
-
-    def _read_deadline(self) -> float:
-        return self._last_heard + self._peer_timeout if self._peer_timeout else math.inf
 
     def _lost(self) -> None:
         if self._closed is None:
@@ -258,8 +247,9 @@ class WebSocket:
     async def send_message(self, message: str | bytes) -> None:
         """Send one text (str) or binary (bytes) message.
 
-        Raises :class:`ConnectionClosed` if the connection is closed or closing.
-        Cancelled part-way, the connection is broken (:attr:`broken`).
+        Raises :class:`ConnectionClosed` if the connection is closed or closing, and
+        ``trio.TooSlowError`` past :attr:`send_timeout`. Cut part-way (timeout or
+        cancel), the connection is broken (:attr:`broken`).
         """
         if self._close_sent or self._closed is not None:
             raise ConnectionClosed(self._closed or CloseReason(1006, None))
@@ -269,7 +259,7 @@ class WebSocket:
             data = frames.frame(OP_BINARY, message, mask=self._client)  # type: ignore[arg-type]
         try:
             await self._write(data)
-        except _GONE:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._lost()
             raise ConnectionClosed(self._closed) from None
 
@@ -289,12 +279,16 @@ class WebSocket:
             raise ConnectionClosed(self._closed)
 
     async def send_ping(self) -> None:
-        """Send a ping and return at once (keepalive; any data from the peer counts)."""
-        if self._close_sent or self._closed is not None:
+        """Send a ping and return at once (keepalive; any data from the peer counts).
+
+        Skipped while another write is under way: traffic keeps the connection alive.
+        Raises ``trio.TooSlowError`` past :attr:`send_timeout`.
+        """
+        if self._close_sent or self._closed is not None or self._send_lock.locked():
             return
         try:
             await self._write(frames.frame(OP_PING, b"", mask=self._client))
-        except _GONE:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def send_close(self, code: int, reason: str = "") -> None:
@@ -352,16 +346,22 @@ class WebSocket:
             lock.acquire_nowait()
         try:
             sock = self._sock
+            timeout = self.send_timeout or math.inf
             if sock is None:
                 try:
-                    await self._stream.send_all(data)
+                    with trio.move_on_after(timeout) as waited:
+                        await self._stream.send_all(data)
                 except BaseException:
                     self._broken = True
                     raise
+                if waited.cancelled_caught:
+                    self._broken = True
+                    raise trio.TooSlowError
                 return
             view = memoryview(data)
             sent = 0
             total = len(data)
+            deadline = 0.0
             while True:
                 try:
                     sent += sock.send(view[sent:] if sent else view)
@@ -373,12 +373,19 @@ class WebSocket:
                     raise trio.BrokenResourceError(str(exc)) from exc
                 if sent >= total:
                     return
+                if not deadline:
+                    deadline = trio.current_time() + timeout
                 try:
-                    await trio.lowlevel.wait_writable(sock)
+                    with trio.CancelScope(deadline=deadline) as waited:
+                        await trio.lowlevel.wait_writable(sock)
                 except BaseException:
                     if sent:
                         self._broken = True
                     raise
+                if waited.cancelled_caught:
+                    if sent:
+                        self._broken = True
+                    raise trio.TooSlowError
         finally:
             lock.release()
 
@@ -404,7 +411,6 @@ async def connect(
     subprotocols: tuple[str, ...] | None,
     headers: tuple[tuple[bytes, bytes], ...],
     max_message_bytes: int,
-    peer_timeout: float = 0.0,
 ) -> WebSocket:
     """Open a WebSocket over a connected ``stream`` (the client's handshake).
 
@@ -457,7 +463,6 @@ async def connect(
         max_message_bytes=max_message_bytes,
         buffered=rest,
         subprotocol=subprotocol,
-        peer_timeout=peer_timeout,
     )
 
 

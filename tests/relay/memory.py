@@ -35,6 +35,7 @@ class ClientScript:
     gaps: tuple[float, ...] = ()  # delay before each message
     closes_after: float | None = 0.0  # delay after the last message before closing; None: stays
     read_delay: float = 0.0  # a slow reader takes this long per message
+    mute_after: float | None = None  # from then on it answers no ping: a vanished phone
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ClientRecord:
     closed_at: float | None = None  # when the relay closed the client
     left_at: float | None = None  # when the client closed
     sends_after_close: int = 0
+    pings: int = 0
 
 
 @dataclass
@@ -138,6 +140,7 @@ class MemoryClient:
         self.script = script
         self.record = record
         self._send, self._receive = trio.open_memory_channel[Message](math.inf)
+        self._started = self.last_heard = trio.current_time()
 
     async def drive(self) -> None:
         """Send the scripted messages, then close (unless the relay closed us first)."""
@@ -146,6 +149,7 @@ class MemoryClient:
             if self.record.close_code is not None:
                 return
             self._send.send_nowait(message)
+            self.last_heard = trio.current_time()
         if self.script.closes_after is None:
             return
         await trio.sleep(self.script.closes_after)
@@ -163,8 +167,16 @@ class MemoryClient:
         if self.record.close_code is not None:
             self.record.sends_after_close += 1
             return
-        await trio.sleep(self.script.read_delay)
+        with trio.fail_after(SEND_TIMEOUT):  # a transport's send timeout, as the relay's sides have
+            await trio.sleep(self.script.read_delay)
         self.record.received.append(data)
+
+    async def keepalive(self) -> None:
+        """A ping; the pong comes back at once unless the client has gone mute."""
+        self.record.pings += 1
+        mute = self.script.mute_after
+        if mute is None or trio.current_time() < self._started + mute:
+            self.last_heard = trio.current_time()
 
     async def close(self, code: int, reason: str) -> None:
         assert sendable(code), f"the relay tried to send close code {code}"
