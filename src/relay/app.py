@@ -642,10 +642,17 @@ async def _accept(
 
 
 def create_app(config: RelayConfig | None = None) -> RelayApp:
-    """The relay's ASGI app. With no config, settings come from the environment,
-    which is what ``hypercorn -k trio 'relay.app:create_app()'`` uses."""
+    """The relay's ASGI app. With no config, settings come from the environment and
+    the relay's log output is set up here, as ``relay serve`` does (again: it replaces
+    its own handler): that is what ``hypercorn -k trio 'relay.app:create_app()'`` uses.
+    Hypercorn's ``-w`` runs several processes, so each line names its ``pid``."""
     if config is None:
         config = load_config(os.environ)
+        from .logs import configure_logging
+
+        secrets = (config.openai_api_key, config.jwt_secret, config.admin_token)
+        fields = {"pid": os.getpid()}
+        configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
     _hypercorn.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)
 

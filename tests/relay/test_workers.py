@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -33,48 +34,63 @@ MESSAGES = 3
 AGREE_SECONDS = 10
 
 
-class Workers:
-    """A running `relay serve --workers 2` and what it has logged so far."""
+class ProcessLog:
+    """The JSON lines a process (and its children) write to stderr, read as they come."""
 
-    def __init__(self, proc: trio.Process, url: str, log_dir: Path) -> None:
-        self.proc = proc
-        self.url = url
-        self.http_url = url.replace("ws", "http", 1)
-        self.log_dir = log_dir
-        self.log: list[dict] = []
-        self._logged = trio.Event()
+    def __init__(self, stderr: trio.abc.ReceiveStream) -> None:
+        self._stderr = stderr
+        self.raw = b""
+        self.entries: list[dict] = []
+        self._grew = trio.Event()
 
-    async def read_log(self) -> None:
-        """Collect the JSON lines of every process's stderr until it closes."""
+    async def read(self) -> None:
+        """Collect lines until the stream closes."""
         buffered = b""
-        while chunk := await self.proc.stderr.receive_some(65536):
+        while chunk := await self._stderr.receive_some(65536):
+            self.raw += chunk
             buffered += chunk
             *lines, buffered = buffered.split(b"\n")
-            self.log += [orjson.loads(line) for line in lines if line.startswith(b"{")]
-            self._logged.set()
-            self._logged = trio.Event()
+            self.entries += [orjson.loads(line) for line in lines if line.startswith(b"{")]
+            self._grew.set()
+            self._grew = trio.Event()
 
-    async def until_logged(self, done: Callable[[], bool]) -> None:
+    async def until(self, done: Callable[[], bool]) -> None:
         """Wait for lines until ``done()`` holds (the caller bounds the wait)."""
         while not done():
-            await self._logged.wait()
+            await self._grew.wait()
 
     def pids(self, msg: str) -> set[int]:
         """The processes that logged a line starting with ``msg``."""
-        return {entry["pid"] for entry in self.log if entry["msg"].startswith(msg)}
+        return {entry["pid"] for entry in self.entries if entry["msg"].startswith(msg)}
 
     def count(self, msg: str) -> int:
-        return sum(entry["msg"] == msg for entry in self.log)
+        return sum(entry["msg"] == msg for entry in self.entries)
+
+
+class Workers:
+    """A running `relay serve --workers 2` and what it has logged so far."""
+
+    def __init__(self, proc: trio.Process, url: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.http_url = url.replace("ws", "http", 1)
+        self.log = ProcessLog(proc.stderr)
 
     async def scrape(self) -> dict[tuple[str, tuple], float]:
-        """One scrape on a new connection, so it lands on whichever worker accepts it."""
-        async with httpx.AsyncClient(base_url=self.http_url) as http:
-            text = (await http.get("/metrics")).text
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return await scrape(self.http_url)
+
+
+async def scrape(
+    http_url: str, verify: ssl.SSLContext | bool = True
+) -> dict[tuple[str, tuple], float]:
+    """One scrape on a new connection, so it lands on whichever worker accepts it."""
+    async with httpx.AsyncClient(base_url=http_url, verify=verify) as http:
+        text = (await http.get("/metrics")).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @asynccontextmanager
@@ -102,9 +118,9 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[Workers]:
                 buffered += chunk
             found = re.search(rb"2 workers listening on (ws://127\.0\.0\.1:\d+)/voice", buffered)
             assert found, buffered
-            workers = Workers(proc, found.group(1).decode(), tmp_path)
-            nursery.start_soon(workers.read_log)
-            await workers.until_logged(lambda: len(workers.pids("Running on")) == 2)
+            workers = Workers(proc, found.group(1).decode())
+            nursery.start_soon(workers.log.read)
+            await workers.log.until(lambda: len(workers.log.pids("Running on")) == 2)
             yield workers
         finally:
             if proc.returncode is None:
@@ -112,7 +128,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[Workers]:
             with trio.move_on_after(5, shield=True):  # also when the test timed out
                 await proc.wait()
             if workers is not None:
-                stop_workers(workers.pids("Running on"))
+                stop_workers(workers.log.pids("Running on"))
         nursery.cancel_scope.cancel()
 
 
@@ -151,32 +167,36 @@ async def test_metrics_of_two_workers_on_one_port_add_up_to_the_whole_relay(tmp_
 
             async with trio.open_nursery() as clients:
                 opened = 0
-                while opened < SESSIONS or len(relay.pids("session started")) < 2:
+                while opened < SESSIONS or len(relay.log.pids("session started")) < 2:
                     assert opened < MAX_SESSIONS, "every session landed on one worker"
                     await clients.start(session)
                     opened += 1
-                    await relay.until_logged(lambda n=opened: relay.count("session started") == n)
+                    await relay.log.until(lambda n=opened: relay.log.count("session started") == n)
                 # Each worker alone holds fewer than `opened` sessions, so a scrape showing all
                 # of them has summed both. Scrapes land on either worker, so several in a row
                 # must agree. (That a worker publishes its live traffic every second without
                 # being scraped is test_metrics.py's to check: here a scrape of each would do.)
-                await agree(relay, (started, active, sent), (opened, opened, opened * MESSAGES))
+                await agree(
+                    relay.scrape, (started, active, sent), (opened, opened, opened * MESSAGES)
+                )
                 leave.set()
 
             await agree(
-                relay, (started, active, ended, sent), (opened, 0, opened, opened * MESSAGES)
+                relay.scrape, (started, active, ended, sent), (opened, 0, opened, opened * MESSAGES)
             )
             relay.proc.terminate()
             assert await relay.proc.wait() == 0
     assert metrics_dirs(tmp_path) == []  # removed at exit
 
 
-async def agree(relay: Workers, keys: tuple, expected: tuple, times: int = 6) -> None:
+async def agree(
+    scraped: Callable[[], Awaitable[dict]], keys: tuple, expected: tuple, times: int = 6
+) -> None:
     """Scrape until ``times`` scrapes in a row show ``expected``, for up to AGREE_SECONDS."""
     in_a_row, seen = 0, None
     with trio.move_on_after(AGREE_SECONDS):
         while in_a_row < times:
-            samples = await relay.scrape()
+            samples = await scraped()
             seen = tuple(samples.get(key) for key in keys)
             in_a_row = in_a_row + 1 if seen == expected else 0
             if in_a_row == 0:
