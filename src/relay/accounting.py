@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import trio
@@ -25,6 +26,8 @@ from .usage import UsageDelta, UsageRow, UsageStore, usage_from_response_done
 LEASE_SECONDS = 60.0
 #: Seconds recording an ended session may take; a hung store must not hold up teardown.
 FINISH_TIMEOUT = 5.0
+#: Seconds recording a finished response may take; the upstream's events wait meanwhile.
+STORE_TIMEOUT = 5.0
 
 log = logging.getLogger("relay")
 
@@ -45,8 +48,10 @@ class Accounting:
         max_sessions: int,
         daily_budget: int,
         clock: Callable[[], float] = time.time,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.store = store
+        self._lease_seconds = lease_seconds
         self._max_sessions = max_sessions
         self._daily_budget = daily_budget
         self._clock = clock
@@ -57,25 +62,40 @@ class Accounting:
         return min(budgets) if budgets else 0
 
     async def admit(self, identity: Identity, session_id: str) -> None:
-        """Take a concurrency slot for a new session, or raise :class:`Refusal` (HTTP 429)."""
+        """Take a concurrency slot for a new session, or raise :class:`Refusal` (HTTP 429).
+
+        A store that fails raises ConnectionError (an OSError, whatever the backend's own
+        error is), which the handshake turns into 503.
+        """
+        with _store_errors_as_connection_error():
+            refusal = await self.budget_refusal(identity)
+            if refusal is not None:
+                raise refusal
+            if self._max_sessions and not await self.store.acquire_slot(
+                identity.user,
+                session_id,
+                limit=self._max_sessions,
+                lease_seconds=self._lease_seconds,
+            ):
+                raise Refusal(
+                    429,
+                    "too_many_sessions",
+                    f"{identity.user!r} already has {self._max_sessions} live sessions"
+                    " (RELAY_MAX_SESSIONS_PER_USER); close one and try again.",
+                )
+
+    async def budget_refusal(self, identity: Identity) -> Refusal | None:
+        """The refusal (HTTP 429) owed to a user whose daily budget is used up, else None."""
         now = self._clock()
         budget = self.budget_for(identity)
         if budget and await self.store.tokens(identity.user, utc_day(now)) >= budget:
-            raise Refusal(
+            return Refusal(
                 429,
                 "daily_budget_exhausted",
                 f"The daily token budget of {budget} is used up; it resets at 00:00 UTC"
                 f" (in {seconds_to_midnight(now)} s).",
             )
-        if self._max_sessions and not await self.store.acquire_slot(
-            identity.user, session_id, limit=self._max_sessions, lease_seconds=LEASE_SECONDS
-        ):
-            raise Refusal(
-                429,
-                "too_many_sessions",
-                f"{identity.user!r} already has {self._max_sessions} live sessions"
-                " (RELAY_MAX_SESSIONS_PER_USER); close one and try again.",
-            )
+        return None
 
     @property
     def holds_leases(self) -> bool:
@@ -83,44 +103,108 @@ class Accounting:
         return bool(self._max_sessions)
 
     async def keep_lease(self, identity: Identity, session_id: str) -> None:
-        """Renew the session's lease until cancelled."""
+        """Renew the session's lease until cancelled.
+
+        A renewal the store fails (or takes a whole interval over) is logged and tried
+        again at the next tick: the session goes on, and its lease still has two
+        intervals to run. Only a store down for the whole lease lets the slot lapse,
+        which frees it rather than locking the user out.
+        """
+        lease = self._lease_seconds
+        interval = lease / 3
         while True:
-            await trio.sleep(LEASE_SECONDS / 3)
-            await self.store.renew_slot(identity.user, session_id, lease_seconds=LEASE_SECONDS)
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as bounded:
+                try:
+                    await self.store.renew_slot(identity.user, session_id, lease_seconds=lease)
+                except Exception as exc:  # any store failure; a live session must outlast it
+                    log.warning(
+                        "usage store failed to renew a concurrency lease (%s); retrying in %g s",
+                        _describe(exc),
+                        interval,
+                        extra={"fields": {"session": session_id, "user": identity.user}},
+                    )
+            if bounded.cancelled_caught:
+                log.warning(
+                    "usage store did not renew a concurrency lease within %g s; retrying",
+                    interval,
+                    extra={"fields": {"session": session_id, "user": identity.user}},
+                )
 
     async def record_responses(self, identity: Identity, responses: list[dict[str, object]]) -> bool:
-        """Add the tokens of finished responses; True if the user's budget is now used up."""
+        """Add the tokens of finished responses; True if the user's budget is now used up.
+
+        A store that fails or hangs (bounded by ``STORE_TIMEOUT``) is logged and the
+        session goes on: those tokens go unrecorded, and the budget is checked again
+        after the next response.
+        """
         day = utc_day(self._clock())
-        for event in responses:
-            await self.store.add(identity.user, day, usage_from_response_done(event))
-        budget = self.budget_for(identity)
-        return bool(budget) and await self.store.tokens(identity.user, day) >= budget
+        problem = f"no answer within {STORE_TIMEOUT:g} s"
+        with trio.move_on_after(STORE_TIMEOUT):
+            try:
+                for event in responses:
+                    await self.store.add(identity.user, day, usage_from_response_done(event))
+                budget = self.budget_for(identity)
+                return bool(budget) and await self.store.tokens(identity.user, day) >= budget
+            except Exception as exc:  # any store failure; a live session must outlast it
+                problem = _describe(exc)
+        log.error(
+            "usage store failed to record %d finished responses (%s): their tokens are not"
+            " counted against the daily budget; the session goes on",
+            len(responses),
+            problem,
+            extra={"fields": {"user": identity.user}},
+        )
+        return False
 
     async def finish(self, identity: Identity, session_id: str, traffic: Traffic, seconds: float) -> None:
         """Record the session itself and give its slot back (shielded, so it runs while the
-        session is being cancelled, and bounded, so a hung store cannot stall teardown)."""
-        with trio.move_on_after(FINISH_TIMEOUT, shield=True) as bounded:
-            await self.store.add(
-                identity.user,
-                utc_day(self._clock()),
-                UsageDelta(
-                    sessions=1,
-                    connected_seconds=seconds,
-                    client_messages=traffic.client_messages,
-                    client_bytes=traffic.client_bytes,
-                    upstream_messages=traffic.upstream_messages,
-                    upstream_bytes=traffic.upstream_bytes,
-                ),
-            )
-            if self._max_sessions:
-                await self.store.release_slot(identity.user, session_id)
-        if bounded.cancelled_caught:
-            log.error(
-                "usage store did not answer within %g s: session of %s not recorded"
-                " (its concurrency slot frees itself when the lease expires)",
-                FINISH_TIMEOUT,
-                identity.user,
-            )
+        session is being cancelled, and bounded, so a hung store cannot stall teardown).
+        A store that fails is logged; the slot then frees itself when its lease expires."""
+        problem = f"did not answer within {FINISH_TIMEOUT:g} s"
+        with trio.move_on_after(FINISH_TIMEOUT, shield=True):
+            try:
+                await self.store.add(
+                    identity.user,
+                    utc_day(self._clock()),
+                    UsageDelta(
+                        sessions=1,
+                        connected_seconds=seconds,
+                        client_messages=traffic.client_messages,
+                        client_bytes=traffic.client_bytes,
+                        upstream_messages=traffic.upstream_messages,
+                        upstream_bytes=traffic.upstream_bytes,
+                    ),
+                )
+                if self._max_sessions:
+                    await self.store.release_slot(identity.user, session_id)
+                return
+            except Exception as exc:  # teardown must finish whatever the store does
+                problem = f"failed ({_describe(exc)})"
+        log.error(
+            "usage store %s: session of %s not recorded"
+            " (its concurrency slot frees itself when the lease expires)",
+            problem,
+            identity.user,
+            extra={"fields": {"session": session_id, "user": identity.user}},
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line: its type and message (store errors name hosts, not URLs)."""
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+@contextmanager
+def _store_errors_as_connection_error() -> Iterator[None]:
+    """Make any backend's failure (coredis, sqlite3) a ConnectionError, which callers know."""
+    try:
+        yield
+    except (Refusal, OSError, trio.TooSlowError):
+        raise
+    except Exception as exc:
+        raise ConnectionError(f"the usage store failed ({_describe(exc)})") from exc
 
 
 def usage_json(row: UsageRow) -> dict[str, object]:

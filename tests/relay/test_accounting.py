@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import coredis.exceptions
 import httpx
 import orjson
 import pytest
@@ -15,7 +16,8 @@ import trio
 from mockrealtime import MockConfig, serve_mock_realtime
 from trio_websocket import ConnectionRejected
 
-from relay.auth import hash_key
+from relay.accounting import Accounting
+from relay.auth import Identity, Refusal, hash_key
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
 from .test_relay_loopback import error_codes, receive_until_closed
@@ -200,3 +202,170 @@ async def test_a_hung_store_cannot_hold_up_a_sessions_teardown(
         await accounting.finish(Identity("alice", "api_key"), "s1", Traffic(), 1.0)
     assert trio.current_time() - started == pytest.approx(FINISH_TIMEOUT)
     assert "session of alice not recorded" in caplog.text
+
+
+def redis_down() -> Exception:
+    """What coredis raises for every call while Redis is down (a RedisError, not an OSError)."""
+    return coredis.exceptions.ConnectionError("Unable to establish a connection to 127.0.0.1:6379")
+
+
+class LeaseStore:
+    """Leases and token counters in memory, on Trio's clock, so lease expiry runs under MockClock.
+
+    ``failing`` names operations that fail as they do with Redis down, while ``failures``
+    lasts (each failure counts one down).
+    """
+
+    def __init__(self, *, failing: frozenset[str] = frozenset(), failures: int = 0) -> None:
+        self.slots: dict[str, dict[str, float]] = {}
+        self.tokens_used: dict[str, int] = {}
+        self.failing = failing
+        self.failures = failures
+
+    def _maybe_fail(self, operation: str) -> None:
+        if operation in self.failing and self.failures > 0:
+            self.failures -= 1
+            raise redis_down()
+
+    async def acquire_slot(self, user: str, session_id: str, *, limit: int, lease_seconds: float) -> bool:
+        self._maybe_fail("acquire_slot")
+        now = trio.current_time()
+        live = {s: t for s, t in self.slots.get(user, {}).items() if t > now}
+        if session_id not in live and len(live) >= limit:
+            self.slots[user] = live
+            return False
+        live[session_id] = now + lease_seconds
+        self.slots[user] = live
+        return True
+
+    async def renew_slot(self, user: str, session_id: str, *, lease_seconds: float) -> None:
+        self._maybe_fail("renew_slot")
+        leases = self.slots.get(user, {})
+        if leases.get(session_id, -1.0) > trio.current_time():
+            leases[session_id] = trio.current_time() + lease_seconds
+
+    async def add(self, user: str, day: str, delta: object) -> None:
+        self._maybe_fail("add")
+        from relay.usage import TOKEN_COUNTERS
+
+        self.tokens_used[user] = self.tokens_used.get(user, 0) + sum(getattr(delta, n) for n in TOKEN_COUNTERS)
+
+    async def tokens(self, user: str, day: str) -> int:
+        self._maybe_fail("tokens")
+        return self.tokens_used.get(user, 0)
+
+
+ALICE_ID = Identity("alice", "api_key")
+LEASE = 3.0
+
+
+async def test_a_session_that_outlives_its_lease_still_holds_its_slot(autojump_clock: trio.testing.MockClock) -> None:
+    accounting = Accounting(LeaseStore(), max_sessions=1, daily_budget=0, lease_seconds=LEASE)  # type: ignore[arg-type]
+    await accounting.admit(ALICE_ID, "s1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accounting.keep_lease, ALICE_ID, "s1")
+        await trio.sleep(10 * LEASE)  # the first lease ran out long ago; renewals kept it
+        with pytest.raises(Refusal) as refused:
+            await accounting.admit(ALICE_ID, "s2")
+        assert refused.value.code == "too_many_sessions"
+        nursery.cancel_scope.cancel()
+    # Once renewals stop (the session ended without releasing), the lease lapses and frees the slot.
+    await trio.sleep(LEASE)
+    await accounting.admit(ALICE_ID, "s2")
+
+
+async def test_a_failed_lease_renewal_is_logged_and_retried_and_the_slot_kept(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LeaseStore(failing=frozenset({"renew_slot"}), failures=1)
+    accounting = Accounting(store, max_sessions=1, daily_budget=0, lease_seconds=LEASE)  # type: ignore[arg-type]
+    await accounting.admit(ALICE_ID, "s1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accounting.keep_lease, ALICE_ID, "s1")  # would end the nursery if it raised
+        await trio.sleep(10 * LEASE)
+        with pytest.raises(Refusal):
+            await accounting.admit(ALICE_ID, "s2")
+        nursery.cancel_scope.cancel()
+    assert store.failures == 0
+    (record,) = [r for r in caplog.records if "renew" in r.getMessage()]
+    assert "ConnectionError" in record.getMessage() and "retrying" in record.getMessage()
+    assert record.fields == {"session": "s1", "user": "alice"}
+
+
+async def test_a_store_failure_while_recording_a_response_is_logged_and_not_fatal(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    done = {"type": "response.done", "response": {"usage": {"input_tokens": 5, "output_tokens": 7}}}
+    store = LeaseStore(failing=frozenset({"add"}), failures=1)
+    accounting = Accounting(store, max_sessions=0, daily_budget=10)  # type: ignore[arg-type]
+    assert await accounting.record_responses(ALICE_ID, [done]) is False  # not counted, not fatal
+    assert "usage store failed to record 1 finished responses (ConnectionError" in caplog.text
+    assert await accounting.record_responses(ALICE_ID, [done]) is True  # the store is back: 12 >= 10
+
+
+async def test_a_hung_store_cannot_hold_up_the_upstreams_events(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from relay.accounting import STORE_TIMEOUT
+
+    accounting = Accounting(HungStore(), max_sessions=0, daily_budget=10)  # type: ignore[arg-type]
+    started = trio.current_time()
+    with trio.fail_after(2 * STORE_TIMEOUT):
+        assert await accounting.record_responses(ALICE_ID, [{"type": "response.done"}]) is False
+    assert trio.current_time() - started == pytest.approx(STORE_TIMEOUT)
+    assert "no answer within" in caplog.text
+
+
+class DownStore:
+    """Wraps a store; from ``down()`` on, every call fails as it does with Redis down.
+
+    (A real redis-server killed mid-test would do, but coredis leaks a stream per failed reconnect,
+    which the test run reports as unclosed resources.)
+    """
+
+    def __init__(self, store: object) -> None:
+        self._store = store
+        self.is_down = False
+
+    def down(self) -> None:
+        self.is_down = True
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._store, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.is_down:
+                raise redis_down()
+            return await method(*args, **kwargs)
+
+        return call
+
+
+async def test_a_live_session_goes_on_when_its_usage_store_goes_down(caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relays("sqlite:///:memory:", max_sessions_per_user=2, daily_token_budget=100_000) as (relay,):
+            assert relay.app.accounting is not None
+            store = relay.app.accounting.store = DownStore(relay.app.accounting.store)  # type: ignore[assignment]
+            async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
+                assert orjson.loads(await ws.get_message())["type"] == "session.created"
+                store.down()
+                for _turn in range(2):  # recording each response.done fails; the session goes on
+                    for message in TEXT_TURN:
+                        await ws.send_message(message)
+                    while orjson.loads(await ws.get_message())["type"] != "response.done":
+                        pass
+                assert ws.closed is None
+    assert "usage store failed to record 1 finished responses (ConnectionError" in caplog.text
+
+
+async def test_a_handshake_gets_503_while_the_usage_store_is_down() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relays("sqlite:///:memory:", max_sessions_per_user=2) as (relay,):
+            assert relay.app.accounting is not None
+            store = relay.app.accounting.store = DownStore(relay.app.accounting.store)  # type: ignore[assignment]
+            store.down()
+            with pytest.raises(ConnectionRejected) as refused:
+                async with connect(relay.url + "/voice", extra_headers=BEARER):
+                    pass
+    assert refused.value.status_code == 503
+    assert "usage store is not answering" in orjson.loads(refused.value.body)["error"]
