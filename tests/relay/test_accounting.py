@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 import trio
-from mockrealtime import MockConfig, serve_mock_realtime
+from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from trio_websocket import ConnectionRejected
 
 from relay.accounting import Accounting
@@ -35,6 +35,15 @@ TEXT_TURN = [
 @asynccontextmanager
 async def relays(store: str, count: int = 1, **settings: object) -> AsyncIterator[list[RunningRelay]]:
     """``count`` relay instances sharing one store, in front of one mockrealtime."""
+    async with relays_and_mock(store, count, **settings) as (instances, _mock):
+        yield instances
+
+
+@asynccontextmanager
+async def relays_and_mock(
+    store: str, count: int = 1, **settings: object
+) -> AsyncIterator[tuple[list[RunningRelay], MockServer]]:
+    """:func:`relays`, and the mockrealtime behind them (which records what it received)."""
     values: dict[str, object] = {
         "allow_anonymous": False,
         "api_keys": (f"alice:{hash_key(ALICE)}",),
@@ -46,10 +55,10 @@ async def relays(store: str, count: int = 1, **settings: object) -> AsyncIterato
         values["upstream_url"] = mock.url
         async with running_relay(**values) as first:
             if count == 1:
-                yield [first]
+                yield [first], mock
             else:
                 async with running_relay(**values) as second:
-                    yield [first, second]
+                    yield [first, second], mock
         nursery.cancel_scope.cancel()
 
 
@@ -143,9 +152,9 @@ async def test_two_instances_never_let_a_user_exceed_the_session_cap(store_url: 
             await text_turn(b)
 
 
-async def test_the_budget_ends_a_session_mid_way_and_then_refuses_new_ones() -> None:
+async def test_the_budget_ends_a_session_mid_way_and_then_refuses_new_ones(store_url: str) -> None:
     with trio.fail_after(TIMEOUT):
-        async with relays("sqlite:///:memory:", daily_token_budget=10) as (relay,):
+        async with relays_and_mock(store_url, daily_token_budget=10) as ((relay,), mock):
             async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
                 for message in TEXT_TURN:
                     await ws.send_message(message)
@@ -153,11 +162,38 @@ async def test_the_budget_ends_a_session_mid_way_and_then_refuses_new_ones() -> 
             kinds = [orjson.loads(m)["type"] for m in messages]
             assert "response.done" in kinds  # the turn that crossed the budget is delivered
             assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
+            (upstream,) = mock.connections
+            await upstream.closed.wait()
+            # Upstream, any response still running is cancelled, and then the session closed.
+            assert upstream.received[-1] == '{"type":"response.cancel"}'
+            assert (upstream.close_code, upstream.close_reason) == (1000, "budget exhausted")
             with pytest.raises(ConnectionRejected) as refused:
                 async with connect(relay.url + "/voice", extra_headers=BEARER):
                     pass
             assert refused.value.status_code == 429
             assert orjson.loads(refused.value.body)["code"] == "daily_budget_exhausted"
+            assert len(mock.connections) == 1  # nothing was dialled for the refused session
+
+
+async def test_a_tokens_budget_claim_below_the_relays_budget_cuts_the_session_first() -> None:
+    from .test_auth_loopback import SECRET, signed
+
+    token = signed({"budget": 10})  # user bob
+    bearer = [(b"authorization", f"Bearer {token}".encode())]
+    with trio.fail_after(TIMEOUT):
+        async with relays("sqlite:///:memory:", jwt_secret=SECRET, daily_token_budget=100_000) as (relay,):
+            async with connect(relay.url + "/voice", extra_headers=bearer) as ws:
+                for message in TEXT_TURN:
+                    await ws.send_message(message)
+                messages, code, _ = await receive_until_closed(ws)
+            assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
+            with pytest.raises(ConnectionRejected) as refused:
+                async with connect(relay.url + "/voice", extra_headers=bearer):
+                    pass
+            assert refused.value.status_code == 429
+            assert "daily token budget of 10 is used up" in orjson.loads(refused.value.body)["error"]
+            # Another user of the same relay still has the relay's (larger) budget.
+            assert (await text_turn(relay))[-1]["type"] == "response.done"
 
 
 async def test_the_admin_endpoint_needs_the_admin_token() -> None:
