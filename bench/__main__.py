@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark the relay package found in DIR (e.g. `git archive REV src | tar -x -C D`"
         " then D/src) instead of the installed one",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=procs.WORKERS,
+        help=f"relay serve --workers (default: the core count, {procs.WORKERS})",
+    )
     sub = parser.add_subparsers(dest="scenario", required=True)
     sub.add_parser(
         "all", help="every scenario below, in order (overload at 2x the measured capacity)"
@@ -100,6 +106,7 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.relay_src:
         procs.RELAY_SRC = os.path.abspath(args.relay_src)
+    procs.WORKERS = args.workers
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

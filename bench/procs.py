@@ -27,18 +27,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tree(pid: int) -> list[int]:
+    """A process and its children (``relay serve --workers N`` runs N worker processes)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return [pid, *children]
+
+
 def rss_kb(pid: int) -> int:
-    """VmRSS of a process, in kB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    """VmRSS of a process and its children, in kB."""
+    total = 0
+    for one in tree(pid):
+        try:
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU time a process and its children have used so far."""
+    total = 0
+    for one in tree(pid):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of a process and its children."""
+    return sum(len(os.listdir(f"/proc/{one}/fd")) for one in tree(pid))
 
 
 def self_cpu_seconds() -> float:
@@ -83,6 +113,10 @@ def start_echo() -> Server:
     return Server(process, port)
 
 
+#: ``relay serve --workers``: one event loop per core, as the relay is deployed.
+WORKERS = os.cpu_count() or 1
+
+
 def relay_command(port: int) -> list[str]:
     return [
         sys.executable,
@@ -94,6 +128,8 @@ def relay_command(port: int) -> list[str]:
         HOST,
         "--port",
         str(port),
+        "--workers",
+        str(WORKERS),
     ]
 
 

@@ -443,7 +443,7 @@ async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
     await close_many(warm)
     await asyncio.sleep(0.5)
     before = procs.rss_kb(relay.pid)
-    fds0 = len(os.listdir(f"/proc/{relay.pid}/fd"))
+    fds0 = procs.fd_count(relay.pid)
     progress(f"idle: opening {n} sessions through the relay")
     t0 = time.monotonic()
     retried: list[int] = []
@@ -451,7 +451,7 @@ async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
     opened = time.monotonic() - t0
     await asyncio.sleep(1.0)
     after = procs.rss_kb(relay.pid)
-    fds = len(os.listdir(f"/proc/{relay.pid}/fd")) - fds0
+    fds = procs.fd_count(relay.pid) - fds0
     still = sum(1 for c in clients if not c.closed.done())
     await close_many(clients)
     per = (after - before) / max(1, len(clients))

@@ -23,7 +23,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from .app import RelayApp, create_app
+from .app import RelayApp, client_frame_limit, create_app
 from .config import RelayConfig
 
 #: Seconds Hypercorn waits for connections after the relay closed its sessions.
@@ -46,7 +46,7 @@ def hypercorn_config(config: RelayConfig) -> HypercornConfig:
     hc.read_timeout = config.peer_timeout or None
     # Above the relay's own limit, so the bridge sees an oversized message and
     # answers it with an error event and 1009 instead of Hypercorn's bare 1009.
-    hc.websocket_max_message_size = max(2 * config.max_message_bytes, config.max_message_bytes + 65536)
+    hc.websocket_max_message_size = client_frame_limit(config.max_message_bytes)
     hc.graceful_timeout = GRACEFUL_TIMEOUT
     hc.accesslog = None
     # Hypercorn's own records go through the standard logging tree like the relay's.
