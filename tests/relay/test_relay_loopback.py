@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import base64
 import os
 
@@ -380,6 +382,38 @@ async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest
             assert upstream_codes == {"leaves": 1000, "stays": 1001}
             assert upstream_got["leaves"][1:] == ['{"type":"response.cancel"}']
             assert [orjson.loads(m)["n"] for m in upstream_got["stays"][1:]] == list(range(5))
+
+
+async def test_a_session_the_relay_closes_ends_when_the_client_answers_not_after_the_close_timeout() -> None:
+    """The relay reads the client's close reply itself, so a session it ends (here by a
+    drain with no grace) is over, its slot and its place in the drain freed, as soon as
+    the client answers: not RELAY_CLOSE_TIMEOUT later, as when Hypercorn never reported
+    that reply to the app."""
+
+    async def stay(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.send_message('{"type":"session.created"}')
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await conn.receive()
+
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(stay) as up, running_relay(upstream_url=up.url, close_timeout=5.0) as relay:
+            async with connect(relay.url + "/voice") as ws:
+                assert await ws.get_message() == '{"type":"session.created"}'
+                async with trio.open_nursery() as nursery:
+
+                    async def drain() -> None:
+                        started = trio.current_time()
+                        await relay.app.drain(0.0)
+                        drained.append(trio.current_time() - started)
+
+                    drained: list[float] = []
+                    nursery.start_soon(drain)
+                    messages, code, _ = await receive_until_closed(ws)
+            assert code == 1012
+            assert error_codes(messages) == ["relay_draining", "relay_shutting_down"]
+            assert drained and drained[0] < 2.0, drained  # well under the 5 s close timeout
 
 
 async def test_readiness_reports_starting_ready_and_an_unreachable_upstream() -> None:
