@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 from wsproto import frame_protocol
+
+from .leaks import CLIENT_LEAKS, SecretScanner, hold
 
 # `ci` (the default) keeps the whole suite within a few minutes on 2 cores;
 # `thorough` is for long runs: HYPOTHESIS_PROFILE=thorough uv run pytest tests/relay/test_properties.py
@@ -32,35 +34,6 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-#: Every credential the suite hands to the relay or the fake; none may appear in a log line.
-SECRETS = (
-    "sk-test-upstream-secret-0123456789",  # the relay's upstream key in tests/relay
-    "sk-memory-secret-7f3a9c",
-    "jwt-shared-secret-for-tests-0123456789abcdef",
-    "rk_alice_0123456789",
-    "rk_alice_key",
-    "rk_test_client_key_abcdef",
-    "sk-test-0123456789",
-    "sk-sdk-conformance",
-)
-SECRET_PATTERNS = (re.compile(r"sk-demo-[A-Za-z0-9_-]{16}"),)  # relay demo's per-run key
-
-
-class SecretScanner(logging.Handler):
-    """Sees every log record of the run (at INFO and above) and remembers any that holds a secret."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.leaks: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if record.exc_info:
-            text += logging.Formatter().formatException(record.exc_info)
-        if any(secret in text for secret in SECRETS) or any(p.search(text) for p in SECRET_PATTERNS):
-            self.leaks.append(f"{record.name}: {text[:300]}")
-
-
 SCANNER = SecretScanner()
 
 
@@ -72,8 +45,38 @@ def no_secret_in_any_log_line() -> Iterator[None]:
     assert SCANNER.leaks[seen:] == [], "a log line carried a secret"
 
 
+@pytest.fixture(autouse=True)
+def no_upstream_key_reaches_a_client() -> Iterator[None]:
+    """Fail the test during which a client received the upstream key (even if the test
+    swallowed the assertion the client helper raised on the spot)."""
+    seen = len(CLIENT_LEAKS)
+    yield
+    assert CLIENT_LEAKS[seen:] == [], "a client received the upstream key"
+
+
+def _record_upstream_keys() -> None:
+    """Record every key a relay is given upstream: each relay builds a dialer, and each
+    session (and each bridge test) a bridge with the key as its secret."""
+    from relay.bridge import Bridge
+    from relay.upstream import UpstreamDialer
+
+    dialer_init, bridge_init = UpstreamDialer.__init__, Bridge.__init__
+
+    def dialer(self: UpstreamDialer, config: Any, *args: Any, **kwargs: Any) -> None:
+        hold(config.openai_api_key)
+        dialer_init(self, config, *args, **kwargs)
+
+    def bridge(self: Bridge, *args: Any, secret: str = "", **kwargs: Any) -> None:
+        hold(secret)
+        bridge_init(self, *args, secret=secret, **kwargs)
+
+    UpstreamDialer.__init__ = dialer  # type: ignore[method-assign]
+    Bridge.__init__ = bridge  # type: ignore[method-assign]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger().addHandler(SCANNER)
+    _record_upstream_keys()
     if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
         logging.getLogger().setLevel(logging.INFO)
     """Pick the run's Hypothesis seed up front so a failure can be replayed exactly."""

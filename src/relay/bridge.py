@@ -109,8 +109,8 @@ class Limits:
 class Bridge:
     """Decides what happens to each message and close of one client/upstream pair.
 
-    ``secret`` is the upstream credential: any upstream message that contains it is
-    redacted before it reaches the client.
+    ``secret`` is the upstream credential: any upstream message or close reason that
+    contains it is redacted before it reaches the client.
     """
 
     def __init__(
@@ -332,7 +332,10 @@ class Bridge:
                     kind="server_error",
                 ),
             )
-        return self._end(Cause.UPSTREAM_CLOSED, client=(code, reason or ""), upstream=None)
+        reason = reason or ""
+        if self._secret and self._secret in reason:
+            reason = reason.replace(self._secret, "[redacted]")
+        return self._end(Cause.UPSTREAM_CLOSED, client=(code, reason), upstream=None)
 
     def dial_failed(self, detail: str, *, status: int | None = None) -> Ending | None:
         """Opening the upstream failed: unreachable, timed out, or refused with ``status``."""

@@ -27,6 +27,8 @@ from relay.app import RelayApp, create_app
 from relay.config import RelayConfig, load_config
 from relay.server import serve
 
+from ..leaks import check_client_sees_no_upstream_key
+
 TEST_KEY = "sk-test-upstream-secret-0123456789"
 
 Handler = Callable[["UpstreamConnection"], Awaitable[None]]
@@ -156,6 +158,22 @@ def closed_port_url() -> str:
     return f"ws://127.0.0.1:{port}/v1/realtime"
 
 
+def _check_every_frame(ws: WebSocketConnection) -> None:
+    """Make ``ws.get_message`` fail the test on a message or close reason with the upstream key."""
+    get_message = ws.get_message
+
+    async def checked_get_message() -> str | bytes:
+        try:
+            message = await get_message()
+        except ConnectionClosed as closed:
+            check_client_sees_no_upstream_key("the close reason", closed.reason.reason)
+            raise
+        check_client_sees_no_upstream_key("a message", message)
+        return message
+
+    ws.get_message = checked_get_message  # type: ignore[method-assign]
+
+
 @asynccontextmanager
 async def connect(
     url: str,
@@ -168,6 +186,8 @@ async def connect(
 
     (trio-websocket's ``open_websocket_url`` leaves the socket open after a
     refused handshake or a server-initiated close.) Errors come out unwrapped.
+    Every message and the close reason are checked for the upstream key: a test
+    fails if its client received it, whatever the test itself asserts.
     """
     parts = urlsplit(url)
     assert parts.hostname and parts.port
@@ -186,12 +206,15 @@ async def connect(
                 subprotocols=subprotocols,
                 extra_headers=extra_headers,
             )
+            _check_every_frame(ws)
             try:
                 yield ws
             finally:
                 with trio.move_on_after(5, shield=True):
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
+                if ws.closed is not None:
+                    check_client_sees_no_upstream_key("the close reason", ws.closed.reason)
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None

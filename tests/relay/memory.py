@@ -22,6 +22,8 @@ from relay.pair import Pair
 from relay.upstream import UpstreamTarget
 from relay.websocket import WebSocket as RelayWebSocket
 
+from ..leaks import check_client_sees_no_upstream_key
+
 SECRET = "sk-memory-secret-7f3a9c"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime","instructions":"x"}}'
 DIAL_TIMEOUT = 5.0
@@ -170,6 +172,8 @@ class MemoryClient:
         with trio.fail_after(SEND_TIMEOUT):  # a transport's send timeout, as the relay's sides have
             await trio.sleep(self.script.read_delay)
         self.record.received.append(data)
+        # Recorded, not raised: an exception here would unwind the relay's own send.
+        check_client_sees_no_upstream_key("a message", data, fail_now=False)
 
     async def keepalive(self) -> None:
         """A ping; the pong comes back at once unless the client has gone mute."""
@@ -183,6 +187,7 @@ class MemoryClient:
         if self.record.close_code is not None:
             self.record.sends_after_close += 1
             return
+        check_client_sees_no_upstream_key("the close reason", reason, fail_now=False)
         self.record.close_code = code
         self.record.close_reason = reason
         self.record.closed_at = trio.current_time()

@@ -339,6 +339,18 @@ async def test_the_upstream_key_never_reaches_the_client() -> None:
     assert code == 1011
 
 
+async def test_an_upstream_close_reason_quoting_the_key_reaches_the_client_redacted() -> None:
+    async def close_quoting_the_key(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.aclose(4000, f"key {TEST_KEY} revoked")
+
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(close_quoting_the_key) as up, running_relay(upstream_url=up.url) as relay:
+            async with connect(relay.url + "/voice") as ws:  # connect fails the test on a leak
+                _, code, reason = await receive_until_closed(ws)
+    assert (code, reason) == (4000, "key [redacted] revoked")
+
+
 async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest_with_1012() -> None:
     upstream_got: dict[str, list[str]] = {}
     upstream_codes: dict[str, int] = {}
