@@ -401,7 +401,9 @@ class RelayApp:
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
-            policy=self.config.policy,
+            policy=self.config.policy.for_session(
+                _query_param(scope, "model") or self.config.model, identity.model
+            ),
         )
         try:
             if accounting.holds_leases:

@@ -22,6 +22,7 @@ message is returned unchanged and goes straight upstream.
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -31,6 +32,10 @@ from .events import error_event, event_type, parse_event
 from .policy import Policy
 
 Message = str | bytes
+
+#: The reason :mod:`relay.frames` closes with when the upstream's message is over the relay's
+#: own limit (RELAY_UPSTREAM_MAX_MESSAGE_BYTES), as opposed to an upstream closing with 1009.
+_OWN_SIZE_LIMIT = re.compile(r"message over \d+ bytes")
 
 
 class Phase(Enum):
@@ -155,11 +160,7 @@ class Bridge:
             if self.phase is Phase.CLOSED:
                 return None
             return self._end_too_big(len(data))
-        if self._policy is not None and data.__class__ is str:
-            data, refusal = self._policy.screen_client(data)  # type: ignore[arg-type]
-            if refusal is not None:
-                return Reply(refusal) if self.phase is not Phase.CLOSED else None
-        elif data.__class__ is bytes:
+        if data.__class__ is bytes:
             if not self._binary_as_audio:
                 return Reply(
                     error_event(
@@ -169,6 +170,11 @@ class Bridge:
                     )
                 )
             data = _append_event(data)  # type: ignore[arg-type]
+        if self._policy is not None:
+            # Binary audio too: it goes upstream as an append, so the policy's lists apply.
+            data, refusal = self._policy.screen_client(data)  # type: ignore[arg-type]
+            if refusal is not None:
+                return Reply(refusal) if self.phase is not Phase.CLOSED else None
         if data is None:
             return None
         if self.phase is Phase.OPEN:
@@ -333,6 +339,19 @@ class Bridge:
                 ),
             )
         reason = reason or ""
+        if code == Code.MESSAGE_TOO_BIG and _OWN_SIZE_LIMIT.fullmatch(reason):
+            return self._end(
+                Cause.MESSAGE_TOO_BIG,
+                client=(code, reason),
+                upstream=None,  # relay.websocket has closed it already
+                error=error_event(
+                    "relay_upstream_message_too_big",
+                    f"The Realtime API sent a message larger than this relay accepts ({reason};"
+                    " RELAY_UPSTREAM_MAX_MESSAGE_BYTES), so the session was closed. Reconnect"
+                    " to start a new one; if it keeps happening, tell the relay's operator.",
+                    kind="server_error",
+                ),
+            )
         if self._secret and self._secret in reason:
             reason = reason.replace(self._secret, "[redacted]")
         return self._end(Cause.UPSTREAM_CLOSED, client=(code, reason), upstream=None)

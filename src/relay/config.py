@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -382,7 +382,8 @@ def load_config(
             values[name] = value
     config = RelayConfig(**values)
     _validate(config)
-    return config
+    # A client that may change session.model (it is locked by default) may pick only these.
+    return replace(config, policy=replace(config.policy, models=config.allowed_models))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -18,3 +18,19 @@ def test_configuration_table_lists_every_setting_with_its_flag() -> None:
     for setting in SETTINGS:
         flag = "—" if setting.secret else f"`{setting.flag}`"
         assert f"| `{setting.env}` | {flag} |" in README, setting.env
+
+
+def test_the_policy_block_shows_the_defaults_it_claims_to_show() -> None:
+    import re
+    import tomllib
+
+    from relay.policy import TABLE_KEYS, Policy
+
+    section = README[README.index("## Session policy"):]
+    block = re.search(r"```toml\n(\[policy\]\n.*?)```", section, re.DOTALL)
+    assert block is not None
+    table = tomllib.loads(block.group(1))["policy"]
+    assert Policy.from_table(table) == Policy()
+    # Every key of the table is shown (a commented-out one where the default is "unset").
+    for key in TABLE_KEYS:
+        assert re.search(rf"^#? ?{key} = ", block.group(1), re.MULTILINE), key

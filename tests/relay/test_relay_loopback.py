@@ -312,6 +312,39 @@ async def test_pre_open_queue_overflow_gives_an_error_and_1013() -> None:
                 await up.peer_closed.wait()  # and the dial was given up
 
 
+async def test_an_upstream_message_over_the_upstream_limit_ends_the_session_with_1009() -> None:
+    async def send_a_big_one(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.send_message('{"type":"session.created"}')
+        await ws.send_message('{"type":"big","pad":"' + "a" * 5000 + '"}')
+        await ws.send_message('{"type":"after"}')
+        await conn.receive()  # until the relay's close
+
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(send_a_big_one) as up, running_relay(
+            upstream_url=up.url, upstream_max_message_bytes=1000
+        ) as relay:
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, reason = await receive_until_closed(ws)
+            assert (code, reason) == (1009, "message over 1000 bytes")
+            assert [orjson.loads(m)["type"] for m in messages] == ["session.created", "error"]
+            assert error_codes(messages) == ["relay_upstream_message_too_big"]
+            assert "RELAY_UPSTREAM_MAX_MESSAGE_BYTES" in orjson.loads(messages[-1])["error"]["message"]
+            assert up.connections[0].ws.closed.code == 1009
+
+
+async def test_an_upstream_closing_with_1009_itself_is_passed_on_as_before() -> None:
+    async def close_1009(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.aclose(1009, "Exceeded maximum message size: 100 bytes")
+
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(close_1009) as up, running_relay(upstream_url=up.url) as relay:
+            async with connect(relay.url + "/voice") as ws:
+                messages, code, reason = await receive_until_closed(ws)
+    assert (messages, code, reason) == ([], 1009, "Exceeded maximum message size: 100 bytes")
+
+
 # -- secrecy -------------------------------------------------------------------------
 
 

@@ -133,3 +133,25 @@ async def test_a_client_cannot_rewrite_the_instructions_and_the_session_goes_on(
             received = [orjson.loads(m)["type"] for m in mock.connections[0].received]
             assert received == ["session.update", "input_audio_buffer.clear"]  # only the relay's update
             assert "pirate" not in "".join(mock.connections[0].received)
+
+
+async def test_a_client_keeps_the_model_it_connected_with_and_may_only_send_allowed_events() -> None:
+    from relay.policy import Policy
+
+    policy = Policy.from_table({"client_events_allowed": ["session.update", "input_audio_buffer.clear"]})
+    same_model = {"type": "session.update", "event_id": "same", "session": {"type": "realtime", "model": "gpt-realtime-mini"}}
+    other_model = {"type": "session.update", "event_id": "other", "session": {"type": "realtime", "model": "gpt-realtime"}}
+    not_allowed = {"type": "conversation.item.create", "event_id": "item", "item": {"type": "message"}}
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(policy=policy) as (relay, mock):
+            async with connect(relay.url + "/voice?model=gpt-realtime-mini") as ws:
+                for event in (same_model, other_model, not_allowed):
+                    await ws.send_message(orjson.dumps(event).decode())
+                await ws.send_message('{"type":"input_audio_buffer.clear"}')
+                seen = []
+                while not seen or seen[-1]["type"] != "input_audio_buffer.cleared":
+                    seen.append(orjson.loads(await ws.get_message()))
+            errors = [(e["error"]["code"], e["error"]["event_id"]) for e in seen if e["type"] == "error"]
+            assert errors == [("relay_field_locked", "other"), ("relay_event_not_allowed", "item")]
+            received = [orjson.loads(m) for m in mock.connections[0].received]
+            assert [e.get("event_id") for e in received] == [None, "same", None]  # the relay's update first
