@@ -282,7 +282,7 @@ class RelayApp:
                 return
             if not message.get("more_body"):
                 break
-        status, answer = await self.minter.mint(identity, body)
+        status, answer = await self.minter.mint(identity, body, self.accounting)
         log.info("client key minted for %s: HTTP %d", identity.user, status)
         await _respond(send, status, answer)
 

@@ -5,29 +5,49 @@
 authenticated as a relay client; the key is minted upstream with the relay's own
 credential and the relay's session (server-authoritative: whatever session the caller
 asks for is replaced), and the session in the answer is redacted like
-``session.created`` is. Minting is rate limited per user (per relay instance).
+``session.created`` is. Minting is rate limited per user (per relay instance) and
+refused to a user whose daily token budget is used up.
+
+A minted key opens a session directly with OpenAI: the relay sees none of it, so
+it is neither capped nor accounted, and the policy holds only as far as the minted
+session sets it (the client may send any event). Mint for clients you trust with that.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
+import trio
 
 from .auth import Identity
 from .config import RelayConfig
 
+if TYPE_CHECKING:
+    from .accounting import Accounting
+
 MAX_BODY_BYTES = 64 * 1024
 WINDOW_SECONDS = 60.0
+#: Seconds the usage store may take to look up the user's budget.
+STORE_TIMEOUT = 5.0
+
+log = logging.getLogger("relay")
 
 
 class Minter:
-    def __init__(self, config: RelayConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         url = urlsplit(config.upstream_url)
         scheme = "https" if url.scheme == "wss" else "http"
         self._url = f"{scheme}://{url.netloc}{url.path.rstrip('/')}/client_secrets"
@@ -36,9 +56,12 @@ class Minter:
         self._per_minute = config.mint_per_minute
         self._recent: dict[str, deque[float]] = {}
         self._clock = clock
+        self._transport = transport  # tests stand in for the upstream here
 
-    async def mint(self, identity: Identity, body: bytes) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, JSON body) for one mint request."""
+    async def mint(
+        self, identity: Identity, body: bytes, accounting: Accounting | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) for one mint request; ``accounting`` checks the user's budget."""
         now = self._clock()
         recent = self._recent.setdefault(identity.user, deque())
         while recent and recent[0] <= now - WINDOW_SECONDS:
@@ -47,6 +70,20 @@ class Minter:
             message = f"At most {self._per_minute} client keys a minute (RELAY_MINT_PER_MINUTE)."
             return 429, _error("rate_limited", message + " Try again shortly.")
         recent.append(now)
+        if accounting is not None:
+            try:
+                with trio.fail_after(STORE_TIMEOUT):
+                    refusal = await accounting.budget_refusal(identity)
+            except Exception as exc:  # any store failure: the budget cannot be checked
+                log.warning(
+                    "usage store failed while %s minted a client key (%s): refused with 503",
+                    identity.user,
+                    exc.__class__.__name__,
+                )
+                message = "The relay's usage store is not answering; try again shortly."
+                return 503, _error("relay_store_unavailable", message)
+            if refusal is not None:
+                return 429, _error(refusal.code, refusal.message)
         try:
             request = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError:
@@ -56,7 +93,9 @@ class Minter:
         if expires is not None:
             payload["expires_after"] = expires
         try:
-            async with httpx.AsyncClient(timeout=self._config.dial_timeout) as http:
+            async with httpx.AsyncClient(
+                timeout=self._config.dial_timeout, transport=self._transport
+            ) as http:
                 answer = await http.post(
                     self._url, json=payload, headers={"authorization": f"Bearer {self._key}"}
                 )
@@ -66,10 +105,17 @@ class Minter:
         if answer.status_code in (401, 403):
             message = "The Realtime API refused the relay's own credential."
             return 502, _error("relay_upstream_auth_refused", message)
+        try:
+            data = answer.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            message = f"The Realtime API answered HTTP {answer.status_code} without a JSON object."
+            return 502, _error("relay_upstream_error", message + " Try again shortly.")
         if answer.status_code != 200:
             # The caller's own mistake (e.g. a bad expires_after) comes back as the API said it.
-            return answer.status_code, _scrub(answer.json(), self._key)
-        minted = answer.json()
+            return answer.status_code, _scrub(data, self._key)
+        minted = data
         session = minted.get("session")
         if isinstance(session, dict):
             self._config.policy.redact_session(session)
