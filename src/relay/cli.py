@@ -85,7 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run mockrealtime and the relay in one process on loopback, no key needed.",
     )
     demo.add_argument("--port", type=int, default=8000, help="relay port (default 8000)")
-    demo.add_argument("--host", default="127.0.0.1", help="relay address (default 127.0.0.1)")
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="relay address (default 127.0.0.1); one that is not loopback needs --allow-anonymous",
+    )
+    demo.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve the demo, which takes anyone without a token, on a non-loopback --host",
+    )
 
     talk = commands.add_parser(
         "talk",
@@ -169,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"client key (give it to {args.user}): {key}")
             print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
         elif args.command == "demo":
-            trio.run(_demo, args.host, args.port)
+            from .demo import check_demo_host
+
+            check_demo_host(args.host, args.allow_anonymous)
+            trio.run(_demo, args.host, args.port, args.allow_anonymous)
         elif args.command == "talk":
             from .talk import run as run_talk
 
@@ -192,11 +204,11 @@ async def _serve(config: RelayConfig, app: RelayApp) -> None:
             print(f"relay: listening on {ws}/voice and {ws}/v1/realtime", flush=True)
 
 
-async def _demo(host: str, port: int) -> None:
+async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
     from .demo import run_demo
 
     async with trio.open_nursery() as nursery:
-        demo = await nursery.start(run_demo, host, port)
+        demo = await nursery.start(partial(run_demo, host, port, allow_anonymous=allow_anonymous))
         print(
             f"relay demo: fake Realtime API on {demo.mock.url}\n"
             f"relay demo: relay on {demo.relay_url}/voice"

@@ -2,19 +2,21 @@
 
 Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
-it would use a real one.
+it would use a real one. The demo takes anyone without a token, so it listens on
+loopback only unless told otherwise (``--allow-anonymous``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
-from .config import RelayConfig, load_config
+from .config import ConfigError, RelayConfig, load_config
 from .server import serve
 
 
@@ -25,14 +27,39 @@ class Demo:
     config: RelayConfig
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``); names are not resolved."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_demo_host(host: str, allow_anonymous: bool) -> None:
+    """Refuse (ConfigError) to serve the anonymous demo beyond this machine unless told to."""
+    if not allow_anonymous and not is_loopback(host):
+        raise ConfigError(
+            f"relay demo lets anyone in without a token, so it listens on loopback only, and"
+            f" --host {host} is not a loopback address. Use --host 127.0.0.1 (the default), or"
+            " add --allow-anonymous if you mean to let anyone who can reach this machine use it."
+        )
+
+
 async def run_demo(
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
+    allow_anonymous: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Demo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the fake and the relay until ``shutdown_trigger`` returns."""
+    """Serve the fake and the relay until ``shutdown_trigger`` returns.
+
+    Raises ConfigError for a ``host`` that is not loopback, unless ``allow_anonymous``.
+    """
+    check_demo_host(host, allow_anonymous)
     key = "sk-demo-" + secrets.token_urlsafe(16)
     async with trio.open_nursery() as nursery:
         mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
@@ -43,7 +70,7 @@ async def run_demo(
                 "upstream_url": mock.url,
                 "host": host,
                 "port": port,
-                "allow_anonymous": True,  # loopback only, for trying it out
+                "allow_anonymous": True,  # loopback only (or as told), for trying it out
                 "store": "sqlite:///:memory:",
             },
         )

@@ -189,3 +189,37 @@ def test_the_documented_hypercorn_command_line_serves_the_app() -> None:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_relay_demo_refuses_a_non_loopback_host_without_allow_anonymous() -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: were the check missing, binding would fail
+    # rather than expose anything, and this test would still fail on the exit code and message.
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "demo", "--host", "192.0.2.1", "--port", "0"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--host 192.0.2.1 is not a loopback address" in result.stderr
+    assert "--allow-anonymous" in result.stderr
+
+
+@pytest.mark.parametrize(("host", "allowed"), [("127.0.0.1", True), ("::1", True), ("[::1]", True),
+                                               ("localhost", True), ("127.0.0.2", True), ("0.0.0.0", False),
+                                               ("::", False), ("192.0.2.1", False), ("relay.example", False)])
+def test_only_loopback_hosts_may_serve_the_anonymous_demo(host: str, allowed: bool) -> None:
+    from relay.config import ConfigError
+    from relay.demo import check_demo_host
+
+    check_demo_host(host, allow_anonymous=True)  # told to: any host
+    if allowed:
+        check_demo_host(host, allow_anonymous=False)
+    else:
+        with pytest.raises(ConfigError, match="not a loopback address"):
+            check_demo_host(host, allow_anonymous=False)
+
+
+async def test_run_demo_itself_refuses_a_non_loopback_host() -> None:
+    from relay.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        await run_demo("192.0.2.1", 0)  # refused before anything listens
