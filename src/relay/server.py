@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -103,10 +104,13 @@ async def serve(
 
 
 def serve_workers(config: RelayConfig) -> int:
-    """Run ``config.workers`` worker processes on one listening socket; return an exit status.
+    """Run ``config.workers`` worker processes on one port; return an exit status.
 
-    The parent binds once (SO_REUSEPORT) and hands the sockets to spawned workers,
-    each a whole relay with its own event loop. Each worker runs in its own process
+    The parent binds one listening socket per worker, all on the same port with
+    SO_REUSEPORT, and hands one to each spawned worker, a whole relay with its own
+    event loop. The kernel then spreads new connections over the workers by hash;
+    with one shared socket, the worker that waits longest idle would win most
+    accepts, and a fast relay could end up serving everything on one core. Each worker runs in its own process
     group, so a terminal's Ctrl-C reaches only the parent, which passes SIGINT and
     SIGTERM on to every worker exactly once; each then drains as a single relay does.
 
@@ -125,15 +129,19 @@ def serve_workers(config: RelayConfig) -> int:
 
     multiproc_dir = "PROMETHEUS_MULTIPROC_DIR"
     hc = hypercorn_config(config)
-    hc.workers = config.workers
+    hc.workers = config.workers  # Hypercorn sets SO_REUSEPORT for more than one
     sockets = hc.create_sockets()
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-        sock.listen(hc.backlog)
+    first = (*sockets.secure_sockets, *sockets.insecure_sockets)[0]
+    hc.bind = [f"{config.host}:{first.getsockname()[1]}"]  # the real port of --port 0
+    each = [sockets, *(hc.create_sockets() for _ in range(config.workers - 1))]
+    for one in each:
+        for sock in (*one.secure_sockets, *one.insecure_sockets):
+            sock.listen(hc.backlog)
     metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
     try:
         context = multiprocessing.get_context("spawn")
         workers = [
-            context.Process(target=_worker, args=(config, sockets)) for _ in range(config.workers)
+            context.Process(target=_worker, args=(config, one, os.getpid())) for one in each
         ]
         # Read by prometheus-client when a worker first imports it; spawned workers
         # inherit the environment as it is at start().
@@ -172,8 +180,9 @@ def serve_workers(config: RelayConfig) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _worker(config: RelayConfig, sockets: Sockets) -> None:
+def _worker(config: RelayConfig, sockets: Sockets, parent: int) -> None:
     os.setpgid(0, 0)
+    _drain_when_orphaned(parent)
     from .logs import configure_logging
 
     configure_logging(
@@ -183,3 +192,16 @@ def _worker(config: RelayConfig, sockets: Sockets) -> None:
         fields={"pid": os.getpid()},  # the workers' lines interleave
     )
     trio.run(partial(serve, config, sockets=sockets))
+
+
+def _drain_when_orphaned(parent: int) -> None:
+    """On Linux, have the kernel send this worker SIGTERM (so it drains and exits) when the
+    ``relay serve`` process dies, even killed outright: a worker must not serve on alone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)

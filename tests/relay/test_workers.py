@@ -189,6 +189,27 @@ async def test_metrics_of_two_workers_on_one_port_add_up_to_the_whole_relay(tmp_
     assert metrics_dirs(tmp_path) == []  # removed at exit
 
 
+async def test_workers_exit_when_relay_serve_is_killed(tmp_path: Path) -> None:
+    """A parent killed outright (SIGKILL, OOM) cannot pass a signal on: the kernel sends each
+    worker SIGTERM, so it drains (or, not yet serving, just ends) instead of serving on alone."""
+    with trio.fail_after(TIMEOUT):
+        async with two_workers(tmp_path) as relay:
+            pids = relay.log.pids("Running on")
+            relay.proc.kill()
+            await relay.proc.wait()
+            with trio.fail_after(10):
+                while any(_running(pid) for pid in pids):  # not our children: no wait() for them
+                    await trio.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 async def agree(
     scraped: Callable[[], Awaitable[dict]], keys: tuple, expected: tuple, times: int = 6
 ) -> None:
