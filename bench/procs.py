@@ -179,7 +179,20 @@ async def wait_listening(server: Server, within: float = 30.0) -> None:
         return
 
 
+async def wait_ready(server: Server, within: float = 30.0) -> None:
+    """Until every worker serves: the parent listens before its workers have started, and a
+    scenario measured meanwhile would share the cores with their start-up."""
+    await wait_listening(server, within)
+    deadline = time.monotonic() + within
+    assert server.log is not None
+    while server.log.read_bytes().count(b"Running on") < WORKERS:
+        if not server.alive() or time.monotonic() > deadline:
+            tail = server.log.read_text()[-2000:]
+            raise RuntimeError(f"the relay's workers did not all start:\n{tail}")
+        await asyncio.sleep(0.01)
+
+
 async def start_relay(upstream_port: int) -> Server:
     server = spawn_relay(upstream_port)
-    await wait_listening(server)
+    await wait_ready(server)
     return server

@@ -18,7 +18,6 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import jwt
 
 TOKEN_SUBPROTOCOL = "relay-token."
 #: Clock skew tolerated on a JWT's exp/nbf.
@@ -139,6 +138,8 @@ class Authenticator:
         return Identity(user=user, method="api_key")
 
     def _from_jwt(self, token: str) -> Identity:
+        import jwt  # here, not at the top: with cryptography it takes a quarter second to import
+
         try:
             claims = jwt.decode(
                 token,

@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     " Export it, or try `relay demo` to run against the bundled fake."
                 )
             if config.workers > 1:
-                from .server import serve_workers
+                from .workers import serve_workers
 
                 return serve_workers(config)
             from .app import create_app

@@ -13,7 +13,7 @@ neither: the counters only grow.
 Every scrape publishes first, so one process's ``/metrics`` is exact. With several
 worker processes on one port (``relay serve --workers N``) a scrape reaches one
 worker at random, so the metrics live in prometheus-client's multiprocess mode
-(``PROMETHEUS_MULTIPROC_DIR``, set up by :func:`relay.server.serve_workers`) and
+(``PROMETHEUS_MULTIPROC_DIR``, set up by :func:`relay.workers.serve_workers`) and
 any worker renders the sum of all. A scrape cannot reach into the other workers
 to publish their live sessions, so in that mode each worker also publishes once a
 second from a background task: the traffic of the other workers' running sessions

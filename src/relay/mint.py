@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 import trio
 
@@ -30,6 +29,8 @@ from .auth import Identity
 from .config import RelayConfig
 
 if TYPE_CHECKING:
+    import httpx
+
     from .accounting import Accounting
 
 MAX_BODY_BYTES = 64 * 1024
@@ -92,6 +93,8 @@ class Minter:
         expires = request.get("expires_after") if isinstance(request, dict) else None
         if expires is not None:
             payload["expires_after"] = expires
+        import httpx  # here: it takes a tenth of a second to import, and few relays mint
+
         try:
             async with httpx.AsyncClient(
                 timeout=self._config.dial_timeout, transport=self._transport

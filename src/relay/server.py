@@ -103,31 +103,34 @@ async def serve(
     )
 
 
-def serve_workers(config: RelayConfig) -> int:
+def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     """Run ``config.workers`` worker processes on one port; return an exit status.
 
+    Called by :func:`relay.workers.serve_workers`, which has set PROMETHEUS_MULTIPROC_DIR
+    to ``metrics_dir`` before this module (and prometheus-client) was imported.
+
     The parent binds one listening socket per worker, all on the same port with
-    SO_REUSEPORT, and hands one to each spawned worker, a whole relay with its own
-    event loop. The kernel then spreads new connections over the workers by hash;
-    with one shared socket, the worker that waits longest idle would win most
-    accepts, and a fast relay could end up serving everything on one core. Each worker runs in its own process
-    group, so a terminal's Ctrl-C reaches only the parent, which passes SIGINT and
-    SIGTERM on to every worker exactly once; each then drains as a single relay does.
+    SO_REUSEPORT, and hands one to each worker, a whole relay with its own event
+    loop. The kernel then spreads new connections over the workers by hash; with one
+    shared socket, the worker that waits longest idle would win most accepts, and a
+    fast relay could end up serving everything on one core. Workers are forked from
+    this process, which has imported the relay already, so they serve at once instead
+    of each importing it again (spawned where prometheus-client was imported before the
+    metrics directory was set, since it reads that once). Each worker runs in its own
+    process group, so a terminal's Ctrl-C reaches only the parent, which passes SIGINT
+    and SIGTERM on to every worker exactly once; each then drains as a single relay does.
 
     A scrape of ``/metrics`` reaches whichever worker accepts it, so the workers keep
-    their metrics in prometheus-client's multiprocess files (see :mod:`relay.metrics`),
-    in a directory of their own that the parent makes fresh (old files would add a
-    previous run's counts) and removes at exit; a worker's live-session gauge stops
-    counting when it exits.
+    their metrics in prometheus-client's multiprocess files (see :mod:`relay.metrics`);
+    a worker's live-session gauge stops counting when it exits.
     """
-    import shutil
-    import tempfile
     from multiprocessing.connection import wait
 
     from hypercorn.utils import repr_socket_addr
     from prometheus_client import multiprocess
 
-    multiproc_dir = "PROMETHEUS_MULTIPROC_DIR"
+    from .metrics import multiprocess_mode
+
     hc = hypercorn_config(config)
     hc.workers = config.workers  # Hypercorn sets SO_REUSEPORT for more than one
     sockets = hc.create_sockets()
@@ -137,52 +140,50 @@ def serve_workers(config: RelayConfig) -> int:
     for one in each:
         for sock in (*one.secure_sockets, *one.insecure_sockets):
             sock.listen(hc.backlog)
-    metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
-    try:
-        context = multiprocessing.get_context("spawn")
-        workers = [
-            context.Process(target=_worker, args=(config, one, os.getpid())) for one in each
-        ]
-        # Read by prometheus-client when a worker first imports it; spawned workers
-        # inherit the environment as it is at start().
-        inherited = os.environ.get(multiproc_dir)
-        os.environ[multiproc_dir] = metrics_dir
-        try:
-            for worker in workers:
-                worker.start()
-        finally:
-            if inherited is None:
-                os.environ.pop(multiproc_dir, None)
-            else:
-                os.environ[multiproc_dir] = inherited
-        scheme = "wss" if config.tls_cert else "ws"
-        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-            bound = repr_socket_addr(sock.family, sock.getsockname())  # the real port of --port 0
-            print(
-                f"relay: {config.workers} workers listening on {scheme}://{bound}/voice", flush=True
-            )
+    forking = multiprocess_mode()
+    context = multiprocessing.get_context("fork" if forking else "spawn")
+    workers = [
+        context.Process(
+            target=_worker,
+            # A forked worker inherits every socket: it closes the others' (a dead worker's
+            # socket must close with it, or the kernel would go on routing connections to it).
+            args=(config, one, os.getpid(), [o for o in each if o is not one] if forking else []),
+        )
+        for one in each
+    ]
+    for worker in workers:
+        worker.start()
+    scheme = "wss" if config.tls_cert else "ws"
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        bound = repr_socket_addr(sock.family, sock.getsockname())  # the real port of --port 0
+        print(f"relay: {config.workers} workers listening on {scheme}://{bound}/voice", flush=True)
+    if forking:  # the workers have their copies; this process accepts nothing
+        for one in each:
+            for sock in (*one.secure_sockets, *one.insecure_sockets):
+                sock.close()
 
-        def forward(signum: int, _frame: object) -> None:
-            for worker in workers:
-                if worker.is_alive() and worker.pid is not None:
-                    os.kill(worker.pid, signum)
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signum)
 
-        signal.signal(signal.SIGINT, forward)
-        signal.signal(signal.SIGTERM, forward)
-        running = {worker.sentinel: worker for worker in workers}
-        while running:  # one worker leaves per pass at least
-            for sentinel in wait(list(running)):
-                worker = running.pop(sentinel)  # type: ignore[arg-type]
-                worker.join()
-                multiprocess.mark_process_dead(worker.pid, metrics_dir)
-        return max((worker.exitcode or 0) for worker in workers)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    running = {worker.sentinel: worker for worker in workers}
+    while running:  # one worker leaves per pass at least
+        for sentinel in wait(list(running)):
+            worker = running.pop(sentinel)  # type: ignore[arg-type]
+            worker.join()
+            multiprocess.mark_process_dead(worker.pid, metrics_dir)
+    return max((worker.exitcode or 0) for worker in workers)
 
 
-def _worker(config: RelayConfig, sockets: Sockets, parent: int) -> None:
+def _worker(config: RelayConfig, sockets: Sockets, parent: int, others: list[Sockets]) -> None:
     os.setpgid(0, 0)
     _drain_when_orphaned(parent)
+    for other in others:
+        for sock in (*other.secure_sockets, *other.insecure_sockets):
+            sock.close()
     from .logs import configure_logging
 
     configure_logging(

@@ -63,7 +63,8 @@ class WebSocket:
         "_sock",
         "_client",
         "_reader",
-        "_send_lock",
+        "_writing",
+        "_write_queue",
         "_broken",
         "_close_sent",
         "_closed",
@@ -91,7 +92,8 @@ class WebSocket:
         self._reader = frames.FrameReader(masked=not client, max_message_bytes=max_message_bytes)
         if buffered:
             self._reader.feed(buffered)
-        self._send_lock = trio.Lock()
+        self._writing = False  # a write is under way (frames must not interleave)
+        self._write_queue = trio.lowlevel.ParkingLot()  # writers waiting for it
         self._broken = False  # a write was cut part-way
         self._close_sent = False
         self._closed: CloseReason | None = None
@@ -284,7 +286,7 @@ class WebSocket:
         Skipped while another write is under way: traffic keeps the connection alive.
         Raises ``trio.TooSlowError`` past :attr:`send_timeout`.
         """
-        if self._close_sent or self._closed is not None or self._send_lock.locked():
+        if self._close_sent or self._closed is not None or self._writing:
             return
         try:
             await self._write(frames.frame(OP_PING, b"", mask=self._client))
@@ -339,11 +341,9 @@ class WebSocket:
         """Write ``data`` whole, one writer at a time (Broken- or ClosedResourceError if not)."""
         if self._broken:
             raise trio.BrokenResourceError("an earlier write was cut part-way")
-        lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
+        while self._writing:  # uncontended, this costs nothing: the usual case
+            await self._write_queue.park()
+        self._writing = True
         try:
             sock = self._sock
             timeout = self.send_timeout or math.inf
@@ -387,7 +387,9 @@ class WebSocket:
                         self._broken = True
                     raise trio.TooSlowError
         finally:
-            lock.release()
+            self._writing = False
+            if self._write_queue:
+                self._write_queue.unpark()
 
 
 def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:

@@ -202,6 +202,22 @@ async def test_workers_exit_when_relay_serve_is_killed(tmp_path: Path) -> None:
                     await trio.sleep(0.05)
 
 
+async def test_when_a_worker_dies_the_other_takes_every_new_connection(tmp_path: Path) -> None:
+    """A dead worker's listening socket dies with it, so the kernel stops routing to it."""
+    with trio.fail_after(TIMEOUT):
+        async with two_workers(tmp_path) as relay:
+            victim, survivor = sorted(relay.log.pids("Running on"))
+            os.kill(victim, signal.SIGKILL)
+            while _running(victim):  # not our child: no wait() for it
+                await trio.sleep(0.01)
+            for n in range(20):  # by hash, about half would land on the dead socket
+                with trio.fail_after(5):
+                    async with connect(relay.url + "/voice") as ws:
+                        await events_until(ws, "session.updated")
+                await relay.log.until(lambda n=n: relay.log.count("session ended") == n + 1)
+            assert relay.log.pids("session started") == {survivor}
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
