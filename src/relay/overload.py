@@ -3,9 +3,10 @@
 A relay that takes more audio than its CPU can forward does not fail; it gets
 slower for everyone (messages queue in socket buffers) until every caller hears
 seconds of delay. Two measures show it coming, sampled every 100 ms and smoothed
-over about a second: the share of a core the process is using (an event loop is
-one thread: near 100 % it cannot keep up, and backlogs grow), and the event loop's
-lag (how late a timer fires: one long stall). :class:`LoadGuard` turns them into
+over about a second: the share of a core the process wants (an event loop is
+one thread: near 100 % it cannot keep up, and backlogs grow; the caller counts the
+time it used and, where the OS says, the time it waited for a core), and the event
+loop's lag (how late a timer fires: one long stall). :class:`LoadGuard` turns them into
 two decisions:
 
 * above a refuse threshold, new sessions are refused (HTTP 503,

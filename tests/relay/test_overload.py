@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -102,3 +103,22 @@ async def test_a_relay_at_its_session_cap_refuses_with_503_until_one_ends() -> N
                     await trio.sleep(0.01)
                 async with connect(relay.url + "/voice") as third:
                     assert await third.get_message() == '{"type":"session.created"}'
+
+
+def test_cpu_demand_is_time_used_plus_time_spent_waiting_for_a_core(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A relay starved by its neighbours uses little CPU but wants a lot: that is overload."""
+    import relay.app
+
+    stat = tmp_path / "schedstat"
+    stat.write_text("7000000000 2500000000 42\n")  # ran 7 s, waited 2.5 s runnable, 42 slices
+    real_open = open
+    monkeypatch.setattr(relay.app.time, "process_time", lambda: 1.25)
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, *a, **k: real_open(stat if path == "/proc/thread-self/schedstat" else path, *a, **k),
+    )
+    assert relay.app.cpu_demand_seconds() == pytest.approx(1.25 + 2.5)
+    stat.unlink()  # no scheduler statistics (not Linux): the time used alone
+    assert relay.app.cpu_demand_seconds() == pytest.approx(1.25)
