@@ -140,16 +140,27 @@ def audio_pool() -> list[bytes]:
 # --- latency ---------------------------------------------------------------------------
 
 
-async def round_trips(target: Target, count: int, warmup: int = 200) -> list[int]:
-    client = await open_client(
-        procs.HOST, target.port, PATH, target.headers, wait_updated=target.wait_updated
-    )
-    client.request_mode()
+#: Round trips per turn when the latency scenario alternates between relay and direct.
+LATENCY_BLOCK = 100
+
+
+async def latency(relay: procs.Server, echo: procs.Server, count: int = 3000) -> str:
+    """Relay and direct round trips in alternating blocks, so that a drift of the machine
+    (another process waking, a core changing speed) shows in both and not in their difference."""
     loop = asyncio.get_running_loop()
-    rtts: list[int] = []
-    try:
-        for i in range(warmup + count):
-            message = b'{"type":"conversation.item.retrieve","item_id":"item_%08d"}' % i
+    targets = (direct_target(echo), relay_target(relay))
+    clients = [
+        await open_client(procs.HOST, t.port, PATH, t.headers, wait_updated=t.wait_updated)
+        for t in targets
+    ]
+    figures: dict[str, list[int]] = {t.name: [] for t in targets}
+    sent = 0
+
+    async def trips(client: Client, n: int, into: list[int] | None) -> None:
+        nonlocal sent
+        for _ in range(n):
+            message = b'{"type":"conversation.item.retrieve","item_id":"item_%08d"}' % sent
+            sent += 1
             client.waiter = loop.create_future()
             t0 = time.perf_counter_ns()
             client.send(message)
@@ -157,20 +168,20 @@ async def round_trips(target: Target, count: int, warmup: int = 200) -> list[int
             t1 = time.perf_counter_ns()
             if echoed != message:
                 raise RuntimeError(f"unexpected echo {echoed[:100]!r}")
-            if i >= warmup:
-                rtts.append((t1 - t0) // 1000)
+            if into is not None:
+                into.append((t1 - t0) // 1000)
+
+    try:
+        for client in clients:
+            client.request_mode()
+            await trips(client, 200, None)  # warm-up, not counted
+        progress(f"latency: {count} round trips each, relay and direct in turns of {LATENCY_BLOCK}")
+        for done in range(0, count, LATENCY_BLOCK):
+            for target, client in zip(targets, clients, strict=True):
+                await trips(client, min(LATENCY_BLOCK, count - done), figures[target.name])
     finally:
-        await close_many([client])
-    rtts.sort()
-    return rtts
-
-
-async def latency(relay: procs.Server, echo: procs.Server, count: int = 3000) -> str:
-    figures = {}
-    for target in (direct_target(echo), relay_target(relay)):
-        progress(f"latency: {count} round trips {target.name}")
-        figures[target.name] = await round_trips(target, count)
-    d, r = figures["direct"], figures["relay"]
+        await close_many(clients)
+    d, r = sorted(figures["direct"]), sorted(figures["relay"])
 
     def row(v: list[int]) -> str:
         return f"p50={pct(v, 50)} p90={pct(v, 90)} p99={pct(v, 99)} max={v[-1]}"
