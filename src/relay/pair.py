@@ -265,7 +265,8 @@ class Pair:
         while True:
             now = trio.current_time()
             if now - self.client.last_heard >= peer_timeout:
-                await self._finish(bridge.client_closed())  # gone without a word, like a dropped TCP
+                # Gone without a word, like a dropped TCP connection.
+                await self._finish(bridge.client_closed())
                 return
             wake = self.client.last_heard + peer_timeout
             if deadlines is not None:

@@ -115,9 +115,10 @@ def test_cpu_demand_is_time_used_plus_time_spent_waiting_for_a_core(
     stat.write_text("7000000000 2500000000 42\n")  # ran 7 s, waited 2.5 s runnable, 42 slices
     real_open = open
     monkeypatch.setattr(relay.app.time, "process_time", lambda: 1.25)
+    schedstat = "/proc/thread-self/schedstat"
     monkeypatch.setattr(
         "builtins.open",
-        lambda path, *a, **k: real_open(stat if path == "/proc/thread-self/schedstat" else path, *a, **k),
+        lambda path, *a, **k: real_open(stat if path == schedstat else path, *a, **k),
     )
     assert relay.app.cpu_demand_seconds() == pytest.approx(1.25 + 2.5)
     stat.unlink()  # no scheduler statistics (not Linux): the time used alone
