@@ -590,7 +590,7 @@ class RelayApp:
             if message["type"] == "lifespan.startup":
                 try:
                     store = await open_store(self.config.store)
-                except (OSError, ValueError) as exc:
+                except Exception as exc:  # any failure to open the store fails start-up
                     message_text = f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
                     await send({"type": "lifespan.startup.failed", "message": message_text})
                     return

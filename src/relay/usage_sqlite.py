@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -66,12 +67,7 @@ class SqliteUsageStore:
                 check_same_thread=False,
             )
             try:
-                if path != ":memory:":
-                    connection.execute("PRAGMA journal_mode = WAL")
-                    # In WAL mode NORMAL survives an application crash; only a power cut can
-                    # lose the last commits, which is fine for usage counters.
-                    connection.execute("PRAGMA synchronous = NORMAL")
-                connection.executescript(_SQLITE_SCHEMA)
+                _set_up(connection, path)
             except BaseException:
                 connection.close()
                 raise
@@ -153,3 +149,28 @@ class SqliteUsageStore:
             return
         self._closed = True
         await trio.to_thread.run_sync(self._connection.close, limiter=self._limiter)
+
+
+def _set_up(connection: sqlite3.Connection, path: str) -> None:
+    """WAL mode and the schema, retried while another process holds the lock.
+
+    Several relays (``relay serve --workers``) start at the same instant on one file, and
+    SQLite does not apply its busy timeout to switching the journal mode: one of them would
+    fail at once with "database is locked".
+    """
+    give_up = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    pause = 0.005
+    while True:
+        try:
+            if path != ":memory:":
+                connection.execute("PRAGMA journal_mode = WAL")
+                # In WAL mode NORMAL survives an application crash; only a power cut can
+                # lose the last commits, which is fine for usage counters.
+                connection.execute("PRAGMA synchronous = NORMAL")
+            connection.executescript(_SQLITE_SCHEMA)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > give_up:
+                raise
+        time.sleep(pause)  # this runs in a worker thread, not on the event loop
+        pause = min(2 * pause, 0.1)

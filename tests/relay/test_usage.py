@@ -7,6 +7,8 @@ service is used) and skip when the binary is missing.
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -525,3 +527,48 @@ def test_usage_without_a_breakdown_is_charged_as_text() -> None:
     delta = usage_from_response_done(response_done(usage))
     assert delta == UsageDelta(input_text_tokens=20, output_text_tokens=10)
 
+
+
+#: Run in a fresh interpreter (forking the test process itself did not reproduce the race):
+#: rounds of three processes forked together, each opening the same new SQLite file.
+_OPEN_AT_ONCE = """
+import os, sys, tempfile, trio
+from relay.usage import open_store
+
+def child(url):
+    async def main():
+        store = await open_store(url)
+        await store.aclose()
+    try:
+        trio.run(main)
+        os._exit(0)
+    except BaseException as exc:
+        print(repr(exc), file=sys.stderr)
+        os._exit(1)
+
+failures = 0
+for attempt in range(40):
+    url = "sqlite:///" + tempfile.mkdtemp(dir=sys.argv[1]) + "/usage.db"
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            child(url)
+        children.append(pid)
+    for pid in children:
+        failures += os.waitpid(pid, 0)[1] != 0
+print(failures)
+"""
+
+
+def test_relays_opening_one_new_sqlite_file_at_the_same_instant_all_start(tmp_path: Path) -> None:
+    """`relay serve --workers` starts its workers together on one file; SQLite answers a
+    journal-mode switch under contention with "database is locked" at once, unless retried."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_AT_ONCE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == "0", done.stderr[-2000:]
