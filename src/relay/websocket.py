@@ -69,6 +69,7 @@ class WebSocket:
         "_close_sent",
         "_closed",
         "_reading",
+        "_reader_left",
         "_close_seen",
         "_pings",
         "_streak",
@@ -98,6 +99,7 @@ class WebSocket:
         self._close_sent = False
         self._closed: CloseReason | None = None
         self._reading = False
+        self._reader_left = trio.lowlevel.ParkingLot()  # wait_closed waits here for its turn
         self._close_seen = trio.Event()
         self._pings: dict[bytes, trio.Event] = {}
         self._streak = 0
@@ -141,6 +143,8 @@ class WebSocket:
                 await self._control(event)  # type: ignore[arg-type]
         finally:
             self._reading = False
+            if self._reader_left:
+                self._reader_left.unpark_all()
 
     async def _next_event(self) -> frames.Event:
         reader = self._reader
@@ -226,6 +230,7 @@ class WebSocket:
     def _ended(self) -> None:
         """The peer's side is over: wake whoever waits for the close or for a pong."""
         self._close_seen.set()
+        self._reader_left.unpark_all()
         for waiter in self._pings.values():
             waiter.set()
         self._pings.clear()
@@ -321,21 +326,24 @@ class WebSocket:
             await trio.aclose_forcefully(self._stream)
 
     async def wait_closed(self) -> None:
-        """Wait until the peer answered our close frame or went away, discarding its messages."""
-        if self._reading:
-            await self._close_seen.wait()
-            return
-        self._reading = True
-        try:
-            while not self._close_seen.is_set():
-                try:
-                    event = await self._next_event()
-                except ConnectionClosed:
-                    return
-                if event.__class__ is Close:
-                    self._ended()
-        finally:
-            self._reading = False
+        """Wait until the peer answered our close frame or went away, discarding its messages.
+
+        While another task is reading, that task sees the reply; if it stops reading first
+        (it took a message and went on with it), this one reads on in its place.
+        """
+        while not self._close_seen.is_set():
+            if self._reading:
+                await self._reader_left.park()  # woken when the close is seen or the reader goes
+                continue
+            self._reading = True
+            try:
+                event = await self._next_event()
+            except ConnectionClosed:
+                return
+            finally:
+                self._reading = False
+            if event.__class__ is Close:
+                self._ended()
 
     async def _write(self, data: bytes) -> None:
         """Write ``data`` whole, one writer at a time (Broken- or ClosedResourceError if not)."""
@@ -343,6 +351,8 @@ class WebSocket:
             raise trio.BrokenResourceError("an earlier write was cut part-way")
         while self._writing:  # uncontended, this costs nothing: the usual case
             await self._write_queue.park()
+        if self._broken:  # the write this one waited behind was cut part-way
+            raise trio.BrokenResourceError("an earlier write was cut part-way")
         self._writing = True
         try:
             sock = self._sock

@@ -449,11 +449,6 @@ async def test_get_message_during_aclose_waits_for_the_reply_and_raises_connecti
             (await reading.finished()).unwrap()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: wait_closed waits on _close_seen while another task reads; if that task "
-    "leaves with a data message, nobody reads the peer's close reply and aclose hangs",
-)
 async def test_aclose_finishes_when_the_reading_task_leaves_with_a_message_before_the_reply(
     autojump_clock: MockClock,
 ) -> None:
@@ -596,11 +591,6 @@ async def _timed_out_before_a_byte_left(a: socket.socket, b: socket.socket) -> N
         assert await peer.read() == "still usable"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _write checks _broken only before waiting for the write slot; a writer queued "
-    "behind a write that is then cut part-way writes its frame after the half frame",
-)
 async def test_a_write_queued_behind_a_cut_write_does_not_follow_it_onto_the_wire(
     autojump_clock: MockClock,
 ) -> None:
