@@ -120,6 +120,7 @@ async def _app_send(self: ws_stream.WSStream, message: Any) -> None:
     server.stop_reading()  # before the 101: the client sends nothing before it
     await self._accept({"type": "websocket.accept", "subprotocol": message.get("subprotocol")})
     self.closed = True  # Hypercorn leaves the stream alone from here: no pings, no close
+    self.connection = None  # type: ignore[assignment]  # its wsproto state: never used again
 
 
 async def take_over(

@@ -151,7 +151,11 @@ class FrameReader:
                 payload = apply_mask(buf[pos + head : end], bytes(buf[pos + head - 4 : pos + head]))
             else:
                 payload = bytes(buf[pos + head : end])
-            self._pos = end
+            if end == len(buf):  # all consumed: an idle connection keeps no buffer
+                buf.clear()
+                self._pos = 0
+            else:
+                self._pos = end
             if op == OP_TEXT or op == OP_BINARY:
                 if self._parts:
                     raise ProtocolError(1002, "a new message started inside a fragmented one")
