@@ -43,7 +43,7 @@ from .events import dumps, error_event
 from .metrics import RelayMetrics
 from .mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from .mint import Minter
-from .overload import SAMPLE_SECONDS, LoadGuard, Thresholds
+from .overload import SAMPLE_SECONDS, LoadGuard, Thresholds, newest_to_shed
 from .pair import Pair
 from .upstream import UpstreamDialer
 from .usage import open_store
@@ -564,22 +564,23 @@ class RelayApp:
                 asked = before + SAMPLE_SECONDS
                 await trio.sleep_until(asked)
                 cpu_now, now = cpu_demand_seconds(), trio.current_time()
+                live = sum(pair.bridge.ending is None for pair in self.pairs)
                 shed = self.guard.sample(
                     cpu=(cpu_now - cpu_before) / (now - before),
                     lag=now - asked,
                     now=now,
-                    sessions=len(self.pairs),
+                    sessions=live,
                 )
                 cpu_before, before = cpu_now, now
                 if shed:
-                    newest = list(self.pairs)[-shed:]
+                    newest = newest_to_shed(self.pairs, shed, _ending)
                     log.warning(
                         "overloaded (%.0f%% of a core, loop lag %.0f ms): closing the %d newest"
                         " of %d sessions",
                         self.guard.cpu * 100,
                         self.guard.lag * 1000,
                         len(newest),
-                        len(self.pairs),
+                        live,
                     )
                     for pair in newest:
                         shedding.start_soon(pair.shed)
@@ -657,6 +658,10 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
     _hypercorn.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)
+
+
+def _ending(pair: Pair) -> bool:
+    return pair.bridge.ending is not None
 
 
 def cpu_demand_seconds() -> float:

@@ -22,7 +22,11 @@ It only does arithmetic on the samples it is given, so it is tested without a lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: Weight of each new sample (one every SAMPLE_SECONDS): about a second's memory, so one
 #: stall (a GC pause, start-up work) does not turn callers away.
@@ -81,3 +85,15 @@ class LoadGuard:
             return 0
         self._shed_at = now
         return max(1, math.ceil(sessions * SHED_FRACTION)) if sessions else 0
+
+
+def newest_to_shed(sessions: Iterable[T], count: int, ending: Callable[[T], bool]) -> list[T]:
+    """The ``count`` newest of ``sessions`` (oldest first) that are not already ending.
+
+    A session being closed stays live until its client answers the close, which under
+    overload takes a while; picking it again would shed nothing.
+    """
+    if count <= 0:
+        return []
+    live = [session for session in sessions if not ending(session)]
+    return live[-count:]

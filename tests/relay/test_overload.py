@@ -11,7 +11,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-from relay.overload import LoadGuard, Thresholds
+from relay.overload import LoadGuard, Thresholds, newest_to_shed
 
 from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
 
@@ -42,6 +42,16 @@ def test_sustained_overload_sheds_a_tenth_of_the_sessions_every_second() -> None
     # every second.
     assert cuts == [(1.6, 10), (2.6, 10), (3.6, 10)]
     assert guard.sample(cpu=1.0, lag=0.0, now=7.0, sessions=0) == 0
+
+
+def test_shedding_picks_the_newest_sessions_not_already_closing() -> None:
+    """Under overload a shed session may take seconds to finish closing; the next round
+    must close others, not pick the same ones again."""
+    sessions = list(range(10))  # oldest first
+    closing = {8, 9}
+    assert newest_to_shed(sessions, 3, closing.__contains__) == [5, 6, 7]
+    assert newest_to_shed(sessions, 0, closing.__contains__) == []
+    assert newest_to_shed(sessions, 20, closing.__contains__) == list(range(8))
 
 
 def test_limits_of_zero_turn_the_guard_off() -> None:
