@@ -18,7 +18,6 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-
 TOKEN_SUBPROTOCOL = "relay-token."
 #: Clock skew tolerated on a JWT's exp/nbf.
 JWT_LEEWAY_SECONDS = 30
