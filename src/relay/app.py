@@ -466,6 +466,7 @@ class RelayApp:
             ping_interval=self.config.ping_interval,
             peer_timeout=self.config.peer_timeout,
             on_voice_latency=self.metrics.voice_latency,
+            on_upstream_opened=self.metrics.upstream_opened,
         )
         self.pairs[pair] = None
         if self._no_pairs.is_set():
@@ -492,10 +493,7 @@ class RelayApp:
                 bridge.traffic,
                 ending.cause if ending else "error",
                 ending.client_code if ending else None,
-                bridge.queued_at_open,
             )
-            if pair.dial_seconds is not None:
-                metrics.dial_latency(pair.dial_seconds)
             traffic = bridge.traffic
             log.info(
                 "session ended",

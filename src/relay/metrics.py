@@ -174,17 +174,10 @@ class RelayMetrics:
         if self.multiprocess:
             self._publish_periodically()
 
-    def session_ended(
-        self,
-        traffic: Traffic,
-        cause: Cause | str,
-        client_code: int | None,
-        queued: int | None = None,
-    ) -> None:
+    def session_ended(self, traffic: Traffic, cause: Cause | str, client_code: int | None) -> None:
         """A session ended: move its traffic from live to the totals, count how it ended.
 
-        Call it once per session. ``queued`` is how many client messages waited for
-        the upstream to open (None: not known, nothing observed).
+        Call it once per session.
         """
         if self._live.pop(id(traffic), None) is not None:
             self._active.dec()
@@ -194,8 +187,6 @@ class RelayMetrics:
         ended.upstream_messages += traffic.upstream_messages
         ended.upstream_bytes += traffic.upstream_bytes
         self._ended.labels(cause_label(cause), code_label(client_code)).inc()
-        if queued is not None:
-            self._queued.observe(queued)
 
     def publish(self) -> None:
         """Add the traffic forwarded since the last call to the message and byte counters."""
@@ -240,9 +231,11 @@ class RelayMetrics:
         except OSError as exc:
             log.warning("cannot write the metrics to PROMETHEUS_MULTIPROC_DIR: %s", exc)
 
-    def dial_latency(self, seconds: float) -> None:
-        """The upstream WebSocket opened after ``seconds``."""
+    def upstream_opened(self, seconds: float, queued: int) -> None:
+        """A session's upstream WebSocket opened after ``seconds``, with ``queued`` client
+        messages waiting for it (recorded then, not when the session ends)."""
         self._dial.observe(seconds)
+        self._queued.observe(queued)
 
     def voice_latency(self, seconds: float) -> None:
         """A spoken turn was answered: see :class:`VoiceClock`."""

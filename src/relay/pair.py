@@ -80,6 +80,7 @@ class Pair:
         ping_interval: float = 0.0,
         peer_timeout: float = 0.0,
         on_voice_latency: Callable[[float], None] | None = None,
+        on_upstream_opened: Callable[[float, int], None] | None = None,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -96,6 +97,7 @@ class Pair:
         self._peer_timeout = peer_timeout
         self._pinging = bool(ping_interval and peer_timeout)  # the upstream must answer
         self._on_voice_latency = on_voice_latency
+        self._on_upstream_opened = on_upstream_opened
         #: Seconds the upstream took to open (connect and handshake), once it has.
         self.dial_seconds: float | None = None
         #: Trio time of the last message either way (for the idle timeout).
@@ -194,6 +196,8 @@ class Pair:
             self._upstream = upstream
             self.dial_seconds = trio.current_time() - dial_started
             await self._flush(upstream)
+            if self._on_upstream_opened is not None and self.bridge.queued_at_open is not None:
+                self._on_upstream_opened(self.dial_seconds, self.bridge.queued_at_open)
             await self._upstream_to_client(upstream)
         finally:
             if stream is not None:

@@ -123,14 +123,11 @@ def test_endings_are_counted_by_cause_and_bounded_client_code() -> None:
 
 def test_histograms_observe_queue_depth_dial_and_voice_latency() -> None:
     metrics = RelayMetrics()
-    for queued in (0, 3, 300):
-        traffic = Traffic()
-        metrics.session_started(traffic)
-        metrics.session_ended(traffic, Cause.CLIENT_CLOSED, None, queued=queued)
-    unobserved = Traffic()
-    metrics.session_started(unobserved)
-    metrics.session_ended(unobserved, Cause.UPSTREAM_UNAVAILABLE, 1014)  # queued unknown
-    metrics.dial_latency(0.12)
+    for queued, dial in ((0, 0.05), (3, 0.12), (300, 0.15)):
+        metrics.upstream_opened(dial, queued)  # as each session's upstream opens
+    never_opened = Traffic()
+    metrics.session_started(never_opened)
+    metrics.session_ended(never_opened, Cause.UPSTREAM_UNAVAILABLE, 1014)  # observes neither
     metrics.voice_latency(0.06)
     metrics.voice_latency(0.45)
     metrics.voice_latency(4.0)
@@ -140,9 +137,9 @@ def test_histograms_observe_queue_depth_dial_and_voice_latency() -> None:
     assert value(samples, "relay_preopen_queue_messages_sum") == 303
     assert value(samples, "relay_preopen_queue_messages_bucket", le="0.0") == 1
     assert value(samples, "relay_preopen_queue_messages_bucket", le="4.0") == 2
-    assert value(samples, "relay_upstream_dial_seconds_count") == 1
-    assert value(samples, "relay_upstream_dial_seconds_bucket", le="0.1") == 0
-    assert value(samples, "relay_upstream_dial_seconds_bucket", le="0.2") == 1
+    assert value(samples, "relay_upstream_dial_seconds_count") == 3
+    assert value(samples, "relay_upstream_dial_seconds_bucket", le="0.1") == 1
+    assert value(samples, "relay_upstream_dial_seconds_bucket", le="0.2") == 3
     assert value(samples, "relay_voice_latency_seconds_count") == 3
     assert value(samples, "relay_voice_latency_seconds_bucket", le="0.05") == 0
     assert value(samples, "relay_voice_latency_seconds_bucket", le="0.075") == 1
@@ -284,3 +281,23 @@ def test_without_several_workers_nothing_publishes_in_the_background() -> None:
         assert traffic_totals(scrape(metrics))[0] == 5
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_dial_time_and_queue_depth_are_recorded_when_the_upstream_opens() -> None:
+    """Not when the session ends: a scrape during a long call already shows them."""
+    from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
+
+    async def greet(conn: UpstreamConnection) -> None:
+        ws = await conn.accept()
+        await ws.send_message('{"type":"session.created"}')
+        while True:
+            await conn.receive()
+
+    with trio.fail_after(30):
+        async with scripted_upstream(greet) as up, running_relay(upstream_url=up.url) as relay:
+            async with connect(relay.url + "/voice") as ws:
+                assert await ws.get_message() == '{"type":"session.created"}'
+                samples = scrape(relay.app.metrics)
+                assert value(samples, "relay_upstream_dial_seconds_count") == 1
+                assert value(samples, "relay_preopen_queue_messages_count") == 1
+                assert value(samples, "relay_sessions_active") == 1  # still live
