@@ -113,6 +113,11 @@ class AsgiClient:
     #: Hypercorn's read timeout reaps a silent client.
     last_heard = math.inf
 
+    def unread(self) -> int:
+        return 0  # Hypercorn's buffers are out of sight
+
+    writing = False
+
     async def wait_closed(self, timeout: float) -> None:
         """After our close frame, let the client answer it before the app returns.
 
@@ -155,6 +160,13 @@ class SocketClient:
     @property
     def last_heard(self) -> float:
         return self._ws.last_heard
+
+    def unread(self) -> int:
+        return self._ws.unread()
+
+    @property
+    def writing(self) -> bool:
+        return self._ws.writing
 
     async def wait_closed(self, timeout: float) -> None:
         """After our close frame, read until the client's reply (bounded), so it gets
@@ -202,6 +214,8 @@ class RelayApp:
                 refuse_lag=config.overload_lag,
                 shed_cpu=config.shed_cpu,
                 shed_lag=config.shed_lag,
+                refuse_behind=config.overload_behind,
+                shed_behind=config.shed_behind,
             )
         )
         #: WebSocket connections past the load checks and not yet over (for RELAY_MAX_SESSIONS).
@@ -562,23 +576,25 @@ class RelayApp:
                 asked = before + SAMPLE_SECONDS
                 await trio.sleep_until(asked)
                 cpu_now, now = cpu_demand_seconds(), trio.current_time()
-                live = sum(pair.bridge.ending is None for pair in self.pairs)
+                live = [pair for pair in self.pairs if pair.bridge.ending is None]
+                cpu = (cpu_now - cpu_before) / (now - before)
+                behind = 0.0
+                if live and max(cpu, self.guard.cpu) >= BUSY:  # a system call per session: only when busy
+                    behind = sum(pair.behind(BEHIND_BYTES) for pair in live) / len(live)
                 shed = self.guard.sample(
-                    cpu=(cpu_now - cpu_before) / (now - before),
-                    lag=now - asked,
-                    now=now,
-                    sessions=live,
+                    cpu=cpu, lag=now - asked, now=now, sessions=len(live), behind=behind
                 )
                 cpu_before, before = cpu_now, now
                 if shed:
                     newest = newest_to_shed(self.pairs, shed, _ending)
                     log.warning(
-                        "overloaded (%.0f%% of a core, loop lag %.0f ms): closing the %d newest"
-                        " of %d sessions",
+                        "overloaded (%.0f%% of a core, loop lag %.0f ms, %.0f%% of sessions"
+                        " behind): closing the %d newest of %d sessions",
                         self.guard.cpu * 100,
                         self.guard.lag * 1000,
+                        self.guard.behind * 100,
                         len(newest),
-                        live,
+                        len(live),
                     )
                     for pair in newest:
                         shedding.start_soon(pair.shed)
@@ -656,6 +672,12 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
     _hypercorn.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)
+
+
+#: Unread client bytes that make a session count as behind: ten 20 ms audio events.
+BEHIND_BYTES = 64 * 1024
+#: CPU demand (share of a core) from which the load watcher looks at the backlogs.
+BUSY = 0.5
 
 
 def _ending(pair: Pair) -> bool:

@@ -237,6 +237,18 @@ class RelayConfig:
     shed_lag: float = _setting(
         0.5, "RELAY_SHED_LAG", "Loop lag (seconds) that sheds sessions the same way (0: never)."
     )
+    overload_behind: float = _setting(
+        0.1,
+        "RELAY_OVERLOAD_BEHIND",
+        "Share of live sessions (0-1, smoothed) with over 64 KiB from one side the relay has"
+        " not read yet, the other side not holding it back, above which new sessions are"
+        " refused (0: no limit).",
+    )
+    shed_behind: float = _setting(
+        0.25,
+        "RELAY_SHED_BEHIND",
+        "Share of live sessions that far behind which sheds sessions the same way (0: never).",
+    )
     drain_seconds: float = _setting(
         10.0,
         "RELAY_DRAIN_SECONDS",
@@ -446,6 +458,7 @@ def _validate(config: RelayConfig) -> None:
     for name in (
         "keep_alive_timeout", "ping_interval", "peer_timeout", "drain_seconds",
         "max_sessions", "overload_cpu", "overload_lag", "shed_cpu", "shed_lag",
+        "overload_behind", "shed_behind",
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0")

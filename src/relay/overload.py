@@ -45,6 +45,8 @@ class Thresholds:
     refuse_lag: float = 0.0
     shed_cpu: float = 0.0
     shed_lag: float = 0.0
+    refuse_behind: float = 0.0
+    shed_behind: float = 0.0
 
 
 def _over(value: float, limit: float) -> bool:
@@ -57,26 +59,49 @@ class LoadGuard:
         self.shed_after = shed_after
         self.cpu = 0.0
         self.lag = 0.0
+        self.behind = 0.0
         self._high_since: float | None = None
         self._shed_at = -math.inf
 
     @property
     def enabled(self) -> bool:
         t = self.thresholds
-        return any(limit > 0 for limit in (t.refuse_cpu, t.refuse_lag, t.shed_cpu, t.shed_lag))
+        return any(
+            limit > 0
+            for limit in (
+                t.refuse_cpu, t.refuse_lag, t.shed_cpu, t.shed_lag, t.refuse_behind, t.shed_behind
+            )
+        )
 
     @property
     def admitting(self) -> bool:
         """Whether a new session may start now."""
         t = self.thresholds
-        return not (_over(self.cpu, t.refuse_cpu) or _over(self.lag, t.refuse_lag))
+        return not (
+            _over(self.cpu, t.refuse_cpu)
+            or _over(self.lag, t.refuse_lag)
+            or _over(self.behind, t.refuse_behind)
+        )
 
-    def sample(self, *, cpu: float, lag: float, now: float, sessions: int) -> int:
-        """Record one sample; return how many of the newest sessions to close now."""
+    def sample(
+        self, *, cpu: float, lag: float, now: float, sessions: int, behind: float = 0.0
+    ) -> int:
+        """Record one sample; return how many of the newest sessions to close now.
+
+        ``behind`` is the share of the sessions whose clients' audio is piling up unread
+        (the relay cannot keep up even though nothing downstream holds it back): CPU demand
+        cannot rise above a whole core, so near it only the backlog says how far behind
+        the relay is, and only its clearing says it has shed enough.
+        """
         self.cpu = SMOOTHING * cpu + (1 - SMOOTHING) * self.cpu
         self.lag = SMOOTHING * lag + (1 - SMOOTHING) * self.lag
+        self.behind = SMOOTHING * behind + (1 - SMOOTHING) * self.behind
         t = self.thresholds
-        if not (_over(self.cpu, t.shed_cpu) or _over(self.lag, t.shed_lag)):
+        if not (
+            _over(self.cpu, t.shed_cpu)
+            or _over(self.lag, t.shed_lag)
+            or _over(self.behind, t.shed_behind)
+        ):
             self._high_since = None
             return 0
         if self._high_since is None:

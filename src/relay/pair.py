@@ -62,6 +62,15 @@ class ClientSide(Protocol):
         """Trio time the client last sent anything (inf where the server reaps silent clients)."""
         ...
 
+    def unread(self) -> int:
+        """Bytes the client sent that the relay has not read yet (0 where it cannot tell)."""
+        ...
+
+    @property
+    def writing(self) -> bool:
+        """Whether a send to the client is under way (False where it cannot tell)."""
+        ...
+
 
 class Pair:
     """Runs one client/upstream pair to its end. See the module docstring."""
@@ -114,6 +123,16 @@ class Pair:
         ending = self.bridge.ending
         assert ending is not None, "a pair's nursery only exits through an ending"
         return ending
+
+    def behind(self, limit: int) -> bool:
+        """Whether either side has sent over ``limit`` bytes the relay has not read, while
+        the other side is not what holds the relay back: then the relay itself is too slow."""
+        upstream = self._upstream
+        if upstream is None:
+            return False
+        if not upstream.writing and self.client.unread() > limit:
+            return True
+        return not self.client.writing and upstream.unread() > limit
 
     async def shutdown(self) -> None:
         """End the pair because the relay is going away (client 1012, upstream 1001)."""

@@ -25,10 +25,13 @@ a :class:`~trio_websocket.CloseReason`), so code written against it reads the sa
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import math
 import os
 import socket
+import sys
+import termios
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
@@ -113,6 +116,24 @@ class WebSocket:
     def closed(self) -> CloseReason | None:
         """Why the connection closed (or is closing), or None while it is open."""
         return self._closed
+
+    @property
+    def writing(self) -> bool:
+        """Whether a write is under way (waiting for the peer to take it, as a rule)."""
+        return self._writing
+
+    def unread(self) -> int:
+        """Bytes the peer sent that no message has been made of yet: in the OS's receive
+        buffer (plain sockets only) and in the frame reader."""
+        queued = 0
+        if self._sock is not None:
+            try:
+                queued = int.from_bytes(
+                    fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), sys.byteorder
+                )
+            except OSError:
+                pass  # closed meanwhile
+        return queued + self._reader.buffered
 
     @property
     def broken(self) -> bool:

@@ -175,6 +175,11 @@ class MemoryClient:
         # Recorded, not raised: an exception here would unwind the relay's own send.
         check_client_sees_no_upstream_key("a message", data, fail_now=False)
 
+    def unread(self) -> int:
+        return 0
+
+    writing = False
+
     async def keepalive(self) -> None:
         """A ping; the pong comes back at once unless the client has gone mute."""
         self.record.pings += 1

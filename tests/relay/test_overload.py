@@ -54,6 +54,19 @@ def test_shedding_picks_the_newest_sessions_not_already_closing() -> None:
     assert newest_to_shed(sessions, 20, closing.__contains__) == list(range(8))
 
 
+def test_a_backlog_alone_refuses_then_sheds_though_the_cpu_looks_fine() -> None:
+    """CPU demand cannot rise above a whole core; the share of sessions behind can."""
+    guard = LoadGuard(Thresholds(shed_cpu=0.97, refuse_behind=0.1, shed_behind=0.25))
+    cuts = [
+        guard.sample(cpu=0.9, lag=0.0, now=t * 0.1, sessions=100, behind=0.6) for t in range(30)
+    ]
+    assert not guard.admitting
+    assert [t for t, n in enumerate(cuts) if n] == [15, 25]  # smoothed past 0.25 at 0.5 s, +1 s
+    for t in range(30, 80):  # the backlog clears: shedding stops, admission resumes
+        assert guard.sample(cpu=0.9, lag=0.0, now=t * 0.1, sessions=80, behind=0.0) == 0 or t < 40
+    assert guard.admitting
+
+
 def test_limits_of_zero_turn_the_guard_off() -> None:
     guard = LoadGuard(Thresholds())
     assert not guard.enabled

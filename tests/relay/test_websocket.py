@@ -836,3 +836,22 @@ async def test_eof_during_the_handshake_is_broken_resource(
 
     with pytest.raises(trio.BrokenResourceError):
         await dial_scripted(script)
+
+
+async def test_unread_counts_what_the_peer_sent_that_no_message_was_made_of() -> None:
+    """The load guard's backlog: bytes in the OS's buffer plus a partial frame read so far."""
+    left, right = trio.socket.socketpair()
+    ws = WebSocket(trio.SocketStream(left), client=True, max_message_bytes=1 << 20)
+    peer = trio.SocketStream(right)
+    try:
+        assert ws.unread() == 0
+        whole = frame(OP_TEXT, b"x" * 50_000, mask=False)
+        await peer.send_all(whole + whole[:1000])  # one message and the start of the next
+        with trio.fail_after(5):
+            while ws.unread() < len(whole) + 1000:  # the kernel may still be delivering
+                await trio.sleep(0.01)
+            assert await ws.get_message() == "x" * 50_000
+        assert ws.unread() == 1000  # read in the same recv, now held by the frame reader
+    finally:
+        await peer.aclose()
+        await trio.aclose_forcefully(ws._stream)

@@ -208,7 +208,9 @@ async def test_when_a_worker_dies_the_other_takes_every_new_connection(tmp_path:
         async with two_workers(tmp_path) as relay:
             victim, survivor = sorted(relay.log.pids("Running on"))
             os.kill(victim, signal.SIGKILL)
-            while _running(victim):  # not our child: no wait() for it
+            # Until relay serve has reaped it: only then have all its threads exited and its
+            # socket closed (not our child, so no wait() for it here).
+            while Path(f"/proc/{victim}").exists():
                 await trio.sleep(0.01)
             for n in range(20):  # by hash, about half would land on the dead socket
                 with trio.fail_after(5):
@@ -219,10 +221,11 @@ async def test_when_a_worker_dies_the_other_takes_every_new_connection(tmp_path:
 
 
 def _running(pid: int) -> bool:
+    """Whether a process that nobody may reap (its parent died) has yet to exit."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone
     return state != "Z"
 
 
