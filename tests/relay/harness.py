@@ -54,6 +54,14 @@ class UpstreamConnection:
         return message
 
 
+async def greet(conn: UpstreamConnection) -> None:
+    """The simplest upstream script: accept, send session.created, read until the relay leaves."""
+    ws = await conn.accept()
+    await ws.send_message('{"type":"session.created"}')
+    while True:
+        await conn.receive()
+
+
 @dataclass
 class ScriptedUpstream:
     url: str

@@ -12,19 +12,12 @@ from trio_websocket import ConnectionRejected
 
 from relay.auth import hash_key
 
-from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
+from .harness import connect, greet, running_relay, scripted_upstream
 from .test_relay_loopback import error_codes, receive_until_closed
 
 SECRET = "jwt-shared-secret-for-tests-0123456789abcdef"
 API_KEY = "rk_test_client_key_abcdef"
 TIMEOUT = 10
-
-
-async def greet(conn: UpstreamConnection) -> None:
-    ws = await conn.accept()
-    await ws.send_message('{"type":"session.created"}')
-    while True:
-        await conn.receive()
 
 
 def settings(**extra: object) -> dict[str, object]:

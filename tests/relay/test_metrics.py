@@ -285,13 +285,7 @@ def test_without_several_workers_nothing_publishes_in_the_background() -> None:
 
 async def test_dial_time_and_queue_depth_are_recorded_when_the_upstream_opens() -> None:
     """Not when the session ends: a scrape during a long call already shows them."""
-    from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
-
-    async def greet(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
-        while True:
-            await conn.receive()
+    from .harness import connect, greet, running_relay, scripted_upstream
 
     with trio.fail_after(30):
         async with scripted_upstream(greet) as up, running_relay(upstream_url=up.url) as relay:

@@ -17,25 +17,18 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from mockrealtime import MockConfig, serve_mock_realtime
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed
 
+from mockrealtime import MockConfig, serve_mock_realtime
 from relay.bridge import Cause
 
-from .harness import TEST_KEY, UpstreamConnection, connect, running_relay, scripted_upstream
+from .harness import TEST_KEY, UpstreamConnection, connect, greet, running_relay, scripted_upstream
 from .memory import ClientScript, UpstreamScript, run_pair
 from .test_demo import events_until, tone_then_silence
 from .test_relay_loopback import error_codes, receive_until_closed
 
 TIMEOUT = 20
-
-
-async def greet(conn: UpstreamConnection) -> None:
-    ws = await conn.accept()
-    await ws.send_message('{"type":"session.created"}')
-    while True:
-        await conn.receive()
 
 
 # -- TLS ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from trio_websocket import ConnectionRejected
 
 from relay.overload import LoadGuard, Thresholds, newest_to_shed
 
-from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
+from .harness import connect, greet, running_relay, scripted_upstream
 
 TIMEOUT = 20
 
@@ -75,12 +75,6 @@ def test_limits_of_zero_turn_the_guard_off() -> None:
 
 
 async def test_an_overloaded_relay_refuses_new_sessions_with_503_and_readyz_says_so() -> None:
-    async def greet(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
-        while True:
-            await conn.receive()
-
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(greet) as up, running_relay(
             upstream_url=up.url, overload_cpu=0.85, overload_lag=0.1
@@ -105,12 +99,6 @@ async def test_an_overloaded_relay_refuses_new_sessions_with_503_and_readyz_says
 
 
 async def test_a_relay_at_its_session_cap_refuses_with_503_until_one_ends() -> None:
-    async def greet(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
-        while True:
-            await conn.receive()
-
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(greet) as up, running_relay(upstream_url=up.url, max_sessions=2) as relay:
             async with connect(relay.url + "/voice") as first, connect(relay.url + "/voice") as second:
