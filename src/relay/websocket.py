@@ -201,15 +201,8 @@ class WebSocket:
             close: Close = event  # type: ignore[assignment]
             if self._closed is None:
                 self._closed = CloseReason(close.code, close.reason or None)
-            if not self._close_sent and not self._broken:
-                self._close_sent = True
-                reply = (
-                    b"" if close.code == 1005 else frames.close_payload(close.code, close.reason)
-                )
-                try:
-                    await self._write(frames.frame(OP_CLOSE, reply, mask=self._client))
-                except _GONE:
-                    pass
+            reply = b"" if close.code == 1005 else frames.close_payload(close.code, close.reason)
+            await self._write_close(reply)
             self._ended()
             raise ConnectionClosed(self._closed)
 
@@ -260,14 +253,7 @@ class WebSocket:
         """The peer broke the protocol: close with ``code`` and stop reading."""
         if self._closed is None:
             self._closed = CloseReason(code, reason)
-        if not self._close_sent and not self._broken:
-            self._close_sent = True
-            try:
-                await self._write(
-                    frames.frame(OP_CLOSE, frames.close_payload(code, reason), mask=self._client)
-                )
-            except _GONE:
-                pass
+        await self._write_close(frames.close_payload(code, reason))
         self._ended()
 
     # -- writing ------------------------------------------------------------------
@@ -323,15 +309,22 @@ class WebSocket:
         """Send a close frame (once) and return; see :meth:`aclose` to also wait for the reply."""
         if self._close_sent or self._broken:
             return
-        self._close_sent = True
         if self._closed is None:
             self._closed = CloseReason(code, reason or None)
-        try:
-            await self._write(
-                frames.frame(OP_CLOSE, frames.close_payload(code, reason), mask=self._client)
-            )
-        except _GONE:
+        if not await self._write_close(frames.close_payload(code, reason)):
             self._lost()
+
+    async def _write_close(self, payload: bytes) -> bool:
+        """Send our close frame: once, and never after a write cut part-way (the peer would
+        read it as the rest of the half frame). False if the peer is gone."""
+        if self._close_sent or self._broken:
+            return True
+        self._close_sent = True
+        try:
+            await self._write(frames.frame(OP_CLOSE, payload, mask=self._client))
+        except _GONE:
+            return False
+        return True
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """Close: our close frame, the peer's reply (or its end), then the stream.
@@ -368,11 +361,9 @@ class WebSocket:
 
     async def _write(self, data: bytes) -> None:
         """Write ``data`` whole, one writer at a time (Broken- or ClosedResourceError if not)."""
-        if self._broken:
-            raise trio.BrokenResourceError("an earlier write was cut part-way")
         while self._writing:  # uncontended, this costs nothing: the usual case
             await self._write_queue.park()
-        if self._broken:  # the write this one waited behind was cut part-way
+        if self._broken:  # an earlier write (maybe the one this waited behind) was cut part-way
             raise trio.BrokenResourceError("an earlier write was cut part-way")
         self._writing = True
         try:
