@@ -107,8 +107,6 @@ class Pair:
         self._pinging = bool(ping_interval and peer_timeout)  # the upstream must answer
         self._on_voice_latency = on_voice_latency
         self._on_upstream_opened = on_upstream_opened
-        #: Seconds the upstream took to open (connect and handshake), once it has.
-        self.dial_seconds: float | None = None
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = trio.current_time()
 
@@ -187,19 +185,11 @@ class Pair:
         dial_started = trio.current_time()
         deadline = dial_started + self._dial_timeout
         stream: trio.abc.Stream | None = None
+        upstream: WebSocket | None = None
         try:
             with trio.move_on_at(deadline):
                 try:
                     stream = await self._target.connect()
-                except (OSError, trio.BrokenResourceError) as exc:
-                    await self._finish(bridge.dial_failed(_describe(exc)))
-                    return
-            if stream is None:
-                await self._finish(bridge.dial_failed("timed out"))
-                return
-            upstream = None
-            with trio.move_on_at(deadline):
-                try:
                     upstream = await self._target.handshake(stream)
                 except ConnectionRejected as rejected:
                     status = rejected.status_code
@@ -213,10 +203,10 @@ class Pair:
                 return
             upstream.send_timeout = self._send_timeout
             self._upstream = upstream
-            self.dial_seconds = trio.current_time() - dial_started
+            dial_seconds = trio.current_time() - dial_started
             await self._flush(upstream)
-            if self._on_upstream_opened is not None and self.bridge.queued_at_open is not None:
-                self._on_upstream_opened(self.dial_seconds, self.bridge.queued_at_open)
+            if self._on_upstream_opened is not None and bridge.queued_at_open is not None:
+                self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
             await self._upstream_to_client(upstream)
         finally:
             if stream is not None:
