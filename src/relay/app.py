@@ -59,6 +59,11 @@ STORE_TIMEOUT = 5.0
 #: Seconds ``/readyz?upstream=1`` gives the upstream to accept a TCP (and TLS) connection.
 READY_UPSTREAM_TIMEOUT = 2.0
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+#: Unread bytes from one side that make a session count as behind: ten 20 ms audio events.
+BEHIND_BYTES = 64 * 1024
+#: CPU demand (share of a core) from which the load watcher looks at the backlogs (it costs
+#: a system call per session).
+BUSY = 0.5
 
 log = logging.getLogger("relay")
 
@@ -579,7 +584,7 @@ class RelayApp:
                 live = [pair for pair in self.pairs if pair.bridge.ending is None]
                 cpu = (cpu_now - cpu_before) / (now - before)
                 behind = 0.0
-                if live and max(cpu, self.guard.cpu) >= BUSY:  # a system call per session: only when busy
+                if live and max(cpu, self.guard.cpu) >= BUSY:
                     behind = sum(pair.behind(BEHIND_BYTES) for pair in live) / len(live)
                 shed = self.guard.sample(
                     cpu=cpu, lag=now - asked, now=now, sessions=len(live), behind=behind
@@ -672,12 +677,6 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
     _hypercorn.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)
-
-
-#: Unread client bytes that make a session count as behind: ten 20 ms audio events.
-BEHIND_BYTES = 64 * 1024
-#: CPU demand (share of a core) from which the load watcher looks at the backlogs.
-BUSY = 0.5
 
 
 def _ending(pair: Pair) -> bool:

@@ -62,7 +62,7 @@ class Minter:
     async def mint(
         self, identity: Identity, body: bytes, accounting: Accounting | None = None
     ) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, JSON body) for one mint request; ``accounting`` checks the user's budget."""
+        """(HTTP status, JSON body) for one mint request; ``accounting`` checks the budget."""
         now = self._clock()
         recent = self._recent.setdefault(identity.user, deque())
         while recent and recent[0] <= now - WINDOW_SECONDS:
