@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -134,11 +135,11 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     hc = hypercorn_config(config)
     hc.workers = config.workers  # Hypercorn sets SO_REUSEPORT for more than one
     sockets = hc.create_sockets()
-    first = (*sockets.secure_sockets, *sockets.insecure_sockets)[0]
+    first = _listening(sockets)[0]
     hc.bind = [f"{config.host}:{first.getsockname()[1]}"]  # the real port of --port 0
     each = [sockets, *(hc.create_sockets() for _ in range(config.workers - 1))]
     for one in each:
-        for sock in (*one.secure_sockets, *one.insecure_sockets):
+        for sock in _listening(one):
             sock.listen(hc.backlog)
     forking = multiprocess_mode()
     context = multiprocessing.get_context("fork" if forking else "spawn")
@@ -154,12 +155,12 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     for worker in workers:
         worker.start()
     scheme = "wss" if config.tls_cert else "ws"
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+    for sock in _listening(sockets):
         bound = repr_socket_addr(sock.family, sock.getsockname())  # the real port of --port 0
         print(f"relay: {config.workers} workers listening on {scheme}://{bound}/voice", flush=True)
     if forking:  # the workers have their copies; this process accepts nothing
         for one in each:
-            for sock in (*one.secure_sockets, *one.insecure_sockets):
+            for sock in _listening(one):
                 sock.close()
 
     def forward(signum: int, _frame: object) -> None:
@@ -182,7 +183,7 @@ def _worker(config: RelayConfig, sockets: Sockets, parent: int, others: list[Soc
     os.setpgid(0, 0)
     _drain_when_orphaned(parent)
     for other in others:
-        for sock in (*other.secure_sockets, *other.insecure_sockets):
+        for sock in _listening(other):
             sock.close()
     from .logs import configure_logging
 
@@ -193,6 +194,10 @@ def _worker(config: RelayConfig, sockets: Sockets, parent: int, others: list[Soc
         fields={"pid": os.getpid()},  # the workers' lines interleave
     )
     trio.run(partial(serve, config, sockets=sockets))
+
+
+def _listening(sockets: Sockets) -> tuple[socket.socket, ...]:
+    return (*sockets.secure_sockets, *sockets.insecure_sockets)
 
 
 def _drain_when_orphaned(parent: int) -> None:
