@@ -88,8 +88,8 @@ class LoadGuard:
     ) -> int:
         """Record one sample; return how many of the newest sessions to close now.
 
-        ``behind`` is the share of the sessions whose clients' audio is piling up unread
-        (the relay cannot keep up even though nothing downstream holds it back): CPU demand
+        ``behind`` is the share of the sessions whose input, from either side, is piling up
+        unread (the relay cannot keep up though the other side does not hold it back): CPU demand
         cannot rise above a whole core, so near it only the backlog says how far behind
         the relay is, and only its clearing says it has shed enough.
         """

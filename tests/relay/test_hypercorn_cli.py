@@ -10,13 +10,14 @@ import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import trio
 import trustme
+from trio_websocket import WebSocketConnection
 
 from mockrealtime import MockConfig, serve_mock_realtime
 from relay.auth import hash_key
@@ -58,6 +59,14 @@ class Served:
     https_url: str
     wss_url: str
     client_context: ssl.SSLContext
+
+    def session(self) -> AbstractAsyncContextManager[WebSocketConnection]:
+        """A client session on /voice over wss, as the relay's user with the client key."""
+        return connect(
+            self.wss_url + "/voice",
+            ssl_context=self.client_context,
+            extra_headers=[(b"authorization", f"Bearer {CLIENT_KEY}".encode())],
+        )
 
 
 def worker_pids(log: ProcessLog) -> set[int]:
@@ -129,11 +138,7 @@ async def test_the_documented_hypercorn_line_serves_wss_and_logs_json_session_li
 ) -> None:
     with trio.fail_after(TIMEOUT):
         async with hypercorn_as_documented(tmp_path) as served:
-            async with connect(
-                served.wss_url + "/voice",
-                ssl_context=served.client_context,
-                extra_headers=[(b"authorization", f"Bearer {CLIENT_KEY}".encode())],
-            ) as ws:
+            async with served.session() as ws:
                 await events_until(ws, "session.updated")
                 await ws.send_message('{"type":"input_audio_buffer.clear"}')
                 await events_until(ws, "input_audio_buffer.cleared")
@@ -169,11 +174,7 @@ async def test_under_hypercorns_own_workers_a_shared_multiproc_dir_makes_metrics
             leave = trio.Event()
 
             async def session(task_status: trio.TaskStatus[None]) -> None:
-                async with connect(
-                    served.wss_url + "/voice",
-                    ssl_context=served.client_context,
-                    extra_headers=[(b"authorization", f"Bearer {CLIENT_KEY}".encode())],
-                ) as ws:
+                async with served.session() as ws:
                     await events_until(ws, "session.updated")
                     task_status.started()
                     await leave.wait()
