@@ -47,6 +47,7 @@ from .overload import SAMPLE_SECONDS, LoadGuard, Thresholds, newest_to_shed
 from .pair import Pair
 from .upstream import UpstreamDialer
 from .usage import open_store
+from .pump import Pump
 from .websocket import WebSocket
 
 Scope = MutableMapping[str, Any]
@@ -78,6 +79,8 @@ class AsgiClient:
     """The client's WebSocket over ASGI, as :class:`relay.pair.ClientSide`."""
 
     __slots__ = ("_receive", "_send", "_send_timeout")
+
+    websocket = None  # Hypercorn reads and writes the socket
 
     def __init__(self, receive: Receive, send: Send, send_timeout: float = math.inf) -> None:
         self._receive = receive
@@ -139,45 +142,45 @@ class AsgiClient:
 class SocketClient:
     """The client's WebSocket once the relay owns its socket, as :class:`relay.pair.ClientSide`."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("websocket",)
 
     def __init__(self, ws: WebSocket) -> None:
-        self._ws = ws
+        self.websocket = ws
 
     async def receive(self) -> Message | None:
         try:
-            return await self._ws.get_message()
+            return await self.websocket.get_message()
         except ConnectionClosed:
             return None
 
     async def send(self, data: Message) -> None:
         try:
-            await self._ws.send_message(data)
+            await self.websocket.send_message(data)
         except ConnectionClosed:
             pass  # the client is gone; the read that follows says so
 
     async def close(self, code: int, reason: str) -> None:
-        await self._ws.send_close(code, reason)
+        await self.websocket.send_close(code, reason)
 
     async def keepalive(self) -> None:
-        await self._ws.send_ping()
+        await self.websocket.send_ping()
 
     @property
     def last_heard(self) -> float:
-        return self._ws.last_heard
+        return self.websocket.last_heard
 
     def unread(self) -> int:
-        return self._ws.unread()
+        return self.websocket.unread()
 
     @property
     def writing(self) -> bool:
-        return self._ws.writing
+        return self.websocket.writing
 
     async def wait_closed(self, timeout: float) -> None:
         """After our close frame, read until the client's reply (bounded), so it gets
         everything we sent before the connection is closed."""
         with trio.move_on_after(timeout):
-            await self._ws.wait_closed()
+            await self.websocket.wait_closed()
 
 
 def client_frame_limit(max_message_bytes: int) -> int:
@@ -232,6 +235,8 @@ class RelayApp:
         self._started = trio.Event()
         self.minter = Minter(config)
         self.metrics = RelayMetrics()
+        #: Moves plain-socket sessions' messages (relay.pump) while the lifespan runs.
+        self.pump: Pump | None = None
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
 
@@ -486,6 +491,7 @@ class RelayApp:
             peer_timeout=self.config.peer_timeout,
             on_voice_latency=self.metrics.voice_latency,
             on_upstream_opened=self.metrics.upstream_opened,
+            pump=self.pump,
         )
         self.pairs[pair] = None
         if self._no_pairs.is_set():
@@ -569,8 +575,13 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             if self.guard.enabled:
                 nursery.start_soon(self._watch_load)
-            await self._lifespan_events(receive, send)
-            nursery.cancel_scope.cancel()
+            self.pump = Pump()
+            nursery.start_soon(self.pump.run)
+            try:
+                await self._lifespan_events(receive, send)
+            finally:
+                self.pump = None
+                nursery.cancel_scope.cancel()
 
     async def _watch_load(self) -> None:
         """Sample the event loop's lag; shed the newest sessions when the guard says so."""

@@ -36,12 +36,18 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from .bridge import Bridge, Ending, Message, Reply
 from .deadlines import Deadlines, Due
 from .metrics import VoiceClock
+from .pump import READ, Leg, Pump
 from .upstream import Upstream
-from .websocket import HandshakeFailed, WebSocket
+from .websocket import PART, HandshakeFailed, WebSocket
 
 
 class ClientSide(Protocol):
     """The client's WebSocket as the pair sees it (ASGI in production, memory in tests)."""
+
+    @property
+    def websocket(self) -> WebSocket | None:
+        """The client's own WebSocket where the relay reads its socket (so it can be pumped)."""
+        ...
 
     async def receive(self) -> Message | None:
         """The next message, or None once the client has gone."""
@@ -90,6 +96,7 @@ class Pair:
         peer_timeout: float = 0.0,
         on_voice_latency: Callable[[float], None] | None = None,
         on_upstream_opened: Callable[[float, int], None] | None = None,
+        pump: Pump | None = None,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -107,6 +114,9 @@ class Pair:
         self._pinging = bool(ping_interval and peer_timeout)  # the upstream must answer
         self._on_voice_latency = on_voice_latency
         self._on_upstream_opened = on_upstream_opened
+        self._pump = pump
+        self._up_leg: Leg | None = None  # client → upstream, once both legs can be pumped
+        self._voice = VoiceClock(trio.current_time) if on_voice_latency is not None else None
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = trio.current_time()
 
@@ -147,22 +157,40 @@ class Pair:
         except trio.TooSlowError:
             await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
+    def _client_step(self, data: Message) -> Message | Reply | Ending | None:
+        """One client message through the bridge (the task's and the pump's step)."""
+        self.last_activity = trio.current_time()
+        return self.bridge.client_message(data)
+
     async def _client_task(self) -> None:
+        try:
+            await self._client_to_upstream()
+        finally:
+            if self._up_leg is not None:
+                self._pump.forget(self._up_leg)  # type: ignore[union-attr]
+
+    async def _client_to_upstream(self) -> None:
         bridge = self.bridge
         receive = self.client.receive
-        now = trio.current_time
+        step = self._client_step
         while True:
-            data = await receive()
-            self.last_activity = now()
-            if data is None:
-                await self._finish(bridge.client_closed())
-                return
-            out = bridge.client_message(data)
+            leg = self._up_leg
+            out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            if out is READ:
+                data = await receive()
+                if data is None:
+                    await self._finish(bridge.client_closed())
+                    return
+                out = step(data)
             if out is None:
                 continue
-            if out.__class__ is str or out.__class__ is bytes:
+            if out.__class__ is str or out.__class__ is bytes or out is PART:
+                upstream: WebSocket = self._upstream  # type: ignore[assignment]
                 try:
-                    await self._upstream.send_message(out)  # type: ignore[union-attr,arg-type]
+                    if out is PART:
+                        await upstream.finish_send()
+                    else:
+                        await upstream.send_message(out)  # type: ignore[arg-type]
                 except ConnectionClosed:
                     # The upstream is closing; its task reads what is left and ends the pair.
                     return
@@ -186,6 +214,7 @@ class Pair:
         deadline = dial_started + self._dial_timeout
         stream: trio.abc.Stream | None = None
         upstream: WebSocket | None = None
+        down: Leg | None = None
         try:
             with trio.move_on_at(deadline):
                 try:
@@ -207,8 +236,14 @@ class Pair:
             await self._flush(upstream)
             if self._on_upstream_opened is not None and bridge.queued_at_open is not None:
                 self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
-            await self._upstream_to_client(upstream)
+            client_ws = self.client.websocket
+            if self._pump and client_ws is not None and client_ws.pumpable and upstream.pumpable:
+                down = Leg(upstream, client_ws, self._upstream_step, bridge)
+                self._up_leg = Leg(client_ws, upstream, self._client_step, bridge)
+            await self._upstream_to_client(upstream, down)
         finally:
+            if down is not None:
+                self._pump.forget(down)  # type: ignore[union-attr]
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
@@ -229,31 +264,41 @@ class Pair:
         finally:
             self._flushed.set()
 
-    async def _upstream_to_client(self, upstream: WebSocket) -> None:
+    def _upstream_step(self, data: Message) -> Message | Reply | None:
+        """One upstream message through the bridge (the task's and the pump's step)."""
+        self.last_activity = trio.current_time()
+        voice = self._voice
+        if voice is not None and data.__class__ is str:
+            latency = voice.upstream_event(data)  # type: ignore[arg-type]
+            if latency is not None:
+                self._on_voice_latency(latency)  # type: ignore[misc]
+        return self.bridge.upstream_message(data)
+
+    async def _upstream_to_client(self, upstream: WebSocket, leg: Leg | None) -> None:
         bridge = self.bridge
         get_message = upstream.get_message
-        send = self.client.send
-        now = trio.current_time
-        on_voice_latency = self._on_voice_latency
-        voice = VoiceClock(now) if on_voice_latency is not None else None
+        client = self.client
+        step = self._upstream_step
         while True:
-            try:
-                data = await get_message()
-            except ConnectionClosed as exc:
-                reason = exc.reason
-                code, text = (reason.code, reason.reason) if reason else (1006, None)
-                await self._finish(bridge.upstream_closed(code, text))
-                return
-            self.last_activity = now()
-            if voice is not None and data.__class__ is str:
-                latency = voice.upstream_event(data)  # type: ignore[arg-type]
-                if latency is not None:
-                    on_voice_latency(latency)  # type: ignore[misc]
-            out = bridge.upstream_message(data)
+            out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            if out is READ:
+                try:
+                    data = await get_message()
+                except ConnectionClosed as exc:
+                    reason = exc.reason
+                    code, text = (reason.code, reason.reason) if reason else (1006, None)
+                    await self._finish(bridge.upstream_closed(code, text))
+                    return
+                out = step(data)
             if out is None:
                 continue
             try:
-                await send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
+                if out is PART:
+                    await client.websocket.finish_send()  # type: ignore[union-attr]
+                else:
+                    await client.send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
+            except ConnectionClosed:
+                pass  # the client is gone; its task reads so and ends the pair
             except trio.TooSlowError:
                 await self._finish(bridge.client_too_slow(self._send_timeout))
                 return

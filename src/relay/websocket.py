@@ -47,6 +47,23 @@ CHECKPOINT_EVERY = 16
 MAX_HANDSHAKE_BYTES = 64 * 1024
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class _Marker:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: :meth:`WebSocket.poll`: a control frame, the connection's end or a protocol error is next.
+HELD = _Marker("HELD")
+#: :meth:`WebSocket.send_now`: part of the message was written; :meth:`WebSocket.finish_send`.
+PART = _Marker("PART")
+_EOF = _Marker("EOF")
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
@@ -76,6 +93,10 @@ class WebSocket:
         "_close_seen",
         "_pings",
         "_streak",
+        "_held",
+        "_maybe_more",
+        "_hangup",
+        "_pending",
         "last_heard",
         "subprotocol",
         "send_timeout",
@@ -106,6 +127,10 @@ class WebSocket:
         self._close_seen = trio.Event()
         self._pings: dict[bytes, trio.Event] = {}
         self._streak = 0
+        self._held: frames.Event | ProtocolError | _Marker | None = None  # poll() stopped at it
+        self._maybe_more = True  # the socket may have unread bytes (poll() reads only then)
+        self._hangup = True  # the peer's end may be queued too: read on to EAGAIN or EOF
+        self._pending: tuple[bytes, int] | None = None  # send_now()'s unwritten rest
         #: Trio time the peer last sent anything.
         self.last_heard = trio.current_time()
         self.subprotocol = subprotocol
@@ -172,6 +197,16 @@ class WebSocket:
         while True:
             if self._closed is not None and self._close_seen.is_set():
                 raise ConnectionClosed(self._closed)
+            held = self._held
+            if held is not None:
+                self._held = None
+                if held is _EOF:
+                    self._lost()
+                    raise ConnectionClosed(self._closed)
+                if held.__class__ is ProtocolError:
+                    await self._fail(held.code, held.reason)  # type: ignore[union-attr]
+                    raise ConnectionClosed(self._closed)
+                return held  # type: ignore[return-value]
             try:
                 event = reader.next()
             except ProtocolError as exc:
@@ -267,15 +302,119 @@ class WebSocket:
         """
         if self._close_sent or self._closed is not None:
             raise ConnectionClosed(self._closed or CloseReason(1006, None))
-        if message.__class__ is str:
-            data = frames.frame(OP_TEXT, message.encode(), mask=self._client)  # type: ignore[union-attr]
-        else:
-            data = frames.frame(OP_BINARY, message, mask=self._client)  # type: ignore[arg-type]
         try:
-            await self._write(data)
+            await self._write(self._frame(message))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._lost()
             raise ConnectionClosed(self._closed) from None
+
+    def _frame(self, message: str | bytes) -> bytes:
+        if message.__class__ is str:
+            return frames.frame(OP_TEXT, message.encode(), mask=self._client)  # type: ignore[union-attr]
+        return frames.frame(OP_BINARY, message, mask=self._client)  # type: ignore[arg-type]
+
+    # -- for relay.pump: reading and writing without waiting ----------------------
+
+    @property
+    def pumpable(self) -> bool:
+        """Whether :mod:`relay.pump` can move this connection's messages (a plain socket)."""
+        return self._sock is not None
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed, or for a stream that is not a socket)."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def hold_reading(self) -> bool:
+        """Take the reading turn for :meth:`poll` (False, and nothing taken, if a task reads)."""
+        if self._reading:
+            return False
+        self._reading = True
+        self._maybe_more = self._hangup = True  # whatever came meanwhile, its edge is gone
+        return True
+
+    def release_reading(self) -> None:
+        """Give the reading turn back (a close waiting for it may now read)."""
+        self._reading = False
+        if self._reader_left:
+            self._reader_left.unpark_all()
+
+    def readable(self, hangup: bool) -> None:
+        """The socket has new bytes (an edge seen by the pump's epoll); ``hangup``: and the
+        peer's end (or an error) is among them."""
+        self._maybe_more = True
+        if hangup:
+            self._hangup = True
+
+    def poll(self) -> str | bytes | _Marker | None:
+        """The next message if it is here now, without waiting; the caller holds the reading turn.
+
+        None: nothing until the socket is readable again. :data:`HELD`: a control frame, the
+        connection's end or a protocol error comes next; the next :meth:`get_message` deals
+        with it, as if it had read it itself.
+        """
+        if self._held is not None or self._closed is not None:
+            return HELD
+        reader = self._reader
+        while True:
+            try:
+                event = reader.next()
+            except ProtocolError as exc:
+                self._held = exc
+                return HELD
+            if event is not None:
+                cls = event.__class__
+                if cls is str or cls is bytes:
+                    return event  # type: ignore[return-value]
+                self._held = event
+                return HELD
+            if not self._maybe_more:
+                return None
+            try:
+                data = self._sock.recv(RECEIVE_BYTES)  # type: ignore[union-attr]
+            except BlockingIOError:
+                self._maybe_more = self._hangup = False
+                return None
+            except OSError:
+                data = b""
+            if not data:
+                self._held = _EOF
+                return HELD
+            # A short read emptied the socket of data, so whatever comes next raises a new edge;
+            # but an end that came with the data raised its edge already: read on to see it.
+            self._maybe_more = len(data) == RECEIVE_BYTES or self._hangup
+            self.last_heard = trio.current_time()
+            reader.feed(data)
+
+    def send_now(self, message: str | bytes) -> bool | _Marker:
+        """Write ``message`` as far as the socket takes it now. True: all of it. False: none
+        (send it with :meth:`send_message`). :data:`PART`: some; :meth:`finish_send` must
+        follow, and no one else writes until it has."""
+        sock = self._sock
+        if self._writing or self._close_sent or self._closed is not None or sock is None:
+            return False
+        data = self._frame(message)
+        try:
+            sent = sock.send(data)
+        except OSError:  # no room at all, or an error that send_message reports properly
+            return False
+        if sent == len(data):
+            return True
+        self._writing = True
+        self._pending = (data, sent)
+        return PART
+
+    async def finish_send(self) -> None:
+        """Write what :meth:`send_now` left; raises as :meth:`send_message` does."""
+        assert self._pending is not None, "finish_send() without a part-sent message"
+        data, sent = self._pending
+        self._pending = None
+        try:
+            await self._write_held(data, sent)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._lost()
+            raise ConnectionClosed(self._closed) from None
+
+    # -- control ------------------------------------------------------------------
 
     async def ping(self) -> None:
         """Send a ping and wait for its pong. Raises :class:`ConnectionClosed` if the
@@ -366,6 +505,10 @@ class WebSocket:
         if self._broken:  # an earlier write (maybe the one this waited behind) was cut part-way
             raise trio.BrokenResourceError("an earlier write was cut part-way")
         self._writing = True
+        await self._write_held(data, 0)
+
+    async def _write_held(self, data: bytes, sent: int) -> None:
+        """Write ``data`` from ``sent`` on, this task holding the write turn; give it up after."""
         try:
             sock = self._sock
             timeout = self.send_timeout or math.inf
@@ -381,7 +524,6 @@ class WebSocket:
                     raise trio.TooSlowError
                 return
             view = memoryview(data)
-            sent = 0
             total = len(data)
             deadline = 0.0
             while True:

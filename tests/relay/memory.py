@@ -179,6 +179,7 @@ class MemoryClient:
         return 0
 
     writing = False
+    websocket = None  # not a socket: never pumped
 
     async def keepalive(self) -> None:
         """A ping; the pong comes back at once unless the client has gone mute."""
