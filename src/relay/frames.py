@@ -84,7 +84,7 @@ class FrameReader:
     __slots__ = ("_buf", "_pos", "_masked", "_max", "_parts", "_part_op", "_part_len")
 
     def __init__(self, *, masked: bool, max_message_bytes: int) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._masked = 0x80 if masked else 0
         self._max = max_message_bytes
@@ -93,14 +93,20 @@ class FrameReader:
         self._part_len = 0
 
     def feed(self, data: bytes | bytearray) -> None:
+        """Take bytes read from the peer. With nothing left over (the usual case), the read's
+        own ``bytes`` become the buffer: no copy; a bytearray is built only to join a frame
+        that arrives in parts."""
         buf = self._buf
-        if self._pos:
-            if self._pos == len(buf):
-                buf.clear()
-            else:
-                del buf[: self._pos]
-            self._pos = 0
-        buf += data
+        pos = self._pos
+        self._pos = 0
+        if pos == len(buf):
+            self._buf = data if data.__class__ is bytes else bytes(data)
+        elif buf.__class__ is bytes:
+            self._buf = bytearray(memoryview(buf)[pos:]) + data
+        else:
+            if pos:
+                del buf[:pos]
+            buf += data  # type: ignore[operator]
 
     @property
     def buffered(self) -> int:
@@ -144,15 +150,18 @@ class FrameReader:
                 raise ProtocolError(1009, f"message over {self._max} bytes")
             if self._masked:
                 head += 4
-            end = pos + head + n
+            start = pos + head
+            end = start + n
             if len(buf) < end:
                 return None
             if self._masked:
-                payload = apply_mask(buf[pos + head : end], bytes(buf[pos + head - 4 : pos + head]))
+                payload = _apply_mask(memoryview(buf)[start:end], buf[start - 4 : start])
+            elif op == OP_TEXT and b0 & 0x80 and not self._parts:
+                payload = memoryview(buf)[start:end]  # decoded below without a copy first
             else:
-                payload = bytes(buf[pos + head : end])
+                payload = bytes(buf[start:end])
             if end == len(buf):  # all consumed: an idle connection keeps no buffer
-                buf.clear()
+                self._buf = b""
                 self._pos = 0
             else:
                 self._pos = end
@@ -184,9 +193,9 @@ class FrameReader:
                 raise ProtocolError(1002, f"unknown opcode {op}")
 
 
-def _decode(payload: bytes) -> str:
+def _decode(payload: bytes | memoryview) -> str:
     try:
-        return payload.decode()
+        return str(payload, "utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(1007, "a text message that is not valid UTF-8") from None
 
