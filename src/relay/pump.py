@@ -73,6 +73,11 @@ class Pump:
         self._ready: deque[Leg] = deque()
         self._stopped = False
 
+    @property
+    def watching(self) -> int:
+        """Legs whose sockets the pump watches (lent now or earlier, and not yet forgotten)."""
+        return len(self._legs)
+
     async def lend(self, leg: Leg) -> object:
         """Let the pump relay ``leg`` until it meets something only the task can do; return it.
 

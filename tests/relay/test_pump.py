@@ -1,0 +1,270 @@
+"""relay.pump: pairs whose legs are plain sockets are relayed by the pump, and nothing
+about a session changes for it: order, backpressure, control frames, ends and errors.
+
+Each test runs a real :class:`~relay.pair.Pair` over TCP loopback sockets (the pump
+only takes plain sockets) with a :class:`~relay.pump.Pump` of its own. The far ends
+are raw peers that write and read frames by hand, so a test controls exactly which
+bytes arrive together in one read (a burst, a message with the peer's end, a ping
+between messages). Every wait is bounded, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from relay.app import SocketClient
+from relay.bridge import Bridge, Ending, Limits, Message
+from relay.frames import OP_PING, OP_PONG, OP_TEXT, Close, Event, FrameReader, Ping, Pong, frame
+from relay.pair import Pair
+from relay.pump import BUDGET, Pump
+from relay.websocket import WebSocket
+
+SESSION_UPDATE = '{"type":"session.update","session":{}}'
+MAX = 1 << 20
+TIMEOUT = 10
+
+
+async def tcp_pair(buffers: int = 0) -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """Two ends of one TCP connection over loopback; ``buffers``: small kernel buffers from
+    the near end to the far one (set before connecting: a window shrunk later stalls TCP)."""
+    listener = trio.socket.socket()
+    if buffers:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)  # the far end's
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    near = trio.socket.socket()
+    if buffers:
+        near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+    await near.connect(listener.getsockname())
+    far, _ = await listener.accept()
+    listener.close()
+    return near, far
+
+
+class RawPeer:
+    """The far end of one of the relay's sockets: frames written and read by hand (masked
+    when it plays the client), so a test decides what arrives in one read."""
+
+    def __init__(self, sock: trio.socket.SocketType, *, client: bool) -> None:
+        self.sock = sock
+        self.client = client
+        self.stream = trio.SocketStream(sock)
+        self.reader = FrameReader(masked=not client, max_message_bytes=MAX)
+
+    def frames(self, *events: str | Ping) -> bytes:
+        return b"".join(
+            frame(OP_PING, e.payload, mask=self.client)
+            if isinstance(e, Ping)
+            else frame(OP_TEXT, e.encode(), mask=self.client)
+            for e in events
+        )
+
+    async def send(self, *events: str | Ping) -> None:
+        """All of ``events`` in one write."""
+        await self.stream.send_all(self.frames(*events))
+
+    async def next(self) -> Event:
+        while (event := self.reader.next()) is None:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("the relay closed the connection")
+            self.reader.feed(data)
+        return event
+
+    async def messages(self, n: int) -> list[Event]:
+        return [await self.next() for _ in range(n)]
+
+
+class Socketed:
+    """An upstream target over a prepared TCP pair: the relay's end becomes its WebSocket
+    (no HTTP handshake: the pump is what is under test)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+
+    async def connect(self) -> trio.abc.Stream:
+        return trio.SocketStream(self._sock)
+
+    async def handshake(self, stream: trio.abc.Stream) -> WebSocket:
+        return WebSocket(stream, client=True, max_message_bytes=MAX)
+
+
+@dataclass
+class Running:
+    pair: Pair
+    client: RawPeer
+    upstream: RawPeer
+    ending: list[Ending]
+    pump: Pump
+
+
+async def run_pump(pump: Pump, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await pump.run()
+
+
+@asynccontextmanager
+async def pumped_pair(pump: Pump, bridge: Bridge | None = None, *, snd_buf: int = 0) -> AsyncIterator[Running]:
+    """A pair between two raw peers, relayed by ``pump``."""
+    client_near, client_far = await tcp_pair(snd_buf)  # small: the client's leg fills up
+    upstream_near, upstream_far = await tcp_pair()
+    bridge = bridge or Bridge(
+        session_update=SESSION_UPDATE, limits=Limits(64, 1 << 20, MAX), secret="sk-never"
+    )
+    client_ws = WebSocket(trio.SocketStream(client_near), client=False, max_message_bytes=MAX)
+    pair = Pair(
+        SocketClient(client_ws),
+        bridge,
+        Socketed(upstream_near),  # type: ignore[arg-type]
+        dial_timeout=TIMEOUT,
+        close_timeout=1.0,
+        pump=pump,
+    )
+    ending: list[Ending] = []
+    client = RawPeer(client_far, client=True)
+    upstream = RawPeer(upstream_far, client=False)
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    ending.append(await pair.run())
+
+                nursery.start_soon(run)
+                assert await upstream.next() == SESSION_UPDATE
+                yield Running(pair, client, upstream, ending, pump)
+                nursery.cancel_scope.cancel()  # the test is over: end the pair if it has not ended
+    finally:
+        for sock in (client_near, client_far, upstream_far):  # the app closes the client's
+            sock.close()
+
+
+@asynccontextmanager
+async def pump_running() -> AsyncIterator[tuple[Pump, trio.CancelScope]]:
+    """A pump serving until the block ends (or its scope is cancelled)."""
+    pump = Pump()
+    async with trio.open_nursery() as nursery:
+        scope = await nursery.start(run_pump, pump)
+        yield pump, scope
+        scope.cancel()
+
+
+async def test_bursts_over_the_budget_arrive_whole_and_in_order_both_ways() -> None:
+    n = 5 * BUDGET + 3
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump) as s:
+            up = [f'{{"type":"input_audio_buffer.append","audio":"{i:06d}"}}' for i in range(n)]
+            await s.client.send(*up)
+            assert await s.upstream.messages(n) == up
+            assert s.pump.watching == 2  # both legs are the pump's, not the tasks'
+            down = [f'{{"type":"response.output_audio.delta","delta":"{i:06d}"}}' for i in range(n)]
+            await s.upstream.send(*down)
+            assert await s.client.messages(n) == down
+            await s.client.stream.send_all(frame(0x8, b"\x03\xe8", mask=True))  # close 1000
+            assert await s.client.next() == Close(1000, "")  # answered
+            passed_on = await s.upstream.next()
+            assert isinstance(passed_on, Close) and passed_on.code == 1000
+        assert s.pump.watching == 0  # the pair forgot its legs as it ended
+
+
+async def test_a_client_that_stops_reading_gets_everything_in_order_once_it_reads() -> None:
+    """The client's socket fills: the pump writes what fits and hands the rest of the
+    write to the pair's task, which waits for room; nothing is lost, cut or reordered."""
+    n = 40
+    body = "A" * 20_000
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump, snd_buf=4096) as s:
+            down = [f'{{"type":"response.output_audio.delta","n":{i},"delta":"{body}"}}' for i in range(n)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(s.upstream.send, *down)  # 800 KB, far more than buffers hold
+                await trio.testing.wait_all_tasks_blocked()  # the client reads nothing meanwhile
+                assert s.pair.client.writing  # a write is waiting for room
+                assert await s.client.messages(n) == down
+
+
+async def test_a_message_and_the_upstreams_end_in_one_read_are_both_seen() -> None:
+    """An end that arrives with data raises its edge before the data is read: the pump must
+    not take the short read for an empty socket and miss the end."""
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump) as s:
+            await s.client.send('{"type":"input_audio_buffer.append","audio":"x"}')
+            await s.upstream.next()  # the leg is the pump's now
+            await s.upstream.stream.send_all(s.upstream.frames('{"type":"last"}'))
+            s.upstream.sock.shutdown(socket.SHUT_WR)
+            assert await s.client.next() == '{"type":"last"}'
+            error = await s.client.next()
+            assert isinstance(error, str) and "relay_upstream_lost" in error
+            close = await s.client.next()
+            assert isinstance(close, Close) and close.code == 1011
+
+
+async def test_a_ping_between_messages_is_answered_and_the_stream_goes_on() -> None:
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump) as s:
+            await s.upstream.send('{"type":"a"}', Ping(b"p1"), '{"type":"b"}')
+            assert await s.upstream.next() == Pong(b"p1")
+            assert await s.client.messages(2) == ['{"type":"a"}', '{"type":"b"}']
+            await s.client.send('{"type":"c"}', Ping(b"p2"), '{"type":"d"}')
+            assert await s.client.next() == Pong(b"p2")
+            assert await s.upstream.messages(2) == ['{"type":"c"}', '{"type":"d"}']
+
+
+async def test_a_protocol_error_after_good_messages_closes_the_client_with_1002() -> None:
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump) as s:
+            good = s.client.frames('{"type":"a"}', '{"type":"b"}')
+            unmasked = frame(OP_TEXT, b'{"type":"c"}', mask=False)  # clients must mask
+            await s.client.stream.send_all(good + unmasked)
+            assert await s.upstream.messages(2) == ['{"type":"a"}', '{"type":"b"}']
+            close = await s.client.next()
+            assert isinstance(close, Close) and close.code == 1002
+            assert isinstance(await s.upstream.next(), Close)  # the upstream is closed too
+
+
+async def test_a_stopped_pump_gives_its_legs_back_and_the_session_goes_on() -> None:
+    async with pump_running() as (pump, scope):
+        async with pumped_pair(pump) as s:
+            await s.client.send('{"type":"a"}')
+            assert await s.upstream.next() == '{"type":"a"}'
+            await trio.testing.wait_all_tasks_blocked()
+            assert s.pump.watching == 2
+            scope.cancel()  # the pump stops with both legs lent to it
+            await trio.testing.wait_all_tasks_blocked()
+            assert s.pump.watching == 0
+            await s.client.send('{"type":"b"}')
+            assert await s.upstream.next() == '{"type":"b"}'
+            await s.upstream.send('{"type":"c"}')
+            assert await s.client.next() == '{"type":"c"}'
+
+
+class BrokenBridge(Bridge):
+    def client_message(self, data: Message) -> Message | None:  # type: ignore[override]
+        if data == '{"type":"boom"}':
+            raise RuntimeError("a bug in a step")
+        return super().client_message(data)  # type: ignore[return-value]
+
+
+async def test_a_step_that_raises_fails_its_own_pair_not_the_pump() -> None:
+    async with pump_running() as (pump, _):
+        bridge = BrokenBridge(
+            session_update=SESSION_UPDATE, limits=Limits(64, 1 << 20, MAX), secret="sk-never"
+        )
+        with pytest.raises(BaseExceptionGroup) as raised:
+            async with pumped_pair(pump, bridge) as s:
+                await s.client.send('{"type":"a"}')
+                assert await s.upstream.next() == '{"type":"a"}'
+                await trio.testing.wait_all_tasks_blocked()  # the leg is parked with the pump
+                await s.client.send('{"type":"boom"}')
+                await trio.sleep_forever()
+        assert raised.group_contains(RuntimeError, match="a bug in a step")
+        async with pumped_pair(pump) as other:  # the pump task is still alive and serving
+            await other.client.send('{"type":"x"}')
+            assert await other.upstream.next() == '{"type":"x"}'
