@@ -276,6 +276,9 @@ async def stream_run(
             await asyncio.sleep(due - now)
         else:
             max_lag = max(max_lag, now - due)
+            # Late: catch up, but let the loop read first. A generator that only sends while
+            # behind stops reading its sockets, and the relay's writes to it then stall.
+            await asyncio.sleep(0)
         if k == warm_ticks:
             for c in clients:
                 c.stream.counted_from = c.stream.sent
