@@ -1,4 +1,7 @@
-"""One task per relay process moves the messages of every pair whose legs are plain sockets.
+"""One task per worker moves the messages of every pair whose legs are plain sockets.
+
+The app's lifespan runs it (:attr:`relay.app.RelayApp.pump`); without a lifespan,
+pairs relay through their own tasks as before.
 
 Relaying a message the ordinary way (:mod:`relay.pair`) wakes the pair's task for it:
 Trio re-arms the socket in its epoll, schedules the task, resumes its coroutines,
