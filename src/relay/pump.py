@@ -1,16 +1,23 @@
-"""One task per worker moves the messages of every pair whose legs are plain sockets.
-
-The app's lifespan runs it (:attr:`relay.app.RelayApp.pump`); without a lifespan,
-pairs relay through their own tasks as before.
+"""Relaying the messages of every pair whose legs are plain sockets, while Trio waits for I/O.
 
 Relaying a message the ordinary way (:mod:`relay.pair`) wakes the pair's task for it:
-Trio re-arms the socket in its epoll, schedules the task, resumes its coroutines,
-and the task reads once more only to find the socket empty. For a 6.5 KB audio
-event that is most of what the relay spends. The pump does what an event loop of
-callbacks does instead: its own epoll, edge-triggered, with every pumped socket
-registered once; one wake-up of one task reads every socket that became readable,
-runs each message through the pair's sans-IO step (the same one the task would run)
-and writes the result to the other leg's socket at once.
+Trio re-arms the socket in its epoll, goes round its run loop, schedules the task,
+resumes its coroutines, and the task reads once more only to find the socket empty.
+For a 6.5 KB audio event that is most of what the relay spends, and one session's
+round trip through the relay costs two such wake-ups.
+
+A running :class:`Pump` puts the run's *driver* (one per Trio run, shared by every
+pump in it) where Trio's run loop waits for I/O: its I/O manager's ``get_events``.
+The driver has an epoll of its own, holding every pumped socket (edge-triggered,
+registered once) and Trio's own epoll (level-triggered). Where Trio would block,
+the driver blocks instead, and for no longer than Trio would have; when pumped
+sockets turn readable it reads them, runs each message through the pair's sans-IO
+step (the same one the task would run) and writes the result to the other leg's
+socket, waking no task at all. It returns to Trio as soon as Trio's epoll has
+events, a task has been handed work, or Trio's timeout is up, and gives Trio
+exactly the events Trio would have seen. When Trio has tasks to run (a timeout of
+0), the driver serves one round without waiting. Trio's timers, its other sockets,
+``wait_all_tasks_blocked`` and its clocks behave as before.
 
 The pump only does what needs no waiting. Whatever does, it hands back to the
 pair's task, which :meth:`Pump.lend` then returns to, in order and with nothing
@@ -21,15 +28,21 @@ only part of (:data:`~relay.websocket.PART`: finish the write), and any reply or
 ending of the bridge's. Backpressure, send timeouts, closes and cancellation stay
 the task's, exactly as without the pump.
 
-TLS and in-memory streams are not pumped: their writes cannot be made without
-waiting for the stream's own machinery.
+The driver uses one thing Trio does not publish: the run's epoll I/O manager (its
+epoll and its ``get_events``). Where it is not there (not Linux, guest mode, a Trio
+whose insides moved), no pump runs, a warning says so, and pairs relay through
+their own tasks. TLS and in-memory streams are not pumped: their writes cannot be
+made without waiting for the stream's own machinery.
 """
 
 from __future__ import annotations
 
+import logging
 import select
+import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from outcome import Error, Value
@@ -47,6 +60,8 @@ MAX_EVENTS = 1024
 _MORE = object()  # a drain stopped at its budget: the socket may have more
 _FLAGS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+log = logging.getLogger("relay")
 
 Step = Callable[[Message], "Message | Reply | object | None"]
 
@@ -71,10 +86,13 @@ class Pump:
     """See the module docstring. :meth:`run` serves; the pairs' tasks :meth:`lend` it legs."""
 
     def __init__(self) -> None:
-        self._epoll = select.epoll()
         self._legs: dict[int, Leg] = {}
-        self._ready: deque[Leg] = deque()
-        self._stopped = False
+        self._driver: _Driver | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether legs lent now are relayed by the pump (else :meth:`lend` returns READ)."""
+        return self._driver is not None
 
     @property
     def watching(self) -> int:
@@ -89,16 +107,19 @@ class Pump:
         """
         await trio.lowlevel.checkpoint()
         src = leg.src
-        if self._stopped or not src.hold_reading():
-            return READ  # someone else is reading (a close in progress): the ordinary way
+        if self._driver is None or not src.hold_reading():
+            return READ  # no pump, or someone else reads (a close in progress): the ordinary way
         try:
             if leg.fd < 0:
-                self._register(leg)
+                self._driver.watch(leg)
+                self._legs[leg.fd] = leg
             while (out := _drain(leg)) is _MORE:
                 await trio.lowlevel.checkpoint()
         except BaseException:
             src.release_reading()
             raise
+        if self._driver is None:  # stopped meanwhile
+            out = READ
         if out is not None:
             src.release_reading()
             return out
@@ -117,13 +138,75 @@ class Pump:
         if fd < 0 or self._legs.get(fd) is not leg:
             return
         del self._legs[fd]
-        if leg.src.fileno() == fd:  # still open (a closed one left the epoll by itself)
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
+        if self._driver is not None:
+            self._driver.unwatch(fd, leg)
 
-    def _register(self, leg: Leg) -> None:
+    async def run(self) -> None:
+        """Serve until cancelled; then every lent leg goes back to its task."""
+        self._driver = _Driver.attach(self)
+        if self._driver is None:
+            log.warning(
+                "this Trio run has no epoll I/O manager the relay can share: sessions are"
+                " relayed by their own tasks (slower; see relay.pump)"
+            )
+            return
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Give every lent leg back to its task and leave the driver (idempotent)."""
+        driver, self._driver = self._driver, None
+        if driver is None:
+            return
+        for fd, leg in list(self._legs.items()):
+            driver.unwatch(fd, leg)
+            leg.fd = -1
+            if leg.task is not None:
+                driver.give_back(leg, Value(READ))
+        self._legs.clear()
+        driver.detach(self)
+
+
+class _Driver:
+    """The run's: waits for Trio's I/O and every pump's sockets at once (see the module
+    docstring). Stands in for the I/O manager's ``get_events`` while any pump runs."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        io = runner.io_manager
+        self._trio_wait: Callable[[float], Any] = io.get_events  # Trio's own
+        self._trio_fd: int = io._epoll.fileno()
+        self._epoll = select.epoll()
+        self._epoll.register(self._trio_fd, select.EPOLLIN)  # level: readable while it has events
+        self._legs: dict[int, Leg] = {}
+        self._ready: deque[Leg] = deque()
+        self._pumps: set[Pump] = set()
+        self._woke = False  # a task was handed work during this wait
+        runner.io_manager = _WaitingThrough(io, self.get_events)  # until detach()
+
+    @classmethod
+    def attach(cls, pump: Pump) -> _Driver | None:
+        """The run's driver (started now if none is), with ``pump`` among its users."""
+        driver = _DRIVER.get()
+        if driver is None:
+            runner = _trio_runner()
+            if runner is None:
+                return None
+            driver = cls(runner)
+            _DRIVER.set(driver)
+        driver._pumps.add(pump)
+        return driver
+
+    def detach(self, pump: Pump) -> None:
+        self._pumps.discard(pump)
+        if not self._pumps:
+            self._runner.io_manager = self._runner.io_manager.io  # Trio waits on its own again
+            _DRIVER.set(None)
+            self._epoll.close()
+
+    def watch(self, leg: Leg) -> None:
         fd = leg.src.fileno()
         try:
             self._epoll.register(fd, _FLAGS)
@@ -132,57 +215,113 @@ class Pump:
         leg.fd = fd
         self._legs[fd] = leg
 
-    async def run(self) -> None:
-        """Serve ready sockets until cancelled; then every lent leg goes back to its task."""
+    def unwatch(self, fd: int, leg: Leg) -> None:
+        if self._legs.get(fd) is not leg:
+            return
+        del self._legs[fd]
+        if leg.src.fileno() == fd:  # still open (a closed one left the epoll by itself)
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def get_events(self, timeout: float) -> Any:
+        """Trio's run loop waits here: serve pumped legs until Trio has something to do."""
+        try:
+            self._serve_until(timeout)
+        except Exception:
+            log.exception("the pump failed; its sessions go on through their own tasks")
+            for pump in list(self._pumps):
+                pump.stop()
+        return self._trio_wait(0)  # whatever Trio's epoll has now, without waiting
+
+    def _serve_until(self, timeout: float) -> None:
+        """Serve ready legs for up to ``timeout`` s (one round if 0), until Trio's epoll has
+        events or a task was handed work."""
         epoll = self._epoll
         legs = self._legs
         ready = self._ready
-        try:
-            while True:
-                if ready:
-                    await trio.lowlevel.checkpoint()
-                else:
-                    await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, events in epoll.poll(0, MAX_EVENTS):
-                    leg = legs.get(fd)
-                    if leg is None:
-                        continue
-                    leg.src.readable(bool(events & _HANGUP))
-                    if leg.task is not None and not leg.queued:
-                        leg.queued = True
-                        ready.append(leg)
-                for _ in range(len(ready)):
-                    leg = ready.popleft()
-                    leg.queued = False
-                    if leg.task is not None:
-                        self._serve(leg)
-        finally:
-            self._stopped = True
-            for leg in list(legs.values()):
+        trio_fd = self._trio_fd
+        self._woke = False
+        deadline = time.perf_counter() + timeout
+        while True:
+            wait = 0.0  # legs left over from the last round: serve them before waiting
+            if timeout > 0 and not ready:
+                wait = deadline - time.perf_counter()
+                if wait <= 0:
+                    return
+            events = epoll.poll(wait, MAX_EVENTS)
+            trio_ready = False
+            for fd, flags in events:
+                leg = legs.get(fd)
+                if leg is None:
+                    trio_ready = trio_ready or fd == trio_fd
+                    continue
+                leg.src.readable(bool(flags & _HANGUP))
+                if leg.task is not None and not leg.queued:
+                    leg.queued = True
+                    ready.append(leg)
+            for _ in range(len(ready)):
+                leg = ready.popleft()
+                leg.queued = False
                 if leg.task is not None:
-                    self._give_back(leg, Value(READ))
-                leg.fd = -1
-            legs.clear()
-            epoll.close()
+                    self._serve(leg)
+            if trio_ready or self._woke or timeout <= 0 or (not events and wait > 0):
+                return  # Trio has work, or the time is up
 
     def _serve(self, leg: Leg) -> None:
         try:
             out = _drain(leg)
         except Exception as exc:  # a bug in a step: it is the pair's to raise, not the process's
-            self._give_back(leg, Error(exc))
+            self.give_back(leg, Error(exc))
             return
         if out is _MORE:
             leg.queued = True
             self._ready.append(leg)
         elif out is not None:
-            self._give_back(leg, Value(out))
+            self.give_back(leg, Value(out))
 
-    def _give_back(self, leg: Leg, result: Value | Error) -> None:
+    def give_back(self, leg: Leg, result: Value | Error) -> None:
         task = leg.task
         assert task is not None
         leg.task = None
         leg.src.release_reading()
+        self._woke = True
         trio.lowlevel.reschedule(task, result)
+
+
+_DRIVER: trio.lowlevel.RunVar[_Driver | None] = trio.lowlevel.RunVar("relay.pump", default=None)
+
+
+class _WaitingThrough:
+    """Trio's I/O manager as the run loop sees it while a driver runs: the same, but for
+    where it waits."""
+
+    __slots__ = ("io", "get_events", "process_events")
+
+    def __init__(self, io: Any, get_events: Callable[[float], Any]) -> None:
+        self.io = io
+        self.get_events = get_events
+        self.process_events = io.process_events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.io, name)
+
+
+def _trio_runner() -> Any | None:
+    """This run's Trio runner, if the driver can share its epoll I/O manager."""
+    if trio.lowlevel.current_statistics().io_statistics.backend != "epoll":
+        return None
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+
+        runner = GLOBAL_RUN_CONTEXT.runner
+        io = runner.io_manager
+        if runner.is_guest or not callable(io.get_events) or io._epoll.fileno() < 0:
+            return None
+    except (ImportError, AttributeError):
+        return None
+    return runner
 
 
 def _drain(leg: Leg) -> object:

@@ -11,8 +11,10 @@ between messages). Every wait is bounded, so a hang fails the test.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -23,6 +25,7 @@ from relay.app import SocketClient
 from relay.bridge import Bridge, Ending, Limits, Message
 from relay.frames import OP_PING, OP_TEXT, Close, Event, FrameReader, Ping, Pong, frame
 from relay.pair import Pair
+from relay import pump as pump_module
 from relay.pump import BUDGET, Pump
 from relay.websocket import WebSocket
 
@@ -155,6 +158,8 @@ async def pump_running() -> AsyncIterator[tuple[Pump, trio.CancelScope]]:
     pump = Pump()
     async with trio.open_nursery() as nursery:
         scope = await nursery.start(run_pump, pump)
+        await trio.lowlevel.checkpoint()  # the pump has started
+        assert pump.running, "the pump could not share this Trio's I/O manager (see relay.pump)"
         yield pump, scope
         scope.cancel()
 
@@ -270,3 +275,90 @@ async def test_a_step_that_raises_fails_its_own_pair_not_the_pump() -> None:
         async with pumped_pair(pump) as other:  # the pump task is still alive and serving
             await other.client.send('{"type":"x"}')
             assert await other.upstream.next() == '{"type":"x"}'
+
+
+@contextmanager
+def watchdog(every: float) -> Iterator[None]:
+    """Wake Trio from another thread every ``every`` seconds: a loop that would otherwise
+    wait forever (a timer the pump failed to honour) goes on, and the test sees how late."""
+    token = trio.lowlevel.current_trio_token()
+    done = threading.Event()
+
+    def poke() -> None:
+        while not done.wait(every):
+            token.run_sync_soon(lambda: None)
+
+    thread = threading.Thread(target=poke, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+async def test_timers_and_trios_own_sockets_are_served_while_the_pump_waits() -> None:
+    """The pump waits in Trio's place: a timer must still fire on time, and a socket only
+    Trio watches must still wake its task, with no pumped traffic to wake the loop."""
+    with watchdog(every=3.0):
+        async with pump_running() as (pump, _), pumped_pair(pump) as s:
+            await s.client.send('{"type":"a"}')
+            assert await s.upstream.next() == '{"type":"a"}'  # the legs are the pump's
+            started = time.monotonic()
+            await trio.sleep(0.05)
+            assert time.monotonic() - started < 1.0
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                ours_trio = trio.socket.from_stdlib_socket(ours)
+                threading.Timer(0.05, theirs.send, args=(b"x",)).start()  # while the pump waits
+                started = time.monotonic()
+                assert await ours_trio.recv(1) == b"x"
+                assert time.monotonic() - started < 1.0
+            await s.upstream.send('{"type":"b"}')  # and the pump still relays
+            assert await s.client.next() == '{"type":"b"}'
+
+
+async def test_two_pumps_in_one_run_share_the_wait_and_both_relay() -> None:
+    async with pump_running() as (first, first_scope), pump_running() as (second, _):
+        async with pumped_pair(first) as a, pumped_pair(second) as b:
+            for i in range(3):
+                for s in (a, b):
+                    await s.client.send(f'{{"type":"up{i}"}}')
+                    await s.upstream.send(f'{{"type":"down{i}"}}')
+                    assert await s.upstream.next() == f'{{"type":"up{i}"}}'
+                    assert await s.client.next() == f'{{"type":"down{i}"}}'
+            assert first.watching == second.watching == 2
+            first_scope.cancel()  # one stops; the other serves on
+            await trio.testing.wait_all_tasks_blocked()
+            assert not first.running and second.running
+            await b.client.send('{"type":"c"}')
+            assert await b.upstream.next() == '{"type":"c"}'
+            await a.client.send('{"type":"d"}')  # through its tasks now
+            assert await a.upstream.next() == '{"type":"d"}'
+    async with pump_running() as (third, _):  # the last one left: a new one starts afresh
+        async with pumped_pair(third) as c:
+            await c.client.send('{"type":"e"}')
+            assert await c.upstream.next() == '{"type":"e"}'
+
+
+async def test_a_failing_pump_gives_its_legs_back_and_sessions_go_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump) as s:
+            await s.client.send('{"type":"a"}')
+            assert await s.upstream.next() == '{"type":"a"}'
+            await trio.testing.wait_all_tasks_blocked()
+            assert pump.watching == 2
+
+            def broken(self: object, timeout: float) -> bool:
+                raise OSError("the pump's epoll went away")
+
+            monkeypatch.setattr(pump_module._Driver, "_serve_until", broken)
+            await trio.sleep(0)  # the run loop waits for I/O once
+            assert not pump.running and pump.watching == 0
+            assert "the pump failed" in caplog.text
+            await s.client.send('{"type":"b"}')
+            assert await s.upstream.next() == '{"type":"b"}'
+            await s.upstream.send('{"type":"c"}')
+            assert await s.client.next() == '{"type":"c"}'
