@@ -138,6 +138,11 @@ RELAY_SRC: str | None = None
 an older commit's ``src``); None benchmarks the installed one."""
 
 
+#: The relay's upstream key: as long as a real one (the relay looks for its key in upstream text
+#: to redact it, and that search costs more the shorter the key).
+API_KEY = "sk-bench-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN"
+
+
 def relay_env(upstream_port: int, workdir: str) -> dict[str, str]:
     env = dict(os.environ)
     if RELAY_SRC:
@@ -145,7 +150,7 @@ def relay_env(upstream_port: int, workdir: str) -> dict[str, str]:
     env.update(
         RELAY_UPSTREAM_URL=f"ws://{HOST}:{upstream_port}/v1/realtime",
         RELAY_STORE=f"sqlite:///{workdir}/usage.db",
-        OPENAI_API_KEY="sk-bench",
+        OPENAI_API_KEY=API_KEY,
     )
     return env
 

@@ -53,7 +53,7 @@ def relay_target(relay: procs.Server) -> Target:
 
 
 def direct_target(echo: procs.Server) -> Target:
-    return Target("direct", echo.port, {"Authorization": "Bearer sk-bench"}, False)
+    return Target("direct", echo.port, {"Authorization": f"Bearer {procs.API_KEY}"}, False)
 
 
 #: A 503 refusal (the relay shedding a burst of connects) is retried like a real client would.

@@ -28,18 +28,15 @@ OP_PONG = 0xA
 _VALID_CLOSE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 try:
-    from websockets.speedups import apply_mask as _apply_mask
+    # XOR bytes-like ``data`` with the 4-byte ``mask``, repeated (masking and unmasking are
+    # the same); returns bytes.
+    from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - websockets ships the C helper on every common platform
 
-    def _apply_mask(data: bytes, mask: bytes) -> bytes:
+    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
         n = len(data)
         key = int.from_bytes((mask * ((n >> 2) + 1))[:n], "little")
         return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
-
-
-def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``mask``, repeated (masking and unmasking are the same)."""
-    return _apply_mask(bytes(data), mask) if data else b""
 
 
 class ProtocolError(Exception):
@@ -81,10 +78,11 @@ class FrameReader:
     nothing that large is ever buffered.
     """
 
-    __slots__ = ("_buf", "_pos", "_masked", "_max", "_parts", "_part_op", "_part_len")
+    __slots__ = ("buf", "_pos", "_masked", "_max", "_parts", "_part_op", "_part_len")
 
     def __init__(self, *, masked: bool, max_message_bytes: int) -> None:
-        self._buf: bytes | bytearray = b""
+        #: Bytes fed and not yet consumed (from an internal position on); empty when nothing is.
+        self.buf: bytes | bytearray = b""
         self._pos = 0
         self._masked = 0x80 if masked else 0
         self._max = max_message_bytes
@@ -96,13 +94,13 @@ class FrameReader:
         """Take bytes read from the peer. With nothing left over (the usual case), the read's
         own ``bytes`` become the buffer: no copy; a bytearray is built only to join a frame
         that arrives in parts."""
-        buf = self._buf
+        buf = self.buf
         pos = self._pos
         self._pos = 0
         if pos == len(buf):
-            self._buf = data if data.__class__ is bytes else bytes(data)
+            self.buf = data if data.__class__ is bytes else bytes(data)
         elif buf.__class__ is bytes:
-            self._buf = bytearray(memoryview(buf)[pos:]) + data
+            self.buf = bytearray(memoryview(buf)[pos:]) + data
         else:
             if pos:
                 del buf[:pos]
@@ -111,7 +109,7 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as (part of) an event."""
-        return len(self._buf) - self._pos
+        return len(self.buf) - self._pos
 
     def next(self) -> Event | None:
         """The next message or control frame, or None until more bytes are fed.
@@ -119,49 +117,50 @@ class FrameReader:
         Raises :class:`ProtocolError` for anything RFC 6455 says fails the connection.
         """
         while True:
-            buf = self._buf
+            buf = self.buf
             pos = self._pos
-            avail = len(buf) - pos
-            if avail < 2:
+            size = len(buf)
+            if size - pos < 2:
                 return None
             b0 = buf[pos]
             b1 = buf[pos + 1]
             if b0 & 0x70:
                 raise ProtocolError(1002, "reserved bits set, but no extension was negotiated")
-            if b1 & 0x80 != self._masked:
+            masked = self._masked
+            if b1 & 0x80 != masked:
                 raise ProtocolError(1002, "frame masking is wrong for this side of the connection")
-            op = b0 & 0x0F
             n = b1 & 0x7F
-            head = 2
-            if n == 126:
-                if avail < 4:
+            if n < 126:
+                start = pos + 2
+            elif n == 126:
+                if size - pos < 4:
                     return None
                 n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif n == 127:
-                if avail < 10:
+                start = pos + 4
+            else:
+                if size - pos < 10:
                     return None
                 n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
+                start = pos + 10
+            op = b0 & 0x0F
             if op >= 0x8:
                 if n > 125 or not b0 & 0x80:
                     raise ProtocolError(1002, "control frames must be whole and at most 125 bytes")
             elif self._part_len + n > self._max:
                 raise ProtocolError(1009, f"message over {self._max} bytes")
-            if self._masked:
-                head += 4
-            start = pos + head
+            if masked:
+                start += 4
             end = start + n
-            if len(buf) < end:
+            if size < end:
                 return None
-            if self._masked:
-                payload = _apply_mask(memoryview(buf)[start:end], buf[start - 4 : start])
+            if masked:
+                payload = apply_mask(memoryview(buf)[start:end], buf[start - 4 : start])
             elif op == OP_TEXT and b0 & 0x80 and not self._parts:
                 payload = memoryview(buf)[start:end]  # decoded below without a copy first
             else:
                 payload = bytes(buf[start:end])
-            if end == len(buf):  # all consumed: an idle connection keeps no buffer
-                self._buf = b""
+            if end == size:  # all consumed: an idle connection keeps no buffer
+                self.buf = b""
                 self._pos = 0
             else:
                 self._pos = end
