@@ -357,54 +357,48 @@ async def stream_direct(echo: procs.Server, n: int, seconds: float = 10.0) -> st
 # --- capacity ------------------------------------------------------------------------
 
 
-async def search(
-    target: Target,
-    echo: procs.Server,
-    budget: float,
-    *,
-    start: int = 16,
-    cap: int = 4096,
-    seconds: float = 4.0,
-) -> tuple[int, int, StreamResult | None]:
-    """Largest N that holds (p99 <= 60 ms, no loss): doubling, then bisection to ~5 %.
+class Search:
+    """The largest N that holds (p99 <= 60 ms, nothing lost, the generator on schedule) for
+    one target: doubling from ``start``, then bisection to ~5 %. :meth:`next_n` says what to
+    try; :meth:`record` takes the outcome. Stepped by :func:`capacity_figures`."""
 
-    Within ``budget`` seconds (checked between runs).
+    def __init__(self, target: Target, *, start: int = 16, cap: int = 4096) -> None:
+        self.target = target
+        self.good = 0  # largest N that held
+        self.bad = 0  # smallest N that failed (0: none yet)
+        self.best: StreamResult | None = None  # the run at ``good``
+        self._n = start
+        self._cap = cap
 
-    Returns (largest N that passed, smallest N that failed or 0 if none did, result at N).
-    """
-    deadline = time.monotonic() + budget
-    good, bad = 0, 0
-    best: StreamResult | None = None
-    n = start
+    def next_n(self) -> int | None:
+        """The N to try next, or None when the search is done."""
+        if not self.bad:
+            return self._n if self._n <= self._cap else None
+        if self.bad - self.good > max(1, self.good // 20):
+            return (self.good + self.bad) // 2
+        return None
 
-    async def attempt(n: int) -> bool:
-        """One run at ``n``; a failure is run again once (a neighbour's burst can fail a run)."""
-        nonlocal best
-        for _ in range(2):
-            result = await stream_run(target, n, seconds, echo_pid=echo.pid)
-            progress(f"capacity {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
-            await asyncio.sleep(0.5)
-            if result.ok:
-                best = result
-                return True
-        return False
-
-    while n <= cap and time.monotonic() < deadline:
-        if await attempt(n):
-            good = n
-            n *= 2
+    def record(self, n: int, result: StreamResult | None) -> None:
+        """The outcome at ``n``: the passing run, or None if it failed."""
+        if result is not None:
+            self.good, self.best = n, result
+            self._n = n * 2
         else:
-            bad = n
-            break
-    if not bad:
-        return good, 0, best
-    while bad - good > max(1, good // 20) and time.monotonic() < deadline:
-        mid = (good + bad) // 2
-        if await attempt(mid):
-            good = mid
-        else:
-            bad = mid
-    return good, bad, best
+            self.bad = n
+
+
+async def attempt(
+    target: Target, echo: procs.Server, n: int, seconds: float
+) -> StreamResult | None:
+    """One run at ``n``; a failure is run again once (a neighbour's burst can fail a run).
+    Returns the passing run, or None."""
+    for _ in range(2):
+        result = await stream_run(target, n, seconds, echo_pid=echo.pid)
+        progress(f"capacity {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
+        await asyncio.sleep(0.5)
+        if result.ok:
+            return result
+    return None
 
 
 def failed(bad: int) -> str:
@@ -412,23 +406,34 @@ def failed(bad: int) -> str:
 
 
 async def capacity_figures(
-    relay: procs.Server, echo: procs.Server, budget: float = 180.0
+    relay: procs.Server, echo: procs.Server, budget: float = 240.0, seconds: float = 4.0
 ) -> tuple[int, str]:
+    """Search the relay's and the direct capacity in turns, one run each, so that a drift of
+    the machine over the minutes a search takes shows in both figures, not in their ratio."""
     t0 = time.monotonic()
-    r, r_bad, r_best = await search(relay_target(relay), echo, budget * 0.5)
-    d, d_bad, d_best = await search(
-        direct_target(echo), echo, budget - (time.monotonic() - t0), start=max(16, r)
-    )
-    ratio = 100 * r / d if d else 0.0
-    gen = f"{d_best.cpu.get('gen', 0):.0f}%" if d_best else "?"
+    deadline = t0 + budget
+    searches = [Search(relay_target(relay)), Search(direct_target(echo))]
+    while time.monotonic() < deadline:
+        stepped = False
+        for search in searches:
+            n = search.next_n()
+            if n is not None and time.monotonic() < deadline:
+                search.record(n, await attempt(search.target, echo, n, seconds))
+                stepped = True
+        if not stepped:
+            break
+    r, d = searches
+    ratio = 100 * r.good / d.good if d.good else 0.0
+    gen = f"{d.best.cpu.get('gen', 0):.0f}%" if d.best else "?"
     line = (
-        f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 relay N={r}{failed(r_bad)} "
-        f"direct N={d}{failed(d_bad)} relay/direct={ratio:.0f}% (target >=45%) "
-        f"direct/relay={d / r if r else 0:.1f}x gen_cpu_at_direct_max={gen} "
-        f"relay_cpu_at_max={r_best.cpu.get('relay', 0) if r_best else 0:.0f}% "
+        f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 "
+        f"relay N={r.good}{failed(r.bad)} "
+        f"direct N={d.good}{failed(d.bad)} relay/direct={ratio:.0f}% (target >=45%) "
+        f"direct/relay={d.good / r.good if r.good else 0:.1f}x gen_cpu_at_direct_max={gen} "
+        f"relay_cpu_at_max={r.best.cpu.get('relay', 0) if r.best else 0:.0f}% "
         f"searched in {time.monotonic() - t0:.0f}s"
     )
-    return r, line
+    return r.good, line
 
 
 async def capacity(relay: procs.Server, echo: procs.Server) -> str:
