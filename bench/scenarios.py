@@ -395,7 +395,7 @@ async def attempt(
     for _ in range(2):
         result = await stream_run(target, n, seconds, echo_pid=echo.pid)
         progress(f"capacity {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
         if result.ok:
             return result
     return None
