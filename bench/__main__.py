@@ -2,16 +2,17 @@
 
 Each scenario prints one line of figures on stdout (progress goes to stderr). The echo
 upstream and the relay run as subprocesses on 127.0.0.1; the load generator is this
-process (asyncio, a minimal WebSocket framer).
+process (asyncio on uvloop, a minimal WebSocket framer).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import resource
 import sys
+
+import uvloop
 
 from . import procs, scenarios
 
@@ -110,7 +111,7 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    asyncio.run(run(args))
+    uvloop.run(run(args))
     return 0
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
-from .events import error_event, event_type, parse_event
+from .events import error_event, event_type, finder, parse_event
 from .policy import Policy
 
 Message = str | bytes
@@ -132,6 +132,7 @@ class Bridge:
         self._session_update = session_update
         self._limits = limits
         self._secret = secret
+        self._secret_in = finder(secret) if secret else None
         self._binary_as_audio = binary_as_audio
         self._policy = policy
         self.traffic = Traffic()
@@ -267,7 +268,7 @@ class Bridge:
                 replaced = self._screen_error(data)  # type: ignore[arg-type]
                 if replaced is not None:
                     return replaced
-            if self._secret and self._secret in data:  # type: ignore[operator]
+            if self._secret_in is not None and self._secret_in(data):  # type: ignore[arg-type]
                 data = data.replace(self._secret, "[redacted]")  # type: ignore[union-attr,arg-type]
             if self._policy is not None:
                 return self._policy.screen_upstream(data)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ so the answer is always the type a JSON parser would see.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -46,6 +47,36 @@ def event_type(text: str) -> str | None:
         kind = event.get("type")
         return kind if isinstance(kind, str) else None
     return None
+
+
+#: Standard base64's alphabet: what an audio event is made of, but for its small JSON envelope.
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+def finder(needle: str) -> Callable[[str], bool]:
+    """A test for ``needle in text``, fast on audio events.
+
+    ``in`` walks a 6.5 KB event nearly a character at a time (its skip table is
+    full for a needle of letters and digits). If ``needle`` holds a character
+    base64 never uses (an API key's ``-``), only the places where that character
+    occurs can start a match, and ``find`` jumps to each with ``memchr``: over base64
+    audio, one jump to the end.
+    """
+    at = next((i for i, char in enumerate(needle) if char not in _BASE64), -1)
+    if at < 0:
+        return lambda text: needle in text
+    anchor = needle[at]
+
+    def found_in(text: str) -> bool:
+        find = text.find
+        i = find(anchor, at)
+        while i >= 0:
+            if text.startswith(needle, i - at):
+                return True
+            i = find(anchor, i + 1)
+        return False
+
+    return found_in
 
 
 def parse_event(text: str | bytes) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.events import error_event, event_type
+from relay.events import error_event, event_type, finder
 
 
 @pytest.mark.parametrize(
@@ -55,3 +55,26 @@ def test_error_events_have_the_realtime_api_shape() -> None:
         "param": None,
         "event_id": "c1",
     }
+
+
+_KEYISH = st.text(alphabet="sk-proj_ABCabc0123456789+/=", min_size=1, max_size=12)
+
+
+_PIECES = st.sampled_from(["sk-", "-", "proj", "+/=", "A", "sk-proj_"]) | _KEYISH
+
+
+@given(needle=_KEYISH, parts=st.lists(_PIECES, max_size=12))
+def test_finder_agrees_with_in(needle: str, parts: list[str]) -> None:
+    """Near misses included: texts built from the needle's own pieces."""
+    text = "".join(parts)
+    assert finder(needle)(text) == (needle in text)
+    assert finder(needle)(text + needle) and finder(needle)(needle + text)
+
+
+def test_finder_finds_a_key_inside_an_audio_event_and_not_elsewhere() -> None:
+    key = "sk-proj-AbC123_xyz"
+    audio = "QUJD" * 1500
+    event = f'{{"type":"response.output_audio.delta","delta":"{audio}"}}'
+    assert not finder(key)(event)
+    assert finder(key)(event.replace("QUJD", key, 1))
+    assert finder(key)(event[:-2] + key + '"}')
