@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .events import dumps, error_event, event_type, parse_event
+from .events import dumps, error_event, event_type, finder, parse_event
 
 _APPEND_TYPE = "input_audio_buffer.append"
 _APPEND = '{"type":"input_audio_buffer.append"'
@@ -215,6 +215,12 @@ class Policy:
             return text
         if text.startswith(_DELTA):
             return text if self._deltas_pass else None
+        if (
+            not self.upstream_events_denied
+            and not self.upstream_events_allowed
+            and not _may_be_session(text)
+        ):
+            return text  # only session events are redacted, and this cannot be one
         kind = event_type(text)
         if not self.client_may_see(kind):
             return None
@@ -230,6 +236,16 @@ class Policy:
         """Remove the server-only fields from a session object a client will see (in place)."""
         for name in self.redacted:
             _remove(session, FIELD_PATHS[name][0])
+
+
+_has_session_dot = finder("session.")
+
+
+def _may_be_session(text: str) -> bool:
+    """Whether a parser could read ``session.…`` anywhere in ``text``: only if it is there
+    as such, or written with escapes (a backslash). Two ``memchr`` scans of an audio event,
+    where reading its type walks all of it in Python."""
+    return "\\" in text or _has_session_dot(text)
 
 
 def _names(value: Iterable[str] | None, default: frozenset[str]) -> frozenset[str]:

@@ -151,6 +151,18 @@ def test_clients_never_see_server_only_fields() -> None:
     assert "instructions" not in seen["session"] and seen["session"]["audio"]["output"]["voice"] == "marin"
 
 
+def test_server_only_fields_are_hidden_however_the_type_is_written() -> None:
+    """The shortcut that skips reading the type of events that cannot be session events
+    must not skip one whose type is written with escapes."""
+    escaped = '{"type":"session\\u002ecreated","session":{"instructions":"secret persona"}}'
+    assert orjson.loads(escaped)["type"] == "session.created"
+    assert orjson.loads(DEFAULT.screen_upstream(escaped))["session"] == {}
+    later = '{"type":"response.created","x":1,"type":"session.updated","session":{"instructions":"p"}}'
+    assert orjson.loads(DEFAULT.screen_upstream(later))["session"] == {}
+    other = '{"type":"input_audio_buffer.append","event_id":"b1.2","audio":"QUJD"}'
+    assert DEFAULT.screen_upstream(other) is other
+
+
 def test_denied_upstream_events_are_dropped() -> None:
     policy = Policy(upstream_events_denied=frozenset({"rate_limits.updated"}))
     assert policy.screen_upstream('{"type":"rate_limits.updated","rate_limits":[]}') is None
