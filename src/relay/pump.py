@@ -14,10 +14,12 @@ the driver blocks instead, and for no longer than Trio would have; when pumped
 sockets turn readable it reads them, runs each message through the pair's sans-IO
 step (the same one the task would run) and writes the result to the other leg's
 socket, waking no task at all. It returns to Trio as soon as Trio's epoll has
-events, a task has been handed work, or Trio's timeout is up, and gives Trio
-exactly the events Trio would have seen. When Trio has tasks to run (a timeout of
-0), the driver serves one round without waiting. Trio's timers, its other sockets,
-``wait_all_tasks_blocked`` and its clocks behave as before.
+events, a task is runnable (one the pump handed work, or any other), or Trio's
+timeout is up, and gives Trio exactly the events Trio would have seen. When Trio has
+tasks to run (a timeout of 0), the driver serves one round without waiting. Trio's
+timers, its other sockets and its clocks behave as before; ``wait_all_tasks_blocked``
+sees the pump's work as no task's. The app's lifespan runs one pump per worker
+(:attr:`relay.app.RelayApp.pump`).
 
 The pump only does what needs no waiting. Whatever does, it hands back to the
 pair's task, which :meth:`Pump.lend` then returns to, in order and with nothing
@@ -28,11 +30,11 @@ only part of (:data:`~relay.websocket.PART`: finish the write), and any reply or
 ending of the bridge's. Backpressure, send timeouts, closes and cancellation stay
 the task's, exactly as without the pump.
 
-The driver uses one thing Trio does not publish: the run's epoll I/O manager (its
-epoll and its ``get_events``). Where it is not there (not Linux, guest mode, a Trio
-whose insides moved), no pump runs, a warning says so, and pairs relay through
-their own tasks. TLS and in-memory streams are not pumped: their writes cannot be
-made without waiting for the stream's own machinery.
+The driver uses what Trio does not publish: the run's epoll I/O manager (its epoll
+and its ``get_events``) and its queue of runnable tasks. Where they are not there
+(not Linux, guest mode, a Trio whose insides moved), no pump runs, a warning says
+so, and pairs relay through their own tasks. TLS and in-memory streams are not
+pumped: their writes cannot be made without waiting for the stream's own machinery.
 """
 
 from __future__ import annotations
@@ -183,7 +185,6 @@ class _Driver:
         self._legs: dict[int, Leg] = {}
         self._ready: deque[Leg] = deque()
         self._pumps: set[Pump] = set()
-        self._woke = False  # a task was handed work during this wait
         runner.io_manager = _WaitingThrough(io, self.get_events)  # until detach()
 
     @classmethod
@@ -237,12 +238,12 @@ class _Driver:
 
     def _serve_until(self, timeout: float) -> None:
         """Serve ready legs for up to ``timeout`` s (one round if 0), until Trio's epoll has
-        events or a task was handed work."""
+        events or a task is runnable."""
         epoll = self._epoll
         legs = self._legs
         ready = self._ready
         trio_fd = self._trio_fd
-        self._woke = False
+        runnable = self._runner.runq
         deadline = time.perf_counter() + timeout
         while True:
             wait = 0.0  # legs left over from the last round: serve them before waiting
@@ -266,7 +267,7 @@ class _Driver:
                 leg.queued = False
                 if leg.task is not None:
                     self._serve(leg)
-            if trio_ready or self._woke or timeout <= 0 or (not events and wait > 0):
+            if trio_ready or runnable or timeout <= 0 or (not events and wait > 0):
                 return  # Trio has work, or the time is up
 
     def _serve(self, leg: Leg) -> None:
@@ -286,7 +287,6 @@ class _Driver:
         assert task is not None
         leg.task = None
         leg.src.release_reading()
-        self._woke = True
         trio.lowlevel.reschedule(task, result)
 
 
@@ -317,7 +317,12 @@ def _trio_runner() -> Any | None:
 
         runner = GLOBAL_RUN_CONTEXT.runner
         io = runner.io_manager
-        if runner.is_guest or not callable(io.get_events) or io._epoll.fileno() < 0:
+        if (
+            runner.is_guest
+            or not callable(io.get_events)
+            or io._epoll.fileno() < 0
+            or runner.runq is None
+        ):
             return None
     except (ImportError, AttributeError):
         return None

@@ -297,9 +297,12 @@ def watchdog(every: float) -> Iterator[None]:
         thread.join()
 
 
-async def test_timers_and_trios_own_sockets_are_served_while_the_pump_waits() -> None:
-    """The pump waits in Trio's place: a timer must still fire on time, and a socket only
-    Trio watches must still wake its task, with no pumped traffic to wake the loop."""
+async def test_timers_trios_own_sockets_and_handed_back_work_are_served_while_the_pump_waits() -> (
+    None
+):
+    """The pump waits in Trio's place: a timer must still fire on time, a socket only Trio
+    watches must still wake its task, and a task handed work must run, with no other
+    traffic to wake the loop."""
     with watchdog(every=3.0):
         async with pump_running() as (pump, _), pumped_pair(pump) as s:
             await s.client.send('{"type":"a"}')
@@ -314,6 +317,10 @@ async def test_timers_and_trios_own_sockets_are_served_while_the_pump_waits() ->
                 started = time.monotonic()
                 assert await ours_trio.recv(1) == b"x"
                 assert time.monotonic() - started < 1.0
+            started = time.monotonic()  # a ping alone: the pump hands it to the task at once
+            await s.upstream.send(Ping(b"p"))
+            assert await s.upstream.next() == Pong(b"p")
+            assert time.monotonic() - started < 1.0
             await s.upstream.send('{"type":"b"}')  # and the pump still relays
             assert await s.client.next() == '{"type":"b"}'
 
