@@ -78,11 +78,15 @@ class FrameReader:
     nothing that large is ever buffered.
     """
 
-    __slots__ = ("buf", "_pos", "_masked", "_max", "_parts", "_part_op", "_part_len")
+    __slots__ = ("buf", "frame", "_pos", "_masked", "_max", "_parts", "_part_op", "_part_len")
 
     def __init__(self, *, masked: bool, max_message_bytes: int) -> None:
         #: Bytes fed and not yet consumed (from an internal position on); empty when nothing is.
         self.buf: bytes | bytearray = b""
+        #: The wire bytes of the message :meth:`next` last returned, when it was one unmasked
+        #: text frame: a relay may forward them as they are (the same frame), not build them
+        #: again. Else None.
+        self.frame: bytes | memoryview | None = None
         self._pos = 0
         self._masked = 0x80 if masked else 0
         self._max = max_message_bytes
@@ -116,6 +120,7 @@ class FrameReader:
 
         Raises :class:`ProtocolError` for anything RFC 6455 says fails the connection.
         """
+        self.frame = None
         while True:
             buf = self.buf
             pos = self._pos
@@ -157,6 +162,11 @@ class FrameReader:
                 payload = apply_mask(memoryview(buf)[start:end], buf[start - 4 : start])
             elif op == OP_TEXT and b0 & 0x80 and not self._parts:
                 payload = memoryview(buf)[start:end]  # decoded below without a copy first
+                head = start - pos  # forwarded only if its length is written as RFC 6455 says:
+                if buf.__class__ is bytes and (  # in the fewest bytes (a bytearray may change
+                    head == 2 or (head == 4 and n > 125) or n > 65535  # under a view)
+                ):
+                    self.frame = buf if pos == 0 and end == size else memoryview(buf)[pos:end]
             else:
                 payload = bytes(buf[start:end])
             if end == size:  # all consumed: an idle connection keeps no buffer

@@ -337,6 +337,7 @@ def _drain(leg: Leg) -> object:
     step = leg.step
     bridge = leg.bridge
     poll = src.poll
+    reader = src.reader
     for _ in range(BUDGET):
         data = poll()
         if data is None:
@@ -348,7 +349,8 @@ def _drain(leg: Leg) -> object:
             continue
         cls = out.__class__
         if (cls is str or cls is bytes) and not bridge.responses_done:
-            sent = dst.send_now(out)  # type: ignore[arg-type]
+            # Passed on unchanged: the frame it came in is the frame to send, if it can be.
+            sent = dst.send_now(out, reader.frame if out is data else None)  # type: ignore[arg-type]
             if sent is True:
                 continue
             if sent is PART:

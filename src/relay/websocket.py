@@ -322,6 +322,11 @@ class WebSocket:
         """Whether :mod:`relay.pump` can move this connection's messages (a plain socket)."""
         return self._sock is not None
 
+    @property
+    def reader(self) -> frames.FrameReader:
+        """The connection's frame reader (for :attr:`~relay.frames.FrameReader.frame`)."""
+        return self._reader
+
     def fileno(self) -> int:
         """The socket's file descriptor (-1 once closed, or for a stream that is not a socket)."""
         return self._sock.fileno() if self._sock is not None else -1
@@ -388,14 +393,18 @@ class WebSocket:
             self.last_heard = self._now()
             reader.feed(data)
 
-    def send_now(self, message: str | bytes) -> bool | _Marker:
+    def send_now(
+        self, message: str | bytes, frame: bytes | memoryview | None = None
+    ) -> bool | _Marker:
         """Write ``message`` as far as the socket takes it now. True: all of it. False: none
         (send it with :meth:`send_message`). :data:`PART`: some; :meth:`finish_send` must
-        follow, and no one else writes until it has."""
+        follow, and no one else writes until it has. ``frame``: ``message`` as one unmasked
+        frame already (another connection's :attr:`FrameReader.frame`), written as it is
+        where this side does not mask."""
         sock = self._sock
         if self._writing or self._close_sent or self._closed is not None or sock is None:
             return False
-        data = self._frame(message)
+        data = frame if frame is not None and not self._client else self._frame(message)
         try:
             sent = sock.send(data)
         except OSError:  # no room at all, or an error that send_message reports properly

@@ -23,7 +23,17 @@ import trio.testing
 
 from relay.app import SocketClient
 from relay.bridge import Bridge, Ending, Limits, Message
-from relay.frames import OP_PING, OP_TEXT, Close, Event, FrameReader, Ping, Pong, frame
+from relay.frames import (
+    OP_CONTINUATION,
+    OP_PING,
+    OP_TEXT,
+    Close,
+    Event,
+    FrameReader,
+    Ping,
+    Pong,
+    frame,
+)
 from relay.pair import Pair
 from relay import pump as pump_module
 from relay.pump import BUDGET, Pump
@@ -180,6 +190,34 @@ async def test_bursts_over_the_budget_arrive_whole_and_in_order_both_ways() -> N
             passed_on = await s.upstream.next()
             assert isinstance(passed_on, Close) and passed_on.code == 1000
         assert s.pump.watching == 0  # the pair forgot its legs as it ended
+
+
+async def test_upstream_text_goes_on_in_the_frame_it_came_in_only_when_that_is_canonical() -> None:
+    """Text the bridge passes on unchanged is written to the client as the very frame the
+    upstream sent, when that frame is what the relay would have built; otherwise (a length
+    written in more bytes than needed, a fragmented message, text the bridge changed) the
+    client gets a frame built afresh."""
+    async with pump_running() as (pump, _), pumped_pair(pump) as s:
+        await s.client.send('{"type":"a"}')
+        assert await s.upstream.next() == '{"type":"a"}'
+        small, large = (
+            frame(OP_TEXT, f'{{"type":"x","d":"{"A" * k}"}}'.encode(), mask=False)
+            for k in (300, 70_000)
+        )
+        padded = bytes([0x81, 126]) + (12).to_bytes(2, "big") + b'{"type":"y"}'  # 12 in 16 bits
+        parts = bytes([0x01, 8]) + b'{"type":' + bytes([0x80 | OP_CONTINUATION, 4]) + b'"z"}'
+        changed = frame(OP_TEXT, b'{"type":"w","k":"sk-never"}', mask=False)  # the key: redacted
+        # in one write, so all but the large one arrive in the read's own bytes
+        sent = small + padded + parts + changed + small + large
+        expected = small + b"".join(
+            frame(OP_TEXT, body, mask=False)
+            for body in (b'{"type":"y"}', b'{"type":"z"}', b'{"type":"w","k":"[redacted]"}')
+        ) + small + large
+        await s.upstream.stream.send_all(sent)
+        got = b""
+        while len(got) < len(expected):
+            got += await s.client.stream.receive_some(1 << 20)
+        assert got == expected
 
 
 async def test_a_client_that_stops_reading_gets_everything_in_order_once_it_reads() -> None:
