@@ -116,9 +116,9 @@ class Pair:
         self._on_upstream_opened = on_upstream_opened
         self._pump = pump
         self._up_leg: Leg | None = None  # client → upstream, once both legs can be pumped
-        self._voice = VoiceClock(trio.current_time) if on_voice_latency is not None else None
-        #: Trio time of the last message either way (for the idle timeout).
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time, two calls less
+        self._voice = VoiceClock(self._now) if on_voice_latency is not None else None
+        #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = self._now()
 
     async def run(self) -> Ending:

@@ -79,7 +79,7 @@ class Leg:
         self.dst = dst
         self.step = step
         self.bridge = bridge
-        self.fd = -1  # registered with the pump's epoll under this fd
+        self.fd = -1  # registered with the driver's epoll under this fd
         self.task: trio.lowlevel.Task | None = None  # the task parked in lend()
         self.queued = False  # in the pump's ready queue
 
