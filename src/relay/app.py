@@ -580,7 +580,7 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             if self.guard.enabled:
                 nursery.start_soon(self._watch_load)
-            self.pump = Pump()
+            self.pump = Pump(busy_poll=self.config.busy_poll)
             nursery.start_soon(self.pump.run)
             try:
                 await self._lifespan_events(receive, send)
@@ -588,17 +588,21 @@ class RelayApp:
                 self.pump = None
                 nursery.cancel_scope.cancel()
 
+    def _cpu_demand(self) -> float:
+        """CPU seconds the worker has used or waited for, less the time its pump polled."""
+        return cpu_demand_seconds() - (self.pump.polled if self.pump is not None else 0.0)
+
     async def _watch_load(self) -> None:
         """Sample the event loop's lag; shed the newest sessions when the guard says so."""
         await self._started.wait()  # start-up work is not load
         async with trio.open_nursery() as shedding:
-            cpu_before, before = cpu_demand_seconds(), trio.current_time()
+            cpu_before, before = self._cpu_demand(), trio.current_time()
             while True:
                 asked = before + SAMPLE_SECONDS
                 await trio.sleep_until(asked)
-                cpu_now, now = cpu_demand_seconds(), trio.current_time()
+                cpu_now, now = self._cpu_demand(), trio.current_time()
                 live = [pair for pair in self.pairs if pair.bridge.ending is None]
-                cpu = (cpu_now - cpu_before) / (now - before)
+                cpu = max(0.0, cpu_now - cpu_before) / (now - before)
                 behind = 0.0
                 if live and max(cpu, self.guard.cpu) >= BUSY:
                     looked_at = random.sample(live, min(len(live), BEHIND_SAMPLE))

@@ -21,6 +21,12 @@ timers, its other sockets and its clocks behave as before; ``wait_all_tasks_bloc
 sees the pump's work as no task's. The app's lifespan runs one pump per worker
 (:attr:`relay.app.RelayApp.pump`).
 
+Before it sleeps, an idle driver polls for a while (``RELAY_BUSY_POLL`` at most): waking
+a sleeping process costs tens of µs on a VM, and a session's round trip wakes the relay
+twice. It gives its core to any process waiting for one at each turn of the poll, learns
+from every idle spell how long polling pays off (:class:`PollWindow`), and reports the
+time it polled (:attr:`Pump.polled`), which the load guard does not count as load.
+
 The pump only does what needs no waiting. Whatever does, it hands back to the
 pair's task, which :meth:`Pump.lend` then returns to, in order and with nothing
 skipped: a control frame, the end of the connection or a protocol error next on
@@ -44,6 +50,7 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable
+from os import sched_yield
 from typing import Any
 
 import trio
@@ -58,6 +65,8 @@ READ = HELD
 BUDGET = 16
 #: Readiness events taken from the kernel per round.
 MAX_EVENTS = 1024
+#: The first poll window an idle driver tries (see :class:`PollWindow`).
+GROW_START = 10e-6
 
 _MORE = object()  # a drain stopped at its budget: the socket may have more
 _FLAGS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
@@ -84,10 +93,43 @@ class Leg:
         self.queued = False  # in the pump's ready queue
 
 
-class Pump:
-    """See the module docstring. :meth:`run` serves; the pairs' tasks :meth:`lend` it legs."""
+class PollWindow:
+    """How long an idle driver polls its sockets before it sleeps: the rule of Linux's
+    guest halt-polling governor.
 
-    def __init__(self) -> None:
+    Waking a process that sleeps costs tens of µs on a VM, twice per hop in a session's round
+    trip (an idle core halts and is woken through the host); a message that comes while the
+    driver polls costs none. The window doubles (from :data:`GROW_START`, up to ``limit``) after
+    an idle spell that ended within ``limit`` but after the window, stays after one it caught,
+    and halves (to 0 below :data:`GROW_START`) after one that outlasted ``limit``: a relay whose
+    messages come ms apart soon polls not at all.
+    """
+
+    __slots__ = ("limit", "now")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.now = 0.0  # seconds to poll before the next sleep
+
+    def idled(self, seconds: float) -> None:
+        """Learn from an idle spell of ``seconds`` (from the first poll to the first event)."""
+        if seconds <= self.now:
+            return
+        if seconds <= self.limit:
+            self.now = min(self.limit, max(GROW_START, self.now * 2))
+        else:
+            half = self.now / 2
+            self.now = half if half >= GROW_START else 0.0
+
+
+class Pump:
+    """See the module docstring. :meth:`run` serves; the pairs' tasks :meth:`lend` it legs.
+
+    ``busy_poll``: at most how long (s) the driver polls before it sleeps (:class:`PollWindow`).
+    """
+
+    def __init__(self, busy_poll: float = 0.0) -> None:
+        self.busy_poll = busy_poll
         self._legs: dict[int, Leg] = {}
         self._driver: _Driver | None = None
 
@@ -95,6 +137,11 @@ class Pump:
     def running(self) -> bool:
         """Whether legs lent now are relayed by the pump (else :meth:`lend` returns READ)."""
         return self._driver is not None
+
+    @property
+    def polled(self) -> float:
+        """Seconds the run's driver has spent polling rather than sleeping: idle time, not load."""
+        return self._driver.polled if self._driver is not None else 0.0
 
     @property
     def watching(self) -> int:
@@ -185,6 +232,8 @@ class _Driver:
         self._legs: dict[int, Leg] = {}
         self._ready: deque[Leg] = deque()
         self._pumps: set[Pump] = set()
+        self.window = PollWindow(0.0)
+        self.polled = 0.0  # seconds spent polling, see Pump.polled
         runner.io_manager = _WaitingThrough(io, self.get_events)  # until detach()
 
     @classmethod
@@ -198,10 +247,12 @@ class _Driver:
             driver = cls(runner)
             _DRIVER.set(driver)
         driver._pumps.add(pump)
+        driver.window.limit = max(p.busy_poll for p in driver._pumps)
         return driver
 
     def detach(self, pump: Pump) -> None:
         self._pumps.discard(pump)
+        self.window.limit = max((p.busy_poll for p in self._pumps), default=0.0)
         if not self._pumps:
             self._runner.io_manager = self._runner.io_manager.io  # Trio waits on its own again
             _DRIVER.set(None)
@@ -251,7 +302,9 @@ class _Driver:
                 wait = deadline - time.perf_counter()
                 if wait <= 0:
                     return
-            events = epoll.poll(wait, MAX_EVENTS)
+                events = self._idle(wait)
+            else:
+                events = epoll.poll(0, MAX_EVENTS)
             trio_ready = False
             for fd, flags in events:
                 leg = legs.get(fd)
@@ -269,6 +322,22 @@ class _Driver:
                     self._serve(leg)
             if trio_ready or runnable or timeout <= 0 or (not events and wait > 0):
                 return  # Trio has work, or the time is up
+
+    def _idle(self, wait: float) -> list[tuple[int, int]]:
+        """Wait up to ``wait`` s for events: poll for the window's length first, then sleep."""
+        epoll = self._epoll
+        window = self.window
+        start = time.perf_counter()
+        events: list[tuple[int, int]] = []
+        if window.now:
+            until = start + min(window.now, window.limit, wait)
+            while not (events := epoll.poll(0, MAX_EVENTS)) and time.perf_counter() < until:
+                sched_yield()  # a process waiting for this core gets it first
+            self.polled += time.perf_counter() - start
+        if not events:
+            events = epoll.poll(max(0.0, start + wait - time.perf_counter()), MAX_EVENTS)
+        window.idled(time.perf_counter() - start)
+        return events
 
     def _serve(self, leg: Leg) -> None:
         try:

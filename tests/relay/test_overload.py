@@ -134,3 +134,19 @@ def test_cpu_demand_is_time_used_plus_time_spent_waiting_for_a_core(
     assert relay.app.cpu_demand_seconds() == pytest.approx(1.25 + 2.5)
     stat.unlink()  # no scheduler statistics (not Linux): the time used alone
     assert relay.app.cpu_demand_seconds() == pytest.approx(1.25)
+
+
+def test_the_time_the_pump_polled_between_messages_is_not_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Polling instead of sleeping burns CPU that is really idle: counted, a quiet relay that
+    polls would look busy and shed sessions."""
+    import relay.app
+    from relay.config import load_config
+
+    app = relay.app.RelayApp(load_config({"OPENAI_API_KEY": "sk-x", "RELAY_ALLOW_ANONYMOUS": "1"}))
+    monkeypatch.setattr(relay.app, "cpu_demand_seconds", lambda: 5.0)
+    assert app._cpu_demand() == 5.0  # no pump yet
+    app.pump = relay.app.Pump(busy_poll=1e-4)
+    monkeypatch.setattr(relay.app.Pump, "polled", 1.5)
+    assert app._cpu_demand() == pytest.approx(3.5)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.app import SocketClient
 from relay.bridge import Bridge, Ending, Limits, Message
@@ -36,7 +38,7 @@ from relay.frames import (
 )
 from relay.pair import Pair
 from relay import pump as pump_module
-from relay.pump import BUDGET, Pump
+from relay.pump import BUDGET, GROW_START, PollWindow, Pump
 from relay.websocket import WebSocket
 
 SESSION_UPDATE = '{"type":"session.update","session":{}}'
@@ -163,9 +165,9 @@ async def pumped_pair(
 
 
 @asynccontextmanager
-async def pump_running() -> AsyncIterator[tuple[Pump, trio.CancelScope]]:
+async def pump_running(busy_poll: float = 0.0) -> AsyncIterator[tuple[Pump, trio.CancelScope]]:
     """A pump serving until the block ends (or its scope is cancelled)."""
-    pump = Pump()
+    pump = Pump(busy_poll)
     async with trio.open_nursery() as nursery:
         scope = await nursery.start(run_pump, pump)
         await trio.lowlevel.checkpoint()  # the pump has started
@@ -335,14 +337,15 @@ def watchdog(every: float) -> Iterator[None]:
         thread.join()
 
 
-async def test_timers_trios_own_sockets_and_handed_back_work_are_served_while_the_pump_waits() -> (
-    None
-):
-    """The pump waits in Trio's place: a timer must still fire on time, a socket only Trio
-    watches must still wake its task, and a task handed work must run, with no other
-    traffic to wake the loop."""
+@pytest.mark.parametrize("busy_poll", [0.0, 0.05], ids=["sleeping", "polling"])
+async def test_timers_trios_own_sockets_and_handed_back_work_are_served_while_the_pump_waits(
+    busy_poll: float,
+) -> None:
+    """The pump waits in Trio's place, sleeping or polling: a timer must still fire on time,
+    a socket only Trio watches must still wake its task, and a task handed work must run,
+    with no other traffic to wake the loop."""
     with watchdog(every=3.0):
-        async with pump_running() as (pump, _), pumped_pair(pump) as s:
+        async with pump_running(busy_poll) as (pump, _), pumped_pair(pump) as s:
             await s.client.send('{"type":"a"}')
             assert await s.upstream.next() == '{"type":"a"}'  # the legs are the pump's
             started = time.monotonic()
@@ -407,3 +410,57 @@ async def test_a_failing_pump_gives_its_legs_back_and_sessions_go_on(
             assert await s.upstream.next() == '{"type":"b"}'
             await s.upstream.send('{"type":"c"}')
             assert await s.client.next() == '{"type":"c"}'
+
+
+def test_the_poll_window_grows_while_polling_would_catch_the_next_event_and_shrinks_after() -> (
+    None
+):
+    window = PollWindow(limit=100e-6)
+    assert window.now == 0.0  # sleeps at once until it has seen a short idle spell
+    window.idled(30e-6)
+    assert window.now == GROW_START
+    window.idled(30e-6)  # longer than the window, within the limit: a longer poll pays
+    assert window.now == 2 * GROW_START
+    window.idled(35e-6)
+    window.idled(50e-6)
+    assert window.now == 8 * GROW_START
+    window.idled(60e-6)  # caught by the poll: stays
+    assert window.now == 8 * GROW_START
+    window.idled(90e-6)
+    assert window.now == 100e-6  # capped at the limit
+    window.idled(5e-3)  # messages ms apart: polling is wasted, halve it
+    assert window.now == 50e-6
+    for _ in range(3):
+        window.idled(5e-3)
+    assert window.now == 0.0  # below the first window: stop polling altogether
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=60),
+    st.sampled_from([0.0, 5e-6, 1e-4, 1e-3]),
+)
+def test_the_poll_window_stays_within_its_limit_and_off_when_the_limit_is_zero(
+    spells: list[float], limit: float
+) -> None:
+    window = PollWindow(limit)
+    for spell in spells:
+        window.idled(spell)
+        assert 0.0 <= window.now <= limit
+        assert window.now == 0.0 or window.now >= min(GROW_START, limit)
+
+
+@pytest.mark.parametrize("busy_poll", [0.0, 0.05], ids=["sleeping", "polling"])
+async def test_a_polling_pump_relays_and_counts_the_time_it_polled_as_idle(
+    busy_poll: float,
+) -> None:
+    """Between messages that come quickly the pump polls instead of sleeping (the window has
+    grown), and says how long, so that the load guard does not take it for work."""
+    async with pump_running(busy_poll) as (pump, _), pumped_pair(pump) as s:
+        for i in range(40):
+            await s.client.send(f'{{"type":"up{i}"}}')
+            assert await s.upstream.next() == f'{{"type":"up{i}"}}'
+            await s.upstream.send(f'{{"type":"down{i}"}}')
+            assert await s.client.next() == f'{{"type":"down{i}"}}'
+        assert (pump.polled > 0) == (busy_poll > 0)
+        if busy_poll:
+            assert 0 < pump_module._DRIVER.get().window.now <= busy_poll  # type: ignore[union-attr]
