@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import trio
 
@@ -196,7 +197,13 @@ def _echo(host: str, port: int, api_keys: frozenset[str]) -> int:
         await serve_echo(host, port, api_keys=api_keys, started=started, stop=stop)
 
     try:
-        asyncio.run(run())
+        import uvloop  # a dev dependency: the echo costs less CPU on it
+
+        loop_run: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+    except ImportError:  # pragma: no cover - depends on the environment
+        loop_run = asyncio.run
+    try:
+        loop_run(run())
     except OSError as exc:
         print(f"mockrealtime: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
