@@ -64,7 +64,7 @@ BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 #: Unread bytes from one side that make a session count as behind: ten 20 ms audio events.
 BEHIND_BYTES = 64 * 1024
 #: CPU demand (share of a core) from which the load watcher looks at the backlogs (it costs
-#: a system call per session looked at).
+#: a system call per session looked at) and the pump stops polling (Pump.set_busy).
 BUSY = 0.5
 #: Sessions whose backlogs one sample looks at, chosen at random: the share behind is
 #: estimated from them (about ±6 % for one sample, smoothed over ten), not counted over
@@ -604,7 +604,10 @@ class RelayApp:
                 live = [pair for pair in self.pairs if pair.bridge.ending is None]
                 cpu = max(0.0, cpu_now - cpu_before) / (now - before)
                 behind = 0.0
-                if live and max(cpu, self.guard.cpu) >= BUSY:
+                busy = max(cpu, self.guard.cpu) >= BUSY
+                if self.pump is not None:
+                    self.pump.set_busy(busy)
+                if live and busy:
                     looked_at = random.sample(live, min(len(live), BEHIND_SAMPLE))
                     behind = sum(pair.behind(BEHIND_BYTES) for pair in looked_at) / len(looked_at)
                 shed = self.guard.sample(

@@ -25,7 +25,8 @@ Before it sleeps, an idle driver polls for a while (``RELAY_BUSY_POLL`` at most)
 a sleeping process costs tens of µs on a VM, and a session's round trip wakes the relay
 twice. It gives its core to any process waiting for one at each turn of the poll, learns
 from every idle spell how long polling pays off (:class:`PollWindow`), and reports the
-time it polled (:attr:`Pump.polled`), which the load guard does not count as load.
+time it polled (:attr:`Pump.polled`), which the load guard does not count as load. A
+worker using half a core or more does not poll (:meth:`Pump.set_busy`).
 
 The pump only does what needs no waiting. Whatever does, it hands back to the
 pair's task, which :meth:`Pump.lend` then returns to, in order and with nothing
@@ -130,8 +131,16 @@ class Pump:
 
     def __init__(self, busy_poll: float = 0.0) -> None:
         self.busy_poll = busy_poll
+        self.busy = False  # see set_busy
         self._legs: dict[int, Leg] = {}
         self._driver: _Driver | None = None
+
+    def set_busy(self, busy: bool) -> None:
+        """A busy worker does not poll: its next message is seldom far off, and the core it
+        would poll on is one that the other processes of a loaded machine need."""
+        self.busy = busy
+        if self._driver is not None:
+            self._driver.limit_polling()
 
     @property
     def running(self) -> bool:
@@ -247,12 +256,18 @@ class _Driver:
             driver = cls(runner)
             _DRIVER.set(driver)
         driver._pumps.add(pump)
-        driver.window.limit = max(p.busy_poll for p in driver._pumps)
+        driver.limit_polling()
         return driver
+
+    def limit_polling(self) -> None:
+        """Poll for as long as the pumps that are not busy allow."""
+        limit = max((0.0 if p.busy else p.busy_poll for p in self._pumps), default=0.0)
+        self.window.limit = limit
+        self.window.now = min(self.window.now, limit)
 
     def detach(self, pump: Pump) -> None:
         self._pumps.discard(pump)
-        self.window.limit = max((p.busy_poll for p in self._pumps), default=0.0)
+        self.limit_polling()
         if not self._pumps:
             self._runner.io_manager = self._runner.io_manager.io  # Trio waits on its own again
             _DRIVER.set(None)
@@ -330,7 +345,7 @@ class _Driver:
         start = time.perf_counter()
         events: list[tuple[int, int]] = []
         if window.now:
-            until = start + min(window.now, window.limit, wait)
+            until = start + min(window.now, wait)
             while not (events := epoll.poll(0, MAX_EVENTS)) and time.perf_counter() < until:
                 sched_yield()  # a process waiting for this core gets it first
             self.polled += time.perf_counter() - start

@@ -464,3 +464,9 @@ async def test_a_polling_pump_relays_and_counts_the_time_it_polled_as_idle(
         assert (pump.polled > 0) == (busy_poll > 0)
         if busy_poll:
             assert 0 < pump_module._DRIVER.get().window.now <= busy_poll  # type: ignore[union-attr]
+        pump.set_busy(True)  # a busy worker sleeps at once
+        polled = pump.polled
+        for i in range(20):
+            await s.client.send(f'{{"type":"busy{i}"}}')
+            assert await s.upstream.next() == f'{{"type":"busy{i}"}}'
+        assert pump.polled == polled
