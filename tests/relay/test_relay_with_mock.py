@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 import orjson
+import pytest
 import trio
+import trustme
 from mockrealtime import Faults, MockConfig, MockServer, serve_mock_realtime
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
@@ -155,3 +160,44 @@ async def test_a_client_keeps_the_model_it_connected_with_and_may_only_send_allo
             assert errors == [("relay_field_locked", "other"), ("relay_event_not_allowed", "item")]
             received = [orjson.loads(m) for m in mock.connections[0].received]
             assert [e.get("event_id") for e in received] == [None, "same", None]  # the relay's update first
+
+
+async def test_a_wss_upstream_carries_a_whole_session_through_the_pairs_own_tasks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Against the real API the upstream leg is TLS. The pump leaves such a pair to its tasks
+    (relay.pump), and the session is the same: every append in order, a reply streamed back."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the relay's default context trusts it
+    appends = [
+        f'{{"type":"input_audio_buffer.append","event_id":"a{i}","audio":"{"AAAA" * (i + 1)}"}}'
+        for i in range(40)
+    ]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            mock = await nursery.start(
+                partial(serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}), pace=0),
+                        ssl_context=server_context)
+            )
+            assert mock.url.startswith("wss://")
+            async with running_relay(upstream_url=mock.url) as relay:
+                async with connect(relay.url + "/voice") as ws:
+                    assert orjson.loads(await ws.get_message())["type"] == "session.created"
+                    for append in appends:
+                        await ws.send_message(append)
+                    await ws.send_message('{"type":"input_audio_buffer.clear"}')
+                    await ws.send_message('{"type":"response.create"}')
+                    kinds = []
+                    while not kinds or kinds[-1] != "response.done":
+                        kinds.append(orjson.loads(await ws.get_message())["type"])
+                    assert "input_audio_buffer.cleared" in kinds
+                    assert "response.output_audio.delta" in kinds
+                    assert relay.app.pump is not None and relay.app.pump.watching == 0
+            received = mock.connections[0].received
+            assert received[1:] == [*appends, '{"type":"input_audio_buffer.clear"}',
+                                    '{"type":"response.create"}']
+            nursery.cancel_scope.cancel()
