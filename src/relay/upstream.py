@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 import trio
 
 from .config import RelayConfig
+from .tls import TLSSocketStream
 from .websocket import WebSocket, connect
 
 
@@ -51,11 +52,18 @@ class UpstreamTarget:
     max_message_bytes: int
 
     async def connect(self) -> trio.abc.Stream:
+        """A TCP connection, with the TLS handshake done if the upstream is ``wss://``
+        (the relay's own TLS, so that the pump can relay the leg: see relay.tls)."""
+        stream = await trio.open_tcp_stream(self.host, self.port)
         if self.ssl_context is None:
-            return await trio.open_tcp_stream(self.host, self.port)
-        return await trio.open_ssl_over_tcp_stream(
-            self.host, self.port, ssl_context=self.ssl_context, https_compatible=True
-        )
+            return stream
+        tls = TLSSocketStream(stream, self.ssl_context, server_hostname=self.host)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return tls
 
     async def handshake(self, stream: trio.abc.Stream) -> WebSocket:
         default_port = 443 if self.ssl_context is not None else 80

@@ -11,8 +11,11 @@ around :mod:`relay.frames`:
   socket is read and written directly while it has data or room, and Trio is
   asked to wait only when it has not (``wait_readable``/``wait_writable``).
   A task that never has to wait still reaches a checkpoint every
-  :data:`CHECKPOINT_EVERY` reads, so it can be cancelled and others run. TLS and
-  in-memory streams go through their ordinary ``receive_some``/``send_all``.
+  :data:`CHECKPOINT_EVERY` reads, so it can be cancelled and others run. So does the
+  relay's own TLS over a socket (:class:`relay.tls.TLSSocketStream`, the upstream leg
+  to ``wss://``): what is read is decrypted, what is written encrypted, in the same
+  places. Other streams (Trio's TLS, in-memory ones) go through their ordinary
+  ``receive_some``/``send_all``.
 * **Send timeout.** A write that cannot finish within :attr:`send_timeout` raises
   ``trio.TooSlowError``. The deadline is set only when a write has to wait.
 * **A write cut part-way breaks the connection.** After that, a close frame would
@@ -30,6 +33,7 @@ import hashlib
 import math
 import os
 import socket
+import ssl
 import sys
 import termios
 
@@ -37,6 +41,7 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
 
 from . import frames
+from .tls import TLSSocketStream
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Close, Ping, Pong, ProtocolError
 
 #: Bytes asked of the socket per read: several 6.5 KB audio events when they queue up.
@@ -81,6 +86,7 @@ class WebSocket:
     __slots__ = (
         "_stream",
         "_sock",
+        "_tls",
         "_client",
         "_reader",
         "_writing",
@@ -114,8 +120,11 @@ class WebSocket:
     ) -> None:
         self._stream = stream
         self._sock = _raw_socket(stream)
+        self._tls = stream if isinstance(stream, TLSSocketStream) else None
         self._client = client
         self._reader = frames.FrameReader(masked=not client, max_message_bytes=max_message_bytes)
+        if self._tls is not None:  # decrypted past the HTTP upgrade: no read brings it again
+            buffered += self._tls.take_buffered()
         if buffered:
             self._reader.feed(buffered)
         self._writing = False  # a write is under way (frames must not interleave)
@@ -266,7 +275,15 @@ class WebSocket:
                 return b""
             else:
                 self.last_heard = self._now()
-                return data
+                if self._tls is None or not data:
+                    return data
+                try:
+                    data = self._tls.decrypt(data)
+                except ssl.SSLError:  # not a genuine record: the connection is lost
+                    return b""
+                if data:
+                    return data
+                continue  # no whole record of data yet (or a session ticket): read on
             self._streak = 0
             try:
                 await trio.lowlevel.wait_readable(sock)
@@ -319,7 +336,8 @@ class WebSocket:
 
     @property
     def pumpable(self) -> bool:
-        """Whether :mod:`relay.pump` can move this connection's messages (a plain socket)."""
+        """Whether :mod:`relay.pump` can move this connection's messages (a plain socket, or
+        the relay's own TLS over one)."""
         return self._sock is not None
 
     @property
@@ -391,6 +409,14 @@ class WebSocket:
             # but an end that came with the data raised its edge already: read on to see it.
             self._maybe_more = len(data) == RECEIVE_BYTES or self._hangup
             self.last_heard = self._now()
+            if self._tls is not None:
+                try:
+                    data = self._tls.decrypt(data)
+                except ssl.SSLError:
+                    self._held = _EOF
+                    return HELD
+                if not data:
+                    continue
             reader.feed(data)
 
     def send_now(
@@ -405,10 +431,17 @@ class WebSocket:
         if self._writing or self._close_sent or self._closed is not None or sock is None:
             return False
         data = frame if frame is not None and not self._client else self._frame(message)
+        if self._tls is not None:
+            try:
+                data = self._tls.encrypt(data)
+            except ssl.SSLError:
+                return False  # send_message meets the same error and reports it
         try:
             sent = sock.send(data)
         except OSError:  # no room at all, or an error that send_message reports properly
-            return False
+            if self._tls is None:
+                return False
+            sent = 0  # encrypted already: these records must go out as they are, next
         if sent == len(data):
             return True
         self._writing = True
@@ -516,6 +549,11 @@ class WebSocket:
             await self._write_queue.park()
         if self._broken:  # an earlier write (maybe the one this waited behind) was cut part-way
             raise trio.BrokenResourceError("an earlier write was cut part-way")
+        if self._tls is not None:  # encrypted in the order written: only with the turn
+            try:
+                data = self._tls.encrypt(data)
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
         self._writing = True
         await self._write_held(data, 0)
 
@@ -569,7 +607,10 @@ class WebSocket:
 
 
 def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    """The non-blocking OS socket under a plain :class:`trio.SocketStream`, else None."""
+    """The non-blocking OS socket under a plain :class:`trio.SocketStream` (or under the
+    relay's own TLS over one), else None."""
+    if isinstance(stream, TLSSocketStream):
+        stream = stream.transport
     if stream.__class__ is not trio.SocketStream:
         return None
     raw = getattr(stream.socket, "_sock", None)  # trio's socket wraps a stdlib one

@@ -162,11 +162,12 @@ async def test_a_client_keeps_the_model_it_connected_with_and_may_only_send_allo
             assert [e.get("event_id") for e in received] == [None, "same", None]  # the relay's update first
 
 
-async def test_a_wss_upstream_carries_a_whole_session_through_the_pairs_own_tasks(
+async def test_a_wss_upstream_is_relayed_by_the_pump_and_carries_a_whole_session(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Against the real API the upstream leg is TLS. The pump leaves such a pair to its tasks
-    (relay.pump), and the session is the same: every append in order, a reply streamed back."""
+    """Against the real API the upstream leg is TLS: the relay's own (relay.tls), so the pump
+    relays it. Every append arrives in order, one of many TLS records among them, and a reply
+    streams back."""
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
@@ -174,8 +175,8 @@ async def test_a_wss_upstream_carries_a_whole_session_through_the_pairs_own_task
     ca.cert_pem.write_to_path(str(ca_file))
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the relay's default context trusts it
     appends = [
-        f'{{"type":"input_audio_buffer.append","event_id":"a{i}","audio":"{"AAAA" * (i + 1)}"}}'
-        for i in range(40)
+        f'{{"type":"input_audio_buffer.append","event_id":"a{i}","audio":"{"AAAA" * size}"}}'
+        for i, size in enumerate([*range(1, 40), 30_000, 1, 5_000, 2])  # 120 KB: 8 records
     ]
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -196,7 +197,7 @@ async def test_a_wss_upstream_carries_a_whole_session_through_the_pairs_own_task
                         kinds.append(orjson.loads(await ws.get_message())["type"])
                     assert "input_audio_buffer.cleared" in kinds
                     assert "response.output_audio.delta" in kinds
-                    assert relay.app.pump is not None and relay.app.pump.watching == 0
+                    assert relay.app.pump is not None and relay.app.pump.watching == 2
             received = mock.connections[0].received
             assert received[1:] == [*appends, '{"type":"input_audio_buffer.clear"}',
                                     '{"type":"response.create"}']
