@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=procs.WORKERS,
         help=f"relay serve --workers (default: the core count, {procs.WORKERS})",
     )
+    parser.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="the echo serves wss:// (test CA): the relay dials it over TLS, as it does the"
+        " real API, and direct sessions speak TLS to it",
+    )
     sub = parser.add_subparsers(dest="scenario", required=True)
     sub.add_parser(
         "all", help="every scenario below, in order (overload at 2x the measured capacity)"
@@ -64,7 +70,7 @@ async def run(args: argparse.Namespace) -> None:
             nonlocal relay
             if relay is not None:
                 relay.stop()
-            relay = await procs.start_relay(echo.port)
+            relay = await procs.start_relay(echo)
             return relay
 
         if args.scenario == "latency":
@@ -108,6 +114,7 @@ def main() -> int:
     if args.relay_src:
         procs.RELAY_SRC = os.path.abspath(args.relay_src)
     procs.WORKERS = args.workers
+    procs.UPSTREAM_TLS = args.upstream_tls
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import socket
 import subprocess
 import sys
@@ -99,18 +100,41 @@ class Server:
                 self.process.wait()
 
 
+UPSTREAM_TLS = False
+"""Whether the echo serves wss:// (a certificate from a throwaway test CA), as the real API
+does: the relay dials it over TLS, and direct sessions speak TLS to it."""
+
+
 def start_echo() -> Server:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mockrealtime", "echo", "--port", "0"],
-        stdout=subprocess.PIPE,
-    )
+    command = [sys.executable, "-m", "mockrealtime", "echo", "--port", "0"]
+    extra: dict[str, str] = {}
+    if UPSTREAM_TLS:
+        import trustme  # a dev dependency, like uvloop
+
+        workdir = Path(tempfile.mkdtemp(prefix="relay-bench-tls-"))
+        ca = trustme.CA()
+        cert = ca.issue_cert(HOST)
+        cert.private_key_and_cert_chain_pem.write_to_path(str(workdir / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(workdir / "key.pem"))
+        ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
+        command += ["--tls-cert", str(workdir / "cert.pem"), "--tls-key", str(workdir / "key.pem")]
+        extra["ca"] = str(workdir / "ca.pem")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline().decode()
-    if "listening on ws://" not in line:
+    if "listening on ws" not in line:
         process.kill()
         raise RuntimeError(f"echo upstream did not start: {line!r}")
     port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-    return Server(process, port)
+    return Server(process, port, extra=extra)
+
+
+def client_ssl(echo: Server) -> ssl.SSLContext | None:
+    """The context a direct session needs to speak to ``echo`` (None: plain)."""
+    if "ca" not in echo.extra:
+        return None
+    context = ssl.create_default_context(cafile=echo.extra["ca"])
+    return context
 
 
 #: ``relay serve --workers``: one event loop per core, as the relay is deployed.
@@ -143,26 +167,31 @@ an older commit's ``src``); None benchmarks the installed one."""
 API_KEY = "sk-bench-" + "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN"
 
 
-def relay_env(upstream_port: int, workdir: str) -> dict[str, str]:
+def relay_env(upstream_port: int, workdir: str, ca: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if RELAY_SRC:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (RELAY_SRC, env.get("PYTHONPATH")) if p)
+    if ca is not None:
+        env["SSL_CERT_FILE"] = ca  # the relay's default context trusts the test CA
     env.update(
-        RELAY_UPSTREAM_URL=f"ws://{HOST}:{upstream_port}/v1/realtime",
+        RELAY_UPSTREAM_URL=f"{'wss' if ca else 'ws'}://{HOST}:{upstream_port}/v1/realtime",
         RELAY_STORE=f"sqlite:///{workdir}/usage.db",
         OPENAI_API_KEY=API_KEY,
     )
     return env
 
 
-def spawn_relay(upstream_port: int, workdir: str | None = None) -> Server:
+def spawn_relay(echo: Server, workdir: str | None = None) -> Server:
     """Start ``relay serve``; returns at once (use :func:`wait_listening`)."""
     workdir = workdir or tempfile.mkdtemp(prefix="relay-bench-")
     port = free_port()
     log = Path(workdir) / "relay.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
-            relay_command(port), env=relay_env(upstream_port, workdir), stdout=out, stderr=out
+            relay_command(port),
+            env=relay_env(echo.port, workdir, echo.extra.get("ca")),
+            stdout=out,
+            stderr=out,
         )
     return Server(process, port, log, {"workdir": workdir})
 
@@ -197,7 +226,7 @@ async def wait_ready(server: Server, within: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def start_relay(upstream_port: int) -> Server:
-    server = spawn_relay(upstream_port)
+async def start_relay(echo: Server) -> Server:
+    server = spawn_relay(echo)
     await wait_ready(server)
     return server

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import random
+import ssl
 import statistics
 import sys
 import time
@@ -46,6 +47,7 @@ class Target:
     wait_updated: bool
     pid: int | None = None
     """The relay's pid, when the target is the relay."""
+    ssl: ssl.SSLContext | None = None
 
 
 def relay_target(relay: procs.Server) -> Target:
@@ -53,7 +55,8 @@ def relay_target(relay: procs.Server) -> Target:
 
 
 def direct_target(echo: procs.Server) -> Target:
-    return Target("direct", echo.port, {"Authorization": f"Bearer {procs.API_KEY}"}, False)
+    headers = {"Authorization": f"Bearer {procs.API_KEY}"}
+    return Target("direct", echo.port, headers, False, ssl=procs.client_ssl(echo))
 
 
 #: A 503 refusal (the relay shedding a burst of connects) is retried like a real client would.
@@ -84,6 +87,7 @@ async def open_many(
                             PATH,
                             target.headers,
                             wait_updated=target.wait_updated,
+                            ssl=target.ssl,
                         )
                     )
                     return
@@ -150,7 +154,9 @@ async def latency(relay: procs.Server, echo: procs.Server, count: int = 3000) ->
     loop = asyncio.get_running_loop()
     targets = (direct_target(echo), relay_target(relay))
     clients = [
-        await open_client(procs.HOST, t.port, PATH, t.headers, wait_updated=t.wait_updated)
+        await open_client(
+            procs.HOST, t.port, PATH, t.headers, wait_updated=t.wait_updated, ssl=t.ssl
+        )
         for t in targets
     ]
     figures: dict[str, list[int]] = {t.name: [] for t in targets}
@@ -496,7 +502,7 @@ async def coldstart(echo: procs.Server, runs: int = 5) -> str:
     listens: list[float] = []
     for i in range(runs):
         t0 = time.perf_counter()
-        relay = procs.spawn_relay(echo.port)
+        relay = procs.spawn_relay(echo)
         try:
             await procs.wait_listening(relay)
             t_listen = time.perf_counter()

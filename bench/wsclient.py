@@ -13,6 +13,7 @@ import asyncio
 import base64
 import os
 import random
+import ssl as ssl_module
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,6 +190,7 @@ async def open_client(
     *,
     wait_updated: bool,
     within: float = 15.0,
+    ssl: ssl_module.SSLContext | None = None,
 ) -> Client:
     """A connected session whose ``session.created`` (and ``session.updated``) arrived."""
     loop = asyncio.get_running_loop()
@@ -200,7 +202,7 @@ async def open_client(
         return client
 
     async with asyncio.timeout(within):
-        await loop.create_connection(factory, host, port)
+        await loop.create_connection(factory, host, port, ssl=ssl)
         assert client is not None
         try:
             await client.ready

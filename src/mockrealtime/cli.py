@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PORT,
         help=f"port to bind, 0 for any free port (default {DEFAULT_PORT})",
     )
+    echo.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve wss://")
+    echo.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     echo.add_argument(
         "--api-key",
         action="append",
@@ -180,10 +183,18 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _echo(host: str, port: int, api_keys: frozenset[str]) -> int:
+def _echo(
+    host: str, port: int, api_keys: frozenset[str], tls: tuple[str, str] | None = None
+) -> int:
     import asyncio
 
     from .echo import serve_echo
+
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+    scheme = "ws" if context is None else "wss"
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -192,9 +203,12 @@ def _echo(host: str, port: int, api_keys: frozenset[str]) -> int:
             loop.add_signal_handler(signum, stop.set)
 
         def started(_server: object, bound: int) -> None:
-            print(f"mockrealtime echo listening on ws://{host}:{bound}/v1/realtime", flush=True)
+            url = f"{scheme}://{host}:{bound}/v1/realtime"
+            print(f"mockrealtime echo listening on {url}", flush=True)
 
-        await serve_echo(host, port, api_keys=api_keys, started=started, stop=stop)
+        await serve_echo(
+            host, port, api_keys=api_keys, started=started, stop=stop, ssl_context=context
+        )
 
     try:
         import uvloop  # a dev dependency: the echo costs less CPU on it
@@ -215,7 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "echo":
-        return _echo(args.host, args.port, frozenset(args.api_key))
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("--tls-cert and --tls-key go together")
+        tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+        return _echo(args.host, args.port, frozenset(args.api_key), tls)
     try:
         faults = Faults(
             handshake_delay=args.handshake_delay,

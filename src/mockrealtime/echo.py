@@ -21,6 +21,7 @@ import base64
 import hashlib
 import itertools
 import os
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any, Final
@@ -406,11 +407,15 @@ async def serve_echo(
     api_keys: frozenset[str] = frozenset(),
     started: Callable[[EchoServer, int], None] | None = None,
     stop: asyncio.Event | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve the echo upstream until ``stop`` is set (or forever); ``started(server, port)``."""
+    """Serve the echo upstream until ``stop`` is set (or forever); ``started(server, port)``.
+    With ``ssl_context`` (a server context holding a certificate) it serves wss://."""
     loop = asyncio.get_running_loop()
     state = EchoServer(api_keys)
-    server = await loop.create_server(state.protocol, host, port, backlog=4096)
+    server = await loop.create_server(
+        state.protocol, host, port, backlog=4096, ssl=ssl_context
+    )
     bound = server.sockets[0].getsockname()[1]
     if started is not None:
         started(state, bound)
