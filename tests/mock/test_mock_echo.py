@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 import trio
+import trustme
 from trio_websocket import ConnectionClosed
 
 from mockrealtime.cli import build_parser
@@ -30,7 +32,9 @@ from .helpers import connect
 
 
 @contextmanager
-def echo_server(api_keys: frozenset[str] = frozenset()) -> Iterator[tuple[EchoServer, int]]:
+def echo_server(
+    api_keys: frozenset[str] = frozenset(), ssl_context: ssl.SSLContext | None = None
+) -> Iterator[tuple[EchoServer, int]]:
     """The asyncio echo server on a loopback port, in a thread, for the test's duration."""
     ready = threading.Event()
     found: dict[str, object] = {}
@@ -44,7 +48,9 @@ def echo_server(api_keys: frozenset[str] = frozenset()) -> Iterator[tuple[EchoSe
             found["server"], found["port"] = server, port
             ready.set()
 
-        await serve_echo("127.0.0.1", 0, api_keys=api_keys, started=started, stop=stop)
+        await serve_echo(
+            "127.0.0.1", 0, api_keys=api_keys, started=started, stop=stop, ssl_context=ssl_context
+        )
 
     thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
     thread.start()
@@ -198,3 +204,18 @@ def test_frames_fragments_ping_and_close_sans_io() -> None:
 def test_cli_has_an_echo_command() -> None:
     args = build_parser().parse_args(["echo", "--port", "0"])
     assert args.command == "echo" and args.port == 0 and args.api_key == []
+
+
+async def test_with_a_certificate_it_serves_wss() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    with echo_server(ssl_context=server_context) as (_, port), trio.fail_after(10):
+        url = f"wss://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
+        headers = [(b"authorization", b"Bearer sk-any")]
+        async with connect(url, extra_headers=headers, ssl_context=client_context) as ws:
+            assert json.loads(await ws.get_message())["type"] == "session.created"
+            await ws.send_message('{"type":"input_audio_buffer.append","audio":"AAAA"}')
+            assert await ws.get_message() == '{"type":"input_audio_buffer.append","audio":"AAAA"}'
