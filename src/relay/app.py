@@ -578,7 +578,7 @@ class RelayApp:
         """Open the usage store and watch the load for the app's lifetime (the lifespan task
         outlives every session)."""
         async with trio.open_nursery() as nursery:
-            if self.guard.enabled:
+            if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
                 nursery.start_soon(self._watch_load)
             self.pump = Pump(busy_poll=self.config.busy_poll)
             nursery.start_soon(self.pump.run)
@@ -593,7 +593,8 @@ class RelayApp:
         return cpu_demand_seconds() - (self.pump.polled if self.pump is not None else 0.0)
 
     async def _watch_load(self) -> None:
-        """Sample the event loop's lag; shed the newest sessions when the guard says so."""
+        """Sample the event loop's lag and the worker's CPU demand: let the pump poll only while
+        the worker is not busy, and shed the newest sessions when the guard says so."""
         await self._started.wait()  # start-up work is not load
         async with trio.open_nursery() as shedding:
             cpu_before, before = self._cpu_demand(), trio.current_time()
@@ -607,7 +608,7 @@ class RelayApp:
                 busy = max(cpu, self.guard.cpu) >= BUSY
                 if self.pump is not None:
                     self.pump.set_busy(busy)
-                if live and busy:
+                if live and busy and self.guard.enabled:
                     looked_at = random.sample(live, min(len(live), BEHIND_SAMPLE))
                     behind = sum(pair.behind(BEHIND_BYTES) for pair in looked_at) / len(looked_at)
                 shed = self.guard.sample(

@@ -98,9 +98,9 @@ class PollWindow:
     """How long an idle driver polls its sockets before it sleeps: the rule of Linux's
     guest halt-polling governor.
 
-    Waking a process that sleeps costs tens of µs on a VM, twice per hop in a session's round
-    trip (an idle core halts and is woken through the host); a message that comes while the
-    driver polls costs none. The window doubles (from :data:`GROW_START`, up to ``limit``) after
+    Waking a process that sleeps costs tens of µs on a VM, twice in a session's round trip
+    through the relay (an idle core halts and is woken through the host); a message that comes
+    while the driver polls costs none. The window doubles (from :data:`GROW_START`, up to ``limit``) after
     an idle spell that ended within ``limit`` but after the window, stays after one it caught,
     and halves (to 0 below :data:`GROW_START`) after one that outlasted ``limit``: a relay whose
     messages come ms apart soon polls not at all.
