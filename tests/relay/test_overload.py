@@ -150,3 +150,31 @@ def test_the_time_the_pump_polled_between_messages_is_not_load(
     app.pump = relay.app.Pump(busy_poll=1e-4)
     monkeypatch.setattr(relay.app.Pump, "polled", 1.5)
     assert app._cpu_demand() == pytest.approx(3.5)
+
+
+async def test_a_busy_worker_stops_polling_and_polls_again_once_idle_even_with_the_guard_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The load guard is off in these tests (see harness.running_relay), yet the watcher runs
+    to tell the pump when the worker is busy: polling then would take a core others need."""
+    import relay.app
+
+    rate = {"now": 0.9}  # share of a core the fake worker wants
+    clock = {"at": time.monotonic(), "used": 0.0}
+
+    def demand() -> float:
+        now = time.monotonic()
+        clock["used"] += (now - clock["at"]) * rate["now"]
+        clock["at"] = now
+        return clock["used"]
+
+    monkeypatch.setattr(relay.app, "cpu_demand_seconds", demand)
+    with trio.fail_after(TIMEOUT):
+        async with running_relay() as relay_:
+            pump = relay_.app.pump
+            assert pump is not None and pump.busy_poll > 0
+            while not pump.busy:
+                await trio.sleep(0.05)
+            rate["now"] = 0.05
+            while pump.busy:
+                await trio.sleep(0.05)
