@@ -155,8 +155,8 @@ def test_the_time_the_pump_polled_between_messages_is_not_load(
 async def test_a_busy_worker_stops_polling_and_polls_again_once_idle_even_with_the_guard_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The load guard is off in these tests (see harness.running_relay), yet the watcher runs
-    to tell the pump when the worker is busy: polling then would take a core others need."""
+    """With every load limit off the watcher still runs, to tell the pump when the worker is
+    busy: polling then would take a core others need."""
     import relay.app
 
     rate = {"now": 0.9}  # share of a core the fake worker wants
@@ -170,7 +170,8 @@ async def test_a_busy_worker_stops_polling_and_polls_again_once_idle_even_with_t
 
     monkeypatch.setattr(relay.app, "cpu_demand_seconds", demand)
     with trio.fail_after(TIMEOUT):
-        async with running_relay() as relay_:
+        async with running_relay(overload_behind=0.0, shed_behind=0.0) as relay_:
+            assert not relay_.app.guard.enabled
             pump = relay_.app.pump
             assert pump is not None and pump.busy_poll > 0
             while not pump.busy:
