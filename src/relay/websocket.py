@@ -576,13 +576,15 @@ class WebSocket:
             view = memoryview(data)
             total = len(data)
             deadline = 0.0
+            # Records encrypted and not all sent: the next record would not decrypt either.
+            made = self._tls is not None
             while True:
                 try:
                     sent += sock.send(view[sent:] if sent else view)
                 except BlockingIOError:
                     pass
                 except OSError as exc:
-                    if sent:
+                    if sent or made:
                         self._broken = True
                     raise trio.BrokenResourceError(str(exc)) from exc
                 if sent >= total:
@@ -593,11 +595,11 @@ class WebSocket:
                     with trio.CancelScope(deadline=deadline) as waited:
                         await trio.lowlevel.wait_writable(sock)
                 except BaseException:
-                    if sent:
+                    if sent or made:
                         self._broken = True
                     raise
                 if waited.cancelled_caught:
-                    if sent:
+                    if sent or made:
                         self._broken = True
                     raise trio.TooSlowError
         finally:

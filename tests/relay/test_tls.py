@@ -233,3 +233,26 @@ async def test_a_forged_record_loses_the_connection_and_only_it() -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
             assert closed.value.reason.code == 1006
+
+
+async def test_a_tls_write_cut_before_its_first_byte_still_breaks_the_connection() -> None:
+    """Its records were made, so the ones after them would not decrypt: unlike a plain
+    socket's, such a write cannot be dropped whole and the connection go on."""
+    with trio.fail_after(TIMEOUT):
+        async with tls_pair() as (ours, _):
+            ws = WebSocket(ours, client=True, max_message_bytes=1 << 20)
+            raw = ours.transport.socket
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            for _ in range(1000):  # the peer does not read: fill the socket to the brim
+                try:
+                    raw._sock.send(b"\0" * 65536)  # type: ignore[attr-defined]
+                except BlockingIOError:
+                    try:
+                        raw._sock.send(b"\0")  # type: ignore[attr-defined]
+                    except BlockingIOError:
+                        break
+            with trio.CancelScope() as cut:
+                cut.cancel()  # the write is cut at its first wait, before any byte left
+                await ws.send_message('{"type":"x"}')
+            assert cut.cancelled_caught
+            assert ws.broken
