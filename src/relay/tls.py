@@ -11,7 +11,8 @@ through :meth:`~TLSSocketStream.encrypt`, and the pump relays it like a plain le
 
 Records are written in the order they are encrypted: the connection's single writer
 encrypts only when it holds the write turn, and every ciphertext it takes is written whole
-before the next (a write left part-way is finished first). Bytes OpenSSL produces while
+before the next (a write left part-way is finished first; one cut off, even before its first
+byte, breaks the connection, as records after it would not decrypt). Bytes OpenSSL produces while
 reading (a TLS 1.3 key update's answer) wait in the outgoing buffer and go out, in order,
 before the next record written.
 """
