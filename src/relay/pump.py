@@ -40,8 +40,10 @@ the task's, exactly as without the pump.
 The driver uses what Trio does not publish: the run's epoll I/O manager (its epoll
 and its ``get_events``) and its queue of runnable tasks. Where they are not there
 (not Linux, guest mode, a Trio whose insides moved), no pump runs, a warning says
-so, and pairs relay through their own tasks. TLS and in-memory streams are not
-pumped: their writes cannot be made without waiting for the stream's own machinery.
+so, and pairs relay through their own tasks. A leg over the relay's own TLS
+(:mod:`relay.tls`, the upstream's ``wss://``) is pumped like a plain one; Trio's TLS (a
+client leg Hypercorn serves over TLS) and in-memory streams are not: their writes cannot be
+made without waiting for the stream's own machinery.
 """
 
 from __future__ import annotations
@@ -100,10 +102,10 @@ class PollWindow:
 
     Waking a process that sleeps costs tens of µs on a VM, twice in a session's round trip
     through the relay (an idle core halts and is woken through the host); a message that comes
-    while the driver polls costs none. The window doubles (from :data:`GROW_START`, up to ``limit``) after
-    an idle spell that ended within ``limit`` but after the window, stays after one it caught,
-    and halves (to 0 below :data:`GROW_START`) after one that outlasted ``limit``: a relay whose
-    messages come ms apart soon polls not at all.
+    while the driver polls costs none. The window doubles (from :data:`GROW_START`, up to
+    ``limit``) after an idle spell that ended within ``limit`` but after the window, stays after
+    one it caught, and halves (to 0 below :data:`GROW_START`) after one that outlasted
+    ``limit``: a relay whose messages come ms apart soon polls not at all.
     """
 
     __slots__ = ("limit", "now")

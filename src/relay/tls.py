@@ -99,17 +99,16 @@ class TLSSocketStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         limit = max_bytes or RECEIVE_BYTES
+        if not self._plain:
+            self._plain = self.decrypt(b"")  # records already buffered come first
         while not self._plain:
-            self._plain = self.decrypt(b"")
-            if self._plain:
-                break
             try:
                 data = await self.transport.receive_some(RECEIVE_BYTES)
             except trio.BrokenResourceError:
                 return b""
             if not data:
                 return b""
-            self._incoming.write(data)
+            self._plain = self.decrypt(data)
         plain, self._plain = self._plain[:limit], self._plain[limit:]
         return plain
 

@@ -41,8 +41,8 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
 
 from . import frames
-from .tls import TLSSocketStream
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Close, Ping, Pong, ProtocolError
+from .tls import TLSSocketStream
 
 #: Bytes asked of the socket per read: several 6.5 KB audio events when they queue up.
 RECEIVE_BYTES = 64 * 1024
