@@ -133,8 +133,7 @@ def client_ssl(echo: Server) -> ssl.SSLContext | None:
     """The context a direct session needs to speak to ``echo`` (None: plain)."""
     if "ca" not in echo.extra:
         return None
-    context = ssl.create_default_context(cafile=echo.extra["ca"])
-    return context
+    return ssl.create_default_context(cafile=echo.extra["ca"])
 
 
 #: ``relay serve --workers``: one event loop per core, as the relay is deployed.

@@ -104,6 +104,23 @@ async def tls_pair(
             nursery.cancel_scope.cancel()
 
 
+async def read_both_ways(ws: WebSocket, ours: TLSSocketStream, n: int) -> list[str | bytes]:
+    """``n`` messages: the first half as a task reads them (get_message), the rest as the
+    pump does (poll, waiting for the socket whenever it has nothing)."""
+    got = [await ws.get_message() for _ in range(n // 2)]
+    assert ws.hold_reading()
+    while len(got) < n:
+        polled = ws.poll()
+        if polled is None:
+            ws.release_reading()
+            await trio.lowlevel.wait_readable(ours.transport.socket)
+            assert ws.hold_reading()
+            continue
+        got.append(polled)  # type: ignore[arg-type]
+    ws.release_reading()
+    return got
+
+
 async def test_bytes_cross_both_ways_and_receive_some_keeps_what_it_did_not_return() -> None:
     with trio.fail_after(TIMEOUT):
         async with tls_pair() as (ours, theirs):
@@ -186,17 +203,7 @@ async def test_a_websocket_over_tls_reads_writes_and_pumps_records_in_order() ->
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_theirs)
-                got = [await ws.get_message() for _ in range(30)]
-                assert ws.hold_reading()
-                while len(got) < len(messages):
-                    polled = ws.poll()
-                    if polled is None:
-                        ws.release_reading()
-                        await trio.lowlevel.wait_readable(ours.transport.socket)
-                        assert ws.hold_reading()
-                        continue
-                    got.append(polled)  # type: ignore[arg-type]
-                ws.release_reading()
+                got = await read_both_ways(ws, ours, len(messages))
             assert got == messages
             assert parts  # the small send buffer left writes part-way, and they were finished
 
@@ -208,18 +215,7 @@ async def test_records_split_across_reads_are_put_together_by_both_ways_of_readi
             ws = WebSocket(ours, client=True, max_message_bytes=1 << 20)
             for message in messages:
                 await theirs.send_all(frame(1, message.encode(), mask=False))
-            got = [await ws.get_message() for _ in range(20)]
-            assert ws.hold_reading()
-            while len(got) < len(messages):
-                polled = ws.poll()
-                if polled is None:
-                    ws.release_reading()
-                    await trio.lowlevel.wait_readable(ours.transport.socket)
-                    assert ws.hold_reading()
-                    continue
-                got.append(polled)  # type: ignore[arg-type]
-            ws.release_reading()
-            assert got == messages
+            assert await read_both_ways(ws, ours, len(messages)) == messages
 
 
 async def test_a_forged_record_loses_the_connection_and_only_it() -> None:
