@@ -16,6 +16,9 @@
   relay asks for the socket instead (:func:`take_over`): Hypercorn writes the 101,
   stops reading, and leaves the connection to the app until it returns. Routing,
   the handshake, denial responses, TLS, lifespan, workers and shutdown stay Hypercorn's.
+* **Balanced accepts.** The workers of ``relay serve --workers N`` share one listening
+  socket, and each takes its share of the connections (:mod:`relay.balance`): Hypercorn's
+  listeners are made :class:`~relay.balance.BalancedListener` (:func:`balance_accepts`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from hypercorn.protocol import ws_stream
 from hypercorn.trio import run as trio_run
 from hypercorn.trio import tcp_server
 from wsproto.events import Ping
+
+from .balance import Balance, BalancedListener
 
 #: The ASGI message an app sends instead of ``websocket.accept`` to take the socket.
 TAKE_OVER = "relay.websocket.take_over"
@@ -78,9 +83,19 @@ class _TCPServer(tcp_server.TCPServer):
     _reading: trio.CancelScope | None = None
     _released: trio.Event | None = None
 
+    _uncounted = False  # no longer among this worker's open connections (relay.balance)
+
     async def run(self) -> None:
         _connection.set(self)
-        await super().run()
+        try:
+            await super().run()
+        finally:
+            self._uncount()
+
+    def _uncount(self) -> None:
+        if _balance is not None and not self._uncounted:
+            self._uncounted = True
+            _balance.closed()
 
     async def _read_data(self) -> None:
         while True:
@@ -106,6 +121,7 @@ class _TCPServer(tcp_server.TCPServer):
             self._reading.cancel()
 
     def release(self) -> None:
+        self._uncount()  # the session is over: the connection only closes from here
         if self._released is not None:
             self._released.set()
 
@@ -137,6 +153,31 @@ async def take_over(
         return None
     await send({"type": TAKE_OVER, "subprotocol": subprotocol})
     return server.stream, server.release
+
+
+_balance: Balance | None = None
+
+
+class _TrioBalancingListeners:
+    """The ``trio`` module as Hypercorn's worker sees it once :func:`balance_accepts` ran:
+    the same, but that its socket listeners are balanced."""
+
+    def __init__(self, balance: Balance) -> None:
+        self._balance = balance
+
+    def SocketListener(self, socket: trio.socket.SocketType) -> BalancedListener:  # noqa: N802
+        return BalancedListener(socket, self._balance)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+
+def balance_accepts(balance: Balance) -> None:
+    """Have this process's Hypercorn accept its share of the connections on a listening
+    socket it shares with other workers (once per worker process, before it serves)."""
+    global _balance
+    _balance = balance
+    trio_run.trio = _TrioBalancingListeners(balance)  # type: ignore[assignment]
 
 
 def install(*, permessage_deflate: bool) -> None:

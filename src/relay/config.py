@@ -189,7 +189,8 @@ class RelayConfig:
     workers: int = _setting(
         1,
         "RELAY_WORKERS",
-        "Worker processes of `relay serve`, sharing the port (SO_REUSEPORT); one per core.",
+        "Worker processes of `relay serve`, sharing one listening socket, each taking its share of"
+        " the sessions; one per core.",
     )
     tls_cert: str = _setting(
         "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve https:// and wss://."

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableSequence
 from functools import partial
 
 import trio
@@ -25,7 +25,9 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from ._hypercorn import balance_accepts
 from .app import RelayApp, client_frame_limit, create_app
+from .balance import Balance
 from .config import RelayConfig
 
 #: Seconds Hypercorn waits for connections after the relay closed its sessions.
@@ -110,11 +112,11 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     Called by :func:`relay.workers.serve_workers`, which has set PROMETHEUS_MULTIPROC_DIR
     to ``metrics_dir`` before this module (and prometheus-client) was imported.
 
-    The parent binds one listening socket per worker, all on the same port with
-    SO_REUSEPORT, and hands one to each worker, a whole relay with its own event
-    loop. The kernel then spreads new connections over the workers by hash; with one
-    shared socket, the worker that waits longest idle would win most accepts, and a
-    fast relay could end up serving everything on one core. Workers are forked from
+    The parent binds one listening socket and hands it to every worker, a whole relay with
+    its own event loop; each accepts its share of the connections (:mod:`relay.balance`:
+    a worker holding more connections than another leaves the next one to it), so the
+    workers carry the sessions evenly, which the kernel's spread by hash (``SO_REUSEPORT``)
+    does not. A worker that dies leaves the socket to the others. Workers are forked from
     this process, which has imported the relay already, so they serve at once instead
     of each importing it again (spawned where prometheus-client was imported before the
     metrics directory was set, since it reads that once). Each worker runs in its own
@@ -132,25 +134,16 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
 
     from .metrics import multiprocess_mode
 
-    hc = hypercorn_config(config)
-    hc.workers = config.workers  # Hypercorn sets SO_REUSEPORT for more than one
+    hc = hypercorn_config(config)  # (one worker for Hypercorn: no SO_REUSEPORT)
     sockets = hc.create_sockets()
-    first = _listening(sockets)[0]
-    hc.bind = [f"{config.host}:{first.getsockname()[1]}"]  # the real port of --port 0
-    each = [sockets, *(hc.create_sockets() for _ in range(config.workers - 1))]
-    for one in each:
-        for sock in _listening(one):
-            sock.listen(hc.backlog)
+    for sock in _listening(sockets):
+        sock.listen(hc.backlog)
     forking = multiprocess_mode()
     context = multiprocessing.get_context("fork" if forking else "spawn")
+    counts = context.RawArray("q", config.workers)  # each worker's open connections
     workers = [
-        context.Process(
-            target=_worker,
-            # A forked worker inherits every socket: it closes the others' (a dead worker's
-            # socket must close with it, or the kernel would go on routing connections to it).
-            args=(config, one, os.getpid(), [o for o in each if o is not one] if forking else []),
-        )
-        for one in each
+        context.Process(target=_worker, args=(config, sockets, os.getpid(), counts, index))
+        for index in range(config.workers)
     ]
     for worker in workers:
         worker.start()
@@ -159,9 +152,8 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
         bound = repr_socket_addr(sock.family, sock.getsockname())  # the real port of --port 0
         print(f"relay: {config.workers} workers listening on {scheme}://{bound}/voice", flush=True)
     if forking:  # the workers have their copies; this process accepts nothing
-        for one in each:
-            for sock in _listening(one):
-                sock.close()
+        for sock in _listening(sockets):
+            sock.close()
 
     def forward(signum: int, _frame: object) -> None:
         for worker in workers:
@@ -170,21 +162,22 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    running = {worker.sentinel: worker for worker in workers}
+    running = {worker.sentinel: index for index, worker in enumerate(workers)}
     while running:  # one worker leaves per pass at least
         for sentinel in wait(list(running)):
-            worker = running.pop(sentinel)  # type: ignore[arg-type]
-            worker.join()
-            multiprocess.mark_process_dead(worker.pid, metrics_dir)
+            index = running.pop(sentinel)  # type: ignore[call-overload]
+            Balance.gone(counts, index)
+            workers[index].join()
+            multiprocess.mark_process_dead(workers[index].pid, metrics_dir)
     return max((worker.exitcode or 0) for worker in workers)
 
 
-def _worker(config: RelayConfig, sockets: Sockets, parent: int, others: list[Sockets]) -> None:
+def _worker(
+    config: RelayConfig, sockets: Sockets, parent: int, counts: MutableSequence[int], index: int
+) -> None:
     os.setpgid(0, 0)
     _drain_when_orphaned(parent)
-    for other in others:
-        for sock in _listening(other):
-            sock.close()
+    balance_accepts(Balance(counts, index))
     from .logs import configure_logging
 
     configure_logging(

@@ -8,6 +8,7 @@ import signal
 import ssl
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -189,6 +190,47 @@ async def test_metrics_of_two_workers_on_one_port_add_up_to_the_whole_relay(tmp_
     assert metrics_dirs(tmp_path) == []  # removed at exit
 
 
+async def test_sessions_are_spread_evenly_over_the_workers_and_fill_where_others_ended(
+    tmp_path: Path,
+) -> None:
+    """Every session lands on the worker holding fewer connections (the kernel's hash would
+    spread them at random), so one worker's ended sessions are replaced on that worker."""
+    with trio.fail_after(TIMEOUT):
+        async with two_workers(tmp_path) as relay, trio.open_nursery() as clients:
+            held: list[tuple[int, trio.Event]] = []  # each open session: its worker, its end
+
+            async def session(leave: trio.Event, task_status: trio.TaskStatus[None]) -> None:
+                async with connect(relay.url + "/voice") as ws:
+                    await events_until(ws, "session.updated")
+                    task_status.started()
+                    await leave.wait()
+
+            async def open_sessions(n: int) -> None:
+                for _ in range(n):
+                    leave = trio.Event()
+                    await clients.start(session, leave)
+                    opened = relay.log.count("session started")
+                    await relay.log.until(lambda n=opened: relay.log.count("session started") == n)
+                    pid = [e for e in relay.log.entries if e["msg"] == "session started"][-1]["pid"]
+                    held.append((pid, leave))
+
+            def per_worker() -> list[int]:
+                return sorted(Counter(pid for pid, leave in held if not leave.is_set()).values())
+
+            await open_sessions(12)
+            assert per_worker() == [6, 6]
+            first = held[0][0]
+            for pid, leave in held:
+                if pid == first:
+                    leave.set()
+            await relay.log.until(lambda: relay.log.count("session ended") == 6)
+            await open_sessions(6)
+            assert [pid for pid, _ in held[12:]] == [first] * 6
+            assert per_worker() == [6, 6]
+            for _, leave in held:
+                leave.set()
+
+
 async def test_workers_exit_when_relay_serve_is_killed(tmp_path: Path) -> None:
     """A parent killed outright (SIGKILL, OOM) cannot pass a signal on: the kernel sends each
     worker SIGTERM, so it drains (or, not yet serving, just ends) instead of serving on alone."""
@@ -203,16 +245,16 @@ async def test_workers_exit_when_relay_serve_is_killed(tmp_path: Path) -> None:
 
 
 async def test_when_a_worker_dies_the_other_takes_every_new_connection(tmp_path: Path) -> None:
-    """A dead worker's listening socket dies with it, so the kernel stops routing to it."""
+    """The survivor accepts from the shared socket alone, and leaves nothing to the dead one."""
     with trio.fail_after(TIMEOUT):
         async with two_workers(tmp_path) as relay:
             victim, survivor = sorted(relay.log.pids("Running on"))
             os.kill(victim, signal.SIGKILL)
-            # Until relay serve has reaped it: only then have all its threads exited and its
-            # socket closed (not our child, so no wait() for it here).
+            # Until relay serve has reaped it, and so marked it gone (not our child, so no
+            # wait() for it here).
             while Path(f"/proc/{victim}").exists():
                 await trio.sleep(0.01)
-            for n in range(20):  # by hash, about half would land on the dead socket
+            for n in range(20):
                 with trio.fail_after(5):
                     async with connect(relay.url + "/voice") as ws:
                         await events_until(ws, "session.updated")
