@@ -363,10 +363,17 @@ async def stream_direct(echo: procs.Server, n: int, seconds: float = 10.0) -> st
 # --- capacity ------------------------------------------------------------------------
 
 
+#: The search stops once the largest N that held and the smallest that failed are this close
+#: (a share of the former).
+PRECISION = 1 / 40
+#: A run that misses the p99 or schedule limit by this factor or more is not run again.
+FAR_OFF = 4
+
+
 class Search:
     """The largest N that holds (p99 <= 60 ms, nothing lost, the generator on schedule) for
-    one target: doubling from ``start``, then bisection to ~5 %. :meth:`next_n` says what to
-    try; :meth:`record` takes the outcome. Stepped by :func:`capacity_figures`."""
+    one target: doubling from ``start``, then bisection to :data:`PRECISION`. :meth:`next_n`
+    says what to try; :meth:`record` takes the outcome. Stepped by :func:`capacity_figures`."""
 
     def __init__(self, target: Target, *, start: int = 16, cap: int = 4096) -> None:
         self.target = target
@@ -380,7 +387,7 @@ class Search:
         """The N to try next, or None when the search is done."""
         if not self.bad:
             return self._n if self._n <= self._cap else None
-        if self.bad - self.good > max(1, self.good // 20):
+        if self.bad - self.good > max(1, int(self.good * PRECISION)):
             return (self.good + self.bad) // 2
         return None
 
@@ -396,14 +403,17 @@ class Search:
 async def attempt(
     target: Target, echo: procs.Server, n: int, seconds: float
 ) -> StreamResult | None:
-    """One run at ``n``; a failure is run again once (a neighbour's burst can fail a run).
-    Returns the passing run, or None."""
+    """One run at ``n``; a failure is run again once (a neighbour's burst can fail a run),
+    unless it missed by :data:`FAR_OFF` times a limit or more (such a run has not been seen to
+    pass the second time, and the time is the bisection's). Returns the passing run, or None."""
     for _ in range(2):
         result = await stream_run(target, n, seconds, echo_pid=echo.pid)
         progress(f"capacity {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
         await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
         if result.ok:
             return result
+        if max(result.p99_us / 1000, result.max_lag_ms) >= FAR_OFF * P99_LIMIT_MS:
+            return None
     return None
 
 
