@@ -17,7 +17,10 @@ workers that hold equally many race for it, as the kernel's wake-up decides.
 
 from __future__ import annotations
 
+import errno
+import os
 import select
+import socket as stdlib_socket
 from collections.abc import MutableSequence
 
 import trio
@@ -58,24 +61,33 @@ class Balance:
 
 
 class BalancedListener(trio.abc.Listener[trio.SocketStream]):
-    """A :class:`trio.SocketListener` on a socket other workers accept from too, taking its
+    """Accepts from a listening socket other workers accept from too, taking this worker's
     share of the connections (see the module docstring). Each connection it returns counts
     as open until :meth:`Balance.closed` is called for it."""
 
     def __init__(self, socket: trio.socket.SocketType, balance: Balance) -> None:
-        self._listener = trio.SocketListener(socket)
         self.socket = socket
         self.balance = balance
+        # The same socket, for accepting without waiting: a connection another worker took
+        # between the look and the accept must not leave this one waiting in accept() for the
+        # next, which it would then take whatever the counts say by then.
+        self._now = stdlib_socket.socket(fileno=os.dup(socket.fileno()))
 
     async def accept(self) -> trio.SocketStream:
         while True:
             await trio.lowlevel.wait_readable(self.socket)
             if not await self._left_to_us():
                 continue  # another worker took it
-            # (May wait on: another worker can take the connection between the look and here.)
-            stream = await self._listener.accept()
+            try:
+                sock, _ = self._now.accept()
+            except OSError as exc:
+                if exc.errno in _CLOSED:
+                    raise trio.ClosedResourceError from None
+                if exc.errno not in _NOT_NOW:
+                    raise
+                continue  # taken meanwhile, or given up by the client: look again
             self.balance.opened()
-            return stream
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
     async def _left_to_us(self) -> bool:
         """Whether to take the waiting connection: at once unless another worker holds fewer;
@@ -91,7 +103,15 @@ class BalancedListener(trio.abc.Listener[trio.SocketStream]):
         return True
 
     async def aclose(self) -> None:
-        await self._listener.aclose()
+        self._now.close()
+        self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+
+#: accept() errors that mean the listening socket is closed (as trio.SocketListener has them).
+_CLOSED = {errno.EBADF, errno.ENOTSOCK}
+#: accept() errors that only mean there is no connection to take now.
+_NOT_NOW = {errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
 
 
 def _readable(sock: trio.socket.SocketType) -> bool:

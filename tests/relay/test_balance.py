@@ -130,3 +130,19 @@ async def test_a_connection_the_other_worker_does_not_take_is_taken_after_a_wait
     [(worker, when)] = workers.accepted
     assert worker == 0 and counts[0] == 4
     assert when - start == (pytest.approx(DEFER, abs=0.002) if other == "busy" else 0)
+
+
+async def test_a_worker_that_lost_a_race_for_a_connection_looks_again_at_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Holding equally many, both workers go for a connection and one gets it. The other must
+    not then wait in accept() and take the next one whatever the counts say by then."""
+    counts = [0, 0]
+    async with workers_on_one_socket(counts) as workers:
+        for _ in range(6):
+            counts[:] = [0, 0]
+            await workers.connect()  # a tie: both go for it
+            taker = workers.takers[-1]
+            counts[1 - taker] = 5  # the one that lost now holds more
+            await workers.connect()
+            assert workers.takers[-1] == taker, workers.accepted
