@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import random
 import ssl
@@ -439,13 +440,16 @@ async def capacity_figures(
         if not stepped:
             break
     r, d = searches
-    ratio = 100 * r.good / d.good if d.good else 0.0
+    # Cut, not rounded, so that no figure reads as a target it missed (44.96 % shows 44.9 %;
+    # figures with an upper target are rounded up for the same reason).
+    ratio = math.floor(1000 * r.good / d.good) / 10 if d.good else 0.0
+    times = math.floor(100 * d.good / r.good) / 100 if r.good else 0.0
     gen = f"{d.best.cpu.get('gen', 0):.0f}%" if d.best else "?"
     line = (
         f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 "
         f"relay N={r.good}{failed(r.bad)} "
-        f"direct N={d.good}{failed(d.bad)} relay/direct={ratio:.0f}% (target >=45%) "
-        f"direct/relay={d.good / r.good if r.good else 0:.1f}x gen_cpu_at_direct_max={gen} "
+        f"direct N={d.good}{failed(d.bad)} relay/direct={ratio:.1f}% (target >=45%) "
+        f"direct/relay={times:.2f}x (>=2x) gen_cpu_at_direct_max={gen} "
         f"relay_cpu_at_max={r.best.cpu.get('relay', 0) if r.best else 0:.0f}% "
         f"searched in {time.monotonic() - t0:.0f}s"
     )
@@ -498,7 +502,8 @@ async def idle(relay: procs.Server, echo: procs.Server, n: int = 1000) -> str:
         f"idle: cores={cores()} N={n} open={len(clients)} failed={len(failures)} "
         f"retried_after_503={len(retried)} "
         f"still_open_after_1s={still} "
-        f"relay rss {before // 1024}MB -> {after // 1024}MB = {per:.1f} kB/session (target <=40) "
+        f"relay rss {before // 1024}MB -> {after // 1024}MB = "
+        f"{math.ceil(10 * per) / 10:.1f} kB/session (target <=40) "
         f"fds/session={fds / max(1, len(clients)):.1f} "
         f"opened in {opened:.1f}s ({len(clients) / opened:.0f}/s)"
     )
@@ -533,7 +538,8 @@ async def coldstart(echo: procs.Server, runs: int = 5) -> str:
         )
     return (
         f"coldstart: cores={cores()} runs={runs} start->first relayed round trip "
-        f"median={statistics.median(totals):.0f}ms min={min(totals):.0f} max={max(totals):.0f} "
+        f"median={math.ceil(statistics.median(totals))}ms min={min(totals):.0f} "
+        f"max={max(totals):.0f} "
         f"(start->listening median={statistics.median(listens):.0f}ms) "
         f"(target <=700ms)"
     )
