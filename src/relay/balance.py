@@ -71,7 +71,7 @@ class BalancedListener(trio.abc.Listener[trio.SocketStream]):
         # The same socket, for accepting without waiting: a connection another worker took
         # between the look and the accept must not leave this one waiting in accept() for the
         # next, which it would then take whatever the counts say by then.
-        self._now = stdlib_socket.socket(fileno=os.dup(socket.fileno()))
+        self._nonblocking = stdlib_socket.socket(fileno=os.dup(socket.fileno()))
 
     async def accept(self) -> trio.SocketStream:
         while True:
@@ -79,7 +79,7 @@ class BalancedListener(trio.abc.Listener[trio.SocketStream]):
             if not await self._left_to_us():
                 continue  # another worker took it
             try:
-                sock, _ = self._now.accept()
+                sock, _ = self._nonblocking.accept()
             except OSError as exc:
                 if exc.errno in _CLOSED:
                     raise trio.ClosedResourceError from None
@@ -103,7 +103,7 @@ class BalancedListener(trio.abc.Listener[trio.SocketStream]):
         return True
 
     async def aclose(self) -> None:
-        self._now.close()
+        self._nonblocking.close()
         self.socket.close()
         await trio.lowlevel.checkpoint()
 
