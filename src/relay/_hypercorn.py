@@ -155,18 +155,17 @@ async def take_over(
     return server.stream, server.release
 
 
+#: This worker's share of the connections, once :func:`balance_accepts` ran (else None).
 _balance: Balance | None = None
 
 
 class _TrioBalancingListeners:
     """The ``trio`` module as Hypercorn's worker sees it once :func:`balance_accepts` ran:
-    the same, but that its socket listeners are balanced."""
-
-    def __init__(self, balance: Balance) -> None:
-        self._balance = balance
+    the same, but that its socket listeners take this worker's share (:data:`_balance`)."""
 
     def SocketListener(self, socket: trio.socket.SocketType) -> BalancedListener:  # noqa: N802
-        return BalancedListener(socket, self._balance)
+        assert _balance is not None
+        return BalancedListener(socket, _balance)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
@@ -177,7 +176,7 @@ def balance_accepts(balance: Balance) -> None:
     socket it shares with other workers (once per worker process, before it serves)."""
     global _balance
     _balance = balance
-    trio_run.trio = _TrioBalancingListeners(balance)  # type: ignore[assignment]
+    trio_run.trio = _TrioBalancingListeners()  # type: ignore[assignment]
 
 
 def install(*, permessage_deflate: bool) -> None:
