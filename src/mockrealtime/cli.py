@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     echo = commands.add_parser(
         "echo",
         help="serve a cheap echo upstream for benchmarks (handshake, session.created, "
-        "session.updated, then every client message sent back unchanged)",
+        "session.updated, audio appends played back as output audio deltas, every other "
+        "client message sent back unchanged)",
     )
     echo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     echo.add_argument(

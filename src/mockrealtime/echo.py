@@ -2,9 +2,15 @@
 
 ``mockrealtime echo`` accepts the WebSocket upgrade on ``/v1/realtime`` like the full
 mock (any non-empty key, the same refusals via :func:`~mockrealtime.handshake.negotiate`),
-sends ``session.created``, answers each ``session.update`` with ``session.updated`` and
-sends every other client message back unchanged (same bytes, same frame type),
-immediately and in order. Nothing else: no replies, no audio, no pings.
+sends ``session.created``, answers each ``session.update`` with ``session.updated``, plays
+each ``input_audio_buffer.append`` back as the model's audio (a
+``response.output_audio.delta`` carrying the same audio and ``event_id``, :func:`as_output_audio`)
+and sends every other client message back unchanged (same bytes, same frame type),
+immediately and in order. Nothing else: no replies of its own, no pings.
+
+Playing audio back as output deltas puts the events a relay forwards most in production
+(``response.output_audio.delta`` makes up nearly all of a live session's downstream) on the
+benchmarked path, rather than client events no real upstream sends.
 
 To leave as much CPU as possible to the system under test, it does not use Trio or a
 WebSocket library: it is an ``asyncio.Protocol`` with a minimal RFC 6455 framer (no
@@ -48,6 +54,24 @@ SNIFF_WHOLE_BELOW: Final = 16 * 1024
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 _SESSION_UPDATE: Final = b'"session.update"'
+_APPEND: Final = b'{"type":"input_audio_buffer.append",'
+_OUTPUT_AUDIO: Final = b'{"type":"response.output_audio.delta",'
+_AUDIO_KEY: Final = b'"audio":'
+_DELTA_KEY: Final = b'"delta":'
+
+
+def as_output_audio(payload: bytes) -> bytes | None:
+    """The ``response.output_audio.delta`` that plays an ``input_audio_buffer.append`` back (its
+    ``audio`` becomes the ``delta``, every other byte stays), or None if ``payload`` is not an
+    append written type first, as the SDKs write it (those are echoed unchanged)."""
+    if not payload.startswith(_APPEND):
+        return None
+    rest = memoryview(payload)[len(_APPEND) :]
+    at = payload.find(_AUDIO_KEY, len(_APPEND), SNIFF_BYTES)
+    if at < 0:
+        return _OUTPUT_AUDIO + rest
+    at -= len(_APPEND)
+    return b"".join((_OUTPUT_AUDIO, rest[:at], _DELTA_KEY, rest[at + len(_AUDIO_KEY) :]))
 
 
 def apply_mask(data: bytes, mask: bytes) -> bytes:
@@ -305,6 +329,10 @@ class EchoProtocol(asyncio.Protocol):
     def _message(self, opcode: int, payload: bytes) -> None:
         self.server.messages += 1
         if opcode == OP_TEXT:
+            played = as_output_audio(payload)
+            if played is not None:
+                self._send(OP_TEXT, played)
+                return
             sniff = payload if len(payload) < SNIFF_WHOLE_BELOW else payload[:SNIFF_BYTES]
             if _SESSION_UPDATE in sniff and self._session_update(payload):
                 return

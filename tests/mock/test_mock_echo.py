@@ -90,7 +90,7 @@ async def test_handshake_session_events_and_echo_in_order() -> None:
             assert updated["type"] == "session.updated"
             assert updated["session"]["instructions"] == "hi"
             assert updated["event_id"] != created["event_id"]
-            sent = [
+            sent = [  # event_id first: not an append as the SDKs write one, so echoed as it is
                 json.dumps(
                     {
                         "event_id": f"e{i}",
@@ -115,6 +115,23 @@ async def test_handshake_session_events_and_echo_in_order() -> None:
             await ws.send_message(b"\x00\x01binary")
             assert await ws.get_message() == b"\x00\x01binary"
         assert server.messages == len(sent) + 2
+
+
+async def test_appends_come_back_as_output_audio_with_the_same_audio_and_event_id() -> None:
+    appends = [
+        '{"type":"input_audio_buffer.append","event_id":"b7.1","audio":"UklGRg=="}',
+        '{"type":"input_audio_buffer.append","audio":"' + "QUJD" * 2000 + '"}',
+        '{"type":"input_audio_buffer.append","event_id":"no audio"}',
+    ]
+    with echo_server() as (_server, port), trio.fail_after(10):
+        async with session(port) as ws:
+            json.loads(await ws.get_message())  # session.created
+            for append in appends:
+                await ws.send_message(append)
+            played = [await ws.get_message() for _ in appends]
+    assert played[0] == '{"type":"response.output_audio.delta","event_id":"b7.1","delta":"UklGRg=="}'
+    assert json.loads(played[1]) == {"type": "response.output_audio.delta", "delta": "QUJD" * 2000}
+    assert played[2] == '{"type":"response.output_audio.delta","event_id":"no audio"}'
 
 
 async def test_a_missing_key_gets_the_mock_error_and_close_3000() -> None:
@@ -218,4 +235,4 @@ async def test_with_a_certificate_it_serves_wss() -> None:
         async with connect(url, extra_headers=headers, ssl_context=client_context) as ws:
             assert json.loads(await ws.get_message())["type"] == "session.created"
             await ws.send_message('{"type":"input_audio_buffer.append","audio":"AAAA"}')
-            assert await ws.get_message() == '{"type":"input_audio_buffer.append","audio":"AAAA"}'
+            assert await ws.get_message() == '{"type":"response.output_audio.delta","delta":"AAAA"}'
