@@ -129,7 +129,8 @@ async def test_appends_come_back_as_output_audio_with_the_same_audio_and_event_i
             for append in appends:
                 await ws.send_message(append)
             played = [await ws.get_message() for _ in appends]
-    assert played[0] == '{"type":"response.output_audio.delta","event_id":"b7.1","delta":"UklGRg=="}'
+    delta = '{"type":"response.output_audio.delta","event_id":"b7.1","delta":"UklGRg=="}'
+    assert played[0] == delta
     assert json.loads(played[1]) == {"type": "response.output_audio.delta", "delta": "QUJD" * 2000}
     assert played[2] == '{"type":"response.output_audio.delta","event_id":"no audio"}'
 
