@@ -104,7 +104,7 @@ class BridgeError(Exception):
     """The shell asked for a transition the bridge cannot make (a bug in the shell)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Limits:
     queue_messages: int
     queue_bytes: int
@@ -117,6 +117,25 @@ class Bridge:
     ``secret`` is the upstream credential: any upstream message or close reason that
     contains it is redacted before it reaches the client.
     """
+
+    # Slots: the bridge is read for every message of every session, most of them cold in cache.
+    __slots__ = (
+        "phase",
+        "ending",
+        "_session_update",
+        "_limits",
+        "_secret",
+        "_secret_in",
+        "_binary_as_audio",
+        "_policy",
+        "traffic",
+        "responses_done",
+        "responses_seen",
+        "_queue",
+        "_queued_bytes",
+        "queued_at_open",
+        "_auth_refusal_reported",
+    )
 
     def __init__(
         self,

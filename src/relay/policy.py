@@ -62,7 +62,7 @@ TABLE_KEYS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # (slots: read for every message, often cold in cache)
 class Policy:
     locked: frozenset[str] = frozenset({"instructions", "tools", "model"})
     voices: frozenset[str] = frozenset()  # empty: any voice

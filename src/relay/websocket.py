@@ -103,7 +103,7 @@ class WebSocket:
         "_maybe_more",
         "_hangup",
         "_pending",
-        "_now",
+        "_clock",
         "last_heard",
         "subprotocol",
         "send_timeout",
@@ -141,9 +141,9 @@ class WebSocket:
         self._maybe_more = True  # the socket may have unread bytes (poll() reads only then)
         self._hangup = True  # the peer's end may be queued too: read on to EAGAIN or EOF
         self._pending: tuple[bytes, int] | None = None  # send_now()'s unwritten rest
-        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time, two calls less
+        self._clock = trio.lowlevel.current_clock()  # shared, see relay.pair.Pair._clock
         #: Trio time the peer last sent anything.
-        self.last_heard = self._now()
+        self.last_heard = self._clock.current_time()
         self.subprotocol = subprotocol
         #: Seconds one write may take (0: no limit); past it, trio.TooSlowError.
         self.send_timeout = 0.0
@@ -260,7 +260,7 @@ class WebSocket:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
             except _GONE:
                 return b""
-            self.last_heard = self._now()
+            self.last_heard = self._clock.current_time()
             return data  # type: ignore[return-value]
         self._streak += 1
         if self._streak >= CHECKPOINT_EVERY:
@@ -274,7 +274,7 @@ class WebSocket:
             except OSError:
                 return b""
             else:
-                self.last_heard = self._now()
+                self.last_heard = self._clock.current_time()
                 if self._tls is None or not data:
                     return data
                 try:
@@ -408,7 +408,7 @@ class WebSocket:
             # A short read emptied the socket of data, so whatever comes next raises a new edge;
             # but an end that came with the data raised its edge already: read on to see it.
             self._maybe_more = len(data) == RECEIVE_BYTES or self._hangup
-            self.last_heard = self._now()
+            self.last_heard = self._clock.current_time()
             if self._tls is not None:
                 try:
                     data = self._tls.decrypt(data)

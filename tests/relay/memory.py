@@ -314,9 +314,8 @@ async def run_pair(
     """
     client_record, upstream_record = ClientRecord(), UpstreamRecord()
     log: list[str] = []
-    bridge = Bridge(session_update=SESSION_UPDATE, limits=limits(), secret=SECRET)
-    for name in ("upstream_opened", "client_closed"):
-        _log_calls(bridge, name, log)
+    bridge = _LoggedBridge(session_update=SESSION_UPDATE, limits=limits(), secret=SECRET)
+    bridge.log = log
     async with trio.open_nursery() as world:
         client = MemoryClient(client_script, client_record)
         upstream = MemoryUpstream(upstream_script, upstream_record, world)
@@ -344,11 +343,15 @@ async def run_pair(
     return Outcome(ending, client_record, upstream_record, log, ended_at, bridge)
 
 
-def _log_calls(bridge: Bridge, name: str, log: list[str]) -> None:
-    method = getattr(bridge, name)
+class _LoggedBridge(Bridge):
+    """A bridge that notes when the pair told it the upstream opened or the client closed."""
 
-    def logged(*args: object, **kwargs: object) -> object:
-        log.append(name)
-        return method(*args, **kwargs)
+    __slots__ = ("log",)
 
-    setattr(bridge, name, logged)
+    def upstream_opened(self) -> None:
+        self.log.append("upstream_opened")
+        super().upstream_opened()
+
+    def client_closed(self) -> Ending | None:
+        self.log.append("client_closed")
+        return super().client_closed()
