@@ -29,7 +29,7 @@ from enum import Enum, auto
 
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
 from .events import error_event, event_type, finder, parse_event
-from .policy import Policy
+from .policy import APPEND, DELTA, Policy
 
 Message = str | bytes
 
@@ -128,6 +128,9 @@ class Bridge:
         "_secret_in",
         "_binary_as_audio",
         "_policy",
+        "_appends_pass",
+        "_deltas_pass",
+        "_max_message_bytes",
         "traffic",
         "responses_done",
         "responses_seen",
@@ -154,6 +157,11 @@ class Bridge:
         self._secret_in = finder(secret) if secret else None
         self._binary_as_audio = binary_as_audio
         self._policy = policy
+        # Audio, nearly every message of a session, takes a short path (the policy's answer
+        # for it asked once); the answers are the same as the general path's.
+        self._appends_pass = policy is None or policy.appends_pass
+        self._deltas_pass = policy is None or policy.deltas_pass
+        self._max_message_bytes = limits.max_message_bytes
         self.traffic = Traffic()
         #: ``response.done`` events seen since the shell last took them (for usage and budgets).
         self.responses_done: list[dict[str, object]] = []
@@ -173,13 +181,22 @@ class Bridge:
         Returns what to send upstream now, a :class:`Reply` for the client, an
         :class:`Ending`, or None when the message was queued (or the pair is over).
         """
+        size = len(data)
         traffic = self.traffic
         traffic.client_messages += 1
-        traffic.client_bytes += len(data)
-        if len(data) > self._limits.max_message_bytes:
+        traffic.client_bytes += size
+        if (
+            self.phase is Phase.OPEN
+            and self._appends_pass
+            and data.__class__ is str
+            and size <= self._max_message_bytes
+            and data.startswith(APPEND)  # type: ignore[arg-type]
+        ):
+            return data  # audio: goes upstream as it is
+        if size > self._max_message_bytes:
             if self.phase is Phase.CLOSED:
                 return None
-            return self._end_too_big(len(data))
+            return self._end_too_big(size)
         if data.__class__ is bytes:
             if not self._binary_as_audio:
                 return Reply(
@@ -277,6 +294,10 @@ class Bridge:
         traffic.upstream_messages += 1
         traffic.upstream_bytes += len(data)
         if data.__class__ is str:
+            if data.startswith(DELTA) and (  # type: ignore[arg-type]
+                self._secret_in is None or not self._secret_in(data)  # type: ignore[arg-type]
+            ):
+                return data if self._deltas_pass else None  # audio: no error, nothing to redact
             kind = _notable(data)  # type: ignore[arg-type]
             if kind == "response.done":
                 done = parse_event(data)

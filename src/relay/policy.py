@@ -30,9 +30,10 @@ from typing import Any
 from .events import dumps, error_event, event_type, finder, parse_event
 
 _APPEND_TYPE = "input_audio_buffer.append"
-_APPEND = '{"type":"input_audio_buffer.append"'
+#: How an audio append and an audio delta start, as the SDKs and the API write them.
+APPEND = '{"type":"input_audio_buffer.append"'
 _DELTA_TYPE = "response.output_audio.delta"
-_DELTA = '{"type":"response.output_audio.delta"'
+DELTA = '{"type":"response.output_audio.delta"'
 
 #: Where each lockable field lives in a GA session object and in a response.create override.
 FIELD_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -78,12 +79,12 @@ class Policy:
     #: The model this session runs (see :meth:`for_session`); None outside a session.
     session_model: str | None = None
     #: Whether audio appends and audio deltas pass (worked out once: they are the bulk).
-    _appends_pass: bool = field(init=False, repr=False, compare=False)
-    _deltas_pass: bool = field(init=False, repr=False, compare=False)
+    appends_pass: bool = field(init=False, repr=False, compare=False)
+    deltas_pass: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_appends_pass", self.client_may_send(_APPEND_TYPE))
-        object.__setattr__(self, "_deltas_pass", self.client_may_see(_DELTA_TYPE))
+        object.__setattr__(self, "appends_pass", self.client_may_send(_APPEND_TYPE))
+        object.__setattr__(self, "deltas_pass", self.client_may_see(_DELTA_TYPE))
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> Policy:
@@ -136,7 +137,7 @@ class Policy:
 
     def screen_client(self, text: str) -> tuple[str | None, str | None]:
         """``(text to send upstream or None, error event for the client or None)``."""
-        if self._appends_pass and text.startswith(_APPEND):
+        if self.appends_pass and text.startswith(APPEND):
             return text, None
         kind = event_type(text)
         if not self.client_may_send(kind):
@@ -213,8 +214,8 @@ class Policy:
             and not self.redacted
         ):
             return text
-        if text.startswith(_DELTA):
-            return text if self._deltas_pass else None
+        if text.startswith(DELTA):
+            return text if self.deltas_pass else None
         if (
             not self.upstream_events_denied
             and not self.upstream_events_allowed

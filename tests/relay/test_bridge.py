@@ -9,6 +9,7 @@ import pytest
 
 from relay.bridge import Bridge, BridgeError, Cause, Ending, Limits, Phase, Reply
 from relay.closecodes import clip_reason, sendable
+from relay.policy import Policy
 
 SECRET = "sk-secret-key-abcdefghijklmnop"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime"}}'
@@ -294,3 +295,44 @@ def test_traffic_and_finished_responses_are_counted_for_usage() -> None:
     assert (t.client_messages, t.client_bytes) == (2, len('{"type":"a"}') + 2)
     assert t.upstream_messages == 3
     assert [d["response"]["usage"] for d in bridge.responses_done] == [{"total_tokens": 7}, None]
+
+
+APPEND = '{"type":"input_audio_buffer.append","audio":"AAAA"}'
+DELTA = '{"type":"response.output_audio.delta","delta":"AAAA"}'
+
+
+def open_bridge(policy: Policy | None = None, **limits: int) -> Bridge:
+    values = {"queue_messages": 8, "queue_bytes": 1000, "max_message_bytes": 500}
+    values.update(limits)
+    bridge = Bridge(
+        session_update=SESSION_UPDATE, limits=Limits(**values), secret=SECRET, policy=policy
+    )
+    bridge.upstream_opened()
+    flush_all(bridge)
+    return bridge
+
+
+def test_audio_takes_the_short_path_only_where_the_general_one_would_pass_it_unchanged() -> None:
+    bridge = open_bridge(Policy())
+    assert bridge.client_message(APPEND) is APPEND
+    assert bridge.upstream_message(DELTA) is DELTA
+    assert (bridge.traffic.client_messages, bridge.traffic.upstream_messages) == (1, 1)
+    # Still every other rule: the size limit, the policy's lists, the key's redaction.
+    too_big = open_bridge(Policy(), max_message_bytes=len(APPEND) - 1).client_message(APPEND)
+    assert isinstance(too_big, Ending) and too_big.cause is Cause.MESSAGE_TOO_BIG
+    strict = open_bridge(
+        Policy(
+            client_events_denied=frozenset({"input_audio_buffer.append"}),
+            upstream_events_denied=frozenset({"response.output_audio.delta"}),
+        )
+    )
+    refused = strict.client_message(APPEND)
+    assert isinstance(refused, Reply) and error_code(refused.text) == "relay_event_not_allowed"
+    assert strict.upstream_message(DELTA) is None
+    leaking = DELTA.replace('"delta":', f'"note":"{SECRET}","delta":')
+    assert SECRET not in bridge.upstream_message(leaking)  # type: ignore[operator]
+    # And only once the upstream is open: before, audio waits its turn in the queue.
+    waiting = Bridge(session_update=SESSION_UPDATE, limits=Limits(8, 1000, 500), secret=SECRET)
+    assert waiting.client_message(APPEND) is None
+    waiting.upstream_opened()
+    assert flush_all(waiting) == [SESSION_UPDATE, APPEND]
