@@ -312,6 +312,7 @@ class _Driver:
         ready = self._ready
         trio_fd = self._trio_fd
         runnable = self._runner.runq
+        clock = self._runner.clock
         deadline = time.perf_counter() + timeout
         while True:
             wait = 0.0  # legs left over from the last round: serve them before waiting
@@ -323,12 +324,13 @@ class _Driver:
             else:
                 events = epoll.poll(0, MAX_EVENTS)
             trio_ready = False
+            now = clock.current_time() if events else 0.0
             for fd, flags in events:
                 leg = legs.get(fd)
                 if leg is None:
                     trio_ready = trio_ready or fd == trio_fd
                     continue
-                leg.src.readable(bool(flags & _HANGUP))
+                leg.src.readable(bool(flags & _HANGUP), now)
                 if leg.task is not None and not leg.queued:
                     leg.queued = True
                     ready.append(leg)

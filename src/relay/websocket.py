@@ -102,6 +102,7 @@ class WebSocket:
         "_held",
         "_maybe_more",
         "_hangup",
+        "_woken_at",
         "_pending",
         "_clock",
         "last_heard",
@@ -140,6 +141,7 @@ class WebSocket:
         self._held: frames.Event | ProtocolError | _Marker | None = None  # poll() stopped at it
         self._maybe_more = True  # the socket may have unread bytes (poll() reads only then)
         self._hangup = True  # the peer's end may be queued too: read on to EAGAIN or EOF
+        self._woken_at = 0.0  # Trio time poll() was last given the turn or an edge (see readable)
         self._pending: tuple[bytes, int] | None = None  # send_now()'s unwritten rest
         self._clock = trio.lowlevel.current_clock()  # shared, see relay.pair.Pair._clock
         #: Trio time the peer last sent anything.
@@ -355,6 +357,7 @@ class WebSocket:
             return False
         self._reading = True
         self._maybe_more = self._hangup = True  # whatever came meanwhile, its edge is gone
+        self._woken_at = self._clock.current_time()
         return True
 
     def release_reading(self) -> None:
@@ -363,10 +366,12 @@ class WebSocket:
         if self._reader_left:
             self._reader_left.unpark_all()
 
-    def readable(self, hangup: bool) -> None:
-        """The socket has new bytes (an edge seen by the pump's epoll); ``hangup``: and the
-        peer's end (or an error) is among them."""
+    def readable(self, hangup: bool, now: float) -> None:
+        """The socket has new bytes (an edge the pump's epoll saw at Trio time ``now``: what
+        :attr:`last_heard` becomes when :meth:`poll` reads them, a clock read per round of the
+        pump rather than per read); ``hangup``: and the peer's end (or an error) is among them."""
         self._maybe_more = True
+        self._woken_at = now
         if hangup:
             self._hangup = True
 
@@ -408,7 +413,7 @@ class WebSocket:
             # A short read emptied the socket of data, so whatever comes next raises a new edge;
             # but an end that came with the data raised its edge already: read on to see it.
             self._maybe_more = len(data) == RECEIVE_BYTES or self._hangup
-            self.last_heard = self._clock.current_time()
+            self.last_heard = self._woken_at
             if self._tls is not None:
                 try:
                     data = self._tls.decrypt(data)

@@ -194,6 +194,27 @@ async def test_bursts_over_the_budget_arrive_whole_and_in_order_both_ways() -> N
         assert s.pump.watching == 0  # the pair forgot its legs as it ended
 
 
+async def test_a_pumped_read_moves_last_heard_to_when_its_bytes_were_seen() -> None:
+    """The pump stamps a socket's last_heard (what reaps silent peers) from the round in
+    which its epoll saw the bytes, not from when the leg was lent."""
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump) as s:
+            client_ws = s.pair.client.websocket  # type: ignore[attr-defined]
+            upstream_ws = s.pair._upstream
+            assert upstream_ws is not None
+            sent_at = trio.current_time()
+            assert client_ws.last_heard < sent_at and upstream_ws.last_heard < sent_at
+            await s.client.send('{"type":"input_audio_buffer.append","audio":"AAAA"}')
+            await s.upstream.next()
+            assert sent_at <= client_ws.last_heard <= trio.current_time()
+            assert upstream_ws.last_heard < sent_at  # nothing came from it
+            sent_at = trio.current_time()
+            await s.upstream.send('{"type":"response.output_audio.delta","delta":"AAAA"}')
+            await s.client.next()
+            assert sent_at <= upstream_ws.last_heard <= trio.current_time()
+            assert s.pump.watching == 2  # both reads were the pump's
+
+
 async def test_upstream_text_goes_on_in_the_frame_it_came_in_only_when_that_is_canonical() -> None:
     """Text the bridge passes on unchanged is written to the client as the very frame the
     upstream sent, when that frame is what the relay would have built; otherwise (a length
