@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 OP_CONTINUATION = 0x0
@@ -99,11 +100,12 @@ class FrameReader:
         own ``bytes`` become the buffer: no copy; a bytearray is built only to join a frame
         that arrives in parts."""
         buf = self.buf
+        if not buf:  # (when all is consumed, next() leaves b"" and position 0)
+            self.buf = data if data.__class__ is bytes else bytes(data)
+            return
         pos = self._pos
         self._pos = 0
-        if pos == len(buf):
-            self.buf = data if data.__class__ is bytes else bytes(data)
-        elif buf.__class__ is bytes:
+        if buf.__class__ is bytes:
             self.buf = bytearray(memoryview(buf)[pos:]) + data
         else:
             if pos:
@@ -121,6 +123,7 @@ class FrameReader:
         Raises :class:`ProtocolError` for anything RFC 6455 says fails the connection.
         """
         self.frame = None
+        masked = self._masked
         while True:
             buf = self.buf
             pos = self._pos
@@ -128,25 +131,23 @@ class FrameReader:
             if size - pos < 2:
                 return None
             b0 = buf[pos]
-            b1 = buf[pos + 1]
+            n = buf[pos + 1] ^ masked  # (the mask bit reads 0 when it is as it must be)
             if b0 & 0x70:
                 raise ProtocolError(1002, "reserved bits set, but no extension was negotiated")
-            masked = self._masked
-            if b1 & 0x80 != masked:
+            if n & 0x80:
                 raise ProtocolError(1002, "frame masking is wrong for this side of the connection")
-            n = b1 & 0x7F
-            if n < 126:
-                start = pos + 2
-            elif n == 126:
-                if size - pos < 4:
-                    return None
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                start = pos + 4
-            else:
-                if size - pos < 10:
-                    return None
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                start = pos + 10
+            start = pos + 2
+            if n > 125:
+                if n == 126:
+                    if size < start + 2:
+                        return None
+                    n = (buf[start] << 8) | buf[start + 1]
+                    start += 2
+                else:
+                    if size < start + 8:
+                        return None
+                    n = int.from_bytes(buf[start : start + 8], "big")
+                    start += 8
             op = b0 & 0x0F
             if op >= 0x8:
                 if n > 125 or not b0 & 0x80:
@@ -178,7 +179,12 @@ class FrameReader:
                 if self._parts:
                     raise ProtocolError(1002, "a new message started inside a fragmented one")
                 if b0 & 0x80:
-                    return _decode(payload) if op == OP_TEXT else payload
+                    if op == OP_BINARY:
+                        return payload
+                    try:
+                        return str(payload, "utf-8")
+                    except UnicodeDecodeError:
+                        raise ProtocolError(1007, _NOT_UTF8) from None
                 self._parts.append(payload)
                 self._part_op = op
                 self._part_len = n
@@ -202,11 +208,14 @@ class FrameReader:
                 raise ProtocolError(1002, f"unknown opcode {op}")
 
 
+_NOT_UTF8 = "a text message that is not valid UTF-8"
+
+
 def _decode(payload: bytes | memoryview) -> str:
     try:
         return str(payload, "utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError(1007, "a text message that is not valid UTF-8") from None
+        raise ProtocolError(1007, _NOT_UTF8) from None
 
 
 def _close(payload: bytes) -> Close:
@@ -227,19 +236,18 @@ def _close(payload: bytes) -> Close:
 class MaskKeys:
     """Unpredictable 4-byte masking keys, drawn from the OS 1,024 at a time."""
 
-    __slots__ = ("_pool", "_at")
+    __slots__ = ("_keys",)
 
     def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
+        self._keys: Iterator[bytes] = iter(())
 
     def next(self) -> bytes:
-        at = self._at
-        if at >= len(self._pool):
-            self._pool = os.urandom(4096)
-            at = 0
-        self._at = at + 4
-        return self._pool[at : at + 4]
+        key = next(self._keys, None)
+        if key is None:
+            pool = os.urandom(4096)
+            self._keys = iter([pool[at : at + 4] for at in range(0, 4096, 4)])
+            key = next(self._keys)
+        return key
 
 
 _keys = MaskKeys()
