@@ -124,6 +124,33 @@ class FrameReader:
         """
         self.frame = None
         masked = self._masked
+        buf = self.buf
+        size = len(buf)
+        # The usual read first: one whole text frame and nothing else (no message in parts, no
+        # bytes before or after it), its length written in the fewest bytes. The loop below
+        # returns the same for it; this is that case in fewer steps.
+        if size > 5 and buf[0] == 0x81 and buf.__class__ is bytes and not self._pos:
+            n = buf[1] ^ masked
+            if n < 126:
+                start = 2
+            elif n == 126:
+                n = (buf[2] << 8) | buf[3]
+                start = 4 if n > 125 else size  # (not in the fewest bytes: the loop's case)
+            else:
+                start = size  # a 64-bit length, or masking wrong for this side: the loop's case
+            if masked:
+                start += 4
+            if start + n == size and n <= self._max and not self._parts:
+                self.buf = b""
+                if masked:
+                    payload = apply_mask(memoryview(buf)[start:], buf[start - 4 : start])
+                else:
+                    payload = memoryview(buf)[start:]
+                    self.frame = buf
+                try:
+                    return str(payload, "utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError(1007, _NOT_UTF8) from None
         while True:
             buf = self.buf
             pos = self._pos

@@ -395,6 +395,37 @@ def test_a_message_over_the_limit_is_refused_from_its_header_alone(
     assert error.code == 1009
 
 
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("size", [101, 200])
+def test_a_whole_text_frame_over_the_limit_read_at_once_is_refused_with_1009(
+    masked: bool, size: int
+) -> None:
+    assert (
+        refused(
+            raw(FIN | OP_TEXT, b"x" * size, masked=masked), masked=masked, max_message_bytes=100
+        ).code
+        == 1009
+    )
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 6_500, 65_535])
+def test_a_lone_unmasked_text_frame_is_kept_as_its_wire_bytes_when_canonical(size: int) -> None:
+    """What a relay may forward as it is (:attr:`FrameReader.frame`): the one whole frame a
+    read brought, if its length is written in the fewest bytes; else nothing."""
+    for wire, kept in (
+        (raw(FIN | OP_TEXT, b"x" * size, masked=False), True),
+        (bytes((FIN | OP_TEXT, 126)) + size.to_bytes(2, "big") + b"x" * size, size > 125),
+        (raw(FIN | OP_TEXT, b"x" * size, masked=True), False),  # (read by the other side)
+        (raw(FIN | OP_BINARY, b"x" * size, masked=False), False),
+    ):
+        reader = FrameReader(masked=wire[1] & 0x80 != 0, max_message_bytes=BIG)
+        reader.feed(wire)
+        message = reader.next()
+        assert message == ("x" * size if wire[0] & 0x0F == OP_TEXT else b"x" * size)
+        assert (reader.frame == wire) if kept else reader.frame is None
+        assert reader.next() is None and reader.buffered == 0
+
+
 def test_a_64_bit_length_far_over_the_limit_is_refused_from_ten_bytes() -> None:
     header = bytes((FIN | OP_BINARY, 0x80 | 127)) + (1 << 40).to_bytes(8, "big")
     assert refused(header, max_message_bytes=BIG).code == 1009
