@@ -9,6 +9,7 @@ so the answer is always the type a JSON parser would see.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,7 @@ def event_type(text: str) -> str | None:
 _BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
+@functools.lru_cache(maxsize=64)
 def finder(needle: str) -> Callable[[str], bool]:
     """A test for ``needle in text``, fast on audio events.
 
@@ -61,6 +63,9 @@ def finder(needle: str) -> Callable[[str], bool]:
     base64 never uses (an API key's ``-``), only the places where that character
     occurs can start a match, and ``find`` jumps to each with ``memchr``: over base64
     audio, one jump to the end.
+
+    One test per needle, shared (every session looks for the same key): a test of its own per
+    session would be one more object to fetch, often from far in memory, per message.
     """
     at = next((i for i, char in enumerate(needle) if char not in _BASE64), -1)
     if at < 0:
