@@ -15,15 +15,35 @@ import os
 import random
 import ssl as ssl_module
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
 
-from mockrealtime.echo import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, frame
+from mockrealtime.echo import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameReader,
+    apply_mask,
+    frame_head,
+)
 
 _ID_MARK = b'"event_id":"b'
-_rand4 = random.Random(os.getpid()).randbytes
+_random_bytes = random.Random(os.getpid()).randbytes
+
+
+def _mask_keys() -> Iterator[bytes]:
+    """Masking keys, cut 1,024 at a time from one draw (a draw per frame cost a third of
+    what masking the frame does)."""
+    while True:
+        pool = _random_bytes(4096)
+        yield from [pool[at : at + 4] for at in range(0, 4096, 4)]
+
+
+_next_key = _mask_keys().__next__
 
 
 @dataclass
@@ -129,7 +149,10 @@ class Client(asyncio.Protocol):
     def _write(self, opcode: int, payload: bytes) -> None:
         assert self.transport is not None
         if not self.transport.is_closing():
-            self.transport.write(frame(opcode, payload, _rand4(4)))
+            key = _next_key()
+            self.transport.writelines(  # header and payload, not joined first: one copy less
+                (frame_head(opcode, len(payload), key), apply_mask(payload, key))
+            )
 
     def send(self, payload: bytes) -> None:
         self._write(OP_TEXT, payload)

@@ -87,19 +87,26 @@ def apply_mask(data: bytes, mask: bytes) -> bytes:
     )
 
 
-def frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
-    """One final WebSocket frame; ``mask`` (4 bytes) for client-to-server frames."""
-    n = len(payload)
+_pack_short = struct.Struct("!BBH").pack
+_pack_long = struct.Struct("!BBQ").pack
+
+
+def frame_head(opcode: int, n: int, mask: bytes | None = None) -> bytes:
+    """The header of one final frame of ``n`` payload bytes (with ``mask``, if given)."""
     bit = 0x80 if mask is not None else 0
     if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, bit | n)
+        head = bytes((0x80 | opcode, bit | n))
     elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, bit | 126, n)
+        head = _pack_short(0x80 | opcode, bit | 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, bit | 127, n)
-    if mask is None:
-        return head + payload
-    return head + mask + apply_mask(payload, mask)
+        head = _pack_long(0x80 | opcode, bit | 127, n)
+    return head if mask is None else head + mask
+
+
+def frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    """One final WebSocket frame; ``mask`` (4 bytes) for client-to-server frames."""
+    head = frame_head(opcode, len(payload), mask)
+    return head + (payload if mask is None else apply_mask(payload, mask))
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
@@ -107,7 +114,11 @@ def close_payload(code: int, reason: str = "") -> bytes:
 
 
 class FrameReader:
-    """Incremental frame parser for either side; yields ``(opcode, fin, payload)``, unmasked."""
+    """Incremental frame parser for either side; yields ``(opcode, fin, payload)``, unmasked.
+
+    A read is parsed where it lies, each payload copied once (unmasking is the copy); the
+    bytes of a frame not yet whole are gathered until it is, and copied once more then.
+    """
 
     __slots__ = ("_buf", "max_frame")
 
@@ -116,40 +127,52 @@ class FrameReader:
         self.max_frame = max_frame
 
     def feed(self, data: bytes) -> list[tuple[int, bool, bytes]]:
-        buf = self._buf
-        buf += data
+        gathered = self._buf
+        if gathered:
+            gathered += data
+            if self._header(gathered, 0) is None:
+                return []  # the frame is still not whole
+            data = bytes(gathered)
+            gathered.clear()
+        view = memoryview(data)
         out: list[tuple[int, bool, bytes]] = []
         pos = 0
-        end = len(buf)
-        while end - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            n = b1 & 0x7F
-            head = 2
-            if n == 126:
-                if end - pos < 4:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-                head = 4
-            elif n == 127:
-                if end - pos < 10:
-                    break
-                (n,) = struct.unpack_from("!Q", buf, pos + 2)
-                head = 10
-            if n > self.max_frame:
-                raise ValueError(f"frame of {n} bytes is too big")
-            masked = b1 & 0x80
-            start = pos + head + (4 if masked else 0)
-            if end - start < n:
-                break
-            payload = bytes(buf[start : start + n])
-            if masked:
-                payload = apply_mask(payload, bytes(buf[start - 4 : start]))
+        while (header := self._header(data, pos)) is not None:
+            b0, start, end = header
+            if data[pos + 1] & 0x80:
+                payload = apply_mask(view[start:end], data[start - 4 : start])
+            else:
+                payload = data[start:end]
             out.append((b0 & 0x0F, bool(b0 & 0x80), payload))
-            pos = start + n
-        if pos:
-            del buf[:pos]
+            pos = end
+        if pos < len(data):
+            gathered += view[pos:]
         return out
+
+    def _header(self, buf: bytes | bytearray, pos: int) -> tuple[int, int, int] | None:
+        """``(first byte, payload start, frame end)`` of the frame at ``pos`` if it is whole."""
+        size = len(buf)
+        if size - pos < 2:
+            return None
+        b1 = buf[pos + 1]
+        n = b1 & 0x7F
+        start = pos + 2
+        if n == 126:
+            if size - pos < 4:
+                return None
+            n = (buf[pos + 2] << 8) | buf[pos + 3]
+            start = pos + 4
+        elif n == 127:
+            if size - pos < 10:
+                return None
+            (n,) = struct.unpack_from("!Q", buf, pos + 2)
+            start = pos + 10
+        if n > self.max_frame:
+            raise ValueError(f"frame of {n} bytes is too big")
+        if b1 & 0x80:
+            start += 4
+        end = start + n
+        return (buf[pos], start, end) if end <= size else None
 
 
 def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
@@ -372,7 +395,7 @@ class EchoProtocol(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if not transport.is_closing():  # a client that reset: drop, do not log each write
-            transport.write(frame(opcode, payload))
+            transport.writelines((frame_head(opcode, len(payload)), payload))  # (no joined copy)
 
     def _close(self, code: int, reason: str) -> None:
         """Send our close frame; the client's answer (or its leaving) ends the connection."""

@@ -182,6 +182,10 @@ def test_frames_fragments_ping_and_close_sans_io() -> None:
         def write(self, data: bytes) -> None:
             self.out += data
 
+        def writelines(self, parts: list[bytes]) -> None:
+            for data in parts:
+                self.out += data
+
         def close(self) -> None:
             self.closed = True
 
