@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import procs
-from .wsclient import Client, open_client
+from .wsclient import AudioFrames, Client, open_client
 
 PATH = "/v1/realtime?model=gpt-realtime"
 PERIOD = 0.020
@@ -262,11 +262,11 @@ async def stream_run(
 ) -> StreamResult:
     loop = asyncio.get_running_loop()
     clients, failures = await open_many(target, n)
-    pool = audio_pool()
+    frames = AudioFrames(audio_pool())
     for c in clients:
         c.stream_mode()
     groups = [clients[i::SLOTS] for i in range(SLOTS)]
-    offsets = {id(c): (i * 37) % len(pool) for i, c in enumerate(clients)}
+    offsets = {id(c): (i * 37) % len(frames) for i, c in enumerate(clients)}
     tick = PERIOD / SLOTS
     warm_ticks = round(warmup / tick)
     total_ticks = warm_ticks + round(seconds / tick)
@@ -276,8 +276,6 @@ async def stream_run(
     pids = {"gen": None, "relay": target.pid, "echo": echo_pid}
     cpu0: dict[str, float] = {}
     wall0 = 0.0
-    # type first, as the SDKs write events (the relay reads it from the prefix), then the id
-    template = b'{"type":"input_audio_buffer.append","event_id":"b%d.%d","audio":"%s"}'
     perf = time.perf_counter_ns
     for k in range(total_ticks):
         due = t0 + k * tick
@@ -305,7 +303,7 @@ async def stream_run(
             s = c.stream
             if c.closed.done():
                 continue
-            c.send(template % (s.sent, perf(), pool[(offsets[id(c)] + s.sent) % len(pool)]))
+            c.send_audio(frames, (offsets[id(c)] + s.sent) % len(frames), s.sent, perf())
             s.sent += 1
     wall = time.monotonic() - wall0
     cpu = {
