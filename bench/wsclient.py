@@ -62,12 +62,12 @@ class AudioFrames:
 
     def __init__(self, pool: list[bytes]) -> None:
         head_size = len(AUDIO_HEAD % (0, 0))
+        turn = head_size % 4  # the key as it stands where the audio starts
         self._keys = [_next_key() for _ in pool]
         self._headers: list[bytes] = []
         self._tails: list[bytes] = []
         for audio, key in zip(pool, self._keys, strict=True):
             tail = audio + _AUDIO_TAIL
-            turn = head_size % 4  # the key as it stands where the audio starts
             self._tails.append(apply_mask(tail, key[turn:] + key[:turn]))
             self._headers.append(frame_head(OP_TEXT, head_size + len(tail), key))
 
@@ -155,17 +155,6 @@ class Client(asyncio.Protocol):
                 self.transport.close()
                 return
             self.upgraded = True
-        if data[:1] == b"\x81" and not self._parts and not self._reader.buffered:
-            # The usual read of a stream: one whole unmasked text frame, nothing else.
-            n = data[1] if len(data) > 3 else 127
-            if n == 126:
-                n = (data[2] << 8) | data[3]
-                start = 4
-            else:
-                start = 2 if n < 126 else len(data)  # (127: a long frame, left to the reader)
-            if start + n == len(data):
-                self.on_message(data[start:])
-                return
         for opcode, fin, payload in self._reader.feed(data):
             if opcode == OP_TEXT or opcode == OP_BINARY or opcode == 0:
                 if not fin or self._parts:

@@ -126,11 +126,6 @@ class FrameReader:
         self._buf = bytearray()
         self.max_frame = max_frame
 
-    @property
-    def buffered(self) -> int:
-        """Bytes of a frame not yet whole, kept for the next read."""
-        return len(self._buf)
-
     def feed(self, data: bytes) -> list[tuple[int, bool, bytes]]:
         gathered = self._buf
         if gathered:

@@ -147,10 +147,7 @@ class FrameReader:
                 else:
                     payload = memoryview(buf)[start:]
                     self.frame = buf
-                try:
-                    return str(payload, "utf-8")
-                except UnicodeDecodeError:
-                    raise ProtocolError(1007, _NOT_UTF8) from None
+                return _decode(payload)
         while True:
             buf = self.buf
             pos = self._pos
@@ -206,12 +203,7 @@ class FrameReader:
                 if self._parts:
                     raise ProtocolError(1002, "a new message started inside a fragmented one")
                 if b0 & 0x80:
-                    if op == OP_BINARY:
-                        return payload
-                    try:
-                        return str(payload, "utf-8")
-                    except UnicodeDecodeError:
-                        raise ProtocolError(1007, _NOT_UTF8) from None
+                    return _decode(payload) if op == OP_TEXT else payload
                 self._parts.append(payload)
                 self._part_op = op
                 self._part_len = n
@@ -235,14 +227,11 @@ class FrameReader:
                 raise ProtocolError(1002, f"unknown opcode {op}")
 
 
-_NOT_UTF8 = "a text message that is not valid UTF-8"
-
-
 def _decode(payload: bytes | memoryview) -> str:
     try:
         return str(payload, "utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError(1007, _NOT_UTF8) from None
+        raise ProtocolError(1007, "a text message that is not valid UTF-8") from None
 
 
 def _close(payload: bytes) -> Close:
