@@ -420,7 +420,7 @@ def failed(bad: int) -> str:
     return f" (fails at {bad})" if bad else "+ (never failed)"
 
 
-#: Searches (each of the relay and direct, in turns) whose median is the capacity figure.
+#: Rounds of the interleaved relay/direct search; the figures are the median-ratio round's.
 ROUNDS = 3
 
 
@@ -458,7 +458,7 @@ async def capacity_figures(
 
     Near its edge a 4 s run passes or fails by the luck of a neighbour's burst, one unlucky
     failure early in a search caps it below the edge for good, and this VM's speed drifts:
-    one search's ratio scattered from 41 to 52 % over an evening. Rounds after the first
+    one search's ratio scattered from 40 to 52 % over an evening. Rounds after the first
     start at half the first one's figures, skipping doublings that do not fail."""
     t0 = time.monotonic()
     pairs: list[tuple[Search, Search]] = []
