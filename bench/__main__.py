@@ -87,7 +87,7 @@ async def run(args: argparse.Namespace) -> None:
             r = await fresh_relay()
             n = args.n
             if not n:
-                n = 2 * (await scenarios.capacity_figures(r, echo, budget=90.0, rounds=1))[0]
+                n = 2 * (await scenarios.capacity_figures(r, echo, runs=0, search_budget=90.0))[0]
                 r = await fresh_relay()
             print(await scenarios.overload(r, echo, n, args.seconds), flush=True)
         elif args.scenario == "idle":

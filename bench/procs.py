@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import ssl
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile

@@ -364,7 +364,7 @@ async def stream_direct(echo: procs.Server, n: int, seconds: float = 10.0) -> st
 
 #: The search stops once the largest N that held and the smallest that failed are this close
 #: (a share of the former).
-PRECISION = 1 / 40
+PRECISION = 1 / 10
 #: A run that misses the p99 or schedule limit by this factor or more is not run again.
 FAR_OFF = 4
 
@@ -420,19 +420,15 @@ def failed(bad: int) -> str:
     return f" (fails at {bad})" if bad else "+ (never failed)"
 
 
-#: Rounds of the interleaved relay/direct search; the figures are the median-ratio round's.
-ROUNDS = 3
-
-
 async def search_pair(
-    relay: procs.Server, echo: procs.Server, starts: tuple[int, int], budget: float, seconds: float
+    relay: procs.Server, echo: procs.Server, budget: float, seconds: float, start: int = 64
 ) -> tuple[Search, Search]:
     """Search the relay's and the direct capacity in turns, one run each, so that a drift of
     the machine over the minutes a search takes shows in both figures, not in their ratio."""
     deadline = time.monotonic() + budget
     searches = (
-        Search(relay_target(relay), start=starts[0]),
-        Search(direct_target(echo), start=starts[1]),
+        Search(relay_target(relay), start=start),
+        Search(direct_target(echo), start=start),
     )
     while time.monotonic() < deadline:
         stepped = False
@@ -446,52 +442,125 @@ async def search_pair(
     return searches
 
 
+class Staircase:
+    """Where one target's runs hold 71 % of the time, by Levitt's transformed up-down
+    method: one step down after a run that fails, one step up after two in a row that hold.
+
+    Near its edge a 4 s run holds or fails by the luck of a neighbour's burst, so the edge
+    is a probability, not a number, and a bisection takes one draw of it at each N (one
+    unlucky run early caps the search below the edge for good). The staircase keeps
+    drawing around the edge and averages: the estimate is the mean of the N tried from the
+    first reversal on, with the N it would try next. Until that reversal it walks twice as
+    fast (two steps at a time, up after every run that holds), to reach the edge sooner."""
+
+    def __init__(self, target: Target, start: int, step: int) -> None:
+        self.target = target
+        self.n = start
+        self.step = max(1, step)
+        self.tried: list[tuple[int, bool]] = []
+        self._held: list[StreamResult] = []
+        self._streak = 0
+        self._direction = 0
+        self._first_reversal: int | None = None
+
+    def record(self, n: int, result: StreamResult) -> None:
+        self.tried.append((n, result.ok))
+        if result.ok:
+            self._held.append(result)
+        walking = self._first_reversal is None
+        if result.ok:
+            self._streak += 1
+            move = 1 if self._streak == 2 or walking else 0
+        else:
+            move = -1
+        if not move:
+            return
+        self._streak = 0
+        if walking and self._direction and move != self._direction:
+            self._first_reversal = len(self.tried) - 1
+            walking = False
+        self._direction = move
+        self.n = max(1, self.n + move * self.step * (2 if walking else 1))
+
+    @property
+    def settled_from(self) -> int:
+        """The index of the run where the walk first turned (all runs if it never did)."""
+        return self._first_reversal or 0
+
+    def estimate(self, since: int) -> int:
+        """The mean of the N tried from run ``since`` on, with the N it would try next."""
+        return round(statistics.fmean([n for n, _ in self.tried[since:]] + [self.n]))
+
+    def best_near(self, n: int) -> StreamResult | None:
+        """The run that held nearest ``n`` (for its CPU figures)."""
+        return min(self._held, key=lambda r: abs(r.sessions - n), default=None)
+
+    def summary(self) -> str:
+        held = sum(ok for _, ok in self.tried)
+        lo = min((n for n, _ in self.tried), default=0)
+        hi = max((n for n, _ in self.tried), default=0)
+        return f"{held}/{len(self.tried)} runs held, N {lo}-{hi} step {self.step}"
+
+
+#: Runs of each target in the staircases (after the search that finds where to start them).
+RUNS = 24
+#: The staircase's step, as a share of the N the search found.
+STEP = 1 / 25
+
+
 async def capacity_figures(
     relay: procs.Server,
     echo: procs.Server,
-    budget: float = 240.0,
+    runs: int = RUNS,
     seconds: float = 4.0,
-    rounds: int = ROUNDS,
+    search_budget: float = 180.0,
 ) -> tuple[int, str]:
-    """The relay's and the direct capacity: ``rounds`` searches of both, and the figures of
-    the one whose relay/direct ratio is the median.
+    """The relay's and the direct capacity: a bisection finds roughly where each is, then
+    a :class:`Staircase` for each, run in turns (one run each), measures it.
 
-    Near its edge a 4 s run passes or fails by the luck of a neighbour's burst, one unlucky
-    failure early in a search caps it below the edge for good, and this VM's speed drifts:
-    one search's ratio scattered from 40 to 52 % over an evening. Rounds after the first
-    start at half the first one's figures, skipping doublings that do not fail."""
+    This VM's speed drifts by 10-30 % over minutes: interleaved runs put the drift in both
+    figures, not in their ratio, and both figures are the mean over the same runs (from the
+    later of the two first turns on), so that neither is measured at another time than the
+    other. ``runs=0`` stops after the bisection."""
     t0 = time.monotonic()
-    pairs: list[tuple[Search, Search]] = []
-    for k in range(rounds):
-        starts = (
-            (16, 16)
-            if not pairs
-            else (max(16, pairs[0][0].good // 2), max(16, pairs[0][1].good // 2))
-        )
-        r, d = await search_pair(relay, echo, starts, budget, seconds)
-        progress(
-            f"capacity round {k + 1}/{rounds}: relay N={r.good}{failed(r.bad)}"
-            f" direct N={d.good}{failed(d.bad)}"
-        )
-        pairs.append((r, d))
-    by_ratio = sorted(pairs, key=lambda p: p[0].good / max(1, p[1].good))
-    r, d = by_ratio[(len(by_ratio) - 1) // 2]  # the median (of an even count, the lower)
+    r0, d0 = await search_pair(relay, echo, search_budget, seconds)
+    progress(
+        f"capacity search: relay N={r0.good}{failed(r0.bad)} direct N={d0.good}{failed(d0.bad)}"
+    )
+    if not runs:
+        return r0.good, ""
+    stairs = (
+        Staircase(relay_target(relay), r0.good, round(r0.good * STEP)),
+        Staircase(direct_target(echo), d0.good, round(d0.good * STEP)),
+    )
+    for k in range(runs):
+        for stair in stairs:
+            n = stair.n
+            result = await stream_run(stair.target, n, seconds, echo_pid=echo.pid)
+            progress(
+                f"capacity {k + 1}/{runs} {stair.target.name}: {result.line()}"
+                f" -> {'ok' if result.ok else 'FAIL'}"
+            )
+            stair.record(n, result)
+            await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
+    r, d = stairs
+    since = max(r.settled_from, d.settled_from)
+    rn, dn = r.estimate(since), d.estimate(since)
     # Cut, not rounded, so that no figure reads as a target it missed (44.96 % shows 44.9 %;
     # figures with an upper target are rounded up for the same reason).
-    ratio = math.floor(1000 * r.good / d.good) / 10 if d.good else 0.0
-    times = math.floor(100 * d.good / r.good) / 100 if r.good else 0.0
-    gen = f"{d.best.cpu.get('gen', 0):.0f}%" if d.best else "?"
-    each = ",".join(f"{p[0].good}/{p[1].good}" for p in pairs)
+    ratio = math.floor(1000 * rn / dn) / 10 if dn else 0.0
+    times = math.floor(100 * dn / rn) / 100 if rn else 0.0
+    r_run, d_run = r.best_near(rn), d.best_near(dn)
     line = (
         f"capacity: cores={cores()} p99<={P99_LIMIT_MS:.0f}ms lost=0 "
-        f"relay N={r.good}{failed(r.bad)} "
-        f"direct N={d.good}{failed(d.bad)} relay/direct={ratio:.1f}% (target >=45%) "
-        f"direct/relay={times:.2f}x (>=2x) median of {len(pairs)} rounds (relay/direct {each}) "
-        f"gen_cpu_at_direct_max={gen} "
-        f"relay_cpu_at_max={r.best.cpu.get('relay', 0) if r.best else 0:.0f}% "
-        f"searched in {time.monotonic() - t0:.0f}s"
+        f"relay N={rn} direct N={dn} relay/direct={ratio:.1f}% (target >=45%) "
+        f"direct/relay={times:.2f}x (>=2x) mean of runs {since + 1}-{runs} "
+        f"(relay {r.summary()}; direct {d.summary()}; search {r0.good}/{d0.good}) "
+        f"gen_cpu_at_direct={d_run.cpu.get('gen', 0) if d_run else 0:.0f}% "
+        f"relay_cpu_at_relay={r_run.cpu.get('relay', 0) if r_run else 0:.0f}% "
+        f"measured in {time.monotonic() - t0:.0f}s"
     )
-    return r.good, line
+    return rn, line
 
 
 async def capacity(relay: procs.Server, echo: procs.Server) -> str:
