@@ -449,9 +449,10 @@ class Staircase:
     Near its edge a 4 s run holds or fails by the luck of a neighbour's burst, so the edge
     is a probability, not a number, and a bisection takes one draw of it at each N (one
     unlucky run early caps the search below the edge for good). The staircase keeps
-    drawing around the edge and averages: the estimate is the mean of the N tried from the
-    first reversal on, with the N it would try next. Until that reversal it walks twice as
-    fast (two steps at a time, up after every run that holds), to reach the edge sooner."""
+    drawing around the edge and averages: the estimate is the mean of the N tried from its
+    first turn on (or a later run), with the N it would try next. Until that turn it walks
+    twice as fast (two steps at a time, up after every run that holds), to reach the edge
+    sooner."""
 
     def __init__(self, target: Target, start: int, step: int) -> None:
         self.target = target
