@@ -374,11 +374,10 @@ class Search:
     one target: doubling from ``start``, then bisection to :data:`PRECISION`. :meth:`next_n`
     says what to try; :meth:`record` takes the outcome. Stepped by :func:`search_pair`."""
 
-    def __init__(self, target: Target, *, start: int = 16, cap: int = 4096) -> None:
+    def __init__(self, target: Target, *, start: int, cap: int = 4096) -> None:
         self.target = target
         self.good = 0  # largest N that held
         self.bad = 0  # smallest N that failed (0: none yet)
-        self.best: StreamResult | None = None  # the run at ``good``
         self._n = start
         self._cap = cap
 
@@ -393,7 +392,7 @@ class Search:
     def record(self, n: int, result: StreamResult | None) -> None:
         """The outcome at ``n``: the passing run, or None if it failed."""
         if result is not None:
-            self.good, self.best = n, result
+            self.good = n
             self._n = n * 2
         else:
             self.bad = n
@@ -464,12 +463,12 @@ class Staircase:
         self._direction = 0
         self._first_reversal: int | None = None
 
-    def record(self, n: int, result: StreamResult) -> None:
-        self.tried.append((n, result.ok))
-        if result.ok:
-            self._held.append(result)
+    def record(self, result: StreamResult) -> None:
+        """The outcome of a run (at ``result.sessions``, the N :attr:`n` asked for)."""
+        self.tried.append((result.sessions, result.ok))
         walking = self._first_reversal is None
         if result.ok:
+            self._held.append(result)
             self._streak += 1
             move = 1 if self._streak == 2 or walking else 0
         else:
@@ -536,13 +535,12 @@ async def capacity_figures(
     )
     for k in range(runs):
         for stair in stairs:
-            n = stair.n
-            result = await stream_run(stair.target, n, seconds, echo_pid=echo.pid)
+            result = await stream_run(stair.target, stair.n, seconds, echo_pid=echo.pid)
             progress(
                 f"capacity {k + 1}/{runs} {stair.target.name}: {result.line()}"
                 f" -> {'ok' if result.ok else 'FAIL'}"
             )
-            stair.record(n, result)
+            stair.record(result)
             await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
     r, d = stairs
     since = max(r.settled_from, d.settled_from)

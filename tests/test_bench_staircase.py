@@ -31,7 +31,7 @@ def walk(stair: Staircase, outcomes: str) -> list[int]:
     tried = []
     for outcome in outcomes:
         tried.append(stair.n)
-        stair.record(stair.n, run(stair.n, outcome == "+"))
+        stair.record(run(stair.n, outcome == "+"))
     return tried
 
 
