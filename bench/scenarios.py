@@ -398,6 +398,16 @@ class Search:
             self.bad = n
 
 
+async def capacity_run(
+    target: Target, echo: procs.Server, n: int, seconds: float, label: str
+) -> StreamResult:
+    """One run of the capacity scenario at ``n``, its line on stderr after ``label``."""
+    result = await stream_run(target, n, seconds, echo_pid=echo.pid)
+    progress(f"{label} {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
+    await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
+    return result
+
+
 async def attempt(
     target: Target, echo: procs.Server, n: int, seconds: float
 ) -> StreamResult | None:
@@ -405,9 +415,7 @@ async def attempt(
     unless it missed by :data:`FAR_OFF` times a limit or more (such a run has not been seen to
     pass the second time, and the time is the bisection's). Returns the passing run, or None."""
     for _ in range(2):
-        result = await stream_run(target, n, seconds, echo_pid=echo.pid)
-        progress(f"capacity {target.name}: {result.line()} -> {'ok' if result.ok else 'FAIL'}")
-        await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
+        result = await capacity_run(target, echo, n, seconds, "capacity")
         if result.ok:
             return result
         if max(result.p99_us / 1000, result.max_lag_ms) >= FAR_OFF * P99_LIMIT_MS:
@@ -535,13 +543,8 @@ async def capacity_figures(
     )
     for k in range(runs):
         for stair in stairs:
-            result = await stream_run(stair.target, stair.n, seconds, echo_pid=echo.pid)
-            progress(
-                f"capacity {k + 1}/{runs} {stair.target.name}: {result.line()}"
-                f" -> {'ok' if result.ok else 'FAIL'}"
-            )
-            stair.record(result)
-            await asyncio.sleep(1.0)  # the relay's end-of-session work is not the next run's load
+            label = f"capacity {k + 1}/{runs}"
+            stair.record(await capacity_run(stair.target, echo, stair.n, seconds, label))
     r, d = stairs
     since = max(r.settled_from, d.settled_from)
     rn, dn = r.estimate(since), d.estimate(since)
