@@ -465,18 +465,16 @@ class Staircase:
         self.target = target
         self.n = start
         self.step = max(1, step)
-        self.tried: list[tuple[int, bool]] = []
-        self._held: list[StreamResult] = []
+        self.runs: list[StreamResult] = []  # in order; each knows its N and whether it held
         self._streak = 0
         self._direction = 0
         self._first_reversal: int | None = None
 
     def record(self, result: StreamResult) -> None:
         """The outcome of a run (at ``result.sessions``, the N :attr:`n` asked for)."""
-        self.tried.append((result.sessions, result.ok))
+        self.runs.append(result)
         walking = self._first_reversal is None
         if result.ok:
-            self._held.append(result)
             self._streak += 1
             move = 1 if self._streak == 2 or walking else 0
         else:
@@ -485,7 +483,7 @@ class Staircase:
             return
         self._streak = 0
         if walking and self._direction and move != self._direction:
-            self._first_reversal = len(self.tried) - 1
+            self._first_reversal = len(self.runs) - 1
             walking = False
         self._direction = move
         self.n = max(1, self.n + move * self.step * (2 if walking else 1))
@@ -497,17 +495,18 @@ class Staircase:
 
     def estimate(self, since: int) -> int:
         """The mean of the N tried from run ``since`` on, with the N it would try next."""
-        return round(statistics.fmean([n for n, _ in self.tried[since:]] + [self.n]))
+        return round(statistics.fmean([r.sessions for r in self.runs[since:]] + [self.n]))
 
     def best_near(self, n: int) -> StreamResult | None:
         """The run that held nearest ``n`` (for its CPU figures)."""
-        return min(self._held, key=lambda r: abs(r.sessions - n), default=None)
+        held = (r for r in self.runs if r.ok)
+        return min(held, key=lambda r: abs(r.sessions - n), default=None)
 
     def summary(self) -> str:
-        held = sum(ok for _, ok in self.tried)
-        lo = min((n for n, _ in self.tried), default=0)
-        hi = max((n for n, _ in self.tried), default=0)
-        return f"{held}/{len(self.tried)} runs held, N {lo}-{hi} step {self.step}"
+        held = sum(r.ok for r in self.runs)
+        lo = min((r.sessions for r in self.runs), default=0)
+        hi = max((r.sessions for r in self.runs), default=0)
+        return f"{held}/{len(self.runs)} runs held, N {lo}-{hi} step {self.step}"
 
 
 #: Runs of each target in the staircases (after the search that finds where to start them).
