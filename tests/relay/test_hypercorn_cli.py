@@ -1,4 +1,4 @@
-"""The README's `hypercorn -k trio … 'relay.app:create_app()'` line, run as documented."""
+"""The README's `hypercorn -k trio … 'relay.server.app:create_app()'` line, run as documented."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import trustme
 from trio_websocket import WebSocketConnection
 
 from mockrealtime import MockConfig, serve_mock_realtime
-from relay.auth import hash_key
+from relay.usage.auth import hash_key
 
 from .harness import TEST_KEY, connect
 from .test_demo import events_until

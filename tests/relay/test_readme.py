@@ -24,7 +24,7 @@ def test_the_policy_block_shows_the_defaults_it_claims_to_show() -> None:
     import re
     import tomllib
 
-    from relay.policy import TABLE_KEYS, Policy
+    from relay.core.policy import TABLE_KEYS, Policy
 
     section = README[README.index("## Session policy"):]
     block = re.search(r"```toml\n(\[policy\]\n.*?)```", section, re.DOTALL)
