@@ -252,7 +252,7 @@ def test_the_documented_hypercorn_line_configures_hypercorn_as_relay_serve_does(
     from relay.config import load_config
     from relay.server.serve import hypercorn_config
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text(encoding="utf-8")
     block = re.search(r"```sh\n(OPENAI_API_KEY=\S+ RELAY_API_KEYS=\S+ hypercorn -k trio -w 2 .*?)\n```", readme, re.S)
     assert block, "the Deployment section's hypercorn line"
     argv = shlex.split(block.group(1).replace("\\\n", " "))
