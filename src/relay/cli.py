@@ -8,6 +8,7 @@ the environment only so they never show up in a process list.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,8 +20,17 @@ import trio
 if TYPE_CHECKING:
     from .server.app import RelayApp
 
-from .config import SETTINGS, ConfigError, RelayConfig, coerce_setting, load_config
+from .config import (
+    SETTINGS,
+    ConfigError,
+    RelayConfig,
+    coerce_setting,
+    deprecation_warning,
+    load_config,
+)
 from .ops.logs import configure_logging
+
+log = logging.getLogger("relay")
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] = ()) -> None:
@@ -155,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config.log_level,
                 secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
             )
+            if warning := deprecation_warning(config):
+                log.warning(warning)
             if not config.openai_api_key:
                 raise ConfigError(
                     "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."

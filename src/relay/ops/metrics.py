@@ -41,6 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..core.bridge import Cause, Traffic
 from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
+from ..core.policy import FIELD_PATHS, MCP_FIELD
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
@@ -57,6 +58,8 @@ PUBLISH_SECONDS = 1.0
 _CAUSES = frozenset(cause.value for cause in Cause)
 #: Client close codes worth a label of their own; anything else is "other".
 _CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
+#: Client fields the policy acts on, each a label of its own.
+_POLICY_FIELDS = frozenset({*FIELD_PATHS, MCP_FIELD})
 _TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
 
 log = logging.getLogger("relay")
@@ -155,6 +158,14 @@ class RelayMetrics:
             buckets=VOICE_BUCKETS,
             registry=self.registry,
         )
+        self._policy = Counter(
+            "relay_policy_fields",
+            "Fields of clients' session.update / response.create events the policy dropped"
+            " (locked, or a value not allowed; mcp_server: an MCP tool removed) or refused the"
+            " event for (on_locked = refuse), by field.",
+            ["field", "action"],
+            registry=self.registry,
+        )
         self._refused = Counter(
             "relay_handshake_refusals",
             "WebSocket handshakes refused with an HTTP status.",
@@ -240,6 +251,11 @@ class RelayMetrics:
     def voice_latency(self, seconds: float) -> None:
         """A spoken turn was answered: see :class:`VoiceClock`."""
         self._voice.observe(seconds)
+
+    def policy_acted(self, field: str, action: str) -> None:
+        """The policy dropped (``action`` "dropped") or refused an event for ("refused") a
+        client's ``field``."""
+        self._policy.labels(field if field in _POLICY_FIELDS else "other", action).inc()
 
     def refused(self, status: int) -> None:
         """A WebSocket handshake was answered with this HTTP status instead of 101."""

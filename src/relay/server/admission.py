@@ -28,8 +28,8 @@ def refusal(
             "invalid_request_error.beta_api_shape_disabled",
         )
     model = query_param(scope, "model")
-    if model is not None and model not in config.allowed_models:
-        allowed = ", ".join(sorted(config.allowed_models))
+    if model is not None and not config.allows_model(model):
+        allowed = ", ".join(config.allowed_models)
         return (
             "invalid_model",
             f"Model {model!r} is not available through this relay. Allowed: {allowed}.",

@@ -19,15 +19,22 @@ from typing import Any
 
 import trio
 
-from ..config import ConfigError, RelayConfig, load_config
-from ..core.bridge import Bridge, Limits
+from ..config import ConfigError, RelayConfig, deprecation_warning, load_config
+from ..core.bridge import SETUP_EVENT_ID, Bridge, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
 from ..usage.accounting import Accounting
-from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
+from ..usage.auth import (
+    Authenticator,
+    Identity,
+    Refusal,
+    parse_api_keys,
+    safety_identifier,
+    safety_key,
+)
 from ..usage.mint import Minter
 from ..usage.store import open_store
 from ..wire import takeover
@@ -39,6 +46,7 @@ from .asgi import Receive, Scope, Send, deny, header, query_param
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
+from .notes import SessionNotes
 from .pair import Pair
 
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
@@ -60,7 +68,15 @@ class RelayApp:
             queue_bytes=config.queue_bytes,
             max_message_bytes=config.max_message_bytes,
         )
-        self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        # Its event_id lets the bridge tell an upstream error about it from any other.
+        session = config.session_object()
+        self.session_update = dumps(
+            {"type": "session.update", "event_id": SETUP_EVENT_ID, "session": session}
+        )
+        #: Keys the OpenAI-Safety-Identifier of each session's user (None: none is sent).
+        self._safety_key = (
+            safety_key(config.openai_api_key) if config.safety_identifier == "hash" else None
+        )
         self.auth = Authenticator(
             api_keys=parse_api_keys(config.api_keys),
             jwt_secret=config.jwt_secret,
@@ -186,6 +202,7 @@ class RelayApp:
             policy=self.config.policy.for_session(
                 query_param(scope, "model") or self.config.model, identity.model
             ),
+            observer=SessionNotes(self.metrics, session_id),
         )
         try:
             if accounting.holds_leases:
@@ -231,10 +248,11 @@ class RelayApp:
             ws.send_timeout = self.config.send_timeout
             client = SocketClient(ws)
         model = query_param(scope, "model") or self.config.model
+        safety = None if self._safety_key is None else safety_identifier(self._safety_key, identity)
         pair = Pair(
             client,
             bridge,
-            self.dialer.target(model),
+            self.dialer.target(model, safety),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
@@ -374,5 +392,7 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         secrets = (config.openai_api_key, config.jwt_secret, config.admin_token)
         fields = {"pid": os.getpid()}
         configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
+        if warning := deprecation_warning(config):
+            log.warning(warning)  # once per process: each of Hypercorn's workers makes its app
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

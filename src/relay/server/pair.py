@@ -33,7 +33,7 @@ from typing import Protocol
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from ..core.bridge import Bridge, Ending, Message, Reply
+from ..core.bridge import Amended, Batch, Bridge, Ending, Message, Reply
 from ..core.deadlines import Deadlines, Due
 from ..ops.metrics import VoiceClock
 from ..wire.pump import READ, Leg, Pump
@@ -178,12 +178,16 @@ class Pair:
         """End the pair to relieve an overloaded relay (client 1013)."""
         await self._finish(self.bridge.overloaded())
 
-    async def notify(self, notice: Reply) -> None:
-        """Send the client an event of the relay's own (bounded like any other send)."""
-        try:
-            await self.client.send(notice.text)
-        except trio.TooSlowError:
-            await self._finish(self.bridge.client_too_slow(self._send_timeout))
+    async def notify(self, notice: Reply | Ending | None) -> None:
+        """Send the client an event of the relay's own (bounded like any other send); the
+        bridge holds it (None) until the client has its session.created."""
+        if notice.__class__ is Ending:
+            await self._finish(notice)  # type: ignore[arg-type]
+        elif notice is not None:
+            try:
+                await self.client.send(notice.text)  # type: ignore[union-attr]
+            except trio.TooSlowError:
+                await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
     def _client_step(self, data: Message) -> Message | Reply | Ending | None:
         """One client message through the bridge (the task's and the pump's step)."""
@@ -212,6 +216,9 @@ class Pair:
                 out = step(data)
             if out is None:
                 continue
+            notice = None
+            if out.__class__ is Amended:  # the event goes upstream, then the client is told
+                out, notice = out.text, out.notice  # type: ignore[union-attr]
             if out.__class__ is str or out.__class__ is bytes or out is PART:
                 upstream: WebSocket = self._upstream  # type: ignore[assignment]
                 try:
@@ -225,7 +232,10 @@ class Pair:
                 except trio.TooSlowError:
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
-            elif out.__class__ is Reply:
+                if notice is None:
+                    continue
+                out = Reply(notice)
+            if out.__class__ is Reply:
                 try:
                     await self.client.send(out.text)  # type: ignore[union-attr]
                 except trio.TooSlowError:
@@ -320,9 +330,15 @@ class Pair:
                 out = step(data)
             if out is None:
                 continue
+            if out.__class__ is Ending:
+                await self._finish(out)  # type: ignore[arg-type]
+                return
             try:
                 if out is PART:
                     await client.websocket.finish_send()  # type: ignore[union-attr]
+                elif out.__class__ is Batch:
+                    for text in out.texts:  # type: ignore[union-attr]
+                        await client.send(text)
                 else:
                     await client.send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
             except ConnectionClosed:

@@ -100,13 +100,18 @@ class UpstreamDialer:
             self._headers = ()
             self._subprotocols = ("realtime", "openai-insecure-api-key." + key)
 
-    def target(self, model: str) -> UpstreamTarget:
+    def target(self, model: str, safety_identifier: str | None = None) -> UpstreamTarget:
+        """Where one session goes: ``model``, and the client's ``OpenAI-Safety-Identifier``
+        (see :func:`relay.usage.auth.safety_identifier`) if it has one."""
+        headers = self._headers
+        if safety_identifier is not None:
+            headers = (*headers, (b"openai-safety-identifier", safety_identifier.encode()))
         return UpstreamTarget(
             host=self._host,
             port=self._port,
             resource=f"{self._path}?model={quote(model, safe='')}",
             ssl_context=self._ssl_context,
             subprotocols=self._subprotocols,
-            headers=self._headers,
+            headers=headers,
             max_message_bytes=self._config.upstream_max_message_bytes,
         )
