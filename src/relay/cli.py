@@ -224,7 +224,7 @@ async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
         print(
             f"relay demo: fake Realtime API on {demo.mock.url}\n"
             f"relay demo: relay on {demo.relay_url}/voice"
-            f" and {demo.relay_url}/v1/realtime?model=gpt-realtime\n"
+            f" and {demo.relay_url}/v1/realtime?model={demo.config.model}\n"
             "relay demo: press Ctrl-C to stop",
             flush=True,
         )
