@@ -24,6 +24,8 @@ from relay.core.bridge import (
 from relay.core.closecodes import clip_reason, sendable
 from relay.core.policy import Policy, Screened
 
+from .bridges import CREATED, UPDATED, flush_all, start
+
 SECRET = "sk-secret-key-abcdefghijklmnop"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime"}}'
 
@@ -34,23 +36,6 @@ def make_bridge(**limits: int) -> Bridge:
     return Bridge(session_update=SESSION_UPDATE, limits=Limits(**values), secret=SECRET)
 
 
-CREATED = '{"type":"session.created","event_id":"event_up1","session":{"instructions":"default"}}'
-UPDATED = '{"type":"session.updated","event_id":"event_up2","session":{"instructions":"the relay"}}'
-
-
-def start(bridge: Bridge) -> tuple[str | bytes, ...]:
-    """The upstream's session.created and its answer to the relay's update: what the client gets."""
-    assert bridge.upstream_message(CREATED) is None
-    batch = bridge.upstream_message(UPDATED)
-    assert isinstance(batch, Batch)
-    return batch.texts
-
-
-def flush_all(bridge: Bridge) -> list[str | bytes]:
-    out = []
-    while (data := bridge.next_to_flush()) is not None:
-        out.append(data)
-    return out
 
 
 def error_code(text: str) -> str:

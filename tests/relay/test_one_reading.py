@@ -18,9 +18,11 @@ import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from relay.core.bridge import Bridge, Limits, Reply
+from relay.core.bridge import Reply
 from relay.core.events import APPEND_AUDIO, APPEND_EVENT_ID, event_type, is_audio_append
 from relay.core.policy import Policy
+
+from .bridges import started
 
 APPEND = "input_audio_buffer.append"
 BYPASS = (
@@ -158,20 +160,6 @@ def test_the_relay_reads_the_type_a_parser_reads(text: str) -> None:
     assert lenient["type"] == APPEND
 
 
-def started_bridge(policy: Policy) -> Bridge:
-    bridge = Bridge(
-        session_update='{"type":"session.update","session":{}}',
-        limits=Limits(8, 1 << 20, 1 << 20),
-        policy=policy,
-    )
-    bridge.upstream_opened()
-    while bridge.next_to_flush() is not None:
-        pass
-    bridge.upstream_message('{"type":"session.created","session":{}}')
-    bridge.upstream_message('{"type":"session.updated","session":{}}')
-    return bridge
-
-
 AUDIO_ONLY = Policy(client_events_allowed=frozenset({APPEND}))
 
 
@@ -180,7 +168,7 @@ AUDIO_ONLY = Policy(client_events_allowed=frozenset({APPEND}))
 def test_the_bridge_forwards_what_the_policy_allows_by_that_reading(text: str) -> None:
     """With only appends allowed, the bridge (audio short path included) forwards a text
     exactly when a parser reads it as an append, or in the one difference above."""
-    out = started_bridge(AUDIO_ONLY).client_message(text)
+    out = started(AUDIO_ONLY).client_message(text)
     seen = orjson_type(text)
     if seen == APPEND or (seen is INVALID and is_audio_append(text)):
         assert out == text

@@ -6,8 +6,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from relay.core.bridge import Bridge, Limits, Reply
+from relay.core.bridge import Limits, Reply
 from relay.core.policy import Policy, Screened
+
+from .bridges import started
 
 DEFAULT = Policy()
 RELAY_SESSION = {
@@ -277,25 +279,14 @@ def test_what_goes_upstream_is_what_the_policy_read() -> None:
 
 def test_binary_audio_obeys_the_event_lists_like_appends() -> None:
     policy = Policy(client_events_allowed=frozenset({"response.create"}))
-    bridge = started_bridge(policy)
+    bridge = started(policy, Limits(8, 10_000, 10_000))
     out = bridge.client_message(b"\x00\x01" * 80)
     assert isinstance(out, Reply) and orjson.loads(out.text)["error"]["code"] == "relay_event_not_allowed"
     assert bridge.client_message('{"type":"response.create"}') == '{"type":"response.create"}'
 
 
-def started_bridge(policy: Policy) -> Bridge:
-    bridge = Bridge(session_update='{"type":"session.update","session":{}}', limits=Limits(8, 10_000, 10_000),
-                    policy=policy)
-    bridge.upstream_opened()
-    while bridge.next_to_flush() is not None:
-        pass
-    bridge.upstream_message('{"type":"session.created","session":{}}')
-    bridge.upstream_message('{"type":"session.updated","session":{}}')
-    return bridge
-
-
 def test_the_bridge_answers_a_refused_event_and_the_session_goes_on() -> None:
-    bridge = started_bridge(REFUSING)
+    bridge = started(REFUSING)
     out = bridge.client_message(dumps({"type": "session.update", "session": {"instructions": "x"}}))
     assert isinstance(out, Reply)
     assert bridge.client_message('{"type":"response.create"}') == '{"type":"response.create"}'

@@ -299,48 +299,45 @@ class Bridge:
 
     def _hold(self, upstream: bool, text: Message) -> Ending | None:
         """Keep ``text`` for after session.created, within the pre-open queue's limits."""
-        limits = self._limits
-        if (
-            len(self._held) >= limits.queue_messages
-            or self._held_bytes + len(text) > limits.queue_bytes
-        ):
-            return self._end(
-                Cause.QUEUE_OVERFLOW,
-                client=(Code.TRY_AGAIN_LATER, "too many events before session.created"),
-                upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
-                error=error_event(
-                    "relay_queue_overflow",
-                    f"The Realtime API had not yet answered the relay's session setup, and"
-                    f" {len(self._held)} events ({self._held_bytes} bytes) were waiting for"
-                    f" session.created; the limits are {limits.queue_messages} events and"
-                    f" {limits.queue_bytes} bytes (RELAY_QUEUE_MESSAGES / RELAY_QUEUE_BYTES)."
-                    " Wait for session.created before streaming, and reconnect.",
-                    kind="server_error",
-                ),
+        if self._full(len(self._held), self._held_bytes, len(text)):
+            return self._overflow(
+                "before session.created",
+                "The Realtime API had not yet answered the relay's session setup",
+                len(self._held),
+                self._held_bytes,
             )
         self._held.append((upstream, text))
         self._held_bytes += len(text)
         return None
 
-    def _enqueue(self, data: Message) -> Ending | None:
+    def _full(self, count: int, size: int, more: int) -> bool:
         limits = self._limits
-        if (
-            len(self._queue) >= limits.queue_messages
-            or self._queued_bytes + len(data) > limits.queue_bytes
-        ):
-            return self._end(
-                Cause.QUEUE_OVERFLOW,
-                client=(Code.TRY_AGAIN_LATER, "too many messages before the upstream opened"),
-                upstream=Code.NORMAL if self.phase is Phase.FLUSHING else None,
-                error=error_event(
-                    "relay_queue_overflow",
-                    f"The upstream was still connecting and the relay already held"
-                    f" {len(self._queue)} messages ({self._queued_bytes} bytes); the limits are"
-                    f" {limits.queue_messages} messages and {limits.queue_bytes} bytes."
-                    " Wait for session.created before streaming, or raise RELAY_QUEUE_MESSAGES"
-                    " / RELAY_QUEUE_BYTES.",
-                    kind="server_error",
-                ),
+        return count >= limits.queue_messages or size + more > limits.queue_bytes
+
+    def _overflow(self, when: str, situation: str, count: int, size: int) -> Ending | None:
+        """More waited (in the pre-open queue, or for session.created) than the limits allow."""
+        limits = self._limits
+        return self._end(
+            Cause.QUEUE_OVERFLOW,
+            client=(Code.TRY_AGAIN_LATER, f"too many messages {when}"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            error=error_event(
+                "relay_queue_overflow",
+                f"{situation}, and the relay already held {count} messages ({size} bytes)"
+                f" {when}; the limits are {limits.queue_messages} messages and"
+                f" {limits.queue_bytes} bytes. Wait for session.created before streaming, or"
+                " raise RELAY_QUEUE_MESSAGES / RELAY_QUEUE_BYTES.",
+                kind="server_error",
+            ),
+        )
+
+    def _enqueue(self, data: Message) -> Ending | None:
+        if self._full(len(self._queue), self._queued_bytes, len(data)):
+            return self._overflow(
+                "before the upstream opened",
+                "The upstream was still connecting",
+                len(self._queue),
+                self._queued_bytes,
             )
         self._queue.append(data)
         self._queued_bytes += len(data)
