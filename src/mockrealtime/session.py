@@ -26,19 +26,10 @@ from .handshake import Rejection
 from .ids import ALPHANUMERIC, IdFactory
 from .schema import instance_of
 from .sessionconfig import (
-    ClientError,
     Dialect,
     SessionConfig,
     apply_beta_update,
     apply_ga_update,
-    check_keys,
-    expect_choice,
-    expect_int,
-    expect_number,
-    expect_object,
-    expect_str,
-    invalid_type,
-    missing_parameter,
     parse_beta_modalities,
     parse_ga_format,
     parse_ga_modalities,
@@ -49,6 +40,17 @@ from .sessionconfig import (
     render_beta,
     render_ga,
     render_ga_format,
+)
+from .validation import (
+    ClientError,
+    check_keys,
+    expect_choice,
+    expect_int,
+    expect_number,
+    expect_object,
+    expect_str,
+    invalid_type,
+    missing_parameter,
     unknown_parameter,
 )
 
