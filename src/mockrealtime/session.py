@@ -162,6 +162,8 @@ class _Response:
     text_parts: list[str] = field(default_factory=list)
     chunks: list[int] = field(default_factory=list)
     previous_item_id: str | None = None
+    truncated_ms: int | None = None
+    """Set by a ``conversation.item.truncate`` while the reply is still streaming."""
 
     @property
     def is_function_call(self) -> bool:
@@ -870,6 +872,14 @@ class Session:
         out.append(self._event("conversation.item.retrieved", item=full))
 
     def _on_conversation_item_truncate(self, event: Event, out: list[Event], now: float) -> None:
+        """Cut an assistant audio item to what the user heard, as the real server does.
+
+        Accepted once the item has audio, even while its response still streams (the
+        Agents SDK truncates first, then sends ``response.cancel``); the response goes on
+        until it is cancelled or ends, and the item keeps the cut. The whole server-side
+        transcript is dropped (the API documents it so), only ``audio_end_ms`` of audio
+        stays for ``conversation.item.retrieve`` and for the next responses' context.
+        """
         check_keys(event, {"type", "event_id", "item_id", "content_index", "audio_end_ms"}, "")
         item = self._require_item(event)
         for key in ("content_index", "audio_end_ms"):
@@ -877,21 +887,31 @@ class Session:
                 raise missing_parameter(key)
         content_index = expect_int(event["content_index"], "content_index", 0)
         end_ms = expect_int(event["audio_end_ms"], "audio_end_ms", 0)
-        if item["id"] not in self._output_audio or content_index != 0:
+        streaming = next((r for r in self._responses.values() if r.item is item), None)
+        length_ms: int | None = None
+        if content_index == 0 and streaming is not None and streaming.chunks:
+            sent_ms = len(streaming.chunks) * au.CHUNK_MS
+            length_ms = sent_ms if streaming.truncated_ms is None else streaming.truncated_ms
+        elif content_index == 0 and item["id"] in self._output_audio:
+            length_ms = self._output_audio[item["id"]][2]
+        if length_ms is None:
             raise ClientError(
                 "unsupported_content_type",
                 "Only model output audio messages can be truncated",
                 "item_id",
             )
-        chunks, fmt, length_ms = self._output_audio[item["id"]]
         if end_ms > length_ms:
             raise ClientError(
                 "invalid_value",
                 f"Audio content of {length_ms}ms is already shorter than {end_ms}ms",
                 "audio_end_ms",
             )
-        self._output_audio[item["id"]] = (chunks, fmt, end_ms)
-        item["content"][0]["transcript"] = ""  # the unheard transcript is dropped
+        if streaming is not None:
+            streaming.truncated_ms = end_ms  # applied to the item when the response ends
+        else:
+            chunks, fmt, _ = self._output_audio[item["id"]]
+            self._output_audio[item["id"]] = (chunks, fmt, end_ms)
+            item["content"][0]["transcript"] = ""  # the unheard transcript is dropped
         out.append(
             self._event(
                 "conversation.item.truncated",
@@ -1380,14 +1400,16 @@ class Session:
                 )
             )
             kind = self._ga("output_audio", "audio")
-            item["content"] = [{"type": kind, "transcript": text}]
+            heard = text if resp.truncated_ms is None else ""  # truncated while streaming
+            item["content"] = [{"type": kind, "transcript": heard}]
             if resp.chunks:
                 self._voice_locked = self._voice_locked or resp.in_conversation
                 if resp.in_conversation:
+                    length_ms = len(resp.chunks) * au.CHUNK_MS
                     self._output_audio[item["id"]] = (
                         list(resp.chunks),
                         resp.out_format,
-                        len(resp.chunks) * au.CHUNK_MS,
+                        length_ms if resp.truncated_ms is None else resp.truncated_ms,
                     )
             output_tokens = _tokens(text)
             audio_out = len(resp.chunks) * AUDIO_TOKENS_PER_CHUNK

@@ -433,6 +433,34 @@ def test_response_cancel_during_a_paced_reply() -> None:
         assert error.error.code == "response_cancel_not_active"
 
 
+def test_interrupt_as_the_agents_sdk_does_it_truncate_then_cancel() -> None:
+    """The Agents SDK's ``interrupt()``: truncate the playing item mid-stream, then cancel."""
+    with (
+        running_mock(pace=1.0, reply_sentences=4) as mock,
+        mock.client().realtime.connect(model="gpt-realtime-2") as conn,
+    ):
+        opened(conn)
+        say_hello_text(conn)
+        conn.response.create()
+        events = receive_until(conn, of_type("response.output_audio.delta"))
+        events += receive_until(conn, of_type("response.output_audio.delta"))
+        item_id = events[-1].item_id
+        audio = [base64.b64decode(e.delta) for e in events if e.type.endswith("audio.delta")]
+        played_ms = sum(map(len, audio)) // 48  # PCM16 at 24 kHz: 48 bytes per ms
+        conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=played_ms)
+        conn.response.cancel()
+        events = receive_until(conn, of_type("response.done"))
+        truncated = next(e for e in events if e.type == "conversation.item.truncated")
+        assert (truncated.item_id, truncated.audio_end_ms) == (item_id, played_ms)
+        done = events[-1]
+        assert done.response.status == "cancelled"
+        receive_until(conn, of_type("rate_limits.updated"))
+        conn.conversation.item.retrieve(item_id=item_id)
+        item = receive_until(conn, of_type("conversation.item.retrieved"))[-1].item
+        assert item.content[0].transcript == ""
+        assert len(base64.b64decode(item.content[0].audio)) == played_ms * 48
+
+
 def test_client_secret_mint_then_connect_with_the_ek_key() -> None:
     with running_mock() as mock:
         client = mock.client()
