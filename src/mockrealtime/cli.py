@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="send a server_error event after the Nth client message",
     )
+    faults.add_argument(
+        "--transcription-failure",
+        action="store_true",
+        help="fail every input audio transcription "
+        "(conversation.item.input_audio_transcription.failed)",
+    )
     faults.description = (
         "Per connection, the request header x-mock-faults overrides these, "
         "e.g. 'x-mock-faults: drop_after_events=3, send_delay=0.01'."
@@ -243,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stall=args.stall,
             send_delay=args.send_delay,
             inject_error_after=args.inject_error_after,
+            transcription_failure=args.transcription_failure,
         )
         config = MockConfig(
             api_keys=frozenset(args.api_key),

@@ -206,6 +206,13 @@ def _address(definition: dict[str, Any]) -> str:
     return str(definition.get("server_url") or definition.get("tunnel_id") or "")
 
 
+def listing_key(definition: dict[str, Any]) -> dict[str, Any]:
+    """The part of a definition that decides what listing yields (approval policy aside)."""
+    return {
+        k: v for k, v in definition.items() if k not in ("require_approval", "server_description")
+    }
+
+
 def list_tools(definition: dict[str, Any]) -> list[dict[str, Any]] | None:
     """What listing the server's tools yields (``allowed_tools`` applied); None if it fails."""
     if LIST_FAILURE_MARKER in _address(definition):
@@ -236,3 +243,46 @@ def call(definition: dict[str, Any], name: str, arguments: str) -> tuple[str | N
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None, {"type": "tool_execution_error", "message": f"Invalid arguments for {name}."}
     return orjson.dumps(result).decode(), None
+
+
+# --- MCP items a client creates (e.g. replaying a conversation, answering an approval) ----
+
+ITEM_FIELDS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    # kind: (required string fields, optional fields)
+    "mcp_approval_response": (("approval_request_id",), ("approve", "reason")),
+    "mcp_approval_request": (("server_label", "name", "arguments"), ()),
+    "mcp_call": (("server_label", "name", "arguments"), ("approval_request_id", "output", "error")),
+    "mcp_list_tools": (("server_label",), ("tools",)),
+}
+ITEM_KEYS: Final = frozenset(k for req, opt in ITEM_FIELDS.values() for k in (*req, *opt))
+
+
+def parse_mcp_item(item: dict[str, Any], kind: str, param: str) -> dict[str, Any]:
+    """Validate the kind-specific fields of a client-created MCP item (type, id done already)."""
+    required, optional = ITEM_FIELDS[kind]
+    check_keys(item, {"id", "type", "object", *required, *optional}, param)
+    out: dict[str, Any] = {}
+    for key in required:
+        if key not in item:
+            raise missing_parameter(f"{param}.{key}")
+        out[key] = expect_str(item[key], f"{param}.{key}")
+    if kind == "mcp_approval_response":
+        if "approve" not in item:
+            raise missing_parameter(f"{param}.approve")
+        out["approve"] = expect_bool(item["approve"], f"{param}.approve")
+        reason = item.get("reason")
+        out["reason"] = None if reason is None else expect_str(reason, f"{param}.reason")
+    elif kind == "mcp_call":
+        for key in ("approval_request_id", "output"):
+            value = item.get(key)
+            out[key] = None if value is None else expect_str(value, f"{param}.{key}")
+        error = item.get("error")
+        out["error"] = None if error is None else dict(expect_object(error, f"{param}.error"))
+    elif kind == "mcp_list_tools":
+        if "tools" not in item:
+            raise missing_parameter(f"{param}.tools")
+        tools = item["tools"]
+        if not isinstance(tools, list):
+            raise invalid_type(f"{param}.tools", "an array", tools)
+        out["tools"] = [dict(expect_object(t, f"{param}.tools[{i}]")) for i, t in enumerate(tools)]
+    return out

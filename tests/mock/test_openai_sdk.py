@@ -400,6 +400,51 @@ def test_function_call_round_trip() -> None:
         assert done.response.status == "completed"
 
 
+def test_remote_mcp_tool_listing_approval_and_call() -> None:
+    server = {
+        "type": "mcp",
+        "server_label": "docs",
+        "server_url": "https://mcp.example.com/docs",
+        "allowed_tools": ["search_docs"],
+        "require_approval": "always",
+    }
+    with running_mock() as mock, mock.client().realtime.connect(model="gpt-realtime-2") as conn:
+        opened(conn)
+        conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["text"],
+                "tools": [server],
+                "tool_choice": {"type": "mcp", "server_label": "docs"},
+            }
+        )
+        events = receive_until(conn, of_type("mcp_list_tools.completed"))
+        assert kinds(events)[:2] == ["session.updated", "mcp_list_tools.in_progress"]
+        listing = next(e for e in events if e.type == "conversation.item.done").item
+        assert listing.type == "mcp_list_tools" and [t.name for t in listing.tools] == [
+            "search_docs"
+        ]
+        say_hello_text(conn)
+        conn.response.create()
+        events = receive_until(conn, of_type("response.done"))
+        request = events[-1].response.output[0]
+        assert request.type == "mcp_approval_request" and request.name == "search_docs"
+        receive_until(conn, of_type("rate_limits.updated"))
+        answer = {"type": "mcp_approval_response", "approval_request_id": request.id}
+        conn.conversation.item.create(item={**answer, "approve": True})
+        conn.response.create()
+        events = receive_until(conn, of_type("response.done"))
+        assert [k for k in kinds(events) if k.startswith("response.mcp_call")][-3:] == [
+            "response.mcp_call_arguments.done",
+            "response.mcp_call.in_progress",
+            "response.mcp_call.completed",
+        ]
+        call = events[-1].response.output[0]
+        assert call.type == "mcp_call" and call.approval_request_id == request.id
+        assert call.arguments == request.arguments and json.loads(call.output)["results"]
+        receive_until(conn, of_type("rate_limits.updated"))
+
+
 def test_response_cancel_during_a_paced_reply() -> None:
     with (
         running_mock(pace=1.0, reply_sentences=4) as mock,  # ~7 s of reply audio in real time
