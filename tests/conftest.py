@@ -57,8 +57,8 @@ def no_upstream_key_reaches_a_client() -> Iterator[None]:
 def _record_upstream_keys() -> None:
     """Record every key a relay is given upstream: each relay builds a dialer, and each
     session (and each bridge test) a bridge with the key as its secret."""
-    from relay.bridge import Bridge
-    from relay.upstream import UpstreamDialer
+    from relay.core.bridge import Bridge
+    from relay.wire.upstream import UpstreamDialer
 
     dialer_init, bridge_init = UpstreamDialer.__init__, Bridge.__init__
 

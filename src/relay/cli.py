@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from .app import RelayApp
+    from .server.app import RelayApp
 
 from .config import SETTINGS, ConfigError, RelayConfig, coerce_setting, load_config
-from .logs import configure_logging
+from .ops.logs import configure_logging
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] = ()) -> None:
@@ -161,10 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     " Export it, or try `relay demo` to run against the bundled fake."
                 )
             if config.workers > 1:
-                from .workers import serve_workers
+                from .server.workers import serve_workers
 
                 return serve_workers(config)
-            from .app import create_app
+            from .server.app import create_app
 
             trio.run(_serve, config, create_app(config))
         elif args.command == "usage":
@@ -172,18 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(environ, overrides)
             print(trio.run(_usage_report, config.store, args.day, args.user, args.json))
         elif args.command == "keygen":
-            from .auth import hash_key, new_api_key
+            from .usage.auth import hash_key, new_api_key
 
             key = new_api_key()
             print(f"client key (give it to {args.user}): {key}")
             print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
         elif args.command == "demo":
-            from .demo import check_demo_host
+            from .server.demo import check_demo_host
 
             check_demo_host(args.host, args.allow_anonymous)
             trio.run(_demo, args.host, args.port, args.allow_anonymous)
         elif args.command == "talk":
-            from .talk import run as run_talk
+            from .clients.talk import run as run_talk
 
             return run_talk(args)
     except ConfigError as exc:
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: RelayConfig, app: RelayApp) -> None:
-    from .server import serve
+    from .server.serve import serve
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, config, app=app))
@@ -205,7 +205,7 @@ async def _serve(config: RelayConfig, app: RelayApp) -> None:
 
 
 async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
-    from .demo import run_demo
+    from .server.demo import run_demo
 
     async with trio.open_nursery() as nursery:
         demo = await nursery.start(partial(run_demo, host, port, allow_anonymous=allow_anonymous))
@@ -221,8 +221,8 @@ async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
 async def _usage_report(url: str, day: str | None, user: str | None, as_json: bool) -> str:
     import orjson
 
-    from .accounting import format_table, usage_json
-    from .usage import open_store
+    from .usage.accounting import format_table, usage_json
+    from .usage.store import open_store
 
     store = await open_store(url)
     try:

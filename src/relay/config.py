@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .auth import parse_api_keys
-from .policy import Policy
+from .core.policy import Policy
+from .usage.auth import parse_api_keys
 
 MiB = 1024 * 1024
 

@@ -19,13 +19,13 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
     WebSocketRequest,
-    wrap_client_stream,
     serve_websocket,
+    wrap_client_stream,
 )
 
-from relay.app import RelayApp, create_app
 from relay.config import RelayConfig, load_config
-from relay.server import serve
+from relay.server.app import RelayApp, create_app
+from relay.server.serve import serve
 
 from ..leaks import check_client_sees_no_upstream_key
 

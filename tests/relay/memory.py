@@ -15,12 +15,12 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from relay.bridge import Bridge, Ending, Limits, Message
-from relay.closecodes import sendable
-from relay.deadlines import Deadlines
-from relay.pair import Pair
-from relay.upstream import UpstreamTarget
-from relay.websocket import WebSocket as RelayWebSocket
+from relay.core.bridge import Bridge, Ending, Limits, Message
+from relay.core.closecodes import sendable
+from relay.core.deadlines import Deadlines
+from relay.server.pair import Pair
+from relay.wire.upstream import UpstreamTarget
+from relay.wire.websocket import WebSocket as RelayWebSocket
 
 from ..leaks import check_client_sees_no_upstream_key
 

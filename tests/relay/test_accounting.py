@@ -13,11 +13,11 @@ import httpx
 import orjson
 import pytest
 import trio
-from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from trio_websocket import ConnectionRejected
 
-from relay.accounting import Accounting
-from relay.auth import Identity, Refusal, hash_key
+from mockrealtime import MockConfig, MockServer, serve_mock_realtime
+from relay.usage.accounting import Accounting
+from relay.usage.auth import Identity, Refusal, hash_key
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
 from .test_relay_loopback import error_codes, receive_until_closed
@@ -74,7 +74,7 @@ async def text_turn(relay: RunningRelay) -> list[dict]:
 
 async def rows(relay: RunningRelay) -> list[dict]:
     assert relay.app.accounting is not None
-    from relay.accounting import usage_json
+    from relay.usage.accounting import usage_json
 
     return [usage_json(r) for r in await relay.app.accounting.store.rows(user="alice")]
 
@@ -227,9 +227,9 @@ class HungStore:
 async def test_a_hung_store_cannot_hold_up_a_sessions_teardown(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from relay.accounting import FINISH_TIMEOUT, Accounting
-    from relay.auth import Identity
-    from relay.bridge import Traffic
+    from relay.core.bridge import Traffic
+    from relay.usage.accounting import FINISH_TIMEOUT, Accounting
+    from relay.usage.auth import Identity
 
     accounting = Accounting(HungStore(), max_sessions=2, daily_budget=0)  # type: ignore[arg-type]
     started = trio.current_time()
@@ -282,7 +282,7 @@ class LeaseStore:
 
     async def add(self, user: str, day: str, delta: object) -> None:
         self._maybe_fail("add")
-        from relay.usage import TOKEN_COUNTERS
+        from relay.usage.store import TOKEN_COUNTERS
 
         self.tokens_used[user] = self.tokens_used.get(user, 0) + sum(getattr(delta, n) for n in TOKEN_COUNTERS)
 
@@ -342,7 +342,7 @@ async def test_a_store_failure_while_recording_a_response_is_logged_and_not_fata
 async def test_a_hung_store_cannot_hold_up_the_upstreams_events(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from relay.accounting import STORE_TIMEOUT
+    from relay.usage.accounting import STORE_TIMEOUT
 
     accounting = Accounting(HungStore(), max_sessions=0, daily_budget=10)  # type: ignore[arg-type]
     started = trio.current_time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from relay.app import AsgiClient
+from relay.server.legs import AsgiClient
 
 
 @pytest.mark.parametrize("error", [trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError])

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.auth import Authenticator, Refusal, hash_key, parse_api_keys
+from relay.usage.auth import Authenticator, Refusal, hash_key, parse_api_keys
 
 SECRET = "jwt-shared-secret-for-tests-0123456789abcdef"
 KEY = "rk_alice_key"

@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-from relay.auth import hash_key
+from relay.usage.auth import hash_key
 
 from .harness import connect, greet, running_relay, scripted_upstream
 from .test_relay_loopback import error_codes, receive_until_closed

@@ -1,4 +1,4 @@
-"""Workers sharing one listening socket take their share of the connections (relay.balance)."""
+"""Workers sharing one listening socket take their share of the connections (relay.wire.balance)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay.balance import DEFER, Balance, BalancedListener
+from relay.wire.balance import DEFER, Balance, BalancedListener
 
 
 def test_a_worker_is_ahead_while_another_holds_fewer_connections() -> None:

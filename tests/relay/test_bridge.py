@@ -7,9 +7,9 @@ import base64
 import orjson
 import pytest
 
-from relay.bridge import Bridge, BridgeError, Cause, Ending, Limits, Phase, Reply
-from relay.closecodes import clip_reason, sendable
-from relay.policy import Policy
+from relay.core.bridge import Bridge, BridgeError, Cause, Ending, Limits, Phase, Reply
+from relay.core.closecodes import clip_reason, sendable
+from relay.core.policy import Policy
 
 SECRET = "sk-secret-key-abcdefghijklmnop"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime"}}'

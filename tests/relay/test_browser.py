@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from mockrealtime import MockConfig, serve_mock_realtime
-from relay.demo import run_demo
+from relay.server.demo import run_demo
 
 from .harness import TEST_KEY, closed_port_url, running_relay
 
@@ -353,7 +353,7 @@ def test_the_token_field_authenticates_the_page(tmp_path: Path) -> None:
     gets it in, a wrong one is refused, and one that cannot be a subprotocol never leaves."""
     from selenium.webdriver.common.by import By
 
-    from relay.auth import hash_key, new_api_key
+    from relay.usage.auth import hash_key, new_api_key
 
     key = new_api_key()
 

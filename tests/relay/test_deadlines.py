@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from relay.bridge import Cause
-from relay.deadlines import Deadlines, Due
+from relay.core.bridge import Cause
+from relay.core.deadlines import Deadlines, Due
 
 from .memory import ClientScript, Outcome, UpstreamScript, run_pair
 

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import trio
 
-from relay.demo import run_demo
+from relay.server.demo import run_demo
 
 from .harness import connect
 
@@ -136,7 +136,7 @@ def test_relay_serve_refuses_to_start_without_client_auth_unless_told_to() -> No
 
 
 def test_relay_keygen_prints_a_key_and_the_entry_that_accepts_it() -> None:
-    from relay.auth import hash_key
+    from relay.usage.auth import hash_key
 
     result = subprocess.run(
         [sys.executable, "-m", "relay", "keygen", "alice"], capture_output=True, text=True, timeout=30
@@ -166,7 +166,7 @@ def test_the_documented_hypercorn_command_line_serves_the_app() -> None:
     env = dict(os.environ, OPENAI_API_KEY="sk-x", RELAY_ALLOW_ANONYMOUS="true", RELAY_STORE="sqlite:///:memory:")
     proc = subprocess.Popen(
         [sys.executable, "-m", "hypercorn", "-k", "trio", "--bind", f"127.0.0.1:{port}",
-         "relay.app:create_app()"],
+         "relay.server.app:create_app()"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
@@ -208,7 +208,7 @@ def test_relay_demo_refuses_a_non_loopback_host_without_allow_anonymous() -> Non
                                                ("::", False), ("192.0.2.1", False), ("relay.example", False)])
 def test_only_loopback_hosts_may_serve_the_anonymous_demo(host: str, allowed: bool) -> None:
     from relay.config import ConfigError
-    from relay.demo import check_demo_host
+    from relay.server.demo import check_demo_host
 
     check_demo_host(host, allow_anonymous=True)  # told to: any host
     if allowed:

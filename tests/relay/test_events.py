@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.events import error_event, event_type, finder
+from relay.core.events import error_event, event_type, finder
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""relay.frames, the sans-IO RFC 6455 framer, checked against wsproto and by hand.
+"""relay.wire.frames, the sans-IO RFC 6455 framer, checked against wsproto and by hand.
 
 wsproto is the independent reference: frames it builds (as a client: masked,
 fragmented, with control frames between fragments) must come out of
@@ -18,7 +18,7 @@ from wsproto import Connection, ConnectionType
 from wsproto import events as ws
 from wsproto.frame_protocol import FrameProtocol
 
-from relay.frames import (
+from relay.wire.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,

@@ -1,4 +1,4 @@
-"""The README's `hypercorn -k trio … 'relay.app:create_app()'` line, run as documented."""
+"""docs/deployment.md's `hypercorn -k trio … 'relay.server.app:create_app()'` line, run as documented."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import trustme
 from trio_websocket import WebSocketConnection
 
 from mockrealtime import MockConfig, serve_mock_realtime
-from relay.auth import hash_key
+from relay.usage.auth import hash_key
 
 from .harness import TEST_KEY, connect
 from .test_demo import events_until
@@ -36,7 +36,7 @@ STOP_SECONDS = 10
 SESSIONS = 8
 MAX_SESSIONS = 60
 CLIENT_KEY = "rk_test_client_key_abcdef"
-README = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+README = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text(encoding="utf-8")
 
 
 def documented_line() -> tuple[list[str], list[str]]:

@@ -10,7 +10,7 @@ from datetime import datetime
 import orjson
 import pytest
 
-from relay.logs import RelayLogHandler, configure_logging
+from relay.ops.logs import RelayLogHandler, configure_logging
 
 UPSTREAM_KEY = "sk-upstream-logtest-5f2b8d"
 JWT_SECRET = 'jwt"with\\quote-and-backslash-0123456789abcdef'

@@ -9,8 +9,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.bridge import Cause, Traffic
-from relay.metrics import PUBLISH_SECONDS, RelayMetrics, VoiceClock
+from relay.core.bridge import Cause, Traffic
+from relay.ops.metrics import PUBLISH_SECONDS, RelayMetrics, VoiceClock
 
 
 def scrape(metrics: RelayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -9,11 +9,11 @@ import openai
 import orjson
 import trio
 
-from relay.accounting import utc_day
-from relay.auth import Identity, hash_key
 from relay.config import load_config
-from relay.mint import Minter
-from relay.usage import UsageDelta
+from relay.usage.accounting import utc_day
+from relay.usage.auth import Identity, hash_key
+from relay.usage.mint import Minter
+from relay.usage.store import UsageDelta
 
 from .harness import TEST_KEY, connect
 from .test_accounting import ALICE, relays
@@ -112,7 +112,7 @@ async def test_an_upstream_error_page_that_is_not_json_gives_502() -> None:
 
 
 async def test_minting_while_the_usage_store_is_down_gives_503() -> None:
-    from relay.accounting import Accounting
+    from relay.usage.accounting import Accounting
 
     from .test_accounting import LeaseStore
 

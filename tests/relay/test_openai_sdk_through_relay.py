@@ -7,7 +7,7 @@ import threading
 import openai
 import trio
 
-from relay.demo import Demo, run_demo
+from relay.server.demo import Demo, run_demo
 
 TIMEOUT = 20
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed
 
 from mockrealtime import MockConfig, serve_mock_realtime
-from relay.bridge import Cause
+from relay.core.bridge import Cause
 
 from .harness import TEST_KEY, UpstreamConnection, connect, greet, running_relay, scripted_upstream
 from .memory import ClientScript, UpstreamScript, run_pair
@@ -250,9 +250,9 @@ def test_the_documented_hypercorn_line_configures_hypercorn_as_relay_serve_does(
     import hypercorn.__main__ as hypercorn_main
 
     from relay.config import load_config
-    from relay.server import hypercorn_config
+    from relay.server.serve import hypercorn_config
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text(encoding="utf-8")
     block = re.search(r"```sh\n(OPENAI_API_KEY=\S+ RELAY_API_KEYS=\S+ hypercorn -k trio -w 2 .*?)\n```", readme, re.S)
     assert block, "the Deployment section's hypercorn line"
     argv = shlex.split(block.group(1).replace("\\\n", " "))
@@ -266,7 +266,7 @@ def test_the_documented_hypercorn_line_configures_hypercorn_as_relay_serve_does(
     for name in ("bind", "workers", "certfile", "keyfile", "keep_alive_timeout", "read_timeout",
                  "websocket_ping_interval"):
         assert getattr(theirs, name) == getattr(ours, name), name
-    assert theirs.application_path == "relay.app:create_app()" and theirs.worker_class == "trio"
+    assert theirs.application_path == "relay.server.app:create_app()" and theirs.worker_class == "trio"
 
 
 async def test_a_closed_websockets_ping_task_ends_with_it_so_shutdown_does_not_wait() -> None:

@@ -11,7 +11,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-from relay.overload import LoadGuard, Thresholds, newest_to_shed
+from relay.ops.overload import LoadGuard, Thresholds, newest_to_shed
 
 from .harness import connect, greet, running_relay, scripted_upstream
 
@@ -120,20 +120,20 @@ def test_cpu_demand_is_time_used_plus_time_spent_waiting_for_a_core(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A relay starved by its neighbours uses little CPU but wants a lot: that is overload."""
-    import relay.app
+    from relay.server import loadwatch
 
     stat = tmp_path / "schedstat"
     stat.write_text("7000000000 2500000000 42\n")  # ran 7 s, waited 2.5 s runnable, 42 slices
     real_open = open
-    monkeypatch.setattr(relay.app.time, "process_time", lambda: 1.25)
+    monkeypatch.setattr(loadwatch.time, "process_time", lambda: 1.25)
     schedstat = "/proc/thread-self/schedstat"
     monkeypatch.setattr(
         "builtins.open",
         lambda path, *a, **k: real_open(stat if path == schedstat else path, *a, **k),
     )
-    assert relay.app.cpu_demand_seconds() == pytest.approx(1.25 + 2.5)
+    assert loadwatch.cpu_demand_seconds() == pytest.approx(1.25 + 2.5)
     stat.unlink()  # no scheduler statistics (not Linux): the time used alone
-    assert relay.app.cpu_demand_seconds() == pytest.approx(1.25)
+    assert loadwatch.cpu_demand_seconds() == pytest.approx(1.25)
 
 
 def test_the_time_the_pump_polled_between_messages_is_not_load(
@@ -141,15 +141,17 @@ def test_the_time_the_pump_polled_between_messages_is_not_load(
 ) -> None:
     """Polling instead of sleeping burns CPU that is really idle: counted, a quiet relay that
     polls would look busy and shed sessions."""
-    import relay.app
     from relay.config import load_config
+    from relay.server import loadwatch
+    from relay.server.app import RelayApp
+    from relay.wire.pump import Pump
 
-    app = relay.app.RelayApp(load_config({"OPENAI_API_KEY": "sk-x", "RELAY_ALLOW_ANONYMOUS": "1"}))
-    monkeypatch.setattr(relay.app, "cpu_demand_seconds", lambda: 5.0)
-    assert app._cpu_demand() == 5.0  # no pump yet
-    app.pump = relay.app.Pump(busy_poll=1e-4)
-    monkeypatch.setattr(relay.app.Pump, "polled", 1.5)
-    assert app._cpu_demand() == pytest.approx(3.5)
+    app = RelayApp(load_config({"OPENAI_API_KEY": "sk-x", "RELAY_ALLOW_ANONYMOUS": "1"}))
+    monkeypatch.setattr(loadwatch, "cpu_demand_seconds", lambda: 5.0)
+    assert loadwatch.cpu_demand(app) == 5.0  # no pump yet
+    app.pump = Pump(busy_poll=1e-4)
+    monkeypatch.setattr(Pump, "polled", 1.5)
+    assert loadwatch.cpu_demand(app) == pytest.approx(3.5)
 
 
 async def test_a_busy_worker_stops_polling_and_polls_again_once_idle_even_with_the_guard_off(
@@ -157,7 +159,7 @@ async def test_a_busy_worker_stops_polling_and_polls_again_once_idle_even_with_t
 ) -> None:
     """With every load limit off the watcher still runs, to tell the pump when the worker is
     busy: polling then would take a core others need."""
-    import relay.app
+    from relay.server import loadwatch
 
     rate = {"now": 0.9}  # share of a core the fake worker wants
     clock = {"at": time.monotonic(), "used": 0.0}
@@ -168,7 +170,7 @@ async def test_a_busy_worker_stops_polling_and_polls_again_once_idle_even_with_t
         clock["at"] = now
         return clock["used"]
 
-    monkeypatch.setattr(relay.app, "cpu_demand_seconds", demand)
+    monkeypatch.setattr(loadwatch, "cpu_demand_seconds", demand)
     with trio.fail_after(TIMEOUT):
         async with running_relay(overload_behind=0.0, shed_behind=0.0) as relay_:
             assert not relay_.app.guard.enabled

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from relay.bridge import Bridge, Limits, Reply
-from relay.policy import Policy
+from relay.core.bridge import Bridge, Limits, Reply
+from relay.core.policy import Policy
 
 DEFAULT = Policy()
 

@@ -20,8 +20,8 @@ import trio.testing
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from relay.bridge import Cause
-from relay.closecodes import sendable
+from relay.core.bridge import Cause
+from relay.core.closecodes import sendable
 
 from .memory import (
     CLOSE_TIMEOUT,

@@ -13,14 +13,21 @@ import orjson
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mockrealtime import Faults, MockConfig, serve_mock_realtime
 from trio_websocket import ConnectionClosed
 
-from relay.bridge import Cause, Ending
+from mockrealtime import Faults, MockConfig, serve_mock_realtime
+from relay.core.bridge import Cause, Ending
 
 from .harness import UpstreamConnection, closed_port_url, connect, running_relay, scripted_upstream
 from .memory import SECRET, ClientScript, UpstreamScript, limits
-from .test_properties import acceptable_prefix, check_common, client_code_for, redacted, relay_errors, scenarios
+from .test_properties import (
+    acceptable_prefix,
+    check_common,
+    client_code_for,
+    redacted,
+    relay_errors,
+    scenarios,
+)
 
 SCALE = 0.01  # scenario seconds → real seconds
 DIAL_TIMEOUT = 0.5

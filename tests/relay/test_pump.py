@@ -1,8 +1,8 @@
-"""relay.pump: pairs whose legs are plain sockets are relayed by the pump, and nothing
+"""relay.wire.pump: pairs whose legs are plain sockets are relayed by the pump, and nothing
 about a session changes for it: order, backpressure, control frames, ends and errors.
 
-Each test runs a real :class:`~relay.pair.Pair` over TCP loopback sockets (the pump
-only takes plain sockets) with a :class:`~relay.pump.Pump` of its own. The far ends
+Each test runs a real :class:`~relay.server.pair.Pair` over TCP loopback sockets (the pump
+only takes plain sockets) with a :class:`~relay.wire.pump.Pump` of its own. The far ends
 are raw peers that write and read frames by hand, so a test controls exactly which
 bytes arrive together in one read (a burst, a message with the peer's end, a ping
 between messages). Every wait is bounded, so a hang fails the test.
@@ -23,9 +23,11 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.app import SocketClient
-from relay.bridge import Bridge, Ending, Limits, Message
-from relay.frames import (
+from relay.core.bridge import Bridge, Ending, Limits, Message
+from relay.server.legs import SocketClient
+from relay.server.pair import Pair
+from relay.wire import pump as pump_module
+from relay.wire.frames import (
     OP_CONTINUATION,
     OP_PING,
     OP_TEXT,
@@ -36,10 +38,8 @@ from relay.frames import (
     Pong,
     frame,
 )
-from relay.pair import Pair
-from relay import pump as pump_module
-from relay.pump import BUDGET, GROW_START, PollWindow, Pump
-from relay.websocket import WebSocket
+from relay.wire.pump import BUDGET, GROW_START, PollWindow, Pump
+from relay.wire.websocket import WebSocket
 
 SESSION_UPDATE = '{"type":"session.update","session":{}}'
 MAX = 1 << 20
@@ -171,7 +171,7 @@ async def pump_running(busy_poll: float = 0.0) -> AsyncIterator[tuple[Pump, trio
     async with trio.open_nursery() as nursery:
         scope = await nursery.start(run_pump, pump)
         await trio.lowlevel.checkpoint()  # the pump has started
-        assert pump.running, "the pump could not share this Trio's I/O manager (see relay.pump)"
+        assert pump.running, "the pump could not share this Trio's I/O manager (see relay.wire.pump)"
         yield pump, scope
         scope.cancel()
 

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import trio
 import trustme
+
 from mockrealtime import Faults, MockConfig, MockServer, serve_mock_realtime
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
@@ -141,7 +142,7 @@ async def test_a_client_cannot_rewrite_the_instructions_and_the_session_goes_on(
 
 
 async def test_a_client_keeps_the_model_it_connected_with_and_may_only_send_allowed_events() -> None:
-    from relay.policy import Policy
+    from relay.core.policy import Policy
 
     policy = Policy.from_table({"client_events_allowed": ["session.update", "input_audio_buffer.clear"]})
     same_model = {"type": "session.update", "event_id": "same", "session": {"type": "realtime", "model": "gpt-realtime-mini"}}
@@ -165,7 +166,7 @@ async def test_a_client_keeps_the_model_it_connected_with_and_may_only_send_allo
 async def test_a_wss_upstream_is_relayed_by_the_pump_and_carries_a_whole_session(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Against the real API the upstream leg is TLS: the relay's own (relay.tls), so the pump
+    """Against the real API the upstream leg is TLS: the relay's own (relay.wire.tls), so the pump
     relays it. Every append arrives in order, one of many TLS records among them, and a reply
     streams back."""
     ca = trustme.CA()

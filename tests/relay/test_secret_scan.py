@@ -8,7 +8,13 @@ import secrets
 import pytest
 import trio
 
-from ..leaks import CLIENT_LEAKS, UPSTREAM_KEYS, SecretScanner, check_client_sees_no_upstream_key, hold
+from ..leaks import (
+    CLIENT_LEAKS,
+    UPSTREAM_KEYS,
+    SecretScanner,
+    check_client_sees_no_upstream_key,
+    hold,
+)
 from .harness import TEST_KEY, closed_port_url, running_relay
 
 

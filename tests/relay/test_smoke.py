@@ -1,7 +1,6 @@
 import trio
-from .harness import connect
 
-from .harness import running_relay, scripted_upstream
+from .harness import connect, running_relay, scripted_upstream
 
 
 async def echo(conn):

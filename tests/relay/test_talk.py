@@ -17,10 +17,9 @@ import pytest
 import trio
 
 from mockrealtime import MockConfig, serve_mock_realtime
-from relay import wav
 from relay.cli import main
-from relay.demo import Demo, run_demo
-from relay.talk import (
+from relay.clients import wav
+from relay.clients.talk import (
     BYTES_PER_MS,
     Conversation,
     Options,
@@ -29,6 +28,7 @@ from relay.talk import (
     open_relay,
     talk,
 )
+from relay.server.demo import Demo, run_demo
 
 from .harness import TEST_KEY, closed_port_url, running_relay, scripted_upstream
 
@@ -188,7 +188,7 @@ async def test_a_token_is_offered_as_a_subprotocol_next_to_realtime() -> None:
 
 
 async def test_a_relay_with_client_keys_takes_the_token_and_refuses_others() -> None:
-    from relay.auth import hash_key, new_api_key
+    from relay.usage.auth import hash_key, new_api_key
 
     key = new_api_key()
     pcm = hello_pcm()

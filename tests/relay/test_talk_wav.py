@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import wav
+from relay.clients import wav
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 

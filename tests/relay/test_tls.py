@@ -1,4 +1,4 @@
-"""relay.tls: the relay's own TLS to a wss:// upstream, and the WebSocket over it.
+"""relay.wire.tls: the relay's own TLS to a wss:// upstream, and the WebSocket over it.
 
 The far end is Trio's own TLS server stream over loopback TCP, with a certificate from a
 throwaway CA (trustme), so each test sees real records, real certificate checks and, where
@@ -17,9 +17,9 @@ import trio
 import trustme
 from trio_websocket import ConnectionClosed
 
-from relay.frames import FrameReader, frame
-from relay.tls import TLSSocketStream
-from relay.websocket import PART, WebSocket
+from relay.wire.frames import FrameReader, frame
+from relay.wire.tls import TLSSocketStream
+from relay.wire.websocket import PART, WebSocket
 
 TIMEOUT = 10
 CA = trustme.CA()

@@ -22,7 +22,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.usage import (
+from relay.usage.store import (
     UsageDelta,
     UsageRow,
     UsageStore,
@@ -196,7 +196,7 @@ async def test_two_processes_on_one_sqlite_file_never_exceed_the_cap(tmp_path: P
     script = textwrap.dedent(
         f"""
         import trio
-        from relay.usage import open_store
+        from relay.usage.store import open_store
 
         async def main():
             store = await open_store({url!r})
@@ -533,7 +533,7 @@ def test_usage_without_a_breakdown_is_charged_as_text() -> None:
 #: rounds of three processes forked together, each opening the same new SQLite file.
 _OPEN_AT_ONCE = """
 import os, sys, tempfile, trio
-from relay.usage import open_store
+from relay.usage.store import open_store
 
 def child(url):
     async def main():

@@ -1,4 +1,4 @@
-"""relay.websocket: one connection over a Trio stream, and the client handshake.
+"""relay.wire.websocket: one connection over a Trio stream, and the client handshake.
 
 Peers are trio-websocket (an independent implementation) where the test is about
 interworking, and a raw peer writing and reading frames by hand where the test is
@@ -30,7 +30,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from relay.frames import (
+from relay.wire.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
@@ -43,7 +43,7 @@ from relay.frames import (
     close_payload,
     frame,
 )
-from relay.websocket import HandshakeFailed, WebSocket, accept_key, connect
+from relay.wire.websocket import HandshakeFailed, WebSocket, accept_key, connect
 
 MAX = 1 << 20
 #: Virtual seconds any one step may take; far beyond what a working step needs.

@@ -2,7 +2,7 @@
 
 prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` once, when it is first imported, so
 the directory is made and named here before anything imports it; only then is the relay
-imported (once: :func:`relay.server.run_workers` forks the workers from this process).
+imported (once: :func:`relay.server.serve.run_workers` forks the workers from this process).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 
-from .config import RelayConfig
+from ..config import RelayConfig
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -23,7 +23,7 @@ def serve_workers(config: RelayConfig) -> int:
     inherited = os.environ.get(MULTIPROC_DIR)
     os.environ[MULTIPROC_DIR] = metrics_dir
     try:
-        from .server import run_workers
+        from .serve import run_workers
 
         return run_workers(config, metrics_dir)
     finally:

@@ -17,8 +17,8 @@
   stops reading, and leaves the connection to the app until it returns. Routing,
   the handshake, denial responses, TLS, lifespan, workers and shutdown stay Hypercorn's.
 * **Balanced accepts.** The workers of ``relay serve --workers N`` share one listening
-  socket, and each takes its share of the connections (:mod:`relay.balance`): Hypercorn's
-  listeners are made :class:`~relay.balance.BalancedListener` (:func:`balance_accepts`).
+  socket, and each takes its share of the connections (:mod:`relay.wire.balance`): Hypercorn's
+  listeners are made :class:`~relay.wire.balance.BalancedListener` (:func:`balance_accepts`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from wsproto.events import Ping
 from .balance import Balance, BalancedListener
 
 #: The ASGI message an app sends instead of ``websocket.accept`` to take the socket.
-TAKE_OVER = "relay.websocket.take_over"
+TAKE_OVER = "relay.wire.websocket.take_over"
 
 #: The connection whose task spawned the app (Trio copies the context into new tasks).
 _connection: ContextVar[_TCPServer | None] = ContextVar("relay_hypercorn_connection", default=None)
@@ -83,7 +83,7 @@ class _TCPServer(tcp_server.TCPServer):
     _reading: trio.CancelScope | None = None
     _released: trio.Event | None = None
 
-    _uncounted = False  # no longer among this worker's open connections (relay.balance)
+    _uncounted = False  # no longer among this worker's open connections (relay.wire.balance)
 
     async def run(self) -> None:
         _connection.set(self)

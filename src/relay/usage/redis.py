@@ -10,7 +10,7 @@ import coredis
 import coredis.exceptions
 import trio
 
-from .usage import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
+from .store import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
 
 #: Every key this store writes starts with this.
 REDIS_PREFIX: Final = "relay:"

@@ -2,7 +2,7 @@
 
 The relay forwards tens of thousands of messages a second, so the hot path
 never touches a Prometheus object. The bridge already counts every message and
-byte on its pair (:class:`relay.bridge.Traffic`, plain ints); this module adds
+byte on its pair (:class:`relay.core.bridge.Traffic`, plain ints); this module adds
 them to the Prometheus counters in batches (:meth:`RelayMetrics.publish`): the
 whole relay's total since the last batch, four ``inc`` calls whatever the number
 of sessions. A session's :class:`Traffic` is registered when it starts and, when
@@ -13,7 +13,7 @@ neither: the counters only grow.
 Every scrape publishes first, so one process's ``/metrics`` is exact. With several
 worker processes on one port (``relay serve --workers N``) a scrape reaches one
 worker at random, so the metrics live in prometheus-client's multiprocess mode
-(``PROMETHEUS_MULTIPROC_DIR``, set up by :func:`relay.workers.serve_workers`) and
+(``PROMETHEUS_MULTIPROC_DIR``, set up by :func:`relay.server.workers.serve_workers`) and
 any worker renders the sum of all. A scrape cannot reach into the other workers
 to publish their live sessions, so in that mode each worker also publishes once a
 second from a background task: the traffic of the other workers' running sessions
@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .bridge import Cause, Traffic
-from .closecodes import UPSTREAM_AUTH_REFUSED, Code
+from ..core.bridge import Cause, Traffic
+from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"

@@ -25,10 +25,10 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from ._hypercorn import balance_accepts
+from ..config import RelayConfig
+from ..wire.takeover import balance_accepts
 from .app import RelayApp, client_frame_limit, create_app
-from .balance import Balance
-from .config import RelayConfig
+from ..wire.balance import Balance
 
 #: Seconds Hypercorn waits for connections after the relay closed its sessions.
 GRACEFUL_TIMEOUT = 2.0
@@ -109,11 +109,11 @@ async def serve(
 def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     """Run ``config.workers`` worker processes on one port; return an exit status.
 
-    Called by :func:`relay.workers.serve_workers`, which has set PROMETHEUS_MULTIPROC_DIR
+    Called by :func:`relay.server.workers.serve_workers`, which has set PROMETHEUS_MULTIPROC_DIR
     to ``metrics_dir`` before this module (and prometheus-client) was imported.
 
     The parent binds one listening socket and hands it to every worker, a whole relay with
-    its own event loop; each accepts its share of the connections (:mod:`relay.balance`:
+    its own event loop; each accepts its share of the connections (:mod:`relay.wire.balance`:
     a worker holding more connections than another leaves the next one to it), so the
     workers carry the sessions evenly, which the kernel's spread by hash (``SO_REUSEPORT``)
     does not. A worker that dies leaves the socket to the others. Workers are forked from
@@ -124,7 +124,7 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     and SIGTERM on to every worker exactly once; each then drains as a single relay does.
 
     A scrape of ``/metrics`` reaches whichever worker accepts it, so the workers keep
-    their metrics in prometheus-client's multiprocess files (see :mod:`relay.metrics`);
+    their metrics in prometheus-client's multiprocess files (see :mod:`relay.ops.metrics`);
     a worker's live-session gauge stops counting when it exits.
     """
     from multiprocessing.connection import wait
@@ -132,7 +132,7 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     from hypercorn.utils import repr_socket_addr
     from prometheus_client import multiprocess
 
-    from .metrics import multiprocess_mode
+    from ..ops.metrics import multiprocess_mode
 
     hc = hypercorn_config(config)  # (one worker for Hypercorn: no SO_REUSEPORT)
     sockets = hc.create_sockets()
@@ -178,7 +178,7 @@ def _worker(
     os.setpgid(0, 0)
     _drain_when_orphaned(parent)
     balance_accepts(Balance(counts, index))
-    from .logs import configure_logging
+    from ..ops.logs import configure_logging
 
     configure_logging(
         config.log_format,

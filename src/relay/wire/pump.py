@@ -1,6 +1,6 @@
 """Relaying the messages of every pair whose legs are plain sockets, while Trio waits for I/O.
 
-Relaying a message the ordinary way (:mod:`relay.pair`) wakes the pair's task for it:
+Relaying a message the ordinary way (:mod:`relay.server.pair`) wakes the pair's task for it:
 Trio re-arms the socket in its epoll, goes round its run loop, schedules the task,
 resumes its coroutines, and the task reads once more only to find the socket empty.
 For a 6.5 KB audio event that is most of what the relay spends, and one session's
@@ -19,7 +19,7 @@ timeout is up, and gives Trio exactly the events Trio would have seen. When Trio
 tasks to run (a timeout of 0), the driver serves one round without waiting. Trio's
 timers, its other sockets and its clocks behave as before; ``wait_all_tasks_blocked``
 sees the pump's work as no task's. The app's lifespan runs one pump per worker
-(:attr:`relay.app.RelayApp.pump`).
+(:attr:`relay.server.app.RelayApp.pump`).
 
 Before it sleeps, an idle driver polls for a while (``RELAY_BUSY_POLL`` at most): waking
 a sleeping process costs tens of µs on a VM, and a session's round trip wakes the relay
@@ -33,7 +33,7 @@ pair's task, which :meth:`Pump.lend` then returns to, in order and with nothing
 skipped: a control frame, the end of the connection or a protocol error next on
 the socket (:data:`READ`: read it the ordinary way), a message the other leg's
 socket had no room for (the bridge's output, to send the ordinary way) or room for
-only part of (:data:`~relay.websocket.PART`: finish the write), and any reply or
+only part of (:data:`~relay.wire.websocket.PART`: finish the write), and any reply or
 ending of the bridge's. Backpressure, send timeouts, closes and cancellation stay
 the task's, exactly as without the pump.
 
@@ -41,7 +41,7 @@ The driver uses what Trio does not publish: the run's epoll I/O manager (its epo
 and its ``get_events``) and its queue of runnable tasks. Where they are not there
 (not Linux, guest mode, a Trio whose insides moved), no pump runs, a warning says
 so, and pairs relay through their own tasks. A leg over the relay's own TLS
-(:mod:`relay.tls`, the upstream's ``wss://``) is pumped like a plain one; Trio's TLS (a
+(:mod:`relay.wire.tls`, the upstream's ``wss://``) is pumped like a plain one; Trio's TLS (a
 client leg Hypercorn serves over TLS) and in-memory streams are not: their writes cannot be
 made without waiting for the stream's own machinery.
 """
@@ -59,7 +59,7 @@ from typing import Any
 import trio
 from outcome import Error, Value
 
-from .bridge import Bridge, Message, Reply
+from ..core.bridge import Bridge, Message, Reply
 from .websocket import HELD, PART, WebSocket
 
 #: Hand-back: the next thing on the socket is for the ordinary read (get_message).
@@ -162,7 +162,7 @@ class Pump:
     async def lend(self, leg: Leg) -> object:
         """Let the pump relay ``leg`` until it meets something only the task can do; return it.
 
-        Returns :data:`READ`, :data:`~relay.websocket.PART` or what the leg's step returned
+        Returns :data:`READ`, :data:`~relay.wire.websocket.PART` or what the leg's step returned
         and the pump could not send. A checkpoint, like any Trio I/O call.
         """
         await trio.lowlevel.checkpoint()
@@ -207,7 +207,7 @@ class Pump:
         if self._driver is None:
             log.warning(
                 "this Trio run has no epoll I/O manager the relay can share: sessions are"
-                " relayed by their own tasks (slower; see relay.pump)"
+                " relayed by their own tasks (slower; see relay.wire.pump)"
             )
             return
         try:
@@ -378,7 +378,7 @@ class _Driver:
         trio.lowlevel.reschedule(task, result)
 
 
-_DRIVER: trio.lowlevel.RunVar[_Driver | None] = trio.lowlevel.RunVar("relay.pump", default=None)
+_DRIVER: trio.lowlevel.RunVar[_Driver | None] = trio.lowlevel.RunVar("relay.wire.pump", default=None)
 
 
 class _WaitingThrough:

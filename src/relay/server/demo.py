@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
+
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
-from .config import ConfigError, RelayConfig, load_config
-from .server import serve
+from ..config import ConfigError, RelayConfig, load_config
+from .serve import serve
 
 
 @dataclass(frozen=True)

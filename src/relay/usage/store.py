@@ -4,10 +4,10 @@ Every relay instance that shares a store (one SQLite file, or one Redis) sees th
 same counters and the same leases, so a per-user cap holds across instances. Two
 backends implement :class:`UsageStore`:
 
-- SQLite (``sqlite:///PATH``, :mod:`relay.usage_sqlite`): the stdlib driver in a worker thread, one
+- SQLite (``sqlite:///PATH``, :mod:`relay.usage.sqlite`): the stdlib driver in a worker thread, one
   connection serialised by a ``CapacityLimiter(1)``, WAL mode. Instances on one
   host share the file; SQLite's file locks make each operation atomic.
-- Redis (``redis://HOST:PORT/DB``, :mod:`relay.usage_redis`) through coredis, which runs on trio
+- Redis (``redis://HOST:PORT/DB``, :mod:`relay.usage.redis`) through coredis, which runs on trio
   (redis-py's asyncio client does not). Each operation is a single Lua script,
   so it is atomic however many instances share the server.
 
@@ -179,7 +179,7 @@ async def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Usa
         path = url.removeprefix("sqlite:///")
         if not path:
             raise _bad_url(url, "the SQLite path is empty")
-        from .usage_sqlite import SqliteUsageStore
+        from .sqlite import SqliteUsageStore
 
         return await SqliteUsageStore.open(path, clock=clock)
     if url.startswith("redis:"):
@@ -195,7 +195,7 @@ async def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Usa
         if parts.query or parts.fragment:
             raise _bad_url(url, "a Redis URL takes no query or fragment")
         where = f"{parts.hostname}:{port or 6379}"
-        from .usage_redis import RedisUsageStore  # imports coredis, which only Redis needs
+        from .redis import RedisUsageStore  # imports coredis, which only Redis needs
 
         return await RedisUsageStore.open(url, where=where, clock=clock)
     raise _bad_url(url, "unknown scheme")

@@ -1,4 +1,4 @@
-"""The Trio shell around :class:`~relay.bridge.Bridge`: one nursery per client/upstream pair.
+"""The Trio shell around :class:`~relay.core.bridge.Bridge`: one nursery per client/upstream pair.
 
 Two tasks live in the pair's nursery (plus a timer task when pings or time limits are on):
 
@@ -7,7 +7,7 @@ Two tasks live in the pair's nursery (plus a timer task when pings or time limit
 * the upstream task dials, flushes ``session.update`` and the queue, then reads
   upstream messages and sends them to the client.
 
-Whichever side ends first asks the bridge for an :class:`~relay.bridge.Ending`
+Whichever side ends first asks the bridge for an :class:`~relay.core.bridge.Ending`
 and :meth:`Pair._finish` carries it out: close frames (bounded by the close
 timeout, shielded so an outer cancel cannot skip them), then the nursery is
 cancelled. When :meth:`Pair.run` returns, no task, socket or queue of the pair
@@ -33,12 +33,12 @@ from typing import Protocol
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from .bridge import Bridge, Ending, Message, Reply
-from .deadlines import Deadlines, Due
-from .metrics import VoiceClock
-from .pump import READ, Leg, Pump
-from .upstream import Upstream
-from .websocket import PART, HandshakeFailed, WebSocket
+from ..core.bridge import Bridge, Ending, Message, Reply
+from ..core.deadlines import Deadlines, Due
+from ..ops.metrics import VoiceClock
+from ..wire.pump import READ, Leg, Pump
+from ..wire.upstream import Upstream
+from ..wire.websocket import PART, HandshakeFailed, WebSocket
 
 
 class ClientSide(Protocol):

@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 
 import trio
 
+from ..core.bridge import Traffic
 from .auth import Identity, Refusal
-from .bridge import Traffic
-from .usage import UsageDelta, UsageRow, UsageStore, usage_from_response_done
+from .store import UsageDelta, UsageRow, UsageStore, usage_from_response_done
 
 #: A session's lease on its concurrency slot lasts this long unless renewed.
 LEASE_SECONDS = 60.0

@@ -6,7 +6,7 @@ subprotocol next to ``realtime`` (as browsers must). It is never part of the URL
 
 Dialing is split in two so the pair owns every resource it opens: :meth:`connect`
 returns the TCP (or TLS) stream, which the pair closes whatever happens, and
-:meth:`handshake` runs the WebSocket handshake over it (:func:`relay.websocket.connect`).
+:meth:`handshake` runs the WebSocket handshake over it (:func:`relay.wire.websocket.connect`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 
 import trio
 
-from .config import RelayConfig
+from ..config import RelayConfig
 from .tls import TLSSocketStream
 from .websocket import WebSocket, connect
 
@@ -53,7 +53,7 @@ class UpstreamTarget:
 
     async def connect(self) -> trio.abc.Stream:
         """A TCP connection, with the TLS handshake done if the upstream is ``wss://``
-        (the relay's own TLS, so that the pump can relay the leg: see relay.tls)."""
+        (the relay's own TLS, so that the pump can relay the leg: see relay.wire.tls)."""
         stream = await trio.open_tcp_stream(self.host, self.port)
         if self.ssl_context is None:
             return stream

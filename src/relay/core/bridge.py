@@ -1,7 +1,7 @@
 """The bridge between one client and its upstream, as a state machine without I/O.
 
 :class:`Bridge` decides, for every message and every close, what the relay does;
-the Trio shell in :mod:`relay.pair` only moves bytes and carries the decisions
+the Trio shell in :mod:`relay.server.pair` only moves bytes and carries the decisions
 out. Keeping the decisions here lets the tests drive every ordering of events
 without sockets or clocks.
 
@@ -33,7 +33,7 @@ from .policy import APPEND, DELTA, Policy
 
 Message = str | bytes
 
-#: The reason :mod:`relay.frames` closes with when the upstream's message is over the relay's
+#: The reason :mod:`relay.wire.frames` closes with when the upstream's message is over the relay's
 #: own limit (RELAY_UPSTREAM_MAX_MESSAGE_BYTES), as opposed to an upstream closing with 1009.
 _OWN_SIZE_LIMIT = re.compile(r"message over \d+ bytes")
 
@@ -384,7 +384,7 @@ class Bridge:
             return self._end(
                 Cause.MESSAGE_TOO_BIG,
                 client=(code, reason),
-                upstream=None,  # relay.websocket has closed it already
+                upstream=None,  # relay.wire.websocket has closed it already
                 error=error_event(
                     "relay_upstream_message_too_big",
                     f"The Realtime API sent a message larger than this relay accepts ({reason};"

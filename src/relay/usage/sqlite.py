@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import trio
 
-from .usage import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
+from .store import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
 
 #: How long an operation waits for another process's lock before failing.
 SQLITE_BUSY_TIMEOUT_SECONDS: Final = 10.0

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
+from ..config import RelayConfig
 from .auth import Identity
-from .config import RelayConfig
 
 if TYPE_CHECKING:
     import httpx

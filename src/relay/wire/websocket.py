@@ -1,7 +1,7 @@
 """One WebSocket connection over a Trio stream, for both legs of a pair.
 
 The relay's two WebSockets carry every audio chunk, so this is a lean I/O shell
-around :mod:`relay.frames`:
+around :mod:`relay.wire.frames`:
 
 * **No reader task.** The task that wants the next message reads the stream
   itself, so a message costs no task switch and no channel. Pings are answered
@@ -12,7 +12,7 @@ around :mod:`relay.frames`:
   asked to wait only when it has not (``wait_readable``/``wait_writable``).
   A task that never has to wait still reaches a checkpoint every
   :data:`CHECKPOINT_EVERY` reads, so it can be cancelled and others run. So does the
-  relay's own TLS over a socket (:class:`relay.tls.TLSSocketStream`, the upstream leg
+  relay's own TLS over a socket (:class:`relay.wire.tls.TLSSocketStream`, the upstream leg
   to ``wss://``): what is read is decrypted, what is written encrypted, in the same
   places. Other streams (Trio's TLS, in-memory ones) go through their ordinary
   ``receive_some``/``send_all``.
@@ -143,7 +143,7 @@ class WebSocket:
         self._hangup = True  # the peer's end may be queued too: read on to EAGAIN or EOF
         self._woken_at = 0.0  # Trio time poll() was last given the turn or an edge (see readable)
         self._pending: tuple[bytes, int] | None = None  # send_now()'s unwritten rest
-        self._clock = trio.lowlevel.current_clock()  # shared, see relay.pair.Pair._clock
+        self._clock = trio.lowlevel.current_clock()  # shared, see relay.server.pair.Pair._clock
         #: Trio time the peer last sent anything.
         self.last_heard = self._clock.current_time()
         self.subprotocol = subprotocol
@@ -334,17 +334,17 @@ class WebSocket:
             return frames.frame(OP_TEXT, message.encode(), mask=self._client)  # type: ignore[union-attr]
         return frames.frame(OP_BINARY, message, mask=self._client)  # type: ignore[arg-type]
 
-    # -- for relay.pump: reading and writing without waiting ----------------------
+    # -- for relay.wire.pump: reading and writing without waiting ----------------------
 
     @property
     def pumpable(self) -> bool:
-        """Whether :mod:`relay.pump` can move this connection's messages (a plain socket, or
+        """Whether :mod:`relay.wire.pump` can move this connection's messages (a plain socket, or
         the relay's own TLS over one)."""
         return self._sock is not None
 
     @property
     def reader(self) -> frames.FrameReader:
-        """The connection's frame reader (for :attr:`~relay.frames.FrameReader.frame`)."""
+        """The connection's frame reader (for :attr:`~relay.wire.frames.FrameReader.frame`)."""
         return self._reader
 
     def fileno(self) -> int:

@@ -2,10 +2,10 @@
 
 Against the real API the upstream leg is ``wss://``. Through :class:`trio.SSLStream` every
 message of it would go Trio's stream way (a wake-up of the pair's task, Trio's TLS retry loop,
-the socket stream's send and receive), and :mod:`relay.pump` could not relay it: that cost
+the socket stream's send and receive), and :mod:`relay.wire.pump` could not relay it: that cost
 about three times the relay's CPU per message of a plain leg. :class:`TLSSocketStream` keeps an
 :class:`ssl.SSLObject` between two memory buffers over a :class:`trio.SocketStream`: it is a
-Trio stream for the HTTP upgrade, and then :mod:`relay.websocket` reads and writes the socket
+Trio stream for the HTTP upgrade, and then :mod:`relay.wire.websocket` reads and writes the socket
 itself, passing what it reads through :meth:`~TLSSocketStream.decrypt` and what it writes
 through :meth:`~TLSSocketStream.encrypt`, and the pump relays it like a plain leg.
 

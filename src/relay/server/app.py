@@ -1,0 +1,378 @@
+"""The relay as a raw ASGI application: routing, the WebSocket handshake, the session's life
+and the app's own (lifespan, drain).
+
+Routes: WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at the
+relay work), with ``?model=`` checked against the allow-list; plain HTTP goes to
+:mod:`relay.server.http`. A WebSocket is admitted in steps: the worker's own state
+(draining, overloaded, full), the client's identity (:mod:`relay.usage.auth`), the session's
+request (:mod:`relay.server.admission`), the user's limits (:mod:`relay.usage.accounting`);
+then its :class:`~relay.server.pair.Pair` runs to its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from functools import partial
+from typing import Any
+
+import trio
+
+from ..config import ConfigError, RelayConfig, load_config
+from ..core.bridge import Bridge, Limits
+from ..core.closecodes import Code
+from ..core.deadlines import Deadlines
+from ..core.events import dumps, error_event
+from ..ops.metrics import RelayMetrics
+from ..ops.overload import LoadGuard, Thresholds
+from ..usage.accounting import Accounting
+from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
+from ..usage.mint import Minter
+from ..usage.store import open_store
+from ..wire import takeover
+from ..wire.pump import Pump
+from ..wire.upstream import UpstreamDialer
+from ..wire.websocket import WebSocket
+from . import admission
+from .asgi import Receive, Scope, Send, deny, header, query_param
+from .http import handle_http
+from .legs import AsgiClient, SocketClient, accept, client_frame_limit
+from .loadwatch import watch_load
+from .pair import Pair
+
+WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
+#: Seconds the usage store may take to admit a session before the handshake gets 503.
+STORE_TIMEOUT = 5.0
+
+log = logging.getLogger("relay")
+
+
+class RelayApp:
+    """One relay: its settings, its upstream dialer and the pairs it is running."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.websocket_paths = WEBSOCKET_PATHS
+        self.dialer = UpstreamDialer(config)
+        self.limits = Limits(
+            queue_messages=config.queue_messages,
+            queue_bytes=config.queue_bytes,
+            max_message_bytes=config.max_message_bytes,
+        )
+        self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        self.auth = Authenticator(
+            api_keys=parse_api_keys(config.api_keys),
+            jwt_secret=config.jwt_secret,
+            jwt_public_key=config.jwt_public_key,
+            allowed_origins=config.allowed_origins,
+            anonymous=config.allow_anonymous,
+        )
+        if not self.auth.configured and not config.allow_anonymous:
+            raise ConfigError(
+                "no client authentication is configured, so anyone who finds this relay could"
+                " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
+                " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
+            )
+        #: Live pairs, oldest first (load shedding closes the newest).
+        self.pairs: dict[Pair, None] = {}
+        self.guard = LoadGuard(
+            Thresholds(
+                refuse_cpu=config.overload_cpu,
+                refuse_lag=config.overload_lag,
+                shed_cpu=config.shed_cpu,
+                shed_lag=config.shed_lag,
+                refuse_behind=config.overload_behind,
+                shed_behind=config.shed_behind,
+            )
+        )
+        #: WebSocket connections past the load checks and not yet over (for RELAY_MAX_SESSIONS).
+        self._handshakes = 0
+        self.draining = False
+        #: Set whenever the last live pair ends (the drain waits on it).
+        self._no_pairs = trio.Event()
+        self._grace: trio.CancelScope | None = None
+        self.started = trio.Event()
+        self.minter = Minter(config)
+        self.metrics = RelayMetrics()
+        #: Moves plain-socket sessions' messages (relay.wire.pump) while the lifespan runs.
+        self.pump: Pump | None = None
+        #: Usage, leases and budgets; set when the lifespan opens the store.
+        self.accounting: Accounting | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "http":
+            await handle_http(self, scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            raise RuntimeError(f"unsupported ASGI scope type {kind!r}")
+
+    # -- WebSocket ----------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        path = scope["path"]
+        if path not in self.websocket_paths:
+            await self._deny(send, 404, f"no WebSocket endpoint at {path}; use /voice or /v1/realtime")
+            return
+        if self.draining:
+            await self._deny(send, 503, "the relay is shutting down; connect again in a moment")
+            return
+        if not self.guard.admitting:
+            await self._deny(
+                send, 503, "the relay is overloaded; connect again shortly", code="relay_overloaded"
+            )
+            return
+        if self.config.max_sessions and self._handshakes >= self.config.max_sessions:
+            await self._deny(
+                send,
+                503,
+                f"the relay is at its limit of {self.config.max_sessions} sessions"
+                " (RELAY_MAX_SESSIONS); connect again shortly",
+                code="relay_full",
+            )
+            return
+        self._handshakes += 1
+        try:
+            await self._admitted(scope, receive, send)
+        finally:
+            self._handshakes -= 1
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, admit against the user's limits, then run the session."""
+        offered = scope.get("subprotocols") or ()
+        accounting = self.accounting
+        if accounting is None:
+            await self._deny(send, 503, "the relay is still starting; connect again in a moment")
+            return
+        session_id = secrets.token_hex(8)
+        try:
+            identity = self.auth.authenticate(scope["headers"], offered)
+            refusal = admission.refusal(self.config, scope, offered, identity)
+            if refusal is not None:  # refused after accept, as the Realtime API does: no session
+                client = await accept(send, receive, offered)
+                code, message, reason = refusal
+                await client.send(error_event(code, message))
+                await client.close(Code.INVALID_REQUEST, reason)
+                await client.wait_closed(self.config.close_timeout)
+                return
+            with trio.fail_after(STORE_TIMEOUT):
+                await accounting.admit(identity, session_id)
+        except Refusal as refused:
+            log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
+            if self.config.browser_refusals == "close" and header(scope, b"origin") is not None:
+                # A page cannot read a refused handshake's status; a close code it can read.
+                client = await accept(send, receive, offered)
+                await client.send(error_event(refused.code, refused.message))
+                await client.close(4000 + refused.status, refused.code)
+                await client.wait_closed(self.config.close_timeout)
+            else:
+                await self._deny(send, refused.status, refused.message, code=refused.code)
+            return
+        except (trio.TooSlowError, OSError) as exc:
+            log.error("usage store unavailable at admission: %r", exc)
+            await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
+            return
+        started = trio.current_time()
+        bridge = Bridge(
+            session_update=self.session_update,
+            limits=self.limits,
+            secret=self.config.openai_api_key,
+            binary_as_audio=self.config.binary_frames == "audio",
+            policy=self.config.policy.for_session(
+                query_param(scope, "model") or self.config.model, identity.model
+            ),
+        )
+        try:
+            if accounting.holds_leases:
+                async with trio.open_nursery() as lease:
+                    lease.start_soon(accounting.keep_lease, identity, session_id)
+                    await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
+                    lease.cancel_scope.cancel()
+            else:  # no nursery: every idle session's memory counts
+                await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
+        finally:
+            await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
+
+    async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
+        self.metrics.refused(status)
+        await deny(send, status, message, code=code)
+
+    async def _session(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        offered: Any,
+        identity: Identity,
+        session_id: str,
+        bridge: Bridge,
+        accounting: Accounting,
+    ) -> None:
+        """Accept the WebSocket and run its pair to its end."""
+        subprotocol = "realtime" if "realtime" in offered else None
+        taken = await takeover.take_over(send, subprotocol)
+        client: AsgiClient | SocketClient
+        if taken is None:
+            client = await accept(send, receive, offered, self.config.send_timeout)
+            release = None
+        else:
+            stream, release = taken
+            ws = WebSocket(
+                stream,
+                client=False,
+                max_message_bytes=client_frame_limit(self.config.max_message_bytes),
+                subprotocol=subprotocol,
+            )
+            ws.send_timeout = self.config.send_timeout
+            client = SocketClient(ws)
+        model = query_param(scope, "model") or self.config.model
+        pair = Pair(
+            client,
+            bridge,
+            self.dialer.target(model),
+            dial_timeout=self.config.dial_timeout,
+            close_timeout=self.config.close_timeout,
+            send_timeout=self.config.send_timeout,
+            on_responses_done=partial(accounting.record_responses, identity),
+            deadlines=Deadlines(
+                trio.current_time(),
+                max_seconds=admission.tightest(self.config.max_session_seconds, identity.max_session_seconds),
+                idle_seconds=self.config.idle_timeout,
+                lead=self.config.limit_warning_seconds,
+            ),
+            ping_interval=self.config.ping_interval,
+            peer_timeout=self.config.peer_timeout,
+            on_voice_latency=self.metrics.voice_latency,
+            on_upstream_opened=self.metrics.upstream_opened,
+            pump=self.pump,
+        )
+        self.pairs[pair] = None
+        if self._no_pairs.is_set():
+            self._no_pairs = trio.Event()
+        metrics = self.metrics
+        metrics.session_started(bridge.traffic)
+        started = trio.current_time()
+        log.info(
+            "session started",
+            extra={"fields": {"session": session_id, "user": identity.user, "model": model}},
+        )
+        ending = None
+        try:
+            ending = await pair.run()
+            if ending.client_code is not None:
+                await client.wait_closed(self.config.close_timeout)
+        finally:
+            if release is not None:
+                release()  # Hypercorn closes the connection
+            self.pairs.pop(pair, None)
+            if not self.pairs:
+                self._no_pairs.set()
+            metrics.session_ended(
+                bridge.traffic,
+                ending.cause if ending else "error",
+                ending.client_code if ending else None,
+            )
+            traffic = bridge.traffic
+            log.info(
+                "session ended",
+                extra={
+                    "fields": {
+                        "session": session_id,
+                        "user": identity.user,
+                        "seconds": round(trio.current_time() - started, 3),
+                        "cause": ending.cause.value if ending else "error",
+                        "client_code": ending.client_code if ending else None,
+                        "upstream_code": ending.upstream_code if ending else None,
+                        "client_messages": traffic.client_messages,
+                        "client_bytes": traffic.client_bytes,
+                        "upstream_messages": traffic.upstream_messages,
+                        "upstream_bytes": traffic.upstream_bytes,
+                        "responses": bridge.responses_seen,
+                    }
+                },
+            )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Open the usage store and watch the load for the app's lifetime (the lifespan task
+        outlives every session)."""
+        async with trio.open_nursery() as nursery:
+            if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
+                nursery.start_soon(watch_load, self)
+            self.pump = Pump(busy_poll=self.config.busy_poll)
+            nursery.start_soon(self.pump.run)
+            try:
+                await self._lifespan_events(receive, send)
+            finally:
+                self.pump = None
+                nursery.cancel_scope.cancel()
+
+    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    store = await open_store(self.config.store)
+                except Exception as exc:  # any failure to open the store fails start-up
+                    message_text = f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
+                    await send({"type": "lifespan.startup.failed", "message": message_text})
+                    return
+                self.accounting = Accounting(
+                    store,
+                    max_sessions=self.config.max_sessions_per_user,
+                    daily_budget=self.config.daily_token_budget,
+                )
+                await send({"type": "lifespan.startup.complete"})
+                self.started.set()
+            elif message["type"] == "lifespan.shutdown":
+                if self.accounting is not None:
+                    await self.accounting.store.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def hurry_drain(self) -> None:
+        """Cut the drain's grace time short: close the remaining sessions now."""
+        if self._grace is not None:
+            self._grace.cancel()
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking sessions, give live ones ``grace`` seconds, then close the rest with 1012.
+
+        Readiness turns 503 at once, so a load balancer stops sending clients here;
+        every live client is told (``relay_draining``) how long it has. Pairs run on
+        unchanged meanwhile, so nothing a client sent is lost.
+        """
+        self.draining = True
+        log.info("draining: %d live sessions, %g s to finish", len(self.pairs), grace)
+        async with trio.open_nursery() as nursery:
+            for pair in list(self.pairs):
+                nursery.start_soon(pair.notify, pair.bridge.draining_notice(grace))
+        with trio.move_on_after(grace) as self._grace:
+            while self.pairs:
+                await self._no_pairs.wait()
+        while self.pairs:  # also any session admitted while the drain began
+            async with trio.open_nursery() as nursery:
+                for pair in list(self.pairs):
+                    nursery.start_soon(pair.shutdown)
+            if self.pairs:
+                await self._no_pairs.wait()
+
+
+def create_app(config: RelayConfig | None = None) -> RelayApp:
+    """The relay's ASGI app. With no config, settings come from the environment and
+    the relay's log output is set up here, as ``relay serve`` does (again: it replaces
+    its own handler): that is what ``hypercorn -k trio 'relay.server.app:create_app()'`` uses.
+    Hypercorn's ``-w`` runs several processes, so each line names its ``pid``."""
+    if config is None:
+        config = load_config(os.environ)
+        from ..ops.logs import configure_logging
+
+        secrets = (config.openai_api_key, config.jwt_secret, config.admin_token)
+        fields = {"pid": os.getpid()}
+        configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
+    takeover.install(permessage_deflate=config.permessage_deflate)
+    return RelayApp(config)
