@@ -798,7 +798,7 @@ class Session:
         )
         if "type" not in item:
             raise missing_parameter(f"{param}.type")
-        kinds = ("message", "function_call", "function_call_output")
+        kinds: tuple[str, ...] = ("message", "function_call", "function_call_output")
         if self.dialect == "ga":
             kinds += tuple(mcp.ITEM_FIELDS)
         kind = expect_choice(item["type"], f"{param}.type", kinds)

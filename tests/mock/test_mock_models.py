@@ -7,6 +7,7 @@ import random
 import re
 import typing
 from datetime import date
+from typing import Any
 
 import pytest
 from openai.types.realtime import audio_transcription, realtime_session_create_request
@@ -17,7 +18,7 @@ from mockrealtime.handshake import negotiate
 from mockrealtime.models import REALTIME_MODELS, TRANSCRIPTION_MODELS, shutdown_date
 from mockrealtime.session import Session
 
-from .helpers import FakeClock, send
+from .helpers import FakeClock, send, user_text
 
 
 def sdk_literal(model: type, field: str) -> set[str]:
@@ -102,56 +103,35 @@ def test_an_unknown_model_is_refused_with_invalid_model(model: str) -> None:
 
 
 def test_a_deprecated_model_answers_like_a_current_one() -> None:
-    def first_turn(model: str) -> list[str]:
+    def first_turn(model: str) -> list[dict[str, Any]]:
         session = Session("ga", model, FakeClock(), random.Random(3), pace=0)
         session.open()
-        send(
-            session,
-            {
-                "type": "conversation.item.create",
-                "item": {
-                    "type": "message",
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": "Hi"}],
-                },
-            },
-        )
-        return [e["type"] for e in send(session, {"type": "response.create"})]
+        send(session, user_text("Hi"))
+        return send(session, {"type": "response.create"})
 
-    assert first_turn("gpt-realtime-mini") == first_turn("gpt-realtime-2.1-mini")
-    assert first_turn("gpt-realtime")[-2:] == ["response.done", "rate_limits.updated"]
+    turn = first_turn("gpt-realtime-mini")
+    assert turn == first_turn("gpt-realtime-2.1-mini")  # same seed: the very same events
+    assert [e["type"] for e in turn][-2:] == ["response.done", "rate_limits.updated"]
+
+
+def with_transcription(model: str) -> list[dict[str, Any]]:
+    """The answer to a session.update that turns on input transcription with ``model``."""
+    session = Session("ga", "gpt-realtime-2", FakeClock(), random.Random(0))
+    session.open()
+    audio = {"input": {"transcription": {"model": model}}}
+    return send(
+        session, {"type": "session.update", "session": {"type": "realtime", "audio": audio}}
+    )
 
 
 @pytest.mark.parametrize("model", sorted(TRANSCRIPTION_MODELS))
 def test_every_known_transcription_model_is_accepted(model: str) -> None:
-    session = Session("ga", "gpt-realtime-2", FakeClock(), random.Random(0))
-    session.open()
-    out = send(
-        session,
-        {
-            "type": "session.update",
-            "session": {
-                "type": "realtime",
-                "audio": {"input": {"transcription": {"model": model}}},
-            },
-        },
-    )
+    out = with_transcription(model)
     assert [e["type"] for e in out] == ["session.updated"]
     assert out[0]["session"]["audio"]["input"]["transcription"]["model"] == model
 
 
 def test_an_unknown_transcription_model_is_refused() -> None:
-    session = Session("ga", "gpt-realtime-2", FakeClock(), random.Random(0))
-    session.open()
-    out = send(
-        session,
-        {
-            "type": "session.update",
-            "session": {
-                "type": "realtime",
-                "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe-latest"}}},
-            },
-        },
-    )
-    assert out[0]["error"]["code"] == "invalid_value"
-    assert out[0]["error"]["param"] == "session.audio.input.transcription.model"
+    error = with_transcription("gpt-4o-transcribe-latest")[0]["error"]
+    assert error["code"] == "invalid_value"
+    assert error["param"] == "session.audio.input.transcription.model"
