@@ -118,6 +118,7 @@ class MockCall:
     _subscribers: list[tuple[Deliver, Closer]] = field(default_factory=list)
     _wake: trio.Event = field(default_factory=trio.Event)
     _playing_response: str | None = None
+    _changed: trio.Event = field(default_factory=trio.Event)
 
     # --- the parties -----------------------------------------------------------------
 
@@ -140,6 +141,8 @@ class MockCall:
         self.sideband_received.append(message)
         if self.state == "active":
             self._emit(self._live_session().handle(message))
+        else:
+            self._touch()
 
     def playback(self, what: str) -> None:
         """The media side started or stopped playing reply audio: the WebRTC-only
@@ -155,12 +158,29 @@ class MockCall:
         when the call ends. Returns the unsubscribe."""
         entry = (deliver, close)
         self._subscribers.append(entry)
-        return lambda: self._subscribers.remove(entry) if entry in self._subscribers else None
+        self._touch()
+
+        def unsubscribe() -> None:
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+                self._touch()
+
+        return unsubscribe
 
     @property
     def sidebands(self) -> int:
         """Sideband WebSockets attached now."""
         return len(self._subscribers)
+
+    async def wait_for(self, condition: Callable[[MockCall], bool]) -> None:
+        """Wait until ``condition(call)`` holds; it is checked whenever the call changes
+        (an event, a sideband coming or going, its end). Bound it with a timeout."""
+        while not condition(self):
+            await self._changed.wait()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     # --- life ------------------------------------------------------------------------
 
@@ -182,6 +202,7 @@ class MockCall:
             close(code, close_reason)
         self.ended.set()
         self._wake.set()
+        self._touch()
 
     async def run(self) -> None:
         """Emit what becomes due with time (paced reply audio, expiry) while the call lives."""
@@ -219,6 +240,7 @@ class MockCall:
             for deliver, _ in list(self._subscribers):
                 deliver(events_out)
         self._wake.set()  # the schedule may have changed (a response started or ended)
+        self._touch()
         if session.close_requested is not None:
             self.end("expired", *session.close_requested)
 
@@ -436,6 +458,7 @@ def _act(server: MockServer, call: MockCall, action: str, request: dict[str, Any
         call.state = "rejected"
         call.end_reason = "rejected"
         call.ended.set()
+        call._touch()
     elif action == "hangup":
         call.end("hangup")
     else:

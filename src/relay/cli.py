@@ -150,11 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = _config_from(args, environ)
-            configure_logging(
-                config.log_format,
-                config.log_level,
-                secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
-            )
+            configure_logging(config.log_format, config.log_level, secrets=config.secrets)
             if not config.openai_api_key:
                 raise ConfigError(
                     "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."

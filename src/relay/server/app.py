@@ -29,7 +29,9 @@ from ..ops.overload import LoadGuard, Thresholds
 from ..usage.accounting import Accounting
 from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
 from ..usage.mint import Minter
+from ..usage.sip import Callers
 from ..usage.store import open_store
+from ..usage.webhooks import secret_key
 from ..wire import takeover
 from ..wire.pump import Pump
 from ..wire.upstream import UpstreamDialer
@@ -40,6 +42,7 @@ from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .pair import Pair
+from .sideband import Calls
 
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
 #: Seconds the usage store may take to admit a session before the handshake gets 503.
@@ -99,6 +102,12 @@ class RelayApp:
         self.pump: Pump | None = None
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
+        #: WebRTC and SIP calls, watched from their sidebands (relay.server.sideband).
+        self.calls = Calls(self)
+        self.callers = Callers(config.sip_caller_key, config.sip_callers)
+        self.webhook_key = (
+            secret_key(config.openai_webhook_secret) if config.openai_webhook_secret else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -305,10 +314,12 @@ class RelayApp:
                 nursery.start_soon(watch_load, self)
             self.pump = Pump(busy_poll=self.config.busy_poll)
             nursery.start_soon(self.pump.run)
+            self.calls.nursery = nursery  # a call's sideband outlives the request that made it
             try:
                 await self._lifespan_events(receive, send)
             finally:
                 self.pump = None
+                self.calls.nursery = None
                 nursery.cancel_scope.cancel()
 
     async def _lifespan_events(self, receive: Receive, send: Send) -> None:
@@ -344,10 +355,20 @@ class RelayApp:
 
         Readiness turns 503 at once, so a load balancer stops sending clients here;
         every live client is told (``relay_draining``) how long it has. Pairs run on
-        unchanged meanwhile, so nothing a client sent is lost.
+        unchanged meanwhile, so nothing a client sent is lost. Calls are watched while the
+        sessions drain, then handed over: they run on at OpenAI (relay.server.sideband).
         """
         self.draining = True
-        log.info("draining: %d live sessions, %g s to finish", len(self.pairs), grace)
+        log.info(
+            "draining: %d live sessions, %d calls, %g s to finish",
+            len(self.pairs),
+            len(self.calls.live),
+            grace,
+        )
+        await self._drain_pairs(grace)
+        await self.calls.hand_over()
+
+    async def _drain_pairs(self, grace: float) -> None:
         async with trio.open_nursery() as nursery:
             for pair in list(self.pairs):
                 nursery.start_soon(pair.notify, pair.bridge.draining_notice(grace))
@@ -371,8 +392,7 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         config = load_config(os.environ)
         from ..ops.logs import configure_logging
 
-        secrets = (config.openai_api_key, config.jwt_secret, config.admin_token)
         fields = {"pid": os.getpid()}
-        configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
+        configure_logging(config.log_format, config.log_level, secrets=config.secrets, fields=fields)
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

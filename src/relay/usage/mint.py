@@ -20,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import orjson
 import trio
@@ -49,9 +48,7 @@ class Minter:
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        url = urlsplit(config.upstream_url)
-        scheme = "https" if url.scheme == "wss" else "http"
-        self._url = f"{scheme}://{url.netloc}{url.path.rstrip('/')}/client_secrets"
+        self._url = config.rest_url("client_secrets")
         self._key = config.openai_api_key
         self._config = config
         self._per_minute = config.mint_per_minute
