@@ -291,7 +291,7 @@ class RelayMetrics:
         self._calls_active.inc()
 
     def call_ended(self, transport: str, cause: str, corrections: int) -> None:
-        """The relay stopped watching a call (``cause``: a bounded set, see relay.server.sideband)."""
+        """The relay stopped watching a call (``cause``: relay.server.sideband.CallEnd)."""
         self._calls_active.dec()
         self._calls_ended.labels(transport, cause).inc()
         if corrections:

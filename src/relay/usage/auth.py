@@ -66,7 +66,9 @@ def parse_user_digests(entries: Iterable[str], form: str, maker: str) -> dict[st
         user, sep, digest = entry.partition(":")
         digest = digest.strip().lower()
         if not sep or not user.strip() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ValueError(f"each entry must be {form} (make one with {maker}); got {entry[:12]!r}…")
+            raise ValueError(
+                f"each entry must be {form} (make one with {maker}); got {entry[:12]!r}…"
+            )
         keys[digest] = user.strip()
     return keys
 
