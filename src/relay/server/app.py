@@ -71,11 +71,12 @@ class RelayApp:
             allowed_origins=config.allowed_origins,
             anonymous=config.allow_anonymous,
         )
-        if not self.auth.configured and not config.allow_anonymous:
+        if not self.auth.configured and not config.allow_anonymous and not config.sip_callers:
             raise ConfigError(
                 "no client authentication is configured, so anyone who finds this relay could"
                 " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
-                " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
+                " or RELAY_JWT_PUBLIC_KEY (or, for phones only, RELAY_SIP_CALLERS), or pass"
+                " --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
         #: Live pairs, oldest first (load shedding closes the newest).
         self.pairs: dict[Pair, None] = {}
