@@ -275,3 +275,23 @@ async def test_the_sdks_accept_shape_is_what_the_relay_sends() -> None:
                 "tracing",
                 "truncation",
             }
+
+
+def test_relay_sip_caller_prints_an_entry_the_relay_takes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli import main
+    from relay.config import load_config
+    from relay.usage.sip import Callers
+
+    monkeypatch.setenv("RELAY_SIP_CALLER_KEY", CALLER_KEY)
+    assert main(["sip-caller", "alice", ALICE_PHONE]) == 0
+    entry = capsys.readouterr().out.strip().rsplit(" ", 1)[1]
+    config = load_config({"RELAY_SIP_CALLERS": entry, "RELAY_SIP_CALLER_KEY": CALLER_KEY})
+    callers = Callers(config.sip_caller_key, config.sip_callers)
+    assert callers.user_for("+14155550123") == "alice"
+    assert callers.user_for(STRANGER) is None
+    assert "4155550123" not in entry
+    monkeypatch.delenv("RELAY_SIP_CALLER_KEY")
+    assert main(["sip-caller", "alice", ALICE_PHONE]) == 2
+    assert "RELAY_SIP_CALLER_KEY" in capsys.readouterr().err
