@@ -78,8 +78,17 @@ class MediaLoop:
         self._thread.start()
 
     def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
     async def answer(self, offer: str, call: MockCall) -> tuple[MediaPeer, str]:
         """A peer connection for ``call`` and its SDP answer to ``offer``."""
@@ -95,11 +104,12 @@ class MediaLoop:
 
     def close(self) -> None:
         """Close every peer connection and stop the thread."""
-        for peer in list(self.peers):
+        peers = list(self.peers)
+        for peer in peers:
             peer.close()
 
         async def stop() -> None:
-            await asyncio.sleep(0.05)  # let the closes go out
+            await asyncio.gather(*(peer._close() for peer in peers), return_exceptions=True)
             self.loop.stop()
 
         if self.loop.is_running():
