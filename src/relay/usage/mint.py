@@ -10,7 +10,9 @@ refused to a user whose daily token budget is used up.
 
 A minted key opens a session directly with OpenAI: the relay sees none of it, so
 it is neither capped nor accounted, and the policy holds only as far as the minted
-session sets it (the client may send any event). Mint for clients you trust with that.
+session sets it (the client may send any event). Mint for clients you trust with that;
+a browser on WebRTC can instead send its offer to the relay (``POST /v1/realtime/calls``,
+:mod:`relay.server.calls`), which watches that call from its sideband.
 """
 
 from __future__ import annotations
