@@ -22,7 +22,11 @@ from .helpers import connect, user_text
 
 KEY = "sk-test-calls-0123456789"
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGhlLW1vY2std2ViaG9va3M="
-OFFER = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\n"
+OFFER = (
+    "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+    "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"
+    "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\n"
+)
 TIMEOUT = 10
 AUTH = {"authorization": f"Bearer {KEY}"}
 

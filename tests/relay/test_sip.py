@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
+from mockrealtime.calls import MockCall
 from mockrealtime.webhooks import delivery, incoming_call_event, sip_headers
 from relay.usage.auth import Refusal
 from relay.usage.sip import caller_digest, caller_number, normalise
@@ -124,14 +125,18 @@ async def test_a_caller_over_the_cap_gets_busy_here() -> None:
             assert second.state == "rejected" and second.rejected_with == 486
 
 
+def ringing(mock: MockServer) -> tuple[MockCall, dict[str, object], int]:
+    """A SIP call ringing on the fake from alice's phone, and its webhook event (unsent)."""
+    call = mock.new_call("sip", "gpt-realtime")
+    now = int(time.time())
+    headers = sip_headers("+14155550123", "+18005550199", call.id)
+    return call, incoming_call_event(mock._rng, call.id, headers, now), now
+
+
 async def test_a_bad_webhook_signature_is_refused() -> None:
     with trio.fail_after(TIMEOUT):
         async with sip_relay() as (relay, mock, url):
-            call = mock.new_call("sip", "gpt-realtime")
-            now = int(time.time())
-            event = incoming_call_event(
-                mock._rng, call.id, sip_headers("+14155550123", "+1800", call.id), now
-            )
+            call, event, now = ringing(mock)
             body, headers = delivery(
                 "whsec_" + "d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldA==", mock._rng, event, now
             )
@@ -152,11 +157,7 @@ async def test_a_bad_webhook_signature_is_refused() -> None:
 async def test_a_delivery_is_handled_once_and_other_events_are_acknowledged() -> None:
     with trio.fail_after(TIMEOUT):
         async with sip_relay() as (relay, mock, url):
-            call = mock.new_call("sip", "gpt-realtime")
-            now = int(time.time())
-            event = incoming_call_event(
-                mock._rng, call.id, sip_headers("+14155550123", "+1800", call.id), now
-            )
+            call, event, now = ringing(mock)
             body, headers = delivery(SECRET, mock._rng, event, now)
             async with httpx.AsyncClient() as http:
                 first = await http.post(url, content=body, headers=headers)
