@@ -74,6 +74,7 @@ class MediaLoop:
         self.token = trio.lowlevel.current_trio_token()
         self.loop = asyncio.new_event_loop()
         self.peers: set[MediaPeer] = set()
+        self.closing: set[asyncio.Task[None]] = set()  # peer connections being closed
         self._thread = threading.Thread(target=self._run, name="mockrealtime-media", daemon=True)
         self._thread.start()
 
@@ -83,10 +84,10 @@ class MediaLoop:
         try:
             loop.run_forever()
         finally:
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            while pending := asyncio.all_tasks(loop):  # cancelling one may start another
+                for task in pending:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
@@ -104,12 +105,11 @@ class MediaLoop:
 
     def close(self) -> None:
         """Close every peer connection and stop the thread."""
-        peers = list(self.peers)
-        for peer in peers:
+        for peer in list(self.peers):
             peer.close()
 
-        async def stop() -> None:
-            await asyncio.gather(*(peer._close() for peer in peers), return_exceptions=True)
+        async def stop() -> None:  # after every close scheduled before it (FIFO)
+            await asyncio.gather(*self.closing, return_exceptions=True)
             self.loop.stop()
 
         if self.loop.is_running():
@@ -150,7 +150,7 @@ class MediaPeer:
         self._closed = True
         self._media.peers.discard(self)
         with contextlib.suppress(RuntimeError):  # the loop has stopped already
-            asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+            self._loop.call_soon_threadsafe(self._start_closing)
         self.inbox.close()
 
     async def pump(self) -> None:
@@ -244,6 +244,11 @@ class MediaPeer:
     def _clear(self) -> None:
         if self._track is not None:
             self._track.buffer.clear()
+
+    def _start_closing(self) -> None:
+        task = asyncio.ensure_future(self._close())
+        self._media.closing.add(task)
+        task.add_done_callback(self._media.closing.discard)
 
     async def _close(self) -> None:
         if self._pc is not None:

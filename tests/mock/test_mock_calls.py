@@ -35,7 +35,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 async def mock(**config: object) -> AsyncIterator[MockServer]:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            serve_mock_realtime, MockConfig(api_keys=frozenset({KEY}), pace=0, **config)
+            serve_mock_realtime, MockConfig(**{"api_keys": frozenset({KEY}), "pace": 0, **config})
         )
         yield server
         nursery.cancel_scope.cancel()
