@@ -51,6 +51,7 @@ def test_locked_fields_go_back_to_the_relays_values_and_unset_ones_to_the_defaul
     assert isinstance(fix, str)
     event = orjson.loads(fix)
     assert event["type"] == "session.update"
+    assert event["event_id"].startswith("relay_sideband_")
     assert event["session"] == {
         "type": "realtime",
         "instructions": SESSION["instructions"],
@@ -84,6 +85,7 @@ def test_the_opening_update_sets_every_locked_field_and_the_clamp() -> None:
     event = orjson.loads(Sideband(policy, SESSION, "gpt-realtime").opening())
     assert event == {
         "type": "session.update",
+        "event_id": "relay_sideband_1",
         "session": {
             "type": "realtime",
             "instructions": SESSION["instructions"],
@@ -116,3 +118,20 @@ def test_it_collects_response_done_and_counts_the_sidebands_traffic() -> None:
     assert guard.responses_done == [orjson.loads(done)]
     assert guard.traffic.upstream_messages == 3
     assert guard.traffic.upstream_bytes == len('{"type":"response.created"}') + len(done) + 7
+
+
+def test_errors_answering_the_sidebands_own_updates_are_kept_for_the_log() -> None:
+    guard = Sideband(CONFIG.policy, SESSION, "gpt-realtime")
+    opening = orjson.loads(guard.opening())
+    ours = {
+        "type": "invalid_request_error",
+        "code": "x",
+        "message": "no",
+        "event_id": opening["event_id"],
+    }
+    callers = {**ours, "event_id": "evt_from_the_browser"}
+    for error in (ours, callers):
+        assert (
+            guard.upstream_message(orjson.dumps({"type": "error", "error": error}).decode()) is None
+        )
+    assert guard.refused == [ours]

@@ -45,6 +45,9 @@ UNSET: Final[Mapping[str, Any]] = {
 #: Corrections in a row, with no session in bounds between them, before the call is given up.
 MAX_FUTILE_CORRECTIONS: Final = 8
 _SESSION_EVENTS: Final = ("session.created", "session.updated")
+#: How the ``event_id`` of the sideband's own events starts (an error naming one is the
+#: upstream refusing the relay's update, not the caller's mistake).
+EVENT_ID_PREFIX: Final = "relay_sideband_"
 _MISSING: Final = object()
 
 
@@ -85,6 +88,9 @@ class Sideband:
         self._futile = 0
         #: The fields put back so far (for the call's log line).
         self.corrected: set[str] = set()
+        #: The upstream's ``error`` events answering the sideband's own updates (for the log).
+        self.refused: list[dict[str, object]] = []
+        self._sent = 0
 
     def opening(self) -> str:
         """The ``session.update`` sent as the sideband attaches: the locked fields as the
@@ -94,7 +100,13 @@ class Sideband:
             _put(patch, path, value)
         if self._policy.max_output_tokens is not None:
             patch["max_output_tokens"] = self._policy.max_output_tokens
-        return dumps({"type": "session.update", "session": patch})
+        return self._update(patch)
+
+    def _update(self, patch: dict[str, Any]) -> str:
+        """A ``session.update`` of the sideband's, with an ``event_id`` an error can name."""
+        self._sent += 1
+        event_id = f"{EVENT_ID_PREFIX}{self._sent}"
+        return dumps({"type": "session.update", "event_id": event_id, "session": patch})
 
     def upstream_message(self, data: str | bytes) -> str | GiveUp | None:
         """One message on the sideband: a correcting ``session.update`` to send, a
@@ -109,6 +121,12 @@ class Sideband:
             event = parse_event(data)  # type: ignore[arg-type]
             if event is not None:
                 self.responses_done.append(event)
+            return None
+        if kind == "error":
+            event = parse_event(data)  # type: ignore[arg-type]
+            error = event.get("error") if event else None
+            if isinstance(error, dict) and str(error.get("event_id")).startswith(EVENT_ID_PREFIX):
+                self.refused.append(error)
             return None
         if kind not in _SESSION_EVENTS:
             return None
@@ -125,7 +143,7 @@ class Sideband:
         self._futile += 1
         self.corrections += 1
         self.corrected.update(fields)
-        return dumps({"type": "session.update", "session": patch})
+        return self._update(patch)
 
     def correction(self, session: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
         """The ``session`` of a ``session.update`` that brings ``session`` back within the

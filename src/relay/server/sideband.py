@@ -257,6 +257,14 @@ class Calls:
                     return
                 if out is not None:
                     await ws.send_message(out)
+                while guard.refused:
+                    error = guard.refused.pop(0)
+                    log.warning(
+                        "the Realtime API refused the sideband's session.update (%s: %s)",
+                        error.get("code"),
+                        error.get("message"),
+                        extra={"fields": _fields(call)},
+                    )
                 if guard.responses_done:
                     done, guard.responses_done = guard.responses_done, []
                     if await accounting.record_responses(call.identity, done):

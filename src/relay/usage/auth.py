@@ -28,7 +28,7 @@ class Identity:
     """An authenticated client. Optional JWT claims can only tighten the relay's policy."""
 
     user: str
-    method: str  # "api_key", "jwt" or "anonymous"
+    method: str  # "api_key", "jwt", "anonymous", or "sip" (a caller known by number)
     model: str | None = None
     max_session_seconds: float | None = None
     budget: int | None = None
