@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -62,14 +63,36 @@ class Setting:
     secret: bool = False
 
     is_flag: bool = False  # a boolean: its CLI flag takes no value
+    kind: str = "str"  # the field's type, as written in RelayConfig
+    default: Any = None
+    shown: str | None = None  # how the default reads where its value would mislead
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def shown_default(self) -> str:
+        """The default as the docs and ``--help`` show it (Markdown: values in backticks)."""
+        if self.shown is not None:
+            return self.shown
+        value = self.default
+        if value is None:
+            return "(unset)"
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        if isinstance(value, float):
+            return f"`{value:g}`"
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        return f"`{value}`" if value != "" else "(none)"
 
-def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "secret": secret})
+
+def _setting(
+    default: Any, env: str, help: str, *, secret: bool = False, shown: str | None = None
+) -> Any:
+    return field(
+        default=default, metadata={"env": env, "help": help, "secret": secret, "shown": shown}
+    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ class RelayConfig:
             "env": "OPENAI_API_KEY",
             "help": "Key the relay uses upstream. Never sent to clients or logged.",
             "secret": True,
+            "shown": "(required for `serve`)",
         },
     )
     jwt_secret: str = field(
@@ -109,6 +133,7 @@ class RelayConfig:
         "RELAY_ALLOWED_ORIGINS",
         "Comma-separated browser origins allowed to connect (empty: any). Non-browser"
         " clients send no Origin and are not affected.",
+        shown="(any)",
     )
     browser_refusals: str = _setting(
         "http",
@@ -124,10 +149,12 @@ class RelayConfig:
         " start with no client auth unless this is set.",
     )
     store: str = _setting(
-        "sqlite:///relay-usage.db",
+        "",
         "RELAY_STORE",
         "Usage and limits store: `sqlite:///PATH` (embedded) or `redis://HOST:PORT/DB` (shared"
-        " by many relay instances).",
+        " by many relay instances). Unset: `usage.db` in the state directory,"
+        " `$XDG_STATE_HOME/relay` or else `~/.local/state/relay`.",
+        shown="`usage.db` in the state directory",
     )
     max_sessions_per_user: int = _setting(
         0, "RELAY_MAX_SESSIONS_PER_USER", "Live sessions one user may hold across all instances (0: no cap)."
@@ -331,12 +358,33 @@ class RelayConfig:
 
 SETTINGS: tuple[Setting, ...] = tuple(
     Setting(
-        f.name, f.metadata["env"], f.metadata["help"], f.metadata.get("secret", False), f.type == "bool"
+        f.name,
+        f.metadata["env"],
+        f.metadata["help"],
+        secret=f.metadata.get("secret", False),
+        is_flag=f.type == "bool",
+        kind=str(f.type),
+        default=f.default,
+        shown=f.metadata.get("shown"),
     )
     for f in dataclasses.fields(RelayConfig)
     if "env" in f.metadata
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+
+
+def state_dir(environ: Mapping[str, str]) -> Path:
+    """Where the relay keeps its state unless told otherwise (XDG base directories):
+    ``$XDG_STATE_HOME/relay``, else ``~/.local/state/relay``; never the working directory."""
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the spec says to ignore a relative one
+        base = os.path.join(environ.get("HOME") or str(Path.home()), ".local", "state")
+    return Path(base) / "relay"
+
+
+def default_store(environ: Mapping[str, str]) -> str:
+    """The RELAY_STORE used when none is set: an SQLite file in :func:`state_dir`."""
+    return f"sqlite:///{state_dir(environ) / 'usage.db'}"
 
 
 def _parse_bool(text: str) -> bool:
@@ -400,6 +448,8 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+    if not values.get("store"):
+        values["store"] = default_store(environ)
     config = RelayConfig(**values)
     _validate(config)
     # A client that may change session.model (it is locked by default) may pick only these.
