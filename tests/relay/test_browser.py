@@ -26,6 +26,7 @@ import pytest
 import trio
 
 from mockrealtime import MockConfig, serve_mock_realtime
+from relay.clients.talk import SAMPLE
 from relay.server.demo import run_demo
 
 from .harness import TEST_KEY, closed_port_url, running_relay
@@ -34,7 +35,6 @@ Trigger = Callable[[], Awaitable[None]]
 Starter = Callable[..., Awaitable[None]]  # for nursery.start: takes task_status
 
 ROOT = Path(__file__).parents[2]
-FIXTURES = ROOT / "tests" / "fixtures"
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
 TURN_TIMEOUT = 30  # seconds for one spoken turn and its reply to play out
@@ -105,8 +105,8 @@ def demo_url() -> Iterator[str]:
         yield demo.relay_url.replace("ws://", "http://", 1)
 
 
-def microphone_file(path: Path, *parts: str | float) -> Path:
-    """A 24 kHz WAV for the fake microphone: fixture names and seconds of silence, in order.
+def microphone_file(path: Path, *parts: Path | float) -> Path:
+    """A 24 kHz WAV for the fake microphone: WAV files and seconds of silence, in order.
 
     It opens with silence because Chromium starts the file when the device opens,
     a little before the page starts listening.
@@ -116,7 +116,7 @@ def microphone_file(path: Path, *parts: str | float) -> Path:
         if isinstance(part, float):
             frames += bytes(2 * int(24000 * part))
         else:
-            with wave.open(str(FIXTURES / part)) as clip:
+            with wave.open(str(part)) as clip:
                 assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (
                     24000,
                     1,
@@ -244,7 +244,7 @@ def test_the_page_and_its_files_are_served(demo_url: str) -> None:
 def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
     demo_url: str, tmp_path: Path
 ) -> None:
-    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, SAMPLE, 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
         connect(drv, demo_url, transcribe=True)  # the fake transcribes with made-up words
@@ -285,7 +285,7 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
     demo_url: str, tmp_path: Path
 ) -> None:
     # The second "hello" starts about 0.5 s into the first reply (which lasts about 2 s).
-    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", "hello.wav", 1.0)
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, SAMPLE, SAMPLE, 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
         connect(drv, demo_url)
