@@ -257,6 +257,11 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
             "protocols": ["realtime"],
         }
         assert data["state"] == "live" and "error" not in data
+        assert data["upstream"] == "fake"  # mockrealtime's session.created says so
+
+        from selenium.webdriver.common.by import By
+
+        assert "offline fake" in drv.find_element(By.ID, "fake").text  # and the page shows it
         assert int(data["userTurns"]) == 1
         assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
         assert int(data["playedMs"]) >= 500  # the fake's sentence, played out
@@ -271,8 +276,6 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
         assert re.fullmatch(r"[A-Z][a-z]*( [a-z]+)*\.", user), user
         [assistant] = turns(drv, "assistant")
         assert assistant.startswith("You said: " + user.rstrip(".")), assistant
-
-        from selenium.webdriver.common.by import By
 
         drv.find_element(By.ID, "connect").click()  # now "Disconnect"
         wait_for(drv, "d.state === 'closed'", timeout=10)
@@ -334,9 +337,19 @@ def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None
         drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.5), tmp_path / "profile")
         try:
             drv.get(http_url + "/")
+            box = (
+                "const pill = document.getElementById('status');"
+                " return [document.querySelector('header').getBoundingClientRect().height,"
+                " getComputedStyle(pill).paddingLeft, getComputedStyle(pill).marginBottom]"
+            )
+            idle = drv.execute_script(box)
 
             drv.find_element(By.ID, "connect").click()
             wait_for(drv, "d.state === 'error'", timeout=15)
+            # The pill in its error state keeps its box: the dot clear of the text, the header
+            # its height (the error message's rule once styled it too).
+            assert drv.execute_script(box) == idle
+            assert "upstream" not in body_data(drv)  # no fake here: a scripted dead upstream
             data = body_data(drv)
             assert data["error"] == "relay_upstream_unavailable"
             shown = drv.find_element(By.ID, "error").text
