@@ -6,7 +6,7 @@ environment variables, then command-line flags. A bad value stops start-up with
 a :class:`ConfigError` that names the setting and says what was expected.
 
 The table :data:`SETTINGS` is the single source for the environment variable
-names, the CLI flags and the README's configuration table.
+names, the CLI flags and docs/configuration.md (``uv run python tools/configuration_md.py``).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class RelayConfig:
         repr=False,
         metadata={
             "env": "RELAY_JWT_SECRET",
-            "help": "Shared secret of client JWTs (HS256). Environment only.",
+            "help": "Shared secret of client JWTs (HS256), at least 32 bytes. Environment only.",
             "secret": True,
         },
     )
@@ -138,7 +138,7 @@ class RelayConfig:
     browser_refusals: str = _setting(
         "http",
         "RELAY_BROWSER_REFUSALS",
-        "How a refused browser (a request with an Origin header) is told: `http` (401/403/429,"
+        "How a refused browser (a request with an `Origin` header) is told: `http` (401/403/429,"
         " which a page sees only as close 1006) or `close` (accept, send an `error` event, close"
         " 4401/4403/4429 so the page can tell why).",
     )
@@ -220,9 +220,9 @@ class RelayConfig:
         " the sessions; one per core.",
     )
     tls_cert: str = _setting(
-        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve https:// and wss://."
+        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve `https://` and `wss://`."
     )
-    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of RELAY_TLS_CERT.")
+    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of `RELAY_TLS_CERT`.")
     keep_alive_timeout: float = _setting(
         5.0, "RELAY_KEEP_ALIVE_TIMEOUT", "Seconds an idle HTTP keep-alive connection is kept."
     )
@@ -230,7 +230,7 @@ class RelayConfig:
         20.0,
         "RELAY_PING_INTERVAL",
         "Seconds between WebSocket pings on both legs, keeping proxies and NATs from timing"
-        " out an idle session (0: no pings).",
+        " out a quiet session (0: no pings).",
     )
     peer_timeout: float = _setting(
         45.0,
@@ -248,7 +248,7 @@ class RelayConfig:
         0.85,
         "RELAY_OVERLOAD_CPU",
         "Share of a core (0-1, smoothed over ~1 s) the relay process may use before new sessions"
-        " get HTTP 503 `relay_overloaded` and /readyz 503 (0: no limit).",
+        " get HTTP 503 `relay_overloaded` and `/readyz` 503 (0: no limit).",
     )
     overload_lag: float = _setting(
         0.1,
@@ -291,7 +291,9 @@ class RelayConfig:
         " notice, before the rest are closed 1012.",
     )
     log_format: str = _setting(
-        "auto", "RELAY_LOG_FORMAT", "`json` (one object per line), `text`, or `auto` (text on a terminal)."
+        "auto",
+        "RELAY_LOG_FORMAT",
+        "`json` (one object per line), `text`, or `auto` (text on a terminal, else JSON).",
     )
     log_level: str = _setting("info", "RELAY_LOG_LEVEL", "`debug`, `info`, `warning` or `error`.")
     instructions: str | None = _setting(
