@@ -8,6 +8,7 @@ the environment only so they never show up in a process list.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -255,6 +256,8 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         from .server.demo import check_demo_host
 
         check_demo_host(args.host, args.allow_anonymous)
+        # Hypercorn's "Running on http://…" would come before the page's URL and say it again.
+        logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
         trio.run(_demo, args.host, args.port, args.allow_anonymous)
     elif args.command == "talk":
         from .clients.talk import run as run_talk
