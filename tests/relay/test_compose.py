@@ -187,7 +187,9 @@ def test_the_key_and_the_upstream_come_from_the_shell_for_the_real_api() -> None
     config = relay_config(environment("relay", shell))
     assert (config.openai_api_key, config.upstream_url) == ("sk-from-the-shell", real)
     # What the comment at the top says to run is that very setting.
-    [line] = [line for line in COMPOSE_TEXT.splitlines() if "docker compose up" in line and "=" in line]
+    [line] = [
+        line for line in COMPOSE_TEXT.splitlines() if "docker compose up" in line and "=" in line
+    ]
     assert f"RELAY_UPSTREAM_URL={real} " in line and "OPENAI_API_KEY=" in line
 
 

@@ -93,7 +93,8 @@ def test_relay_demo_command_serves_and_stops_cleanly_on_ctrl_c() -> None:
     try:
         assert proc.stdout is not None
         page, sockets, upstream = (proc.stdout.readline() for _ in range(3))
-        opened = re.fullmatch(r"relay demo: open (http://127\.0\.0\.1:(\d+)/) in a browser.*\n", page)
+        opened = re.fullmatch(r"relay demo: open (http://127\.0\.0\.1:(\d+)/) in a browser.*\n",
+                              page)
         assert opened, page
         with urlopen(opened.group(1), timeout=10) as response:
             assert b"<title>relay" in response.read()

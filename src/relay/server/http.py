@@ -111,9 +111,8 @@ async def _readyz(app: RelayApp, scope: Scope, send: Send) -> None:
     if query_param(scope, "upstream") in ("1", "true"):
         failure = await probe(app.dialer.target(app.config.model), READY_UPSTREAM_TIMEOUT)
         if failure is not None:
-            detail = (
-                "timed out" if isinstance(failure, trio.TooSlowError) else failure.__class__.__name__
-            )
+            timed_out = isinstance(failure, trio.TooSlowError)
+            detail = "timed out" if timed_out else failure.__class__.__name__
             await respond(send, 503, {"status": "upstream unreachable", "detail": detail})
             return
     await respond(send, 200, {"status": "ready", "sessions": len(app.pairs)})
