@@ -16,7 +16,8 @@
 // Tests read the page through data-* attributes on <body>: data-state, data-transport
 // (websocket or webrtc), data-call-id, data-turns, data-user-turns, data-sent-ms,
 // data-received-ms, data-played-ms, data-playing, data-underruns (gaps inside a reply),
-// data-latency-ms, data-truncations and data-error.
+// data-latency-ms, data-truncations, data-error, and data-upstream ("fake" when
+// session.created says the upstream is mockrealtime).
 
 const RATE = 24000; // PCM16 mono, the API's only PCM rate
 const CHUNK_SAMPLES = 960; // 40 ms per input_audio_buffer.append
@@ -46,6 +47,7 @@ const ui = {
   median: $("median"),
   played: $("played"),
   error: $("error"),
+  fake: $("fake"),
   route: $("route"),
   remote: $("remote"),
   transports: [...document.querySelectorAll('input[name="transport"]')],
@@ -516,6 +518,11 @@ function tap(s, stream, onChunk) {
 function onEvent(s, event) {
   switch (event.type) {
     case "session.created": {
+      // mockrealtime marks its session.created (no real server sends this field): say so, as
+      // its made-up transcripts and instant replies would otherwise read as a broken product.
+      ui.fake.hidden = !event.mockrealtime;
+      if (event.mockrealtime) body.dataset.upstream = "fake";
+      else delete body.dataset.upstream;
       if (s.kind === "webrtc") {
         // The call's audio is the peer connection's; only transcription is the page's to ask.
         if (ui.transcribe.checked) {
