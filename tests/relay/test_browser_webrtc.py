@@ -12,6 +12,7 @@ from urllib.request import urlopen
 import pytest
 
 from mockrealtime.calls import media_available
+from relay.clients.talk import SAMPLE
 from relay.server.demo import Demo, run_demo
 
 from .test_browser import (
@@ -54,7 +55,7 @@ def test_a_webrtc_call_through_the_relay_hears_the_user_and_plays_the_reply(
     from selenium.webdriver.common.by import By
 
     url = demo.relay_url.replace("ws://", "http://")
-    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, SAMPLE, 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
         drv.get(url + "/?transport=webrtc")
@@ -66,6 +67,7 @@ def test_a_webrtc_call_through_the_relay_hears_the_user_and_plays_the_reply(
         data = body_data(drv)
         screenshot(drv, "browser-demo-webrtc.png")
         assert data["transport"] == "webrtc" and "error" not in data
+        assert data["upstream"] == "fake"  # session.created came over the data channel
         assert drv.find_element(By.ID, "status").text == "live · WebRTC"
         assert drv.execute_script("return window.openedSockets") == []  # no WebSocket at all
         call = demo.mock.calls[data["callId"]]
