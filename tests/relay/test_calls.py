@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 import httpx
 import openai
 import orjson
+import pytest
 import trio
 
 from mockrealtime import MockServer
 from mockrealtime.calls import MockCall
+from relay.core.sideband import Sideband
 from relay.server.sideband import CallEnd
 
 from .harness import TEST_KEY, RunningRelay
@@ -315,3 +317,22 @@ async def test_a_bad_offer_is_refused_before_anything_reaches_openai() -> None:
                 )
                 assert no_sdp.status_code == 400
             assert not mock.calls
+
+
+async def test_a_sideband_that_fails_ends_its_call_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: Sideband, data: str | bytes) -> None:
+        raise RuntimeError("a bug in the sideband")
+
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock() as (relay, mock):
+            monkeypatch.setattr(Sideband, "upstream_message", broken)
+            answer = await create_call(relay)
+            call = mock.calls[answer.headers["location"].rsplit("/", 1)[1]]
+            watch = relay.app.calls.live[call.id]
+            await watch.over.wait()  # the bug met the first message: the opening's answer
+            assert watch.cause is CallEnd.SIDEBAND_LOST
+            assert call.end_reason == "hangup"  # not left running unwatched
+            monkeypatch.undo()
+            assert (await watched_call(relay, mock)).sidebands == 1  # the relay serves on

@@ -146,7 +146,12 @@ class Calls:
                 if accounting.holds_leases:
                     tasks.start_soon(accounting.keep_lease, call.identity, call.lease)
                 with call.scope:
-                    cause = await self._watch(call)
+                    try:
+                        cause = await self._watch(call)
+                    except Exception:  # a bug must end this call's watch, not the app's nursery
+                        log.exception("sideband failed", extra={"fields": _fields(call)})
+                        cause = CallEnd.SIDEBAND_LOST
+                        await self.hang_up(call, "the relay's sideband failed")
                 if call.handing_over:
                     cause = CallEnd.HANDED_OVER
                 tasks.cancel_scope.cancel()
