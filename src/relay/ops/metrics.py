@@ -41,6 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..core.bridge import Cause, Traffic
 from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
+from ..core.pricing import Tokens, dollars
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
@@ -57,6 +58,7 @@ PUBLISH_SECONDS = 1.0
 _CAUSES = frozenset(cause.value for cause in Cause)
 #: Client close codes worth a label of their own; anything else is "other".
 _CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
+_TOKEN_LABELS = (("input", "text"), ("input", "audio"), ("output", "text"), ("output", "audio"))
 _TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
 
 log = logging.getLogger("relay")
@@ -161,6 +163,35 @@ class RelayMetrics:
             ["status"],
             registry=self.registry,
         )
+        self._cost = Counter(
+            "relay_cost_dollars",
+            "What the sessions' responses cost by the relay's price table, in US dollars, by"
+            " model (per user and day: relay usage or GET /admin/usage).",
+            ["model"],
+            registry=self.registry,
+        )
+        self._tokens = Counter(
+            "relay_tokens",
+            "Tokens of the sessions' responses, by direction (input, output) and kind (text,"
+            " audio).",
+            ["direction", "kind"],
+            registry=self.registry,
+        )
+        self._fast_legs = Gauge(
+            "relay_fast_path_legs",
+            "Session directions relayed by the pump, the fast path (two per pumped session).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._fast_workers = Gauge(
+            "relay_fast_path_workers",
+            "Worker processes whose pump runs (one that cannot share Trio's I/O manager relays"
+            " through the sessions' own tasks, at about twice the CPU).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        #: Where ``publish`` reads the fast path's state: (pump running, legs it watches).
+        self.fast_path: Callable[[], tuple[bool, int]] | None = None
 
     def live_traffic(self) -> Iterable[Traffic]:
         """The counters of the sessions running now."""
@@ -201,6 +232,10 @@ class RelayMetrics:
             if added := getattr(total, name) - getattr(published, name):
                 counter.inc(added)
         self._published = total
+        if self.fast_path is not None:
+            running, legs = self.fast_path()
+            self._fast_workers.set(1 if running else 0)
+            self._fast_legs.set(legs)
 
     def _publish_periodically(self) -> None:
         """Start publishing every PUBLISH_SECONDS for the rest of this Trio run, once per run.
@@ -240,6 +275,23 @@ class RelayMetrics:
     def voice_latency(self, seconds: float) -> None:
         """A spoken turn was answered: see :class:`VoiceClock`."""
         self._voice.observe(seconds)
+
+    def responses_priced(self, model: str, nanodollars: int, tokens: Iterable[Tokens]) -> None:
+        """Responses of a session on ``model`` finished: their tokens and what they cost.
+
+        ``model`` is one of the relay's models (RELAY_MODELS), so the label stays bounded.
+        """
+        if nanodollars:
+            self._cost.labels(model).inc(dollars(nanodollars))
+        totals = [0, 0, 0, 0]
+        for t in tokens:
+            totals[0] += t.input_text
+            totals[1] += t.input_audio
+            totals[2] += t.output_text
+            totals[3] += t.output_audio
+        for (direction, kind), total in zip(_TOKEN_LABELS, totals, strict=True):
+            if total:
+                self._tokens.labels(direction, kind).inc(total)
 
     def refused(self, status: int) -> None:
         """A WebSocket handshake was answered with this HTTP status instead of 101."""
