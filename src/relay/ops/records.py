@@ -246,11 +246,9 @@ class Recorder:
         self._deliveries, self._pending_deliveries = trio.open_memory_channel[Record](
             QUEUE_DELIVERIES
         )
-        #: Counted for the tests and the logs.
-        self.written = 0
-        self.delivered = 0
-        self.dropped = 0
-        self.failed = 0
+        #: Told ``(what, record)`` as each record is ``written``, ``delivered``, ``failed`` or
+        #: ``dropped`` (for tests and embedders; it must not block).
+        self.observe: Callable[[str, Record], None] | None = None
 
     def spools(self, session_id: str) -> tuple[FileSpool, FileSpool] | None:
         """Fresh spool files for a recorded call's audio, or None when audio is off."""
@@ -268,7 +266,7 @@ class Recorder:
         try:
             self._records.send_nowait(record)
         except (trio.WouldBlock, trio.ClosedResourceError):
-            self.dropped += 1
+            self._tell("dropped", record)
             record.discard_audio()
             log.warning(
                 "call record of session %s dropped: %d records are already waiting to be written",
@@ -301,7 +299,7 @@ class Recorder:
                 if self.directory is not None:
                     try:
                         await trio.to_thread.run_sync(write_record, self.directory, record)
-                        self.written += 1
+                        self._tell("written", record)
                     except OSError as exc:
                         record.discard_audio()
                         log.error(
@@ -314,7 +312,7 @@ class Recorder:
                     try:
                         self._deliveries.send_nowait(record)
                     except trio.WouldBlock:
-                        self.dropped += 1
+                        self._tell("dropped", record)
                         log.warning(
                             "webhook delivery of session %s dropped: %d deliveries are waiting",
                             record.session_id,
@@ -346,7 +344,7 @@ class Recorder:
                 problem = f"{exc.__class__.__name__}: {exc}"
             else:
                 if answer.status_code < 300:
-                    self.delivered += 1
+                    self._tell("delivered", record)
                     return
                 problem = f"HTTP {answer.status_code}"
                 if answer.status_code < 500 and answer.status_code not in (408, 429):
@@ -354,7 +352,7 @@ class Recorder:
             if attempt < ATTEMPTS:
                 await trio.sleep(pause)
                 pause *= 2
-        self.failed += 1
+        self._tell("failed", record)
         log.error(
             "webhook did not take the call record of session %s (%s); giving up after %d"
             " attempts",
@@ -363,6 +361,10 @@ class Recorder:
             attempt,
             extra={"fields": {"session": record.session_id}},
         )
+
+    def _tell(self, what: str, record: Record) -> None:
+        if self.observe is not None:
+            self.observe(what, record)
 
     async def _sweep_forever(self) -> None:
         assert self.directory is not None
