@@ -123,23 +123,50 @@ def test_the_call_log_times_voice_latency_exactly_as_the_voice_clock(events: lis
             assert log.upstream_event(event) == voice.upstream_event(event)
 
 
+def b64(pcm: bytes) -> bytes:
+    return base64.b64encode(pcm)
+
+
+PCM = ("audio/pcm", RATE)
+
+
 def test_a_barge_in_cuts_the_assistants_audio_where_the_caller_stopped_hearing_it() -> None:
     spools = (MemorySpool(), MemorySpool())
     timeline = Timeline(10.0, RATE, spools)
-    timeline.add(CALLER, 10.0, tone(500))  # the caller speaks for half a second
-    timeline.add(ASSISTANT, 11.0, tone(1000), item="a")  # a reply arrives all at once...
-    timeline.add(ASSISTANT, 11.0, tone(1000), item="a")  # ...two seconds of it
+    timeline.add(CALLER, 10.0, b64(tone(500)), *PCM)  # the caller speaks for half a second
+    timeline.add(ASSISTANT, 11.0, b64(tone(1000)), *PCM, item="a")  # a reply arrives at once...
+    timeline.add(ASSISTANT, 11.0, b64(tone(1000)), *PCM, item="a")  # ...two seconds of it
     timeline.truncate("a", 700)  # the caller heard 0.7 s, then spoke again
-    timeline.add(ASSISTANT, 11.0, tone(100), item="a")  # a late delta of the cut item: dropped
-    timeline.add(CALLER, 11.7, tone(300))
-    timeline.add(ASSISTANT, 12.5, tone(400), item="b")  # the next reply, after the cut
+    timeline.add(ASSISTANT, 11.0, b64(tone(100)), *PCM, item="a")  # a late delta of it: dropped
+    timeline.add(CALLER, 11.7, b64(tone(300)), *PCM)
+    timeline.add(ASSISTANT, 12.5, b64(tone(400)), *PCM, item="b")  # the next reply, after the cut
     stereo = b"".join(timeline.render(window=5000))  # several windows
     left, right = channel(stereo, 0), channel(stereo, 1)
     assert loud(left, 0.0, 0.5) and quiet(left, 0.5, 1.7) and loud(left, 1.7, 2.0)
     assert quiet(right, 0.0, 1.0) and loud(right, 1.0, 1.7)
     assert quiet(right, 1.7, 2.5)  # cut where the caller stopped hearing it
     assert loud(right, 2.5, 2.9) and len(right) == int(2.9 * RATE)
+    assert len(timeline.runs[ASSISTANT]) == 2  # the two pieces of "a" were kept as one run
 
+
+@given(st.lists(st.integers(1, 700), min_size=1, max_size=12), st.integers(0, 3000), st.booleans())
+def test_rendering_gives_back_exactly_the_audio_laid_down(sizes: list[int], window: int, g711: bool) -> None:
+    """Any pieces (padded base64 or not), any window, 24 kHz or 8 kHz G.711 in a 24 kHz call."""
+    from relay.core.audio import MULAW_TO_PCM16
+
+    timeline = Timeline(0.0, RATE, (MemorySpool(), MemorySpool()))
+    expected = bytearray()
+    for n, size in enumerate(sizes):
+        if g711:
+            raw = bytes((n * 7 + i) % 256 for i in range(size))
+            timeline.add(CALLER, 0.0, b64(raw), "audio/pcmu", 8000)
+            expected += b"".join(array("h", [MULAW_TO_PCM16[b]] * 3).tobytes() for b in raw)
+        else:
+            raw = tone(40)[: 2 * size]
+            timeline.add(CALLER, 0.0, b64(raw), *PCM)
+            expected += raw
+    stereo = b"".join(timeline.render(window=window + 1))
+    assert channel(stereo, 0).tobytes() == bytes(expected)
 
 def channel(stereo: bytes, which: int) -> array[int]:
     samples = array("h", stereo)
@@ -162,7 +189,9 @@ def test_g711_audio_is_decoded_into_the_record() -> None:
     log = CallLog(clock, session=session, spools=(MemorySpool(), MemorySpool()))
     assert log.audio is not None and log.audio.rate == 8000
     log.client_event(bytes([0x00] * 800))  # μ-law 0x00 is the loudest negative sample
-    (sample,) = set(channel(b"".join(log.audio.render()), 0)[:800])
+    left = channel(b"".join(log.audio.render()), 0)
+    assert len(left) == 800
+    (sample,) = set(left)
     assert sample == -32124
 
 

@@ -70,3 +70,14 @@ def test_without_an_otlp_endpoint_the_relay_never_loads_opentelemetry() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_otlp_endpoint_gets_the_traces_path_and_the_service_name(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    tracer = Tracer.to_endpoint("http://127.0.0.1:4318/")
+    try:
+        assert tracer.provider.resource.attributes["service.name"] == "relay"
+        (processor,) = tracer.provider._active_span_processor._span_processors  # noqa: SLF001
+        assert processor.span_exporter._endpoint == "http://127.0.0.1:4318/v1/traces"  # noqa: SLF001
+    finally:
+        tracer.shutdown()  # no span was made: nothing is sent

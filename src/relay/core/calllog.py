@@ -16,13 +16,12 @@ to its ``response.done``. Nothing here does I/O; the clock is the caller's.
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .audio import PCM_RATE, convert_rate, session_formats, to_pcm16
+from .audio import PCM_RATE, session_formats
 from .events import parse_event
 from .policy import APPEND, DELTA
 from .pricing import Tokens
@@ -159,13 +158,11 @@ class CallLog:
             self._by_item[item] = line
 
     def _assistant_audio(self, text: str) -> None:
-        event = parse_event(text) or {}
-        item = event.get("item_id")
-        pcm = _decoded(event.get("delta"))
-        if pcm and self.audio is not None:
+        b64 = _field(text, _DELTA_AUDIO)
+        if b64 and self.audio is not None:
             kind, rate = self._formats[1]
-            pcm = convert_rate(to_pcm16(pcm, kind), rate, self.audio.rate)
-            self.audio.add(ASSISTANT, self._clock(), pcm, item if isinstance(item, str) else None)
+            item = _field(text, _ITEM, parse=False)
+            self.audio.add(ASSISTANT, self._clock(), b64.encode(), kind, rate, item)
 
     # -- client --------------------------------------------------------------------
 
@@ -173,14 +170,13 @@ class CallLog:
         """A client message that went upstream (audio only matters when it is recorded)."""
         if data.__class__ is bytes:  # raw audio (RELAY_BINARY_FRAMES=audio)
             if self.audio is not None:
-                self._caller_audio(data)  # type: ignore[arg-type]
+                self._caller_audio(binascii.b2a_base64(data, newline=False))  # type: ignore[arg-type]
             return
         if data.startswith(APPEND):  # type: ignore[arg-type]
             if self.audio is not None:
-                event = parse_event(data) or {}
-                pcm = _decoded(event.get("audio"))
-                if pcm:
-                    self._caller_audio(pcm)
+                b64 = _field(data, _APPEND_AUDIO)  # type: ignore[arg-type]
+                if b64:
+                    self._caller_audio(b64.encode())
             return
         event = parse_event(data)
         kind = event.get("type") if event else None
@@ -198,11 +194,11 @@ class CallLog:
                 said = " ".join(t for t in typed if isinstance(t, str))
                 self._line(self._clock(), CALLER_SPEAKER, said, None)
 
-    def _caller_audio(self, data: bytes) -> None:
+    def _caller_audio(self, b64: bytes) -> None:
+        """Base64 audio is kept as it is; it is decoded when the record is written."""
         assert self.audio is not None
         kind, rate = self._formats[0]
-        pcm = convert_rate(to_pcm16(data, kind), rate, self.audio.rate)
-        self.audio.add(CALLER, self._clock(), pcm)
+        self.audio.add(CALLER, self._clock(), b64, kind, rate)
 
     def _truncated(self, event: dict[str, Any]) -> None:
         item, heard = event.get("item_id"), event.get("audio_end_ms")
@@ -245,13 +241,26 @@ class CallLog:
         return sorted(self.lines, key=lambda line: line.at)
 
 
-def _decoded(payload: object) -> bytes:
-    if not isinstance(payload, str):
-        return b""
-    try:
-        return base64.b64decode(payload, validate=False)
-    except (binascii.Error, ValueError):
-        return b""
+_APPEND_AUDIO: Final = '"audio":"'
+_DELTA_AUDIO: Final = '"delta":"'
+_ITEM: Final = '"item_id":"'
+
+
+def _field(text: str, key: str, *, parse: bool = True) -> str | None:
+    """A string field of an audio event, found by its key rather than by parsing some 6 KB of
+    JSON per message: base64 and ids hold no quote or backslash, so the text between the key
+    and the next quote is the value. Falls back to a parse for any other spelling (``parse``),
+    where the field is worth it."""
+    start = text.find(key)
+    if start >= 0:
+        start += len(key)
+        end = text.find('"', start)
+        if end > 0 and text.find("\\", start, end) < 0:
+            return text[start:end]
+    if not parse:
+        return None
+    value = (parse_event(text) or {}).get(key[1:-3])
+    return value if isinstance(value, str) else None
 
 
 __all__ = ["CallLog", "Line", "Turn", "PCM_RATE"]

@@ -21,19 +21,23 @@ import hashlib
 import hmac
 import logging
 import os
+import queue
+import threading
 import time
 import wave
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import orjson
 import trio
 
 from ..core.calllog import Line
 from ..core.stereo import Timeline
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("relay")
 
@@ -53,6 +57,8 @@ DRAIN_SECONDS: Final = 10.0
 SWEEP_SECONDS: Final = 3600.0
 #: Audio is written to the spool file in pieces of this size.
 SPOOL_CHUNK: Final = 1 << 20
+#: Audio waiting for the disk beyond this is dropped (the record says so), not held in memory.
+SPOOL_BACKLOG: Final = 64 << 20
 SIGNATURE_HEADER: Final = "Relay-Signature"
 
 FILE_MODE: Final = 0o600
@@ -77,39 +83,111 @@ def verify(secret: str, header: str, body: bytes, *, now: float, tolerance: floa
     return abs(now - timestamp) <= tolerance and hmac.compare_digest(expected, fields.get("v1", ""))
 
 
-class FileSpool:
-    """A channel's audio in a file of the records directory (mode 0600), written in 1 MiB
-    pieces so that a session pays a write only every ~20 s of audio."""
+class SpoolWriter:
+    """One thread that writes every spool's audio to disk, in order, so that a disk that is
+    slow to take a write (a busy VM's dirty pages) never stalls the event loop."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        #: Bytes handed over and not yet written (read and changed under the GIL).
+        self.backlog = 0
+
+    def put(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="relay spool writer", daemon=True)
+            self._thread.start()
+        self._queue.put(job)
+
+    def wait(self) -> None:
+        """Block until every job put so far is done (call it from a thread, not the loop)."""
+        done = threading.Event()
+        self.put(done.set)
+        done.wait()
+
+    def stop(self) -> None:
+        """Finish the jobs put so far, then end the thread (blocking)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job()
+            except OSError as exc:  # a full disk: that record's audio is lost, nothing else
+                log.error("cannot write call audio to the records directory: %s", exc)
+
+
+class FileSpool:
+    """A channel's audio in a file of the records directory (mode 0600), handed to the
+    :class:`SpoolWriter` in 1 MiB pieces: a session never waits for the disk."""
+
+    def __init__(self, path: Path, writer: SpoolWriter) -> None:
         self.path = path
+        self._writer = writer
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._written = 0
         self._pending = bytearray()
+        #: Bytes of audio dropped because the disk fell behind.
+        self.lost = 0
 
     def append(self, data: bytes) -> int:
         offset = self._written + len(self._pending)
         self._pending += data
         if len(self._pending) >= SPOOL_CHUNK:
-            self.flush()
+            self._hand_over()
         return offset
 
-    def flush(self) -> None:
-        if self._pending:
-            os.pwrite(self._fd, self._pending, self._written)
-            self._written += len(self._pending)
-            self._pending.clear()
+    def _hand_over(self) -> None:
+        if not self._pending:
+            return
+        writer, fd, data, offset = self._writer, self._fd, bytes(self._pending), self._written
+        self._written += len(data)
+        self._pending.clear()
+        if writer.backlog + len(data) > SPOOL_BACKLOG:
+            self.lost += len(data)  # the disk is too slow: a gap (silence) in this record
+            return
+        writer.backlog += len(data)
+
+        def write() -> None:
+            try:
+                _pwrite_all(fd, data, offset)
+            finally:
+                writer.backlog -= len(data)
+
+        writer.put(write)
 
     def read(self, offset: int, size: int) -> bytes:
-        self.flush()
+        """Blocking: call it from a thread once the call is over."""
+        if self._pending:
+            self._hand_over()
+            self._writer.wait()
         return os.pread(self._fd, size, offset)
 
-    def discard(self) -> None:
-        """Close and delete the spool (idempotent)."""
+    def discard(self, *, wait: bool = False) -> None:
+        """Close and delete the spool, after the writes handed over (idempotent); ``wait``
+        (from a thread only) until it is gone."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            self.path.unlink(missing_ok=True)
+            fd, self._fd = self._fd, -1
+            self._pending.clear()
+            path = self.path
+
+            def remove() -> None:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+
+            self._writer.put(remove)
+        if wait:
+            self._writer.wait()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 @dataclass
@@ -135,9 +213,9 @@ class Record:
             for line in self.transcript
         ]
 
-    def discard_audio(self) -> None:
+    def discard_audio(self, *, wait: bool = False) -> None:
         for spool in self.spools or ():
-            spool.discard()
+            spool.discard(wait=wait)
 
 
 def transcript_text(record: Record) -> str:
@@ -180,6 +258,9 @@ def write_record(directory: Path, record: Record) -> dict[str, str]:
     files = {"summary": folder / f"{stem}.json", "transcript": folder / f"{stem}.txt"}
     try:
         if record.audio is not None:
+            lost = sum(spool.lost for spool in record.spools or ())
+            if lost:
+                record.summary["audio_lost_bytes"] = lost
             files["audio"] = folder / f"{stem}.wav"
             fd = os.open(files["audio"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             with os.fdopen(fd, "wb") as raw, wave.open(raw, "wb") as out:
@@ -189,7 +270,7 @@ def write_record(directory: Path, record: Record) -> dict[str, str]:
                 for chunk in record.audio.render():
                     out.writeframes(chunk)
     finally:
-        record.discard_audio()
+        record.discard_audio(wait=True)
     names = {kind: str(path.relative_to(directory)) for kind, path in files.items()}
     record.summary["files"] = names
     _write(files["transcript"], transcript_text(record).encode())
@@ -249,6 +330,7 @@ class Recorder:
         #: Told ``(what, record)`` as each record is ``written``, ``delivered``, ``failed`` or
         #: ``dropped`` (for tests and embedders; it must not block).
         self.observe: Callable[[str, Record], None] | None = None
+        self._spool_writer = SpoolWriter()
 
     def spools(self, session_id: str) -> tuple[FileSpool, FileSpool] | None:
         """Fresh spool files for a recorded call's audio, or None when audio is off."""
@@ -257,8 +339,8 @@ class Recorder:
         spool_dir = self.directory / "spool"
         spool_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         return (
-            FileSpool(spool_dir / f"{session_id}.caller.pcm"),
-            FileSpool(spool_dir / f"{session_id}.assistant.pcm"),
+            FileSpool(spool_dir / f"{session_id}.caller.pcm", self._spool_writer),
+            FileSpool(spool_dir / f"{session_id}.assistant.pcm", self._spool_writer),
         )
 
     def submit(self, record: Record) -> None:
@@ -286,7 +368,11 @@ class Recorder:
                         senders.start_soon(self._send_forever, self._pending_deliveries.clone())
                     task_status.started()
                     async with self._deliveries:
-                        await self._write_forever()
+                        try:
+                            await self._write_forever()
+                        finally:
+                            with trio.CancelScope(shield=True):  # spools of dropped records
+                                await trio.to_thread.run_sync(self._spool_writer.stop)
             nursery.cancel_scope.cancel()
 
     def close(self) -> None:
@@ -320,6 +406,8 @@ class Recorder:
                         )
 
     async def _send_forever(self, pending: trio.MemoryReceiveChannel[Record]) -> None:
+        import httpx  # here, not at the top: only a relay with a webhook needs it
+
         async with pending, httpx.AsyncClient(
             timeout=POST_TIMEOUT, transport=self._transport
         ) as client:
@@ -327,6 +415,8 @@ class Recorder:
                 await self._deliver(client, record)
 
     async def _deliver(self, client: httpx.AsyncClient, record: Record) -> None:
+        import httpx
+
         body = orjson.dumps(
             {"type": "relay.call.ended", "summary": record.summary, "transcript": record.transcript_json()}
         )

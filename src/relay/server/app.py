@@ -328,11 +328,25 @@ class RelayApp:
             recorded = trio.Event()
             if self.recorder is not None:
                 nursery.start_soon(self._record, recorded)
+            if self.config.otel_endpoint and self.tracer is None:
+                nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
             try:
                 await self._lifespan_events(receive, send, recorded)
             finally:
                 self.pump = None
                 nursery.cancel_scope.cancel()
+
+    async def _start_tracing(self, endpoint: str) -> None:
+        """Load OpenTelemetry beside start-up rather than before it: its OTLP exporter (with
+        protobuf) takes a few hundred ms to import, which readiness need not wait for; sessions
+        that start meanwhile are not traced."""
+
+        def load() -> Tracer:
+            from ..ops.tracing import Tracer
+
+            return Tracer.to_endpoint(endpoint)
+
+        self.tracer = await trio.to_thread.run_sync(load)
 
     async def _record(self, done: trio.Event) -> None:
         assert self.recorder is not None
@@ -357,10 +371,7 @@ class RelayApp:
                     daily_budget=self.config.daily_token_budget,
                     daily_budget_usd=self.config.daily_budget_usd,
                 )
-                if self.config.otel_endpoint and self.tracer is None:
-                    from ..ops.tracing import Tracer  # only here: OpenTelemetry loads slowly
 
-                    self.tracer = Tracer.to_endpoint(self.config.otel_endpoint)
                 await send({"type": "lifespan.startup.complete"})
                 self.started.set()
             elif message["type"] == "lifespan.shutdown":
