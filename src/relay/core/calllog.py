@@ -3,7 +3,7 @@
 
 A :class:`CallLog` exists only for a session whose call is recorded or traced; it is fed
 every upstream text message (:meth:`CallLog.upstream_event`, in place of the pair's
-:class:`~relay.core.turns.VoiceClock`, whose latency it also returns) and, when records are
+:class:`VoiceClock`: it holds one, and returns its latency) and, when records are
 on, every client message that went upstream (:meth:`CallLog.client_event`). Events are
 recognised by their first bytes, as the Realtime API writes them (``type`` first); only the
 few that carry a transcript, a format or a barge-in are parsed. Audio payloads are decoded
@@ -17,6 +17,7 @@ to its ``response.done``. Nothing here does I/O; the clock is the caller's.
 from __future__ import annotations
 
 import binascii
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -34,7 +35,47 @@ _SPOKEN: Final = '{"type":"response.output_audio_transcript.done"'
 _TEXT: Final = '{"type":"response.output_text.done"'
 _HEARD: Final = '{"type":"conversation.item.input_audio_transcription.completed"'
 _SESSION: Final = ('{"type":"session.created"', '{"type":"session.updated"')
+_DONE: Final = '{"type":"response.done"'
 CALLER_SPEAKER, ASSISTANT_SPEAKER = "caller", "assistant"
+
+
+class VoiceClock:
+    """Times one pair's voice turns from the upstream's events: speech end to first reply audio.
+
+    Feed it every upstream text message; it returns the latency once per turn.
+    Only audio of a response created after the speech stopped counts, so the tail
+    of an earlier reply still streaming is not mistaken for the answer; a reply
+    that finishes without audio ends the wait. Cheap enough for the hot path: one
+    prefix check per message while idle, and the clock is read only on the two
+    events that matter. It recognises the Realtime API's own serialisation
+    (``type`` first), which is what the API and mockrealtime send.
+    """
+
+    __slots__ = ("_clock", "_created", "_stopped_at")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._stopped_at: float | None = None
+        self._created = False
+
+    def upstream_event(self, text: str) -> float | None:
+        """Seconds since speech stopped if ``text`` is the reply's first audio, else None."""
+        if text.startswith(_STOPPED):
+            self._stopped_at = self._clock()
+            self._created = False
+            return None
+        stopped_at = self._stopped_at
+        if stopped_at is None:
+            return None
+        if not self._created:
+            self._created = text.startswith(_CREATED)
+            return None
+        if text.startswith(DELTA):
+            self._stopped_at = None
+            return self._clock() - stopped_at
+        if text.startswith(_DONE):
+            self._stopped_at = None
+        return None
 
 
 @dataclass(slots=True)
@@ -50,13 +91,8 @@ class Turn:
     tokens: Tokens = field(default_factory=Tokens)
     #: Nanodollars, or None when the session's model has no price.
     cost: int | None = None
-
-    @property
-    def latency(self) -> float | None:
-        """End of speech to the reply's first audio: the delay the caller heard."""
-        if not self.spoken or self.first_audio is None:
-            return None
-        return self.first_audio - self.started
+    #: End of speech to the reply's first audio, the delay the caller heard (VoiceClock's).
+    latency: float | None = None
 
 
 @dataclass(slots=True)
@@ -88,8 +124,7 @@ class CallLog:
         self.turns: list[Turn] = []
         self._current: Turn | None = None
         self._stopped_at: float | None = None
-        #: Whether the current turn's first audio is still awaited (see VoiceClock).
-        self._listening = False
+        self._voice = VoiceClock(clock)
         self.lines: list[Line] = []
         self._speech_at: dict[str, float] = {}
         self._by_item: dict[str, Line] = {}
@@ -103,13 +138,16 @@ class CallLog:
     # -- upstream ------------------------------------------------------------------
 
     def upstream_event(self, text: str) -> float | None:
-        """An upstream text message; the voice latency if it is a spoken reply's first audio."""
+        """An upstream text message; the voice latency if it is a spoken reply's first audio
+        (as the pair's VoiceClock would say: this log holds one)."""
+        latency = self._voice.upstream_event(text)
         if text.startswith(DELTA):
             turn = self._current
-            latency = None
-            if turn is not None and self._listening and turn.first_audio is None:
-                turn.first_audio = self._clock()
-                latency = turn.latency
+            if turn is not None:
+                if turn.first_audio is None:
+                    turn.first_audio = self._clock()
+                if latency is not None:
+                    turn.latency = latency
             if self.audio is not None:
                 self._assistant_audio(text)
             return latency
@@ -117,7 +155,6 @@ class CallLog:
             return None
         if text.startswith(_STOPPED):
             self._stopped_at = self._clock()
-            self._listening = False  # new speech: only a reply created after it answers it
         elif text.startswith(_STARTED):
             event = parse_event(text) or {}
             item = event.get("item_id")
@@ -128,7 +165,6 @@ class CallLog:
             now = self._clock()
             self._current = Turn(started=stopped if stopped is not None else now, spoken=stopped is not None)
             self.turns.append(self._current)
-            self._listening = True
         elif text.startswith(_SPOKEN) or text.startswith(_TEXT):
             event = parse_event(text) or {}
             said = event.get("transcript", event.get("text"))

@@ -30,7 +30,6 @@ No metric carries a per-user label.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from enum import Enum
 
@@ -41,6 +40,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..core.bridge import Cause, Traffic
 from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
+from ..core.calllog import VoiceClock  # noqa: F401 (timing of voice turns; re-exported)
 from ..core.pricing import Tokens, dollars
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
@@ -303,47 +303,3 @@ class RelayMetrics:
         encoder, content_type = choose_encoder((accept_header or b"").decode("latin-1"))
         return encoder(self._rendered), content_type.encode("latin-1")
 
-
-_STOPPED = '{"type":"input_audio_buffer.speech_stopped"'
-_CREATED = '{"type":"response.created"'
-_AUDIO = '{"type":"response.output_audio.delta"'
-_DONE = '{"type":"response.done"'
-
-
-class VoiceClock:
-    """Times one pair's voice turns from the upstream's events: speech end to first reply audio.
-
-    Feed it every upstream text message; it returns the latency once per turn.
-    Only audio of a response created after the speech stopped counts, so the tail
-    of an earlier reply still streaming is not mistaken for the answer; a reply
-    that finishes without audio ends the wait. Cheap enough for the hot path: one
-    prefix check per message while idle, and the clock is read only on the two
-    events that matter. It recognises the Realtime API's own serialisation
-    (``type`` first), which is what the API and mockrealtime send.
-    """
-
-    __slots__ = ("_clock", "_created", "_stopped_at")
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._stopped_at: float | None = None
-        self._created = False
-
-    def upstream_event(self, text: str) -> float | None:
-        """Seconds since speech stopped if ``text`` is the reply's first audio, else None."""
-        if text.startswith(_STOPPED):
-            self._stopped_at = self._clock()
-            self._created = False
-            return None
-        stopped_at = self._stopped_at
-        if stopped_at is None:
-            return None
-        if not self._created:
-            self._created = text.startswith(_CREATED)
-            return None
-        if text.startswith(_AUDIO):
-            self._stopped_at = None
-            return self._clock() - stopped_at
-        if text.startswith(_DONE):
-            self._stopped_at = None
-        return None

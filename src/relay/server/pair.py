@@ -34,9 +34,8 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from ..core.bridge import Bridge, Ending, Message, Reply
-from ..core.calllog import CallLog
+from ..core.calllog import CallLog, VoiceClock
 from ..core.deadlines import Deadlines, Due
-from ..ops.metrics import VoiceClock
 from ..wire.pump import READ, Leg, Pump
 from ..wire.upstream import Upstream
 from ..wire.websocket import PART, HandshakeFailed, WebSocket
