@@ -24,7 +24,10 @@ DAY = "2026-12-07"
 
 
 def done(usage: dict) -> dict:
-    return {"type": "response.done", "response": {"id": "resp_1", "status": "completed", "usage": usage}}
+    return {
+        "type": "response.done",
+        "response": {"id": "resp_1", "status": "completed", "usage": usage},
+    }
 
 
 #: Three responses of a voice call, as the Realtime API reports them.
@@ -80,7 +83,10 @@ def test_cached_tokens_never_exceed_the_tokens_they_are_part_of() -> None:
 
 async def test_costs_add_up_exactly_in_the_store(store_url: str) -> None:
     prices = PriceTable()
-    deltas = [usage_of(t, prices.cost("gpt-realtime-2", t) or 0) for t in map(tokens_of, map(done, USAGES))]
+    deltas = [
+        usage_of(t, prices.cost("gpt-realtime-2", t) or 0)
+        for t in map(tokens_of, map(done, USAGES))
+    ]
     with trio.fail_after(TIMEOUT):
         store = await open_store(store_url)
         try:
@@ -124,7 +130,9 @@ def test_a_prices_table_overrides_and_adds_models(tmp_path: Path) -> None:
     )
     config = load_config({"RELAY_CONFIG": str(path)})
     assert config.prices["gpt-realtime-2"].output_audio == 60_000
-    assert config.prices["gpt-realtime-2"].input_audio == DEFAULT_PRICES["gpt-realtime-2"].input_audio
+    assert (
+        config.prices["gpt-realtime-2"].input_audio == DEFAULT_PRICES["gpt-realtime-2"].input_audio
+    )
     assert config.prices["gpt-realtime"].output_audio == 64_001
     assert config.prices["gpt-realtime"].per_million()["cached_text"] == 0.4
 
@@ -154,7 +162,11 @@ def test_a_dollar_budget_needs_a_price_for_every_model_a_client_may_use() -> Non
     message = str(caught.value)
     assert "and gpt-realtime has none. Add [prices.gpt-realtime] to RELAY_CONFIG" in message
     config = load_config(
-        {"RELAY_DAILY_BUDGET_USD": "5", "RELAY_MODEL": "gpt-realtime-2", "RELAY_MODELS": "gpt-realtime-2.1"}
+        {
+            "RELAY_DAILY_BUDGET_USD": "5",
+            "RELAY_MODEL": "gpt-realtime-2",
+            "RELAY_MODELS": "gpt-realtime-2.1",
+        }
     )
     assert config.daily_budget_usd == 5.0
 
@@ -162,9 +174,14 @@ def test_a_dollar_budget_needs_a_price_for_every_model_a_client_may_use() -> Non
 PRICED = {"model": "gpt-realtime-2", "models": ("gpt-realtime-2",)}
 
 
-async def test_a_dollar_budget_cuts_a_session_mid_call_and_then_refuses_new_ones(store_url: str) -> None:
+async def test_a_dollar_budget_cuts_a_session_mid_call_and_then_refuses_new_ones(
+    store_url: str,
+) -> None:
     with trio.fail_after(TIMEOUT):
-        async with relays_and_mock(store_url, daily_budget_usd=0.000001, **PRICED) as ((relay,), mock):
+        async with relays_and_mock(store_url, daily_budget_usd=0.000001, **PRICED) as (
+            (relay,),
+            mock,
+        ):
             async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
                 for message in TEXT_TURN:
                     await ws.send_message(message)
@@ -173,7 +190,9 @@ async def test_a_dollar_budget_cuts_a_session_mid_call_and_then_refuses_new_ones
             assert "response.done" in kinds  # the turn that crossed the budget is delivered
             assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
             assert reason == "daily spending budget used up"
-            assert "daily spending budget is used up" in orjson.loads(messages[-1])["error"]["message"]
+            assert (
+                "daily spending budget is used up" in orjson.loads(messages[-1])["error"]["message"]
+            )
             (upstream,) = mock.connections
             await upstream.closed.wait()
             assert upstream.received[-1] == '{"type":"response.cancel"}'
@@ -194,7 +213,11 @@ async def test_a_budget_usd_claim_cuts_its_user_and_needs_a_priced_model() -> No
     from .test_auth_loopback import SECRET, signed
 
     bearer = [(b"authorization", f"Bearer {signed({'budget_usd': 0.000001})}".encode())]
-    settings = {"jwt_secret": SECRET, "model": "gpt-realtime-2", "models": ("gpt-realtime-2", "gpt-realtime")}
+    settings = {
+        "jwt_secret": SECRET,
+        "model": "gpt-realtime-2",
+        "models": ("gpt-realtime-2", "gpt-realtime"),
+    }
     with trio.fail_after(TIMEOUT):
         async with relays("sqlite:///:memory:", **settings) as (relay,):
             async with connect(relay.url + "/voice?model=gpt-realtime", extra_headers=bearer) as ws:

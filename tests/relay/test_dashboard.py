@@ -43,7 +43,9 @@ def mounts(service: str) -> dict[str, str]:
     for volume in SERVICES[service].get("volumes", []):
         source, target, *_ = volume.split(":")
         if source.startswith("./"):
-            assert (ROOT / source).exists(), f"{service} mounts {source}, which is not in the repository"
+            assert (ROOT / source).exists(), (
+                f"{service} mounts {source}, which is not in the repository"
+            )
             found[target] = source
     return found
 
@@ -68,29 +70,48 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard() -> None:
     volumes = mounts("grafana")
     assert volumes["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
     assert volumes["/var/lib/grafana/dashboards"] == "./deploy/grafana/dashboards"
-    (source,) = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    (source,) = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
     assert source["url"] == "http://prometheus:9090" and source["uid"] == "prometheus"
-    (provider,) = yaml.safe_load((PROVISIONING / "dashboards" / "relay.yaml").read_text())["providers"]
+    (provider,) = yaml.safe_load((PROVISIONING / "dashboards" / "relay.yaml").read_text())[
+        "providers"
+    ]
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
     board = dashboard()
     assert board["uid"] == "relay"
     for panel in board["panels"]:
         assert panel["datasource"]["uid"] == "prometheus", panel["title"]
     titles = " ".join(p["title"].lower() for p in board["panels"])
-    for topic in ("live sessions", "calls", "latency", "refused", "cause", "fast path", "dial", "cost per hour"):
+    for topic in (
+        "live sessions",
+        "calls",
+        "latency",
+        "refused",
+        "cause",
+        "fast path",
+        "dial",
+        "cost per hour",
+    ):
         assert topic in titles, topic
 
 
 async def test_every_metric_the_dashboard_queries_is_in_the_relays_metrics() -> None:
     with trio.fail_after(15):
-        async with relays("sqlite:///:memory:", model="gpt-realtime-2", models=("gpt-realtime-2",)) as (relay,):
+        async with relays(
+            "sqlite:///:memory:", model="gpt-realtime-2", models=("gpt-realtime-2",)
+        ) as (relay,):
             await text_turn(relay)  # a priced session, started and ended
             with pytest.raises(ConnectionRejected):  # and a refused handshake
                 async with connect(relay.url + "/nowhere"):
                     pass
             async with httpx.AsyncClient(base_url=relay.http_url) as http:
                 body = (await http.get("/metrics")).text
-    exposed = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line and not line.startswith("#")}
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
     missing = sorted(queried_metrics() - exposed)
     assert not missing, f"the dashboard queries metrics the relay does not expose: {missing}"
     assert {"relay_cost_dollars_total", "relay_voice_latency_seconds_bucket"} <= queried_metrics()

@@ -29,7 +29,6 @@ from relay.ops.records import SIGNATURE_HEADER, Record, Recorder, sweep, verify,
 from ..leaks import upstream_key_in
 from .harness import TEST_KEY, connect
 from .test_accounting import BEARER, relays_and_mock
-from .test_relay_loopback import receive_until_closed
 
 TIMEOUT = 20
 RATE = 24_000
@@ -47,7 +46,9 @@ class Clock:
 
 def tone(ms: int, amplitude: int = 8000) -> bytes:
     n = RATE * ms // 1000
-    return array("h", (int(amplitude * math.sin(2 * math.pi * 440 * i / RATE)) for i in range(n))).tobytes()
+    return array(
+        "h", (int(amplitude * math.sin(2 * math.pi * 440 * i / RATE)) for i in range(n))
+    ).tobytes()
 
 
 def silence(ms: int) -> bytes:
@@ -76,18 +77,42 @@ def test_a_spoken_turn_and_a_text_turn_are_timed_and_transcribed() -> None:
     clock.now = 101.5
     assert log.upstream_event(delta("out1", b"\0\0")) == pytest.approx(0.5)
     assert log.upstream_event(delta("out1", b"\0\0")) is None  # only the first audio counts
-    log.upstream_event(ev("conversation.item.input_audio_transcription.completed", item_id="in1", transcript="Hello there"))
-    log.upstream_event(ev("response.output_audio_transcript.done", item_id="out1", transcript=f"Hi! {TEST_KEY}"))
+    log.upstream_event(
+        ev(
+            "conversation.item.input_audio_transcription.completed",
+            item_id="in1",
+            transcript="Hello there",
+        )
+    )
+    log.upstream_event(
+        ev("response.output_audio_transcript.done", item_id="out1", transcript=f"Hi! {TEST_KEY}")
+    )
     clock.now = 102.0
     done = {"type": "response.done", "response": {"id": "r1", "status": "completed"}}
     (turn,) = log.responses_done([done], [(Tokens(output_audio=40), 1234)])
     assert (turn.started, turn.first_audio, turn.done, turn.spoken) == (101.0, 101.5, 102.0, True)
-    assert (turn.response_id, turn.status, turn.cost, turn.latency) == ("r1", "completed", 1234, 0.5)
+    assert (turn.response_id, turn.status, turn.cost, turn.latency) == (
+        "r1",
+        "completed",
+        1234,
+        0.5,
+    )
     clock.now = 103.0  # a typed turn
-    log.client_event(ev("conversation.item.create", item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And in text?"}]}))
+    log.client_event(
+        ev(
+            "conversation.item.create",
+            item={
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "And in text?"}],
+            },
+        )
+    )
     log.upstream_event(ev("response.created", response={"id": "r2"}))
     log.upstream_event(ev("response.output_text.done", item_id="out2", text="Yes."))
-    (text_turn,) = log.responses_done([{"type": "response.done", "response": {"id": "r2"}}], [(Tokens(), None)])
+    (text_turn,) = log.responses_done(
+        [{"type": "response.done", "response": {"id": "r2"}}], [(Tokens(), None)]
+    )
     assert not text_turn.spoken and text_turn.latency is None and text_turn.cost is None
     said = [(line.at, line.speaker, line.text) for line in log.transcript()]
     assert said == [
@@ -107,8 +132,13 @@ EVENTS = [
 ]
 
 
-@given(st.lists(st.sampled_from(EVENTS), max_size=40), st.lists(st.floats(0, 2), min_size=40, max_size=40))
-def test_the_call_log_times_voice_latency_exactly_as_the_voice_clock(events: list[str], steps: list[float]) -> None:
+@given(
+    st.lists(st.sampled_from(EVENTS), max_size=40),
+    st.lists(st.floats(0, 2), min_size=40, max_size=40),
+)
+def test_the_call_log_times_voice_latency_exactly_as_the_voice_clock(
+    events: list[str], steps: list[float]
+) -> None:
     """Where a call is logged, its log replaces the pair's VoiceClock: same latencies."""
     clock = Clock()
     log, voice = CallLog(clock), VoiceClock(clock)
@@ -150,7 +180,9 @@ def test_a_barge_in_cuts_the_assistants_audio_where_the_caller_stopped_hearing_i
 
 
 @given(st.lists(st.integers(1, 700), min_size=1, max_size=12), st.integers(0, 3000), st.booleans())
-def test_rendering_gives_back_exactly_the_audio_laid_down(sizes: list[int], window: int, g711: bool) -> None:
+def test_rendering_gives_back_exactly_the_audio_laid_down(
+    sizes: list[int], window: int, g711: bool
+) -> None:
     """Any pieces (padded base64 or not), any window, 24 kHz or 8 kHz G.711 in a 24 kHz call."""
     from relay.core.audio import MULAW_TO_PCM16
 
@@ -167,6 +199,7 @@ def test_rendering_gives_back_exactly_the_audio_laid_down(sizes: list[int], wind
             expected += raw
     stereo = b"".join(timeline.render(window=window + 1))
     assert channel(stereo, 0).tobytes() == bytes(expected)
+
 
 def channel(stereo: bytes, which: int) -> array[int]:
     samples = array("h", stereo)
@@ -185,7 +218,12 @@ def quiet(samples: array[int], start: float, end: float) -> bool:
 
 def test_g711_audio_is_decoded_into_the_record() -> None:
     clock = Clock()
-    session = {"audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}}
+    session = {
+        "audio": {
+            "input": {"format": {"type": "audio/pcmu"}},
+            "output": {"format": {"type": "audio/pcmu"}},
+        }
+    }
     log = CallLog(clock, session=session, spools=(MemorySpool(), MemorySpool()))
     assert log.audio is not None and log.audio.rate == 8000
     log.client_event(bytes([0x00] * 800))  # μ-law 0x00 is the loudest negative sample
@@ -251,30 +289,60 @@ async def test_a_recorded_call_yields_summary_transcript_and_stereo_wav_with_the
             recorder = relay.app.recorder
             assert recorder is not None
             written, seen = trio.open_memory_channel[Record](1)
-            recorder.observe = lambda what, record: written.send_nowait(record) if what == "written" else None
-            async with connect(relay.url + "/voice?model=gpt-realtime-2", extra_headers=BEARER) as ws:
+            recorder.observe = lambda what, record: (
+                written.send_nowait(record) if what == "written" else None
+            )
+            async with connect(
+                relay.url + "/voice?model=gpt-realtime-2", extra_headers=BEARER
+            ) as ws:
                 await paced(ws, tone(600) + silence(900))
                 while not received or received[-1]["type"] != "response.done":
                     received.append(orjson.loads(await ws.get_message()))
-                audio_item = next(e["item_id"] for e in received if e["type"] == "response.output_audio.delta")
+                audio_item = next(
+                    e["item_id"] for e in received if e["type"] == "response.output_audio.delta"
+                )
                 # The caller heard 300 ms of the reply, then barged in and spoke for 400 ms.
-                await ws.send_message(ev("conversation.item.truncate", item_id=audio_item, content_index=0, audio_end_ms=300))
+                await ws.send_message(
+                    ev(
+                        "conversation.item.truncate",
+                        item_id=audio_item,
+                        content_index=0,
+                        audio_end_ms=300,
+                    )
+                )
                 await paced(ws, tone(400))
                 (upstream,) = mock.connections
-                upstream.inject({"type": "response.output_audio_transcript.done", "item_id": "late", "transcript": f"leak {TEST_KEY}"})
-                while orjson.loads(await ws.get_message())["type"] != "response.output_audio_transcript.done":
+                upstream.inject(
+                    {
+                        "type": "response.output_audio_transcript.done",
+                        "item_id": "late",
+                        "transcript": f"leak {TEST_KEY}",
+                    }
+                )
+                while (
+                    orjson.loads(await ws.get_message())["type"]
+                    != "response.output_audio_transcript.done"
+                ):
                     pass
             record = await seen.receive()
     summary = orjson.loads((tmp_path / record.summary["files"]["summary"]).read_bytes())
     done = received[-1]["response"]
     assert summary["user"] == "alice" and summary["model"] == "gpt-realtime-2"
     assert summary["cause"] == "client_closed" and summary["turns"] == 1
-    assert summary["tokens"]["output_audio"] == done["usage"]["output_token_details"]["audio_tokens"]
+    assert (
+        summary["tokens"]["output_audio"] == done["usage"]["output_token_details"]["audio_tokens"]
+    )
     assert summary["cost_usd"] > 0 and summary["dial_ms"] > 0
     (turn,) = summary["turn_details"]
     assert turn["spoken"] and turn["latency_ms"] > 0 and turn["status"] == "completed"
-    heard = next(e["transcript"] for e in received if e["type"] == "conversation.item.input_audio_transcription.completed")
-    answered = next(e["transcript"] for e in received if e["type"] == "response.output_audio_transcript.done")
+    heard = next(
+        e["transcript"]
+        for e in received
+        if e["type"] == "conversation.item.input_audio_transcription.completed"
+    )
+    answered = next(
+        e["transcript"] for e in received if e["type"] == "response.output_audio_transcript.done"
+    )
     lines = [(line["speaker"], line["text"]) for line in summary["transcript"]]
     assert lines[:2] == [("caller", heard), ("assistant", answered)]
     assert summary["transcript"][1]["heard_ms"] == 300
@@ -293,7 +361,7 @@ async def test_a_recorded_call_yields_summary_transcript_and_stereo_wav_with_the
     assert loud(left, barge_in, barge_in + 0.4)
     assert loud(right, reply, reply + 0.29)  # ...having heard 300 ms of it:
     assert quiet(right, reply + 0.301, barge_in + 0.4)  # from there on, the reply is cut
-    for path in tmp_path.rglob("*"):
+    for path in list(tmp_path.rglob("*")):  # noqa: ASYNC240 (the relay has stopped)
         if path.is_file():
             content = path.read_bytes().decode("latin-1")
             assert upstream_key_in(content) is None, path
@@ -321,7 +389,9 @@ async def test_the_webhook_is_signed_retried_and_never_delays_the_relay(
         transport=httpx.MockTransport(receiver),
     )
     told: list[tuple[str, str, float]] = []
-    recorder.observe = lambda what, record: told.append((what, record.session_id, trio.current_time()))
+    recorder.observe = lambda what, record: told.append(
+        (what, record.session_id, trio.current_time())
+    )
     summary = {"session": "s1", "user": "alice", "cost_usd": 0.02}
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
@@ -345,21 +415,34 @@ async def test_the_webhook_is_signed_retried_and_never_delays_the_relay(
     assert times[0] - started >= 1 + 2  # it waited 1 s, then 2 s, before retrying
     for post in s1:
         body = post.read()
-        assert verify(WEBHOOK_SECRET, post.headers[SIGNATURE_HEADER], body, now=1_790_000_000.0 + times[0])
-        assert not verify(WEBHOOK_SECRET, post.headers[SIGNATURE_HEADER], body + b" ", now=1_790_000_000.0 + times[0])
-        assert not verify("another-secret", post.headers[SIGNATURE_HEADER], body, now=1_790_000_000.0 + times[0])
+        assert verify(
+            WEBHOOK_SECRET, post.headers[SIGNATURE_HEADER], body, now=1_790_000_000.0 + times[0]
+        )
+        assert not verify(
+            WEBHOOK_SECRET,
+            post.headers[SIGNATURE_HEADER],
+            body + b" ",
+            now=1_790_000_000.0 + times[0],
+        )
+        assert not verify(
+            "another-secret", post.headers[SIGNATURE_HEADER], body, now=1_790_000_000.0 + times[0]
+        )
         assert orjson.loads(body)["summary"] == summary
     assert any(what == "dropped" for what, _, _ in told)
 
 
-async def test_a_webhook_that_refuses_a_record_is_not_retried(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_webhook_that_refuses_a_record_is_not_retried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     posts: list[httpx.Request] = []
 
     def receiver(request: httpx.Request) -> httpx.Response:
         posts.append(request)
         return httpx.Response(400)
 
-    recorder = Recorder(webhook="https://hooks.example/calls", secret="k", transport=httpx.MockTransport(receiver))
+    recorder = Recorder(
+        webhook="https://hooks.example/calls", secret="k", transport=httpx.MockTransport(receiver)
+    )
     told: list[str] = []
     recorder.observe = lambda what, record: told.append(what)
     async with trio.open_nursery() as nursery:

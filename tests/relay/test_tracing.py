@@ -25,13 +25,17 @@ async def test_a_session_span_holds_its_turn_spans_with_model_user_tokens_and_co
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     dones = []
     with trio.fail_after(TIMEOUT):
-        async with relays("sqlite:///:memory:", model="gpt-realtime-2", models=("gpt-realtime-2",)) as (relay,):
+        async with relays(
+            "sqlite:///:memory:", model="gpt-realtime-2", models=("gpt-realtime-2",)
+        ) as (relay,):
             relay.app.tracer = Tracer(provider)
             async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
                 for _turn in range(2):
                     for message in TEXT_TURN:
                         await ws.send_message(message)
-                    while (event := orjson.loads(await ws.get_message()))["type"] != "response.done":
+                    while (event := orjson.loads(await ws.get_message()))[
+                        "type"
+                    ] != "response.done":
                         pass
                     dones.append(event)
     spans = exporter.get_finished_spans()  # the relay has stopped: every session has ended
@@ -68,7 +72,9 @@ def test_without_an_otlp_endpoint_the_relay_never_loads_opentelemetry() -> None:
         " 'records': ''}))\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 

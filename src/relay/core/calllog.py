@@ -163,7 +163,9 @@ class CallLog:
         elif text.startswith(_CREATED):
             stopped, self._stopped_at = self._stopped_at, None
             now = self._clock()
-            self._current = Turn(started=stopped if stopped is not None else now, spoken=stopped is not None)
+            self._current = Turn(
+                started=stopped if stopped is not None else now, spoken=stopped is not None
+            )
             self.turns.append(self._current)
         elif text.startswith(_SPOKEN) or text.startswith(_TEXT):
             event = parse_event(text) or {}
@@ -264,7 +266,9 @@ class CallLog:
             response = response if isinstance(response, dict) else {}
             turn.done = now
             turn.response_id = response.get("id") if isinstance(response.get("id"), str) else None
-            turn.status = response.get("status") if isinstance(response.get("status"), str) else None
+            turn.status = (
+                response.get("status") if isinstance(response.get("status"), str) else None
+            )
             turn.tokens, turn.cost = tokens, cost
             finished.append(turn)
             self._current = None

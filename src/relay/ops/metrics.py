@@ -39,8 +39,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..core.bridge import Cause, Traffic
-from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
 from ..core.calllog import VoiceClock  # noqa: F401 (timing of voice turns; re-exported)
+from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
 from ..core.pricing import Tokens, dollars
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"

@@ -95,7 +95,9 @@ class SpoolWriter:
 
     def put(self, job: Callable[[], None]) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="relay spool writer", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="relay spool writer", daemon=True
+            )
             self._thread.start()
         self._queue.put(job)
 
@@ -408,9 +410,10 @@ class Recorder:
     async def _send_forever(self, pending: trio.MemoryReceiveChannel[Record]) -> None:
         import httpx  # here, not at the top: only a relay with a webhook needs it
 
-        async with pending, httpx.AsyncClient(
-            timeout=POST_TIMEOUT, transport=self._transport
-        ) as client:
+        async with (
+            pending,
+            httpx.AsyncClient(timeout=POST_TIMEOUT, transport=self._transport) as client,
+        ):
             async for record in pending:
                 await self._deliver(client, record)
 
@@ -418,7 +421,11 @@ class Recorder:
         import httpx
 
         body = orjson.dumps(
-            {"type": "relay.call.ended", "summary": record.summary, "transcript": record.transcript_json()}
+            {
+                "type": "relay.call.ended",
+                "summary": record.summary,
+                "transcript": record.transcript_json(),
+            }
         )
         pause = FIRST_RETRY_SECONDS
         problem = ""
@@ -444,8 +451,7 @@ class Recorder:
                 pause *= 2
         self._tell("failed", record)
         log.error(
-            "webhook did not take the call record of session %s (%s); giving up after %d"
-            " attempts",
+            "webhook did not take the call record of session %s (%s); giving up after %d attempts",
             record.session_id,
             problem,
             attempt,
@@ -473,5 +479,7 @@ def summary_tokens(turns: Iterable[Any]) -> dict[str, int]:
     for turn in turns:
         for key in keys:
             totals[key] += getattr(turn.tokens, key)
-    totals["total"] = sum(totals[k] for k in ("input_text", "input_audio", "output_text", "output_audio"))
+    totals["total"] = sum(
+        totals[k] for k in ("input_text", "input_audio", "output_text", "output_audio")
+    )
     return totals

@@ -101,7 +101,10 @@ class Tracer:
             if turn.latency is not None:
                 attributes["relay.voice_latency_ms"] = round(turn.latency * 1000, 1)
             span = self._tracer.start_span(
-                "relay.turn", context=context, start_time=clock_to_ns(turn.started), attributes=attributes
+                "relay.turn",
+                context=context,
+                start_time=clock_to_ns(turn.started),
+                attributes=attributes,
             )
             if turn.first_audio is not None:
                 span.add_event("first_audio", timestamp=clock_to_ns(turn.first_audio))

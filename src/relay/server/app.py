@@ -424,6 +424,8 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         from ..ops.logs import configure_logging
 
         fields = {"pid": os.getpid()}
-        configure_logging(config.log_format, config.log_level, secrets=config.secrets, fields=fields)
+        configure_logging(
+            config.log_format, config.log_level, secrets=config.secrets, fields=fields
+        )
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

@@ -155,7 +155,9 @@ class Pair:
             self._voice = VoiceClock(self._clock.current_time)
         self._tap = tap
         #: The client step, through the call's log only where the record needs client events.
-        self._step_client = self._client_step_tapped if tap is not None and tap_client else self._client_step
+        self._step_client = self._client_step
+        if tap is not None and tap_client:
+            self._step_client = self._client_step_tapped
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = self._clock.current_time()
 
