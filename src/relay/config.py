@@ -390,6 +390,11 @@ SETTINGS: tuple[Setting, ...] = tuple(
     if "env" in f.metadata
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+#: The config file's tables other than [session], and what reads each.
+_TABLES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "policy": Policy.from_table,
+    "prices": PriceTable.from_table,
+}
 
 
 def _parse_bool(text: str) -> bool:
@@ -474,18 +479,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
             session = copy.deepcopy(DEFAULT_SESSION)
             session.update(value)
             values["session"] = session
-        elif key == "policy":
+        elif key in _TABLES:
             if not isinstance(value, dict):
-                raise ConfigError(f"RELAY_CONFIG: [policy] in {path} must be a table")
+                raise ConfigError(f"RELAY_CONFIG: [{key}] in {path} must be a table")
             try:
-                values["policy"] = Policy.from_table(value)
-            except ValueError as exc:
-                raise ConfigError(f"RELAY_CONFIG: {exc}") from None
-        elif key == "prices":
-            if not isinstance(value, dict):
-                raise ConfigError(f"RELAY_CONFIG: [prices] in {path} must be a table")
-            try:
-                values["prices"] = PriceTable.from_table(value)
+                values[key] = _TABLES[key](value)
             except ValueError as exc:
                 raise ConfigError(f"RELAY_CONFIG: {exc}") from None
         elif key in _FIELDS and "env" in _FIELDS[key].metadata:

@@ -154,21 +154,27 @@ async def test_two_instances_never_let_a_user_exceed_the_session_cap(store_url: 
             await text_turn(b)
 
 
+async def cut_by_budget(relay: RunningRelay, mock: MockServer) -> tuple[list[str | bytes], str]:
+    """A text turn whose response uses up alice's budget: what she got, and the close reason."""
+    async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
+        for message in TEXT_TURN:
+            await ws.send_message(message)
+        messages, code, reason = await receive_until_closed(ws)
+    kinds = [orjson.loads(m)["type"] for m in messages]
+    assert "response.done" in kinds  # the turn that crossed the budget is delivered
+    assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
+    (upstream,) = mock.connections
+    await upstream.closed.wait()
+    # Upstream, any response still running is cancelled, and then the session closed.
+    assert upstream.received[-1] == '{"type":"response.cancel"}'
+    assert (upstream.close_code, upstream.close_reason) == (1000, "budget exhausted")
+    return messages, reason
+
+
 async def test_the_budget_ends_a_session_mid_way_and_then_refuses_new_ones(store_url: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with relays_and_mock(store_url, daily_token_budget=10) as ((relay,), mock):
-            async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
-                for message in TEXT_TURN:
-                    await ws.send_message(message)
-                messages, code, _ = await receive_until_closed(ws)
-            kinds = [orjson.loads(m)["type"] for m in messages]
-            assert "response.done" in kinds  # the turn that crossed the budget is delivered
-            assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
-            (upstream,) = mock.connections
-            await upstream.closed.wait()
-            # Upstream, any response still running is cancelled, and then the session closed.
-            assert upstream.received[-1] == '{"type":"response.cancel"}'
-            assert (upstream.close_code, upstream.close_reason) == (1000, "budget exhausted")
+            await cut_by_budget(relay, mock)
             with pytest.raises(ConnectionRejected) as refused:
                 async with connect(relay.url + "/voice", extra_headers=BEARER):
                     pass

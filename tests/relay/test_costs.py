@@ -16,7 +16,7 @@ from relay.core.pricing import DEFAULT_PRICES, PriceTable, Tokens, tokens_of
 from relay.usage.store import UsageDelta, open_store, usage_of
 
 from .harness import connect
-from .test_accounting import BEARER, TEXT_TURN, relays, relays_and_mock
+from .test_accounting import BEARER, TEXT_TURN, cut_by_budget, relays, relays_and_mock
 from .test_relay_loopback import error_codes, receive_until_closed
 
 TIMEOUT = 15
@@ -182,20 +182,11 @@ async def test_a_dollar_budget_cuts_a_session_mid_call_and_then_refuses_new_ones
             (relay,),
             mock,
         ):
-            async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
-                for message in TEXT_TURN:
-                    await ws.send_message(message)
-                messages, code, reason = await receive_until_closed(ws)
-            kinds = [orjson.loads(m)["type"] for m in messages]
-            assert "response.done" in kinds  # the turn that crossed the budget is delivered
-            assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
+            messages, reason = await cut_by_budget(relay, mock)
             assert reason == "daily spending budget used up"
             assert (
                 "daily spending budget is used up" in orjson.loads(messages[-1])["error"]["message"]
             )
-            (upstream,) = mock.connections
-            await upstream.closed.wait()
-            assert upstream.received[-1] == '{"type":"response.cancel"}'
             with pytest.raises(ConnectionRejected) as refused:
                 async with connect(relay.url + "/voice", extra_headers=BEARER):
                     pass
