@@ -206,6 +206,19 @@ def channel(stereo: bytes, which: int) -> array[int]:
     return samples[which::2]
 
 
+def sounding(samples: array[int], gap: float = 0.2) -> list[tuple[float, float]]:
+    """(start, end) in seconds of each stretch with sound, shorter silences than ``gap`` inside."""
+    stretches: list[list[float]] = []
+    for i, s in enumerate(samples):
+        if s:
+            t = i / RATE
+            if stretches and t - stretches[-1][1] < gap:
+                stretches[-1][1] = t + 1 / RATE
+            else:
+                stretches.append([t, t + 1 / RATE])
+    return [(a, b) for a, b in stretches]
+
+
 def loud(samples: array[int], start: float, end: float) -> bool:
     part = samples[int(start * RATE) + 10 : int(end * RATE) - 10]
     return len(part) > 0 and max(abs(s) for s in part) > 4000
@@ -352,15 +365,16 @@ async def test_a_recorded_call_yields_summary_transcript_and_stereo_wav_with_the
         assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, RATE)
         stereo = wav.readframes(wav.getnframes())
     left, right = channel(stereo, 0), channel(stereo, 1)
-    start = next(i for i, s in enumerate(left) if s) / RATE  # the caller's first sound
-    assert loud(left, start, start + 0.6) and quiet(left, start + 0.61, start + 1.4)
-    reply = next(i for i, s in enumerate(right) if s) / RATE
-    assert reply > start + 0.6  # the reply comes after the caller spoke
-    barge_in = next(i for i, s in enumerate(left) if s and i / RATE > start + 0.7) / RATE
-    assert barge_in > reply  # the caller spoke again while the reply played...
-    assert loud(left, barge_in, barge_in + 0.4)
-    assert loud(right, reply, reply + 0.29)  # ...having heard 300 ms of it:
-    assert quiet(right, reply + 0.301, barge_in + 0.4)  # from there on, the reply is cut
+    # Where each side sounds (a busy machine may delay a chunk, which then lands later: the
+    # record follows arrival, so only the order and the amounts are certain).
+    (speech, barge_in) = sounding(left)
+    assert sum(1 for s in left if s) == pytest.approx(RATE * (0.6 + 0.4), rel=0.03)
+    (reply,) = sounding(right)
+    assert reply[0] > speech[1]  # the reply comes after the caller spoke...
+    assert barge_in[0] > reply[0]  # ...who spoke again while it played, having heard 300 ms:
+    assert reply[1] - reply[0] <= 0.3 + 1 / RATE
+    assert loud(right, reply[0], reply[0] + 0.29)
+    assert quiet(right, reply[0] + 0.301, barge_in[1])  # from there on, the reply is cut
     for path in list(tmp_path.rglob("*")):  # noqa: ASYNC240 (the relay has stopped)
         if path.is_file():
             content = path.read_bytes().decode("latin-1")
