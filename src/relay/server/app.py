@@ -195,7 +195,6 @@ class RelayApp:
             return
         started = trio.current_time()
         model = query_param(scope, "model") or self.config.model
-        call = Call(self, identity, session_id, model)
         bridge = Bridge(
             session_update=self.session_update,
             limits=self.limits,
@@ -207,10 +206,10 @@ class RelayApp:
             if accounting.holds_leases:
                 async with trio.open_nursery() as lease:
                     lease.start_soon(accounting.keep_lease, identity, session_id)
-                    await self._session(scope, receive, send, offered, identity, session_id, bridge, call)
+                    await self._session(send, receive, offered, identity, session_id, bridge, model)
                     lease.cancel_scope.cancel()
             else:  # no nursery: every idle session's memory counts
-                await self._session(scope, receive, send, offered, identity, session_id, bridge, call)
+                await self._session(send, receive, offered, identity, session_id, bridge, model)
         finally:
             await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
 
@@ -220,14 +219,13 @@ class RelayApp:
 
     async def _session(
         self,
-        scope: Scope,
-        receive: Receive,
         send: Send,
+        receive: Receive,
         offered: Any,
         identity: Identity,
         session_id: str,
         bridge: Bridge,
-        call: Call,
+        model: str,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
@@ -246,7 +244,7 @@ class RelayApp:
             )
             ws.send_timeout = self.config.send_timeout
             client = SocketClient(ws)
-        model = call.model
+        call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
         pair = Pair(
             client,
             bridge,
