@@ -32,7 +32,8 @@ from ..usage.auth import Identity, Refusal
 from ..wire.callsapi import ApiFailure
 from . import admission
 from .asgi import Receive, Scope, Send, header, query_param
-from .sideband import Call
+from .call import Call as Costs
+from .sideband import WatchedCall
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -106,13 +107,14 @@ async def _create(app: RelayApp, scope: Scope, receive: Receive) -> tuple[int, b
         log.warning("call not created upstream: %s (HTTP %d)", created.code, created.status)
         raise Refusal(created.status, created.code, created.message)
     app.calls.watch(
-        Call(
+        WatchedCall(
             created.call_id,
             "webrtc",
             identity,
             lease,
             model,
             Sideband(app.config.policy.for_session(model, identity.model), session, model),
+            Costs(app, identity, lease, model, traced=False),
             max_seconds=app.calls.max_seconds(identity),
         )
     )

@@ -38,6 +38,7 @@ from ..usage.auth import Identity
 from ..wire.callsapi import CallsApi
 from ..wire.websocket import WebSocket
 from . import admission
+from .call import Call as Costs
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -69,7 +70,7 @@ Callback = Callable[[CallEnd | None], None]
 
 
 @dataclass(eq=False)
-class Call:
+class WatchedCall:
     """One call the relay watches."""
 
     id: str
@@ -78,6 +79,8 @@ class Call:
     lease: str  # the id of its concurrency lease
     model: str
     sideband: Sideband
+    #: What its responses cost, added to the user's usage (relay.server.call).
+    costs: Costs
     max_seconds: float = 0.0  # 0: no limit of the relay's
     started: float = field(default_factory=trio.current_time)
     handing_over: bool = False
@@ -93,7 +96,7 @@ class Calls:
     def __init__(self, app: RelayApp) -> None:
         self._app = app
         self.api = CallsApi(app.config)
-        self.live: dict[str, Call] = {}
+        self.live: dict[str, WatchedCall] = {}
         #: Where the sideband tasks run: the app's lifespan nursery, once it is open.
         self.nursery: trio.Nursery | None = None
         self._none_live = trio.Event()
@@ -106,7 +109,7 @@ class Calls:
             self._app.config.max_session_seconds, identity.max_session_seconds
         )
 
-    def watch(self, call: Call) -> None:
+    def watch(self, call: WatchedCall) -> None:
         """Start watching an admitted call (its lease is taken already)."""
         assert self.nursery is not None, "calls are admitted only while the lifespan runs"
         self.live[call.id] = call
@@ -136,7 +139,7 @@ class Calls:
         while self.live:
             await self._none_live.wait()
 
-    async def _run(self, call: Call) -> None:
+    async def _run(self, call: WatchedCall) -> None:
         app = self._app
         accounting = app.accounting
         assert accounting is not None
@@ -173,7 +176,7 @@ class Calls:
                 self._none_live.set()
             call.over.set()
 
-    async def _watch(self, call: Call) -> CallEnd:
+    async def _watch(self, call: WatchedCall) -> CallEnd:
         """Attach, follow, attach again after a drop; the reason the watch is over."""
         deadline = call.started + call.max_seconds if call.max_seconds else math.inf
         failures = 0
@@ -187,7 +190,9 @@ class Calls:
                 return CallEnd.SIDEBAND_LOST
             await trio.sleep(ATTACH_BACKOFF * 2 ** (failures - 1))
 
-    async def _attach_and_follow(self, call: Call, deadline: float) -> tuple[bool, CallEnd | None]:
+    async def _attach_and_follow(
+        self, call: WatchedCall, deadline: float
+    ) -> tuple[bool, CallEnd | None]:
         """(whether the sideband opened, how the call ended, or None if the sideband failed)."""
         config = self._app.config
         target = self._app.dialer.sideband(call.id)
@@ -224,7 +229,7 @@ class Calls:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
-    async def _follow(self, call: Call, ws: WebSocket, deadline: float) -> CallEnd | None:
+    async def _follow(self, call: WatchedCall, ws: WebSocket, deadline: float) -> CallEnd | None:
         """Read the sideband until the call ends (or the sideband drops: None), with the
         length limit and keepalive pings beside it."""
         outcome: list[CallEnd | None] = []
@@ -243,10 +248,8 @@ class Calls:
                 nursery.start_soon(self._keepalive, ws, finish)
         return outcome[0] if outcome else None
 
-    async def _read(self, call: Call, ws: WebSocket, finish: Callback) -> None:
+    async def _read(self, call: WatchedCall, ws: WebSocket, finish: Callback) -> None:
         guard = call.sideband
-        accounting = self._app.accounting
-        assert accounting is not None
         try:
             await ws.send_message(guard.opening())
             while True:
@@ -272,8 +275,9 @@ class Calls:
                     )
                 if guard.responses_done:
                     done, guard.responses_done = guard.responses_done, []
-                    if await accounting.record_responses(call.identity, done):
-                        await self.hang_up(call, "the user's daily token budget is used up")
+                    used_up = await call.costs.responses_done(done)
+                    if used_up is not None:
+                        await self.hang_up(call, f"the user's daily {used_up} budget is used up")
                         finish(CallEnd.BUDGET_EXHAUSTED)
                         return
         except ConnectionClosed as closed:
@@ -282,7 +286,9 @@ class Calls:
         except trio.TooSlowError:
             finish(None)  # the upstream stopped reading: attach again
 
-    async def _expire(self, call: Call, deadline: float, claim: Callback, finish: Callback) -> None:
+    async def _expire(
+        self, call: WatchedCall, deadline: float, claim: Callback, finish: Callback
+    ) -> None:
         await trio.sleep_until(deadline)
         claim(CallEnd.SESSION_EXPIRED)  # before the hang-up closes the sideband
         await self.hang_up(call, f"the call reached the limit of {call.max_seconds:g} s")
@@ -301,7 +307,7 @@ class Calls:
                 finish(None)  # the upstream stopped answering: attach again
                 return
 
-    async def hang_up(self, call: Call, why: str) -> None:
+    async def hang_up(self, call: WatchedCall, why: str) -> None:
         """End a call at OpenAI (``/hangup``); a failure is logged, the watch ends anyway."""
         log.info("hanging up a call: %s", why, extra={"fields": _fields(call)})
         failure = await self.api.hangup(call.id)
@@ -314,7 +320,7 @@ class Calls:
             )
 
 
-def _fields(call: Call) -> dict[str, object]:
+def _fields(call: WatchedCall) -> dict[str, object]:
     return {
         "call": call.id,
         "user": call.identity.user,

@@ -28,8 +28,9 @@ from ..usage.auth import Identity, Refusal
 from ..usage.sip import caller_number
 from ..usage.webhooks import verify
 from .asgi import Receive, Scope, Send
+from .call import Call as Costs
 from .calls import MAX_BODY_BYTES, admit, answer_json, call_session, read_body
-from .sideband import Call
+from .sideband import WatchedCall
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -111,13 +112,14 @@ async def _incoming(app: RelayApp, call_id: str, sip_headers: list[Any]) -> dict
         log.error("accepting a SIP call failed: %s (%s)", failure.code, failure.message)
         return {"call_id": call_id, "accepted": False, "reason": failure.code}
     app.calls.watch(
-        Call(
+        WatchedCall(
             call_id,
             "sip",
             identity,
             lease,
             model,
             Sideband(app.config.policy.for_session(model), session, model),
+            Costs(app, identity, lease, model, traced=False),
             max_seconds=app.calls.max_seconds(identity),
         )
     )
