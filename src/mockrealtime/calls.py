@@ -308,10 +308,12 @@ def read_offer(headers: Mapping[str, str], body: bytes) -> tuple[str, dict[str, 
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
             b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
         )
-        parts = {
-            part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-            for part in message.iter_parts()
-        }
+        parts: dict[str, bytes] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if isinstance(name, str) and isinstance(payload, bytes):
+                parts[name] = payload
         sdp = parts.get("sdp")
         if not sdp:
             raise ClientError(
@@ -351,8 +353,8 @@ def session_config(raw: dict[str, Any] | None, base: SessionConfig | None = None
 
 def requested_model(raw: dict[str, Any] | None, target: str) -> str:
     """The model a create or accept names (the session's, else ``?model=``); raises ClientError."""
-    model = (raw or {}).get("model") or (parse_qs(urlsplit(target).query).get("model") or [None])[0]
-    model = expect_str(model or DEFAULT_MODEL, "session.model")
+    asked = (raw or {}).get("model") or parse_qs(urlsplit(target).query).get("model", [""])[0]
+    model = expect_str(asked or DEFAULT_MODEL, "session.model")
     if not is_realtime_model(model):
         raise ClientError(
             "invalid_model", f'Model "{model}" is not supported in realtime mode.', "session.model"
