@@ -233,6 +233,11 @@ class Bridge:
         self._held: deque[tuple[bool, Message]] = deque()
         self._held_bytes = 0
 
+    @property
+    def queued(self) -> int:
+        """Client messages waiting in the pre-open queue."""
+        return len(self._queue)
+
     # -- client → upstream ------------------------------------------------------
 
     def client_message(self, data: Message) -> Message | Reply | Amended | Ending | None:
@@ -599,16 +604,17 @@ class Bridge:
             ),
         )
 
-    def budget_exhausted(self) -> Ending | None:
-        """The user's daily token budget is used up: cancel any response, warn, close 4029."""
+    def budget_exhausted(self, budget: str = "token") -> Ending | None:
+        """The user's daily ``budget`` (``token`` or ``spending``) is used up: cancel any
+        response, warn, close 4029."""
         return self._end(
             Cause.BUDGET_EXHAUSTED,
-            client=(Code.BUDGET_EXHAUSTED, "daily token budget used up"),
+            client=(Code.BUDGET_EXHAUSTED, f"daily {budget} budget used up"),
             upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
             upstream_reason="budget exhausted",
             error=error_event(
                 "relay_budget_exhausted",
-                "Your daily token budget is used up; the session ends now. It resets at"
+                f"Your daily {budget} budget is used up; the session ends now. It resets at"
                 " 00:00 UTC.",
             ),
             upstream_last='{"type":"response.cancel"}',

@@ -34,6 +34,11 @@ DEPRECATED: Final[Mapping[str, date]] = MappingProxyType(
 )
 
 
+def is_pattern(name: str) -> bool:
+    """Whether a RELAY_MODELS entry is an fnmatch pattern rather than a model's name."""
+    return any(char in name for char in "*?[")
+
+
 def allows(patterns: Iterable[str], model: str) -> bool:
     """Whether ``model`` matches one of ``patterns`` (fnmatch, case-sensitive)."""
     return any(fnmatchcase(model, pattern) for pattern in patterns)
