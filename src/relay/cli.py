@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(
                 config.log_format,
                 config.log_level,
-                secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
+                secrets=config.secrets,
             )
             if not config.openai_api_key:
                 raise ConfigError(

@@ -4,6 +4,7 @@ usage table and the demo page's files.
 * ``GET /healthz`` (alive), ``GET /readyz`` (taking sessions; ``?upstream=1`` also checks
   the upstream is reachable), ``GET /metrics`` (Prometheus);
 * ``POST /v1/realtime/client_secrets`` mints a short-lived client key;
+* ``POST /twilio/voice`` answers Twilio's voice webhook (:mod:`relay.server.phone`), when on;
 * ``GET /admin/usage`` is the usage table, for the admin token only;
 * ``GET /`` and ``/static/…`` serve the demo page;
 * a plain HTTP request on a WebSocket path gets 400, any other path 404.
@@ -21,7 +22,8 @@ import trio
 from ..usage.accounting import usage_json
 from ..usage.auth import Refusal
 from ..usage.mint import MAX_BODY_BYTES as MAX_MINT_BODY
-from .asgi import Receive, Scope, Send, header, query_param, respond
+from .asgi import Receive, Scope, Send, header, query_param, read_body, respond
+from .phone import WEBHOOK_PATH
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -54,6 +56,8 @@ async def handle_http(app: RelayApp, scope: Scope, receive: Receive, send: Send)
         await send({"type": "http.response.body", "body": body})
     elif path == "/v1/realtime/client_secrets" and scope["method"] == "POST":
         await _mint(app, scope, receive, send)
+    elif path == WEBHOOK_PATH and app.phone is not None:
+        await app.phone.webhook(scope, receive, send)
     elif path == "/admin/usage":
         await _admin_usage(app, scope, send)
     elif path == "/" or path.startswith("/static/"):
@@ -78,15 +82,10 @@ async def _mint(app: RelayApp, scope: Scope, receive: Receive, send: Send) -> No
     except Refusal as refused:
         await respond(send, refused.status, {"error": {"code": refused.code, "message": refused.message}})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > MAX_MINT_BODY:
-            await respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
-            return
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive, MAX_MINT_BODY)
+    if body is None:
+        await respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
+        return
     status, answer = await app.minter.mint(identity, body, app.accounting)
     log.info("client key minted for %s: HTTP %d", identity.user, status)
     await respond(send, status, answer)
