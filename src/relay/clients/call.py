@@ -39,6 +39,7 @@ from ..config import DEMO_TWILIO_AUTH_TOKEN
 from ..core.twilio import BYTES_PER_MS, TRANSCRIPTS_PARAMETER, request_signature
 from ..wire.websocket import HandshakeFailed, connect
 from . import wav
+from .talk import SAMPLE
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 RATE: Final = 8000
@@ -550,7 +551,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise here
     try:
         try:
-            samples, fmt = wav.read_wav(args.input)
+            samples, fmt = wav.read_wav(args.input or SAMPLE)
         except wav.WavError as exc:
             raise CallError(str(exc), EXIT_INPUT) from None
         ulaw = wav.mulaw_bytes(wav.resample(samples, fmt.rate, RATE))
