@@ -201,15 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the caller says: WAV, any format relay talk takes (default: the bundled sample)",
     )
     call.add_argument(
-        "-o", "--output", metavar="OUT.wav", default="call.wav",
+        "-o",
+        "--output",
+        metavar="OUT.wav",
+        default="call.wav",
         help="where to write what the caller heard, 8 kHz mono PCM16 (default call.wav)",
     )
     call.add_argument(
-        "--url", default="http://127.0.0.1:8000",
-        help="the relay's base URL; its voice webhook is URL/twilio/voice (default http://127.0.0.1:8000)",
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the relay's base URL; its voice webhook is URL/twilio/voice"
+        " (default http://127.0.0.1:8000)",
     )
     call.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
         help="give up if no reply was heard after this long (default 60)",
     )
     return parser

@@ -64,12 +64,16 @@ class MemoryStore:
 
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
         return [
-            UsageRow(day=d, user=u, **{k: type(getattr(UsageDelta(), k))(v) for k, v in row.items()})
+            UsageRow(
+                day=d, user=u, **{k: type(getattr(UsageDelta(), k))(v) for k, v in row.items()}
+            )
             for (d, u), row in sorted(self.usage.items())
             if day in (None, d) and user in (None, u)
         ]
 
-    async def acquire_slot(self, user: str, session_id: str, *, limit: int, lease_seconds: float) -> bool:
+    async def acquire_slot(
+        self, user: str, session_id: str, *, limit: int, lease_seconds: float
+    ) -> bool:
         now = trio.current_time()
         held = {s: t for s, t in self.slots.get(user, {}).items() if t > now}
         if session_id not in held and len(held) >= limit:
@@ -136,6 +140,8 @@ class AsgiSocket:
     path: str
     headers: list[tuple[bytes, bytes]]
     closed: CloseReason | None = None
+    #: Set once the app has returned: the session is over and recorded.
+    finished: trio.Event = field(default_factory=trio.Event)
     _to_app: Any = None
     _from_app: Any = None
 
@@ -153,8 +159,11 @@ class AsgiSocket:
         }
 
         async def run_app() -> None:
-            async with app_send:
-                await self.app(scope, app_receive.receive, app_send.send)
+            try:
+                async with app_send:
+                    await self.app(scope, app_receive.receive, app_send.send)
+            finally:
+                self.finished.set()
 
         nursery.start_soon(run_app)
         await self._to_app.send({"type": "websocket.connect"})
@@ -198,10 +207,21 @@ class World:
     http: httpx.AsyncClient
     nursery: trio.Nursery
     calls: list[str] = field(default_factory=list)
+    sockets: list[AsgiSocket] = field(default_factory=list)
+
+    async def settled(self) -> None:
+        """Wait until the app has finished every stream opened so far (sessions recorded)."""
+        for socket in self.sockets:
+            await socket.finished.wait()
 
     async def twiml(self, call_sid: str, caller: str = "+15550100001") -> Twiml:
         return await fetch_twiml(
-            self.http, f"http://{HOST}", AUTH_TOKEN, call_sid=call_sid, account_sid="AC1", caller=caller
+            self.http,
+            f"http://{HOST}",
+            AUTH_TOKEN,
+            call_sid=call_sid,
+            account_sid="AC1",
+            caller=caller,
         )
 
     async def stream(self, signature: str | None = "valid", path: str = "/twilio") -> AsgiSocket:
@@ -209,23 +229,31 @@ class World:
         if signature == "valid":
             signature = request_signature(AUTH_TOKEN, f"ws://{HOST}{path}")
         headers = [] if signature is None else [(b"x-twilio-signature", signature.encode())]
-        return await AsgiSocket(self.app, path, headers).open(self.nursery)
+        socket = AsgiSocket(self.app, path, headers)
+        self.sockets.append(socket)
+        return await socket.open(self.nursery)
 
     @asynccontextmanager
-    async def call(self, *, speed: float = 1.0, caller: str = "+15550100001") -> AsyncIterator[PhoneCall]:
+    async def call(
+        self, *, speed: float = 1.0, caller: str = "+15550100001"
+    ) -> AsyncIterator[PhoneCall]:
         """A call as Twilio makes one: the webhook, the stream, connected and start."""
         call_sid = new_sid("CA")
         self.calls.append(call_sid)
         twiml = await self.twiml(call_sid, caller)
         ws = await self.stream()
-        async with phone_call(ws, twiml, call_sid=call_sid, account_sid="AC1", speed=speed) as phone:
+        async with phone_call(
+            ws, twiml, call_sid=call_sid, account_sid="AC1", speed=speed
+        ) as phone:
             yield phone
 
     def upstream_events(self, index: int = -1) -> list[dict[str, Any]]:
         """What the fake Realtime API received on its ``index``-th connection (text events)."""
         import orjson
 
-        return [orjson.loads(m) for m in self.mock.connections[index].received if isinstance(m, str)]
+        return [
+            orjson.loads(m) for m in self.mock.connections[index].received if isinstance(m, str)
+        ]
 
 
 @asynccontextmanager

@@ -22,18 +22,25 @@ def test_a_token_admits_its_own_call_until_it_expires() -> None:
 def test_each_token_has_its_own_id_for_the_store_to_claim_once() -> None:
     keys = CallKeys("auth-token-a")
     first, second = (keys.mint(call_sid="CA1", caller="c", account_sid="A", now=NOW) for _ in "12")
-    assert keys.verify(first, call_sid="CA1", now=NOW).nonce != keys.verify(
-        second, call_sid="CA1", now=NOW
-    ).nonce
+    assert (
+        keys.verify(first, call_sid="CA1", now=NOW).nonce
+        != keys.verify(second, call_sid="CA1", now=NOW).nonce
+    )
 
 
 @pytest.mark.parametrize(
     ("change", "code"),
     [
         (lambda t: None, "twilio_stream_token_missing"),
-        (lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"), "twilio_stream_token_invalid"),
+        (
+            lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),
+            "twilio_stream_token_invalid",
+        ),
         (lambda t: t.replace("rst1.", "rst2."), "twilio_stream_token_invalid"),
-        (lambda t: "rst1.e30." + t.rsplit(".", 1)[1], "twilio_stream_token_invalid"),  # claims swapped
+        (
+            lambda t: "rst1.e30." + t.rsplit(".", 1)[1],
+            "twilio_stream_token_invalid",
+        ),  # claims swapped
         (lambda t: "garbage", "twilio_stream_token_invalid"),
     ],
 )

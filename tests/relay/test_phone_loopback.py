@@ -44,11 +44,18 @@ async def test_a_call_through_the_served_relay_completes_two_turns() -> None:
         async with relay_with_phones() as (relay, mock), httpx.AsyncClient() as http:
             call_sid = new_sid("CA")
             twiml = await fetch_twiml(
-                http, relay.http_url, AUTH_TOKEN, call_sid=call_sid, account_sid="AC1", caller="+1555"
+                http,
+                relay.http_url,
+                AUTH_TOKEN,
+                call_sid=call_sid,
+                account_sid="AC1",
+                caller="+1555",
             )
             async with dial(twiml, AUTH_TOKEN) as ws:
                 # Four times real time, both ways: the fake's VAD counts audio, not seconds.
-                async with phone_call(ws, twiml, call_sid=call_sid, account_sid="AC1", speed=4) as phone:
+                async with phone_call(
+                    ws, twiml, call_sid=call_sid, account_sid="AC1", speed=4
+                ) as phone:
                     await phone.say(hello())
                     await phone.until_quiet(replies=1)
                     await phone.say(hello())
@@ -87,12 +94,18 @@ async def test_the_webhook_needs_twilios_signature(signature: str) -> None:
         async with relay_with_phones() as (relay, _), httpx.AsyncClient() as http:
             url = relay.http_url + "/twilio/voice"
             token = {"valid": AUTH_TOKEN, "wrong": "another-token"}.get(signature)
-            headers = {"X-Twilio-Signature": request_signature(token, url, params.items())} if token else {}
+            headers = (
+                {"X-Twilio-Signature": request_signature(token, url, params.items())}
+                if token
+                else {}
+            )
             answer = await http.post(url, data=params, headers=headers)
     if signature == "valid":
         assert answer.status_code == 200
         assert answer.headers["content-type"].startswith("text/xml")
-        assert re.search(r'<Stream url="ws://127\.0\.0\.1:\d+/twilio"><Parameter name="token"', answer.text)
+        assert re.search(
+            r'<Stream url="ws://127\.0\.0\.1:\d+/twilio"><Parameter name="token"', answer.text
+        )
     else:
         assert answer.status_code == 403
         assert "token" not in answer.text
@@ -103,11 +116,18 @@ async def test_a_replayed_stream_token_is_refused_by_the_served_relay() -> None:
         async with relay_with_phones() as (relay, mock), httpx.AsyncClient() as http:
             call_sid = new_sid("CA")
             twiml = await fetch_twiml(
-                http, relay.http_url, AUTH_TOKEN, call_sid=call_sid, account_sid="AC1", caller="+1555"
+                http,
+                relay.http_url,
+                AUTH_TOKEN,
+                call_sid=call_sid,
+                account_sid="AC1",
+                caller="+1555",
             )
             for attempt in ("first", "replay"):
                 async with dial(twiml, AUTH_TOKEN) as ws:
-                    async with phone_call(ws, twiml, call_sid=call_sid, account_sid="AC1", speed=4) as phone:
+                    async with phone_call(
+                        ws, twiml, call_sid=call_sid, account_sid="AC1", speed=4
+                    ) as phone:
                         if attempt == "first":
                             await phone.say(hello()[:800])
                         else:
@@ -121,11 +141,24 @@ async def test_relay_call_plays_a_wav_through_relay_demo(tmp_path: object) -> No
     with trio.fail_after(TIMEOUT):
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            demo = await nursery.start(partial(run_demo, "127.0.0.1", 0, shutdown_trigger=stop.wait))
+            demo = await nursery.start(
+                partial(run_demo, "127.0.0.1", 0, shutdown_trigger=stop.wait)
+            )
             result = await trio.run_process(
-                [sys.executable, "-m", "relay", "call", str(FIXTURES / "hello-ulaw8k.wav"),
-                 "-o", str(out), "--url", demo.http_url],
-                capture_stdout=True, capture_stderr=True, check=False,
+                [
+                    sys.executable,
+                    "-m",
+                    "relay",
+                    "call",
+                    str(FIXTURES / "hello-ulaw8k.wav"),
+                    "-o",
+                    str(out),
+                    "--url",
+                    demo.http_url,
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
             )
             stop.set()
     printed = result.stdout.decode()

@@ -42,8 +42,15 @@ def start(**parameters: str) -> str:
 
 
 def media(payload: bytes) -> str:
-    return msg("media", media={"track": "inbound", "chunk": "1", "timestamp": "0",
-                               "payload": base64.b64encode(payload).decode()})
+    return msg(
+        "media",
+        media={
+            "track": "inbound",
+            "chunk": "1",
+            "timestamp": "0",
+            "payload": base64.b64encode(payload).decode(),
+        },
+    )
 
 
 def delta(n_bytes: int, item: str = ITEM) -> str:
@@ -102,7 +109,9 @@ def test_start_gives_the_call_and_its_parameters() -> None:
         (msg("start", start={"callSid": "CA1"}), "streamSid, callSid and accountSid"),
     ],
 )
-def test_what_is_not_a_twilio_opening_is_refused_with_a_reason(message: str | bytes, says: str) -> None:
+def test_what_is_not_a_twilio_opening_is_refused_with_a_reason(
+    message: str | bytes, says: str
+) -> None:
     with pytest.raises(StreamError, match=says):
         TwilioStream().opening(message)
 
@@ -186,8 +195,13 @@ def test_each_audio_delta_becomes_media_then_a_mark() -> None:
 
 @pytest.mark.parametrize(
     "kind",
-    ["session.created", "response.output_audio_transcript.delta", "conversation.item.added",
-     "rate_limits.updated", "input_audio_buffer.speech_stopped"],
+    [
+        "session.created",
+        "response.output_audio_transcript.delta",
+        "conversation.item.added",
+        "rate_limits.updated",
+        "input_audio_buffer.speech_stopped",
+    ],
 )
 def test_other_events_are_consumed(kind: str) -> None:
     assert streaming().from_upstream(event(kind)) is None
@@ -221,8 +235,12 @@ def test_speech_over_unplayed_audio_clears_twilio_and_truncates_at_the_echoed_ma
     out = stream.from_upstream(event("input_audio_buffer.speech_started", audio_start_ms=0))
     assert twilio(out) == [{"streamSid": SID, "event": "clear"}]
     assert upstream(out) == [
-        {"type": "conversation.item.truncate", "item_id": ITEM, "content_index": 0,
-         "audio_end_ms": 2 * 800 // BYTES_PER_MS}
+        {
+            "type": "conversation.item.truncate",
+            "item_id": ITEM,
+            "content_index": 0,
+            "audio_end_ms": 2 * 800 // BYTES_PER_MS,
+        }
     ]
     assert stream.unplayed == 0 and stream.barge_ins == 1
 
@@ -271,15 +289,21 @@ def test_the_played_position_counts_each_items_own_audio() -> None:
     names = [mark_names(stream.from_upstream(delta(320, "item_b")))[0] for _ in range(3)]
     stream.from_twilio(msg("mark", mark={"name": names[1]}))
     out = stream.from_upstream(event("input_audio_buffer.speech_started"))
-    assert upstream(out)[0] == {"type": "conversation.item.truncate", "item_id": "item_b",
-                                "content_index": 0, "audio_end_ms": 640 // BYTES_PER_MS}
+    assert upstream(out)[0] == {
+        "type": "conversation.item.truncate",
+        "item_id": "item_b",
+        "content_index": 0,
+        "audio_end_ms": 640 // BYTES_PER_MS,
+    }
 
 
 # -- goodbye -----------------------------------------------------------------------------
 
 
 def goodbye_done(response_id: str = "r9") -> str:
-    return event("response.done", response={"id": response_id, "metadata": {"relay": "relay_goodbye"}})
+    return event(
+        "response.done", response={"id": response_id, "metadata": {"relay": "relay_goodbye"}}
+    )
 
 
 def test_no_goodbye_is_said_unless_configured() -> None:
@@ -315,8 +339,10 @@ def test_the_goodbye_waits_for_the_response_under_way() -> None:
 def test_a_goodbye_refused_for_a_response_under_way_is_asked_again_after_it() -> None:
     stream = streaming(goodbye="Bye.")
     stream.goodbye()
-    refusal = event("error", error={"code": "conversation_already_has_active_response",
-                                    "event_id": "relay_goodbye"})
+    refusal = event(
+        "error",
+        error={"code": "conversation_already_has_active_response", "event_id": "relay_goodbye"},
+    )
     assert stream.from_upstream(refusal) is None
     stream.from_upstream(event("response.created", response={"id": "r1"}))
     [again] = upstream(stream.from_upstream(event("response.done", response={"id": "r1"})))
@@ -334,8 +360,13 @@ def test_a_silent_goodbye_ends_the_call_at_once() -> None:
 
 
 URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
-PARAMS = [("CallSid", "CA1234567890ABCDE"), ("Digits", "1234"), ("From", "+14158675309"),
-          ("To", "+18005551212"), ("Caller", "+14158675309")]
+PARAMS = [
+    ("CallSid", "CA1234567890ABCDE"),
+    ("Digits", "1234"),
+    ("From", "+14158675309"),
+    ("To", "+18005551212"),
+    ("Caller", "+14158675309"),
+]
 
 
 def test_the_signature_is_the_one_twilios_own_library_computes() -> None:

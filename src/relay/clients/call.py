@@ -131,8 +131,10 @@ class Handset:
         if kind == "media":
             audio = base64.b64decode(message["media"]["payload"])
             gap = self.last_audio_at is None or now - self.last_audio_at >= REPLY_GAP_SECONDS
-            if not self.replies or self.replies[-1].cut_bytes is not None or (
-                not self._pending and gap
+            if (
+                not self.replies
+                or self.replies[-1].cut_bytes is not None
+                or (not self._pending and gap)
             ):
                 reply = Reply(started_at=now)
                 if self.speech_end is not None and self.speech_end <= now:
@@ -215,8 +217,12 @@ class PhoneCall:
         listener reports the close)."""
         self._sequence += 1
         text = orjson.dumps(
-            {"event": message.pop("event"), "sequenceNumber": str(self._sequence),
-             **message, "streamSid": self.stream_sid}
+            {
+                "event": message.pop("event"),
+                "sequenceNumber": str(self._sequence),
+                **message,
+                "streamSid": self.stream_sid,
+            }
         ).decode()
         try:
             await self._ws.send_message(text)
@@ -414,7 +420,9 @@ async def fetch_twiml(
     except ElementTree.ParseError:
         stream = None
     if stream is None or not stream.get("url"):
-        raise CallError(f"the voice webhook's answer is not <Connect><Stream> TwiML: {answer.text!r}")
+        raise CallError(
+            f"the voice webhook's answer is not <Connect><Stream> TwiML: {answer.text!r}"
+        )
     parameters = {
         p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter") if p.get("name")
     }
@@ -457,14 +465,18 @@ async def dial(twiml: Twiml, auth_token: str) -> AsyncIterator[Connection]:
             f" {(exc.body or b'').decode(errors='replace').strip()}"
         ) from None
     except (HandshakeFailed, trio.BrokenResourceError, trio.TooSlowError) as exc:
-        raise CallError(f"the media stream's handshake failed: {exc or type(exc).__name__}") from None
+        raise CallError(
+            f"the media stream's handshake failed: {exc or type(exc).__name__}"
+        ) from None
     finally:
         await trio.aclose_forcefully(stream)
 
 
 def _loud(chunk: bytes) -> bool:
     samples = [wav.MULAW_TO_PCM16[b] for b in chunk[::4]]
-    return bool(samples) and (sum(s * s for s in samples) / len(samples)) ** 0.5 > SPEECH_LEVEL * 32768
+    return (
+        bool(samples) and (sum(s * s for s in samples) / len(samples)) ** 0.5 > SPEECH_LEVEL * 32768
+    )
 
 
 def _closed_message(reason: CloseReason, errors: list[str]) -> str:
@@ -566,9 +578,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         if not heard:
             raise CallError("the caller heard no reply")
         try:
-            wav.write_wav(args.output, wav.pcm16_bytes([wav.MULAW_TO_PCM16[b] for b in heard]), RATE)
+            wav.write_wav(
+                args.output, wav.pcm16_bytes([wav.MULAW_TO_PCM16[b] for b in heard]), RATE
+            )
         except OSError as exc:
-            raise CallError(f"cannot write {args.output}: {exc.strerror or exc}", EXIT_INPUT) from None
+            raise CallError(
+                f"cannot write {args.output}: {exc.strerror or exc}", EXIT_INPUT
+            ) from None
         print(
             f"heard:     {len(heard) / BYTES_PER_MS / 1000:.1f} s of reply written to {args.output}"
             f" (8 kHz mono PCM16; sent {len(ulaw) / BYTES_PER_MS / 1000:.1f} s from"

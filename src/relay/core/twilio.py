@@ -223,9 +223,7 @@ class TwilioStream:
             media.get("sampleRate", 8000),
             media.get("channels", 1),
         ) != ("audio/x-mulaw", 8000, 1):
-            raise StreamError(
-                f"this relay takes μ-law 8 kHz mono (audio/x-mulaw), not {media!r}"
-            )
+            raise StreamError(f"this relay takes μ-law 8 kHz mono (audio/x-mulaw), not {media!r}")
         self.start = Start(fields[0], fields[1], fields[2], dict(parameters))
         self._sid_json = dumps(fields[0])  # type: ignore[arg-type]
         self.transcripts = parameters.get(TRANSCRIPTS_PARAMETER) in ("1", "true")

@@ -3,10 +3,10 @@ and the app's own (lifespan, drain).
 
 Routes: WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at the
 relay work), with ``?model=`` checked against the allow-list, and ``/twilio`` for phone calls
-(:mod:`relay.server.phone`); plain HTTP goes to :mod:`relay.server.http`. A WebSocket is admitted in steps: the worker's own state
-(draining, overloaded, full), the client's identity (:mod:`relay.usage.auth`), the session's
-request (:mod:`relay.server.admission`), the user's limits (:mod:`relay.usage.accounting`);
-then its :class:`~relay.server.pair.Pair` runs to its end.
+(:mod:`relay.server.phone`); plain HTTP goes to :mod:`relay.server.http`. A WebSocket is
+admitted in steps: the worker's own state (draining, overloaded, full), the client's identity
+(:mod:`relay.usage.auth`), the session's request (:mod:`relay.server.admission`), the user's
+limits (:mod:`relay.usage.accounting`); then its :class:`~relay.server.pair.Pair` runs to its end.
 """
 
 from __future__ import annotations
@@ -194,7 +194,9 @@ class RelayApp:
             ),
         )
         async with accounting.held(identity, session_id, bridge.traffic):
-            await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
+            await self._session(
+                scope, receive, send, offered, identity, session_id, bridge, accounting
+            )
 
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
         self.metrics.refused(status)
@@ -220,7 +222,9 @@ class RelayApp:
             bridge,
             model,
             on_responses_done=partial(accounting.record_responses, identity),
-            max_seconds=admission.tightest(self.config.max_session_seconds, identity.max_session_seconds),
+            max_seconds=admission.tightest(
+                self.config.max_session_seconds, identity.max_session_seconds
+            ),
         )
         try:
             await self.run_pair(pair, identity, session_id, model)
@@ -403,6 +407,8 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         from ..ops.logs import configure_logging
 
         fields = {"pid": os.getpid()}
-        configure_logging(config.log_format, config.log_level, secrets=config.secrets, fields=fields)
+        configure_logging(
+            config.log_format, config.log_level, secrets=config.secrets, fields=fields
+        )
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

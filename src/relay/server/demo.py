@@ -3,8 +3,8 @@
 Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
 it would use a real one. Its Twilio routes are on, with a built-in auth token that
-``relay call`` knows, so a phone call needs no Twilio account. The demo takes anyone without a token, so it listens on
-loopback only unless told otherwise (``--allow-anonymous``).
+``relay call`` knows, so a phone call needs no Twilio account. The demo takes anyone without
+a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``).
 """
 
 from __future__ import annotations

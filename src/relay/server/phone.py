@@ -244,7 +244,9 @@ class PhoneLine:
         session_id = secrets.token_hex(8)
         now = time.time()
         try:
-            claim = self.keys.verify(start.parameters.get("token"), call_sid=start.call_sid, now=now)
+            claim = self.keys.verify(
+                start.parameters.get("token"), call_sid=start.call_sid, now=now
+            )
         except TokenRefused as refused:
             await leg.refuse(TOKEN_REFUSED, refused.code, refused.message)
             return None, session_id

@@ -101,9 +101,13 @@ class CallKeys:
             claims, given = None, b""
         if not body.startswith(_PREFIX) or not hmac.compare_digest(self._sign(body), given):
             raise TokenRefused("twilio_stream_token_invalid", "The stream token is not valid.")
-        if not isinstance(claims, dict) or not all(
-            isinstance(claims.get(key), str) for key in ("call", "caller", "account", "id")
-        ) or not isinstance(claims.get("exp"), int):
+        if (
+            not isinstance(claims, dict)
+            or not all(
+                isinstance(claims.get(key), str) for key in ("call", "caller", "account", "id")
+            )
+            or not isinstance(claims.get("exp"), int)
+        ):
             raise TokenRefused("twilio_stream_token_invalid", "The stream token is not valid.")
         if claims["exp"] <= now:
             raise TokenRefused(
