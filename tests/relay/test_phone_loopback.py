@@ -39,18 +39,19 @@ async def relay_with_phones(**settings: object) -> AsyncIterator[tuple[RunningRe
         nursery.cancel_scope.cancel()
 
 
+async def ring(relay: RunningRelay, http: httpx.AsyncClient) -> tuple[str, Twiml]:
+    """A new call's sid and the TwiML the relay's webhook answers for it, as Twilio asks."""
+    call_sid = new_sid("CA")
+    twiml = await fetch_twiml(
+        http, relay.http_url, AUTH_TOKEN, call_sid=call_sid, account_sid="AC1", caller="+1555"
+    )
+    return call_sid, twiml
+
+
 async def test_a_call_through_the_served_relay_completes_two_turns() -> None:
     with trio.fail_after(TIMEOUT):
         async with relay_with_phones() as (relay, mock), httpx.AsyncClient() as http:
-            call_sid = new_sid("CA")
-            twiml = await fetch_twiml(
-                http,
-                relay.http_url,
-                AUTH_TOKEN,
-                call_sid=call_sid,
-                account_sid="AC1",
-                caller="+1555",
-            )
+            call_sid, twiml = await ring(relay, http)
             async with dial(twiml, AUTH_TOKEN) as ws:
                 # Four times real time, both ways: the fake's VAD counts audio, not seconds.
                 async with phone_call(
@@ -114,15 +115,7 @@ async def test_the_webhook_needs_twilios_signature(signature: str) -> None:
 async def test_a_replayed_stream_token_is_refused_by_the_served_relay() -> None:
     with trio.fail_after(TIMEOUT):
         async with relay_with_phones() as (relay, mock), httpx.AsyncClient() as http:
-            call_sid = new_sid("CA")
-            twiml = await fetch_twiml(
-                http,
-                relay.http_url,
-                AUTH_TOKEN,
-                call_sid=call_sid,
-                account_sid="AC1",
-                caller="+1555",
-            )
+            call_sid, twiml = await ring(relay, http)
             for attempt in ("first", "replay"):
                 async with dial(twiml, AUTH_TOKEN) as ws:
                     async with phone_call(
