@@ -187,6 +187,36 @@ async def test_usage_is_kept_per_caller_and_for_the_line(
     assert users["twilio"].total_tokens == sum(users[c].total_tokens for c in callers) > 0
 
 
+async def test_the_upstream_ending_ends_the_stream_with_its_code(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        async with world() as w:
+            async with w.call() as phone:
+                await phone.say(hello())
+                await phone.until_quiet(replies=1)
+                w.mock.connections[-1].close(4001, "upstream says bye")
+                with pytest.raises(CallError, match="4001, upstream says bye"):
+                    await phone.until_quiet(replies=2)
+    assert phone.errors == []  # Twilio gets no error event, only the close
+
+
+async def test_a_draining_relay_lets_the_call_run_then_closes_it_1012(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(VIRTUAL_TIMEOUT):
+        async with world() as w:
+            async with w.call() as phone:
+                await phone.say(hello()[:8000])
+                drained_at = trio.current_time()
+                w.nursery.start_soon(w.app.drain, 5.0)
+                with pytest.raises(CallError, match="1012"):
+                    await phone.until_quiet(replies=5)
+                closed_after = trio.current_time() - drained_at
+    assert 5.0 <= closed_after < 6.0  # the drain's grace, then the close
+    assert phone.errors == []  # the relay_draining notice is not sent to Twilio
+
+
 # -- refusals ---------------------------------------------------------------------------
 
 
