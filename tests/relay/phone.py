@@ -62,6 +62,9 @@ class MemoryStore:
         row = self.usage.get((day, user), {})
         return int(sum(row.get(name, 0) for name in TOKEN_COUNTERS))
 
+    async def cost(self, user: str, day: str) -> int:
+        return int(self.usage.get((day, user), {}).get("cost_nanodollars", 0))
+
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
         return [
             UsageRow(

@@ -42,6 +42,18 @@ def refusal(
             f" ?model={identity.model}.",
             "invalid_request_error.invalid_model",
         )
+    chosen = model or config.model
+    if (identity.budget_usd or config.daily_budget_usd) and chosen not in config.prices:
+        # Only reachable through a token's budget_usd claim: with RELAY_DAILY_BUDGET_USD, every
+        # allowed model must have a price before the relay starts.
+        priced = sorted(m for m in config.allowed_models if m in config.prices)
+        return (
+            "model_not_priced",
+            f"Your token sets a spending budget, but the relay has no price for {chosen!r},"
+            " so its cost could not be counted. "
+            + (f"Use a priced model: {', '.join(priced)}." if priced else "Ask the operator."),
+            "invalid_request_error.model_not_priced",
+        )
     return None
 
 

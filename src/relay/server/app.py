@@ -15,8 +15,7 @@ import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,6 +26,7 @@ from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
+from ..ops.records import DRAIN_SECONDS, Recorder
 from ..usage.accounting import Accounting
 from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
 from ..usage.mint import Minter
@@ -37,11 +37,15 @@ from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
 from .asgi import Receive, Scope, Send, deny, header, query_param
+from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .pair import ClientSide, Pair
 from .phone import TWILIO_PATH, PhoneLine
+
+if TYPE_CHECKING:
+    from ..ops.tracing import Tracer
 
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
 #: Seconds the usage store may take to admit a session before the handshake gets 503.
@@ -103,6 +107,18 @@ class RelayApp:
         self.pump: Pump | None = None
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
+        #: Call records (RELAY_RECORDS, RELAY_RECORDS_WEBHOOK), written while the lifespan runs.
+        self.recorder: Recorder | None = None
+        if config.records or config.records_webhook:
+            self.recorder = Recorder(
+                directory=config.records,
+                audio=config.records_audio,
+                retention_days=config.records_retention_days,
+                webhook=config.records_webhook,
+                secret=config.records_webhook_secret,
+            )
+        #: Spans of sessions and turns (OTEL_EXPORTER_OTLP_ENDPOINT); set when the lifespan starts.
+        self.tracer: Tracer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -184,19 +200,16 @@ class RelayApp:
             log.error("usage store unavailable at admission: %r", exc)
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
+        model = query_param(scope, "model") or self.config.model
         bridge = Bridge(
             session_update=self.session_update,
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
-            policy=self.config.policy.for_session(
-                query_param(scope, "model") or self.config.model, identity.model
-            ),
+            policy=self.config.policy.for_session(model, identity.model),
         )
         async with accounting.held(identity, session_id, bridge.traffic):
-            await self._session(
-                scope, receive, send, offered, identity, session_id, bridge, accounting
-            )
+            await self._session(send, receive, offered, identity, session_id, bridge, model)
 
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
         self.metrics.refused(status)
@@ -204,30 +217,28 @@ class RelayApp:
 
     async def _session(
         self,
-        scope: Scope,
-        receive: Receive,
         send: Send,
+        receive: Receive,
         offered: Any,
         identity: Identity,
         session_id: str,
         bridge: Bridge,
-        accounting: Accounting,
+        model: str,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
         client, release = await self.open_client(send, receive, subprotocol)
-        model = query_param(scope, "model") or self.config.model
+        call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
         pair = self.new_pair(
             client,
             bridge,
-            model,
-            on_responses_done=partial(accounting.record_responses, identity),
+            call,
             max_seconds=admission.tightest(
                 self.config.max_session_seconds, identity.max_session_seconds
             ),
         )
         try:
-            await self.run_pair(pair, identity, session_id, model)
+            await self.run_pair(pair, call)
         finally:
             if release is not None:
                 release()  # Hypercorn closes the connection
@@ -255,22 +266,23 @@ class RelayApp:
         self,
         client: ClientSide,
         bridge: Bridge,
-        model: str,
+        call: Call,
         *,
-        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[bool]],
         max_seconds: float,
         lead: float | None = None,
+        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[str | None]] | None = None,
     ) -> Pair:
-        """The pair of a session admitted to run ``model`` for at most ``max_seconds``
-        (warned ``lead`` seconds before, RELAY_LIMIT_WARNING_SECONDS unless said)."""
+        """The pair of an admitted session (``call``) that may last ``max_seconds``, warned
+        ``lead`` seconds before (RELAY_LIMIT_WARNING_SECONDS unless said); its finished
+        responses go to ``on_responses_done``, the call's own unless said."""
         return Pair(
             client,
             bridge,
-            self.dialer.target(model),
+            self.dialer.target(call.model),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
-            on_responses_done=on_responses_done,
+            on_responses_done=on_responses_done or call.responses_done,
             deadlines=Deadlines(
                 trio.current_time(),
                 max_seconds=max_seconds,
@@ -280,14 +292,17 @@ class RelayApp:
             ping_interval=self.config.ping_interval,
             peer_timeout=self.config.peer_timeout,
             on_voice_latency=self.metrics.voice_latency,
-            on_upstream_opened=self.metrics.upstream_opened,
+            on_upstream_opened=call.upstream_opened,
             pump=self.pump,
+            tap=call.log,
+            tap_client=call.records_client,
         )
 
-    async def run_pair(self, pair: Pair, identity: Identity, session_id: str, model: str) -> None:
+    async def run_pair(self, pair: Pair, call: Call) -> None:
         """Run a pair to its end as one of this relay's sessions: counted (drain, shedding,
-        metrics) and logged."""
+        metrics), logged, and its call ended (record, trace)."""
         bridge, client = pair.bridge, pair.client
+        identity, session_id, model = call.identity, call.session_id, call.model
         self.pairs[pair] = None
         if self._no_pairs.is_set():
             self._no_pairs = trio.Event()
@@ -312,6 +327,7 @@ class RelayApp:
                 ending.cause if ending else "error",
                 ending.client_code if ending else None,
             )
+            call.ended(ending, pumped=pair.pumped, responses=bridge.responses_seen)
             traffic = bridge.traffic
             log.info(
                 "session ended",
@@ -338,15 +354,40 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
                 nursery.start_soon(watch_load, self)
-            self.pump = Pump(busy_poll=self.config.busy_poll)
-            nursery.start_soon(self.pump.run)
+            self.pump = pump = Pump(busy_poll=self.config.busy_poll)
+            nursery.start_soon(pump.run)
+            self.metrics.fast_path = lambda: (pump.running, pump.watching)
+            recorded = trio.Event()
+            if self.recorder is not None:
+                nursery.start_soon(self._record, recorded)
+            if self.config.otel_endpoint and self.tracer is None:
+                nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
             try:
-                await self._lifespan_events(receive, send)
+                await self._lifespan_events(receive, send, recorded)
             finally:
                 self.pump = None
                 nursery.cancel_scope.cancel()
 
-    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
+    async def _start_tracing(self, endpoint: str) -> None:
+        """Load OpenTelemetry beside start-up rather than before it: its OTLP exporter (with
+        protobuf) takes a few hundred ms to import, which readiness need not wait for; sessions
+        that start meanwhile are not traced."""
+
+        def load() -> Tracer:
+            from ..ops.tracing import Tracer
+
+            return Tracer.to_endpoint(endpoint)
+
+        self.tracer = await trio.to_thread.run_sync(load)
+
+    async def _record(self, done: trio.Event) -> None:
+        assert self.recorder is not None
+        try:
+            await self.recorder.run()
+        finally:
+            done.set()
+
+    async def _lifespan_events(self, receive: Receive, send: Send, recorded: trio.Event) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -360,12 +401,20 @@ class RelayApp:
                     store,
                     max_sessions=self.config.max_sessions_per_user,
                     daily_budget=self.config.daily_token_budget,
+                    daily_budget_usd=self.config.daily_budget_usd,
                 )
+
                 await send({"type": "lifespan.startup.complete"})
                 self.started.set()
             elif message["type"] == "lifespan.shutdown":
                 if self.accounting is not None:
                     await self.accounting.store.aclose()
+                if self.recorder is not None:  # what is queued gets a bounded time
+                    self.recorder.close()
+                    with trio.move_on_after(DRAIN_SECONDS):
+                        await recorded.wait()
+                if self.tracer is not None:
+                    await trio.to_thread.run_sync(self.tracer.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -23,13 +23,15 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
 import trio
 
-from ..core.bridge import Bridge, Cause, Message
+from ..core.bridge import Bridge, Ending, Message
 from ..core.closecodes import Code
 from ..core.events import dumps, error_event
 from ..core.twilio import End, Start, StreamError, TwilioStream, signature_matches
@@ -37,6 +39,7 @@ from ..usage.accounting import Accounting
 from ..usage.auth import Identity, Refusal
 from ..usage.calls import ACCOUNT_USER, CallKeys, TokenRefused
 from .asgi import Receive, Scope, Send, deny, header, read_body
+from .call import Call
 from .legs import AsgiClient, SocketClient
 
 if TYPE_CHECKING:
@@ -204,19 +207,22 @@ class PhoneLine:
             secret=config.openai_api_key,
             policy=config.policy.for_session(config.model),
         )
+        call = Call(app, caller, session_id, config.model)  # priced, recorded, traced as any
+        call.also_accounted.append((line, account))
 
-        async def responses_done(done: list[dict[str, object]]) -> bool:
-            over = await accounting.record_responses(caller, done)
-            over = await line.record_responses(account, done) or over
-            return over and not await leg.goodbye_for(Cause.BUDGET_EXHAUSTED)
+        async def responses_done(done: list[dict[str, object]]) -> str | None:
+            used_up = await call.responses_done(done)
+            if used_up is not None and await leg.goodbye_for(partial(_spent, used_up)):
+                return None  # the call ends once the goodbye has played
+            return used_up
 
         pair = app.new_pair(
             leg,
             bridge,
-            config.model,
-            on_responses_done=responses_done,
+            call,
             max_seconds=config.max_session_seconds,
             lead=min(config.limit_warning_seconds, GOODBYE_LEAD),
+            on_responses_done=responses_done,
         )
         leg.attach(pair, config.max_session_seconds)
         log.info(
@@ -225,7 +231,7 @@ class PhoneLine:
         )
         async with accounting.held(caller, session_id, bridge.traffic):
             async with line.held(account, session_id, bridge.traffic):
-                await app.run_pair(pair, caller, session_id, config.model)
+                await app.run_pair(pair, call)
 
     def _line(self, accounting: Accounting) -> Accounting:
         """The phone line's own limits, on the same store as every user's."""
@@ -283,6 +289,10 @@ class PhoneLine:
         return caller, session_id
 
 
+def _spent(budget: str, bridge: Bridge) -> Ending | None:
+    return bridge.budget_exhausted(budget)
+
+
 async def _answer(send: Send, status: int, text: str) -> None:
     """A short plain-text answer to the webhook (Twilio shows it in its debugger)."""
     body = (escape(text) + "\n").encode()
@@ -321,7 +331,8 @@ class TwilioLeg:
         self._queue: deque[str] = deque()  # events for the upstream, from one caller message
         self._pair: Pair | None = None
         self._max_seconds = 0.0
-        self._why: Cause | None = None  # the limit whose goodbye is being said
+        #: The ending the goodbye being said comes before (a limit's).
+        self._last: Callable[[Bridge], Ending | None] | None = None
         self._playout_seconds = playout_seconds
         self._played: trio.Event | None = None  # set once Twilio has played all it was sent
 
@@ -389,8 +400,8 @@ class TwilioLeg:
         out = self.stream.from_upstream(data)
         if out is None:
             return
-        if self._why is None and self.stream.goodbye_asked:
-            self._why = Cause.SESSION_EXPIRED  # the warning before the cut asked for it
+        if self._last is None and self.stream.goodbye_asked:  # the session-length warning
+            self._last = partial(Bridge.session_expired, limit=self._max_seconds)
         await self._carry_out(out.twilio, out.upstream)
         if out.end is End.GOODBYE_SAID:
             await self._hang_up()
@@ -401,26 +412,22 @@ class TwilioLeg:
         for event in upstream:
             await self._pair.send_upstream(event)  # type: ignore[union-attr]
 
-    async def goodbye_for(self, why: Cause) -> bool:
-        """Have the model say goodbye before ``why`` ends the call; False if no goodbye is
-        configured (end it now). The call ends once the goodbye has played."""
+    async def goodbye_for(self, ending: Callable[[Bridge], Ending | None]) -> bool:
+        """Have the model say goodbye before the bridge's ``ending`` ends the call; False if
+        no goodbye is configured (end it now). The call ends once the goodbye has played."""
         out = self.stream.goodbye()
         if out is None:
             return False
-        if self._why is None:
-            self._why = why
+        if self._last is None:
+            self._last = ending
         await self._carry_out(out.twilio, out.upstream)
         return True
 
     async def _hang_up(self) -> None:
         """The goodbye has played: end the call for the limit that asked for it."""
         pair = self._pair
-        assert pair is not None
-        bridge = pair.bridge
-        if self._why is Cause.BUDGET_EXHAUSTED:
-            await pair.end(bridge.budget_exhausted())
-        else:
-            await pair.end(bridge.session_expired(self._max_seconds))
+        assert pair is not None and self._last is not None
+        await pair.end(self._last(pair.bridge))
 
     async def close(self, code: int, reason: str) -> None:
         """Let Twilio play what it was sent (bounded), then close: Twilio goes on to the

@@ -32,6 +32,8 @@ class Identity:
     model: str | None = None
     max_session_seconds: float | None = None
     budget: int | None = None
+    #: A daily spending cap in dollars (the ``budget_usd`` claim).
+    budget_usd: float | None = None
 
 
 class Refusal(Exception):
@@ -162,6 +164,7 @@ class Authenticator:
             model=_optional(claims, "model", str),
             max_session_seconds=_optional(claims, "max_session_seconds", (int, float)),
             budget=_optional(claims, "budget", int),
+            budget_usd=_optional(claims, "budget_usd", (int, float)),
         )
 
 
