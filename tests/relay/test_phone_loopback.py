@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 import sys
 import wave
+from array import array
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import httpx
 import orjson
@@ -129,8 +131,8 @@ async def test_a_replayed_stream_token_is_refused_by_the_served_relay() -> None:
     assert len(mock.connections) == 1
 
 
-async def test_relay_call_plays_a_wav_through_relay_demo(tmp_path: object) -> None:
-    out = tmp_path / "out.wav"  # type: ignore[operator]
+async def test_relay_call_plays_a_wav_through_relay_demo(tmp_path: Path) -> None:
+    out = tmp_path / "out.wav"
     with trio.fail_after(TIMEOUT):
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -177,3 +179,40 @@ async def test_relay_call_says_why_a_relay_without_phones_refused() -> None:
             with pytest.raises(CallError, match="refused the media stream \\(HTTP 404\\)"):
                 async with dial(Twiml(relay.url + "/twilio", {}), AUTH_TOKEN):
                     pass
+
+
+async def test_a_recorded_phone_call_keeps_the_mu_law_audio_and_what_the_caller_heard(
+    tmp_path: Path,
+) -> None:
+    from relay.ops.records import Record
+
+    with trio.fail_after(TIMEOUT):
+        async with relay_with_phones(records=str(tmp_path), records_audio=True) as (relay, mock):
+            recorder = relay.app.recorder
+            assert recorder is not None
+            written, seen = trio.open_memory_channel[Record](1)
+            recorder.observe = lambda what, record: (
+                written.send_nowait(record) if what == "written" else None
+            )
+            async with httpx.AsyncClient() as http:
+                call_sid, twiml = await ring(relay, http)
+            async with dial(twiml, AUTH_TOKEN) as ws:
+                async with phone_call(
+                    ws, twiml, call_sid=call_sid, account_sid="AC1", speed=2
+                ) as phone:
+                    await phone.say(hello())
+                    await phone.hear(0.4)
+                    await phone.say(hello())  # over the reply
+                    await phone.until_quiet(replies=2)
+            record = await seen.receive()
+    sent = [orjson.loads(m) for m in mock.connections[0].received if isinstance(m, str)]
+    [truncate] = [e for e in sent if e["type"] == "conversation.item.truncate"]
+    summary = orjson.loads((tmp_path / record.summary["files"]["summary"]).read_bytes())
+    assert summary["user"].startswith("phone:") and summary["turns"] == 2
+    cut = next(line for line in summary["transcript"] if line["speaker"] == "assistant")
+    assert cut["heard_ms"] == truncate["audio_end_ms"]  # the relay's own truncate is recorded
+    with wave.open(str(tmp_path / record.summary["files"]["audio"])) as recorded:
+        assert (recorded.getnchannels(), recorded.getframerate()) == (2, 8000)  # μ-law's rate
+        stereo = array("h", recorded.readframes(recorded.getnframes()))
+    caller, assistant = stereo[0::2], stereo[1::2]
+    assert max(map(abs, caller)) > 4000 and max(map(abs, assistant)) > 4000  # both sides heard

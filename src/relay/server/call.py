@@ -42,7 +42,16 @@ def _iso(wall: float) -> str:
 class Call:
     """One session's cost, record and trace (see the module docstring)."""
 
-    def __init__(self, app: RelayApp, identity: Identity, session_id: str, model: str) -> None:
+    def __init__(
+        self,
+        app: RelayApp,
+        identity: Identity,
+        session_id: str,
+        model: str,
+        session: dict[str, Any] | None = None,
+    ) -> None:
+        """``session`` is the one the relay asks for, if not its configured one (a phone
+        call's, with μ-law audio): the record decodes audio by it until the upstream says."""
         self._app = app
         self.identity = identity
         self.session_id = session_id
@@ -62,7 +71,7 @@ class Call:
             self.log = CallLog(
                 trio.lowlevel.current_clock().current_time,
                 secret=app.config.openai_api_key,
-                session=app.config.session_object(),
+                session=session or app.config.session_object(),
                 spools=self._spools,
             )
         self._span: Span | None = None

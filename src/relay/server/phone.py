@@ -74,7 +74,8 @@ class PhoneLine:
         audio = session.setdefault("audio", {})
         for side in ("input", "output"):
             audio.setdefault(side, {})["format"] = {"type": "audio/pcmu"}
-        #: The relay's session.update for a call: its own, with μ-law both ways.
+        #: The relay's session for a call: its own, with μ-law both ways.
+        self.session = session
         self.session_update = dumps({"type": "session.update", "session": session})
 
     # -- URLs as Twilio sees them ------------------------------------------------------
@@ -207,7 +208,7 @@ class PhoneLine:
             secret=config.openai_api_key,
             policy=config.policy.for_session(config.model),
         )
-        call = Call(app, caller, session_id, config.model)  # priced, recorded, traced as any
+        call = Call(app, caller, session_id, config.model, self.session)  # as any session
         call.also_accounted.append((line, account))
 
         async def responses_done(done: list[dict[str, object]]) -> str | None:
