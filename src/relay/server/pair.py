@@ -210,8 +210,8 @@ class Pair:
         upstream = self._upstream
         if upstream is None:
             return
-        if self._step_client is not self._client_step:
-            self._tap.client_event(data)  # type: ignore[union-attr]  # a record keeps the cut
+        if self._step_client == self._client_step_tapped:  # a record keeps the cut
+            self._tap.client_event(data)  # type: ignore[union-attr]
         try:
             await upstream.send_message(data)
         except ConnectionClosed:
