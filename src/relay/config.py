@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 from .core.policy import Policy
 from .core.pricing import PriceTable
 from .usage.auth import parse_api_keys
+from .usage.sip import Callers
+from .usage.webhooks import secret_key
 
 MiB = 1024 * 1024
 
@@ -206,6 +208,34 @@ class RelayConfig:
     )
     mint_per_minute: int = _setting(
         10, "RELAY_MINT_PER_MINUTE", "Client keys one user may mint per minute (per instance)."
+    )
+    openai_webhook_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_OPENAI_WEBHOOK_SECRET",
+            "help": "Signing secret (`whsec_…`) of the OpenAI project's webhook for"
+            " `realtime.call.incoming`: turns on `POST /webhooks/openai`, where SIP calls"
+            " arrive (unset: off). Environment only.",
+            "secret": True,
+        },
+    )
+    sip_callers: tuple[str, ...] = _setting(
+        (),
+        "RELAY_SIP_CALLERS",
+        "Comma-separated `user:hmac` entries: the phone numbers whose SIP calls are taken, and"
+        " whose each is (make them with `relay sip-caller USER NUMBER`). Other callers are"
+        " declined, or taken as `anonymous` with RELAY_ALLOW_ANONYMOUS.",
+    )
+    sip_caller_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_SIP_CALLER_KEY",
+            "help": "Key of the HMAC under which RELAY_SIP_CALLERS holds the numbers (at least"
+            " 16 bytes). Environment only.",
+            "secret": True,
+        },
     )
     upstream_url: str = _setting(
         "wss://api.openai.com/v1/realtime",
@@ -449,6 +479,18 @@ class RelayConfig:
     @property
     def allowed_models(self) -> frozenset[str]:
         return frozenset((*self.models, self.model))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret setting's value, for the logs to redact."""
+        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
+
+    def rest_url(self, endpoint: str) -> str:
+        """The Realtime API's REST ``endpoint`` (``calls``, ``client_secrets``) beside
+        RELAY_UPSTREAM_URL: ``wss://host/v1/realtime`` → ``https://host/v1/realtime/calls``."""
+        url = urlsplit(self.upstream_url)
+        scheme = "https" if url.scheme == "wss" else "http"
+        return f"{scheme}://{url.netloc}{url.path.rstrip('/')}/{endpoint}"
 
     def session_object(self) -> dict[str, Any]:
         """The GA session sent upstream first, with the env overrides applied."""
@@ -717,6 +759,7 @@ def _validate(config: RelayConfig) -> None:
         parse_api_keys(config.api_keys)
     except ValueError as exc:
         raise ConfigError(f"RELAY_API_KEYS: {exc}") from None
+    _validate_calls(config)
     if config.jwt_secret and len(config.jwt_secret.encode()) < 32:
         raise ConfigError(
             "RELAY_JWT_SECRET must be at least 32 bytes (RFC 7518 §3.2); make one with"
@@ -741,3 +784,22 @@ def _validate(config: RelayConfig) -> None:
         )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")
+
+
+def _validate_calls(config: RelayConfig) -> None:
+    """The SIP settings: a webhook secret that is one, and callers with their key."""
+    if config.openai_webhook_secret:
+        try:
+            secret_key(config.openai_webhook_secret)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_OPENAI_WEBHOOK_SECRET: {exc}") from None
+    if config.sip_callers:
+        if len(config.sip_caller_key.encode()) < 16:
+            raise ConfigError(
+                "RELAY_SIP_CALLERS needs RELAY_SIP_CALLER_KEY (at least 16 bytes), the key its"
+                " entries were made with"
+            )
+        try:
+            Callers(config.sip_caller_key, config.sip_callers)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_SIP_CALLERS: {exc}") from None

@@ -56,6 +56,21 @@ VOICE_BUCKETS = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0
 PUBLISH_SECONDS = 1.0
 
 _CAUSES = frozenset(cause.value for cause in Cause)
+#: Why a call may be refused, as labels (anything else is "other").
+CALL_REFUSALS = frozenset(
+    {
+        "missing_credentials",
+        "invalid_credentials",
+        "token_expired",
+        "origin_not_allowed",
+        "too_many_sessions",
+        "daily_budget_exhausted",
+        "invalid_model",
+        "unknown_caller",
+        "relay_store_unavailable",
+        "relay_draining",
+    }
+)
 #: Client close codes worth a label of their own; anything else is "other".
 _CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
 _TOKEN_LABELS = (("input", "text"), ("input", "audio"), ("output", "text"), ("output", "audio"))
@@ -192,6 +207,35 @@ class RelayMetrics:
         )
         #: Where ``publish`` reads the fast path's state: (pump running, legs it watches).
         self.fast_path: Callable[[], tuple[bool, int]] | None = None
+        self._calls_started = Counter(
+            "relay_calls_started",
+            "WebRTC and SIP calls admitted (the relay watches them from a sideband).",
+            ["transport"],
+            registry=self.registry,
+        )
+        self._calls_ended = Counter(
+            "relay_calls_ended",
+            "Calls the relay stopped watching, by transport and why.",
+            ["transport", "cause"],
+            registry=self.registry,
+        )
+        self._calls_active = Gauge(
+            "relay_calls_active",
+            "Calls watched now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._calls_refused = Counter(
+            "relay_calls_refused",
+            "Calls refused (WebRTC: the HTTP answer) or declined (SIP), by transport and why.",
+            ["transport", "reason"],
+            registry=self.registry,
+        )
+        self._call_corrections = Counter(
+            "relay_call_corrections",
+            "Session updates the sideband sent to put a call's session back within the policy.",
+            registry=self.registry,
+        )
 
     def live_traffic(self) -> Iterable[Traffic]:
         """The counters of the sessions running now."""
@@ -292,6 +336,23 @@ class RelayMetrics:
         for (direction, kind), total in zip(_TOKEN_LABELS, totals, strict=True):
             if total:
                 self._tokens.labels(direction, kind).inc(total)
+
+    def call_started(self, transport: str) -> None:
+        """A call was admitted and its sideband is being opened."""
+        self._calls_started.labels(transport).inc()
+        self._calls_active.inc()
+
+    def call_ended(self, transport: str, cause: str, corrections: int) -> None:
+        """The relay stopped watching a call (``cause``: relay.server.sideband.CallEnd)."""
+        self._calls_active.dec()
+        self._calls_ended.labels(transport, cause).inc()
+        if corrections:
+            self._call_corrections.inc(corrections)
+
+    def call_refused(self, transport: str, reason: str) -> None:
+        """A call was refused or declined; ``reason`` is a refusal code (others: ``other``)."""
+        label = reason if reason in CALL_REFUSALS else "other"
+        self._calls_refused.labels(transport, label).inc()
 
     def refused(self, status: int) -> None:
         """A WebSocket handshake was answered with this HTTP status instead of 101."""

@@ -1,5 +1,6 @@
 """Whether a connection that has authenticated may start a session: the checks a session's
-request itself can fail (dialect, model), answered the way the Realtime API answers them."""
+request itself can fail (dialect, model), answered the way the Realtime API answers them.
+Calls (:mod:`relay.server.calls`) take the same model check."""
 
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ def refusal(
             " GA event names.",
             "invalid_request_error.beta_api_shape_disabled",
         )
-    model = query_param(scope, "model")
+    return model_refusal(config, query_param(scope, "model"), identity)
+
+
+def model_refusal(
+    config: RelayConfig, model: str | None, identity: Identity
+) -> tuple[str, str, str] | None:
+    """Why a session or call may not run ``model`` (None: the default), if it may not."""
     if model is not None and model not in config.allowed_models:
         allowed = ", ".join(sorted(config.allowed_models))
         return (

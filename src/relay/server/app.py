@@ -30,7 +30,9 @@ from ..ops.records import DRAIN_SECONDS, Recorder
 from ..usage.accounting import Accounting
 from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
 from ..usage.mint import Minter
+from ..usage.sip import Callers
 from ..usage.store import open_store
+from ..usage.webhooks import secret_key
 from ..wire import takeover
 from ..wire.pump import Pump
 from ..wire.upstream import UpstreamDialer
@@ -43,6 +45,7 @@ from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .pair import ClientSide, Pair
 from .phone import TWILIO_PATH, PhoneLine
+from .sideband import Calls
 
 if TYPE_CHECKING:
     from ..ops.tracing import Tracer
@@ -76,11 +79,12 @@ class RelayApp:
             allowed_origins=config.allowed_origins,
             anonymous=config.allow_anonymous,
         )
-        if not self.auth.configured and not config.allow_anonymous:
+        if not self.auth.configured and not config.allow_anonymous and not config.sip_callers:
             raise ConfigError(
                 "no client authentication is configured, so anyone who finds this relay could"
                 " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
-                " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
+                " or RELAY_JWT_PUBLIC_KEY (or, for phones only, RELAY_SIP_CALLERS), or pass"
+                " --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
         #: Live pairs, oldest first (load shedding closes the newest).
         self.pairs: dict[Pair, None] = {}
@@ -119,6 +123,12 @@ class RelayApp:
             )
         #: Spans of sessions and turns (OTEL_EXPORTER_OTLP_ENDPOINT); set when the lifespan starts.
         self.tracer: Tracer | None = None
+        #: WebRTC and SIP calls, watched from their sidebands (relay.server.sideband).
+        self.calls = Calls(self)
+        self.callers = Callers(config.sip_caller_key, config.sip_callers)
+        self.webhook_key = (
+            secret_key(config.openai_webhook_secret) if config.openai_webhook_secret else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -362,10 +372,12 @@ class RelayApp:
                 nursery.start_soon(self._record, recorded)
             if self.config.otel_endpoint and self.tracer is None:
                 nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
+            self.calls.nursery = nursery  # a call's sideband outlives the request that made it
             try:
                 await self._lifespan_events(receive, send, recorded)
             finally:
                 self.pump = None
+                self.calls.nursery = None
                 nursery.cancel_scope.cancel()
 
     async def _start_tracing(self, endpoint: str) -> None:
@@ -428,10 +440,20 @@ class RelayApp:
 
         Readiness turns 503 at once, so a load balancer stops sending clients here;
         every live client is told (``relay_draining``) how long it has. Pairs run on
-        unchanged meanwhile, so nothing a client sent is lost.
+        unchanged meanwhile, so nothing a client sent is lost. Calls are watched while the
+        sessions drain, then handed over: they run on at OpenAI (relay.server.sideband).
         """
         self.draining = True
-        log.info("draining: %d live sessions, %g s to finish", len(self.pairs), grace)
+        log.info(
+            "draining: %d live sessions, %d calls, %g s to finish",
+            len(self.pairs),
+            len(self.calls.live),
+            grace,
+        )
+        await self._drain_pairs(grace)
+        await self.calls.hand_over()
+
+    async def _drain_pairs(self, grace: float) -> None:
         async with trio.open_nursery() as nursery:
             for pair in list(self.pairs):
                 nursery.start_soon(pair.notify, pair.bridge.draining_notice(grace))

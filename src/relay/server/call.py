@@ -48,10 +48,14 @@ class Call:
         identity: Identity,
         session_id: str,
         model: str,
+        *,
+        traced: bool = True,
         session: dict[str, Any] | None = None,
     ) -> None:
-        """``session`` is the one the relay asks for, if not its configured one (a phone
-        call's, with μ-law audio): the record decodes audio by it until the upstream says."""
+        """``traced=False``: priced and accounted only, with no record or trace (a WebRTC or
+        SIP call, of which the relay sees the events of its sideband only). ``session`` is the
+        one the relay asks for, if not its configured one (a Twilio call's, with μ-law audio):
+        the record decodes audio by it until the upstream says."""
         self._app = app
         self.identity = identity
         self.session_id = session_id
@@ -63,7 +67,7 @@ class Call:
         self.priced = model in app.config.prices
         #: Who else the call's usage counts against, with their own limits (a phone call's line).
         self.also_accounted: list[tuple[Accounting, Identity]] = []
-        recorder, tracer = app.recorder, app.tracer
+        recorder, tracer = (app.recorder, app.tracer) if traced else (None, None)
         self.log: CallLog | None = None
         self._spools = None
         if recorder is not None or tracer is not None:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .pair import Pair
 
 TWILIO_PATH = "/twilio"
-WEBHOOK_PATH = "/twilio/voice"
+TWILIO_WEBHOOK_PATH = "/twilio/voice"
 #: Seconds Twilio has after the upgrade to send ``connected`` and ``start``.
 START_TIMEOUT = 10.0
 #: Seconds the usage store may take to check a token and admit a call.
@@ -208,7 +208,7 @@ class PhoneLine:
             secret=config.openai_api_key,
             policy=config.policy.for_session(config.model),
         )
-        call = Call(app, caller, session_id, config.model, self.session)  # as any session
+        call = Call(app, caller, session_id, config.model, session=self.session)  # as any session
         call.also_accounted.append((line, account))
 
         async def responses_done(done: list[dict[str, object]]) -> str | None:

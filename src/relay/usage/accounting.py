@@ -202,6 +202,18 @@ class Accounting:
         )
         return None
 
+    async def abandon(self, identity: Identity, session_id: str) -> None:
+        """Give back the slot of a session that was admitted but never started (a call the
+        Realtime API would not create): nothing is recorded. Shielded and bounded like
+        :meth:`finish`; a store that fails leaves the slot to expire with its lease."""
+        if not self._max_sessions:
+            return
+        with trio.move_on_after(FINISH_TIMEOUT, shield=True):
+            try:
+                await self.store.release_slot(identity.user, session_id)
+            except Exception as exc:  # the slot frees itself when the lease expires
+                log.warning("usage store failed to give a slot back (%s)", _describe(exc))
+
     async def finish(self, identity: Identity, session_id: str, traffic: Traffic, seconds: float) -> None:
         """Record the session itself and give its slot back (shielded, so it runs while the
         session is being cancelled, and bounded, so a hung store cannot stall teardown).
