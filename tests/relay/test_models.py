@@ -128,3 +128,14 @@ def test_relay_serve_starts_with_one_warning_line_for_a_deprecated_model(
     lines = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
     assert len(lines) == 1 and "gpt-realtime-mini (shuts down 2027-01-20)" in lines[0]
     assert started, "the relay went on to serve"
+
+
+def test_the_relay_and_mockrealtime_know_the_same_models() -> None:
+    """The fake keeps its own table (it must not import the relay); both follow the SDK."""
+    from mockrealtime.models import REALTIME_MODELS
+
+    mock_deprecated = {name: day for name, day in REALTIME_MODELS.items() if day is not None}
+    assert dict(models.DEPRECATED) == mock_deprecated
+    current = {name for name, day in REALTIME_MODELS.items() if day is None}
+    assert set(models.CURRENT) <= current
+    assert current - set(models.CURRENT) <= NEITHER  # the rest: the ones the relay leaves out
