@@ -139,3 +139,12 @@ def test_the_relay_and_mockrealtime_know_the_same_models() -> None:
     current = {name for name, day in REALTIME_MODELS.items() if day is None}
     assert set(models.CURRENT) <= current
     assert current - set(models.CURRENT) <= NEITHER  # the rest: the ones the relay leaves out
+
+
+def test_a_spending_budget_wants_the_models_named_not_patterned() -> None:
+    from relay.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pattern 'gpt-realtime-2\\*'"):
+        load_config({"RELAY_MODELS": "gpt-realtime-2*", "RELAY_DAILY_BUDGET_USD": "5"})
+    named = load_config({"RELAY_MODELS": "gpt-realtime-2,gpt-realtime-2.1-mini", "RELAY_DAILY_BUDGET_USD": "5"})
+    assert named.allows_model("gpt-realtime-2")
