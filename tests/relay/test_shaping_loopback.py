@@ -57,7 +57,10 @@ async def test_the_first_event_is_session_created_and_every_session_updated_is_t
     assert updated["session"]["output_modalities"] == ["text"]  # the answer to the client's own update
 
 
-async def test_an_agents_sdk_update_keeps_everything_but_the_locked_fields() -> None:
+async def test_an_agents_sdk_update_keeps_everything_but_the_locked_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     update = {"type": "session.update", "session": {
         "type": "realtime", "instructions": "Be a pirate.",
         "tools": [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
@@ -82,6 +85,9 @@ async def test_an_agents_sdk_update_keeps_everything_but_the_locked_fields() -> 
     assert session["audio"]["output"]["voice"] == "cedar"
     for field in ("instructions", "tools"):
         assert f'relay_policy_fields_total{{action="dropped",field="{field}"}} 1.0' in metrics
+    (line,) = [r for r in caplog.records if r.getMessage() == "policy dropped client fields"]
+    assert line.fields["fields"] == "instructions,tools"  # type: ignore[attr-defined]
+    assert "pirate" not in str(line.__dict__)  # names, never values
 
 
 async def test_the_duplicate_type_bypass_leaves_the_locked_field_as_the_relay_set_it() -> None:
