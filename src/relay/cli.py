@@ -149,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     try:
         if args.command == "serve":
+            from .server.signals import catch_early, ignore
+
+            catch_early()  # a stop signal from here on drains and exits 0
             config = _config_from(args, environ)
             configure_logging(
                 config.log_format,
@@ -167,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .server.app import create_app
 
             trio.run(_serve, config, create_app(config))
+            ignore()
         elif args.command == "usage":
             overrides = {"store": args.store} if args.store else {}
             config = load_config(environ, overrides)
@@ -179,9 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
         elif args.command == "demo":
             from .server.demo import check_demo_host
+            from .server.signals import catch_early, ignore
+
+            catch_early()
 
             check_demo_host(args.host, args.allow_anonymous)
             trio.run(_demo, args.host, args.port, args.allow_anonymous)
+            ignore()
         elif args.command == "talk":
             from .clients.talk import run as run_talk
 
