@@ -197,9 +197,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # the relay's start-up failed: say why, in one line
+        from hypercorn.utils import LifespanFailureError
+
+        failed, rest = group.split(LifespanFailureError)
+        if failed is None or rest is not None:
+            raise
+        for exc in _leaves(failed):
+            print(f"relay: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
 
 
 async def _serve(config: RelayConfig, app: RelayApp) -> None:

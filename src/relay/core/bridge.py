@@ -62,6 +62,8 @@ class Cause(Enum):
     SESSION_EXPIRED = "session_expired"
     OVERLOADED = "overloaded"
     IDLE_TIMEOUT = "idle_timeout"
+    TOO_FAST = "too_fast"
+    INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,7 +544,38 @@ class Bridge:
             error=error_event(
                 "relay_overloaded",
                 "The relay has more live audio than it can forward without delay, and this"
-                " session was among the newest. Reconnect shortly (another instance may take it).",
+                " session was among those sending or receiving the most. Reconnect shortly"
+                " (another instance may take it).",
+                kind="server_error",
+            ),
+        )
+
+    def too_fast(self, rate: float) -> Ending | None:
+        """The client sent faster than ``rate`` bytes a second, beyond its burst: close 4009."""
+        return self._end(
+            Cause.TOO_FAST,
+            client=(Code.TOO_FAST, "sending faster than the relay's rate limit"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="client too fast",
+            error=error_event(
+                "relay_rate_limited",
+                f"You sent faster than this relay accepts from one session ({rate:g} bytes a"
+                " second, RELAY_CLIENT_MAX_RATE, about ten times real-time audio, after a"
+                " burst), so the session was closed. Send audio at the pace it is recorded.",
+            ),
+        )
+
+    def internal_error(self) -> Ending | None:
+        """A bug in the relay ended this pair (the shell logs it): close 1011."""
+        return self._end(
+            Cause.INTERNAL_ERROR,
+            client=(Code.INTERNAL_ERROR, "relay internal error"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="relay internal error",
+            error=error_event(
+                "relay_internal_error",
+                "The relay hit an internal error in this session and closed it. Reconnect to"
+                " start a new session; the relay's operator has the details in its log.",
                 kind="server_error",
             ),
         )

@@ -161,6 +161,21 @@ class RelayMetrics:
             ["status"],
             registry=self.registry,
         )
+        # (livemin: with several workers, 0 if any live one runs without it)
+        self._pump = Gauge(
+            "relay_pump_active",
+            "1 while the pump relays plain-socket sessions (RELAY_PUMP), 0 where they relay"
+            " through their own tasks (off, or the pump could not run: see the log).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self._takeover = Gauge(
+            "relay_takeover_active",
+            "1 while WebSockets are taken over from Hypercorn, 0 where they go through plain"
+            " ASGI messages (Hypercorn's insides moved: see the log).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
 
     def live_traffic(self) -> Iterable[Traffic]:
         """The counters of the sessions running now."""
@@ -240,6 +255,11 @@ class RelayMetrics:
     def voice_latency(self, seconds: float) -> None:
         """A spoken turn was answered: see :class:`VoiceClock`."""
         self._voice.observe(seconds)
+
+    def fast_paths(self, *, pump: bool, takeover: bool) -> None:
+        """Which of the relay's fast paths run in this process now."""
+        self._pump.set(int(pump))
+        self._takeover.set(int(takeover))
 
     def refused(self, status: int) -> None:
         """A WebSocket handshake was answered with this HTTP status instead of 101."""

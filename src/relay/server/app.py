@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from ..config import ConfigError, RelayConfig, load_config
-from ..core.bridge import Bridge, Limits
+from ..core.bridge import Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
@@ -31,11 +31,11 @@ from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
 from ..usage.mint import Minter
 from ..usage.store import open_store
 from ..wire import takeover
-from ..wire.pump import Pump
+from ..wire.pump import Pump, prove
 from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
-from .asgi import Receive, Scope, Send, deny, header, query_param
+from .asgi import Receive, Scope, Send, deny, header, offers_deflate, query_param
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
@@ -74,7 +74,7 @@ class RelayApp:
                 " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
                 " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
-        #: Live pairs, oldest first (load shedding closes the newest).
+        #: Live pairs, oldest first (load shedding closes the costliest, newest first among equals).
         self.pairs: dict[Pair, None] = {}
         self.guard = LoadGuard(
             Thresholds(
@@ -95,8 +95,13 @@ class RelayApp:
         self.started = trio.Event()
         self.minter = Minter(config)
         self.metrics = RelayMetrics()
-        #: Moves plain-socket sessions' messages (relay.wire.pump) while the lifespan runs.
+        #: Moves plain-socket sessions' messages (relay.wire.pump) while the lifespan runs, once
+        #: it has proved it works here (RELAY_PUMP); else None, and pairs relay by their tasks.
         self.pump: Pump | None = None
+        #: Whether WebSockets are taken over from Hypercorn (relay.wire.takeover): not where a
+        #: name it relies on is missing, which takeover.install has said (a warning).
+        self.taking_over = not takeover.problems()
+        self.metrics.fast_paths(pump=False, takeover=self.taking_over)
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
 
@@ -215,7 +220,10 @@ class RelayApp:
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
-        taken = await takeover.take_over(send, subprotocol)
+        taken = None
+        if self.taking_over and not (self.config.permessage_deflate and offers_deflate(scope)):
+            # (deflate: Hypercorn negotiates it and inflates; the relay's framer does not)
+            taken = await takeover.take_over(send, subprotocol)
         client: AsgiClient | SocketClient
         if taken is None:
             client = await accept(send, receive, offered, self.config.send_timeout)
@@ -250,6 +258,7 @@ class RelayApp:
             on_voice_latency=self.metrics.voice_latency,
             on_upstream_opened=self.metrics.upstream_opened,
             pump=self.pump,
+            max_rate=self.config.client_max_rate,
         )
         self.pairs[pair] = None
         if self._no_pairs.is_set():
@@ -264,7 +273,9 @@ class RelayApp:
         ending = None
         try:
             ending = await pair.run()
-            if ending.client_code is not None:
+            if ending.client_code is not None and ending.cause is not Cause.TOO_FAST:
+                # (a client over its rate limit gets its close frame, not more of the relay's
+                # time: reading it to its close reply would read on whatever it still floods)
                 await client.wait_closed(self.config.close_timeout)
         finally:
             if release is not None:
@@ -298,34 +309,31 @@ class RelayApp:
             )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        """Open the usage store and watch the load for the app's lifetime (the lifespan task
-        outlives every session)."""
+        """Open the usage store, start the pump and watch the load for the app's lifetime (the
+        lifespan task outlives every session)."""
         async with trio.open_nursery() as nursery:
             if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
                 nursery.start_soon(watch_load, self)
-            self.pump = Pump(busy_poll=self.config.busy_poll)
-            nursery.start_soon(self.pump.run)
             try:
-                await self._lifespan_events(receive, send)
+                await self._lifespan_events(receive, send, nursery)
             finally:
                 self.pump = None
                 nursery.cancel_scope.cancel()
 
-    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
+    async def _lifespan_events(
+        self, receive: Receive, send: Send, nursery: trio.Nursery
+    ) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    store = await open_store(self.config.store)
-                except Exception as exc:  # any failure to open the store fails start-up
-                    message_text = f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
-                    await send({"type": "lifespan.startup.failed", "message": message_text})
+                    failure = await self._start(nursery)
+                except Exception as exc:  # never "continuing without lifespan": say it, stop
+                    log.exception("start-up failed")
+                    failure = f"start-up failed: {exc!r}"
+                if failure is not None:
+                    await send({"type": "lifespan.startup.failed", "message": failure})
                     return
-                self.accounting = Accounting(
-                    store,
-                    max_sessions=self.config.max_sessions_per_user,
-                    daily_budget=self.config.daily_token_budget,
-                )
                 await send({"type": "lifespan.startup.complete"})
                 self.started.set()
             elif message["type"] == "lifespan.shutdown":
@@ -333,6 +341,40 @@ class RelayApp:
                     await self.accounting.store.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _start(self, nursery: trio.Nursery) -> str | None:
+        """Open the store and start the pump (RELAY_PUMP); return why the relay cannot start."""
+        try:
+            store = await open_store(self.config.store)
+        except Exception as exc:  # any failure to open the store fails start-up
+            return f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
+        self.accounting = Accounting(
+            store,
+            max_sessions=self.config.max_sessions_per_user,
+            daily_budget=self.config.daily_token_budget,
+        )
+        mode = self.config.pump
+        if mode == "off":
+            return None
+        pump = Pump(
+            busy_poll=self.config.busy_poll,
+            on_stop=lambda: self.metrics.fast_paths(pump=False, takeover=self.taking_over),
+        )
+        await nursery.start(pump.run)
+        why = await prove(pump)
+        if why is None:
+            self.pump = pump
+            self.metrics.fast_paths(pump=True, takeover=self.taking_over)
+            return None
+        pump.stop()
+        if mode == "on":
+            return f"RELAY_PUMP=on, but the pump cannot run here: {why}"
+        log.warning(
+            "the pump is off (%s): sessions are relayed by their own tasks, which costs more"
+            " CPU per message; set RELAY_PUMP=off to silence this",
+            why,
+        )
+        return None
 
     def hurry_drain(self) -> None:
         """Cut the drain's grace time short: close the remaining sessions now."""

@@ -3,12 +3,14 @@
 Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
 it would use a real one. The demo takes anyone without a token, so it listens on
-loopback only unless told otherwise (``--allow-anonymous``).
+loopback only unless told otherwise (``--allow-anonymous``). Of the settings it reads
+only ``RELAY_PUMP`` from the environment (to compare the relay with the pump off).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,7 +67,7 @@ async def run_demo(
     async with trio.open_nursery() as nursery:
         mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
         config = load_config(
-            {},
+            {name: value for name, value in os.environ.items() if name == "RELAY_PUMP"},
             {
                 "openai_api_key": key,
                 "upstream_url": mock.url,

@@ -35,8 +35,9 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from ..core.bridge import Bridge, Ending, Message, Reply
 from ..core.deadlines import Deadlines, Due
+from ..core.ratelimit import InboundRate
 from ..ops.metrics import VoiceClock
-from ..wire.pump import READ, Leg, Pump
+from ..wire.pump import READ, Leg, Pump, log_safely
 from ..wire.upstream import Upstream
 from ..wire.websocket import PART, HandshakeFailed, WebSocket
 
@@ -103,6 +104,7 @@ class Pair:
         "_up_leg",
         "_clock",
         "_voice",
+        "_rate",
         "last_activity",
     )
 
@@ -122,6 +124,7 @@ class Pair:
         on_voice_latency: Callable[[float], None] | None = None,
         on_upstream_opened: Callable[[float, int], None] | None = None,
         pump: Pump | None = None,
+        max_rate: float = 0.0,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -147,6 +150,7 @@ class Pair:
         self._voice = VoiceClock(self._clock.current_time) if on_voice_latency is not None else None
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = self._clock.current_time()
+        self._rate = InboundRate(max_rate, self.last_activity) if max_rate else None
 
     async def run(self) -> Ending:
         """Relay until either side ends; return how the pair ended."""
@@ -186,8 +190,12 @@ class Pair:
             await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
     def _client_step(self, data: Message) -> Message | Reply | Ending | None:
-        """One client message through the bridge (the task's and the pump's step)."""
-        self.last_activity = self._clock.current_time()
+        """One client message through the rate limit and the bridge (the task's and the
+        pump's step: see the rules for steps in :mod:`relay.core.bridge`)."""
+        now = self.last_activity = self._clock.current_time()
+        rate = self._rate
+        if rate is not None and not rate.take(len(data), now):
+            return self.bridge.too_fast(rate.rate)
         return self.bridge.client_message(data)
 
     async def _client_task(self) -> None:
@@ -203,13 +211,21 @@ class Pair:
         step = self._client_step
         while True:
             leg = self._up_leg
-            out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            try:
+                out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            except Exception:  # a bug, in the step the pump ran or in the pump
+                out = _failed(bridge)
             if out is READ:
                 data = await receive()
                 if data is None:
                     await self._finish(bridge.client_closed())
                     return
-                out = step(data)
+                try:
+                    out = step(data)
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # (they end the run, as Trio delivers them)
+                except BaseException:  # a bug in the step (which awaits nothing: no Cancelled)
+                    out = _failed(bridge)
             if out is None:
                 continue
             if out.__class__ is str or out.__class__ is bytes or out is PART:
@@ -293,13 +309,17 @@ class Pair:
             self._flushed.set()
 
     def _upstream_step(self, data: Message) -> Message | Reply | None:
-        """One upstream message through the bridge (the task's and the pump's step)."""
+        """One upstream message through the bridge (the task's and the pump's step: see the
+        rules for steps in :mod:`relay.core.bridge`)."""
         self.last_activity = self._clock.current_time()
         voice = self._voice
         if voice is not None and data.__class__ is str:
-            latency = voice.upstream_event(data)  # type: ignore[arg-type]
-            if latency is not None:
-                self._on_voice_latency(latency)  # type: ignore[misc]
+            try:
+                latency = voice.upstream_event(data)  # type: ignore[arg-type]
+                if latency is not None:
+                    self._on_voice_latency(latency)  # type: ignore[misc]
+            except Exception:  # a metric must never end a session
+                log_safely("timing a voice turn failed; the session goes on")
         return self.bridge.upstream_message(data)
 
     async def _upstream_to_client(self, upstream: WebSocket, leg: Leg | None) -> None:
@@ -308,7 +328,10 @@ class Pair:
         client = self.client
         step = self._upstream_step
         while True:
-            out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            try:
+                out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            except Exception:  # a bug, in the step the pump ran or in the pump
+                out = _failed(bridge)
             if out is READ:
                 try:
                     data = await get_message()
@@ -317,9 +340,17 @@ class Pair:
                     code, text = (reason.code, reason.reason) if reason else (1006, None)
                     await self._finish(bridge.upstream_closed(code, text))
                     return
-                out = step(data)
+                try:
+                    out = step(data)
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # (they end the run, as Trio delivers them)
+                except BaseException:  # a bug in the step (which awaits nothing: no Cancelled)
+                    out = _failed(bridge)
             if out is None:
                 continue
+            if out.__class__ is Ending:
+                await self._finish(out)  # type: ignore[arg-type]
+                return
             try:
                 if out is PART:
                     await client.websocket.finish_send()  # type: ignore[union-attr]
@@ -421,6 +452,13 @@ class Pair:
             with contextlib.suppress(ConnectionClosed):
                 await upstream.send_message(ending.upstream_last)
         await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)  # type: ignore[arg-type]
+
+
+def _failed(bridge: Bridge) -> Ending | None:
+    """A bug ended the pair (called while its exception is handled): logged, and the pair's
+    ending (1011, ``relay_internal_error``); only this pair is affected."""
+    log_safely("a bug ended a session: closing it with 1011 (relay_internal_error)")
+    return bridge.internal_error()
 
 
 def _describe(exc: BaseException) -> str:
