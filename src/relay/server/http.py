@@ -107,6 +107,10 @@ async def _readyz(app: RelayApp, scope: Scope, send: Send) -> None:
             {"status": "overloaded", "cpu": round(app.guard.cpu, 2), "lag": round(app.guard.lag, 3)},
         )
         return
+    problem = await app.accounting.store.check()
+    if problem is not None:
+        await respond(send, 503, {"status": "store unavailable", "detail": problem})
+        return
     if query_param(scope, "upstream") in ("1", "true"):
         try:
             with trio.fail_after(READY_UPSTREAM_TIMEOUT):

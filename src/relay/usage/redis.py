@@ -200,6 +200,10 @@ class RedisUsageStore:
         self._check_open()
         await self._client.zrem(self._slots_key(user), [session_id])
 
+    async def check(self) -> str | None:
+        """Nothing to look at beyond what each operation meets (an error it raises)."""
+        return None
+
     async def aclose(self) -> None:
         await self._host.stop()
 

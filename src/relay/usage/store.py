@@ -143,6 +143,10 @@ class UsageStore(Protocol):
         """Give the slot back (nothing happens if it is not held)."""
         ...
 
+    async def check(self) -> str | None:
+        """Why the store cannot record usage now, for readiness (None: it can)."""
+        ...
+
     async def aclose(self) -> None:
         """Close the store; closing twice is harmless, using it afterwards is an error."""
         ...
