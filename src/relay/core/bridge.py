@@ -17,6 +17,24 @@ While CONNECTING, client messages wait in a bounded queue. FLUSHING sends the
 configured ``session.update`` and then that queue, in order, while new client
 messages keep joining its tail, so nothing overtakes anything. In OPEN a client
 message is returned unchanged and goes straight upstream.
+
+**The rules of a step.** :meth:`Bridge.client_message` and :meth:`Bridge.upstream_message`
+(with the :mod:`relay.core.policy` screens they call, and the shell's per-message wrappers
+around them, ``Pair._client_step`` and ``Pair._upstream_step``) are *steps*: the pair's tasks
+run them, and so does the pump (:mod:`relay.wire.pump`), inside Trio's wait for I/O, where no
+task is running. So a step:
+
+* runs to its end without waiting: no ``await``, no I/O, no lock, no sleep, no thread;
+* uses no task context: no ``trio.current_task()``, no cancel scope, no ``trio.current_time()``
+  (the shell reads its clock and passes times in), no contextvars (the context is whichever
+  task ran last, or none);
+* does not raise: a message the relay refuses gets an answer (a :class:`Reply`, an
+  :class:`Ending`), never an exception. An exception is a bug: the pair is closed with 1011 and
+  ``relay_internal_error``, the traceback logged, and nothing else is touched (and a
+  KeyboardInterrupt or SystemExit ends the run, as anywhere);
+* calls nothing that may raise into it: metrics and logging from a step go through a guard
+  (``Pair._upstream_step`` and the voice latency histogram);
+* is cheap: it runs for every message, up to sixteen in a row per socket per wake-up.
 """
 
 from __future__ import annotations
