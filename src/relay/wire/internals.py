@@ -147,6 +147,8 @@ INTERNALS: tuple[Internal, ...] = (
         why="serves a worker on sockets its parent made",
     ),
     Internal(SERVE, "hypercorn.utils:wrap_app", params=("app", "wsgi_max_body_size", "mode")),
+    Internal(SERVE, "hypercorn.utils:repr_socket_addr", params=("family", "address")),
+    Internal(SERVE, "hypercorn.config:Sockets", why="the listening sockets a parent hands on"),
 )
 
 
