@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
+from .models import is_realtime_model
 from .sessionconfig import Dialect
-
-MODEL_PATTERNS: Final = ("gpt-realtime*", "gpt-4o*-realtime-preview*")
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,8 @@ class Handshake:
     api_key: str | None
     intent: str | None
     rejection: Rejection | None
+    call_id: str | None = None
+    """``?call_id=``: a sideband of that call (which then needs no model)."""
 
 
 def mask_key(key: str) -> str:
@@ -49,11 +48,6 @@ def mask_key(key: str) -> str:
     if len(key) < 8:
         return "…"
     return f"{key[:3]}…{key[-4:]}"
-
-
-def is_supported_model(model: str) -> bool:
-    """Realtime model names the real server accepts (GA and preview families)."""
-    return any(fnmatchcase(model, pattern) for pattern in MODEL_PATTERNS)
 
 
 def negotiate(
@@ -74,6 +68,7 @@ def negotiate(
     model = (query.get("model") or [""])[0]
     intents = query.get("intent")
     intent = intents[0] if intents else None
+    call_id = (query.get("call_id") or [None])[0]
     beta = "realtime=v1" in headers.get("openai-beta", "").replace(" ", "") or (
         "openai-beta.realtime-v1" in subprotocols
     )
@@ -105,14 +100,14 @@ def negotiate(
             "GA event and session shapes.",
             4000,
         )
-    elif not model and intent != "transcription":
+    elif not model and intent != "transcription" and call_id is None:
         rejection = Rejection(
             "missing_model",
             "You must provide a model parameter, e.g. wss://api.openai.com/v1/realtime"
             "?model=gpt-realtime.",
             4000,
         )
-    elif model and not is_supported_model(model):
+    elif model and not is_realtime_model(model):
         rejection = Rejection(
             "invalid_model",
             f'Model "{model}" is not supported in realtime mode. Use a realtime model such '
@@ -126,4 +121,5 @@ def negotiate(
         api_key=key,
         intent=intent,
         rejection=rejection,
+        call_id=call_id,
     )

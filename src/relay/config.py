@@ -6,13 +6,14 @@ environment variables, then command-line flags. A bad value stops start-up with
 a :class:`ConfigError` that names the setting and says what was expected.
 
 The table :data:`SETTINGS` is the single source for the environment variable
-names, the CLI flags and the README's configuration table.
+names, the CLI flags and docs/configuration.md (``uv run python tools/configuration_md.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .core.policy import Policy
+from .core.pricing import PriceTable
 from .usage.auth import parse_api_keys
+from .usage.sip import Callers
+from .usage.webhooks import secret_key
 
 MiB = 1024 * 1024
 
@@ -48,6 +52,11 @@ DEFAULT_SESSION: dict[str, Any] = {
 }
 
 
+#: ``relay demo``'s Twilio auth token: known to ``relay call``, so a call through the demo needs
+#: no flag. The demo serves loopback only (and anyone at all with --allow-anonymous).
+DEMO_TWILIO_AUTH_TOKEN = "relay-demo-twilio-auth-token"
+
+
 class ConfigError(Exception):
     """A setting has a value the relay cannot run with; the message says which and why."""
 
@@ -62,14 +71,36 @@ class Setting:
     secret: bool = False
 
     is_flag: bool = False  # a boolean: its CLI flag takes no value
+    kind: str = "str"  # the field's type, as written in RelayConfig
+    default: Any = None
+    shown: str | None = None  # how the default reads where its value would mislead
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def shown_default(self) -> str:
+        """The default as the docs and ``--help`` show it (Markdown: values in backticks)."""
+        if self.shown is not None:
+            return self.shown
+        value = self.default
+        if value is None:
+            return "(unset)"
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        if isinstance(value, float):
+            return f"`{value:g}`"
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        return f"`{value}`" if value != "" else "(none)"
 
-def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "secret": secret})
+
+def _setting(
+    default: Any, env: str, help: str, *, secret: bool = False, shown: str | None = None
+) -> Any:
+    return field(
+        default=default, metadata={"env": env, "help": help, "secret": secret, "shown": shown}
+    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +114,7 @@ class RelayConfig:
             "env": "OPENAI_API_KEY",
             "help": "Key the relay uses upstream. Never sent to clients or logged.",
             "secret": True,
+            "shown": "(required for `serve`)",
         },
     )
     jwt_secret: str = field(
@@ -90,7 +122,7 @@ class RelayConfig:
         repr=False,
         metadata={
             "env": "RELAY_JWT_SECRET",
-            "help": "Shared secret of client JWTs (HS256). Environment only.",
+            "help": "Shared secret of client JWTs (HS256), at least 32 bytes. Environment only.",
             "secret": True,
         },
     )
@@ -109,11 +141,12 @@ class RelayConfig:
         "RELAY_ALLOWED_ORIGINS",
         "Comma-separated browser origins allowed to connect (empty: any). Non-browser"
         " clients send no Origin and are not affected.",
+        shown="(any)",
     )
     browser_refusals: str = _setting(
         "http",
         "RELAY_BROWSER_REFUSALS",
-        "How a refused browser (a request with an Origin header) is told: `http` (401/403/429,"
+        "How a refused browser (a request with an `Origin` header) is told: `http` (401/403/429,"
         " which a page sees only as close 1006) or `close` (accept, send an `error` event, close"
         " 4401/4403/4429 so the page can tell why).",
     )
@@ -124,10 +157,12 @@ class RelayConfig:
         " start with no client auth unless this is set.",
     )
     store: str = _setting(
-        "sqlite:///relay-usage.db",
+        "",
         "RELAY_STORE",
         "Usage and limits store: `sqlite:///PATH` (embedded) or `redis://HOST:PORT/DB` (shared"
-        " by many relay instances).",
+        " by many relay instances). Unset: `usage.db` in the state directory,"
+        " `$XDG_STATE_HOME/relay` or else `~/.local/state/relay`.",
+        shown="`usage.db` in the state directory",
     )
     max_sessions_per_user: int = _setting(
         0, "RELAY_MAX_SESSIONS_PER_USER", "Live sessions one user may hold across all instances (0: no cap)."
@@ -137,6 +172,13 @@ class RelayConfig:
         "RELAY_DAILY_TOKEN_BUDGET",
         "Tokens one user may use per UTC day, checked at admission and after each response"
         " (0: no budget).",
+    )
+    daily_budget_usd: float = _setting(
+        0.0,
+        "RELAY_DAILY_BUDGET_USD",
+        "Dollars one user may spend per UTC day, by the price table, checked at admission and"
+        " after each response (0: no budget). A JWT's `budget_usd` claim can lower it. Every"
+        " model a client may use needs a price.",
     )
     max_session_seconds: float = _setting(
         0.0,
@@ -167,6 +209,34 @@ class RelayConfig:
     mint_per_minute: int = _setting(
         10, "RELAY_MINT_PER_MINUTE", "Client keys one user may mint per minute (per instance)."
     )
+    openai_webhook_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_OPENAI_WEBHOOK_SECRET",
+            "help": "Signing secret (`whsec_…`) of the OpenAI project's webhook for"
+            " `realtime.call.incoming`: turns on `POST /webhooks/openai`, where SIP calls"
+            " arrive (unset: off). Environment only.",
+            "secret": True,
+        },
+    )
+    sip_callers: tuple[str, ...] = _setting(
+        (),
+        "RELAY_SIP_CALLERS",
+        "Comma-separated `user:hmac` entries: the phone numbers whose SIP calls are taken, and"
+        " whose each is (make them with `relay sip-caller USER NUMBER`). Other callers are"
+        " declined, or taken as `anonymous` with RELAY_ALLOW_ANONYMOUS.",
+    )
+    sip_caller_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_SIP_CALLER_KEY",
+            "help": "Key of the HMAC under which RELAY_SIP_CALLERS holds the numbers (at least"
+            " 16 bytes). Environment only.",
+            "secret": True,
+        },
+    )
     upstream_url: str = _setting(
         "wss://api.openai.com/v1/realtime",
         "RELAY_UPSTREAM_URL",
@@ -193,9 +263,9 @@ class RelayConfig:
         " the sessions; one per core.",
     )
     tls_cert: str = _setting(
-        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve https:// and wss://."
+        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve `https://` and `wss://`."
     )
-    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of RELAY_TLS_CERT.")
+    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of `RELAY_TLS_CERT`.")
     keep_alive_timeout: float = _setting(
         5.0, "RELAY_KEEP_ALIVE_TIMEOUT", "Seconds an idle HTTP keep-alive connection is kept."
     )
@@ -203,7 +273,7 @@ class RelayConfig:
         20.0,
         "RELAY_PING_INTERVAL",
         "Seconds between WebSocket pings on both legs, keeping proxies and NATs from timing"
-        " out an idle session (0: no pings).",
+        " out a quiet session (0: no pings).",
     )
     peer_timeout: float = _setting(
         45.0,
@@ -221,7 +291,7 @@ class RelayConfig:
         0.85,
         "RELAY_OVERLOAD_CPU",
         "Share of a core (0-1, smoothed over ~1 s) the relay process may use before new sessions"
-        " get HTTP 503 `relay_overloaded` and /readyz 503 (0: no limit).",
+        " get HTTP 503 `relay_overloaded` and `/readyz` 503 (0: no limit).",
     )
     overload_lag: float = _setting(
         0.1,
@@ -263,7 +333,8 @@ class RelayConfig:
         "RELAY_PUMP",
         "How sessions over plain sockets are relayed: `auto` (by the pump, where it proves at"
         " start-up that it works in this Trio; else by each session's own tasks, with a"
-        " warning), `on` (the pump, or start-up fails) or `off` (the sessions' own tasks).",
+        " warning), `on` (the pump, or start-up fails) or `off` (the sessions' own tasks)."
+        " `relay_pump_active` in /metrics says which runs.",
     )
     client_max_rate: int = _setting(
         700_000,
@@ -278,8 +349,49 @@ class RelayConfig:
         "On SIGTERM/SIGINT: seconds live sessions get to finish, after a `relay_draining`"
         " notice, before the rest are closed 1012.",
     )
+    records: str = _setting(
+        "",
+        "RELAY_RECORDS",
+        "Directory for call records: per session a JSON summary and a transcript, files mode"
+        " 0600 (empty: no records).",
+    )
+    records_audio: bool = _setting(
+        False,
+        "RELAY_RECORDS_AUDIO",
+        "Also record each call's audio as a stereo WAV (caller left, assistant right).",
+    )
+    records_retention_days: float = _setting(
+        30.0,
+        "RELAY_RECORDS_RETENTION_DAYS",
+        "Days call records are kept before the relay deletes them (0: kept for ever).",
+    )
+    records_webhook: str = _setting(
+        "",
+        "RELAY_RECORDS_WEBHOOK",
+        "URL that gets each call's summary and transcript as a signed JSON POST when the"
+        " session ends (works with or without RELAY_RECORDS).",
+    )
+    records_webhook_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_RECORDS_WEBHOOK_SECRET",
+            "help": "Key of the webhook's HMAC-SHA256 signature (`Relay-Signature` header)."
+            " Environment only.",
+            "secret": True,
+        },
+    )
+    otel_endpoint: str = _setting(
+        "",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP/HTTP endpoint for OpenTelemetry traces (a span per session and per turn), e.g."
+        " http://127.0.0.1:4318 (empty: no tracing, at no cost). OTEL_SERVICE_NAME names the"
+        " service (default relay).",
+    )
     log_format: str = _setting(
-        "auto", "RELAY_LOG_FORMAT", "`json` (one object per line), `text`, or `auto` (text on a terminal)."
+        "auto",
+        "RELAY_LOG_FORMAT",
+        "`json` (one object per line), `text`, or `auto` (text on a terminal, else JSON).",
     )
     log_level: str = _setting("info", "RELAY_LOG_LEVEL", "`debug`, `info`, `warning` or `error`.")
     instructions: str | None = _setting(
@@ -323,15 +435,78 @@ class RelayConfig:
         "RELAY_PERMESSAGE_DEFLATE",
         "Negotiate permessage-deflate with clients. Off: it costs 2-9x CPU on audio.",
     )
+    public_url: str = _setting(
+        "",
+        "RELAY_PUBLIC_URL",
+        "The relay's URL as the world reaches it (`https://relay.example.com`, with any path"
+        " prefix a proxy adds): the URL Twilio signs and the base of the stream URL it is sent"
+        " (unset: each request's own scheme and Host).",
+        shown="(each request's own)",
+    )
+    twilio_auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_TWILIO_AUTH_TOKEN",
+            "help": "Auth token of the Twilio account whose calls the relay takes: turns on"
+            " `POST /twilio/voice` and `/twilio` ([Phone calls](phone.md)). Environment only.",
+            "secret": True,
+            "shown": "(unset: off)",
+        },
+    )
+    twilio_dtmf: str = _setting(
+        "text",
+        "RELAY_TWILIO_DTMF",
+        "What a key a caller presses becomes: `text` (a user item saying which key, and a"
+        " response unless one is under way) or `off` (ignored).",
+    )
+    twilio_goodbye: str = _setting(
+        "The call is about to end because of a time or usage limit. In one short sentence,"
+        " tell the caller so and say goodbye.",
+        "RELAY_TWILIO_GOODBYE",
+        "Instructions for the model's last words when a limit (RELAY_MAX_SESSION_SECONDS, a daily"
+        " token budget) ends a call; the call ends once they have played (empty: no goodbye).",
+        shown="(a one-sentence goodbye)",
+    )
+    twilio_max_calls: int = _setting(
+        0,
+        "RELAY_TWILIO_MAX_CALLS",
+        "Live calls the phone line (usage user `twilio`) may hold across all instances (0: no"
+        " cap); each caller is also a user under RELAY_MAX_SESSIONS_PER_USER.",
+    )
+    twilio_daily_token_budget: int = _setting(
+        0,
+        "RELAY_TWILIO_DAILY_TOKEN_BUDGET",
+        "Tokens all calls together may use per UTC day (0: no budget); each caller also has"
+        " RELAY_DAILY_TOKEN_BUDGET.",
+    )
     policy: Policy = field(default_factory=Policy, metadata={"toml_only": True})
+    prices: PriceTable = field(default_factory=PriceTable, metadata={"toml_only": True})
     session: Mapping[str, Any] = field(
         default_factory=lambda: copy.deepcopy(DEFAULT_SESSION),
         metadata={"toml_only": True},
     )
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret setting's value (for the logs' redaction)."""
+        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
+
+    @property
     def allowed_models(self) -> frozenset[str]:
         return frozenset((*self.models, self.model))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret setting's value, for the logs to redact."""
+        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
+
+    def rest_url(self, endpoint: str) -> str:
+        """The Realtime API's REST ``endpoint`` (``calls``, ``client_secrets``) beside
+        RELAY_UPSTREAM_URL: ``wss://host/v1/realtime`` → ``https://host/v1/realtime/calls``."""
+        url = urlsplit(self.upstream_url)
+        scheme = "https" if url.scheme == "wss" else "http"
+        return f"{scheme}://{url.netloc}{url.path.rstrip('/')}/{endpoint}"
 
     def session_object(self) -> dict[str, Any]:
         """The GA session sent upstream first, with the env overrides applied."""
@@ -346,12 +521,38 @@ class RelayConfig:
 
 SETTINGS: tuple[Setting, ...] = tuple(
     Setting(
-        f.name, f.metadata["env"], f.metadata["help"], f.metadata.get("secret", False), f.type == "bool"
+        f.name,
+        f.metadata["env"],
+        f.metadata["help"],
+        secret=f.metadata.get("secret", False),
+        is_flag=f.type == "bool",
+        kind=str(f.type),
+        default=f.default,
+        shown=f.metadata.get("shown"),
     )
     for f in dataclasses.fields(RelayConfig)
     if "env" in f.metadata
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+#: The config file's tables other than [session], and what reads each.
+_TABLES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "policy": Policy.from_table,
+    "prices": PriceTable.from_table,
+}
+
+
+def state_dir(environ: Mapping[str, str]) -> Path:
+    """Where the relay keeps its state unless told otherwise (XDG base directories):
+    ``$XDG_STATE_HOME/relay``, else ``~/.local/state/relay``; never the working directory."""
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the spec says to ignore a relative one
+        base = os.path.join(environ.get("HOME") or str(Path.home()), ".local", "state")
+    return Path(base) / "relay"
+
+
+def default_store(environ: Mapping[str, str]) -> str:
+    """The RELAY_STORE used when none is set: an SQLite file in :func:`state_dir`."""
+    return f"sqlite:///{state_dir(environ) / 'usage.db'}"
 
 
 def _parse_bool(text: str) -> bool:
@@ -415,6 +616,8 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+    if not values.get("store"):
+        values["store"] = default_store(environ)
     config = RelayConfig(**values)
     _validate(config)
     # A client that may change session.model (it is locked by default) may pick only these.
@@ -436,11 +639,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
             session = copy.deepcopy(DEFAULT_SESSION)
             session.update(value)
             values["session"] = session
-        elif key == "policy":
+        elif key in _TABLES:
             if not isinstance(value, dict):
-                raise ConfigError(f"RELAY_CONFIG: [policy] in {path} must be a table")
+                raise ConfigError(f"RELAY_CONFIG: [{key}] in {path} must be a table")
             try:
-                values["policy"] = Policy.from_table(value)
+                values[key] = _TABLES[key](value)
             except ValueError as exc:
                 raise ConfigError(f"RELAY_CONFIG: {exc}") from None
         elif key in _FIELDS and "env" in _FIELDS[key].metadata:
@@ -453,7 +656,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         else:
             known = ", ".join(sorted(s.name for s in SETTINGS if not s.secret))
             raise ConfigError(
-                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session], [policy]"
+                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session], [policy],"
+                " [prices]"
             )
     return values
 
@@ -540,6 +744,31 @@ def _validate(config: RelayConfig) -> None:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0 (0 turns it off)")
     if config.max_sessions_per_user < 0 or config.daily_token_budget < 0:
         raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
+    if config.daily_budget_usd < 0 or config.records_retention_days < 0:
+        raise ConfigError("RELAY_DAILY_BUDGET_USD and RELAY_RECORDS_RETENTION_DAYS must be >= 0")
+    unpriced = sorted(m for m in config.allowed_models if m not in config.prices)
+    if config.daily_budget_usd and unpriced:
+        raise ConfigError(
+            f"RELAY_DAILY_BUDGET_USD needs a price for every model a client may use, and"
+            f" {', '.join(unpriced)} {'has' if len(unpriced) == 1 else 'have'} none. Add"
+            f" [prices.{unpriced[0]}] to RELAY_CONFIG (dollars per million tokens: input_text,"
+            " input_audio, cached_text, cached_audio, output_text, output_audio), or take the"
+            f" model out of RELAY_MODELS / RELAY_MODEL. Priced: {', '.join(sorted(config.prices))}."
+        )
+    for name in ("records_webhook", "otel_endpoint"):
+        url = getattr(config, name)
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            env = _FIELDS[name].metadata["env"]
+            raise ConfigError(f"{env} must be an http:// or https:// URL, got {url!r}")
+    if config.records_webhook and not config.records_webhook_secret:
+        raise ConfigError(
+            "RELAY_RECORDS_WEBHOOK needs RELAY_RECORDS_WEBHOOK_SECRET, the key its POSTs are"
+            " signed with (make one with `python -c 'import secrets;"
+            " print(secrets.token_urlsafe(32))'`), so the receiver can tell them from forgeries."
+        )
+    if config.records_audio and not (config.records):
+        raise ConfigError("RELAY_RECORDS_AUDIO needs RELAY_RECORDS, the directory the WAVs go to")
     if not config.store.startswith(("sqlite:///", "redis://")):
         raise ConfigError(
             f"RELAY_STORE must be sqlite:///PATH or redis://HOST:PORT/DB, got {config.store!r}"
@@ -548,6 +777,7 @@ def _validate(config: RelayConfig) -> None:
         parse_api_keys(config.api_keys)
     except ValueError as exc:
         raise ConfigError(f"RELAY_API_KEYS: {exc}") from None
+    _validate_calls(config)
     if config.jwt_secret and len(config.jwt_secret.encode()) < 32:
         raise ConfigError(
             "RELAY_JWT_SECRET must be at least 32 bytes (RFC 7518 §3.2); make one with"
@@ -558,5 +788,36 @@ def _validate(config: RelayConfig) -> None:
             "RELAY_JWT_PUBLIC_KEY must hold a PEM public key (-----BEGIN PUBLIC KEY-----…);"
             " to read it from a file use RELAY_JWT_PUBLIC_KEY=\"$(cat key.pem)\""
         )
+    if config.twilio_dtmf not in ("off", "text"):
+        raise ConfigError(f"RELAY_TWILIO_DTMF must be 'off' or 'text', got {config.twilio_dtmf!r}")
+    if config.twilio_max_calls < 0 or config.twilio_daily_token_budget < 0:
+        raise ConfigError("RELAY_TWILIO_MAX_CALLS and RELAY_TWILIO_DAILY_TOKEN_BUDGET must be >= 0")
+    public = urlsplit(config.public_url)
+    if config.public_url and (
+        public.scheme not in ("http", "https") or not public.hostname or public.query
+    ):
+        raise ConfigError(
+            "RELAY_PUBLIC_URL must be an http:// or https:// URL without a query, such as"
+            f" https://relay.example.com, got {config.public_url!r}"
+        )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")
+
+
+def _validate_calls(config: RelayConfig) -> None:
+    """The SIP settings: a webhook secret that is one, and callers with their key."""
+    if config.openai_webhook_secret:
+        try:
+            secret_key(config.openai_webhook_secret)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_OPENAI_WEBHOOK_SECRET: {exc}") from None
+    if config.sip_callers:
+        if len(config.sip_caller_key.encode()) < 16:
+            raise ConfigError(
+                "RELAY_SIP_CALLERS needs RELAY_SIP_CALLER_KEY (at least 16 bytes), the key its"
+                " entries were made with"
+            )
+        try:
+            Callers(config.sip_caller_key, config.sip_callers)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_SIP_CALLERS: {exc}") from None

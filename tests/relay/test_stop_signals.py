@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -19,10 +20,10 @@ TRIES = 4
 TIMEOUT = 30
 
 
-async def _serve_then_stop(workers: int) -> int:
+async def _serve_then_stop(workers: int, upstream: str) -> int:
     command = [
         sys.executable, "-m", "relay", "serve", "--allow-anonymous", "--port", "0",
-        "--store", "sqlite:///:memory:", "--workers", str(workers),
+        "--store", "sqlite:///:memory:", "--workers", str(workers), "--upstream-url", upstream,
     ]  # fmt: skip
     env = dict(os.environ, OPENAI_API_KEY="sk-test-stop-signals", RELAY_LOG_FORMAT="json")
     async with trio.open_nursery() as nursery:
@@ -59,6 +60,8 @@ async def _serve_then_stop(workers: int) -> int:
 
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_an_idle_relay_exits_0_on_sigterm_to_its_process_group(workers: int) -> None:
-    with trio.fail_after(TIMEOUT * TRIES):
-        statuses = [await _serve_then_stop(workers) for _ in range(TRIES)]
+    with socket.create_server(("127.0.0.1", 0)) as upstream:  # (relay serve checks it is there)
+        url = f"ws://127.0.0.1:{upstream.getsockname()[1]}/v1/realtime"
+        with trio.fail_after(TIMEOUT * TRIES):
+            statuses = [await _serve_then_stop(workers, url) for _ in range(TRIES)]
     assert statuses == [0] * TRIES

@@ -2,11 +2,11 @@
 and the app's own (lifespan, drain).
 
 Routes: WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at the
-relay work), with ``?model=`` checked against the allow-list; plain HTTP goes to
-:mod:`relay.server.http`. A WebSocket is admitted in steps: the worker's own state
-(draining, overloaded, full), the client's identity (:mod:`relay.usage.auth`), the session's
-request (:mod:`relay.server.admission`), the user's limits (:mod:`relay.usage.accounting`);
-then its :class:`~relay.server.pair.Pair` runs to its end.
+relay work), with ``?model=`` checked against the allow-list, and ``/twilio`` for phone calls
+(:mod:`relay.server.phone`); plain HTTP goes to :mod:`relay.server.http`. A WebSocket is
+admitted in steps: the worker's own state (draining, overloaded, full), the client's identity
+(:mod:`relay.usage.auth`), the session's request (:mod:`relay.server.admission`), the user's
+limits (:mod:`relay.usage.accounting`); then its :class:`~relay.server.pair.Pair` runs to its end.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from functools import partial
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,20 +26,29 @@ from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
+from ..ops.records import DRAIN_SECONDS, Recorder
 from ..usage.accounting import Accounting
 from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
 from ..usage.mint import Minter
+from ..usage.sip import Callers
 from ..usage.store import open_store
+from ..usage.webhooks import secret_key
 from ..wire import takeover
 from ..wire.pump import Pump, prove
 from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
 from .asgi import Receive, Scope, Send, deny, header, offers_deflate, query_param
+from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
-from .pair import Pair
+from .pair import ClientSide, Pair
+from .phone import TWILIO_PATH, PhoneLine
+from .sideband import Calls
+
+if TYPE_CHECKING:
+    from ..ops.tracing import Tracer
 
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
 #: Seconds the usage store may take to admit a session before the handshake gets 503.
@@ -53,7 +62,9 @@ class RelayApp:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.websocket_paths = WEBSOCKET_PATHS
+        #: Phone calls through Twilio (POST /twilio/voice and /twilio), when configured.
+        self.phone = PhoneLine(self) if config.twilio_auth_token else None
+        self.websocket_paths = WEBSOCKET_PATHS | ({TWILIO_PATH} if self.phone else set())
         self.dialer = UpstreamDialer(config)
         self.limits = Limits(
             queue_messages=config.queue_messages,
@@ -68,11 +79,12 @@ class RelayApp:
             allowed_origins=config.allowed_origins,
             anonymous=config.allow_anonymous,
         )
-        if not self.auth.configured and not config.allow_anonymous:
+        if not self.auth.configured and not config.allow_anonymous and not config.sip_callers:
             raise ConfigError(
                 "no client authentication is configured, so anyone who finds this relay could"
                 " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
-                " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
+                " or RELAY_JWT_PUBLIC_KEY (or, for phones only, RELAY_SIP_CALLERS), or pass"
+                " --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
         #: Live pairs, oldest first (load shedding closes the costliest, newest first among equals).
         self.pairs: dict[Pair, None] = {}
@@ -101,9 +113,27 @@ class RelayApp:
         #: Whether WebSockets are taken over from Hypercorn (relay.wire.takeover): not where a
         #: name it relies on is missing, which takeover.install has said (a warning).
         self.taking_over = not takeover.problems()
-        self.metrics.fast_paths(pump=False, takeover=self.taking_over)
+        self.metrics.takeover(self.taking_over)
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
+        #: Call records (RELAY_RECORDS, RELAY_RECORDS_WEBHOOK), written while the lifespan runs.
+        self.recorder: Recorder | None = None
+        if config.records or config.records_webhook:
+            self.recorder = Recorder(
+                directory=config.records,
+                audio=config.records_audio,
+                retention_days=config.records_retention_days,
+                webhook=config.records_webhook,
+                secret=config.records_webhook_secret,
+            )
+        #: Spans of sessions and turns (OTEL_EXPORTER_OTLP_ENDPOINT); set when the lifespan starts.
+        self.tracer: Tracer | None = None
+        #: WebRTC and SIP calls, watched from their sidebands (relay.server.sideband).
+        self.calls = Calls(self)
+        self.callers = Callers(config.sip_caller_key, config.sip_callers)
+        self.webhook_key = (
+            secret_key(config.openai_webhook_secret) if config.openai_webhook_secret else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -143,7 +173,10 @@ class RelayApp:
             return
         self._handshakes += 1
         try:
-            await self._admitted(scope, receive, send)
+            if path == TWILIO_PATH:
+                await self.phone.admitted(scope, receive, send)  # type: ignore[union-attr]
+            else:
+                await self._admitted(scope, receive, send)
         finally:
             self._handshakes -= 1
 
@@ -182,26 +215,18 @@ class RelayApp:
             log.error("usage store unavailable at admission: %r", exc)
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
-        started = trio.current_time()
+        model = query_param(scope, "model") or self.config.model
         bridge = Bridge(
             session_update=self.session_update,
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
-            policy=self.config.policy.for_session(
-                query_param(scope, "model") or self.config.model, identity.model
-            ),
+            policy=self.config.policy.for_session(model, identity.model),
         )
-        try:
-            if accounting.holds_leases:
-                async with trio.open_nursery() as lease:
-                    lease.start_soon(accounting.keep_lease, identity, session_id)
-                    await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
-                    lease.cancel_scope.cancel()
-            else:  # no nursery: every idle session's memory counts
-                await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
-        finally:
-            await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
+        async with accounting.held(identity, session_id, bridge.traffic):
+            await self._session(
+                send, receive, offered, identity, session_id, bridge, model, offers_deflate(scope)
+            )
 
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
         self.metrics.refused(status)
@@ -209,57 +234,108 @@ class RelayApp:
 
     async def _session(
         self,
-        scope: Scope,
-        receive: Receive,
         send: Send,
+        receive: Receive,
         offered: Any,
         identity: Identity,
         session_id: str,
         bridge: Bridge,
-        accounting: Accounting,
+        model: str,
+        deflate_offered: bool,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
-        taken = None
-        if self.taking_over and not (self.config.permessage_deflate and offers_deflate(scope)):
-            # (deflate: Hypercorn negotiates it and inflates; the relay's framer does not)
-            taken = await takeover.take_over(send, subprotocol)
-        client: AsgiClient | SocketClient
-        if taken is None:
-            client = await accept(send, receive, offered, self.config.send_timeout)
-            release = None
-        else:
-            stream, release = taken
-            ws = WebSocket(
-                stream,
-                client=False,
-                max_message_bytes=client_frame_limit(self.config.max_message_bytes),
-                subprotocol=subprotocol,
-            )
-            ws.send_timeout = self.config.send_timeout
-            client = SocketClient(ws)
-        model = query_param(scope, "model") or self.config.model
-        pair = Pair(
+        client, release = await self.open_client(
+            send, receive, subprotocol, deflate_offered=deflate_offered
+        )
+        call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
+        pair = self.new_pair(
             client,
             bridge,
-            self.dialer.target(model),
+            call,
+            max_seconds=admission.tightest(
+                self.config.max_session_seconds, identity.max_session_seconds
+            ),
+        )
+        try:
+            await self.run_pair(pair, call)
+        finally:
+            if release is not None:
+                release()  # Hypercorn closes the connection
+
+    async def open_client(
+        self,
+        send: Send,
+        receive: Receive,
+        subprotocol: str | None,
+        *,
+        deflate_offered: bool = False,
+    ) -> tuple[AsgiClient | SocketClient, Callable[[], None] | None]:
+        """Accept a WebSocket: take its socket from Hypercorn where it can (then the release,
+        which gives the connection back for Hypercorn to close), else over ASGI (and None).
+
+        Not where the take-over is off (a Hypercorn name it relies on is missing), nor for a
+        client that offered permessage-deflate when RELAY_PERMESSAGE_DEFLATE lets Hypercorn
+        accept it: Hypercorn inflates, the relay's own framer does not.
+        """
+        taken = None
+        if self.taking_over and not (self.config.permessage_deflate and deflate_offered):
+            taken = await takeover.take_over(send, subprotocol)
+        if taken is None:
+            offered = (subprotocol,) if subprotocol else ()
+            return await accept(send, receive, offered, self.config.send_timeout), None
+        stream, release = taken
+        ws = WebSocket(
+            stream,
+            client=False,
+            max_message_bytes=client_frame_limit(self.config.max_message_bytes),
+            subprotocol=subprotocol,
+        )
+        ws.send_timeout = self.config.send_timeout
+        return SocketClient(ws), release
+
+    def new_pair(
+        self,
+        client: ClientSide,
+        bridge: Bridge,
+        call: Call,
+        *,
+        max_seconds: float,
+        lead: float | None = None,
+        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[str | None]] | None = None,
+    ) -> Pair:
+        """The pair of an admitted session (``call``) that may last ``max_seconds``, warned
+        ``lead`` seconds before (RELAY_LIMIT_WARNING_SECONDS unless said); its finished
+        responses go to ``on_responses_done``, the call's own unless said."""
+        return Pair(
+            client,
+            bridge,
+            self.dialer.target(call.model),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
-            on_responses_done=partial(accounting.record_responses, identity),
+            on_responses_done=on_responses_done or call.responses_done,
             deadlines=Deadlines(
                 trio.current_time(),
-                max_seconds=admission.tightest(self.config.max_session_seconds, identity.max_session_seconds),
+                max_seconds=max_seconds,
                 idle_seconds=self.config.idle_timeout,
-                lead=self.config.limit_warning_seconds,
+                lead=self.config.limit_warning_seconds if lead is None else lead,
             ),
             ping_interval=self.config.ping_interval,
             peer_timeout=self.config.peer_timeout,
             on_voice_latency=self.metrics.voice_latency,
-            on_upstream_opened=self.metrics.upstream_opened,
+            on_upstream_opened=call.upstream_opened,
             pump=self.pump,
             max_rate=self.config.client_max_rate,
+            tap=call.log,
+            tap_client=call.records_client,
         )
+
+    async def run_pair(self, pair: Pair, call: Call) -> None:
+        """Run a pair to its end as one of this relay's sessions: counted (drain, shedding,
+        metrics), logged, and its call ended (record, trace)."""
+        bridge, client = pair.bridge, pair.client
+        identity, session_id, model = call.identity, call.session_id, call.model
         self.pairs[pair] = None
         if self._no_pairs.is_set():
             self._no_pairs = trio.Event()
@@ -276,10 +352,8 @@ class RelayApp:
             if ending.client_code is not None and ending.cause is not Cause.TOO_FAST:
                 # (a client over its rate limit gets its close frame, not more of the relay's
                 # time: reading it to its close reply would read on whatever it still floods)
-                await client.wait_closed(self.config.close_timeout)
+                await client.wait_closed(self.config.close_timeout)  # type: ignore[attr-defined]
         finally:
-            if release is not None:
-                release()  # Hypercorn closes the connection
             self.pairs.pop(pair, None)
             if not self.pairs:
                 self._no_pairs.set()
@@ -288,6 +362,7 @@ class RelayApp:
                 ending.cause if ending else "error",
                 ending.client_code if ending else None,
             )
+            call.ended(ending, pumped=pair.pumped, responses=bridge.responses_seen)
             traffic = bridge.traffic
             log.info(
                 "session ended",
@@ -314,14 +389,43 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
                 nursery.start_soon(watch_load, self)
+            self.metrics.fast_path = lambda: (
+                (pump.running, pump.watching) if (pump := self.pump) is not None else (False, 0)
+            )
+            recorded = trio.Event()
+            if self.recorder is not None:
+                nursery.start_soon(self._record, recorded)
+            if self.config.otel_endpoint and self.tracer is None:
+                nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
+            self.calls.nursery = nursery  # a call's sideband outlives the request that made it
             try:
-                await self._lifespan_events(receive, send, nursery)
+                await self._lifespan_events(receive, send, nursery, recorded)
             finally:
                 self.pump = None
+                self.calls.nursery = None
                 nursery.cancel_scope.cancel()
 
+    async def _start_tracing(self, endpoint: str) -> None:
+        """Load OpenTelemetry beside start-up rather than before it: its OTLP exporter (with
+        protobuf) takes a few hundred ms to import, which readiness need not wait for; sessions
+        that start meanwhile are not traced."""
+
+        def load() -> Tracer:
+            from ..ops.tracing import Tracer
+
+            return Tracer.to_endpoint(endpoint)
+
+        self.tracer = await trio.to_thread.run_sync(load)
+
+    async def _record(self, done: trio.Event) -> None:
+        assert self.recorder is not None
+        try:
+            await self.recorder.run()
+        finally:
+            done.set()
+
     async def _lifespan_events(
-        self, receive: Receive, send: Send, nursery: trio.Nursery
+        self, receive: Receive, send: Send, nursery: trio.Nursery, recorded: trio.Event
     ) -> None:
         while True:
             message = await receive()
@@ -339,6 +443,12 @@ class RelayApp:
             elif message["type"] == "lifespan.shutdown":
                 if self.accounting is not None:
                     await self.accounting.store.aclose()
+                if self.recorder is not None:  # what is queued gets a bounded time
+                    self.recorder.close()
+                    with trio.move_on_after(DRAIN_SECONDS):
+                        await recorded.wait()
+                if self.tracer is not None:
+                    await trio.to_thread.run_sync(self.tracer.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -352,19 +462,17 @@ class RelayApp:
             store,
             max_sessions=self.config.max_sessions_per_user,
             daily_budget=self.config.daily_token_budget,
+            daily_budget_usd=self.config.daily_budget_usd,
         )
         mode = self.config.pump
         if mode == "off":
             return None
-        pump = Pump(
-            busy_poll=self.config.busy_poll,
-            on_stop=lambda: self.metrics.fast_paths(pump=False, takeover=self.taking_over),
-        )
+        pump = Pump(busy_poll=self.config.busy_poll)
         await nursery.start(pump.run)
         why = await prove(pump)
         if why is None:
             self.pump = pump
-            self.metrics.fast_paths(pump=True, takeover=self.taking_over)
+            self.metrics.publish()  # (relay_pump_active from the start, with several workers too)
             return None
         pump.stop()
         if mode == "on":
@@ -386,10 +494,20 @@ class RelayApp:
 
         Readiness turns 503 at once, so a load balancer stops sending clients here;
         every live client is told (``relay_draining``) how long it has. Pairs run on
-        unchanged meanwhile, so nothing a client sent is lost.
+        unchanged meanwhile, so nothing a client sent is lost. Calls are watched while the
+        sessions drain, then handed over: they run on at OpenAI (relay.server.sideband).
         """
         self.draining = True
-        log.info("draining: %d live sessions, %g s to finish", len(self.pairs), grace)
+        log.info(
+            "draining: %d live sessions, %d calls, %g s to finish",
+            len(self.pairs),
+            len(self.calls.live),
+            grace,
+        )
+        await self._drain_pairs(grace)
+        await self.calls.hand_over()
+
+    async def _drain_pairs(self, grace: float) -> None:
         async with trio.open_nursery() as nursery:
             for pair in list(self.pairs):
                 nursery.start_soon(pair.notify, pair.bridge.draining_notice(grace))
@@ -413,8 +531,9 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         config = load_config(os.environ)
         from ..ops.logs import configure_logging
 
-        secrets = (config.openai_api_key, config.jwt_secret, config.admin_token)
         fields = {"pid": os.getpid()}
-        configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
+        configure_logging(
+            config.log_format, config.log_level, secrets=config.secrets, fields=fields
+        )
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

@@ -4,6 +4,9 @@ usage table and the demo page's files.
 * ``GET /healthz`` (alive), ``GET /readyz`` (taking sessions; ``?upstream=1`` also checks
   the upstream is reachable), ``GET /metrics`` (Prometheus);
 * ``POST /v1/realtime/client_secrets`` mints a short-lived client key;
+* ``POST /twilio/voice`` answers Twilio's voice webhook (:mod:`relay.server.phone`), when on;
+* ``POST /v1/realtime/calls`` creates a WebRTC call (:mod:`relay.server.calls`), and
+  ``POST /webhooks/openai`` takes SIP calls (:mod:`relay.server.sip`);
 * ``GET /admin/usage`` is the usage table, for the admin token only;
 * ``GET /`` and ``/static/…`` serve the demo page;
 * a plain HTTP request on a WebSocket path gets 400, any other path 404.
@@ -21,7 +24,11 @@ import trio
 from ..usage.accounting import usage_json
 from ..usage.auth import Refusal
 from ..usage.mint import MAX_BODY_BYTES as MAX_MINT_BODY
-from .asgi import Receive, Scope, Send, header, query_param, respond
+from ..wire.upstream import probe
+from .asgi import Receive, Scope, Send, header, query_param, read_body, respond
+from .calls import CALLS_PATH, handle_calls
+from .phone import TWILIO_WEBHOOK_PATH
+from .sip import WEBHOOK_PATH, handle_webhook
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -54,6 +61,12 @@ async def handle_http(app: RelayApp, scope: Scope, receive: Receive, send: Send)
         await send({"type": "http.response.body", "body": body})
     elif path == "/v1/realtime/client_secrets" and scope["method"] == "POST":
         await _mint(app, scope, receive, send)
+    elif path == CALLS_PATH:
+        await handle_calls(app, scope, receive, send)
+    elif path == WEBHOOK_PATH:
+        await handle_webhook(app, scope, receive, send)
+    elif path == TWILIO_WEBHOOK_PATH and app.phone is not None:
+        await app.phone.webhook(scope, receive, send)
     elif path == "/admin/usage":
         await _admin_usage(app, scope, send)
     elif path == "/" or path.startswith("/static/"):
@@ -78,15 +91,10 @@ async def _mint(app: RelayApp, scope: Scope, receive: Receive, send: Send) -> No
     except Refusal as refused:
         await respond(send, refused.status, {"error": {"code": refused.code, "message": refused.message}})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > MAX_MINT_BODY:
-            await respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
-            return
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive, MAX_MINT_BODY)
+    if body is None:
+        await respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
+        return
     status, answer = await app.minter.mint(identity, body, app.accounting)
     log.info("client key minted for %s: HTTP %d", identity.user, status)
     await respond(send, status, answer)
@@ -112,14 +120,15 @@ async def _readyz(app: RelayApp, scope: Scope, send: Send) -> None:
         await respond(send, 503, {"status": "store unavailable", "detail": problem})
         return
     if query_param(scope, "upstream") in ("1", "true"):
-        try:
-            with trio.fail_after(READY_UPSTREAM_TIMEOUT):
-                await trio.aclose_forcefully(await app.dialer.target(app.config.model).connect())
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            detail = "timed out" if isinstance(exc, trio.TooSlowError) else exc.__class__.__name__
+        failure = await probe(app.dialer.target(app.config.model), READY_UPSTREAM_TIMEOUT)
+        if failure is not None:
+            timed_out = isinstance(failure, trio.TooSlowError)
+            detail = "timed out" if timed_out else failure.__class__.__name__
             await respond(send, 503, {"status": "upstream unreachable", "detail": detail})
             return
-    await respond(send, 200, {"status": "ready", "sessions": len(app.pairs)})
+    await respond(
+        send, 200, {"status": "ready", "sessions": len(app.pairs), "calls": len(app.calls.live)}
+    )
 
 
 async def _admin_usage(app: RelayApp, scope: Scope, send: Send) -> None:

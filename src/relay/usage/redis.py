@@ -8,6 +8,7 @@ from typing import Any, Final
 
 import coredis
 import coredis.exceptions
+from coredis.tokens import PureToken
 import trio
 
 from .store import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
@@ -78,8 +79,9 @@ class RedisUsageStore:
     """The shared store: Redis through coredis, every write one Lua script (atomic server-side).
 
     Keys: ``relay:usage:DAY:USER`` (a hash of counters), ``relay:usage-users:DAY``
-    (the users with counters that day), ``relay:usage-days`` (the days), and
-    ``relay:slots:USER`` (a sorted set of session ids scored by lease expiry).
+    (the users with counters that day), ``relay:usage-days`` (the days),
+    ``relay:slots:USER`` (a sorted set of session ids scored by lease expiry), and
+    ``relay:claims:KEY`` (a single-use token's claim, expiring with the token).
     Day keys expire ``REDIS_DAY_TTL_SECONDS`` after their last update, a lease set
     some time after its longest lease.
 
@@ -158,6 +160,11 @@ class RedisUsageStore:
         values = await self._client.hmget(self._usage_key(day, user), list(TOKEN_COUNTERS))
         return sum(int(value) for value in values if value is not None)
 
+    async def cost(self, user: str, day: str) -> int:
+        self._check_open()
+        value = await self._client.hget(self._usage_key(day, user), "cost_nanodollars")
+        return int(value) if value is not None else 0
+
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
         self._check_open()
         days = [day] if day is not None else sorted(await self._client.smembers(self._DAYS_KEY))
@@ -199,6 +206,17 @@ class RedisUsageStore:
     async def release_slot(self, user: str, session_id: str) -> None:
         self._check_open()
         await self._client.zrem(self._slots_key(user), [session_id])
+
+    async def claim_once(self, key: str, *, ttl_seconds: float) -> bool:
+        check_slot_args(None, ttl_seconds)
+        self._check_open()
+        claimed = await self._client.set(
+            f"{REDIS_PREFIX}claims:{key}",
+            "1",
+            px=math.ceil(ttl_seconds * 1000),
+            condition=PureToken.NX,
+        )
+        return bool(claimed)
 
     async def check(self) -> str | None:
         """Nothing to look at beyond what each operation meets (an error it raises)."""

@@ -21,6 +21,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -48,6 +49,10 @@ CREATE TABLE IF NOT EXISTS slots (
     session_id TEXT NOT NULL,
     expires REAL NOT NULL,
     PRIMARY KEY (user, session_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    expires REAL NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -90,6 +95,9 @@ class SqliteUsageStore:
     @classmethod
     async def open(cls, path: str, *, clock: Callable[[], float]) -> SqliteUsageStore:
         def connect() -> tuple[sqlite3.Connection, dict[str, tuple[int, int] | None]]:
+            if path != ":memory:":  # the state directory, on a first start (not on a reopen:
+                # a directory gone under a running relay is a fault to report, not to hide)
+                Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             return _connect(path), _files_at(path)
 
         connection, files = await trio.to_thread.run_sync(connect)
@@ -160,6 +168,11 @@ class SqliteUsageStore:
         row = await self._run(lambda db: db.execute(query, (day, user)).fetchone())
         return int(row[0]) if row else 0
 
+    async def cost(self, user: str, day: str) -> int:
+        query = "SELECT cost_nanodollars FROM usage WHERE day = ? AND user = ?"
+        row = await self._run(lambda db: db.execute(query, (day, user)).fetchone())
+        return int(row[0]) if row else 0
+
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
         query = (
             f"SELECT day, user, {', '.join(COUNTERS)} FROM usage"
@@ -214,6 +227,26 @@ class SqliteUsageStore:
                 "DELETE FROM slots WHERE user = ? AND session_id = ?", (user, session_id)
             )
         )
+
+    async def claim_once(self, key: str, *, ttl_seconds: float) -> bool:
+        check_slot_args(None, ttl_seconds)
+        now = self._clock()
+
+        def claim(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO claims (key, expires) VALUES (?, ?)",
+                    (key, now + ttl_seconds),
+                ).rowcount
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return inserted == 1
+
+        return bool(await self._run(claim))
 
     async def aclose(self) -> None:
         if self._closed:
@@ -271,9 +304,26 @@ def _set_up(connection: sqlite3.Connection, path: str) -> None:
                 # lose the last commits, which is fine for usage counters.
                 connection.execute("PRAGMA synchronous = NORMAL")
             connection.executescript(_SQLITE_SCHEMA)
+            _add_missing_counters(connection)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > give_up:
                 raise
         time.sleep(pause)  # this runs in a worker thread, not on the event loop
         pause = min(2 * pause, 0.1)
+
+
+def _add_missing_counters(connection: sqlite3.Connection) -> None:
+    """Give a file made by an older relay the counters it lacks (``cost_nanodollars``), at 0.
+
+    Another process may add the same column at the same moment; then ours is a duplicate.
+    """
+    have = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    for name in COUNTERS:
+        if name not in have:
+            kind = "REAL" if name in FLOAT_COUNTERS else "INTEGER"
+            try:
+                connection.execute(f"ALTER TABLE usage ADD COLUMN {name} {kind} NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise

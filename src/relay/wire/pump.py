@@ -164,17 +164,13 @@ class Pump:
     """See the module docstring. :meth:`run` serves; the pairs' tasks :meth:`lend` it legs.
 
     ``busy_poll``: at most how long (s) the driver polls before it sleeps (:class:`PollWindow`).
-    ``on_stop``: called once the pump stops relaying (stopped, cancelled or failed).
     """
 
-    def __init__(
-        self, busy_poll: float = 0.0, *, on_stop: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, busy_poll: float = 0.0) -> None:
         self.busy_poll = busy_poll
         self.busy = False  # see set_busy
         self._legs: dict[int, Leg] = {}
         self._driver: _Driver | None = None
-        self._on_stop = on_stop
         #: Why the pump is not running, once :meth:`run` found it cannot (None: it can, or it
         #: has not tried yet).
         self.unavailable: str | None = None
@@ -264,7 +260,6 @@ class Pump:
                 self.unavailable = _unavailable() or "unknown"
         task_status.started()
         if self._driver is None:
-            self._stopped()
             return
         try:
             await trio.sleep_forever()
@@ -283,15 +278,6 @@ class Pump:
                 driver.give_back(leg, Value(READ))
         self._legs.clear()
         driver.detach(self)
-        self._stopped()
-
-    def _stopped(self) -> None:
-        on_stop, self._on_stop = self._on_stop, None
-        if on_stop is not None:
-            try:
-                on_stop()
-            except Exception:  # (maybe inside the driver: a metric must not end the run)
-                log_safely("the pump's stop callback failed")
 
 
 class _Driver:
