@@ -171,8 +171,9 @@ class PhoneLine:
         if app.accounting is None:
             await deny(send, 503, "the relay is still starting; connect again in a moment")
             return
-        deflate_offered = offers_deflate(scope)
-        client, release = await app.open_client(send, receive, None, deflate_offered=deflate_offered)
+        client, release = await app.open_client(
+            send, receive, None, deflate_offered=offers_deflate(scope)
+        )
         config = app.config
         leg = TwilioLeg(
             client,
