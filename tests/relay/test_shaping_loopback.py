@@ -202,3 +202,18 @@ async def test_two_origin_headers_are_refused_with_403() -> None:
                     pass
             assert refused.value.status_code == 403
             assert mock.connections == []
+
+
+def test_what_the_operator_hears_never_raises_into_a_step(caplog: pytest.LogCaptureFixture) -> None:
+    """The bridge calls its observer from inside a step, which must not raise (the pump runs
+    steps where no task runs): a failing metric is logged and the session goes on."""
+    from relay.core.policy import Screened
+    from relay.server.notes import SessionNotes
+
+    class Broken:
+        def policy_acted(self, field: str, action: str) -> None:
+            raise OSError("metrics directory gone")
+
+    notes = SessionNotes(Broken(), "s1")  # type: ignore[arg-type]
+    notes.screened(Screened("{}", None, ("instructions",), "session.update"))
+    assert any("noting a policy decision failed" in r.getMessage() for r in caplog.records)
