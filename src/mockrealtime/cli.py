@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail every input audio transcription "
         "(conversation.item.input_audio_transcription.failed)",
     )
+    faults.add_argument(
+        "--kill-mid-response",
+        type=int,
+        default=None,
+        metavar="N",
+        help="drop TCP (no close frame) right after the first delta of the server's Nth response",
+    )
     faults.description = (
         "Per connection, the request header x-mock-faults overrides these, "
         "e.g. 'x-mock-faults: drop_after_events=3, send_delay=0.01'."
@@ -282,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             send_delay=args.send_delay,
             inject_error_after=args.inject_error_after,
             transcription_failure=args.transcription_failure,
+            kill_mid_response=args.kill_mid_response,
         )
         config = MockConfig(
             api_keys=frozenset(args.api_key),

@@ -40,6 +40,10 @@ class Faults:
       type ``server_error`` (the connection stays open).
     - ``transcription_failure``: every input audio transcription ends with
       ``conversation.item.input_audio_transcription.failed`` instead of a transcript.
+    - ``kill_mid_response``: the server's Nth response (counted over all its connections,
+      from 1) is cut in the middle: right after its first ``*.delta`` event the TCP
+      connection drops without a close frame (1006), once. The dial that follows (a relay's
+      failover) is served normally.
     """
 
     handshake_delay: float = 0.0
@@ -50,6 +54,7 @@ class Faults:
     send_delay: float = 0.0
     inject_error_after: int | None = None
     transcription_failure: bool = False
+    kill_mid_response: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("handshake_delay", "send_delay"):
@@ -69,7 +74,7 @@ class Faults:
                 )
             if len(reason.encode()) > 123:
                 raise ValueError("close_after_open reason must be at most 123 bytes of UTF-8")
-        for name in ("drop_after_events", "inject_error_after"):
+        for name in ("drop_after_events", "inject_error_after", "kill_mid_response"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

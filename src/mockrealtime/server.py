@@ -192,6 +192,8 @@ class MockServer:
         self._call_ids = IdFactory(random.Random(f"mockrealtime/{config.seed}/calls"))
         self._nursery: trio.Nursery | None = None
         self._media: MediaLoop | None = None
+        #: Responses started so far over all connections (the ``kill_mid_response`` fault's count).
+        self.responses_started = 0
 
     def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
         """Close every live WebSocket with a close frame (after the events already queued)."""
@@ -465,7 +467,7 @@ class MockServer:
             )
         unsubscribe = None
         try:
-            conn = _Connection(self.config, faults, stream, ws, session, record)  # type: ignore[arg-type]
+            conn = _Connection(self.config, faults, stream, ws, session, record, self)  # type: ignore[arg-type]
             if call is not None:
                 unsubscribe = call.subscribe(conn._enqueue_events, conn._queue_close)
             await conn.run(session.open(decision.rejection))
@@ -492,8 +494,10 @@ class _Connection:
         ws: WSConnection,
         session: Session,
         record: ConnectionRecord,
+        server: MockServer | None = None,
     ) -> None:
         self.config = config
+        self.server = server
         self.faults = faults
         self.stream = stream
         self.ws = ws
@@ -647,7 +651,9 @@ class _Connection:
         recording = self.config.record_messages
         drop_after = self.faults.drop_after_events
         delay = self.faults.send_delay
-        batching = not delay and drop_after is None
+        kill_at = self.faults.kill_mid_response
+        killing = False  # the response to cut has started: drop after its first delta
+        batching = not delay and drop_after is None and kill_at is None
         if drop_after == 0:
             self._finish()
             return
@@ -689,6 +695,14 @@ class _Connection:
                 if drop_after is not None and record.events_sent >= drop_after:
                     self._finish()  # drop TCP: no close frame
                     return
+                if kill_at is not None and self.server is not None:
+                    kind = payload["type"]
+                    if kind == "response.created":
+                        self.server.responses_started += 1
+                        killing = self.server.responses_started == kill_at
+                    elif killing and kind.endswith(".delta"):
+                        self._finish()  # drop TCP mid-response: no close frame
+                        return
             elif kind == "close":
                 code, reason = payload
                 await self._send_bytes(ws.send(CloseConnection(code=code, reason=reason)))

@@ -419,6 +419,43 @@ class RelayConfig:
     close_timeout: float = _setting(
         5.0, "RELAY_CLOSE_TIMEOUT", "Seconds a close handshake may take before the socket is cut."
     )
+    failover_attempts: int = _setting(
+        4,
+        "RELAY_FAILOVER_ATTEMPTS",
+        "Dials to a new upstream when the upstream drops mid-session (1001, 1006, 1011-1014, no"
+        " pong); the session and conversation are replayed there under the same item ids."
+        " 0: no failover, the session ends with its upstream (also turns off rollover).",
+    )
+    failover_backoff: float = _setting(
+        0.5,
+        "RELAY_FAILOVER_BACKOFF",
+        "Seconds before the second failover dial, doubling for each further one (at most 5 s);"
+        " the first is at once.",
+    )
+    rollover_seconds: float = _setting(
+        3300.0,
+        "RELAY_ROLLOVER_SECONDS",
+        "Age at which an upstream session is replaced by a fresh one, at the next moment between"
+        " turns, ahead of the Realtime API's 60-minute cap (0: never). Needs failover.",
+    )
+    replay_bytes: int = _setting(
+        256 * 1024,
+        "RELAY_REPLAY_BYTES",
+        "Most bytes of conversation items a session keeps for a failover's replay; past it the"
+        " oldest are forgotten first.",
+    )
+    resume_seconds: float = _setting(
+        0.0,
+        "RELAY_RESUME_SECONDS",
+        "How long a relay-aware client (subprotocol `relay-resume`) that lost its connection may"
+        " take to resume its session; meanwhile the upstream stays open (0: no resume).",
+    )
+    resume_bytes: int = _setting(
+        1 * MiB,
+        "RELAY_RESUME_BYTES",
+        "Most bytes of recent events a resumable session keeps for the client to resume from;"
+        " a session whose client is away that would need more is ended.",
+    )
     send_timeout: float = _setting(
         10.0,
         "RELAY_SEND_TIMEOUT",
@@ -768,9 +805,20 @@ def _validate(config: RelayConfig) -> None:
     ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be positive")
-    for name in ("max_session_seconds", "idle_timeout", "limit_warning_seconds"):
+    for name in (
+        "max_session_seconds",
+        "idle_timeout",
+        "limit_warning_seconds",
+        "failover_attempts",
+        "failover_backoff",
+        "rollover_seconds",
+        "resume_seconds",
+    ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0 (0 turns it off)")
+    for name in ("replay_bytes", "resume_bytes"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{_FIELDS[name].metadata['env']} must be positive")
     if config.max_sessions_per_user < 0 or config.daily_token_budget < 0:
         raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
     if config.daily_budget_usd < 0 or config.records_retention_days < 0:

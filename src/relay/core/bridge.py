@@ -52,13 +52,15 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
 
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
-from .events import dumps, error_event, finder, is_audio_append, parse_event
+from .events import dumps, error_event, event_type, finder, is_audio_append, parse_event
+from .ledger import REPLAY, WATCHED, Ledger
 from .policy import DELTA, Policy, Screened
 
 Message = str | bytes
@@ -70,6 +72,13 @@ SETUP_EVENT_ID = "event_relay_setup"
 #: The reason :mod:`relay.wire.frames` closes with when the upstream's message is over the relay's
 #: own limit (RELAY_UPSTREAM_MAX_MESSAGE_BYTES), as opposed to an upstream closing with 1009.
 _OWN_SIZE_LIMIT = re.compile(r"message over \d+ bytes")
+
+#: Upstream closes after which a session with a ledger moves to a new upstream (a failover):
+#: the upstream went away (1001: restarting, or its session hit the 60-minute cap), failed
+#: (1011, 1014), asked to be tried again (1012, 1013), or vanished without a close frame (1006).
+FAILOVER_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
+#: The events that echo an item the relay replayed (not the client's to see).
+_ECHOES = frozenset({"conversation.item.added", "conversation.item.done", "conversation.item.created"})
 
 
 class Phase(Enum):
@@ -122,6 +131,16 @@ class Amended:
 
     text: str
     notice: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redial:
+    """The upstream is gone (a failover) or going (a rollover), the session is not: dial a new
+    upstream, which the bridge then gives the session and conversation before anything else.
+    ``texts`` go to the client first: a failed ``response.done`` for each response in flight."""
+
+    texts: tuple[str, ...]
+    why: str
 
 
 class Observer(Protocol):
@@ -208,6 +227,13 @@ class Bridge:
         "_answer",
         "_held",
         "_held_bytes",
+        "_ledger",
+        "_takeover",
+        "_replay",
+        "_echoes",
+        "_reopening",
+        "_reanswered",
+        "takeovers",
     )
 
     def __init__(
@@ -219,6 +245,7 @@ class Bridge:
         binary_as_audio: bool = True,
         policy: Policy | None = None,
         observer: Observer | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.phase = Phase.CONNECTING
         self.ending: Ending | None = None
@@ -252,6 +279,17 @@ class Bridge:
         #: What waits for session.created: (from upstream, text), in arrival order.
         self._held: deque[tuple[bool, Message]] = deque()
         self._held_bytes = 0
+        #: What the session established, for a new upstream to take it over (None: no takeover;
+        #: the upstream's end is the session's). See relay.core.ledger.
+        self._ledger = ledger
+        #: Why the session is moving to a new upstream ("failover", "rollover"), or None.
+        self._takeover: str | None = None
+        self._replay: deque[str] = deque()  # the takeover's own messages, flushed first
+        self._echoes: set[str] = set()  # replayed item ids whose echoes the client must not see
+        self._reopening = False  # the new upstream has not answered the re-applied session yet
+        self._reanswered = False
+        #: Upstreams that took the session over (failovers and rollovers done).
+        self.takeovers = 0
 
     @property
     def queued(self) -> int:
@@ -297,6 +335,7 @@ class Bridge:
                 )
             data = _append_event(data)  # type: ignore[arg-type]
         notice = None
+        kind = None
         if self._policy is not None:
             # Binary audio too: it goes upstream as an append, so the policy's lists apply.
             screened = self._policy.screen_client(data)  # type: ignore[arg-type]
@@ -304,7 +343,14 @@ class Bridge:
                 self._observer.screened(screened)
             if screened.text is None:
                 return self._say(screened.reply)  # type: ignore[arg-type]
-            data, notice = screened.text, screened.reply
+            data, notice, kind = screened.text, screened.reply, screened.kind
+        elif self._ledger is not None:
+            kind = event_type(data)
+        if kind == "session.update" and self._ledger is not None:
+            event = parse_event(data)
+            stamped = self._ledger.client_update(event) if event is not None else None
+            if stamped is not None:
+                data = stamped
         if notice is not None and self._opening:  # (always so while the upstream opens)
             held = self._say(notice)
             if held is not None:
@@ -384,7 +430,8 @@ class Bridge:
     # -- opening ----------------------------------------------------------------
 
     def upstream_opened(self) -> None:
-        """The upstream WebSocket is open: start flushing, session.update first."""
+        """The upstream WebSocket is open: start flushing, session.update first (in a takeover,
+        the session as it stood and the conversation's replay: see :meth:`takeover_started`)."""
         if self.phase is Phase.CLOSED:
             # The pair ended while the dial finished: nothing may go upstream.
             self._queue.clear()
@@ -393,6 +440,12 @@ class Bridge:
         if self.phase is not Phase.CONNECTING:
             raise BridgeError(f"upstream_opened() in phase {self.phase.name}")
         self.phase = Phase.FLUSHING
+        if self._takeover is not None:
+            texts, self._echoes = self._ledger.replay(SETUP_EVENT_ID)  # type: ignore[union-attr]
+            self._replay = deque(texts)
+            self._reopening = True
+            self._reanswered = False
+            return
         self.queued_at_open = len(self._queue)
         self._queue.appendleft(self._session_update)
         self._queued_bytes += len(self._session_update)
@@ -400,6 +453,8 @@ class Bridge:
     def next_to_flush(self) -> Message | None:
         """The next message to send upstream while FLUSHING; None once the queue is
         empty, and from then on the pair is OPEN (unless it already ended)."""
+        if self._replay:
+            return self._replay.popleft()
         if self._queue:
             data = self._queue.popleft()
             self._queued_bytes -= len(data)
@@ -407,6 +462,133 @@ class Bridge:
         if self.phase is Phase.FLUSHING:
             self.phase = Phase.OPEN
         return None
+
+    def requeue(self, data: Message) -> Ending | None:
+        """A client message the relay had sent upstream as that upstream went away: it goes to
+        the next one, in its place (the client's task, which holds it, has read nothing since)."""
+        if self.phase is not Phase.CONNECTING:
+            return None  # the pair is over
+        if self._ledger is not None and event_type(data) == "session.update":
+            self._ledger.client_update(parse_event(data))  # type: ignore[arg-type]
+        return self._enqueue(data)
+
+    # -- moving the session to a new upstream ----------------------------------------
+
+    @property
+    def can_take_over(self) -> bool:
+        """Whether the session can move to a new upstream (it keeps a ledger)."""
+        return self._ledger is not None
+
+    @property
+    def taking_over(self) -> bool:
+        """Whether the session is between upstreams, or its new one has not yet confirmed it."""
+        return self._takeover is not None
+
+    @property
+    def between_turns(self) -> bool:
+        """Whether a rollover may move the session now: open, nothing in flight."""
+        ledger = self._ledger
+        return (
+            ledger is not None
+            and self.phase is Phase.OPEN
+            and not self._opening
+            and self._takeover is None
+            and ledger.between_turns
+        )
+
+    def begin_rollover(self) -> bool:
+        """Move the session to a fresh upstream ahead of the Realtime API's cap, if it is
+        between turns: from now on client messages wait for the new upstream, and the shell
+        closes the old one (whose close, and the events before it, come in as usual)."""
+        if not self.between_turns:
+            return False
+        self._takeover = "rollover"
+        self.phase = Phase.CONNECTING
+        return True
+
+    def _redial(self, why: str) -> Redial | Ending | None:
+        """The upstream is gone: the session waits for a new one (see :class:`Redial`)."""
+        if self._takeover is None:
+            self._takeover = "failover"
+        self.phase = Phase.CONNECTING
+        self._replay.clear()
+        texts = tuple(_failed_response(rid, why) for rid in self._ledger.lost())  # type: ignore[union-attr]
+        return Redial(texts, why)
+
+    def _may_fail_over(self) -> bool:
+        return (
+            self._ledger is not None
+            and not self._opening
+            and self.phase in (Phase.FLUSHING, Phase.OPEN, Phase.CONNECTING)
+        )
+
+    def takeover_failed(self, detail: str, *, status: int | None = None) -> Ending | None:
+        """No new upstream could be had (the shell's tries are spent): end the session."""
+        if status in (401, 403):
+            return self.dial_failed(detail, status=status)
+        return self._end(
+            Cause.UPSTREAM_LOST,
+            client=(Code.INTERNAL_ERROR, "upstream connection lost"),
+            upstream=None,
+            error=error_event(
+                "relay_upstream_lost",
+                f"The connection to the Realtime API was lost and the relay could not open a new"
+                f" one ({detail}). Reconnect to start a new session.",
+                kind="server_error",
+            ),
+        )
+
+    def _reopened(self, data: Message) -> Message | Reply | Ending | None:
+        """An upstream event while a new upstream takes the session over: its session.created
+        and the answer to the re-applied session are the relay's, not the client's."""
+        event = parse_event(data)
+        kind = event.get("type") if event is not None else None
+        if kind == "session.created":
+            return None
+        if kind == "session.updated" and not self._reanswered:
+            return self._taken_over()
+        if kind == "error" and _names_setup(event):  # type: ignore[arg-type]
+            error = event["error"]  # type: ignore[index]
+            if self._observer is not None:
+                self._observer.setup_refused(str(error.get("code")), str(error.get("message")))
+            return self._end(
+                Cause.UPSTREAM_LOST,
+                client=(Code.INTERNAL_ERROR, "upstream refused the restored session"),
+                upstream=Code.NORMAL,
+                error=error_event(
+                    "relay_upstream_lost",
+                    "The connection to the Realtime API was lost, and the new one refused the"
+                    " session as it stood. Reconnect to start a new session.",
+                    kind="server_error",
+                ),
+            )
+        return self._to_client(data)
+
+    def _taken_over(self) -> Reply | None:
+        """The new upstream runs the session: tell the client of a failover (a rollover is
+        planned and loses nothing, so it goes unannounced)."""
+        why, self._takeover = self._takeover, None
+        self._reopening = False
+        self._reanswered = True
+        self.takeovers += 1
+        if why != "failover":
+            return None
+        ledger = self._ledger
+        restored = f"{ledger.items} conversation items were restored under their ids"  # type: ignore[union-attr]
+        if ledger.skipped:  # type: ignore[union-attr]
+            restored += (
+                f"; {ledger.skipped} could not be (audio without a transcript, or items only the"  # type: ignore[union-attr]
+                " server creates)"
+            )
+        return Reply(
+            error_event(
+                "relay_upstream_reconnected",
+                "The connection to the Realtime API dropped and the relay opened a new one: the"
+                f" session is as it was, and {restored}. A response that was under way failed"
+                " (its response.done says so); ask again. Audio not yet committed was lost.",
+                kind="server_error",
+            )
+        )
 
     # -- upstream → client ------------------------------------------------------
 
@@ -426,6 +608,8 @@ class Bridge:
             return data if self._deltas_pass else None  # audio: no error, nothing to redact
         if self._opening:
             return self._starting(data)
+        if self._reopening:
+            return self._reopened(data)
         return self._to_client(data)
 
     def _to_client(self, data: Message) -> Message | Reply | None:
@@ -441,6 +625,13 @@ class Bridge:
                 replaced = self._screen_error(event)  # type: ignore[arg-type]
                 if replaced is not None:
                     return replaced
+            if self._ledger is not None and kind in WATCHED:
+                if self._echoes and kind in _ECHOES and _echo(event, self._echoes, kind):  # type: ignore[arg-type]
+                    return None  # the replay's own item, as the new upstream confirms it
+                if kind == "error" and _is_takeover_error(event):  # type: ignore[arg-type]
+                    return None  # about the relay's replay, or the cap it is moving past
+                if self._ledger.upstream_event(kind, event):  # type: ignore[arg-type]
+                    data = dumps(event)  # type: ignore[arg-type]
             if self._secret_in is not None and self._secret_in(data):  # type: ignore[arg-type]
                 data = data.replace(self._secret, "[redacted]")  # type: ignore[union-attr,arg-type]
             if self._policy is not None:
@@ -524,8 +715,12 @@ class Bridge:
             upstream_reason="client closed",
         )
 
-    def upstream_closed(self, code: int, reason: str | None) -> Ending | None:
-        """The upstream closed (or vanished: 1006) after all its messages were read."""
+    def upstream_closed(self, code: int, reason: str | None) -> Redial | Ending | None:
+        """The upstream closed (or vanished: 1006) after all its messages were read. With a
+        ledger, an unexpected end (:data:`FAILOVER_CODES`), or the end of a rollover, moves the
+        session to a new upstream (:class:`Redial`)."""
+        if self._may_fail_over() and (self._takeover is not None or code in FAILOVER_CODES):
+            return self._redial(f"upstream closed {code}")
         if code == UPSTREAM_AUTH_REFUSED:
             return self._end(
                 Cause.UPSTREAM_AUTH_REFUSED,
@@ -758,8 +953,11 @@ class Bridge:
             ),
         )
 
-    def upstream_unresponsive(self, seconds: float) -> Ending | None:
-        """The upstream answered no ping for ``seconds``: take it for dead, drop its socket."""
+    def upstream_unresponsive(self, seconds: float) -> Redial | Ending | None:
+        """The upstream answered no ping for ``seconds``: take it for dead, drop its socket
+        (and, with a ledger, move the session to a new one)."""
+        if self._may_fail_over():
+            return self._redial(f"no pong for {seconds:g} s")
         return self._end(
             Cause.UPSTREAM_LOST,
             client=(Code.INTERNAL_ERROR, "upstream stopped answering"),
@@ -801,6 +999,58 @@ def _names_setup(event: dict[str, object]) -> bool:
     """Whether an ``error`` event is about the relay's own session.update."""
     error = event.get("error")
     return isinstance(error, dict) and error.get("event_id") == SETUP_EVENT_ID
+
+
+def _echo(event: dict[str, object], echoes: set[str], kind: str) -> bool:
+    """Whether an item event echoes a replayed item (the last echo of it forgets it)."""
+    item = event.get("item")
+    item_id = item.get("id") if isinstance(item, dict) else None
+    if item_id not in echoes:
+        return False
+    if kind != "conversation.item.added":
+        echoes.discard(item_id)  # type: ignore[arg-type]
+    return True
+
+
+def _is_takeover_error(event: dict[str, object]) -> bool:
+    """An ``error`` about the relay's replay (an item the new upstream would not take again),
+    or the cap a session with a ledger is about to move past (``session_expired``)."""
+    error = event.get("error")
+    if not isinstance(error, dict):
+        return False
+    named = error.get("event_id")
+    return (isinstance(named, str) and named.startswith(REPLAY)) or (
+        error.get("code") == "session_expired"
+    )
+
+
+def _failed_response(response_id: str, why: str) -> str:
+    """The ``response.done`` of a response that died with its upstream: ``failed``, as the
+    Realtime API reports a response that failed (usage null: nothing is billed through it)."""
+    return dumps(
+        {
+            "type": "response.done",
+            "event_id": "event_relay" + secrets.token_hex(8),
+            "response": {
+                "object": "realtime.response",
+                "id": response_id,
+                "status": "failed",
+                "status_details": {
+                    "type": "failed",
+                    "error": {
+                        "type": "server_error",
+                        "code": "relay_upstream_lost",
+                        "message": f"The connection to the Realtime API was lost mid-response"
+                        f" ({why}); the relay reconnected. Ask again.",
+                    },
+                },
+                "output": [],
+                "conversation_id": None,
+                "usage": None,
+                "metadata": None,
+            },
+        }
+    )
 
 
 def _append_event(audio: bytes) -> str:

@@ -23,6 +23,7 @@ from ..config import ConfigError, RelayConfig, deprecation_warning, load_config
 from ..core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
+from ..core.ledger import Ledger
 from ..core.events import dumps, error_event
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
@@ -51,7 +52,7 @@ from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .notes import SessionNotes
-from .pair import ClientSide, Pair
+from .pair import ClientSide, Pair, Takeover
 from .phone import TWILIO_PATH, PhoneLine
 from .sideband import Calls
 
@@ -80,9 +81,19 @@ class RelayApp:
             max_message_bytes=config.max_message_bytes,
         )
         # Its event_id lets the bridge tell an upstream error about it from any other.
-        session = config.session_object()
+        self.session = config.session_object()
         self.session_update = dumps(
-            {"type": "session.update", "event_id": SETUP_EVENT_ID, "session": session}
+            {"type": "session.update", "event_id": SETUP_EVENT_ID, "session": self.session}
+        )
+        #: How sessions move to a new upstream (None: RELAY_FAILOVER_ATTEMPTS=0, they don't).
+        self.takeover = (
+            Takeover(
+                attempts=config.failover_attempts,
+                backoff_seconds=config.failover_backoff,
+                rollover_seconds=config.rollover_seconds,
+            )
+            if config.failover_attempts
+            else None
         )
         #: Keys the OpenAI-Safety-Identifier of each session's user (None: none is sent).
         self._safety_key = (
@@ -239,6 +250,7 @@ class RelayApp:
             binary_as_audio=self.config.binary_frames == "audio",
             policy=self.config.policy.for_session(model, identity.model),
             observer=SessionNotes(self.metrics, session_id),
+            ledger=self.ledger(self.session),
         )
         async with accounting.held(identity, session_id, bridge.traffic):
             await self._session(
@@ -311,6 +323,12 @@ class RelayApp:
         ws.send_timeout = self.config.send_timeout
         return SocketClient(ws), release
 
+    def ledger(self, session: dict[str, Any]) -> Ledger | None:
+        """What a session starting with ``session`` keeps for a takeover (None: failover off)."""
+        if self.takeover is None:
+            return None
+        return Ledger(session, max_bytes=self.config.replay_bytes)
+
     def safety_identifier(self, identity: Identity) -> str | None:
         """The OpenAI-Safety-Identifier of ``identity``'s sessions (None: turned off)."""
         key = self._safety_key
@@ -351,6 +369,7 @@ class RelayApp:
             max_rate=self.config.client_max_rate,
             tap=call.log,
             tap_client=call.records_client,
+            takeover=self.takeover if bridge.can_take_over else None,
         )
 
     async def run_pair(self, pair: Pair, call: Call) -> None:

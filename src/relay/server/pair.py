@@ -28,13 +28,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from ..core.bridge import Amended, Batch, Bridge, Ending, Message, Reply
+from ..core.bridge import Amended, Batch, Bridge, Ending, Message, Phase, Redial, Reply
 from ..core.calllog import CallLog, VoiceClock
+from ..core.closecodes import Code
 from ..core.deadlines import Deadlines, Due
 from ..core.ratelimit import InboundRate
 from ..wire.pump import READ, Leg, Pump, log_safely
@@ -108,6 +110,14 @@ class Pair:
         "_step_client",
         "_rate",
         "last_activity",
+        "_takeover",
+        "_rollover_after",
+        "_rollover_at",
+        "_upstream_scope",
+        "_redial",
+        "_in_hand",
+        "_put_back",
+        "_moved",
     )
 
     def __init__(
@@ -129,6 +139,7 @@ class Pair:
         tap: CallLog | None = None,
         tap_client: bool = False,
         max_rate: float = 0.0,
+        takeover: Takeover | None = None,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -164,6 +175,18 @@ class Pair:
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = self._clock.current_time()
         self._rate = InboundRate(max_rate, self.last_activity) if max_rate else None
+        #: How to move the session to a new upstream (the bridge has a ledger), or None.
+        self._takeover = takeover
+        self._rollover_after = takeover.rollover_seconds if takeover is not None else 0.0
+        self._rollover_at = math.inf  # when the current upstream should be rolled over
+        self._upstream_scope: trio.CancelScope | None = None  # the current upstream's relaying
+        self._redial: Redial | None = None  # a failover the timer decided (no pong)
+        #: The upstream a client message is being written to (a takeover waits for it to come
+        #: back unsent before the new upstream's flush); the client task, parked in _moved,
+        #: waits for the upstream task to decide what follows an upstream's end.
+        self._in_hand: WebSocket | None = None
+        self._put_back = trio.lowlevel.ParkingLot()
+        self._moved = trio.lowlevel.ParkingLot()
 
     async def run(self) -> Ending:
         """Relay until either side ends; return how the pair ended."""
@@ -171,7 +194,7 @@ class Pair:
             self._cancel_scope = nursery.cancel_scope
             nursery.start_soon(self._client_task)
             nursery.start_soon(self._upstream_task)
-            if self._deadlines is not None or self._ping_interval:
+            if self._deadlines is not None or self._ping_interval or self._rollover_after:
                 nursery.start_soon(self._timer_task)
         ending = self.bridge.ending
         assert ending is not None, "a pair's nursery only exits through an ending"
@@ -290,17 +313,27 @@ class Pair:
                 out, notice = out.text, out.notice  # type: ignore[union-attr]
             if out.__class__ is str or out.__class__ is bytes or out is PART:
                 upstream: WebSocket = self._upstream  # type: ignore[assignment]
+                self._in_hand = upstream
                 try:
                     if out is PART:
                         await upstream.finish_send()
                     else:
                         await upstream.send_message(out)  # type: ignore[arg-type]
                 except ConnectionClosed:
-                    # The upstream is closing; its task reads what is left and ends the pair.
-                    return
+                    # The upstream is closing; its task reads what is left and ends the pair,
+                    # or (a takeover) the message goes to the next upstream, in its place.
+                    if self._takeover is None:
+                        return
+                    if out is not PART and not await self._requeue(out):  # type: ignore[arg-type]
+                        return  # (a frame cut part-way is lost with its upstream)
+                    continue
                 except trio.TooSlowError:
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
+                finally:
+                    self._in_hand = None
+                    if self._put_back:
+                        self._put_back.unpark_all()
                 if notice is None:
                     continue
                 out = Reply(notice)
@@ -314,45 +347,126 @@ class Pair:
                 await self._finish(out)  # type: ignore[arg-type]
                 return
 
+    async def _requeue(self, data: Message) -> bool:
+        """``data`` could not be sent: its upstream went away. Once the upstream task has
+        decided (a takeover, or the end), give it back to the bridge for the next upstream.
+        False: the pair is over."""
+        upstream = self._in_hand
+        while self._upstream is upstream and upstream is not None:
+            await self._moved.park()
+        ending = self.bridge.requeue(data)
+        if ending is not None:
+            await self._finish(ending)
+            return False
+        return self.bridge.phase is Phase.CONNECTING  # (else the pair ended)
+
     async def _upstream_task(self) -> None:
-        """Dial (connect, then handshake) within the dial timeout, flush, then pump."""
+        """Dial (connect, then handshake) within the dial timeout, flush, then pump; when the
+        bridge moves the session to a new upstream (a :class:`Redial`), dial again, with the
+        takeover's tries and backoff, until one takes it or the tries are spent."""
         bridge = self.bridge
-        dial_started = trio.current_time()
-        deadline = dial_started + self._dial_timeout
+        takeover = self._takeover
+        failures = 0
+        while True:
+            dial_started = trio.current_time()
+            stream, upstream, failure = await self._dial()
+            if upstream is None:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                detail, status = failure  # type: ignore[misc]
+                if not bridge.taking_over:
+                    await self._finish(bridge.dial_failed(detail, status=status))
+                    return
+                failures += 1
+                if failures >= takeover.attempts or status in (401, 403):  # type: ignore[union-attr]
+                    await self._finish(bridge.takeover_failed(detail, status=status))
+                    return
+                await trio.sleep(takeover.backoff(failures))  # type: ignore[union-attr]
+                continue
+            was_taking_over, takeovers = bridge.taking_over, bridge.takeovers
+            try:
+                closed = await self._relay_upstream(upstream, dial_started)
+            finally:
+                self._upstream = None
+                await trio.aclose_forcefully(stream)  # type: ignore[arg-type]
+                if self._moved:
+                    self._moved.unpark_all()
+            if closed is None:
+                return  # the pair is over
+            for text in closed.texts:  # the responses that died with it, failed
+                try:
+                    await self.client.send(text)
+                except trio.TooSlowError:
+                    await self._finish(bridge.client_too_slow(self._send_timeout))
+                    return
+            if not was_taking_over or bridge.takeovers > takeovers:
+                failures = 0  # that upstream had the session: this takeover starts afresh
+                continue
+            failures += 1  # it went before it confirmed the session: one more try spent
+            if failures >= takeover.attempts:  # type: ignore[union-attr]
+                await self._finish(bridge.takeover_failed(closed.why))
+                return
+            await trio.sleep(takeover.backoff(failures))  # type: ignore[union-attr]
+
+    async def _dial(
+        self,
+    ) -> tuple[trio.abc.Stream | None, WebSocket | None, tuple[str, int | None] | None]:
+        """One dial within the dial timeout: the stream (the caller closes it), the WebSocket
+        over it, or why not (a description and the HTTP status of a refusal)."""
         stream: trio.abc.Stream | None = None
-        upstream: WebSocket | None = None
-        down: Leg | None = None
         try:
-            with trio.move_on_at(deadline):
+            with trio.move_on_after(self._dial_timeout):
                 try:
                     stream = await self._target.connect()
-                    upstream = await self._target.handshake(stream)
+                    return stream, await self._target.handshake(stream), None
                 except ConnectionRejected as rejected:
                     status = rejected.status_code
-                    await self._finish(bridge.dial_failed(f"HTTP {status}", status=status))
-                    return
+                    return stream, None, (f"HTTP {status}", status)
                 except (OSError, trio.BrokenResourceError) as exc:
-                    await self._finish(bridge.dial_failed(_describe(exc)))
-                    return
-            if upstream is None:
-                await self._finish(bridge.dial_failed("timed out"))
-                return
-            upstream.send_timeout = self._send_timeout
-            self._upstream = upstream
-            dial_seconds = trio.current_time() - dial_started
+                    return stream, None, (_describe(exc), None)
+        except BaseException:  # the pair ended mid-dial (the client left): close what opened
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise
+        return stream, None, ("timed out", None)
+
+    async def _relay_upstream(self, upstream: WebSocket, dial_started: float) -> Redial | None:
+        """Flush, then relay one upstream until it ends: a :class:`Redial` if the session moves
+        on to another, None if the pair is over (ended here or elsewhere)."""
+        bridge = self.bridge
+        first = bridge.queued_at_open is None and not bridge.taking_over
+        upstream.send_timeout = self._send_timeout
+        self._flushed = trio.Event()
+        self._upstream = upstream
+        dial_seconds = trio.current_time() - dial_started
+        while self._in_hand is not None:  # a message for the old one, on its way back
+            await self._put_back.park()
+        down: Leg | None = None
+        try:
             await self._flush(upstream)
-            if self._on_upstream_opened is not None and bridge.queued_at_open is not None:
+            if first and self._on_upstream_opened is not None and bridge.queued_at_open is not None:
                 self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
+            self._rollover_at = trio.current_time() + (self._rollover_after or math.inf)
             client_ws = self.client.websocket
             if self._pump and client_ws is not None and client_ws.pumpable and upstream.pumpable:
                 down = Leg(upstream, client_ws, self._upstream_step, bridge)
-                self._up_leg = Leg(client_ws, upstream, self._step_client, bridge)
-            await self._upstream_to_client(upstream, down)
+                if self._up_leg is None:
+                    self._up_leg = Leg(client_ws, upstream, self._step_client, bridge)
+                else:
+                    self._up_leg.dst = upstream  # (steps queue client messages until now)
+            with trio.CancelScope() as self._upstream_scope:
+                closed = await self._upstream_to_client(upstream, down)
+            if self._upstream_scope.cancelled_caught:  # no pong: the timer gave up on it
+                closed, self._redial = self._redial, None
+            if closed.__class__ is tuple:
+                closed = bridge.upstream_closed(*closed)  # type: ignore[misc]
+            if closed.__class__ is Redial:
+                return closed  # type: ignore[return-value]
+            await self._finish(closed)  # type: ignore[arg-type]
+            return None
         finally:
             if down is not None:
                 self._pump.forget(down)  # type: ignore[union-attr]
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
 
     async def _flush(self, upstream: WebSocket) -> None:
         """Send session.update and the queued client messages, in order."""
@@ -385,7 +499,10 @@ class Pair:
                 log_safely("timing a voice turn failed; the session goes on")
         return self.bridge.upstream_message(data)
 
-    async def _upstream_to_client(self, upstream: WebSocket, leg: Leg | None) -> None:
+    async def _upstream_to_client(
+        self, upstream: WebSocket, leg: Leg | None
+    ) -> tuple[int, str | None] | None:
+        """Relay until the upstream ends (its close code and reason) or the pair does (None)."""
         bridge = self.bridge
         get_message = upstream.get_message
         client = self.client
@@ -400,9 +517,7 @@ class Pair:
                     data = await get_message()
                 except ConnectionClosed as exc:
                     reason = exc.reason
-                    code, text = (reason.code, reason.reason) if reason else (1006, None)
-                    await self._finish(bridge.upstream_closed(code, text))
-                    return
+                    return (reason.code, reason.reason) if reason else (1006, None)
                 try:
                     out = step(data)
                 except (KeyboardInterrupt, SystemExit):
@@ -449,6 +564,8 @@ class Pair:
         peer_timeout = self._peer_timeout or math.inf
         while True:
             now = trio.current_time()
+            if now >= self._rollover_at:
+                await self._roll_over()
             if now - self.client.last_heard >= peer_timeout:
                 # Gone without a word, like a dropped TCP connection.
                 await self._finish(bridge.client_closed())
@@ -483,11 +600,28 @@ class Pair:
                         except ConnectionClosed:
                             next_ping = math.inf  # the upstream task reads the close
                     if waited.cancelled_caught:
-                        await self._finish(bridge.upstream_unresponsive(self._peer_timeout))
-                        return
+                        lost = bridge.upstream_unresponsive(self._peer_timeout)
+                        if lost.__class__ is not Redial or self._upstream_scope is None:
+                            await self._finish(lost)  # type: ignore[arg-type]
+                            return
+                        self._redial = lost  # type: ignore[assignment]
+                        self._upstream_scope.cancel()  # the upstream task dials anew
                 if next_ping != math.inf:
                     next_ping = trio.current_time() + self._ping_interval
-            await trio.sleep_until(min(wake, next_ping))
+            await trio.sleep_until(min(wake, next_ping, self._rollover_at))
+
+    async def _roll_over(self) -> None:
+        """Move the session to a fresh upstream ahead of the Realtime API's cap, between turns:
+        client messages wait for the new upstream, the old one is closed (its last events and
+        its close come in through the upstream task, which then dials). Not between turns,
+        look again in a second."""
+        upstream = self._upstream
+        if upstream is None or not self.bridge.begin_rollover():
+            self._rollover_at = trio.current_time() + ROLLOVER_RETRY
+            return
+        self._rollover_at = math.inf  # until the new upstream is open
+        with trio.move_on_after(self._close_timeout):
+            await upstream.send_close(Code.NORMAL, "rollover")
 
     async def _finish(self, ending: Ending | None) -> None:
         """Carry out an ending: the client's error and close, the upstream's close, cancel.
@@ -520,6 +654,32 @@ class Pair:
             with contextlib.suppress(ConnectionClosed):
                 await upstream.send_message(ending.upstream_last)
         await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)  # type: ignore[arg-type]
+
+
+#: How often a rollover that is due looks again for a moment between turns (seconds).
+ROLLOVER_RETRY = 1.0
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """How a pair moves its session to a new upstream (RELAY_FAILOVER_*, RELAY_ROLLOVER_SECONDS).
+
+    ``attempts`` dials at most per takeover, the first at once, then after ``backoff`` seconds,
+    doubling up to :data:`MAX_BACKOFF`; ``rollover_seconds`` after an upstream opened, the
+    session moves to a fresh one at the next moment between turns (0: never).
+    """
+
+    attempts: int
+    backoff_seconds: float
+    rollover_seconds: float = 0.0
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait before the try that follows ``failures`` failed ones."""
+        return min(MAX_BACKOFF, self.backoff_seconds * 2 ** (failures - 1))
+
+
+#: The longest wait between two tries of a takeover (seconds).
+MAX_BACKOFF = 5.0
 
 
 def _failed(bridge: Bridge) -> Ending | None:

@@ -213,6 +213,7 @@ class PhoneLine:
             secret=config.openai_api_key,
             policy=config.policy.for_session(config.model),
             observer=SessionNotes(app.metrics, session_id),
+            ledger=app.ledger(self.session),  # a call survives its upstream too
         )
         call = Call(app, caller, session_id, config.model, session=self.session)  # as any session
         call.also_accounted.append((line, account))
