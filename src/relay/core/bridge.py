@@ -141,6 +141,8 @@ class Redial:
 
     texts: tuple[str, ...]
     why: str
+    #: A rollover (the relay's own choice), not a failure.
+    planned: bool = False
 
 
 class Observer(Protocol):
@@ -508,12 +510,14 @@ class Bridge:
 
     def _redial(self, why: str) -> Redial | Ending | None:
         """The upstream is gone: the session waits for a new one (see :class:`Redial`)."""
-        if self._takeover is None:
+        planned = self._takeover == "rollover" and not self._reopening
+        if not planned:  # (a rollover's new upstream lost before it confirmed: a failure too)
             self._takeover = "failover"
+        self._reopening = False
         self.phase = Phase.CONNECTING
         self._replay.clear()
         texts = tuple(_failed_response(rid, why) for rid in self._ledger.lost())  # type: ignore[union-attr]
-        return Redial(texts, why)
+        return Redial(texts, why, planned=planned)
 
     def _may_fail_over(self) -> bool:
         return (

@@ -384,6 +384,7 @@ class Pair:
                 await trio.sleep(takeover.backoff(failures))  # type: ignore[union-attr]
                 continue
             was_taking_over, takeovers = bridge.taking_over, bridge.takeovers
+            opened_at = trio.current_time()
             try:
                 closed = await self._relay_upstream(upstream, dial_started)
             finally:
@@ -399,10 +400,13 @@ class Pair:
                 except trio.TooSlowError:
                     await self._finish(bridge.client_too_slow(self._send_timeout))
                     return
-            if not was_taking_over or bridge.takeovers > takeovers:
-                failures = 0  # that upstream had the session: this takeover starts afresh
+            served = not was_taking_over or bridge.takeovers > takeovers
+            if closed.planned or served and trio.current_time() - opened_at >= HEALTHY_SECONDS:
+                failures = 0  # that upstream held the session a while: a new takeover
                 continue
-            failures += 1  # it went before it confirmed the session: one more try spent
+            # It went before it confirmed the session, or soon after: one more try spent (an
+            # upstream that keeps dying is not dialled for ever).
+            failures += 1
             if failures >= takeover.attempts:  # type: ignore[union-attr]
                 await self._finish(bridge.takeover_failed(closed.why))
                 return
@@ -680,6 +684,9 @@ class Takeover:
 
 #: The longest wait between two tries of a takeover (seconds).
 MAX_BACKOFF = 5.0
+#: An upstream that held the session this long (seconds) ends its takeover's count of tries;
+#: one lost sooner counts as a failed try of the same takeover.
+HEALTHY_SECONDS = 30.0
 
 
 def _failed(bridge: Bridge) -> Ending | None:
