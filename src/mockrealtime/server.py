@@ -194,6 +194,9 @@ class MockServer:
         self._media: MediaLoop | None = None
         #: Responses started so far over all connections (the ``kill_mid_response`` fault's count).
         self.responses_started = 0
+        #: The faults of connections from now on (``config.faults`` at first; a test may change
+        #: them between connections, e.g. to refuse the dial that follows a drop).
+        self.faults = config.faults
 
     def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
         """Close every live WebSocket with a close frame (after the events already queued)."""
@@ -406,7 +409,7 @@ class MockServer:
         if request is None:
             await stream.send_all(_raw_response(400, _error_body("Bad WebSocket upgrade")))
             return
-        faults = self.config.faults
+        faults = self.faults
         if FAULTS_HEADER in headers:
             try:
                 faults = parse_faults(headers[FAULTS_HEADER], faults)

@@ -383,7 +383,7 @@ class Pair:
                     return
                 await trio.sleep(takeover.backoff(failures))  # type: ignore[union-attr]
                 continue
-            was_taking_over, takeovers = bridge.taking_over, bridge.takeovers
+            was_taking_over, takeovers = bridge.taking_over or failures > 0, bridge.takeovers
             opened_at = trio.current_time()
             try:
                 closed = await self._relay_upstream(upstream, dial_started)
@@ -400,12 +400,12 @@ class Pair:
                 except trio.TooSlowError:
                     await self._finish(bridge.client_too_slow(self._send_timeout))
                     return
-            served = not was_taking_over or bridge.takeovers > takeovers
-            if closed.planned or served and trio.current_time() - opened_at >= HEALTHY_SECONDS:
-                failures = 0  # that upstream held the session a while: a new takeover
+            lasted = trio.current_time() - opened_at >= HEALTHY_SECONDS
+            if closed.planned or not was_taking_over or bridge.takeovers > takeovers and lasted:
+                failures = 0  # the session's first upstream, or one that held it a while
                 continue
-            # It went before it confirmed the session, or soon after: one more try spent (an
-            # upstream that keeps dying is not dialled for ever).
+            # A takeover's upstream lost before it confirmed the session, or soon after: one
+            # more try spent (an upstream that keeps dying is not dialled for ever).
             failures += 1
             if failures >= takeover.attempts:  # type: ignore[union-attr]
                 await self._finish(bridge.takeover_failed(closed.why))

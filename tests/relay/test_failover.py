@@ -1,0 +1,149 @@
+"""A session outlives its upstream: failover and rollover, end to end in front of mockrealtime.
+
+The fake's connections record what each received (``server.connections[i].received``), so the
+replay is checked where it lands: the new upstream gets the session as it stood, then the
+conversation under the same item ids, before anything else of the client's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import WebSocketConnection
+
+from mockrealtime import Faults, MockConfig, MockServer, serve_mock_realtime
+from relay.core.bridge import SETUP_EVENT_ID
+
+from .harness import TEST_KEY, RunningRelay, connect, running_relay
+
+TIMEOUT = 20
+TEXT_SESSION = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}}
+
+
+@asynccontextmanager
+async def relay_and_mock(
+    faults: Faults = Faults(), **settings: object
+) -> AsyncIterator[tuple[RunningRelay, MockServer]]:
+    config = MockConfig(api_keys=frozenset({TEST_KEY}), faults=faults, pace=0)
+    async with trio.open_nursery() as nursery:
+        mock = await nursery.start(serve_mock_realtime, config)
+        async with running_relay(upstream_url=mock.url, **settings) as relay:
+            yield relay, mock
+        nursery.cancel_scope.cancel()
+
+
+def user_text(item_id: str, text: str) -> str:
+    item = {"id": item_id, "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    return orjson.dumps({"type": "conversation.item.create", "item": item}).decode()
+
+
+async def until(ws: WebSocketConnection, kind: str, seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """Read events into ``seen`` until one of type ``kind`` (returned)."""
+    while True:
+        event = orjson.loads(await ws.get_message())
+        seen.append(event)
+        if event["type"] == kind:
+            return event
+
+
+def sent(record: Any) -> list[dict[str, Any]]:
+    return [orjson.loads(m) for m in record.received]
+
+
+async def test_a_killed_upstream_is_replaced_and_the_conversation_replayed_under_the_same_ids() -> None:
+    """Turn 1 completes; the fake dies in the middle of turn 2's response. The client gets that
+    response as failed and the relay's notice; its turn 3 is answered by a new upstream, which
+    first got the session as it stood and turns 1 and 2 (the user's items and the assistant's
+    finished reply) under their own ids."""
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(kill_mid_response=2)) as (relay, mock):
+            async with connect(relay.url + "/voice") as ws:
+                await until(ws, "session.created", seen)
+                await ws.send_message(orjson.dumps(TEXT_SESSION).decode())
+                await until(ws, "session.updated", seen)
+                await ws.send_message(user_text("item_user_one", "Hello there"))
+                await ws.send_message('{"type":"response.create"}')
+                first = await until(ws, "response.done", seen)
+                assistant_one = first["response"]["output"][0]["id"]
+                await ws.send_message(user_text("item_user_two", "And again"))
+                await ws.send_message('{"type":"response.create"}')
+                created = await until(ws, "response.created", seen)
+                failed = await until(ws, "response.done", seen)
+                notice = await until(ws, "error", seen)
+                await ws.send_message(user_text("item_user_three", "Still there?"))
+                await ws.send_message('{"type":"response.create"}')
+                third = await until(ws, "response.done", seen)
+    assert failed["response"]["id"] == created["response"]["id"]
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["status_details"]["error"]["code"] == "relay_upstream_lost"
+    assert notice["error"]["code"] == "relay_upstream_reconnected"
+    assert third["response"]["status"] == "completed"
+    assert len(mock.connections) == 2
+    new = sent(mock.connections[1])
+    # The session as it stood: the relay's, with the client's accepted update merged in.
+    assert new[0]["type"] == "session.update" and new[0]["event_id"] == SETUP_EVENT_ID
+    assert new[0]["session"]["output_modalities"] == ["text"]
+    assert new[0]["session"]["instructions"] == relay.app.session["instructions"]
+    replayed = [m["item"] for m in new if m["type"] == "conversation.item.create"]
+    assert [i["id"] for i in replayed] == [
+        "item_user_one",
+        assistant_one,
+        "item_user_two",
+        "item_user_three",  # (the client's own, after the replay)
+    ]
+    assert replayed[1]["role"] == "assistant" and replayed[1]["content"][0]["type"] == "output_text"
+    assert replayed[1]["content"][0]["text"] == first["response"]["output"][0]["content"][0]["text"]
+    # The client never saw the new upstream's session events or the replay's echoes.
+    kinds = [e["type"] for e in seen]
+    assert kinds.count("session.created") == 1
+    assert kinds.count("session.updated") == 1  # the answer to its own update only
+    echoed = [e["item"]["id"] for e in seen if e["type"] == "conversation.item.added"]
+    assert echoed.count("item_user_one") == 1 and echoed.count("item_user_two") == 1
+
+
+async def test_without_failover_the_session_ends_with_its_upstream() -> None:
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(kill_mid_response=1), failover_attempts=0) as (relay, mock):
+            async with connect(relay.url + "/voice") as ws:
+                await until(ws, "session.created", seen)
+                await ws.send_message(user_text("item_user_one", "Hello there"))
+                await ws.send_message('{"type":"response.create"}')
+                error = await until(ws, "error", seen)
+                try:
+                    while True:
+                        await ws.get_message()
+                except Exception as exc:  # noqa: BLE001 (ConnectionClosed)
+                    code = exc.reason.code  # type: ignore[attr-defined]
+    assert error["error"]["code"] == "relay_upstream_lost"
+    assert code == 1011
+    assert len(mock.connections) == 1
+
+
+async def test_an_upstream_that_cannot_be_replaced_ends_the_session_with_1011() -> None:
+    """Every new dial is refused: after RELAY_FAILOVER_ATTEMPTS tries the client is told."""
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(
+            Faults(kill_mid_response=1), failover_attempts=2, failover_backoff=0.01
+        ) as (relay, mock):
+            async with connect(relay.url + "/voice") as ws:
+                await until(ws, "session.created", seen)
+                await ws.send_message(user_text("item_user_one", "Hello there"))
+                mock.faults = Faults(refuse_status=503)  # for the dials that follow
+                await ws.send_message('{"type":"response.create"}')
+                error = await until(ws, "error", seen)
+                try:
+                    while True:
+                        await ws.get_message()
+                except Exception as exc:  # noqa: BLE001 (ConnectionClosed)
+                    code = exc.reason.code  # type: ignore[attr-defined]
+    assert error["error"]["code"] == "relay_upstream_lost"
+    assert "could not open a new one" in error["error"]["message"]
+    assert code == 1011
+    assert mock.handshakes == 3  # the first, then two tries
