@@ -113,6 +113,7 @@ class Pair:
         "_takeover",
         "_rollover_after",
         "_rollover_at",
+        "_timer_sleep",
         "_upstream_scope",
         "_redial",
         "_in_hand",
@@ -179,6 +180,7 @@ class Pair:
         self._takeover = takeover
         self._rollover_after = takeover.rollover_seconds if takeover is not None else 0.0
         self._rollover_at = math.inf  # when the current upstream should be rolled over
+        self._timer_sleep: trio.CancelScope | None = None  # the timer task's sleep
         self._upstream_scope: trio.CancelScope | None = None  # the current upstream's relaying
         self._redial: Redial | None = None  # a failover the timer decided (no pong)
         #: The upstream a client message is being written to (a takeover waits for it to come
@@ -450,7 +452,10 @@ class Pair:
             await self._flush(upstream)
             if first and self._on_upstream_opened is not None and bridge.queued_at_open is not None:
                 self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
-            self._rollover_at = trio.current_time() + (self._rollover_after or math.inf)
+            if self._rollover_after:
+                self._rollover_at = trio.current_time() + self._rollover_after
+                if self._timer_sleep is not None:  # the timer sleeps: it wakes for it
+                    self._timer_sleep.deadline = min(self._timer_sleep.deadline, self._rollover_at)
             client_ws = self.client.websocket
             if self._pump and client_ws is not None and client_ws.pumpable and upstream.pumpable:
                 down = Leg(upstream, client_ws, self._upstream_step, bridge)
@@ -612,7 +617,10 @@ class Pair:
                         self._upstream_scope.cancel()  # the upstream task dials anew
                 if next_ping != math.inf:
                     next_ping = trio.current_time() + self._ping_interval
-            await trio.sleep_until(min(wake, next_ping, self._rollover_at))
+            with trio.CancelScope(deadline=min(wake, next_ping, self._rollover_at)) as sleep:
+                self._timer_sleep = sleep
+                await trio.sleep_forever()
+            self._timer_sleep = None
 
     async def _roll_over(self) -> None:
         """Move the session to a fresh upstream ahead of the Realtime API's cap, between turns:
