@@ -200,7 +200,11 @@ async def test_upstream_close_reaches_the_client_with_its_code(code: int, reason
         await ws.aclose(code, reason)
 
     with trio.fail_after(TIMEOUT):
-        async with scripted_upstream(greet_and_close) as up, running_relay(upstream_url=up.url) as relay:
+        # Without failover the upstream's close is the session's (with it, 1001 and 1011 move
+        # the session to a new upstream: tests/relay/test_failover.py).
+        async with scripted_upstream(greet_and_close) as up, running_relay(
+            upstream_url=up.url, failover_attempts=0
+        ) as relay:
             async with connect(relay.url + "/voice") as ws:
                 messages, got_code, got_reason = await receive_until_closed(ws)
             assert messages == ['{"type":"session.created"}', '{"type":"last.words"}']
@@ -216,7 +220,9 @@ async def test_upstream_vanishing_without_a_close_frame_gives_an_error_and_1011(
         await ws._stream.aclose()  # TCP gone, no close frame
 
     with trio.fail_after(TIMEOUT):
-        async with scripted_upstream(greet_and_drop) as up, running_relay(upstream_url=up.url) as relay:
+        async with scripted_upstream(greet_and_drop) as up, running_relay(
+            upstream_url=up.url, failover_attempts=0
+        ) as relay:
             async with connect(relay.url + "/voice") as ws:
                 messages, code, _ = await receive_until_closed(ws)
             assert messages[0] == '{"type":"session.created"}'
@@ -487,7 +493,10 @@ async def test_many_sessions_leave_no_socket_behind() -> None:
         return len(os.listdir("/proc/self/fd"))
 
     with trio.fail_after(30):
-        async with scripted_upstream(varied) as up, running_relay(upstream_url=up.url) as relay:
+        # (failover off: a drop ends the session here, the path whose sockets are counted)
+        async with scripted_upstream(varied) as up, running_relay(
+            upstream_url=up.url, failover_attempts=0
+        ) as relay:
             async with connect(relay.url + "/voice") as ws:  # warm up lazily created resources
                 await ws.get_message()
             while relay.app.pairs:

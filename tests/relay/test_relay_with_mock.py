@@ -75,7 +75,7 @@ async def test_upstream_close_after_open_is_passed_on_with_its_code() -> None:
 
 async def test_upstream_dropping_tcp_gives_the_events_so_far_then_1011() -> None:
     with trio.fail_after(TIMEOUT):
-        async with relay_and_mock(Faults(drop_after_events=2)) as (relay, _):
+        async with relay_and_mock(Faults(drop_after_events=2), failover_attempts=0) as (relay, _):
             async with connect(relay.url + "/voice") as ws:
                 messages, code, _ = await receive_until_closed(ws)
     kinds = [orjson.loads(m)["type"] for m in messages]

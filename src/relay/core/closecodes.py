@@ -29,6 +29,9 @@ class Code(IntEnum):
     TOO_FAST = 4009
     #: The user's daily token budget ran out during the session (cf. HTTP 429).
     BUDGET_EXHAUSTED = 4029
+    #: A resume the relay cannot honour: the session is gone, elsewhere, or not this client's
+    #: (cf. HTTP 410).
+    RESUME_REFUSED = 4410
 
 
 #: Codes that exist only locally and must never go on the wire.

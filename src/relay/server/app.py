@@ -53,6 +53,7 @@ from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .notes import SessionNotes
 from .pair import ClientSide, Pair, Takeover
+from .resume import RESUME_SUBPROTOCOL, Resumable, ResumeRefused, Resumes, asks_to_resume
 from .phone import TWILIO_PATH, PhoneLine
 from .sideband import Calls
 
@@ -155,6 +156,9 @@ class RelayApp:
             )
         #: Spans of sessions and turns (OTEL_EXPORTER_OTLP_ENDPOINT); set when the lifespan starts.
         self.tracer: Tracer | None = None
+        #: Sessions waiting for (or able to take) their client's resume, by token; this
+        #: process's only (relay.server.resume).
+        self.resumes = Resumes()
         #: WebRTC and SIP calls, watched from their sidebands (relay.server.sideband).
         self.calls = Calls(self)
         self.callers = Callers(config.sip_caller_key, config.sip_callers)
@@ -217,6 +221,16 @@ class RelayApp:
         session_id = secrets.token_hex(8)
         try:
             identity = self.auth.authenticate(scope["headers"], offered)
+            resume = asks_to_resume(offered)
+            if resume is not None:
+                if not self.config.resume_seconds:
+                    raise ResumeRefused(
+                        "relay_resume_off",
+                        "This relay does not resume sessions (RELAY_RESUME_SECONDS is 0); start"
+                        " a new session.",
+                    )
+                await self._resume(send, receive, offered, identity, *resume)
+                return
             refusal = admission.refusal(self.config, scope, offered, identity)
             if refusal is not None:  # refused after accept, as the Realtime API does: no session
                 client = await accept(send, receive, offered)
@@ -227,6 +241,9 @@ class RelayApp:
                 return
             with trio.fail_after(STORE_TIMEOUT):
                 await accounting.admit(identity, session_id)
+        except ResumeRefused as refused:  # (malformed: refused before any session was found)
+            await self._refuse_resume(send, receive, offered, refused)
+            return
         except Refusal as refused:
             log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
             if self.config.browser_refusals == "close" and header(scope, b"origin") is not None:
@@ -257,6 +274,43 @@ class RelayApp:
                 send, receive, offered, identity, session_id, bridge, model, offers_deflate(scope)
             )
 
+    async def _resume(
+        self, send: Send, receive: Receive, offered: Any, identity: Identity, token: str, count: int
+    ) -> None:
+        """Give a session waiting for its client (relay.server.resume) the client's new
+        connection, and hold that connection until it goes too or the session ends."""
+        try:
+            session = self.resumes.take(token, identity)
+        except ResumeRefused as refused:
+            await self._refuse_resume(send, receive, offered, refused)
+            return
+        subprotocol = "realtime" if "realtime" in offered else None
+        client, release = await self.open_client(send, receive, subprotocol)
+        try:
+            try:
+                connection = await session.resume(client, count)
+            except ResumeRefused as refused:
+                log.info("resume refused: %s", refused.code)
+                await client.send(error_event(refused.code, refused.message))
+                await client.close(Code.RESUME_REFUSED, refused.code)
+                await client.wait_closed(self.config.close_timeout)
+                return
+            log.info("session resumed", extra={"fields": {"user": identity.user, "from": count}})
+            await connection.done.wait()
+        finally:
+            if release is not None:
+                release()
+
+    async def _refuse_resume(
+        self, send: Send, receive: Receive, offered: Any, refused: ResumeRefused
+    ) -> None:
+        """A resume that cannot be: accepted, told why (an ``error`` event), closed 4410."""
+        log.info("resume refused: %s", refused.code)
+        client = await accept(send, receive, offered)
+        await client.send(error_event(refused.code, refused.message))
+        await client.close(Code.RESUME_REFUSED, refused.code)
+        await client.wait_closed(self.config.close_timeout)
+
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
         self.metrics.refused(status)
         await deny(send, status, message, code=code)
@@ -277,6 +331,15 @@ class RelayApp:
         client, release = await self.open_client(
             send, receive, subprotocol, deflate_offered=deflate_offered
         )
+        resumable = None
+        if self.config.resume_seconds and RESUME_SUBPROTOCOL in offered:
+            client = resumable = Resumable(
+                client,
+                registry=self.resumes,
+                identity=identity,
+                seconds=self.config.resume_seconds,
+                max_bytes=self.config.resume_bytes,
+            )
         call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
         pair = self.new_pair(
             client,
@@ -289,6 +352,8 @@ class RelayApp:
         try:
             await self.run_pair(pair, call)
         finally:
+            if resumable is not None:
+                resumable.ended()
             if release is not None:
                 release()  # Hypercorn closes the connection
 

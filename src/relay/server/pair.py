@@ -576,9 +576,12 @@ class Pair:
             if now >= self._rollover_at:
                 await self._roll_over()
             if now - self.client.last_heard >= peer_timeout:
-                # Gone without a word, like a dropped TCP connection.
-                await self._finish(bridge.client_closed())
-                return
+                # Gone without a word, like a dropped TCP connection: the end, unless the
+                # session waits for its client to resume (relay.server.resume).
+                hold = getattr(self.client, "hold", None)
+                if hold is None or not hold():
+                    await self._finish(bridge.client_closed())
+                    return
             wake = self.client.last_heard + peer_timeout
             if deadlines is not None:
                 step = deadlines.step(now, self.last_activity)
