@@ -1,0 +1,149 @@
+"""A relay-aware client that loses its connection resumes its session (RELAY_RESUME_SECONDS).
+
+End to end in front of mockrealtime: the client offers ``relay-resume``, gets a token after
+``session.created``, drops in the middle of a reply, and comes back with
+``relay-resume.<token>.<count>``; what the upstream sent meanwhile arrives, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from mockrealtime import MockConfig, MockServer, serve_mock_realtime
+from relay.usage.auth import hash_key
+
+from .harness import TEST_KEY, RunningRelay, connect, running_relay
+
+TIMEOUT = 20
+ALICE, BOB = "relay-test-alice-key-0123456789", "relay-test-bob-key-0123456789"
+TURN = orjson.dumps({"type": "conversation.item.create", "item": {
+    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me"}]}}).decode()
+
+
+@asynccontextmanager
+async def relay_and_mock(**settings: object) -> AsyncIterator[tuple[RunningRelay, MockServer]]:
+    # pace 4: a reply's audio streams for a while, so some of it comes while the client is away
+    config = MockConfig(api_keys=frozenset({TEST_KEY}), pace=4, reply_sentences=3)
+    values: dict[str, object] = {
+        "resume_seconds": 10.0,
+        "api_keys": (f"alice:{hash_key(ALICE)}", f"bob:{hash_key(BOB)}"),
+        "allow_anonymous": False,
+    }
+    values.update(settings)
+    async with trio.open_nursery() as nursery:
+        mock = await nursery.start(serve_mock_realtime, config)
+        async with running_relay(upstream_url=mock.url, **values) as relay:
+            yield relay, mock
+        nursery.cancel_scope.cancel()
+
+
+def protocols(key: str, *more: str) -> list[str]:
+    return ["realtime", f"relay-token.{key}", *more]
+
+
+class Reader:
+    """Counts the events a client got (relay.resume tokens aside) and keeps the last token."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.token: str | None = None
+
+    async def until(self, ws: WebSocketConnection, kind: str) -> dict[str, Any]:
+        while True:
+            event = orjson.loads(await ws.get_message())
+            if event["type"] == "relay.resume":
+                self.token = event["token"]
+            else:
+                self.events.append(event)
+            if event["type"] == kind:
+                return event
+
+
+async def refused(ws: WebSocketConnection) -> tuple[str, int]:
+    error = orjson.loads(await ws.get_message())
+    try:
+        await ws.get_message()
+    except ConnectionClosed as closed:
+        return error["error"]["code"], closed.reason.code
+    raise AssertionError("the refused resume was not closed")
+
+
+async def detached(relay: RunningRelay) -> None:
+    """Until the relay has seen the client's connection go (bounded by the test's timeout)."""
+    while not any(getattr(p.client, "_current", 1) is None for p in relay.app.pairs):
+        await trio.sleep(0.01)
+
+
+async def test_a_client_that_drops_mid_reply_resumes_and_gets_every_event_in_order() -> None:
+    reader = Reader()
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock() as (relay, mock):
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, "relay-resume")) as ws:
+                await reader.until(ws, "relay.resume")
+                await ws.send_message(TURN)
+                await ws.send_message('{"type":"response.create"}')
+                await reader.until(ws, "response.output_audio.delta")
+            await detached(relay)  # the reply goes on upstream while nobody is connected
+            token, count = reader.token, len(reader.events)
+            resume = f"relay-resume.{token}.{count}"
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, resume)) as ws:
+                await reader.until(ws, "response.done")
+                sent = list(mock.connections[0].sent_types)
+    got = [e["type"] for e in reader.events]
+    sent.remove("session.updated")  # the answer to the relay's own update, never the client's
+    assert got == sent[: len(got)]
+    assert got[-1] == "response.done"
+    assert len(mock.connections) == 1  # the same upstream session throughout
+    assert reader.token != token  # a new token after the resume
+
+
+async def test_a_used_token_or_another_clients_token_is_refused() -> None:
+    reader = Reader()
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock() as (relay, _):
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, "relay-resume")) as ws:
+                await reader.until(ws, "relay.resume")
+            await detached(relay)
+            token = f"relay-resume.{reader.token}.{len(reader.events)}"
+            # Bob holds Alice's token: refused, and Alice's session still waits for her.
+            async with connect(relay.url + "/voice", subprotocols=protocols(BOB, token)) as ws:
+                assert await refused(ws) == ("relay_resume_refused", 4410)
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, token)) as ws:
+                await reader.until(ws, "relay.resume")
+            # The token is spent: the same resume again is refused.
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, token)) as ws:
+                assert await refused(ws) == ("relay_resume_refused", 4410)
+            # A token from another relay process is told apart.
+            elsewhere = "relay-resume.ffffffff" + "x" * 32 + ".0"
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, elsewhere)) as ws:
+                assert await refused(ws) == ("relay_resume_elsewhere", 4410)
+
+
+async def test_a_client_that_does_not_come_back_in_time_ends_its_session_cleanly() -> None:
+    reader = Reader()
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(resume_seconds=0.5) as (relay, mock):
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, "relay-resume")) as ws:
+                await reader.until(ws, "relay.resume")
+            await mock.connections[0].closed.wait()  # the relay closed the upstream, after the window
+            while relay.app.pairs:
+                await trio.sleep(0.01)
+            assert mock.connections[0].close_code == 1000
+            assert len(relay.app.resumes) == 0
+            store = relay.app.accounting.store  # type: ignore[union-attr]
+            # The lease was given back: Alice's one slot is free again.
+            assert await store.acquire_slot("alice", "probe", limit=1, lease_seconds=10)
+
+
+async def test_resume_off_refuses_a_resume_clearly() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(resume_seconds=0.0) as (relay, _):
+            resume = "relay-resume.abc.0"
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, resume)) as ws:
+                assert await refused(ws) == ("relay_resume_off", 4410)
