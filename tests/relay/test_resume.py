@@ -147,3 +147,31 @@ async def test_resume_off_refuses_a_resume_clearly() -> None:
             resume = "relay-resume.abc.0"
             async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, resume)) as ws:
                 assert await refused(ws) == ("relay_resume_off", 4410)
+
+
+async def test_relay_talk_resumes_on_its_own_after_its_connection_drops() -> None:
+    """`relay talk` streams an utterance; its connection is cut (no close frame) after the
+    relay gave it a token: it comes back to the same session and gets its reply."""
+    from relay.clients import wav
+    from relay.clients.talk import SAMPLE, Options, talk
+
+    pcm = wav.load_for_api(SAMPLE)[0]
+    result: list[Any] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock() as (relay, mock):
+
+            async def run() -> None:
+                result.append(await talk(pcm, Options(url=relay.url + "/voice", token=ALICE, realtime=True)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                while not any(getattr(p.client, "token", None) for p in relay.app.pairs):
+                    await trio.sleep(0.01)
+                (pair,) = relay.app.pairs
+                # The network drops: the relay's end of the client's socket goes, no close frame.
+                await trio.aclose_forcefully(pair.client._current.side.websocket._stream)
+            resumes = pair.client.resumes
+    (conversation,) = result
+    assert resumes == 1
+    assert conversation.responses_done >= 1
+    assert len(mock.connections) == 1

@@ -21,7 +21,7 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
+from ..core.events import RESUME_SUBPROTOCOL
 from ..wire.upstream import os_reason
 from ..wire.websocket import (
     ConnectionClosed,
@@ -293,7 +294,7 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
             return True
         return False
 
-    async def receive(ws: WebSocket) -> None:
+    async def receive(ws: Resuming) -> None:
         while True:
             try:
                 message = await ws.get_message()
@@ -308,18 +309,18 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
             if isinstance(event, dict):
                 note(event)
 
-    async def send(ws: WebSocket, event: dict[str, Any]) -> None:
+    async def send(ws: Resuming, event: dict[str, Any]) -> None:
         try:
             await ws.send_message(orjson.dumps(event).decode())
         except ConnectionClosed as exc:
             raise TalkError(_closed_message(exc, conversation)) from None
 
-    async def append(ws: WebSocket, chunk: bytes) -> None:
+    async def append(ws: Resuming, chunk: bytes) -> None:
         await send(
             ws, {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()}
         )
 
-    async with open_relay(options.url, options.token) as ws:
+    async with resuming_relay(options.url, options.token) as ws:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive, ws)
             with trio.move_on_after(CONNECT_TIMEOUT) as waited:
@@ -417,8 +418,11 @@ def _closed_message(exc: ConnectionClosed, conversation: Conversation) -> str:
 
 
 @asynccontextmanager
-async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSocket]:
-    """A WebSocket to the relay offering ``realtime`` (and ``relay-token.<token>``).
+async def open_relay(
+    url: str, token: str | None = None, *, also: tuple[str, ...] = ()
+) -> AsyncIterator[WebSocket]:
+    """A WebSocket to the relay offering ``realtime`` (and ``relay-token.<token>``, and the
+    subprotocols ``also`` names).
 
     The relay's own client, which takes every close code the relay may send (wsproto, under
     trio-websocket, reads the relay's 1014 as a protocol error, 1002). Owns its TCP (or TLS)
@@ -434,6 +438,7 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
         if not TOKEN_RE.match(token):
             raise TalkError("--token may only hold letters, digits and !#$%&'*+-.^_`|~", EXIT_INPUT)
         subprotocols.append(f"relay-token.{token}")
+    subprotocols += also
     try:
         port = parts.port or (443 if parts.scheme == "wss" else 80)
     except ValueError:
@@ -479,6 +484,87 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
                 await ws.aclose()
     finally:
         await trio.aclose_forcefully(stream)
+
+
+class Resuming:
+    """The relay's WebSocket, resumed after a drop (a relay with RELAY_RESUME_SECONDS).
+
+    It offers ``relay-resume``; while the relay's ``relay.resume`` tokens come (they are not
+    passed on), a connection lost without a close frame is reopened with
+    ``relay-resume.<token>.<events received>``, once a second for as long as the relay holds
+    the session, and the relay sends what was missed. A send meanwhile waits for the new
+    connection; one sent into the lost connection is lost with it.
+    """
+
+    def __init__(self, url: str, token: str | None, stack: AsyncExitStack) -> None:
+        self._url = url
+        self._token = token
+        self._stack = stack
+        self._ws: WebSocket | None = None
+        self._received = 0
+        self._resume: tuple[str, float] | None = None  # the last token, and the window
+        self._back = trio.Event()
+        self.resumes = 0
+
+    async def open(self, also: tuple[str, ...] = (RESUME_SUBPROTOCOL,)) -> None:
+        self._ws = await self._stack.enter_async_context(open_relay(self._url, self._token, also=also))
+
+    async def get_message(self) -> str | bytes:
+        while True:
+            ws = self._ws
+            try:
+                message = await ws.get_message()  # type: ignore[union-attr]
+            except ConnectionClosed as exc:
+                if (exc.reason is not None and exc.reason.code != 1006) or self._resume is None:
+                    raise
+                await self._come_back(exc)
+                continue
+            if message.startswith('{"type":"relay.resume"'):  # (the relay writes it so)
+                event = orjson.loads(message)
+                self._resume = (event["token"], float(event["seconds"]))
+                continue
+            self._received += 1
+            return message
+
+    async def _come_back(self, lost: ConnectionClosed) -> None:
+        token, seconds = self._resume  # type: ignore[misc]
+        self._resume = None  # (spent: the relay sends a new one)
+        until = trio.current_time() + seconds
+        while trio.current_time() < until:
+            try:
+                await self.open((f"{RESUME_SUBPROTOCOL}.{token}.{self._received}",))
+            except TalkError:
+                await trio.sleep(1.0)
+                continue
+            self.resumes += 1
+            self._back.set()
+            self._back = trio.Event()
+            return
+        raise lost
+
+    async def send_message(self, message: str | bytes) -> None:
+        while True:
+            ws = self._ws
+            try:
+                await ws.send_message(message)  # type: ignore[union-attr]
+                return
+            except ConnectionClosed:
+                if self._resume is None and self._ws is ws:
+                    raise
+                if self._ws is ws:
+                    await self._back.wait()  # the reader reconnects
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        await self._ws.aclose(code, reason)  # type: ignore[union-attr]
+
+
+@asynccontextmanager
+async def resuming_relay(url: str, token: str | None = None) -> AsyncIterator[Resuming]:
+    """:func:`open_relay`, resumed after a drop where the relay allows it (:class:`Resuming`)."""
+    async with AsyncExitStack() as stack:
+        resuming = Resuming(url, token, stack)
+        await resuming.open()
+        yield resuming
 
 
 def _first(exc: BaseException) -> BaseException:

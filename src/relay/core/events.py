@@ -29,6 +29,10 @@ def event_type(text: str | bytes) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+#: The subprotocol a relay-aware client offers to make its session resumable, and (as
+#: ``relay-resume.<token>.<count>``) to resume one (relay.server.resume).
+RESUME_SUBPROTOCOL = "relay-resume"
+
 #: An audio append as the SDKs write it: this head, an optional event_id, the audio last.
 APPEND_AUDIO = '{"type":"input_audio_buffer.append","audio":"'
 APPEND_EVENT_ID = '{"type":"input_audio_buffer.append","event_id":"'

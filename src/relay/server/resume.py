@@ -32,15 +32,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..core.bridge import Message
-from ..core.events import dumps
+from ..core.events import RESUME_SUBPROTOCOL, dumps
 from ..usage.auth import Identity
 
 if TYPE_CHECKING:
     from .pair import ClientSide
 
-#: The subprotocol a client offers to make its session resumable, and (with ``.token.count``)
-#: to resume one.
-RESUME_SUBPROTOCOL = "relay-resume"
 
 
 class ResumeRefused(Exception):

@@ -288,6 +288,8 @@ async function connect() {
     assistant: new Map(), // item id → {el, text, truncated, responseId, meta}
     responses: new Map(), // response id → {firstAudio}
     lastError: null,
+    received: 0, // events of the session received (what a resume starts after)
+    resume: null, // {token, seconds}: the relay's last relay.resume
   };
   session = s;
   if (kind === "webrtc") return connectCall(s, token);
@@ -322,10 +324,13 @@ async function connect() {
   }
 }
 
-function openSocket(s, token) {
+function openSocket(s, token, resume = null) {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const protocols = ["realtime"];
   if (token) protocols.push(`relay-token.${token}`);
+  // Resumable: after a network blip the page comes back to the same session (RELAY_RESUME_SECONDS
+  // on the relay; without it, the relay ignores the offer and sends no relay.resume token).
+  protocols.push(resume ? `relay-resume.${resume.token}.${s.received}` : "relay-resume");
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(`${scheme}://${location.host}/voice`, protocols);
     s.ws = ws;
@@ -335,14 +340,26 @@ function openSocket(s, token) {
     };
     ws.onmessage = (message) => {
       try {
-        onEvent(s, JSON.parse(message.data));
+        const event = JSON.parse(message.data);
+        if (event.type === "relay.resume") {
+          s.resume = { token: event.token, seconds: event.seconds };
+          if (resume) setState("live", "resumed");
+          return; // the relay's own, and not counted: the count is of the session's events
+        }
+        s.received += 1;
+        onEvent(s, event);
       } catch (err) {
         console.error("relay demo: bad event", err);
       }
     };
     ws.onclose = (close) => {
       reject(new Error(`the relay closed the connection (${close.code})`));
-      if (session !== s) return;
+      if (session !== s || s.ws !== ws) return;
+      if (resume && !s.opened && !s.closing) return; // not through yet: resumeSession tries again
+      if (!s.closing && s.opened && close.code === 1006 && s.resume) {
+        resumeSession(s, token); // a network blip: the relay holds the session for a while
+        return;
+      }
       if (!s.closing && !s.opened) {
         // Browsers do not say why a handshake failed; the relay's log does.
         const hint = token
@@ -359,6 +376,27 @@ function openSocket(s, token) {
       disconnect(s);
     };
   });
+}
+
+// Come back to the same session after the connection dropped: try again (1 s apart) until the
+// relay's window is over; every event sent meanwhile then arrives, in order.
+async function resumeSession(s, token) {
+  const until = performance.now() + s.resume.seconds * 1000;
+  setState("connecting", "connection lost: resuming…");
+  while (session === s && !s.closing && performance.now() < until) {
+    const resume = s.resume;
+    s.opened = false;
+    try {
+      await openSocket(s, token, resume);
+      return; // the relay sends what was missed, then a new token (or refuses, and says why)
+    } catch (err) {
+      await new Promise((done) => setTimeout(done, 1000));
+    }
+  }
+  if (session !== s || s.closing) return;
+  showError(s.lastError || "The connection was lost and could not be resumed: connect again.", "resume_failed");
+  setState("error", "connection lost");
+  disconnect(s);
 }
 
 function startCapture(s) {
