@@ -84,6 +84,8 @@ async def run_demo(
                 "store": "sqlite:///:memory:",
                 # Phone calls with `relay call`, which knows this token (no Twilio account).
                 "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN,
+                # The page and `relay talk` come back to their session after a network blip.
+                "resume_seconds": 30.0,
             },
         )
 
