@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .core.beta import DEFAULT_MODEL_ALIASES
 from .core.policy import Policy
 from .usage.auth import parse_api_keys
 
@@ -184,6 +185,20 @@ class RelayConfig:
         "RELAY_MODELS",
         "Comma-separated models a client may pick with `?model=`; RELAY_MODEL is always allowed.",
     )
+    model_aliases: tuple[str, ...] = _setting(
+        tuple(f"{old}={new}" for old, new in DEFAULT_MODEL_ALIASES.items()),
+        "RELAY_MODEL_ALIASES",
+        "Comma-separated `retired=current` model names: a client naming a retired model (as beta"
+        " clients do) gets the current one. Default: the retired preview models (docs/beta.md);"
+        " a pair whose model is not allowed is ignored. `none`: no aliases.",
+    )
+    beta: str = _setting(
+        "translate",
+        "RELAY_BETA",
+        "Clients asking for the retired beta dialect (`OpenAI-Beta: realtime=v1`): `translate`"
+        " (served in beta, GA upstream; docs/beta.md) or `refuse` (error"
+        " `beta_api_shape_disabled`, close 4000, as the Realtime API does).",
+    )
     host: str = _setting("127.0.0.1", "RELAY_HOST", "Address `relay serve` binds to.")
     port: int = _setting(8000, "RELAY_PORT", "Port `relay serve` binds to.")
     workers: int = _setting(
@@ -317,6 +332,13 @@ class RelayConfig:
     @property
     def allowed_models(self) -> frozenset[str]:
         return frozenset((*self.models, self.model))
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """The model aliases in force: those whose current model is allowed here."""
+        allowed = self.allowed_models
+        pairs = (entry.partition("=") for entry in self.model_aliases if entry != "none")
+        return {old: new for old, _, new in pairs if new in allowed}
 
     def session_object(self) -> dict[str, Any]:
         """The GA session sent upstream first, with the env overrides applied."""
@@ -505,6 +527,9 @@ def _validate(config: RelayConfig) -> None:
         )
     if not config.model:
         raise ConfigError("RELAY_MODEL must name a model, e.g. gpt-realtime")
+    if config.beta not in ("translate", "refuse"):
+        raise ConfigError(f"RELAY_BETA must be 'translate' or 'refuse', got {config.beta!r}")
+    _validate_aliases(config)
     if not 0 <= config.port < 65536:
         raise ConfigError(f"RELAY_PORT must be 0-65535, got {config.port}")
     for name in (
@@ -543,3 +568,23 @@ def _validate(config: RelayConfig) -> None:
         )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")
+
+
+def _validate_aliases(config: RelayConfig) -> None:
+    """Aliases an operator wrote must be well formed and lead to an allowed model (the shipped
+    ones lead to the default models and are left out where those are not allowed)."""
+    if config.model_aliases == RelayConfig.model_aliases or config.model_aliases == ("none",):
+        return
+    for entry in config.model_aliases:
+        old, eq, new = entry.partition("=")
+        if not (eq and old.strip() and new.strip()) or old != old.strip() or new != new.strip():
+            raise ConfigError(
+                f"RELAY_MODEL_ALIASES: {entry!r} is not `retired=current`, e.g."
+                " gpt-4o-realtime-preview=gpt-realtime"
+            )
+        if new not in config.allowed_models:
+            allowed = ", ".join(sorted(config.allowed_models))
+            raise ConfigError(
+                f"RELAY_MODEL_ALIASES maps {old} to {new}, which clients may not use here;"
+                f" allowed (RELAY_MODEL, RELAY_MODELS): {allowed}."
+            )

@@ -159,9 +159,11 @@ async def test_model_query_is_honoured_within_the_allow_list() -> None:
             assert len(up.connections) == 1  # no upstream session for a refused model
 
 
-async def test_beta_clients_are_told_the_relay_speaks_ga() -> None:
+async def test_beta_clients_are_told_the_relay_speaks_ga_when_it_does_not_translate() -> None:
     with trio.fail_after(TIMEOUT):
-        async with scripted_upstream(accept_and_echo) as up, running_relay(upstream_url=up.url) as relay:
+        async with scripted_upstream(accept_and_echo) as up, running_relay(
+            upstream_url=up.url, beta="refuse"
+        ) as relay:
             async with connect(
                 relay.url + "/v1/realtime", subprotocols=["realtime", "openai-beta.realtime-v1"]
             ) as ws:

@@ -66,9 +66,11 @@ class Cause(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """Send this event to the client; the session goes on."""
+    """Send this event to the client; the session goes on (with ``upstream``, if any, sent
+    upstream next: a message that went through with a warning)."""
 
     text: str
+    upstream: Message | None = None
 
 
 @dataclass(frozen=True, slots=True)

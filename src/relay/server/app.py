@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from ..config import ConfigError, RelayConfig, load_config
+from ..core.beta import BetaBridge, BetaTranslator, asks_for_beta
 from ..core.bridge import Bridge, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
@@ -35,7 +36,7 @@ from ..wire.pump import Pump
 from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
-from .asgi import Receive, Scope, Send, deny, header, query_param
+from .asgi import Receive, Scope, Send, deny, header
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
@@ -61,6 +62,8 @@ class RelayApp:
             max_message_bytes=config.max_message_bytes,
         )
         self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        #: Serves the clients that speak the retired beta dialect (RELAY_BETA=translate).
+        self.beta = BetaTranslator(config.aliases)
         self.auth = Authenticator(
             api_keys=parse_api_keys(config.api_keys),
             jwt_secret=config.jwt_secret,
@@ -178,14 +181,18 @@ class RelayApp:
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
         started = trio.current_time()
-        bridge = Bridge(
+        settings: dict[str, Any] = {}
+        if self.config.beta == "translate" and asks_for_beta(scope["headers"], offered):
+            settings["translator"] = self.beta  # the client is served in beta: see core.beta
+        bridge = (BetaBridge if settings else Bridge)(
             session_update=self.session_update,
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
             policy=self.config.policy.for_session(
-                query_param(scope, "model") or self.config.model, identity.model
+                admission.session_model(self.config, scope), identity.model
             ),
+            **settings,
         )
         try:
             if accounting.holds_leases:
@@ -230,7 +237,7 @@ class RelayApp:
             )
             ws.send_timeout = self.config.send_timeout
             client = SocketClient(ws)
-        model = query_param(scope, "model") or self.config.model
+        model = admission.session_model(self.config, scope)
         pair = Pair(
             client,
             bridge,

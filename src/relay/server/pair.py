@@ -212,6 +212,15 @@ class Pair:
                 out = step(data)
             if out is None:
                 continue
+            if out.__class__ is Reply:
+                try:
+                    await self.client.send(out.text)  # type: ignore[union-attr]
+                except trio.TooSlowError:
+                    await self._finish(bridge.client_too_slow(self._send_timeout))
+                    return
+                out = out.upstream  # type: ignore[union-attr]
+                if out is None:
+                    continue
             if out.__class__ is str or out.__class__ is bytes or out is PART:
                 upstream: WebSocket = self._upstream  # type: ignore[assignment]
                 try:
@@ -224,12 +233,6 @@ class Pair:
                     return
                 except trio.TooSlowError:
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
-                    return
-            elif out.__class__ is Reply:
-                try:
-                    await self.client.send(out.text)  # type: ignore[union-attr]
-                except trio.TooSlowError:
-                    await self._finish(bridge.client_too_slow(self._send_timeout))
                     return
             else:
                 await self._finish(out)  # type: ignore[arg-type]
