@@ -178,9 +178,7 @@ SESSION_FIELDS: tuple[Field, ...] = (
     Field("input_audio_format", ("audio", "input", "format"), _format_to_ga, _format_to_beta),
     Field("input_audio_transcription", ("audio", "input", "transcription")),
     Field("input_audio_noise_reduction", ("audio", "input", "noise_reduction")),
-    Field(
-        "turn_detection", ("audio", "input", "turn_detection"), _same, _turn_detection_to_beta
-    ),
+    Field("turn_detection", ("audio", "input", "turn_detection"), _same, _turn_detection_to_beta),
     Field("max_response_output_tokens", ("max_output_tokens",)),
 )
 
@@ -406,14 +404,15 @@ def _server_body(event: Event, *, to_beta: bool) -> Event:
             session = nested_to_flat(event["session"], SESSION_FIELDS)
             session.pop("type", None)
         else:
-            session = {"type": "realtime", **flat_to_nested(event["session"], SESSION_FIELDS, "")}
+            session = _drop(event["session"], "", [])
+            session = {"type": "realtime", **flat_to_nested(session, SESSION_FIELDS, "session")}
         return {**event, "session": session}
     if kind in ("response.created", "response.done") and isinstance(event.get("response"), dict):
         response = event["response"]
         moved = (
             nested_to_flat(response, RESPONSE_FIELDS)
             if to_beta
-            else flat_to_nested(response, RESPONSE_FIELDS, "")
+            else flat_to_nested(_drop(response, "", []), RESPONSE_FIELDS, "response")
         )
         return {**event, "response": moved}
     if "item" in event:  # item created/added, retrieved; output_item added/done
@@ -449,9 +448,7 @@ _CLIENT_PARSED = frozenset(
     {"session.update", "response.create", "conversation.item.create", *CLIENT_UNTRANSLATABLE}
 )
 #: ``{"type":"<GA name>"`` → ``{"type":"<beta name>"``, for renaming without parsing.
-_RENAMED_PREFIXES = {
-    f'{_PREFIX}{ga}"': f'{_PREFIX}{beta}"' for ga, beta in SERVER_RENAMES.items()
-}
+_RENAMED_PREFIXES = {f'{_PREFIX}{ga}"': f'{_PREFIX}{beta}"' for ga, beta in SERVER_RENAMES.items()}
 
 
 class BetaTranslator:
