@@ -203,12 +203,12 @@ def test_sdk_beta_client_completes_an_audio_turn_with_server_vad(
                 "modalities": ["text", "audio"],
                 "input_audio_format": "pcm16",
                 "output_audio_format": "pcm16",
-                "turn_detection": {"type": "server_vad", "silence_duration_ms": 300},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
                 "input_audio_transcription": {"model": "whisper-1"},
             }
         )
         updated = turns.updated(lambda session: session.input_audio_transcription is not None)
-        assert updated.session.turn_detection.silence_duration_ms == 300  # type: ignore[union-attr]
+        assert updated.session.turn_detection.silence_duration_ms == 500  # type: ignore[union-attr]
         assert updated.session.input_audio_format == "pcm16"
         for at in range(0, len(speech), 4800):  # 100 ms appends
             conn.input_audio_buffer.append(audio=base64.b64encode(speech[at : at + 4800]).decode())
@@ -229,6 +229,8 @@ def test_sdk_beta_client_completes_an_audio_turn_with_server_vad(
     assert "response.audio_transcript.done" in kinds and "response.audio.done" in kinds
     [user] = [e.item for e in events if isinstance(e, ConversationItemCreatedEvent)][:1]
     assert (user.role, user.content[0].type) == ("user", "input_audio")  # type: ignore[index]
+    assert events[-1].response.status == "completed"  # one turn, not cut by another
+    assert kinds.count("input_audio_buffer.speech_started") == 1
     assert events[-1].response.modalities == ["text", "audio"]
     assert events[-1].response.output_audio_format == "pcm16"
     assert_upstream_heard_ga_only(mock)
