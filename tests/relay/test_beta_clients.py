@@ -4,14 +4,19 @@ The upstream is mockrealtime refusing beta as the real API now does (``reject_be
 every turn here works only because the relay translates. Each client completes a text turn,
 an audio turn with server VAD, a function-call round trip and a cancel:
 
-* the Python SDK's ``client.beta.realtime`` (it sends ``OpenAI-Beta: realtime=v1``).
+* the Python SDK's ``client.beta.realtime`` (it sends ``OpenAI-Beta: realtime=v1``);
+* a browser page written the beta way (tests/relay/beta_page/), which completes a voice turn
+  in headless Chromium.
 """
 
 from __future__ import annotations
 
 import base64
+import threading
 import wave
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,16 @@ from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from relay.core.policy import Policy
 
 from .harness import TEST_KEY, running_relay
-from .test_browser import Starter, Trigger, served_in_thread
+from .test_browser import (
+    Starter,
+    Trigger,
+    body_data,
+    microphone_file,
+    needs_chromium,
+    open_browser,
+    served_in_thread,
+    wait_for,
+)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 #: What a beta client must never see: GA names.
@@ -302,3 +316,74 @@ def test_the_relay_named_the_retired_model_by_its_alias_upstream(
     assert record.path == "/v1/realtime?model=gpt-realtime"
     assert "openai-beta" not in {name.lower() for name in record.headers}
     assert "sk-beta-user" not in str(record.headers)
+
+
+# -- a page written the beta way, in a browser -------------------------------------------------
+
+BETA_PAGE = Path(__file__).parent / "beta_page"
+
+
+@contextmanager
+def page_server() -> Iterator[str]:
+    """tests/relay/beta_page/ over HTTP on a loopback port (a secure context for the mic)."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(BETA_PAGE), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@needs_chromium
+def test_a_page_written_the_beta_way_completes_a_voice_turn(
+    beta_relay: tuple[str, MockServer], tmp_path: Path
+) -> None:
+    http_url, mock = beta_relay
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.5)
+    drv = open_browser(mic, tmp_path / "profile")
+    try:
+        with page_server() as page:
+            relay_ws = http_url.replace("http", "ws", 1) + "/v1/realtime"
+            drv.get(f"{page}/index.html?ws={relay_ws}")
+            wait_for(drv, "d.state === 'replied'")
+            data = body_data(drv)
+    finally:
+        drv.quit()
+    types = data["types"].split()
+    assert "error" not in data and "error" not in types, data
+    assert types[0] == "session.created"
+    for kind in (
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.committed",
+        "conversation.item.created",
+        "response.audio.delta",
+        "response.audio_transcript.done",
+        "response.done",
+    ):
+        assert kind in types, (kind, types)
+    assert not [t for t in types if t.startswith(GA_ONLY)], types
+    assert int(data["sentMs"]) >= 2000  # the speech and the silence after it
+    assert int(data["receivedMs"]) >= 500
+    assert int(data["playedMs"]) >= int(data["receivedMs"]) - 1  # every delta played out
+    record = mock.connections[-1]
+    assert "openai-beta.realtime-v1" not in record.subprotocols  # GA upstream
+    assert_upstream_heard_ga_only(mock)
+    [update] = [
+        orjson.loads(m)
+        for m in upstream_messages(mock)
+        if m.startswith('{"type":"session.update"')
+        and '"silence_duration_ms":500' in m
+        and '"format"' in m
+    ]
+    assert update["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
