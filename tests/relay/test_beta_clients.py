@@ -14,9 +14,9 @@ from __future__ import annotations
 import base64
 import threading
 import wave
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ BETA_FIELDS = {
     "input_audio_transcription",
     "max_response_output_tokens",
     "temperature",
-    "output_audio_format",
 }
 RETIRED_MODEL = "gpt-4o-realtime-preview-2024-12-17"
 WEATHER_TOOL = {
