@@ -20,14 +20,13 @@ lacks, dropped with one), never dropped in silence; docs/beta.md lists it all.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .bridge import Bridge, Ending, Message, Phase, Reply
 from .events import dumps, error_event, event_type, parse_event
-from .policy import APPEND
+from .policy import APPEND, DELTA
 
 #: The subprotocol a browser offers to ask for the beta dialect (headers cannot be set there).
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
@@ -241,22 +240,26 @@ def _get(obj: Any, path: Path) -> tuple[bool, Any]:
     return True, obj
 
 
+# The functions below never change the objects they are given: they copy each object on the
+# way to a field they move (not the values, which move as they are).
+
+
 def _put(obj: Event, path: Path, value: Any) -> None:
     *parents, last = path
     for key in parents:
         inner = obj.get(key)
-        if not isinstance(inner, dict):
-            inner = obj[key] = {}
+        obj[key] = inner = dict(inner) if isinstance(inner, dict) else {}
         obj = inner
     obj[last] = value
 
 
 def _pop(obj: Event, path: Path) -> None:
-    """Remove ``path`` and the objects it leaves empty (``obj`` holds copies along it)."""
+    """Remove ``path`` and the objects it leaves empty."""
     *parents, last = path
     chain = [obj]
     for key in parents:
-        chain.append(chain[-1][key])
+        chain[-1][key] = inner = dict(chain[-1][key])
+        chain.append(inner)
     del chain[-1][last]
     for parent, key in zip(reversed(chain[:-1]), reversed(parents), strict=True):
         if parent[key]:
@@ -267,10 +270,8 @@ def _pop(obj: Event, path: Path) -> None:
 def flat_to_nested(flat: Event, fields: tuple[Field, ...], param: str) -> Event:
     """A beta object in its GA shape; ``param`` names it in errors (``session``, ``response``)."""
     by_beta = {f.beta: f for f in fields}
-    out: Event = {}
-    for key, value in flat.items():
-        if key not in by_beta:
-            out[key] = copy.deepcopy(value)  # the same in both dialects (or the API's to judge)
+    # Fields alike in both dialects pass as they are (a wrong one is the API's to answer).
+    out: Event = {key: value for key, value in flat.items() if key not in by_beta}
     for key, value in flat.items():
         found = by_beta.get(key)
         if found is not None:
@@ -280,7 +281,7 @@ def flat_to_nested(flat: Event, fields: tuple[Field, ...], param: str) -> Event:
 
 def nested_to_flat(nested: Event, fields: tuple[Field, ...]) -> Event:
     """A GA object in its beta shape (fields beta does not know stay where they are)."""
-    out = copy.deepcopy(nested)
+    out = dict(nested)
     for found in fields:
         present, value = _get(out, found.ga)
         if present:
@@ -449,6 +450,8 @@ _CLIENT_PARSED = frozenset(
 )
 #: ``{"type":"<GA name>"`` → ``{"type":"<beta name>"``, for renaming without parsing.
 _RENAMED_PREFIXES = {f'{_PREFIX}{ga}"': f'{_PREFIX}{beta}"' for ga, beta in SERVER_RENAMES.items()}
+_AUDIO_DELTA = DELTA
+_AUDIO_DELTA_BETA = _RENAMED_PREFIXES[_AUDIO_DELTA]
 
 
 class BetaTranslator:
@@ -488,17 +491,23 @@ class BetaTranslator:
         return dumps(ga), warning
 
     def server(self, text: str) -> str | None:
-        """The beta text of a GA server event (None: beta clients never see it)."""
-        for ga_prefix, beta_prefix in _RENAMED_PREFIXES.items():
-            if text.startswith(ga_prefix):
-                if event_type(text) == ga_prefix[len(_PREFIX) : -1]:
-                    return beta_prefix + text[len(ga_prefix) :]  # audio: no parse of the payload
-                break
-        kind = event_type(text)
-        if kind in SERVER_HIDDEN:
-            return None
-        if kind not in _PARSED and kind not in SERVER_RENAMES:
-            return text
+        """The beta text of a GA server event (None: beta clients never see it).
+
+        A renamed event is recognised by how it starts, as the bridge recognises audio deltas:
+        the payload is not read (a second ``type`` key, which a parser would take, is not looked
+        for; the upstream is the Realtime API, and reading the type of a 6 KB audio delta
+        exactly costs more than the rest of its way through the relay)."""
+        if text.startswith(_AUDIO_DELTA):
+            return _AUDIO_DELTA_BETA + text[len(_AUDIO_DELTA) :]
+        if text.startswith(_PREFIX):
+            kind = text[len(_PREFIX) : text.find('"', len(_PREFIX))]
+            renamed = _RENAMED_PREFIXES.get(f'{_PREFIX}{kind}"')
+            if renamed is not None:
+                return renamed + text[len(_PREFIX) + len(kind) + 1 :]
+            if kind in SERVER_HIDDEN:
+                return None
+            if kind not in _PARSED:
+                return text  # the same in both dialects
         event = parse_event(text)
         if event is None:
             return text
