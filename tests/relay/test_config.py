@@ -37,6 +37,9 @@ def test_environment_values_are_typed() -> None:
         ({"RELAY_UPSTREAM_URL": "wss://x/v1/realtime?model=a"}, "RELAY_UPSTREAM_URL"),
         ({"RELAY_UPSTREAM_AUTH": "query"}, "RELAY_UPSTREAM_AUTH"),
         ({"RELAY_BINARY_FRAMES": "drop"}, "RELAY_BINARY_FRAMES"),
+        ({"RELAY_BETA": "ignore"}, "RELAY_BETA"),
+        ({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview"}, "RELAY_MODEL_ALIASES"),
+        ({"RELAY_MODEL_ALIASES": "old=gpt-realtime-9"}, "RELAY_MODEL_ALIASES"),
         ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
     ],
 )
@@ -78,3 +81,20 @@ def test_the_key_never_shows_in_the_config_repr() -> None:
     config = load_config({"OPENAI_API_KEY": "sk-very-secret"})
     assert "sk-very-secret" not in repr(config)
     assert all(s.env.startswith(("RELAY_", "OPENAI_")) for s in SETTINGS)
+
+
+def test_retired_models_have_aliases_to_allowed_models_by_default() -> None:
+    config = load_config({})
+    assert config.beta == "translate"
+    assert config.aliases["gpt-4o-realtime-preview-2024-10-01"] == "gpt-realtime"
+    assert config.aliases["gpt-4o-mini-realtime-preview"] == "gpt-realtime-mini"
+    # A shipped alias whose model the operator does not allow is left out, not an error.
+    only_full = load_config({"RELAY_MODELS": "gpt-realtime"})
+    assert "gpt-4o-mini-realtime-preview" not in only_full.aliases
+    assert only_full.aliases["gpt-4o-realtime-preview"] == "gpt-realtime"
+
+
+def test_model_aliases_can_be_replaced_or_turned_off() -> None:
+    config = load_config({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview=gpt-realtime-mini"})
+    assert config.aliases == {"gpt-4o-realtime-preview": "gpt-realtime-mini"}
+    assert load_config({"RELAY_MODEL_ALIASES": "none"}).aliases == {}

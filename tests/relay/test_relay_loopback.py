@@ -159,6 +159,18 @@ async def test_model_query_is_honoured_within_the_allow_list() -> None:
             assert len(up.connections) == 1  # no upstream session for a refused model
 
 
+async def test_a_retired_model_is_dialed_by_its_alias_and_an_unknown_one_still_refused() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(accept_and_echo) as up, running_relay(upstream_url=up.url) as relay:
+            async with connect(relay.url + "/v1/realtime?model=gpt-4o-mini-realtime-preview") as ws:
+                await ws.get_message()
+            assert up.connections[0].request.path == "/v1/realtime?model=gpt-realtime-mini"
+            async with connect(relay.url + "/v1/realtime?model=gpt-4o-realtime-preview-1999") as ws:
+                messages, code, _ = await receive_until_closed(ws)
+            assert error_codes(messages) == ["invalid_model"] and code == 4000
+            assert len(up.connections) == 1
+
+
 async def test_beta_clients_are_told_the_relay_speaks_ga_when_it_does_not_translate() -> None:
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(accept_and_echo) as up, running_relay(
