@@ -844,22 +844,17 @@ BETA_SERVER_EVENTS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         for kind, key in _IDS_KINDS.items()
     },
     "response.audio.done": ids.map(lambda i: {"type": "response.audio.done", **i}),
-    "response.function_call_arguments.delta": event(
-        "response.function_call_arguments.delta",
-        response_id=ident,
-        item_id=ident,
-        output_index=st.just(0),
-        call_id=ident,
-        delta=text,
-    ),
-    "response.function_call_arguments.done": event(
-        "response.function_call_arguments.done",
-        response_id=ident,
-        item_id=ident,
-        output_index=st.just(0),
-        call_id=ident,
-        arguments=text,
-    ),
+    **{
+        f"response.function_call_arguments.{step}": event(
+            f"response.function_call_arguments.{step}",
+            response_id=ident,
+            item_id=ident,
+            output_index=st.just(0),
+            call_id=ident,
+            **{key: text},
+        )
+        for step, key in (("delta", "delta"), ("done", "arguments"))
+    },
     "rate_limits.updated": event(
         "rate_limits.updated",
         rate_limits=st.just([{"name": "requests", "limit": 1, "remaining": 1, "reset_seconds": 1}]),
