@@ -12,6 +12,7 @@ an audio turn with server VAD, a function-call round trip and a cancel:
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import wave
 from collections.abc import Callable, Iterator
@@ -306,11 +307,15 @@ def test_sdk_beta_client_cancels_a_response_mid_stream(beta_relay: tuple[str, Mo
 
 
 def test_the_relay_named_the_retired_model_by_its_alias_upstream(
-    beta_relay: tuple[str, MockServer],
+    beta_relay: tuple[str, MockServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     http_url, mock = beta_relay
-    with sdk_connect(http_url) as conn:
-        assert conn.recv().type == "session.created"
+    with caplog.at_level(logging.INFO, logger="relay"):
+        with sdk_connect(http_url) as conn:
+            assert conn.recv().type == "session.created"
+    [started] = [r for r in caplog.records if r.getMessage() == "session started"]
+    assert started.fields["model"] == "gpt-realtime"  # type: ignore[attr-defined]
+    assert started.fields["dialect"] == "beta"  # type: ignore[attr-defined]
     record = mock.connections[-1]
     assert record.path == "/v1/realtime?model=gpt-realtime"
     assert "openai-beta" not in {name.lower() for name in record.headers}

@@ -266,7 +266,15 @@ class RelayApp:
         started = trio.current_time()
         log.info(
             "session started",
-            extra={"fields": {"session": session_id, "user": identity.user, "model": model}},
+            extra={
+                "fields": {
+                    "session": session_id,
+                    "user": identity.user,
+                    "model": model,
+                    # Who still speaks the retired dialect, for operators planning its end.
+                    "dialect": "beta" if isinstance(bridge, BetaBridge) else "ga",
+                }
+            },
         )
         ending = None
         try:
