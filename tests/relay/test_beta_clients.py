@@ -306,6 +306,28 @@ def test_sdk_beta_client_cancels_a_response_mid_stream(beta_relay: tuple[str, Mo
     assert {"type": "response.cancel"} in [{"type": m["type"]} for m in sent]
 
 
+def test_a_field_ga_lacks_is_dropped_with_a_warning_and_the_rest_applied(
+    beta_relay: tuple[str, MockServer],
+) -> None:
+    http_url, mock = beta_relay
+    with sdk_connect(http_url) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"voice": "coral", "temperature": 1.1}, event_id="t7")
+        seen = []
+        while not (
+            seen and seen[-1].type == "session.updated" and seen[-1].session.voice == "coral"
+        ):
+            seen.append(conn.recv())
+    [warning] = [e for e in seen if e.type == "error"]
+    assert (warning.error.code, warning.error.param, warning.error.event_id) == (
+        "relay_beta_field_dropped",
+        "session.temperature",
+        "t7",
+    )
+    [update] = [orjson.loads(m) for m in upstream_messages(mock) if '"coral"' in m]
+    assert update["session"] == {"type": "realtime", "audio": {"output": {"voice": "coral"}}}
+
+
 def test_the_relay_named_the_retired_model_by_its_alias_upstream(
     beta_relay: tuple[str, MockServer], caplog: pytest.LogCaptureFixture
 ) -> None:
