@@ -34,6 +34,7 @@ from openai.types.beta.realtime import (
 )
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
+from relay.clients.talk import SAMPLE
 from relay.core.policy import Policy
 
 from .harness import TEST_KEY, running_relay
@@ -48,7 +49,6 @@ from .test_browser import (
     wait_for,
 )
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
 #: What a beta client must never see: GA names.
 GA_ONLY = (
     "response.output_text.",
@@ -198,8 +198,8 @@ def test_sdk_beta_client_completes_a_text_turn(beta_relay: tuple[str, MockServer
     assert_upstream_heard_ga_only(mock)
 
 
-def pcm16_24k(name: str) -> bytes:
-    with wave.open(str(FIXTURES / name)) as clip:
+def pcm16_24k(path: Path) -> bytes:
+    with wave.open(str(path)) as clip:
         assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (24000, 1, 2)
         return clip.readframes(clip.getnframes())
 
@@ -208,7 +208,7 @@ def test_sdk_beta_client_completes_an_audio_turn_with_server_vad(
     beta_relay: tuple[str, MockServer],
 ) -> None:
     http_url, mock = beta_relay
-    speech = pcm16_24k("hello.wav") + bytes(2 * 24000)  # and a second of silence
+    speech = pcm16_24k(SAMPLE) + bytes(2 * 24000)  # and a second of silence
     with sdk_connect(http_url) as conn:
         turns = Turns(conn)
         turns.until("session.created")
@@ -376,7 +376,7 @@ def test_a_page_written_the_beta_way_completes_a_voice_turn(
     beta_relay: tuple[str, MockServer], tmp_path: Path
 ) -> None:
     http_url, mock = beta_relay
-    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.5)
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, SAMPLE, 1.5)
     drv = open_browser(mic, tmp_path / "profile")
     try:
         with page_server() as page:
