@@ -564,6 +564,37 @@ def test_audio_deltas_are_renamed_without_touching_the_payload() -> None:
     )
 
 
+GA_TYPES = [
+    "response.output_audio.delta",
+    "response.output_text.delta",
+    "response.output_audio_transcript.done",
+    "conversation.item.done",
+    "conversation.item.added",
+    "rate_limits.updated",
+    "error",
+    "response.done",
+]
+
+
+@given(
+    first=st.sampled_from(GA_TYPES),
+    second=st.none() | st.sampled_from(GA_TYPES),
+    note=st.text(max_size=8),
+    payload=st.text(alphabet="AZaz09+/=", max_size=40),
+)
+def test_the_type_acted_on_is_the_one_a_parser_reads(
+    first: str, second: str | None, note: str, payload: str
+) -> None:
+    """A second type key (the parser takes the last) or escapes in the event: the translation
+    is what translating the parsed event gives."""
+    text = '{"type":' + orjson.dumps(first).decode() + ',"note":' + orjson.dumps(note).decode()
+    if second is not None:
+        text += ',"type":' + orjson.dumps(second).decode()
+    text += ',"delta":"' + payload + '"}'
+    out = BetaTranslator().server(text)
+    expected = server_to_beta(orjson.loads(text))
+    assert (None if out is None else orjson.loads(out)) == expected
+
 
 def test_ga_only_events_reach_beta_clients_unchanged() -> None:
     text = '{"type":"input_audio_buffer.timeout_triggered","item_id":"i","audio_end_ms":9}'
