@@ -1,4 +1,4 @@
-"""``relay`` on the command line: ``relay serve`` and ``relay demo``.
+"""``relay`` on the command line: ``relay serve``, ``relay demo`` and the clients.
 
 Every setting of :data:`relay.config.SETTINGS` has a flag named after it
 (``RELAY_DIAL_TIMEOUT`` → ``--dial-timeout``) except secrets, which are read from
@@ -194,6 +194,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up if the reply is not complete after this long (default 60)",
     )
+    call = commands.add_parser(
+        "call",
+        help="play a WAV file as a phone call through the relay's Twilio route",
+        description="Play a WAV file as a phone call through the relay's /twilio route, as"
+        " Twilio would (signed with RELAY_TWILIO_AUTH_TOKEN, else relay demo's): print the"
+        " transcripts, latency and barge-ins, and write what the caller heard."
+        " Exit status: 0 when a reply was heard, 1 if the call failed, 2 if the input file"
+        " cannot be used.",
+    )
+    call.add_argument(
+        "input",
+        metavar="INPUT.wav",
+        nargs="?",
+        help="what the caller says: WAV, any format relay talk takes (default: the bundled sample)",
+    )
+    call.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.wav",
+        default="call.wav",
+        help="where to write what the caller heard, 8 kHz mono PCM16 (default call.wav)",
+    )
+    call.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the relay's base URL; its voice webhook is URL/twilio/voice"
+        " (default http://127.0.0.1:8000)",
+    )
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up if no reply was heard after this long (default 60)",
+    )
     return parser
 
 
@@ -281,6 +316,10 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         from .clients.talk import run as run_talk
 
         return run_talk(args)
+    elif args.command == "call":
+        from .clients.call import run as run_call
+
+        return run_call(args)
     return 0
 
 
@@ -335,6 +374,7 @@ async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
             f" and {demo.relay_url}/v1/realtime?model=gpt-realtime\n"
             f"relay demo: upstream is the offline fake on {demo.mock.url}"
             " (made-up transcripts, replies in milliseconds; no key, no cost)\n"
+            f"relay demo: phone calls: relay call IN.wav --url {demo.http_url}\n"
             "relay demo: press Ctrl-C to stop",
             flush=True,
         )

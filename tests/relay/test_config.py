@@ -41,6 +41,11 @@ def test_environment_values_are_typed() -> None:
         ({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview"}, "RELAY_MODEL_ALIASES"),
         ({"RELAY_MODEL_ALIASES": "old=gpt-realtime-9"}, "RELAY_MODEL_ALIASES"),
         ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
+        ({"RELAY_TWILIO_DTMF": "tones"}, "RELAY_TWILIO_DTMF"),
+        ({"RELAY_TWILIO_MAX_CALLS": "-1"}, "RELAY_TWILIO_MAX_CALLS"),
+        ({"RELAY_PUBLIC_URL": "relay.example.com"}, "RELAY_PUBLIC_URL"),
+        ({"RELAY_PUBLIC_URL": "wss://relay.example.com"}, "RELAY_PUBLIC_URL"),
+        ({"RELAY_PUBLIC_URL": "https://relay.example.com/?a=1"}, "RELAY_PUBLIC_URL"),
     ],
 )
 def test_a_bad_setting_stops_start_up_and_names_itself(env: dict, named: str) -> None:
@@ -99,3 +104,13 @@ def test_model_aliases_can_be_replaced_or_turned_off() -> None:
     config = load_config({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview=gpt-realtime-mini"})
     assert config.aliases == {"gpt-4o-realtime-preview": "gpt-realtime-mini"}
     assert load_config({"RELAY_MODEL_ALIASES": "none"}).aliases == {}
+
+
+def test_the_twilio_auth_token_is_a_secret_read_from_the_environment_only(tmp_path: Path) -> None:
+    config = load_config({"RELAY_TWILIO_AUTH_TOKEN": "tw-secret-0123"})
+    assert "tw-secret-0123" not in repr(config)
+    assert "tw-secret-0123" in config.secrets  # so the log redacts it
+    path = tmp_path / "relay.toml"
+    path.write_text('twilio_auth_token = "tw-secret-0123"\n')
+    with pytest.raises(ConfigError, match="RELAY_TWILIO_AUTH_TOKEN"):
+        load_config({"RELAY_CONFIG": str(path)})

@@ -2,8 +2,9 @@
 
 Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
-it would use a real one. The demo takes anyone without a token, so it listens on
-loopback only unless told otherwise (``--allow-anonymous``).
+it would use a real one. Its Twilio routes are on, with a built-in auth token that
+``relay call`` knows, so a phone call needs no Twilio account. The demo takes anyone without
+a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import trio
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
-from ..config import ConfigError, RelayConfig, load_config
+from ..config import DEMO_TWILIO_AUTH_TOKEN, ConfigError, RelayConfig, load_config
 from .serve import serve
 
 
@@ -26,6 +27,11 @@ class Demo:
     relay_url: str  # ws://HOST:PORT
     mock: MockServer
     config: RelayConfig
+
+    @property
+    def http_url(self) -> str:
+        """http://HOST:PORT: the webhook of phone calls is at /twilio/voice."""
+        return self.relay_url.replace("ws://", "http://", 1)
 
 
 def is_loopback(host: str) -> bool:
@@ -73,6 +79,8 @@ async def run_demo(
                 "port": port,
                 "allow_anonymous": True,  # loopback only (or as told), for trying it out
                 "store": "sqlite:///:memory:",
+                # Phone calls with `relay call`, which knows this token (no Twilio account).
+                "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN,
             },
         )
 
