@@ -4,12 +4,15 @@ Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
 it would use a real one. Its Twilio routes are on, with a built-in auth token that
 ``relay call`` knows, so a phone call needs no Twilio account. The demo takes anyone without
-a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``).
+a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``). Of the
+relay's settings it reads only ``RELAY_PUMP`` from the environment (to compare the relay with
+the pump off).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -71,7 +74,7 @@ async def run_demo(
     async with trio.open_nursery() as nursery:
         mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
         config = load_config(
-            {},
+            {name: value for name, value in os.environ.items() if name == "RELAY_PUMP"},
             {
                 "openai_api_key": key,
                 "upstream_url": mock.url,
