@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .core import models as realtime_models
 from .core.beta import DEFAULT_MODEL_ALIASES
 from .core.policy import Policy
 from .core.pricing import PriceTable
@@ -249,11 +250,23 @@ class RelayConfig:
         "How the key is sent upstream: `header` (Authorization: Bearer) or `subprotocol`"
         " (openai-insecure-api-key.<key>).",
     )
-    model: str = _setting("gpt-realtime", "RELAY_MODEL", "Model used when a client names none.")
+    model: str = _setting(
+        realtime_models.DEFAULT, "RELAY_MODEL", "Model used when a client names none."
+    )
     models: tuple[str, ...] = _setting(
-        ("gpt-realtime", "gpt-realtime-mini"),
+        realtime_models.CURRENT,
         "RELAY_MODELS",
-        "Comma-separated models a client may pick with `?model=`; RELAY_MODEL is always allowed.",
+        "Comma-separated models a client may pick with `?model=`, or fnmatch patterns"
+        " (`gpt-realtime-2*`); RELAY_MODEL is always allowed. Default: today's models, none"
+        " deprecated; a deprecated one here or in RELAY_MODEL starts the relay with a warning"
+        " naming its shutdown date.",
+    )
+    safety_identifier: str = _setting(
+        "hash",
+        "RELAY_SAFETY_IDENTIFIER",
+        "`hash`: send `OpenAI-Safety-Identifier` upstream, a keyed hash of the client's user"
+        " (HMAC-SHA256 keyed from OPENAI_API_KEY; anonymous clients share one), so OpenAI can"
+        " tell one abusive user from the organisation; `off`: send none.",
     )
     model_aliases: tuple[str, ...] = _setting(
         tuple(f"{old}={new}" for old, new in DEFAULT_MODEL_ALIASES.items()),
@@ -261,7 +274,7 @@ class RelayConfig:
         "Comma-separated `retired=current` model names: a client naming a retired model (as beta"
         " clients do) gets the current one. A shipped pair whose model is not allowed here is"
         " ignored; one you write must lead to an allowed model. `none`: no aliases.",
-        shown="the retired preview models → `gpt-realtime` / `gpt-realtime-mini`"
+        shown="the retired preview models → `gpt-realtime-2.1` / `gpt-realtime-2.1-mini`"
         " ([beta.md](beta.md#model-aliases))",
     )
     beta: str = _setting(
@@ -511,15 +524,19 @@ class RelayConfig:
         return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
 
     @property
-    def allowed_models(self) -> frozenset[str]:
-        return frozenset((*self.models, self.model))
+    def allowed_models(self) -> tuple[str, ...]:
+        """RELAY_MODELS (names and fnmatch patterns) and RELAY_MODEL."""
+        return (*self.models, self.model) if self.model not in self.models else self.models
+
+    def allows_model(self, model: str) -> bool:
+        """Whether a client may connect with ``?model=model``."""
+        return realtime_models.allows(self.allowed_models, model)
 
     @property
     def aliases(self) -> dict[str, str]:
         """The model aliases in force: those whose current model is allowed here."""
-        allowed = self.allowed_models
         pairs = (entry.partition("=") for entry in self.model_aliases if entry != "none")
-        return {old: new for old, _, new in pairs if new in allowed}
+        return {old: new for old, _, new in pairs if self.allows_model(new)}
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -645,8 +662,15 @@ def load_config(
         values["store"] = default_store(environ)
     config = RelayConfig(**values)
     _validate(config)
-    # A client that may change session.model (it is locked by default) may pick only these.
-    return replace(config, policy=replace(config.policy, models=config.allowed_models))
+    # A client may change session.model only to one of these (if it is not locked), and a
+    # locked field's value equal to the relay's own session's is no change.
+    policy = replace(config.policy, models=config.allowed_models, session=config.session_object())
+    return replace(config, policy=policy)
+
+
+def deprecation_warning(config: RelayConfig) -> str | None:
+    """The warning to log at start when the configuration names a deprecated model."""
+    return realtime_models.deprecation_warning(config.model, config.models)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -750,7 +774,11 @@ def _validate(config: RelayConfig) -> None:
             f"RELAY_BINARY_FRAMES must be 'audio' or 'reject', got {config.binary_frames!r}"
         )
     if not config.model:
-        raise ConfigError("RELAY_MODEL must name a model, e.g. gpt-realtime")
+        raise ConfigError(f"RELAY_MODEL must name a model, e.g. {realtime_models.DEFAULT}")
+    if config.safety_identifier not in ("hash", "off"):
+        raise ConfigError(
+            f"RELAY_SAFETY_IDENTIFIER must be 'hash' or 'off', got {config.safety_identifier!r}"
+        )
     if config.beta not in ("translate", "refuse"):
         raise ConfigError(f"RELAY_BETA must be 'translate' or 'refuse', got {config.beta!r}")
     _validate_aliases(config)
@@ -774,6 +802,13 @@ def _validate(config: RelayConfig) -> None:
         raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
     if config.daily_budget_usd < 0 or config.records_retention_days < 0:
         raise ConfigError("RELAY_DAILY_BUDGET_USD and RELAY_RECORDS_RETENTION_DAYS must be >= 0")
+    patterns = [m for m in config.allowed_models if realtime_models.is_pattern(m)]
+    if config.daily_budget_usd and patterns:
+        raise ConfigError(
+            f"RELAY_DAILY_BUDGET_USD needs a price for every model a client may use, and the"
+            f" RELAY_MODELS pattern {patterns[0]!r} admits models that have none: name the models"
+            f" instead. Priced: {', '.join(sorted(config.prices))}."
+        )
     unpriced = sorted(m for m in config.allowed_models if m not in config.prices)
     if config.daily_budget_usd and unpriced:
         raise ConfigError(
@@ -844,7 +879,7 @@ def _validate_aliases(config: RelayConfig) -> None:
                 f"RELAY_MODEL_ALIASES: {entry!r} is not `retired=current`, e.g."
                 " gpt-4o-realtime-preview=gpt-realtime"
             )
-        if new not in config.allowed_models:
+        if not config.allows_model(new):
             allowed = ", ".join(sorted(config.allowed_models))
             raise ConfigError(
                 f"RELAY_MODEL_ALIASES maps {old} to {new}, which clients may not use here;"

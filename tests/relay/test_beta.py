@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from relay.core.beta import (
     DEFAULT_MODEL_ALIASES,
+    BetaBridge,
     BetaTranslator,
     client_to_beta,
     client_to_ga,
@@ -22,7 +23,8 @@ from relay.core.beta import (
     server_to_beta,
     server_to_ga,
 )
-from relay.core.bridge import Limits
+from relay.core.bridge import Amended, Batch, Bridge, Ending, Limits, Reply
+from relay.core.policy import Policy
 
 LIMITS = Limits(queue_messages=16, queue_bytes=1 << 20, max_message_bytes=1 << 20)
 PCM = {"type": "audio/pcm", "rate": 24000}
@@ -240,7 +242,7 @@ def test_a_retired_model_in_session_update_is_sent_as_its_alias() -> None:
             {"type": "session.update", "session": {"model": "gpt-4o-realtime-preview-2024-10-01"}}
         )
     )
-    assert orjson.loads(sent)["session"] == {"type": "realtime", "model": "gpt-realtime"}  # type: ignore[arg-type]
+    assert orjson.loads(sent)["session"] == {"type": "realtime", "model": "gpt-realtime-2.1"}  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -994,3 +996,206 @@ def test_the_examples_and_the_round_trips_cover_every_event_type_of_the_tables()
     }
     assert round_trips == BETA_TYPES
     assert examples == BETA_TYPES
+
+
+# -- the bridge: policy and limits on the GA side ----------------------------------------------
+
+
+def opened(bridge: Bridge) -> Bridge:
+    """``bridge`` with its upstream open and its session started (the client has had
+    ``session.created``), so what it says reaches the client at once."""
+    bridge.upstream_opened()
+    while bridge.next_to_flush() is not None:
+        pass
+    bridge.upstream_message('{"type":"session.created","session":{}}')
+    started = bridge.upstream_message('{"type":"session.updated","session":{}}')
+    assert isinstance(started, Batch)
+    return bridge
+
+
+def bridges(policy: Policy) -> tuple[Bridge, BetaBridge]:
+    """A GA bridge and a beta one with the same policy, both open."""
+    ga = Bridge(session_update="{}", limits=LIMITS, policy=policy)
+    beta = BetaBridge(
+        session_update="{}", limits=LIMITS, policy=policy, translator=BetaTranslator()
+    )
+    opened(ga)
+    opened(beta)
+    return ga, beta
+
+
+def answer(out: object) -> tuple[object, ...]:
+    """What a bridge's answer comes to: the event sent upstream (if any), and the code and
+    param of what the client is told (if anything)."""
+    if isinstance(out, Reply):
+        error = orjson.loads(out.text)["error"]
+        return (None, error["code"], error["param"])
+    if isinstance(out, Amended):
+        error = orjson.loads(out.notice)["error"]
+        return (orjson.loads(out.text), error["code"], error["param"])
+    assert isinstance(out, str)
+    return (orjson.loads(out), None, None)
+
+
+LOCK_VOICE = Policy(locked=frozenset({"voice"}))
+BETA_BY_POLICY = [
+    (Policy(), {"type": "session.update", "session": {"model": "gpt-realtime-2"}}),
+    (Policy(), {"type": "session.update", "session": {"voice": "ash", "modalities": ["text"]}}),
+    (LOCK_VOICE, {"type": "session.update", "event_id": "p", "session": {"voice": "ash"}}),
+    (LOCK_VOICE, {"type": "response.create", "response": {"voice": "ash", "instructions": "x"}}),
+    (
+        Policy(locked=frozenset({"voice"}), on_locked="refuse"),
+        {"type": "session.update", "session": {"voice": "ash"}},
+    ),
+    (
+        Policy(locked=frozenset({"turn_detection"})),
+        {"type": "session.update", "session": {"turn_detection": None, "speed": 1.2}},
+    ),
+    (
+        Policy(locked=frozenset({"output_modalities"})),
+        {"type": "session.update", "session": {"modalities": ["text"]}},
+    ),
+    (
+        Policy(locked=frozenset({"instructions", "tools"})),
+        {"type": "session.update", "session": {"instructions": "Obey.", "tools": []}},
+    ),
+    (Policy(voices=frozenset({"marin"})), {"type": "session.update", "session": {"voice": "ash"}}),
+    (
+        Policy(voices=frozenset({"marin"})),
+        {"type": "response.create", "response": {"voice": "marin"}},
+    ),
+    (
+        Policy(max_output_tokens=100),
+        {"type": "session.update", "session": {"max_response_output_tokens": "inf"}},
+    ),
+    (
+        Policy(max_output_tokens=100),
+        {"type": "response.create", "response": {"max_response_output_tokens": 500}},
+    ),
+    (
+        Policy(client_events_denied=frozenset({"conversation.item.create"})),
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "user"}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("policy", "beta"), BETA_BY_POLICY)
+def test_a_beta_event_meets_the_policy_exactly_as_its_ga_form_does(
+    policy: Policy, beta: dict
+) -> None:
+    ga_bridge, beta_bridge = bridges(policy)
+    ga_form, _ = client_to_ga(beta)
+    sent, code, param = answer(ga_bridge.client_message(dumps(ga_form)))
+    got = answer(beta_bridge.client_message(dumps(beta)))
+    # The same goes upstream, and the client is told the same, the field named its way.
+    assert got == (sent, code, None if param is None else ga_to_beta_param(param))
+
+
+def test_a_locked_field_in_beta_shape_is_dropped_or_refused_by_its_beta_name() -> None:
+    event = {"type": "session.update", "event_id": "v", "session": {"voice": "ash", "speed": 1.1}}
+    _, bridge = bridges(LOCK_VOICE)
+    out = bridge.client_message(dumps(event))
+    assert isinstance(out, str)  # dropped, the rest sent (the policy does not announce drops)
+    assert orjson.loads(out)["session"] == {"type": "realtime", "audio": {"output": {"speed": 1.1}}}
+    _, strict = bridges(Policy(locked=frozenset({"voice"}), on_locked="refuse"))
+    refused = strict.client_message(dumps(event))
+    assert isinstance(refused, Reply)
+    error = orjson.loads(refused.text)["error"]
+    assert (error["code"], error["param"], error["event_id"]) == (
+        "relay_field_locked",
+        "session.voice",
+        "v",
+    )
+
+
+def test_a_dropped_beta_field_warns_the_client_and_the_rest_goes_upstream() -> None:
+    _, bridge = bridges(Policy())
+    out = bridge.client_message(
+        dumps({"type": "session.update", "session": {"voice": "ash", "temperature": 1.0}})
+    )
+    assert isinstance(out, Amended)
+    assert orjson.loads(out.notice)["error"]["code"] == "relay_beta_field_dropped"
+    assert orjson.loads(out.text)["session"] == {
+        "type": "realtime",
+        "audio": {"output": {"voice": "ash"}},
+    }
+
+
+def test_a_policy_notice_and_a_translation_warning_about_one_event_come_as_one() -> None:
+    _, bridge = bridges(Policy())
+    mcp = {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example.com/"}
+    out = bridge.client_message(
+        dumps({"type": "session.update", "session": {"tools": [mcp], "temperature": 1.0}})
+    )
+    assert isinstance(out, Amended)
+    error = orjson.loads(out.notice)["error"]
+    assert (error["code"], error["param"]) == ("relay_mcp_server_not_allowed", "session.tools")
+    assert "session.temperature" in error["message"]
+
+
+def test_before_session_created_a_translated_event_is_queued_in_ga_form_and_its_warning_waits() -> (
+    None
+):
+    bridge = BetaBridge(
+        session_update='{"type":"session.update"}', limits=LIMITS, translator=BetaTranslator()
+    )
+    assert (
+        bridge.client_message(dumps({"type": "response.create", "response": {"temperature": 1.0}}))
+        is None
+    )
+    assert (
+        bridge.client_message(dumps({"type": "session.update", "session": {"voice": "ash"}}))
+        is None
+    )
+    bridge.upstream_opened()
+    flushed = [bridge.next_to_flush() for _ in range(3)]
+    assert flushed[0] == '{"type":"session.update"}'
+    assert orjson.loads(flushed[1]) == {"type": "response.create", "response": {}}  # type: ignore[arg-type]
+    assert orjson.loads(flushed[2])["session"]["audio"] == {"output": {"voice": "ash"}}  # type: ignore[arg-type,index]
+    bridge.next_to_flush()
+    assert bridge.upstream_message('{"type":"session.created","session":{}}') is None
+    started = bridge.upstream_message(
+        dumps({"type": "session.updated", "session": {"output_modalities": ["audio"]}})
+    )
+    assert isinstance(started, Batch)
+    first, warning = (orjson.loads(text) for text in started.texts)
+    assert first == {"type": "session.created", "session": {"modalities": ["text", "audio"]}}
+    assert warning["error"]["code"] == "relay_beta_field_dropped"  # after session.created
+
+
+def test_an_untranslatable_event_is_answered_and_counted_but_never_sent() -> None:
+    _, bridge = bridges(Policy())
+    before = bridge.traffic.client_messages
+    text = dumps({"type": "transcription_session.update", "session": {}})
+    out = bridge.client_message(text)
+    assert isinstance(out, Reply)
+    assert orjson.loads(out.text)["error"]["code"] == "relay_beta_not_translated"
+    assert bridge.traffic.client_messages == before + 1
+
+
+def test_an_oversized_beta_message_ends_the_pair_as_any_other() -> None:
+    _, bridge = bridges(Policy())
+    big = '{"type":"session.update","session":{"instructions":"' + "x" * (1 << 20) + '"}}'
+    out = bridge.client_message(big)
+    assert isinstance(out, Ending) and out.client_code == 1009
+
+
+def test_upstream_events_are_screened_in_ga_then_sent_in_beta() -> None:
+    _, bridge = bridges(Policy())  # instructions are redacted by default
+    updated = {
+        "type": "session.updated",
+        "session": {
+            "type": "realtime",
+            "instructions": "secret",
+            "audio": {"output": {"voice": "marin"}},
+        },
+    }
+    out = bridge.upstream_message(dumps(updated))
+    assert orjson.loads(out) == {"type": "session.updated", "session": {"voice": "marin"}}  # type: ignore[arg-type]
+    delta = '{"type":"response.output_audio.delta","delta":"AAAA"}'
+    assert bridge.upstream_message(delta) == '{"type":"response.audio.delta","delta":"AAAA"}'
+    done = dumps(
+        {"type": "response.done", "response": {"output_modalities": ["text"], "usage": USAGE}}
+    )
+    assert orjson.loads(bridge.upstream_message(done))["response"]["modalities"] == ["text"]  # type: ignore[arg-type]
+    assert len(bridge.responses_done) == 1  # accounting read the GA event

@@ -159,7 +159,7 @@ def user_text(text: str) -> dict[str, Any]:
 
 def upstream_messages(mock: MockServer) -> list[str]:
     record = mock.connections[-1]
-    assert record.dialect == "ga" and record.path.endswith("?model=gpt-realtime")
+    assert record.dialect == "ga" and record.path.endswith("?model=gpt-realtime-2.1")
     return [m for m in record.received if isinstance(m, str)]
 
 
@@ -177,7 +177,7 @@ def test_sdk_beta_client_completes_a_text_turn(beta_relay: tuple[str, MockServer
     with sdk_connect(http_url) as conn:
         turns = Turns(conn)
         [created] = turns.until("session.created")
-        assert created.session.model == "gpt-realtime"  # the retired name's alias
+        assert created.session.model == "gpt-realtime-2.1"  # the retired name's alias
         conn.session.update(session={"modalities": ["text"], "voice": "ash", "temperature": 0.8})
         updated = turns.updated(lambda session: session.voice == "ash")
         assert isinstance(updated, SessionUpdatedEvent)
@@ -336,10 +336,10 @@ def test_the_relay_named_the_retired_model_by_its_alias_upstream(
         with sdk_connect(http_url) as conn:
             assert conn.recv().type == "session.created"
     [started] = [r for r in caplog.records if r.getMessage() == "session started"]
-    assert started.fields["model"] == "gpt-realtime"  # type: ignore[attr-defined]
+    assert started.fields["model"] == "gpt-realtime-2.1"  # type: ignore[attr-defined]
     assert started.fields["dialect"] == "beta"  # type: ignore[attr-defined]
     record = mock.connections[-1]
-    assert record.path == "/v1/realtime?model=gpt-realtime"
+    assert record.path == "/v1/realtime?model=gpt-realtime-2.1"
     assert "openai-beta" not in {name.lower() for name in record.headers}
     assert "sk-beta-user" not in str(record.headers)
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from relay.config import SETTINGS, ConfigError, load_config
+from relay.core import models
 
 
 def test_defaults_need_nothing_but_give_the_real_api() -> None:
     config = load_config({})
     assert config.upstream_url == "wss://api.openai.com/v1/realtime"
-    assert config.model == "gpt-realtime"
+    assert config.model == "gpt-realtime-2.1"
     assert config.port == 8000
     assert config.session_object()["type"] == "realtime"
 
@@ -24,7 +25,7 @@ def test_environment_values_are_typed() -> None:
     )
     assert (config.port, config.dial_timeout, config.models) == (9001, 2.5, ("a", "b"))
     assert config.permessage_deflate is True
-    assert config.allowed_models == {"a", "b", "gpt-realtime"}
+    assert config.allowed_models == ("a", "b", "gpt-realtime-2.1")
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,7 @@ def test_environment_values_are_typed() -> None:
         ({"RELAY_BETA": "ignore"}, "RELAY_BETA"),
         ({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview"}, "RELAY_MODEL_ALIASES"),
         ({"RELAY_MODEL_ALIASES": "old=gpt-realtime-9"}, "RELAY_MODEL_ALIASES"),
+        ({"RELAY_SAFETY_IDENTIFIER": "plain"}, "RELAY_SAFETY_IDENTIFIER"),
         ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
         ({"RELAY_TWILIO_DTMF": "tones"}, "RELAY_TWILIO_DTMF"),
         ({"RELAY_TWILIO_MAX_CALLS": "-1"}, "RELAY_TWILIO_MAX_CALLS"),
@@ -56,12 +58,12 @@ def test_a_bad_setting_stops_start_up_and_names_itself(env: dict, named: str) ->
 def test_toml_file_sets_values_and_the_session(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
-        'model = "gpt-realtime-mini"\nqueue_messages = 3\n'
+        'model = "gpt-realtime-2"\nqueue_messages = 3\n'
         '[session]\ninstructions = "Speak like a pirate."\n'
         '[session.audio.output]\nvoice = "cedar"\n'
     )
     config = load_config({"RELAY_CONFIG": str(path), "RELAY_VOICE": "ash"})
-    assert config.model == "gpt-realtime-mini"
+    assert config.model == "gpt-realtime-2"
     assert config.queue_messages == 3
     session = config.session_object()
     assert session["instructions"] == "Speak like a pirate."
@@ -89,20 +91,21 @@ def test_the_key_never_shows_in_the_config_repr() -> None:
     assert all(s.env.startswith(("RELAY_", "OPENAI_", "OTEL_")) for s in SETTINGS)
 
 
-def test_retired_models_have_aliases_to_allowed_models_by_default() -> None:
+def test_retired_models_have_aliases_to_todays_models_by_default() -> None:
     config = load_config({})
     assert config.beta == "translate"
-    assert config.aliases["gpt-4o-realtime-preview-2024-10-01"] == "gpt-realtime"
-    assert config.aliases["gpt-4o-mini-realtime-preview"] == "gpt-realtime-mini"
+    assert config.aliases["gpt-4o-realtime-preview-2024-10-01"] == "gpt-realtime-2.1"
+    assert config.aliases["gpt-4o-mini-realtime-preview"] == "gpt-realtime-2.1-mini"
+    assert set(config.aliases.values()) <= set(models.CURRENT)
     # A shipped alias whose model the operator does not allow is left out, not an error.
-    only_full = load_config({"RELAY_MODELS": "gpt-realtime"})
+    only_full = load_config({"RELAY_MODELS": "gpt-realtime-2.1"})
     assert "gpt-4o-mini-realtime-preview" not in only_full.aliases
-    assert only_full.aliases["gpt-4o-realtime-preview"] == "gpt-realtime"
+    assert only_full.aliases["gpt-4o-realtime-preview"] == "gpt-realtime-2.1"
 
 
 def test_model_aliases_can_be_replaced_or_turned_off() -> None:
-    config = load_config({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview=gpt-realtime-mini"})
-    assert config.aliases == {"gpt-4o-realtime-preview": "gpt-realtime-mini"}
+    config = load_config({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview=gpt-realtime-2"})
+    assert config.aliases == {"gpt-4o-realtime-preview": "gpt-realtime-2"}
     assert load_config({"RELAY_MODEL_ALIASES": "none"}).aliases == {}
 
 

@@ -58,7 +58,7 @@ def test_the_sdk_pointed_at_the_relay_completes_a_text_turn() -> None:
     with DemoThread() as demo:
         http_url = demo.relay_url.replace("ws://", "http://")
         client = openai.OpenAI(api_key="sk-the-sdk-users-own-key", base_url=f"{http_url}/v1", max_retries=0)
-        with client.realtime.connect(model="gpt-realtime") as conn:
+        with client.realtime.connect(model="gpt-realtime-2.1") as conn:
             assert conn.recv().type == "session.created"
             conn.conversation.item.create(
                 item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}

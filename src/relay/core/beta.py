@@ -24,21 +24,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .bridge import Bridge, Ending, Message, Phase, Reply
-from .events import dumps, error_event, event_type, parse_event
-from .policy import APPEND
+from .bridge import Amended, Batch, Bridge, Ending, Message, Reply
+from .events import dumps, error_event, event_type, is_audio_append, parse_event
 
 #: The subprotocol a browser offers to ask for the beta dialect (headers cannot be set there).
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 
-#: Retired models and the current model each one now runs on (``RELAY_MODEL_ALIASES``).
+#: Retired models and the current model each one now runs on (``RELAY_MODEL_ALIASES``):
+#: today's default (:data:`relay.core.models.DEFAULT`) and its mini.
 DEFAULT_MODEL_ALIASES: dict[str, str] = {
-    "gpt-4o-realtime-preview": "gpt-realtime",
-    "gpt-4o-realtime-preview-2024-10-01": "gpt-realtime",
-    "gpt-4o-realtime-preview-2024-12-17": "gpt-realtime",
-    "gpt-4o-realtime-preview-2025-06-03": "gpt-realtime",
-    "gpt-4o-mini-realtime-preview": "gpt-realtime-mini",
-    "gpt-4o-mini-realtime-preview-2024-12-17": "gpt-realtime-mini",
+    "gpt-4o-realtime-preview": "gpt-realtime-2.1",
+    "gpt-4o-realtime-preview-2024-10-01": "gpt-realtime-2.1",
+    "gpt-4o-realtime-preview-2024-12-17": "gpt-realtime-2.1",
+    "gpt-4o-realtime-preview-2025-06-03": "gpt-realtime-2.1",
+    "gpt-4o-mini-realtime-preview": "gpt-realtime-2.1-mini",
+    "gpt-4o-mini-realtime-preview-2024-12-17": "gpt-realtime-2.1-mini",
 }
 
 Event = dict[str, Any]
@@ -541,32 +541,56 @@ class BetaBridge(Bridge):
         super().__init__(**bridge)
         self._beta = translator
 
-    def client_message(self, data: Message) -> Message | Reply | Ending | None:
+    def client_message(self, data: Message) -> Message | Reply | Amended | Ending | None:
         warning = None
         if (
             data.__class__ is str
-            and not data.startswith(APPEND)  # type: ignore[arg-type]
             and len(data) <= self._max_message_bytes  # a bigger one: the bridge ends the pair
+            and not is_audio_append(data)  # type: ignore[arg-type]
         ):
             translated, warning = self._beta.client(data)  # type: ignore[arg-type]
-            if translated is None:
+            if translated is None:  # refused: answered like the bridge's own refusals
                 self.traffic.client_messages += 1
                 self.traffic.client_bytes += len(data)
-                return None if self.phase is Phase.CLOSED else Reply(warning)  # type: ignore[arg-type]
+                return self._say(warning)  # type: ignore[arg-type]
             data = translated
         out = Bridge.client_message(self, data)
-        if out.__class__ is Reply:
+        cls = out.__class__
+        if cls is Reply:
             return Reply(self._beta.reply(out.text))  # type: ignore[union-attr]
-        if warning is None:
+        if cls is Amended:
+            notice = self._beta.reply(out.notice)  # type: ignore[union-attr]
+            if warning is not None:
+                notice = _both(notice, warning)
+            return Amended(out.text, notice)  # type: ignore[union-attr]
+        if warning is None or cls is Ending:
             return out
-        if out is None or out.__class__ is str or out.__class__ is bytes:
-            return Reply(warning, upstream=out)  # type: ignore[arg-type]
+        if out is None or self._opening:  # the warning waits for session.created, as the
+            held = self._say(warning)  # bridge's own notices do
+            return out if held is None else held
+        return Amended(out, warning)  # type: ignore[arg-type]
+
+    def upstream_message(self, data: Message) -> Message | Reply | Batch | Ending | None:
+        out = Bridge.upstream_message(self, data)
+        cls = out.__class__
+        if cls is str:
+            return self._beta.server(out)  # type: ignore[arg-type]
+        if cls is Reply:
+            return Reply(self._beta.reply(out.text))  # type: ignore[union-attr]
+        if cls is Batch:  # the start of the session: session.created and what waited for it
+            texts = (
+                text if text.__class__ is bytes else self._beta.server(text)  # type: ignore[arg-type]
+                for text in out.texts  # type: ignore[union-attr]
+            )
+            return Batch(tuple(text for text in texts if text is not None))
         return out
 
-    def upstream_message(self, data: Message) -> Message | Reply | None:
-        out = Bridge.upstream_message(self, data)
-        if out.__class__ is str:
-            return self._beta.server(out)  # type: ignore[arg-type]
-        if out.__class__ is Reply:
-            return Reply(self._beta.reply(out.text))  # type: ignore[union-attr]
-        return out
+
+def _both(notice: str, warning: str) -> str:
+    """One ``error`` event saying what the policy and the translation each left out (a client
+    event is answered once)."""
+    event, extra = parse_event(notice), parse_event(warning)
+    if event is None or extra is None:
+        return notice
+    event["error"]["message"] += " " + extra["error"]["message"]
+    return dumps(event)

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..config import ConfigError, RelayConfig, load_config
+from ..config import ConfigError, RelayConfig, deprecation_warning, load_config
 from ..core.beta import BetaBridge, BetaTranslator, asks_for_beta
-from ..core.bridge import Bridge, Cause, Limits
+from ..core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
@@ -29,7 +29,14 @@ from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
 from ..ops.records import DRAIN_SECONDS, Recorder
 from ..usage.accounting import Accounting
-from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
+from ..usage.auth import (
+    Authenticator,
+    Identity,
+    Refusal,
+    parse_api_keys,
+    safety_identifier,
+    safety_key,
+)
 from ..usage.mint import Minter
 from ..usage.sip import Callers
 from ..usage.store import open_store
@@ -44,6 +51,7 @@ from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
+from .notes import SessionNotes
 from .pair import ClientSide, Pair
 from .phone import TWILIO_PATH, PhoneLine
 from .sideband import Calls
@@ -72,7 +80,15 @@ class RelayApp:
             queue_bytes=config.queue_bytes,
             max_message_bytes=config.max_message_bytes,
         )
-        self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        # Its event_id lets the bridge tell an upstream error about it from any other.
+        session = config.session_object()
+        self.session_update = dumps(
+            {"type": "session.update", "event_id": SETUP_EVENT_ID, "session": session}
+        )
+        #: Keys the OpenAI-Safety-Identifier of each session's user (None: none is sent).
+        self._safety_key = (
+            safety_key(config.openai_api_key) if config.safety_identifier == "hash" else None
+        )
         #: Serves the clients that speak the retired beta dialect (RELAY_BETA=translate).
         self.beta = BetaTranslator(config.aliases)
         self.auth = Authenticator(
@@ -228,6 +244,7 @@ class RelayApp:
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
             policy=self.config.policy.for_session(model, identity.model),
+            observer=SessionNotes(self.metrics, session_id),
             **settings,
         )
         async with accounting.held(identity, session_id, bridge.traffic):
@@ -301,6 +318,11 @@ class RelayApp:
         ws.send_timeout = self.config.send_timeout
         return SocketClient(ws), release
 
+    def safety_identifier(self, identity: Identity) -> str | None:
+        """The OpenAI-Safety-Identifier of ``identity``'s sessions (None: turned off)."""
+        key = self._safety_key
+        return None if key is None else safety_identifier(key, identity)
+
     def new_pair(
         self,
         client: ClientSide,
@@ -317,7 +339,7 @@ class RelayApp:
         return Pair(
             client,
             bridge,
-            self.dialer.target(call.model),
+            self.dialer.target(call.model, self.safety_identifier(call.identity)),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
@@ -550,5 +572,7 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         configure_logging(
             config.log_format, config.log_level, secrets=config.secrets, fields=fields
         )
+        if warning := deprecation_warning(config):
+            log.warning(warning)  # once per process: each of Hypercorn's workers makes its app
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)
