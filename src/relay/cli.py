@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the demo, which takes anyone without a token, on a non-loopback --host",
     )
+    demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a certificate from a CA made for this run, and print"
+        " how to make Node and Python trust it (for clients that only speak wss://)",
+    )
 
     talk = commands.add_parser(
         "talk",
@@ -181,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .server.demo import check_demo_host
 
             check_demo_host(args.host, args.allow_anonymous)
-            trio.run(_demo, args.host, args.port, args.allow_anonymous)
+            trio.run(_demo, args.host, args.port, args.allow_anonymous, args.tls)
         elif args.command == "talk":
             from .clients.talk import run as run_talk
 
@@ -204,18 +210,28 @@ async def _serve(config: RelayConfig, app: RelayApp) -> None:
             print(f"relay: listening on {ws}/voice and {ws}/v1/realtime", flush=True)
 
 
-async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
+async def _demo(host: str, port: int, allow_anonymous: bool, tls: bool) -> None:
     from .server.demo import run_demo
 
     async with trio.open_nursery() as nursery:
-        demo = await nursery.start(partial(run_demo, host, port, allow_anonymous=allow_anonymous))
-        print(
-            f"relay demo: fake Realtime API on {demo.mock.url}\n"
-            f"relay demo: relay on {demo.relay_url}/voice"
-            f" and {demo.relay_url}/v1/realtime?model=gpt-realtime\n"
-            "relay demo: press Ctrl-C to stop",
-            flush=True,
+        demo = await nursery.start(
+            partial(run_demo, host, port, allow_anonymous=allow_anonymous, tls=tls)
         )
+        url, page = demo.relay_url, "http" + demo.relay_url.removeprefix("ws")
+        lines = [
+            f"fake Realtime API on {demo.mock.url}",
+            f"relay on {url}/voice and {url}/v1/realtime?model={demo.config.model}",
+            f"page on {page}/",
+        ]
+        if demo.ca_file is not None:
+            lines += [
+                f"its certificate is signed by a CA made for this run: {demo.ca_file}",
+                "trust it in the shell that runs your client:",
+                f"  export NODE_EXTRA_CA_CERTS={demo.ca_file}   # Node",
+                f"  export SSL_CERT_FILE={demo.ca_file}         # Python",
+            ]
+        lines.append("press Ctrl-C to stop")
+        print("\n".join(f"relay demo: {line}" for line in lines), flush=True)
 
 
 async def _usage_report(url: str, day: str | None, user: str | None, as_json: bool) -> str:

@@ -4,6 +4,10 @@ Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
 it would use a real one. The demo takes anyone without a token, so it listens on
 loopback only unless told otherwise (``--allow-anonymous``).
+
+With ``tls`` (``relay demo --tls``) the relay serves ``wss://`` and ``https://`` with a
+certificate from a CA made for this run (:mod:`relay.server.localca`), for clients that only
+speak ``wss://``; ``Demo.ca_file`` is the CA file they must trust.
 """
 
 from __future__ import annotations
@@ -11,21 +15,25 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
 from ..config import ConfigError, RelayConfig, load_config
+from .localca import LocalTLS, temporary_local_tls
 from .serve import serve
 
 
 @dataclass(frozen=True)
 class Demo:
-    relay_url: str  # ws://HOST:PORT
+    relay_url: str  # ws://HOST:PORT, or wss://HOST:PORT with TLS
     mock: MockServer
     config: RelayConfig
+    ca_file: Path | None = None  # with TLS: the CA certificate clients must trust
 
 
 def is_loopback(host: str) -> bool:
@@ -53,6 +61,7 @@ async def run_demo(
     port: int = 8000,
     *,
     allow_anonymous: bool = False,
+    tls: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Demo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -62,23 +71,29 @@ async def run_demo(
     """
     check_demo_host(host, allow_anonymous)
     key = "sk-demo-" + secrets.token_urlsafe(16)
-    async with trio.open_nursery() as nursery:
-        mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
-        config = load_config(
-            {},
-            {
-                "openai_api_key": key,
-                "upstream_url": mock.url,
-                "host": host,
-                "port": port,
-                "allow_anonymous": True,  # loopback only (or as told), for trying it out
-                "store": "sqlite:///:memory:",
-            },
-        )
+    local_tls: LocalTLS | None
+    with temporary_local_tls() if tls else nullcontext() as local_tls:
+        async with trio.open_nursery() as nursery:
+            mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
+            config = load_config(
+                {},
+                {
+                    "openai_api_key": key,
+                    "upstream_url": mock.url,
+                    "host": host,
+                    "port": port,
+                    "allow_anonymous": True,  # loopback only (or as told), for trying it out
+                    "store": "sqlite:///:memory:",
+                    "tls_cert": str(local_tls.cert_file) if local_tls else "",
+                    "tls_key": str(local_tls.key_file) if local_tls else "",
+                },
+            )
 
-        async def relay(task_status: trio.TaskStatus[list[str]]) -> None:
-            await serve(config, shutdown_trigger=shutdown_trigger, task_status=task_status)
-            nursery.cancel_scope.cancel()  # the relay has closed its sessions: stop the fake
+            async def relay(task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve(config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the relay has closed its sessions: stop the fake
 
-        binds = await nursery.start(relay)
-        task_status.started(Demo(binds[0].replace("http://", "ws://", 1), mock, config))
+            binds = await nursery.start(relay)
+            relay_url = "ws" + binds[0].removeprefix("http")  # http → ws, https → wss
+            ca_file = local_tls.ca_file if local_tls else None
+            task_status.started(Demo(relay_url, mock, config, ca_file))

@@ -38,6 +38,9 @@ session.on('transport_event', (event) => {
   }
 });
 session.on('error', (error) => say({ kind: 'sdk_error', error: JSON.stringify(error?.error ?? String(error)) }));
+session.transport.on('connection_change', (status) => {
+  if (status === 'disconnected') events.fail(new Error('the connection closed'));
+});
 
 const responseDone = () => events.nextOfType('response.done');
 

@@ -24,6 +24,14 @@ function brief(event) {
 export class ServerEvents {
   constructor() {
     this.waiters = [];
+    this.failure = null;
+  }
+
+  /** The connection is gone: every wait, now and later, fails with `error`. */
+  fail(error) {
+    this.failure ??= error;
+    for (const waiter of this.waiters) waiter.reject(this.failure);
+    this.waiters = [];
   }
 
   push(event) {
@@ -38,12 +46,20 @@ export class ServerEvents {
   /** The next event (from now on) that `match` accepts; rejects after `ms`. */
   next(match, what, ms = 20000) {
     return new Promise((resolve, reject) => {
+      if (this.failure) {
+        reject(this.failure);
+        return;
+      }
       const timer = setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms);
       this.waiters.push({
         match,
         resolve: (event) => {
           clearTimeout(timer);
           resolve(event);
+        },
+        reject: (error) => {
+          clearTimeout(timer);
+          reject(error);
         },
       });
     });

@@ -15,6 +15,8 @@ const rt = new OpenAIRealtimeWS({ model }, client);
 const events = new ServerEvents();
 rt.on('event', (event) => events.push(event));
 rt.on('error', (error) => say({ kind: 'sdk_error', error: String(error?.message ?? error) }));
+rt.socket.on('error', (error) => events.fail(error));
+rt.socket.on('close', (code) => events.fail(new Error(`the connection closed (${code})`)));
 
 const getWeather = {
   type: 'function',
