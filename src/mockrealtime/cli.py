@@ -7,6 +7,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -22,6 +23,27 @@ def _close_spec(text: str) -> tuple[int, str]:
     if not sep or not code.isdigit():
         raise argparse.ArgumentTypeError(f"expected CODE:REASON (e.g. 4001:bye), got {text!r}")
     return int(code), reason
+
+
+def _tls_arguments(parser: argparse.ArgumentParser, effect: str) -> None:
+    parser.add_argument("--tls-cert", metavar="FILE", help=f"certificate chain (PEM): {effect}")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+
+
+def _tls_context(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> ssl.SSLContext | None:
+    """The server TLS context of ``--tls-cert``/``--tls-key`` (None without them)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if not args.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f"cannot load the TLS certificate or key: {exc}")
+    return context
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the GA 'obfuscation' padding field to delta events",
     )
+    _tls_arguments(serve, "serve wss:// and https://")
     serve.add_argument(
         "--ping-interval",
         type=float,
@@ -103,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PORT,
         help=f"port to bind, 0 for any free port (default {DEFAULT_PORT})",
     )
-    echo.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve wss://")
-    echo.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    _tls_arguments(echo, "serve wss://")
     echo.add_argument(
         "--api-key",
         action="append",
@@ -158,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="send a server_error event after the Nth client message",
     )
+    faults.add_argument(
+        "--transcription-failure",
+        action="store_true",
+        help="fail every input audio transcription "
+        "(conversation.item.input_audio_transcription.failed)",
+    )
     faults.description = (
         "Per connection, the request header x-mock-faults overrides these, "
         "e.g. 'x-mock-faults: drop_after_events=3, send_delay=0.01'."
@@ -165,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(config: MockConfig, host: str, port: int) -> None:
+async def _serve(
+    config: MockConfig, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve_mock_realtime, config, host, port)
+            server = await nursery.start(
+                partial(serve_mock_realtime, ssl_context=ssl_context), config, host, port
+            )
             print(f"mockrealtime listening on {server.url} (REST: {server.http_url})", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
@@ -185,16 +217,12 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 
 def _echo(
-    host: str, port: int, api_keys: frozenset[str], tls: tuple[str, str] | None = None
+    host: str, port: int, api_keys: frozenset[str], context: ssl.SSLContext | None = None
 ) -> int:
     import asyncio
 
     from .echo import serve_echo
 
-    context = None
-    if tls is not None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(*tls)
     scheme = "ws" if context is None else "wss"
 
     async def run() -> None:
@@ -229,11 +257,9 @@ def _echo(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    context = _tls_context(parser, args)
     if args.command == "echo":
-        if bool(args.tls_cert) != bool(args.tls_key):
-            parser.error("--tls-cert and --tls-key go together")
-        tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-        return _echo(args.host, args.port, frozenset(args.api_key), tls)
+        return _echo(args.host, args.port, frozenset(args.api_key), context)
     try:
         faults = Faults(
             handshake_delay=args.handshake_delay,
@@ -243,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stall=args.stall,
             send_delay=args.send_delay,
             inject_error_after=args.inject_error_after,
+            transcription_failure=args.transcription_failure,
         )
         config = MockConfig(
             api_keys=frozenset(args.api_key),
@@ -260,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        trio.run(_serve, config, args.host, args.port)
+        trio.run(_serve, config, args.host, args.port, context)
     except (OSError, BaseExceptionGroup) as exc:
         cause = _os_error(exc)
         if cause is None:

@@ -38,6 +38,8 @@ class Faults:
     - ``send_delay``: seconds to wait before each server event (a slow sender).
     - ``inject_error_after``: after the Nth client message, send one ``error`` event of
       type ``server_error`` (the connection stays open).
+    - ``transcription_failure``: every input audio transcription ends with
+      ``conversation.item.input_audio_transcription.failed`` instead of a transcript.
     """
 
     handshake_delay: float = 0.0
@@ -47,6 +49,7 @@ class Faults:
     stall: bool = False
     send_delay: float = 0.0
     inject_error_after: int | None = None
+    transcription_failure: bool = False
 
     def __post_init__(self) -> None:
         for name in ("handshake_delay", "send_delay"):

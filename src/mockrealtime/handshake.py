@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
+from .models import is_realtime_model
 from .sessionconfig import Dialect
-
-MODEL_PATTERNS: Final = ("gpt-realtime*", "gpt-4o*-realtime-preview*")
 
 
 @dataclass(frozen=True)
@@ -49,11 +46,6 @@ def mask_key(key: str) -> str:
     if len(key) < 8:
         return "…"
     return f"{key[:3]}…{key[-4:]}"
-
-
-def is_supported_model(model: str) -> bool:
-    """Realtime model names the real server accepts (GA and preview families)."""
-    return any(fnmatchcase(model, pattern) for pattern in MODEL_PATTERNS)
 
 
 def negotiate(
@@ -112,7 +104,7 @@ def negotiate(
             "?model=gpt-realtime.",
             4000,
         )
-    elif model and not is_supported_model(model):
+    elif model and not is_realtime_model(model):
         rejection = Rejection(
             "invalid_model",
             f'Model "{model}" is not supported in realtime mode. Use a realtime model such '

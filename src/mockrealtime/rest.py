@@ -19,20 +19,23 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .handshake import is_supported_model, mask_key
+from .handshake import mask_key
 from .ids import IdFactory
+from .models import is_realtime_model
 from .sessionconfig import (
-    ClientError,
     SessionConfig,
     apply_beta_update,
     apply_ga_update,
+    render_beta,
+    render_ga,
+)
+from .validation import (
+    ClientError,
     check_keys,
     expect_choice,
     expect_int,
     expect_object,
     expect_str,
-    render_beta,
-    render_ga,
 )
 
 GA_DEFAULT_TTL: Final = 600
@@ -158,7 +161,7 @@ def _client_secrets(
         session.get("type", "realtime"), "session.type", ("realtime", "transcription")
     )
     model = session.get("model", "gpt-realtime" if kind == "realtime" else None)
-    if model is not None and not is_supported_model(expect_str(model, "session.model")):
+    if model is not None and not is_realtime_model(expect_str(model, "session.model")):
         raise ClientError(
             "invalid_model", f'Model "{model}" is not supported in realtime mode.', "session.model"
         )
@@ -187,7 +190,7 @@ def _sessions(
             "missing_required_parameter", "Missing required parameter: 'model'.", "model"
         )
     model = expect_str(request["model"], "model")
-    if not is_supported_model(model):
+    if not is_realtime_model(model):
         raise ClientError(
             "invalid_model", f'Model "{model}" is not supported in realtime mode.', "model"
         )

@@ -350,6 +350,7 @@ class MockServer:
             obfuscation=self.config.obfuscation,
             reply_sentences=self.config.reply_sentences,
             preset=self.rest.session_preset(decision.api_key) if decision.api_key else None,
+            transcription_fails=faults.transcription_failure,
         )
         try:
             conn = _Connection(self.config, faults, stream, ws, session, record)

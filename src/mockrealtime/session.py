@@ -16,29 +16,22 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import orjson
 
 from . import audio as au
+from . import mcp
 from .handshake import Rejection
 from .ids import ALPHANUMERIC, IdFactory
+from .models import DIARIZING_TRANSCRIPTION_MODELS
 from .schema import instance_of
 from .sessionconfig import (
-    ClientError,
     Dialect,
     SessionConfig,
     apply_beta_update,
     apply_ga_update,
-    check_keys,
-    expect_choice,
-    expect_int,
-    expect_number,
-    expect_object,
-    expect_str,
-    invalid_type,
-    missing_parameter,
     parse_beta_modalities,
     parse_ga_format,
     parse_ga_modalities,
@@ -49,6 +42,17 @@ from .sessionconfig import (
     render_beta,
     render_ga,
     render_ga_format,
+)
+from .validation import (
+    ClientError,
+    check_keys,
+    expect_choice,
+    expect_int,
+    expect_number,
+    expect_object,
+    expect_str,
+    invalid_type,
+    missing_parameter,
     unknown_parameter,
 )
 
@@ -60,6 +64,7 @@ AUDIO_TOKENS_PER_CHUNK: Final = 2  # output audio: 20 tokens per second
 INPUT_AUDIO_TOKENS_PER_SECOND: Final = 10
 RATE_LIMIT_TOKENS: Final = 15_000_000
 RATE_LIMIT_REQUESTS: Final = 5_000
+SEGMENT_WORDS: Final = 5  # words per diarized transcription segment
 TEXT_STEP_S: Final = 0.05  # one text delta per 50 ms of "generation" at pace 1
 ARGS_STEP_S: Final = 0.02
 MAX_REPLY_WORDS: Final = 400
@@ -137,6 +142,19 @@ class _Step:
     data: Any = None
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A tool call the fake model decided on: a function, or a tool on an MCP server."""
+
+    name: str
+    schema: dict[str, Any]
+    server: Event | None = None
+    """The ``mcp`` tool definition, for a tool on an MCP server."""
+    arguments: str | None = None
+    """Already decided (an approved request); otherwise drawn from ``schema``."""
+    approval_request_id: str | None = None
+
+
 @dataclass
 class _Response:
     """One response in flight: its plan (timed steps) and what was emitted so far."""
@@ -160,10 +178,10 @@ class _Response:
     text_parts: list[str] = field(default_factory=list)
     chunks: list[int] = field(default_factory=list)
     previous_item_id: str | None = None
-
-    @property
-    def is_function_call(self) -> bool:
-        return bool(self.item["type"] == "function_call")
+    truncated_ms: int | None = None
+    """Set by a ``conversation.item.truncate`` while the reply is still streaming."""
+    server: Event | None = None
+    """The ``mcp`` tool definition whose tool this response calls."""
 
 
 @dataclass
@@ -193,6 +211,8 @@ class Session:
     delta events, as the real server does; ``reply_sentences`` filler sentences follow the
     canned lead of each reply (about 1.5 s of audio each). ``preset`` replaces the default
     session config (a client secret's session, for connections authenticated with it).
+    ``transcription_fails`` makes every input transcription end with
+    ``conversation.item.input_audio_transcription.failed``.
     """
 
     def __init__(
@@ -210,6 +230,7 @@ class Session:
         obfuscation: bool = False,
         reply_sentences: int = 1,
         preset: SessionConfig | None = None,
+        transcription_fails: bool = False,
     ) -> None:
         self.dialect: Dialect = dialect
         self.model = model
@@ -220,6 +241,8 @@ class Session:
         self.response_delay = response_delay
         self.obfuscation = obfuscation and dialect == "ga"
         self.reply_sentences = reply_sentences
+        self.transcription_fails = transcription_fails
+        self._segments = 0
         self.max_duration = max_duration
         self.config = SessionConfig() if preset is None else preset.copy()
         if intent == "transcription" and dialect == "ga":
@@ -237,6 +260,8 @@ class Session:
         self._input_audio: dict[str, _InputAudio] = {}
         self._retained_bytes = 0
         self._output_audio: dict[str, tuple[list[int], au.AudioFormat, int]] = {}
+        self._mcp_tools: dict[str, tuple[Event, list[Event] | None]] = {}
+        """MCP server label -> (what was listed, under which definition; None if it failed)."""
         self._voice_locked = False
         # input audio buffer and VAD
         self._buf = bytearray()
@@ -262,7 +287,9 @@ class Session:
             self.close_requested = (rejection.close_code, rejection.close_reason)
             self.closed = True
             return [self._error(rejection.code, rejection.message)]
-        return [self._event("session.created", session=self.render_session())]
+        out = [self._event("session.created", session=self.render_session())]
+        self._list_mcp_tools(self.config.tools, out)  # a client secret's session may have some
+        return out
 
     def handle(self, message: str | bytes) -> list[Event]:
         """Process one client WebSocket message (text or binary); return server events."""
@@ -428,6 +455,36 @@ class Session:
         if vad_changed:
             self._rebuild_vad()
         out.append(self._event("session.updated", session=self.render_session()))
+        self._list_mcp_tools(self.config.tools, out)
+
+    def _list_mcp_tools(self, tools: list[Event], out: list[Event]) -> None:
+        """List the tools of each MCP server not listed yet under its current definition.
+
+        As the real server: ``mcp_list_tools.in_progress``, the ``mcp_list_tools`` item
+        (added, done) holding the tools, then ``mcp_list_tools.completed`` (or ``.failed``,
+        the item then empty and the server's tools unusable).
+        """
+        for definition in tools:
+            if definition["type"] != "mcp":
+                continue
+            label = definition["server_label"]
+            key = mcp.listing_key(definition)
+            if label in self._mcp_tools and self._mcp_tools[label][0] == key:
+                continue
+            item_id = self._ids.new("item")
+            out.append(self._event("mcp_list_tools.in_progress", item_id=item_id))
+            listed = mcp.list_tools(definition)
+            self._mcp_tools[label] = (key, listed)
+            item = {
+                "id": item_id,
+                "type": "mcp_list_tools",
+                "object": "realtime.item",
+                "server_label": label,
+                "tools": listed or [],
+            }
+            self._insert(item, len(self._items), out)
+            outcome = "completed" if listed is not None else "failed"
+            out.append(self._event(f"mcp_list_tools.{outcome}", item_id=item_id))
 
     def _on_transcription_session_update(self, event: Event, out: list[Event], now: float) -> None:
         check_keys(event, {"type", "event_id", "session"}, "")
@@ -612,23 +669,41 @@ class Session:
             self._transcribe(item_id, au.duration_ms(len(audio), self.config.input_format), out)
 
     def _transcribe(self, item_id: str, ms: float, out: list[Event]) -> None:
+        """Made-up words, length ∝ duration: deltas (or speaker segments) then ``completed``."""
+        ids = {"item_id": item_id, "content_index": 0}
+        if self.transcription_fails:
+            error = {
+                "type": "transcription_error",
+                "code": "audio_unintelligible",
+                "message": "The audio could not be transcribed.",
+                "param": None,
+            }
+            out.append(
+                self._event(
+                    "conversation.item.input_audio_transcription.failed", **ids, error=error
+                )
+            )
+            return
         n_words = max(1, round(ms / 400))
         words = [self._rng.choice(_SPOKEN_WORDS) for _ in range(n_words)]
         transcript = " ".join(words).capitalize() + "."
         pieces = transcript.split(" ")
-        for i, piece in enumerate(pieces):
-            out.append(
-                self._event(
-                    "conversation.item.input_audio_transcription.delta",
-                    item_id=item_id,
-                    content_index=0,
-                    delta=piece if i == 0 else " " + piece,
+        model = (self.config.transcription or {}).get("model", "")
+        if model in DIARIZING_TRANSCRIPTION_MODELS and self.dialect == "ga":
+            self._segment(pieces, ms, ids, out)
+        else:
+            for i, piece in enumerate(pieces):
+                out.append(
+                    self._event(
+                        "conversation.item.input_audio_transcription.delta",
+                        **ids,
+                        delta=piece if i == 0 else " " + piece,
+                    )
                 )
-            )
-            self._obfuscate(out[-1])
+                self._obfuscate(out[-1])
         seconds = round(ms / 1000, 3)
         usage: Event
-        if (self.config.transcription or {}).get("model") == "whisper-1":
+        if model == "whisper-1":
             usage = {"type": "duration", "seconds": seconds}
         else:
             audio_tokens = max(1, round(seconds * INPUT_AUDIO_TOKENS_PER_SECOND))
@@ -652,6 +727,24 @@ class Session:
         item = self._by_id.get(item_id)
         if item is not None:
             item["content"][0]["transcript"] = transcript
+
+    def _segment(self, words: list[str], ms: float, ids: Event, out: list[Event]) -> None:
+        """A diarizing model's ``segment`` events: a few words each, speakers A and B in turn."""
+        per_word = ms / 1000 / len(words)
+        for first in range(0, len(words), SEGMENT_WORDS):
+            last = min(first + SEGMENT_WORDS, len(words))
+            out.append(
+                self._event(
+                    "conversation.item.input_audio_transcription.segment",
+                    **ids,
+                    id=f"seg_{self._segments}",
+                    text=" ".join(words[first:last]),
+                    speaker="AB"[first // SEGMENT_WORDS % 2],
+                    start=round(first * per_word, 3),
+                    end=round(last * per_word, 3),
+                )
+            )
+            self._segments += 1
 
     # --- conversation items -------------------------------------------------------------
 
@@ -699,18 +792,22 @@ class Session:
                 "name",
                 "arguments",
                 "output",
+                *(mcp.ITEM_KEYS if self.dialect == "ga" else ()),
             },
             param,
         )
         if "type" not in item:
             raise missing_parameter(f"{param}.type")
-        kind = expect_choice(
-            item["type"], f"{param}.type", ("message", "function_call", "function_call_output")
-        )
+        kinds: tuple[str, ...] = ("message", "function_call", "function_call_output")
+        if self.dialect == "ga":
+            kinds += tuple(mcp.ITEM_FIELDS)
+        kind = expect_choice(item["type"], f"{param}.type", kinds)
         out: Event = {"type": kind, "object": "realtime.item"}
         if "id" in item:
             out["id"] = expect_str(item["id"], f"{param}.id")
-        if kind == "message":
+        if kind in mcp.ITEM_FIELDS:
+            out.update(mcp.parse_mcp_item(item, kind, param))
+        elif kind == "message":
             for key in ("call_id", "name", "arguments", "output"):
                 if key in item:
                     raise unknown_parameter(f"{param}.{key}")
@@ -826,6 +923,15 @@ class Session:
                 "function_call item in the conversation.",
                 "item.call_id",
             )
+        if item["type"] == "mcp_approval_response":
+            request = self._by_id.get(item["approval_request_id"])
+            if request is None or request["type"] != "mcp_approval_request":
+                raise ClientError(
+                    "invalid_value",
+                    f"MCP approval response for '{item['approval_request_id']}' has no matching "
+                    "mcp_approval_request item in the conversation.",
+                    "item.approval_request_id",
+                )
         item = {"id": item.pop("id", None) or self._ids.new("item"), **item}
         self._insert(item, index, out)
 
@@ -868,6 +974,14 @@ class Session:
         out.append(self._event("conversation.item.retrieved", item=full))
 
     def _on_conversation_item_truncate(self, event: Event, out: list[Event], now: float) -> None:
+        """Cut an assistant audio item to what the user heard, as the real server does.
+
+        Accepted once the item has audio, even while its response still streams (the
+        Agents SDK truncates first, then sends ``response.cancel``); the response goes on
+        until it is cancelled or ends, and the item keeps the cut. The whole server-side
+        transcript is dropped (the API documents it so), only ``audio_end_ms`` of audio
+        stays for ``conversation.item.retrieve`` and for the next responses' context.
+        """
         check_keys(event, {"type", "event_id", "item_id", "content_index", "audio_end_ms"}, "")
         item = self._require_item(event)
         for key in ("content_index", "audio_end_ms"):
@@ -875,21 +989,31 @@ class Session:
                 raise missing_parameter(key)
         content_index = expect_int(event["content_index"], "content_index", 0)
         end_ms = expect_int(event["audio_end_ms"], "audio_end_ms", 0)
-        if item["id"] not in self._output_audio or content_index != 0:
+        streaming = next((r for r in self._responses.values() if r.item is item), None)
+        length_ms: int | None = None
+        if content_index == 0 and streaming is not None and streaming.chunks:
+            sent_ms = len(streaming.chunks) * au.CHUNK_MS
+            length_ms = sent_ms if streaming.truncated_ms is None else streaming.truncated_ms
+        elif content_index == 0 and item["id"] in self._output_audio:
+            length_ms = self._output_audio[item["id"]][2]
+        if length_ms is None:
             raise ClientError(
                 "unsupported_content_type",
                 "Only model output audio messages can be truncated",
                 "item_id",
             )
-        chunks, fmt, length_ms = self._output_audio[item["id"]]
         if end_ms > length_ms:
             raise ClientError(
                 "invalid_value",
                 f"Audio content of {length_ms}ms is already shorter than {end_ms}ms",
                 "audio_end_ms",
             )
-        self._output_audio[item["id"]] = (chunks, fmt, end_ms)
-        item["content"][0]["transcript"] = ""  # the unheard transcript is dropped
+        if streaming is not None:
+            streaming.truncated_ms = end_ms  # applied to the item when the response ends
+        else:
+            chunks, fmt, _ = self._output_audio[item["id"]]
+            self._output_audio[item["id"]] = (chunks, fmt, end_ms)
+            item["content"][0]["transcript"] = ""  # the unheard transcript is dropped
         out.append(
             self._event(
                 "conversation.item.truncated",
@@ -1037,6 +1161,7 @@ class Session:
                 f"Conversation already has an active response in progress: {self._inband.id}. "
                 "Wait until the response is finished before creating a new one.",
             )
+        self._list_mcp_tools(cfg.tools, out)  # per-response MCP servers
         context: list[Event] = extra["input"] if extra["input"] is not None else list(self._items)
         self._idle_deadline = None
         text_tokens = _tokens(cfg.instructions)
@@ -1047,30 +1172,9 @@ class Session:
         total_in = text_tokens + audio_tokens
         cached = min(total_in, self._last_input_tokens // 64 * 64)
         self._last_input_tokens = total_in
-        tool = self._pick_tool(cfg, context)
+        call = self._pick_tool(cfg, context)
         response_id = self._ids.new("resp")
-        item_id = self._ids.new("item")
-        if tool is not None:
-            args = orjson.dumps(instance_of(tool.get("parameters", {}), self._rng)).decode()
-            item: Event = {
-                "id": item_id,
-                "type": "function_call",
-                "object": "realtime.item",
-                "status": "in_progress",
-                "name": tool["name"],
-                "call_id": self._ids.new("call", 16),
-                "arguments": "",
-            }
-        else:
-            args = ""
-            item = {
-                "id": item_id,
-                "type": "message",
-                "object": "realtime.item",
-                "status": "in_progress",
-                "role": "assistant",
-                "content": [],
-            }
+        item, args = self._output_item(call)
         resp = _Response(
             id=response_id,
             item=item,
@@ -1087,6 +1191,7 @@ class Session:
             input_audio_tokens=audio_tokens,
             cached_tokens=cached,
         )
+        resp.server = None if call is None else call.server
         self._responses[response_id] = resp
         if in_conversation:
             self._inband = resp
@@ -1103,12 +1208,15 @@ class Session:
         if in_conversation:
             resp.previous_item_id = self._items[-1]["id"] if self._items else None
             self._items.append(item)
-            self._by_id[item_id] = item
+            self._by_id[item["id"]] = item
             name = self._ga("conversation.item.added", "conversation.item.created")
             out.append(
                 self._event(name, previous_item_id=resp.previous_item_id, item=self._public(item))
             )
-        if tool is not None:
+        if item["type"] == "mcp_approval_request":  # asked whole: nothing to stream
+            resp.steps.append(_Step(now + self.response_delay, "finish"))
+            return
+        if call is not None:
             self._plan_arguments(resp, args, now)
             return
         part = (
@@ -1120,13 +1228,44 @@ class Session:
             self._event(
                 "response.content_part.added",
                 response_id=response_id,
-                item_id=item_id,
+                item_id=item["id"],
                 output_index=0,
                 content_index=0,
                 part=part,
             )
         )
         self._plan_message(resp, self._reply_text(context), now)
+
+    def _output_item(self, call: _Call | None) -> tuple[Event, str]:
+        """The response's output item (in progress) and the arguments it is to carry."""
+        item_id = self._ids.new("item")
+        if call is None:
+            message: Event = {
+                "id": item_id,
+                "type": "message",
+                "object": "realtime.item",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            return message, ""
+        args = call.arguments or orjson.dumps(instance_of(call.schema, self._rng)).decode()
+        head: Event = {"id": item_id}
+        if call.server is None:
+            head.update(type="function_call", object="realtime.item", status="in_progress")
+            head.update(name=call.name, call_id=self._ids.new("call", 16), arguments="")
+            return head, args
+        head.update(server_label=call.server["server_label"], name=call.name)
+        if call.approval_request_id is None and mcp.needs_approval(call.server, call.name):
+            return {
+                **head,
+                "type": "mcp_approval_request",
+                "object": "realtime.item",
+                "arguments": args,
+            }, args
+        head.update(type="mcp_call", object="realtime.item", arguments="")
+        head.update(approval_request_id=call.approval_request_id, output=None, error=None)
+        return head, args
 
     def _item_text_tokens(self, item: Event) -> int:
         n = 0
@@ -1148,25 +1287,60 @@ class Session:
                 n += len(part["audio"]) * 3 // 4 // 4800  # assume 24 kHz PCM16: 100 ms units
         return n
 
-    def _pick_tool(self, cfg: SessionConfig, context: list[Event]) -> Event | None:
-        """The fake model's tool policy: named/required → call; auto → if the user names it."""
-        functions = [t for t in cfg.tools if t.get("type") == "function"]
-        if not functions or cfg.tool_choice == "none":
+    def _pick_tool(self, cfg: SessionConfig, context: list[Event]) -> _Call | None:
+        """The fake model's tool policy: named/required → call; auto → if the user names it.
+
+        Tools are the session's functions and the listed tools of its MCP servers. After a
+        tool result (or an unanswered approval request) the model speaks instead; after an
+        approval it makes the approved call, after a refusal it speaks.
+        """
+        calls = [
+            _Call(t["name"], t.get("parameters", {})) for t in cfg.tools if t["type"] == "function"
+        ]
+        for server in (t for t in cfg.tools if t["type"] == "mcp"):
+            listed = self._mcp_tools.get(server["server_label"], ({}, None))[1] or []
+            calls += [_Call(tool["name"], tool["input_schema"], server) for tool in listed]
+        if not calls or cfg.tool_choice == "none":
             return None
-        if context and context[-1]["type"] == "function_call_output":
+        last = context[-1]["type"] if context else None
+        if last in ("function_call_output", "mcp_call", "mcp_approval_request"):
             return None
+        if last == "mcp_approval_response":
+            return self._approved(context[-1], calls)
+        return self._chosen(cfg, calls, self._last_user_text(context).lower())
+
+    def _chosen(self, cfg: SessionConfig, calls: list[_Call], said: str) -> _Call | None:
         choice = cfg.tool_choice
         if isinstance(choice, dict):
-            if choice.get("type") != "function":
-                return None
-            return next(t for t in functions if t["name"] == choice["name"])
+            label = choice.get("server_label")
+            for call in calls:
+                if (call.server is None) == (choice["type"] == "function") and (
+                    call.server is None or call.server["server_label"] == label
+                ):
+                    if choice.get("name") in (None, call.name):
+                        return call
+            return None
         if choice == "required":
-            return functions[0]
-        last_text = self._last_user_text(context).lower()
-        for tool in functions:
-            name = tool["name"].lower()
-            if name in last_text or name.replace("_", " ") in last_text:
-                return tool
+            return calls[0]
+        for call in calls:
+            name = call.name.lower()
+            if name in said or name.replace("_", " ") in said:
+                return call
+        return None
+
+    def _approved(self, answer: Event, calls: list[_Call]) -> _Call | None:
+        """The call an ``mcp_approval_response`` approves (None if refused or gone)."""
+        request = self._by_id.get(answer["approval_request_id"])
+        if not answer["approve"] or request is None:
+            return None
+        for call in calls:
+            if call.server is not None and (call.server["server_label"], call.name) == (
+                request["server_label"],
+                request["name"],
+            ):
+                return replace(
+                    call, arguments=request["arguments"], approval_request_id=request["id"]
+                )
         return None
 
     @staticmethod
@@ -1180,9 +1354,19 @@ class Session:
     def _reply_text(self, context: list[Event]) -> str:
         lead = "Hello! How can I help you today?"
         for item in reversed(context):
-            if item["type"] == "function_call_output":
+            if item["type"] in ("function_call_output", "mcp_call") and item.get("output"):
                 output = " ".join(item["output"].split()[:12])
                 lead = f"The tool returned {output}."
+                break
+            if item["type"] == "mcp_call":
+                error = item.get("error") or {}
+                lead = f"The tool call failed: {error.get('message', 'no result')}"
+                break
+            if item["type"] == "mcp_approval_response" and not item["approve"]:
+                lead = "All right, I will not run that tool."
+                break
+            if item["type"] == "mcp_approval_request":
+                lead = f"May I run {item['name']}? Please approve or decline."
                 break
             if item["type"] == "message" and item.get("role") == "user":
                 text = self._last_user_text([item])
@@ -1320,6 +1504,9 @@ class Session:
                     delta=step.data,
                 )
             )
+        elif step.kind == "args" and resp.item["type"] == "mcp_call":
+            resp.text_parts.append(step.data)
+            out.append(self._event("response.mcp_call_arguments.delta", **ids, delta=step.data))
         elif step.kind == "args":
             resp.text_parts.append(step.data)
             out.append(
@@ -1348,14 +1535,14 @@ class Session:
         ids = {"response_id": resp.id, "item_id": resp.item["id"], "output_index": 0}
         text = "".join(resp.text_parts)
         item = resp.item
-        item["status"] = "completed" if status == "completed" else "incomplete"
-        if resp.is_function_call:
-            item["arguments"] = text
-            done: Event = {**ids, "call_id": item["call_id"], "arguments": text}
-            if self.dialect == "ga":
-                done["name"] = item["name"]
-            out.append(self._event("response.function_call_arguments.done", **done))
+        if "status" in item:  # MCP items have none
+            item["status"] = "completed" if status == "completed" else "incomplete"
+        if item["type"] in ("function_call", "mcp_call"):
+            self._close_call(resp, text, out, made=status == "completed")
             output_tokens = _tokens(text)
+            audio_out = 0
+        elif item["type"] == "mcp_approval_request":
+            output_tokens = _tokens(item["arguments"])
             audio_out = 0
         elif resp.modality == "audio":
             out.append(
@@ -1378,14 +1565,16 @@ class Session:
                 )
             )
             kind = self._ga("output_audio", "audio")
-            item["content"] = [{"type": kind, "transcript": text}]
+            heard = text if resp.truncated_ms is None else ""  # truncated while streaming
+            item["content"] = [{"type": kind, "transcript": heard}]
             if resp.chunks:
                 self._voice_locked = self._voice_locked or resp.in_conversation
                 if resp.in_conversation:
+                    length_ms = len(resp.chunks) * au.CHUNK_MS
                     self._output_audio[item["id"]] = (
                         list(resp.chunks),
                         resp.out_format,
-                        len(resp.chunks) * au.CHUNK_MS,
+                        length_ms if resp.truncated_ms is None else resp.truncated_ms,
                     )
             output_tokens = _tokens(text)
             audio_out = len(resp.chunks) * AUDIO_TOKENS_PER_CHUNK
@@ -1442,6 +1631,26 @@ class Session:
         ):
             playback = len(resp.chunks) * au.CHUNK_MS / 1000
             self._idle_deadline = max(now, resp.started + playback) + td["idle_timeout_ms"] / 1000
+
+    def _close_call(self, resp: _Response, args: str, out: list[Event], *, made: bool) -> None:
+        """The arguments' done event; for an MCP call, also running it (unless cut short)."""
+        item = resp.item
+        item["arguments"] = args
+        ids = {"response_id": resp.id, "item_id": item["id"], "output_index": 0}
+        if item["type"] == "function_call":
+            done: Event = {**ids, "call_id": item["call_id"], "arguments": args}
+            if self.dialect == "ga":
+                done["name"] = item["name"]
+            out.append(self._event("response.function_call_arguments.done", **done))
+            return
+        out.append(self._event("response.mcp_call_arguments.done", **ids, arguments=args))
+        if not made or resp.server is None:
+            return  # cancelled or cut off before the call was made
+        del ids["response_id"]
+        out.append(self._event("response.mcp_call.in_progress", **ids))
+        item["output"], item["error"] = mcp.call(resp.server, item["name"], args)
+        outcome = "completed" if item["error"] is None else "failed"
+        out.append(self._event(f"response.mcp_call.{outcome}", **ids))
 
     def _usage(self, resp: _Response, text_out: int, audio_out: int) -> Event:
         total_in = resp.input_text_tokens + resp.input_audio_tokens

@@ -12,6 +12,21 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from .audio import AudioFormat
+from .mcp import parse_mcp_tool
+from .models import TRANSCRIPTION_MODELS
+from .validation import (
+    ClientError,
+    check_keys,
+    expect_bool,
+    expect_choice,
+    expect_int,
+    expect_number,
+    expect_object,
+    expect_str,
+    invalid_type,
+    invalid_value,
+    missing_parameter,
+)
 
 Dialect = Literal["ga", "beta"]
 
@@ -36,23 +51,8 @@ VOICES: Final = (
     "marin",
     "cedar",
 )
-TRANSCRIPTION_MODELS: Final = (
-    "whisper-1",
-    "gpt-4o-transcribe",
-    "gpt-4o-mini-transcribe",
-    "gpt-4o-transcribe-latest",
-)
 MAX_TOKENS_LIMIT: Final = 4096
-
-
-class ClientError(Exception):
-    """A client event was rejected; becomes one ``error`` event (the socket stays open)."""
-
-    def __init__(self, code: str | None, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
+TRANSCRIPTION_DELAYS: Final = ("minimal", "low", "medium", "high", "xhigh")
 
 
 def server_vad_defaults() -> dict[str, Any]:
@@ -108,130 +108,6 @@ class SessionConfig:
         )
 
 
-# --- type checks with the real server's wording ---------------------------------
-
-
-def type_name(value: Any) -> str:
-    """The JSON type word the real server uses in 'Invalid type' messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def invalid_type(param: str, expected: str, value: Any) -> ClientError:
-    return ClientError(
-        "invalid_type",
-        f"Invalid type for '{param}': expected {expected}, but got {type_name(value)} instead.",
-        param,
-    )
-
-
-def invalid_value(param: str, value: Any, supported: tuple[str, ...]) -> ClientError:
-    listed = ", ".join(f"'{s}'" for s in supported)
-    return ClientError(
-        "invalid_value",
-        f"Invalid value: '{value}'. Supported values are: {listed}.",
-        param,
-    )
-
-
-def unknown_parameter(param: str) -> ClientError:
-    return ClientError("unknown_parameter", f"Unknown parameter: '{param}'.", param)
-
-
-def missing_parameter(param: str) -> ClientError:
-    return ClientError(
-        "missing_required_parameter", f"Missing required parameter: '{param}'.", param
-    )
-
-
-def expect_object(value: Any, param: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise invalid_type(param, "an object", value)
-    return value
-
-
-def check_keys(obj: dict[str, Any], allowed: frozenset[str] | set[str], param: str) -> None:
-    """Reject unknown keys; ``param`` is the path of ``obj`` ("" for a top-level event)."""
-    for key in obj:
-        if key not in allowed:
-            raise unknown_parameter(f"{param}.{key}" if param else key)
-
-
-def expect_str(value: Any, param: str) -> str:
-    if not isinstance(value, str):
-        raise invalid_type(param, "a string", value)
-    return value
-
-
-def expect_bool(value: Any, param: str) -> bool:
-    if not isinstance(value, bool):
-        raise invalid_type(param, "a boolean", value)
-    return value
-
-
-def expect_int(value: Any, param: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise invalid_type(param, "an integer", value)
-    if lo is not None and value < lo:
-        raise ClientError(
-            "integer_below_min_value",
-            f"Invalid '{param}': integer below minimum value. Expected a value >= {lo}, "
-            f"but got {value} instead.",
-            param,
-        )
-    if hi is not None and value > hi:
-        raise ClientError(
-            "integer_above_max_value",
-            f"Invalid '{param}': integer above maximum value. Expected a value <= {hi}, "
-            f"but got {value} instead.",
-            param,
-        )
-    return int(value)
-
-
-def expect_number(
-    value: Any, param: str, lo: float | None = None, hi: float | None = None
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid_type(param, "a number", value)
-    if lo is not None and value < lo:
-        raise ClientError(
-            "decimal_below_min_value",
-            f"Invalid '{param}': decimal below minimum value. Expected a value >= {lo}, "
-            f"but got {value} instead.",
-            param,
-        )
-    if hi is not None and value > hi:
-        raise ClientError(
-            "decimal_above_max_value",
-            f"Invalid '{param}': decimal above maximum value. Expected a value <= {hi}, "
-            f"but got {value} instead.",
-            param,
-        )
-    return float(value)
-
-
-def expect_choice(value: Any, param: str, choices: tuple[str, ...]) -> str:
-    text = expect_str(value, param)
-    if text not in choices:
-        raise invalid_value(param, text, choices)
-    return text
-
-
 def parse_max_tokens(value: Any, param: str) -> int | Literal["inf"]:
     if value == "inf":
         return "inf"
@@ -253,7 +129,7 @@ def parse_voice(value: Any, param: str) -> str | dict[str, Any]:
 def parse_tools(value: Any, param: str, *, allow_mcp: bool) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise invalid_type(param, "an array", value)
-    tools = []
+    tools: list[dict[str, Any]] = []
     for i, raw in enumerate(value):
         p = f"{param}[{i}]"
         tool = expect_object(raw, p)
@@ -261,7 +137,7 @@ def parse_tools(value: Any, param: str, *, allow_mcp: bool) -> list[dict[str, An
         kinds = ("function", "mcp") if allow_mcp else ("function",)
         expect_choice(kind, f"{p}.type", kinds)
         if kind == "mcp":
-            tools.append(dict(tool))
+            tools.append(parse_mcp_tool(tool, p))
             continue
         check_keys(tool, {"type", "name", "description", "parameters"}, p)
         if "name" not in tool:
@@ -272,6 +148,15 @@ def parse_tools(value: Any, param: str, *, allow_mcp: bool) -> list[dict[str, An
         if "parameters" in tool:
             expect_object(tool["parameters"], f"{p}.parameters")
         tools.append({"type": "function", **{k: v for k, v in tool.items() if k != "type"}})
+    labels = [t["server_label"] for t in tools if t["type"] == "mcp"]
+    for i, tool in enumerate(tools):
+        if tool["type"] == "mcp" and labels.count(tool["server_label"]) > 1:
+            raise ClientError(
+                "invalid_value",
+                f"Invalid '{param}[{i}].server_label': MCP server labels must be unique, and "
+                f"'{tool['server_label']}' is used more than once.",
+                f"{param}[{i}].server_label",
+            )
     return tools
 
 
@@ -280,11 +165,13 @@ def parse_tool_choice(value: Any, param: str) -> str | dict[str, Any]:
         return expect_choice(value, param, ("auto", "none", "required"))
     choice = expect_object(value, param)
     kind = expect_choice(choice.get("type"), f"{param}.type", ("function", "mcp"))
-    if kind == "function":
-        check_keys(choice, {"type", "name"}, param)
-        if "name" not in choice:
-            raise missing_parameter(f"{param}.name")
-        expect_str(choice["name"], f"{param}.name")
+    required = "name" if kind == "function" else "server_label"  # an MCP name is optional
+    check_keys(choice, {"type", "name", required}, param)
+    if required not in choice:
+        raise missing_parameter(f"{param}.{required}")
+    for key in ("name", "server_label"):
+        if choice.get(key) is not None:
+            expect_str(choice[key], f"{param}.{key}")
     return dict(choice)
 
 
@@ -292,13 +179,21 @@ def parse_transcription(value: Any, param: str) -> dict[str, Any] | None:
     if value is None:
         return None
     obj = expect_object(value, param)
-    check_keys(obj, {"model", "language", "prompt"}, param)
+    check_keys(obj, {"model", "language", "prompt", "delay", "keywords", "languages"}, param)
     out: dict[str, Any] = {"model": "whisper-1", "language": None, "prompt": None}
     if "model" in obj:
-        out["model"] = expect_choice(obj["model"], f"{param}.model", TRANSCRIPTION_MODELS)
+        out["model"] = expect_choice(obj["model"], f"{param}.model", tuple(TRANSCRIPTION_MODELS))
     for key in ("language", "prompt"):
         if obj.get(key) is not None:
             out[key] = expect_str(obj[key], f"{param}.{key}")
+    if obj.get("delay") is not None:  # newer options: echoed only when given
+        out["delay"] = expect_choice(obj["delay"], f"{param}.delay", TRANSCRIPTION_DELAYS)
+    for key in ("keywords", "languages"):
+        if obj.get(key) is not None:
+            words = obj[key]
+            if not isinstance(words, list):
+                raise invalid_type(f"{param}.{key}", "an array", words)
+            out[key] = [expect_str(w, f"{param}.{key}[{i}]") for i, w in enumerate(words)]
     return out
 
 

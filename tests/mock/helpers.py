@@ -26,6 +26,7 @@ DELTA_TYPES = frozenset(
         "response.audio_transcript.delta",
         "response.text.delta",
         "response.function_call_arguments.delta",
+        "response.mcp_call_arguments.delta",
         "conversation.item.input_audio_transcription.delta",
     }
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mockrealtime.faults import Faults, parse_faults
-from mockrealtime.handshake import is_supported_model, mask_key, negotiate
+from mockrealtime.handshake import mask_key, negotiate
+from mockrealtime.models import is_realtime_model
 
 
 def decide(
@@ -65,12 +66,12 @@ def test_transcription_intent_needs_no_model() -> None:
     ],
 )
 def test_realtime_model_families_are_accepted(model: str) -> None:
-    assert is_supported_model(model)
+    assert is_realtime_model(model)
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "whisper-1", "realtime", "gpt-5-realtime"])
 def test_other_models_are_not(model: str) -> None:
-    assert not is_supported_model(model)
+    assert not is_realtime_model(model)
 
 
 def test_keys_are_masked_to_prefix_and_last_four() -> None:

@@ -400,6 +400,51 @@ def test_function_call_round_trip() -> None:
         assert done.response.status == "completed"
 
 
+def test_remote_mcp_tool_listing_approval_and_call() -> None:
+    server = {
+        "type": "mcp",
+        "server_label": "docs",
+        "server_url": "https://mcp.example.com/docs",
+        "allowed_tools": ["search_docs"],
+        "require_approval": "always",
+    }
+    with running_mock() as mock, mock.client().realtime.connect(model="gpt-realtime-2") as conn:
+        opened(conn)
+        conn.session.update(
+            session={
+                "type": "realtime",
+                "output_modalities": ["text"],
+                "tools": [server],
+                "tool_choice": {"type": "mcp", "server_label": "docs"},
+            }
+        )
+        events = receive_until(conn, of_type("mcp_list_tools.completed"))
+        assert kinds(events)[:2] == ["session.updated", "mcp_list_tools.in_progress"]
+        listing = next(e for e in events if e.type == "conversation.item.done").item
+        assert listing.type == "mcp_list_tools" and [t.name for t in listing.tools] == [
+            "search_docs"
+        ]
+        say_hello_text(conn)
+        conn.response.create()
+        events = receive_until(conn, of_type("response.done"))
+        request = events[-1].response.output[0]
+        assert request.type == "mcp_approval_request" and request.name == "search_docs"
+        receive_until(conn, of_type("rate_limits.updated"))
+        answer = {"type": "mcp_approval_response", "approval_request_id": request.id}
+        conn.conversation.item.create(item={**answer, "approve": True})
+        conn.response.create()
+        events = receive_until(conn, of_type("response.done"))
+        assert [k for k in kinds(events) if k.startswith("response.mcp_call")][-3:] == [
+            "response.mcp_call_arguments.done",
+            "response.mcp_call.in_progress",
+            "response.mcp_call.completed",
+        ]
+        call = events[-1].response.output[0]
+        assert call.type == "mcp_call" and call.approval_request_id == request.id
+        assert call.arguments == request.arguments and json.loads(call.output)["results"]
+        receive_until(conn, of_type("rate_limits.updated"))
+
+
 def test_response_cancel_during_a_paced_reply() -> None:
     with (
         running_mock(pace=1.0, reply_sentences=4) as mock,  # ~7 s of reply audio in real time
@@ -431,6 +476,34 @@ def test_response_cancel_during_a_paced_reply() -> None:
         error = receive(conn)
         assert isinstance(error, RealtimeErrorEvent)
         assert error.error.code == "response_cancel_not_active"
+
+
+def test_interrupt_as_the_agents_sdk_does_it_truncate_then_cancel() -> None:
+    """The Agents SDK's ``interrupt()``: truncate the playing item mid-stream, then cancel."""
+    with (
+        running_mock(pace=1.0, reply_sentences=4) as mock,
+        mock.client().realtime.connect(model="gpt-realtime-2") as conn,
+    ):
+        opened(conn)
+        say_hello_text(conn)
+        conn.response.create()
+        events = receive_until(conn, of_type("response.output_audio.delta"))
+        events += receive_until(conn, of_type("response.output_audio.delta"))
+        item_id = events[-1].item_id
+        audio = [base64.b64decode(e.delta) for e in events if e.type.endswith("audio.delta")]
+        played_ms = sum(map(len, audio)) // 48  # PCM16 at 24 kHz: 48 bytes per ms
+        conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=played_ms)
+        conn.response.cancel()
+        events = receive_until(conn, of_type("response.done"))
+        truncated = next(e for e in events if e.type == "conversation.item.truncated")
+        assert (truncated.item_id, truncated.audio_end_ms) == (item_id, played_ms)
+        done = events[-1]
+        assert done.response.status == "cancelled"
+        receive_until(conn, of_type("rate_limits.updated"))
+        conn.conversation.item.retrieve(item_id=item_id)
+        item = receive_until(conn, of_type("conversation.item.retrieved"))[-1].item
+        assert item.content[0].transcript == ""
+        assert len(base64.b64decode(item.content[0].audio)) == played_ms * 48
 
 
 def test_client_secret_mint_then_connect_with_the_ek_key() -> None:

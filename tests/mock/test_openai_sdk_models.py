@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import typing
 from typing import Any
 
 import orjson
@@ -44,61 +45,39 @@ TOOL = {
     },
 }
 
-GA_EVENT_TYPES = {
-    "session.created",
-    "session.updated",
-    "error",
-    "input_audio_buffer.speech_started",
-    "input_audio_buffer.speech_stopped",
-    "input_audio_buffer.committed",
-    "input_audio_buffer.cleared",
-    "input_audio_buffer.timeout_triggered",
-    "conversation.item.added",
-    "conversation.item.done",
-    "conversation.item.deleted",
-    "conversation.item.retrieved",
-    "conversation.item.truncated",
-    "conversation.item.input_audio_transcription.delta",
-    "conversation.item.input_audio_transcription.completed",
-    "response.created",
-    "response.done",
-    "response.output_item.added",
-    "response.output_item.done",
-    "response.content_part.added",
-    "response.content_part.done",
-    "response.output_text.delta",
-    "response.output_text.done",
-    "response.output_audio.delta",
-    "response.output_audio.done",
-    "response.output_audio_transcript.delta",
-    "response.output_audio_transcript.done",
-    "response.function_call_arguments.delta",
-    "response.function_call_arguments.done",
-    "rate_limits.updated",
+MCP_SERVER = {
+    "type": "mcp",
+    "server_label": "docs",
+    "server_url": "https://mcp.example.com/docs",
+    "require_approval": {"never": {"tool_names": ["search_docs"]}},
 }
-BETA_EVENT_TYPES = (
-    GA_EVENT_TYPES
-    - {
-        "input_audio_buffer.timeout_triggered",
-        "conversation.item.added",
-        "conversation.item.done",
-        "response.output_text.delta",
-        "response.output_text.done",
-        "response.output_audio.delta",
-        "response.output_audio.done",
-        "response.output_audio_transcript.delta",
-        "response.output_audio_transcript.done",
-    }
-) | {
-    "conversation.item.created",
-    "response.text.delta",
-    "response.text.done",
-    "response.audio.delta",
-    "response.audio.done",
-    "response.audio_transcript.delta",
-    "response.audio_transcript.done",
-    "transcription_session.updated",
+
+NOT_EMITTED: dict[str, dict[str, str]] = {
+    "ga": {
+        "conversation.created": "defined by the SDK but not sent by today's server",
+        "conversation.item.created": "the GA server sends conversation.item.added/.done instead",
+        "input_audio_buffer.dtmf_event_received": "SIP calls only (keypad digits)",
+        "output_audio_buffer.started": "WebRTC/SIP only: over WebSocket the client plays audio",
+        "output_audio_buffer.stopped": "WebRTC/SIP only",
+        "output_audio_buffer.cleared": "WebRTC/SIP only (answers output_audio_buffer.clear)",
+    },
+    "beta": {
+        "conversation.created": "defined by the SDK but not sent by the server",
+        "output_audio_buffer.started": "WebRTC only: over WebSocket the client plays audio",
+        "output_audio_buffer.stopped": "WebRTC only",
+        "output_audio_buffer.cleared": "WebRTC only",
+    },
 }
+"""Server event types of the SDK's union that the fake never sends over WebSocket, and why."""
+
+
+def sdk_event_types(dialect: str) -> set[str]:
+    """Every ``type`` literal of the SDK's server-event union for ``dialect``."""
+    union = typing.get_args(GAServerEvent if dialect == "ga" else BetaServerEvent)[0]
+    found: set[str] = set()
+    for model in typing.get_args(union):
+        found.update(typing.get_args(model.model_fields["type"].annotation))
+    return found
 
 
 def sdk_rejections(dialect: str, events: list[dict[str, Any]]) -> list[str]:
@@ -208,17 +187,57 @@ def tour(dialect: str) -> list[dict[str, Any]]:
             },
         )
     out += drain(session, clock, 10_000)  # the session expires
+    return out + transcription_outcomes(dialect) + (mcp_tour() if ga else [])
+
+
+def transcription_outcomes(dialect: str) -> list[dict[str, Any]]:
+    """A failed transcription, and (GA) a diarized one."""
+    models = ["whisper-1"] + (["gpt-4o-transcribe-diarize"] if dialect == "ga" else [])
+    out: list[dict[str, Any]] = []
+    for fails, model in [(True, "whisper-1")] + [(False, m) for m in models[1:]]:
+        session, opening = make_session(dialect, transcription_fails=fails)
+        out += opening
+        transcription = {"model": model}
+        if dialect == "ga":
+            out += update(session, audio={"input": {"transcription": transcription}})
+        else:
+            out += update(session, input_audio_transcription=transcription)
+        out += send(session, {"type": "response.cancel"})  # keep the turn short: no reply
+        for message in append_events(wav_pcm16()):
+            out += session.handle(message)
     return out
 
 
-@pytest.mark.parametrize(
-    ("dialect", "expected"), [("ga", GA_EVENT_TYPES), ("beta", BETA_EVENT_TYPES)]
-)
-def test_every_event_the_session_emits_fits_the_sdk_models(
-    dialect: str, expected: set[str]
-) -> None:
+def mcp_tour() -> list[dict[str, Any]]:
+    """GA MCP servers: a failed listing, a call, a failed call, an approval request."""
+    session, out = make_session("ga")
+    broken = {**MCP_SERVER, "server_label": "broken", "server_url": "https://x/list-error"}
+    flaky = {**MCP_SERVER, "server_label": "flaky", "server_url": "https://x/call-error"}
+    out += update(session, tools=[MCP_SERVER, broken, flaky], output_modalities=["text"])
+    for name, label in [("search_docs", "docs"), ("search_docs", "flaky"), ("fetch_doc", "docs")]:
+        out += send(session, user_text("Hi"))
+        choice = {"type": "mcp", "server_label": label, "name": name}
+        out += send(session, {"type": "response.create", "response": {"tool_choice": choice}})
+    made = [e["item"]["type"] for e in out if e["type"] == "response.output_item.done"]
+    assert made == ["mcp_call", "mcp_call", "mcp_approval_request"]
+    return out
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_the_fake_sends_every_sdk_server_event_type_but_the_listed_ones(dialect: str) -> None:
+    sdk = sdk_event_types(dialect)
+    sent = {e["type"] for e in tour(dialect)}
+    skipped = set(NOT_EMITTED[dialect])
+    assert sorted(sdk - sent - skipped) == [], "SDK server events the fake never sends"
+    assert sorted(sent - sdk) == [], "events the fake sends that the SDK does not know"
+    assert sorted(sent & skipped) == [], "listed as not sent, yet sent"
+    assert sorted(skipped - sdk) == [], "listed as not sent, but no longer in the SDK"
+    assert len(sent) == len(sdk) - len(skipped)
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_every_event_the_session_emits_fits_the_sdk_models(dialect: str) -> None:
     events = tour(dialect)
-    assert {e["type"] for e in events} == expected
     for event in events:
         if event["type"] == "transcription_session.updated":
             assert "client_secret" not in event["session"]  # as the SDK documents
@@ -284,6 +303,7 @@ _client_event = st.fixed_dictionaries(
                 {"conversation": "none"},
                 {"max_output_tokens": 2},
                 {"tool_choice": "required", "tools": [TOOL]},
+                {"tool_choice": "required", "tools": [MCP_SERVER]},
             ]
         ),
         "audio_end_ms": st.integers(0, 3000),
