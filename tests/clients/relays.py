@@ -32,7 +32,7 @@ from relay.server.localca import temporary_local_tls
 from relay.server.serve import serve
 from relay.usage.auth import hash_key, new_api_key
 
-TIMEOUT = 90
+TIMEOUT = 60
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 HELLO_WAV = FIXTURES / "hello.wav"
 

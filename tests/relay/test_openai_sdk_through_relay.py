@@ -123,7 +123,7 @@ def four_steps(target: Target) -> list[dict[str, Any]]:
         )
         conn.response.cancel()
         assert read.until_type("response.done")["response"]["status"] == "cancelled"
-        read.until_type("conversation.item.truncated")
+    assert "conversation.item.truncated" in [event["type"] for event in read.events]
     return read.events
 
 
