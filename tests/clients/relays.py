@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import wave
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -59,6 +60,13 @@ class Target:
     @property
     def realtime_url(self) -> str:
         return f"{self.url}/v1/realtime?model={self.config.model}"
+
+
+def speech_then_silence() -> bytes:
+    """hello.wav (PCM16, 24 kHz, mono), then a second of silence so server VAD ends the turn."""
+    with wave.open(str(HELLO_WAV)) as wav:
+        assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (24000, 2, 1)
+        return wav.readframes(wav.getnframes()) + bytes(48000)
 
 
 Starter = Callable[[Callable[[], Awaitable[None]], trio.TaskStatus[Target]], Awaitable[None]]
@@ -229,3 +237,28 @@ def assert_locked_fields_kept(target: Target, client_sessions: list[dict[str, An
         assert session.get("model", target.config.model) == target.config.model
         if "instructions" in session:
             assert session["instructions"] == relay_values["instructions"]
+
+
+def assert_the_four_steps_went_through(target: Target, events: list[dict[str, Any]]) -> None:
+    """What every client's run shows, whatever the client: ``session.created`` first and no
+    error; the audio turn taken by server VAD; the interrupt's truncate and cancel sent and
+    done; the client's tool reaching the model; the locked fields keeping the relay's values."""
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "session.created", kinds[:5]
+    assert "error" not in kinds, [event for event in events if event["type"] == "error"]
+    for kind in (
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.truncated",
+    ):
+        assert kind in kinds, kind
+    sent = [str(m) for record in target.mock.connections for m in record.received]
+    assert any('"conversation.item.truncate"' in m for m in sent)
+    assert any('"response.cancel"' in m for m in sent)
+    assert any(
+        any(tool.get("name") == "get_weather" for tool in session.get("tools", ()))
+        for session in upstream_session_updates(target)
+    )
+    sessions = [e["session"] for e in events if e["type"] in ("session.created", "session.updated")]
+    assert_locked_fields_kept(target, sessions)

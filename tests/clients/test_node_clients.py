@@ -25,10 +25,9 @@ from .relays import (
     CLIENT_INSTRUCTIONS,
     HELLO_WAV,
     Target,
-    assert_locked_fields_kept,
+    assert_the_four_steps_went_through,
     relay_demo,
     relay_serve,
-    upstream_session_updates,
 )
 
 NODE_DIR = Path(__file__).parent / "node"
@@ -73,42 +72,16 @@ def run_node(
 
 def check(target: Target, lines: list[dict[str, Any]]) -> None:
     events = [line["event"] for line in lines if line["kind"] == "server"]
-    kinds = [event["type"] for event in events]
-    assert kinds[0] == "session.created", kinds[:5]
-    errors = [e for e in events if e["type"] == "error"]
-    assert not errors, errors
-    assert [line["name"] for line in lines if line["kind"] == "step"] == [
-        "text",
-        "tool",
-        "audio",
-        "interrupt",
-    ]
+    steps = [line["name"] for line in lines if line["kind"] == "step"]
+    assert steps == ["text", "tool", "audio", "interrupt"]
     # The fake model makes up the arguments from the tool's schema.
     [tool] = [line for line in lines if line["kind"] == "tool"]
     assert (tool["name"], tool["result"]) == ("get_weather", f"sunny in {tool['args']['city']}")
-    assert any(
-        f"The tool returned {tool['result']}" in str(e)
-        for e in events
-        if e["type"] == "response.done"
-    )
-    for kind in (
-        "input_audio_buffer.speech_started",
-        "input_audio_buffer.speech_stopped",
-        "input_audio_buffer.committed",
-        "conversation.item.truncated",
-    ):
-        assert kind in kinds
+    answers = [str(e) for e in events if e["type"] == "response.done"]
+    assert any(f"The tool returned {tool['result']}" in answer for answer in answers)
     done = [e["response"] for e in events if e["type"] == "response.done"]
     assert done[-1]["status"] == "cancelled", done[-1]
-    sent = [str(m) for record in target.mock.connections for m in record.received]
-    assert any('"conversation.item.truncate"' in m for m in sent)
-    assert any('"response.cancel"' in m for m in sent)
-    assert any(
-        any(tool.get("name") == "get_weather" for tool in s.get("tools", ()))
-        for s in upstream_session_updates(target)
-    )
-    sessions = [e["session"] for e in events if e["type"] in ("session.created", "session.updated")]
-    assert_locked_fields_kept(target, sessions)
+    assert_the_four_steps_went_through(target, events)
 
 
 def agents_js(target: Target) -> list[dict[str, Any]]:
