@@ -30,11 +30,12 @@ RUN groupadd --system --gid 10001 relay \
        --shell /usr/sbin/nologin relay \
     && mkdir /data && chown relay:relay /data
 COPY --from=build /app/.venv /app/.venv
+# The relay's state directory is /data (its default store: /data/relay/usage.db). Mount a
+# volume on /data to keep usage across restarts, or set RELAY_STORE=redis://... for many replicas.
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
-# The default store (sqlite:///relay-usage.db) is relative: it lands here. Mount a volume
-# on /data to keep usage across restarts, or set RELAY_STORE=redis://... for many replicas.
+    PYTHONDONTWRITEBYTECODE=1 \
+    XDG_STATE_HOME=/data
 WORKDIR /data
 USER relay
 EXPOSE 8000

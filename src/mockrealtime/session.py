@@ -68,6 +68,11 @@ SEGMENT_WORDS: Final = 5  # words per diarized transcription segment
 TEXT_STEP_S: Final = 0.05  # one text delta per 50 ms of "generation" at pace 1
 ARGS_STEP_S: Final = 0.02
 MAX_REPLY_WORDS: Final = 400
+#: A field of ``session.created`` that no real server sends, so that a person can tell the fake
+#: from the real thing: the relay's demo page and ``relay talk`` say so when they see it. SDKs
+#: ignore fields they do not know (the OpenAI SDK's models allow extra ones).
+FAKE_MARKER: Final = "mockrealtime"
+FAKE_NOTE: Final = "offline fake of the Realtime API: made-up transcripts, replies in milliseconds"
 MAX_RETAINED_AUDIO_BYTES: Final = 16 * 1024 * 1024
 """Committed input audio kept per session for ``conversation.item.retrieve``; beyond it the
 oldest items' audio is forgotten (their length still counts for usage), so long load
@@ -287,7 +292,9 @@ class Session:
             self.close_requested = (rejection.close_code, rejection.close_reason)
             self.closed = True
             return [self._error(rejection.code, rejection.message)]
-        out = [self._event("session.created", session=self.render_session())]
+        created = self._event("session.created", session=self.render_session())
+        created[FAKE_MARKER] = FAKE_NOTE
+        out = [created]
         self._list_mcp_tools(self.config.tools, out)  # a client secret's session may have some
         return out
 

@@ -8,6 +8,7 @@ the environment only so they never show up in a process list.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,8 +20,43 @@ import trio
 if TYPE_CHECKING:
     from .server.app import RelayApp
 
-from .config import SETTINGS, ConfigError, RelayConfig, coerce_setting, load_config
+from .config import SETTINGS, ConfigError, RelayConfig, Setting, coerce_setting, load_config
 from .ops.logs import configure_logging
+
+#: What a flag's value looks like in ``--help``, where its type alone would not say.
+METAVARS: dict[str, str] = {
+    "api_keys": "USER:SHA256,...",
+    "allowed_origins": "ORIGIN,...",
+    "browser_refusals": "{http,close}",
+    "store": "URL",
+    "upstream_url": "URL",
+    "upstream_auth": "{header,subprotocol}",
+    "model": "MODEL",
+    "models": "MODEL,...",
+    "host": "HOST",
+    "port": "PORT",
+    "tls_cert": "FILE",
+    "tls_key": "FILE",
+    "jwt_public_key": "PEM",
+    "overload_cpu": "SHARE",
+    "overload_behind": "SHARE",
+    "shed_cpu": "SHARE",
+    "shed_behind": "SHARE",
+    "log_format": "{auto,json,text}",
+    "log_level": "{debug,info,warning,error}",
+    "voice": "VOICE",
+    "binary_frames": "{audio,reject}",
+}
+_KIND_METAVARS = {"int": "N", "float": "SECONDS", "tuple[str, ...]": "A,B,..."}
+
+
+def metavar(setting: Setting) -> str:
+    """The flag's value in ``--help``: named where its type alone would not say what it is."""
+    if setting.name in METAVARS:
+        return METAVARS[setting.name]
+    if setting.name.endswith("_bytes"):
+        return "BYTES"
+    return _KIND_METAVARS.get(setting.kind, "TEXT")
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] = ()) -> None:
@@ -28,13 +64,16 @@ def _add_setting_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] =
     for setting in SETTINGS:
         if setting.secret or (only and setting.name not in only):
             continue
-        help_text = f"{setting.help} [{setting.env}]".replace("%", "%%")
+        default = setting.shown_default().replace("`", "").removeprefix("(").removesuffix(")")
+        help_text = f"{setting.help} (default: {default}) [{setting.env}]".replace("%", "%%")
         if setting.is_flag:
             parser.add_argument(
                 setting.flag, dest=setting.name, action="store_const", const="true", help=help_text
             )
         else:
-            parser.add_argument(setting.flag, dest=setting.name, metavar="VALUE", help=help_text)
+            parser.add_argument(
+                setting.flag, dest=setting.name, metavar=metavar(setting), help=help_text
+            )
 
 
 def _config_from(args: argparse.Namespace, environ: dict[str, str]) -> RelayConfig:
@@ -51,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay",
         description="Voice relay between clients and the OpenAI Realtime API.",
     )
+    parser.add_argument("--version", action="version", version=f"relay {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -68,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--day", help="one UTC day, YYYY-MM-DD")
     usage.add_argument("--user", help="one user")
-    usage.add_argument("--store", help="store URL (default: RELAY_STORE, else sqlite:///relay-usage.db)")
+    usage.add_argument(
+        "--store",
+        metavar="URL",
+        help="store URL (default: RELAY_STORE, else usage.db in the state directory)",
+    )
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     keygen = commands.add_parser(
@@ -113,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument(
         "input",
         metavar="INPUT.wav",
+        nargs="?",
         help="audio to say: WAV at any rate, mono or stereo, PCM 8/16/24/32-bit, float,"
-        " G.711 mu-law or A-law",
+        " G.711 mu-law or A-law (default: a bundled sample, \"Hello, can you hear me?\")",
     )
     talk.add_argument(
         "-o",
@@ -152,52 +197,108 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    environ = dict(os.environ)
     try:
-        if args.command == "serve":
-            config = _config_from(args, environ)
-            configure_logging(
-                config.log_format,
-                config.log_level,
-                secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
-            )
-            if not config.openai_api_key:
-                raise ConfigError(
-                    "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."
-                    " Export it, or try `relay demo` to run against the bundled fake."
-                )
-            if config.workers > 1:
-                from .server.workers import serve_workers
-
-                return serve_workers(config)
-            from .server.app import create_app
-
-            trio.run(_serve, config, create_app(config))
-        elif args.command == "usage":
-            overrides = {"store": args.store} if args.store else {}
-            config = load_config(environ, overrides)
-            print(trio.run(_usage_report, config.store, args.day, args.user, args.json))
-        elif args.command == "keygen":
-            from .usage.auth import hash_key, new_api_key
-
-            key = new_api_key()
-            print(f"client key (give it to {args.user}): {key}")
-            print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
-        elif args.command == "demo":
-            from .server.demo import check_demo_host
-
-            check_demo_host(args.host, args.allow_anonymous)
-            trio.run(_demo, args.host, args.port, args.allow_anonymous, args.tls)
-        elif args.command == "talk":
-            from .clients.talk import run as run_talk
-
-            return run_talk(args)
-    except ConfigError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 2
+        return _run(args, dict(os.environ))
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        status = _start_failure(exc)
+        if status is None:
+            raise
+        return status
+
+
+def _start_failure(exc: BaseException) -> int | None:
+    """Print a settings or start-up error as the one line it is; its exit status (None: the
+    exception is not one). Trio's nurseries wrap what their tasks raise: look inside."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, ConfigError):
+        status = 2
+    else:
+        from .server.serve import CannotStart
+
+        if not isinstance(exc, CannotStart):
+            return None
+        status = 1
+    print(f"relay: {exc}", file=sys.stderr)
+    return status
+
+
+def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    if args.command == "serve":
+        config = _config_from(args, environ)
+        configure_logging(
+            config.log_format,
+            config.log_level,
+            secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
+        )
+        if not config.openai_api_key:
+            raise ConfigError(
+                "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."
+                " Export it, or try `relay demo` to run against the bundled fake."
+            )
+        if config.workers > 1:
+            _check_upstream(config)
+            from .server.workers import serve_workers
+
+            return serve_workers(config)
+        from .server.app import create_app
+
+        app = create_app(config)  # (it checks the client auth settings first)
+        _check_upstream(config)
+        trio.run(_serve, config, app)
+    elif args.command == "usage":
+        overrides = {"store": args.store} if args.store else {}
+        config = load_config(environ, overrides)
+        print(trio.run(_usage_report, config.store, args.day, args.user, args.json))
+    elif args.command == "keygen":
+        from .usage.auth import hash_key, new_api_key
+
+        key = new_api_key()
+        print(f"client key (give it to {args.user}): {key}")
+        print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
+    elif args.command == "demo":
+        from .server.demo import check_demo_host
+
+        check_demo_host(args.host, args.allow_anonymous)
+        # Hypercorn's "Running on http://…" would come before the page's URL and say it again.
+        logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
+        trio.run(_demo, args.host, args.port, args.allow_anonymous, args.tls)
+    elif args.command == "talk":
+        from .clients.talk import run as run_talk
+
+        return run_talk(args)
     return 0
+
+
+def _check_upstream(config: RelayConfig) -> None:
+    """Stop (CannotStart) unless the upstream answers; then say where the usage store is."""
+    from .server.serve import check_upstream
+
+    trio.run(check_upstream, config)
+    print(f"relay: usage store {_store_shown(config.store)}", flush=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("relay")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _store_shown(url: str) -> str:
+    """Where the usage store is, for the start-up line (a Redis password stays out)."""
+    if url == "sqlite:///:memory:":
+        return "in memory (gone at exit)"
+    if url.startswith("sqlite:///"):
+        return url.removeprefix("sqlite:///")
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"redis://{parts.hostname}:{parts.port or 6379}{parts.path}"
 
 
 async def _serve(config: RelayConfig, app: RelayApp) -> None:
@@ -219,9 +320,10 @@ async def _demo(host: str, port: int, allow_anonymous: bool, tls: bool) -> None:
         )
         url, page = demo.relay_url, "http" + demo.relay_url.removeprefix("ws")
         lines = [
-            f"fake Realtime API on {demo.mock.url}",
+            f"open {page}/ in a browser and press Connect",
             f"relay on {url}/voice and {url}/v1/realtime?model={demo.config.model}",
-            f"page on {page}/",
+            f"upstream is the offline fake on {demo.mock.url}"
+            " (made-up transcripts, replies in milliseconds; no key, no cost)",
         ]
         if demo.ca_file is not None:
             lines += [

@@ -6,13 +6,14 @@ environment variables, then command-line flags. A bad value stops start-up with
 a :class:`ConfigError` that names the setting and says what was expected.
 
 The table :data:`SETTINGS` is the single source for the environment variable
-names, the CLI flags and the README's configuration table.
+names, the CLI flags and docs/configuration.md (``uv run python tools/configuration_md.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -62,14 +63,36 @@ class Setting:
     secret: bool = False
 
     is_flag: bool = False  # a boolean: its CLI flag takes no value
+    kind: str = "str"  # the field's type, as written in RelayConfig
+    default: Any = None
+    shown: str | None = None  # how the default reads where its value would mislead
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def shown_default(self) -> str:
+        """The default as the docs and ``--help`` show it (Markdown: values in backticks)."""
+        if self.shown is not None:
+            return self.shown
+        value = self.default
+        if value is None:
+            return "(unset)"
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        if isinstance(value, float):
+            return f"`{value:g}`"
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        return f"`{value}`" if value != "" else "(none)"
 
-def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "secret": secret})
+
+def _setting(
+    default: Any, env: str, help: str, *, secret: bool = False, shown: str | None = None
+) -> Any:
+    return field(
+        default=default, metadata={"env": env, "help": help, "secret": secret, "shown": shown}
+    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ class RelayConfig:
             "env": "OPENAI_API_KEY",
             "help": "Key the relay uses upstream. Never sent to clients or logged.",
             "secret": True,
+            "shown": "(required for `serve`)",
         },
     )
     jwt_secret: str = field(
@@ -90,7 +114,7 @@ class RelayConfig:
         repr=False,
         metadata={
             "env": "RELAY_JWT_SECRET",
-            "help": "Shared secret of client JWTs (HS256). Environment only.",
+            "help": "Shared secret of client JWTs (HS256), at least 32 bytes. Environment only.",
             "secret": True,
         },
     )
@@ -109,11 +133,12 @@ class RelayConfig:
         "RELAY_ALLOWED_ORIGINS",
         "Comma-separated browser origins allowed to connect (empty: any). Non-browser"
         " clients send no Origin and are not affected.",
+        shown="(any)",
     )
     browser_refusals: str = _setting(
         "http",
         "RELAY_BROWSER_REFUSALS",
-        "How a refused browser (a request with an Origin header) is told: `http` (401/403/429,"
+        "How a refused browser (a request with an `Origin` header) is told: `http` (401/403/429,"
         " which a page sees only as close 1006) or `close` (accept, send an `error` event, close"
         " 4401/4403/4429 so the page can tell why).",
     )
@@ -124,10 +149,12 @@ class RelayConfig:
         " start with no client auth unless this is set.",
     )
     store: str = _setting(
-        "sqlite:///relay-usage.db",
+        "",
         "RELAY_STORE",
         "Usage and limits store: `sqlite:///PATH` (embedded) or `redis://HOST:PORT/DB` (shared"
-        " by many relay instances).",
+        " by many relay instances). Unset: `usage.db` in the state directory,"
+        " `$XDG_STATE_HOME/relay` or else `~/.local/state/relay`.",
+        shown="`usage.db` in the state directory",
     )
     max_sessions_per_user: int = _setting(
         0, "RELAY_MAX_SESSIONS_PER_USER", "Live sessions one user may hold across all instances (0: no cap)."
@@ -193,9 +220,9 @@ class RelayConfig:
         " the sessions; one per core.",
     )
     tls_cert: str = _setting(
-        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve https:// and wss://."
+        "", "RELAY_TLS_CERT", "PEM certificate (chain) file: serve `https://` and `wss://`."
     )
-    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of RELAY_TLS_CERT.")
+    tls_key: str = _setting("", "RELAY_TLS_KEY", "PEM private key file of `RELAY_TLS_CERT`.")
     keep_alive_timeout: float = _setting(
         5.0, "RELAY_KEEP_ALIVE_TIMEOUT", "Seconds an idle HTTP keep-alive connection is kept."
     )
@@ -203,7 +230,7 @@ class RelayConfig:
         20.0,
         "RELAY_PING_INTERVAL",
         "Seconds between WebSocket pings on both legs, keeping proxies and NATs from timing"
-        " out an idle session (0: no pings).",
+        " out a quiet session (0: no pings).",
     )
     peer_timeout: float = _setting(
         45.0,
@@ -221,7 +248,7 @@ class RelayConfig:
         0.85,
         "RELAY_OVERLOAD_CPU",
         "Share of a core (0-1, smoothed over ~1 s) the relay process may use before new sessions"
-        " get HTTP 503 `relay_overloaded` and /readyz 503 (0: no limit).",
+        " get HTTP 503 `relay_overloaded` and `/readyz` 503 (0: no limit).",
     )
     overload_lag: float = _setting(
         0.1,
@@ -264,7 +291,9 @@ class RelayConfig:
         " notice, before the rest are closed 1012.",
     )
     log_format: str = _setting(
-        "auto", "RELAY_LOG_FORMAT", "`json` (one object per line), `text`, or `auto` (text on a terminal)."
+        "auto",
+        "RELAY_LOG_FORMAT",
+        "`json` (one object per line), `text`, or `auto` (text on a terminal, else JSON).",
     )
     log_level: str = _setting("info", "RELAY_LOG_LEVEL", "`debug`, `info`, `warning` or `error`.")
     instructions: str | None = _setting(
@@ -331,12 +360,33 @@ class RelayConfig:
 
 SETTINGS: tuple[Setting, ...] = tuple(
     Setting(
-        f.name, f.metadata["env"], f.metadata["help"], f.metadata.get("secret", False), f.type == "bool"
+        f.name,
+        f.metadata["env"],
+        f.metadata["help"],
+        secret=f.metadata.get("secret", False),
+        is_flag=f.type == "bool",
+        kind=str(f.type),
+        default=f.default,
+        shown=f.metadata.get("shown"),
     )
     for f in dataclasses.fields(RelayConfig)
     if "env" in f.metadata
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+
+
+def state_dir(environ: Mapping[str, str]) -> Path:
+    """Where the relay keeps its state unless told otherwise (XDG base directories):
+    ``$XDG_STATE_HOME/relay``, else ``~/.local/state/relay``; never the working directory."""
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the spec says to ignore a relative one
+        base = os.path.join(environ.get("HOME") or str(Path.home()), ".local", "state")
+    return Path(base) / "relay"
+
+
+def default_store(environ: Mapping[str, str]) -> str:
+    """The RELAY_STORE used when none is set: an SQLite file in :func:`state_dir`."""
+    return f"sqlite:///{state_dir(environ) / 'usage.db'}"
 
 
 def _parse_bool(text: str) -> bool:
@@ -400,6 +450,8 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+    if not values.get("store"):
+        values["store"] = default_store(environ)
     config = RelayConfig(**values)
     _validate(config)
     # A client that may change session.model (it is locked by default) may pick only these.

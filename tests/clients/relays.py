@@ -34,8 +34,8 @@ from relay.server.serve import serve
 from relay.usage.auth import hash_key, new_api_key
 
 TIMEOUT = 60
-FIXTURES = Path(__file__).parents[1] / "fixtures"
-HELLO_WAV = FIXTURES / "hello.wav"
+#: "Hello, can you hear me?" (PCM16, 24 kHz, mono): the sample `relay talk` says.
+HELLO_WAV = Path(__file__).parents[2] / "src" / "relay" / "clients" / "samples" / "hello.wav"
 
 #: What the configured relay's [session] says; the clients send instructions of their own.
 RELAY_INSTRUCTIONS = "You are the relay's voice assistant. Answer in one short sentence."

@@ -17,6 +17,8 @@ from mockrealtime.audio import b64encode
 from mockrealtime.session import Session
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+#: "Hello, can you hear me?": the sample `relay talk` says when given no file.
+SAMPLE = Path(__file__).resolve().parents[2] / "src" / "relay" / "clients" / "samples" / "hello.wav"
 DELTA_TYPES = frozenset(
     {
         "response.output_audio.delta",
@@ -32,9 +34,9 @@ DELTA_TYPES = frozenset(
 )
 
 
-def wav_pcm16(name: str = "hello.wav") -> bytes:
-    """The PCM16 24 kHz frames of a fixture WAV."""
-    with wave.open(str(FIXTURES / name)) as w:
+def wav_pcm16(path: Path = SAMPLE) -> bytes:
+    """The PCM16 24 kHz frames of a WAV (the spoken sample by default)."""
+    with wave.open(str(path)) as w:
         assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (24000, 2, 1)
         return w.readframes(w.getnframes())
 

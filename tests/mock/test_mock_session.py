@@ -76,6 +76,15 @@ def test_session_created_is_first_and_carries_the_captured_ga_defaults() -> None
     assert "temperature" not in s
 
 
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_session_created_says_it_comes_from_the_offline_fake(dialect: str) -> None:
+    """Beside the session, where a client that shows it to a person can find it; the SDKs'
+    models allow fields they do not know (test_openai_sdk_models validates every event)."""
+    _, [created] = make_session(dialect=dialect)
+    assert created["mockrealtime"].startswith("offline fake of the Realtime API")
+    assert "mockrealtime" not in created["session"]
+
+
 def test_ids_use_the_real_prefixes_and_21_alphanumerics() -> None:
     session, opening = make_session()
     events = opening + text_turn(session)

@@ -26,6 +26,7 @@ import pytest
 import trio
 
 from mockrealtime import MockConfig, serve_mock_realtime
+from relay.clients.talk import SAMPLE
 from relay.server.demo import run_demo
 
 from .harness import TEST_KEY, closed_port_url, running_relay
@@ -34,7 +35,6 @@ Trigger = Callable[[], Awaitable[None]]
 Starter = Callable[..., Awaitable[None]]  # for nursery.start: takes task_status
 
 ROOT = Path(__file__).parents[2]
-FIXTURES = ROOT / "tests" / "fixtures"
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser")
 TURN_TIMEOUT = 30  # seconds for one spoken turn and its reply to play out
@@ -105,8 +105,8 @@ def demo_url() -> Iterator[str]:
         yield demo.relay_url.replace("ws://", "http://", 1)
 
 
-def microphone_file(path: Path, *parts: str | float) -> Path:
-    """A 24 kHz WAV for the fake microphone: fixture names and seconds of silence, in order.
+def microphone_file(path: Path, *parts: Path | float) -> Path:
+    """A 24 kHz WAV for the fake microphone: WAV files and seconds of silence, in order.
 
     It opens with silence because Chromium starts the file when the device opens,
     a little before the page starts listening.
@@ -116,7 +116,7 @@ def microphone_file(path: Path, *parts: str | float) -> Path:
         if isinstance(part, float):
             frames += bytes(2 * int(24000 * part))
         else:
-            with wave.open(str(FIXTURES / part)) as clip:
+            with wave.open(str(part)) as clip:
                 assert (clip.getframerate(), clip.getnchannels(), clip.getsampwidth()) == (
                     24000,
                     1,
@@ -244,7 +244,7 @@ def test_the_page_and_its_files_are_served(demo_url: str) -> None:
 def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
     demo_url: str, tmp_path: Path
 ) -> None:
-    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", 1.0)
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, SAMPLE, 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
         connect(drv, demo_url, transcribe=True)  # the fake transcribes with made-up words
@@ -257,6 +257,11 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
             "protocols": ["realtime"],
         }
         assert data["state"] == "live" and "error" not in data
+        assert data["upstream"] == "fake"  # mockrealtime's session.created says so
+
+        from selenium.webdriver.common.by import By
+
+        assert "offline fake" in drv.find_element(By.ID, "fake").text  # and the page shows it
         assert int(data["userTurns"]) == 1
         assert int(data["sentMs"]) >= 2000  # the microphone streamed the speech and then some
         assert int(data["playedMs"]) >= 500  # the fake's sentence, played out
@@ -272,8 +277,6 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
         [assistant] = turns(drv, "assistant")
         assert assistant.startswith("You said: " + user.rstrip(".")), assistant
 
-        from selenium.webdriver.common.by import By
-
         drv.find_element(By.ID, "connect").click()  # now "Disconnect"
         wait_for(drv, "d.state === 'closed'", timeout=10)
     finally:
@@ -285,7 +288,7 @@ def test_talking_over_the_reply_interrupts_it_and_truncates_what_was_not_heard(
     demo_url: str, tmp_path: Path
 ) -> None:
     # The second "hello" starts about 0.5 s into the first reply (which lasts about 2 s).
-    mic = microphone_file(tmp_path / "mic.wav", 1.0, "hello.wav", "hello.wav", 1.0)
+    mic = microphone_file(tmp_path / "mic.wav", 1.0, SAMPLE, SAMPLE, 1.0)
     drv = open_browser(mic, tmp_path / "profile")
     try:
         connect(drv, demo_url)
@@ -334,9 +337,19 @@ def test_the_page_shows_why_the_relay_closed_the_session(tmp_path: Path) -> None
         drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.5), tmp_path / "profile")
         try:
             drv.get(http_url + "/")
+            box = (
+                "const pill = document.getElementById('status');"
+                " return [document.querySelector('header').getBoundingClientRect().height,"
+                " getComputedStyle(pill).paddingLeft, getComputedStyle(pill).marginBottom]"
+            )
+            idle = drv.execute_script(box)
 
             drv.find_element(By.ID, "connect").click()
             wait_for(drv, "d.state === 'error'", timeout=15)
+            # The pill in its error state keeps its box: the dot clear of the text, the header
+            # its height (the error message's rule once styled it too).
+            assert drv.execute_script(box) == idle
+            assert "upstream" not in body_data(drv)  # no fake here: a scripted dead upstream
             data = body_data(drv)
             assert data["error"] == "relay_upstream_unavailable"
             shown = drv.find_element(By.ID, "error").text

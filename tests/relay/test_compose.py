@@ -37,7 +37,8 @@ from relay.config import SETTINGS, RelayConfig, load_config
 from .harness import connect
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+COMPOSE_TEXT = (ROOT / "compose.yaml").read_text()
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
 SERVICES: dict[str, Any] = COMPOSE["services"]
 #: Starting both processes and a turn takes a few seconds; this bounds a hang.
 TIMEOUT = 60
@@ -94,10 +95,23 @@ def healthcheck(service: str) -> list[str]:
     return list(test[1:])
 
 
-def environment(service: str) -> dict[str, str]:
+def interpolate(value: str, shell: Mapping[str, str]) -> str:
+    """What compose makes of ``${NAME:-default}`` and ``${NAME}`` given the shell's variables."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3)
+        return shell.get(name) or (default or "")
+
+    assert "$" not in re.sub(r"\$\{(\w+)(:-([^}]*))?\}", "", value), f"unsupported form: {value}"
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", substitute, value)
+
+
+def environment(service: str, shell: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The service's environment as compose passes it, run from a shell with ``shell``'s
+    variables set (none by default: what a fresh checkout gets)."""
     env = SERVICES[service].get("environment", {})
     assert isinstance(env, dict), "write environment as a mapping"
-    return {str(k): str(v) for k, v in env.items()}
+    return {str(k): interpolate(str(v), shell or {}) for k, v in env.items()}
 
 
 def relay_config(
@@ -167,6 +181,25 @@ def test_every_relay_variable_in_compose_is_a_real_setting_and_loads() -> None:
     assert served.host == "0.0.0.0"
 
 
+def test_the_key_and_the_upstream_come_from_the_shell_for_the_real_api() -> None:
+    real = load_config({}).upstream_url  # the default: the OpenAI Realtime API
+    shell = {"OPENAI_API_KEY": "sk-from-the-shell", "RELAY_UPSTREAM_URL": real}
+    config = relay_config(environment("relay", shell))
+    assert (config.openai_api_key, config.upstream_url) == ("sk-from-the-shell", real)
+    # What the comment at the top says to run is that very setting.
+    [line] = [
+        line for line in COMPOSE_TEXT.splitlines() if "docker compose up" in line and "=" in line
+    ]
+    assert f"RELAY_UPSTREAM_URL={real} " in line and "OPENAI_API_KEY=" in line
+
+
+def test_compose_and_the_readme_agree_on_the_real_apis_url() -> None:
+    readme = (ROOT / "README.md").read_text()
+    real = load_config({}).upstream_url
+    assert f"RELAY_UPSTREAM_URL={real} " in readme  # the compose line, as the README gives it
+    assert "RELAY_UPSTREAM_URL" in readme.split("## Against the real API", 1)[1]
+
+
 def test_the_relay_dials_the_mock_on_the_port_it_listens_on() -> None:
     upstream = urlsplit(relay_config().upstream_url)
     assert (upstream.scheme, upstream.hostname, upstream.path) == ("ws", "mock", "/v1/realtime")
@@ -207,6 +240,13 @@ def test_the_image_runs_the_relay_unprivileged_and_checks_healthz() -> None:
     assert check[:2] == ["python", "-c"]
     assert "/healthz" in check[2] and "RELAY_PORT" in check[2]
     assert healthcheck("relay") == check, "compose and the image check the relay the same way"
+
+
+def test_the_images_usage_store_is_in_its_data_volume() -> None:
+    """The default store is in the state directory, which the image puts in /data."""
+    env = dict(re.findall(r"(\w+)=(\S+)", instruction("ENV")))
+    assert instruction("WORKDIR") == "/data"
+    assert load_config(env).store == "sqlite:////data/relay/usage.db"
 
 
 def test_the_image_is_built_with_a_pinned_uv_from_the_lock_without_dev_dependencies() -> None:

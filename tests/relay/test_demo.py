@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 from functools import partial
+from urllib.request import urlopen
 
 import orjson
 import pytest
@@ -84,19 +85,22 @@ async def test_demo_serves_a_text_turn_and_a_voice_turn(path: str) -> None:
 
 
 def test_relay_demo_command_serves_and_stops_cleanly_on_ctrl_c() -> None:
+    """It prints the page's URL first, then the WebSocket URLs and what the upstream is."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "demo", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert proc.stdout is not None
-        line = ""
-        for _ in range(5):
-            line = proc.stdout.readline()
-            if "relay on" in line:
-                break
-        match = re.search(r"relay on (ws://127\.0\.0\.1:\d+)/voice", line)
-        assert match, line
+        page, sockets, upstream = (proc.stdout.readline() for _ in range(3))
+        opened = re.fullmatch(r"relay demo: open (http://127\.0\.0\.1:(\d+)/) in a browser.*\n",
+                              page)
+        assert opened, page
+        with urlopen(opened.group(1), timeout=10) as response:
+            assert b"<title>relay" in response.read()
+        match = re.search(r"relay on (ws://127\.0\.0\.1:(\d+))/voice", sockets)
+        assert match and match.group(2) == opened.group(2), sockets
+        assert "offline fake" in upstream and "made-up transcripts" in upstream, upstream
 
         async def one_session() -> str:
             async with connect(match.group(1) + "/voice") as ws:

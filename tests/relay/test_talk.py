@@ -21,11 +21,13 @@ from relay.cli import main
 from relay.clients import wav
 from relay.clients.talk import (
     BYTES_PER_MS,
+    SAMPLE,
     Conversation,
     Options,
     ProgressLine,
     TalkError,
     open_relay,
+    report,
     talk,
 )
 from relay.server.demo import Demo, run_demo
@@ -33,7 +35,7 @@ from relay.server.demo import Demo, run_demo
 from .harness import TEST_KEY, closed_port_url, running_relay, scripted_upstream
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
-HELLO = FIXTURES / "hello.wav"
+HELLO = SAMPLE
 TIMEOUT = 30
 
 
@@ -366,3 +368,101 @@ async def test_failed_sessions_leave_no_socket_open() -> None:
                 with pytest.raises(TalkError):
                     await talk(pcm, Options(url=relay.url + path))
                 assert client_sockets_to(port) == 0, path
+
+
+# -- the first hour: no file needed, the fake named, every close code read -------------------------
+
+
+async def test_with_no_file_it_says_the_bundled_sample_and_names_the_fake(tmp_path: Path) -> None:
+    reply = tmp_path / "reply.wav"
+    with trio.fail_after(TIMEOUT):
+        async with demo() as running:
+            result = await trio.run_process(
+                [sys.executable, "-m", "relay", "talk", "-o", str(reply),
+                 "--url", running.relay_url + "/voice"],
+                capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path,
+            )  # fmt: skip
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.startswith("upstream:  the offline fake (mockrealtime): made-up transcripts")
+    assert "from 16-bit PCM, 24000 Hz, mono, the bundled sample)" in out
+    assert reply.is_file()
+
+
+def test_only_the_fakes_marker_makes_it_say_fake() -> None:
+    real, fake = Conversation(), Conversation()
+    real.handle({"type": "session.created", "session": {"id": "sess_1"}}, 0.0)
+    fake.handle({"type": "session.created", "session": {}, "mockrealtime": "offline fake"}, 0.0)
+    assert (real.fake, fake.fake) == (False, True)
+    shown = io.StringIO()
+    report(real, shown)
+    assert "fake" not in shown.getvalue()
+
+
+@asynccontextmanager
+async def relay_that_closes(code: int, reason: str) -> AsyncIterator[str]:
+    """A WebSocket server that accepts, sends session.created, then closes with ``code``:
+    written with the relay's own framer, so any code goes on the wire as it is."""
+    from relay.wire import frames
+    from relay.wire.websocket import accept_key
+
+    async def handler(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(4096)
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request).group(1)  # type: ignore[union-attr]
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n"
+            b"Sec-WebSocket-Protocol: realtime\r\n\r\n"
+        )
+        created = b'{"type":"session.created"}'
+        await stream.send_all(frames.frame(frames.OP_TEXT, created, mask=False))
+        close = frames.close_payload(code, reason)
+        await stream.send_all(frames.frame(frames.OP_CLOSE, close, mask=False))
+        with trio.move_on_after(TIMEOUT):
+            while await stream.receive_some(4096):
+                pass  # the client's close reply, then its end
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield f"ws://127.0.0.1:{listener.socket.getsockname()[1]}/voice"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1008, 1009, 1011, 1012, 1013, 1014, 4000, 4008, 4429])
+async def test_every_close_code_the_relay_sends_is_read_as_sent(code: int) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with relay_that_closes(code, "because") as url:
+            with pytest.raises(TalkError) as caught:
+                await talk(hello_pcm(), Options(url=url))
+    said = str(caught.value)
+    assert said.startswith(f"the relay closed the session (close code {code}, because)"), said
+
+
+async def test_the_command_reports_the_relays_1014_as_1014() -> None:
+    """In a process of its own, where nothing of the tests' set-up helps a client read 1014."""
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(upstream_url=closed_port_url(), dial_timeout=2.0) as relay:
+            result = await trio.run_process(
+                [sys.executable, "-m", "relay", "talk", "--url", relay.url + "/voice",
+                 "-o", os.devnull],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "(close code 1014" in err and "relay_upstream_unavailable" in err, err
+
+
+def test_it_speaks_through_the_relays_own_websocket_client() -> None:
+    import ast
+
+    import relay.clients.talk as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    assert "wire.websocket" in imported
+    assert not any(name.startswith(("trio_websocket", "wsproto")) for name in imported)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay.clients import wav
+from relay.clients.talk import SAMPLE
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -96,7 +97,7 @@ def test_44k1_input_takes_the_non_integer_ratio_and_filters_what_24k_cannot_hold
 def test_the_mu_law_fixture_decodes_to_the_same_speech_as_the_pcm_one() -> None:
     pcm, fmt = wav.load_for_api(FIXTURES / "hello-ulaw8k.wav")
     assert (fmt.encoding, fmt.rate) == ("mu-law", 8000)
-    reference, _ = wav.read_wav(FIXTURES / "hello.wav")
+    reference, _ = wav.read_wav(SAMPLE)
     decoded = wav.pcm16_samples(pcm)
     n = min(len(reference), len(decoded))
     assert abs(len(reference) - len(decoded)) < 24  # same duration within 1 ms

@@ -1,11 +1,12 @@
 """``relay talk``: speak a WAV file through the relay, print what was said, save the reply.
 
 A terminal client for trying a relay (or the real API behind it) without a
-browser, and for scripted checks: it streams the file as a microphone would
-(``--realtime``) or as fast as the connection takes it, lets the server's VAD end
-the turn with trailing silence (or commits by hand when no VAD ends it), and
-reports the transcripts, the reply audio and the latency from the end of speech
-to the first reply audio.
+browser, and for scripted checks: it streams the file (a bundled sample if none is
+given) as a microphone would (``--realtime``) or as fast as the connection takes it,
+lets the server's VAD end the turn with trailing silence (or commits by hand when no
+VAD ends it), and reports the transcripts, the reply audio and the latency from the
+end of speech to the first reply audio. It speaks through the relay's own WebSocket
+client (:mod:`relay.wire.websocket`), which reads every close code the relay sends.
 
 Exit codes: 0 on a reply, 1 when the connection or session failed, 2 when the
 input file cannot be used (argparse also uses 2 for bad flags).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import re
 import ssl
 import sys
@@ -23,22 +23,30 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
 import orjson
 import trio
-from trio_websocket import (
+
+from ..wire.upstream import os_reason
+from ..wire.websocket import (
     ConnectionClosed,
     ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
+    HandshakeFailed,
+    WebSocket,
+    connect,
 )
-
 from . import wav
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8000/voice"
+#: What ``relay talk`` says when given no file: "Hello, can you hear me?" (PCM16, 24 kHz).
+SAMPLE: Final = Path(__file__).parent / "samples" / "hello.wav"
+#: The largest message taken from the relay: a reply event is far smaller.
+MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+#: The field of ``session.created`` by which mockrealtime says it is the fake (it puts it there).
+FAKE_MARKER: Final = "mockrealtime"
 BYTES_PER_MS: Final = wav.API_RATE * 2 // 1000  # PCM16 mono at 24 kHz
 FAST_CHUNK_MS: Final = 100  # as fast as allowed: fewer, larger messages
 REALTIME_CHUNK_MS: Final = 40  # paced like a browser microphone
@@ -107,6 +115,7 @@ class Conversation:
     errors: list[str] = field(default_factory=list)
     session: dict[str, Any] = field(default_factory=dict)
     ready: bool = False  # session.created (or updated) arrived
+    fake: bool = False  # the upstream is mockrealtime, the offline fake
     updated: bool = False  # session.updated arrived
     in_speech: bool = False
     uncommitted_speech: bool = False  # speech started and not yet committed
@@ -134,6 +143,7 @@ class Conversation:
         kind = event.get("type")
         if kind in ("session.created", "session.updated"):
             self.ready = True
+            self.fake = self.fake or bool(event.get(FAKE_MARKER))
             self.updated = self.updated or kind == "session.updated"
             if isinstance(event.get("session"), dict):
                 self.session = event["session"]
@@ -255,9 +265,11 @@ async def talk(pcm: bytes, options: Options, progress: Progress | None = None) -
     try:
         return await _talk(pcm, options, progress)
     except BaseExceptionGroup as group:
-        leaf = _only_leaf(group)
-        if isinstance(leaf, TalkError):
-            raise leaf from None
+        # Nurseries wrap what their tasks raise; the user should see the error itself. The
+        # reader and a sender may both meet the relay's close: one line says it.
+        failed, rest = group.split(TalkError)
+        if failed is not None and rest is None:
+            raise _first(failed) from None
         raise
 
 
@@ -281,7 +293,7 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
             return True
         return False
 
-    async def receive(ws: WebSocketConnection) -> None:
+    async def receive(ws: WebSocket) -> None:
         while True:
             try:
                 message = await ws.get_message()
@@ -296,13 +308,13 @@ async def _talk(pcm: bytes, options: Options, progress: Progress | None) -> Conv
             if isinstance(event, dict):
                 note(event)
 
-    async def send(ws: WebSocketConnection, event: dict[str, Any]) -> None:
+    async def send(ws: WebSocket, event: dict[str, Any]) -> None:
         try:
             await ws.send_message(orjson.dumps(event).decode())
         except ConnectionClosed as exc:
             raise TalkError(_closed_message(exc, conversation)) from None
 
-    async def append(ws: WebSocketConnection, chunk: bytes) -> None:
+    async def append(ws: WebSocket, chunk: bytes) -> None:
         await send(
             ws, {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()}
         )
@@ -405,12 +417,12 @@ def _closed_message(exc: ConnectionClosed, conversation: Conversation) -> str:
 
 
 @asynccontextmanager
-async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSocketConnection]:
+async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSocket]:
     """A WebSocket to the relay offering ``realtime`` (and ``relay-token.<token>``).
 
-    Owns its TCP (or TLS) stream and closes it on every path, because trio-websocket's
-    ``open_websocket_url`` leaves the socket open after a refused handshake or a
-    server-initiated close. Failures to connect raise :class:`TalkError`.
+    The relay's own client, which takes every close code the relay may send (wsproto, under
+    trio-websocket, reads the relay's 1014 as a protocol error, 1002). Owns its TCP (or TLS)
+    stream and closes it on every path. Failures to connect raise :class:`TalkError`.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -443,61 +455,37 @@ async def open_relay(url: str, token: str | None = None) -> AsyncIterator[WebSoc
             f"cannot connect to {url}: no answer within {CONNECT_TIMEOUT:.0f} s"
         ) from None
     except OSError as exc:
-        why = _os_reason(exc)
+        why = os_reason(exc)
         raise TalkError(
             f"cannot connect to {url}: {why}. Is the relay running? Start one with `relay demo`."
         ) from None
     try:
-        async with trio.open_nursery() as nursery:
+        try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                ws = await wrap_client_stream(
-                    nursery, stream, host_header, resource, subprotocols=subprotocols
+                ws = await connect(
+                    stream,
+                    host_header,
+                    resource,
+                    subprotocols=tuple(subprotocols),
+                    headers=(),
+                    max_message_bytes=MAX_MESSAGE_BYTES,
                 )
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        leaf = _only_leaf(group)
-        if leaf is None:
-            raise
-        raise _connect_error(leaf, url) from None
-    except (ConnectionRejected, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        raise _connect_error(exc, url) from None
+        except (ConnectionRejected, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            raise _connect_error(exc, url) from None
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await ws.aclose()
     finally:
         await trio.aclose_forcefully(stream)
 
 
-def _os_reason(exc: OSError) -> str:
-    """ "connection refused" rather than trio's "all attempts to connect … failed"."""
-    cause = exc.__cause__
-    causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,)
-    for inner in (exc, *causes):
-        if isinstance(inner, OSError) and inner.errno and inner.errno > 0:
-            return os.strerror(inner.errno).lower()
-        if isinstance(inner, OSError) and inner.strerror:
-            return inner.strerror.lower()
-    return str(exc) or type(exc).__name__
-
-
-def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside (nested) groups, if there is exactly one.
-
-    Nurseries wrap what their tasks raise; the user should see the error itself.
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None
+def _first(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _connect_error(exc: BaseException, url: str) -> BaseException:
@@ -522,7 +510,7 @@ def _connect_error(exc: BaseException, url: str) -> BaseException:
             f"{url} accepted the connection but did not complete the WebSocket handshake"
             f" within {CONNECT_TIMEOUT:.0f} s"
         )
-    if isinstance(exc, HandshakeError | trio.BrokenResourceError):
+    if isinstance(exc, HandshakeFailed | trio.BrokenResourceError | OSError):
         return TalkError(f"the WebSocket handshake with {url} failed ({type(exc).__name__}: {exc})")
     return exc
 
@@ -561,7 +549,13 @@ class ProgressLine:
 
 
 def report(conversation: Conversation, out: TextIO) -> None:
-    """Print each turn's transcripts and latency."""
+    """Print each turn's transcripts and latency (and that they are the fake's, if they are)."""
+    if conversation.fake:
+        print(
+            "upstream:  the offline fake (mockrealtime): made-up transcripts, replies in"
+            " milliseconds; not the OpenAI API",
+            file=out,
+        )
     numbered = len(conversation.turns) > 1
     for index, turn in enumerate(conversation.turns, 1):
         if turn.response_id is None and turn.user_item is None:
@@ -592,7 +586,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     err = err or sys.stderr
     try:
         try:
-            pcm, fmt = wav.load_for_api(args.input)
+            pcm, fmt = wav.load_for_api(args.input or SAMPLE)
         except wav.WavError as exc:
             raise TalkError(str(exc), EXIT_INPUT) from None
         progress = ProgressLine(out) if out.isatty() else None
@@ -622,7 +616,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         seconds = len(conversation.reply) / BYTES_PER_MS / 1000
         print(
             f"reply:     {seconds:.1f} s of audio written to {args.output}"
-            f"  (sent {len(pcm) / BYTES_PER_MS / 1000:.1f} s from {fmt.describe()})",
+            f"  (sent {len(pcm) / BYTES_PER_MS / 1000:.1f} s from {fmt.describe()}"
+            f"{'' if args.input else ', the bundled sample'})",
             file=out,
         )
         return 0

@@ -21,6 +21,7 @@ import trio
 from ..usage.accounting import usage_json
 from ..usage.auth import Refusal
 from ..usage.mint import MAX_BODY_BYTES as MAX_MINT_BODY
+from ..wire.upstream import probe
 from .asgi import Receive, Scope, Send, header, query_param, respond
 
 if TYPE_CHECKING:
@@ -108,11 +109,10 @@ async def _readyz(app: RelayApp, scope: Scope, send: Send) -> None:
         )
         return
     if query_param(scope, "upstream") in ("1", "true"):
-        try:
-            with trio.fail_after(READY_UPSTREAM_TIMEOUT):
-                await trio.aclose_forcefully(await app.dialer.target(app.config.model).connect())
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-            detail = "timed out" if isinstance(exc, trio.TooSlowError) else exc.__class__.__name__
+        failure = await probe(app.dialer.target(app.config.model), READY_UPSTREAM_TIMEOUT)
+        if failure is not None:
+            timed_out = isinstance(failure, trio.TooSlowError)
+            detail = "timed out" if timed_out else failure.__class__.__name__
             await respond(send, 503, {"status": "upstream unreachable", "detail": detail})
             return
     await respond(send, 200, {"status": "ready", "sessions": len(app.pairs)})

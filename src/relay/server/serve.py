@@ -10,6 +10,7 @@ Hypercorn stop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
@@ -26,14 +27,69 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ..config import RelayConfig
-from ..wire.takeover import balance_accepts
-from .app import RelayApp, client_frame_limit, create_app
 from ..wire.balance import Balance
+from ..wire.takeover import balance_accepts
+from ..wire.upstream import UpstreamDialer, os_reason, probe
+from .app import RelayApp, client_frame_limit, create_app
 
 #: Seconds Hypercorn waits for connections after the relay closed its sessions.
 GRACEFUL_TIMEOUT = 2.0
 
 log = logging.getLogger("relay")
+
+
+class CannotStart(Exception):
+    """The relay cannot start serving; the message says why and what to do, in one line."""
+
+
+def listen(config: RelayConfig, hc: HypercornConfig) -> Sockets:
+    """Bind and listen on the relay's address now, so that a port in use is told in one line
+    before anything else starts (Hypercorn would raise it from deep inside its nurseries)."""
+    try:
+        sockets = hc.create_sockets()
+    except OSError as exc:
+        raise CannotStart(_listen_error(config.host, config.port, exc)) from None
+    for sock in _listening(sockets):
+        sock.listen(hc.backlog)
+    return sockets
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where}: the port is in use (another relay, or `relay demo`, may be running there)."
+            " Stop it, or pick another port with --port."
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"{where}: permission denied (ports below 1024 need privileges). Pick a port above"
+            " 1023 with --port, and put a proxy in front for 80 or 443."
+        )
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return (
+            f"{where}: {host} is not an address of this machine. Use --host 127.0.0.1 (this"
+            " machine only), 0.0.0.0 (every interface) or one of its own addresses."
+        )
+    return f"{where}: {exc.strerror or exc}."
+
+
+async def check_upstream(config: RelayConfig) -> None:
+    """Raise :class:`CannotStart` unless a connection to the upstream opens (TCP, and TLS for
+    ``wss://``) within ``RELAY_DIAL_TIMEOUT``: a relay that cannot reach it serves nobody."""
+    failure = await probe(UpstreamDialer(config).target(config.model), config.dial_timeout)
+    if failure is None:
+        return
+    if isinstance(failure, trio.TooSlowError):
+        why = f"no answer within {config.dial_timeout:g} s"
+    elif isinstance(failure, OSError):
+        why = os_reason(failure)
+    else:
+        why = str(failure) or failure.__class__.__name__
+    raise CannotStart(
+        f"cannot reach the upstream {config.upstream_url} ({why}). Check RELAY_UPSTREAM_URL"
+        " and this machine's network (DNS, firewall); `relay demo` runs without an upstream."
+    )
 
 
 def hypercorn_config(config: RelayConfig) -> HypercornConfig:
@@ -97,10 +153,11 @@ async def serve(
                     await app.drain(config.drain_seconds)
                 nursery.cancel_scope.cancel()
 
+    hc = hypercorn_config(config)
     await worker_serve(
         wrap_app(app, HypercornConfig.wsgi_max_body_size, None),  # type: ignore[arg-type]
-        hypercorn_config(config),
-        sockets=sockets,
+        hc,
+        sockets=sockets if sockets is not None else listen(config, hc),
         shutdown_trigger=trigger,
         task_status=task_status,
     )
@@ -135,9 +192,7 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     from ..ops.metrics import multiprocess_mode
 
     hc = hypercorn_config(config)  # (one worker for Hypercorn: no SO_REUSEPORT)
-    sockets = hc.create_sockets()
-    for sock in _listening(sockets):
-        sock.listen(hc.backlog)
+    sockets = listen(config, hc)
     forking = multiprocess_mode()
     context = multiprocessing.get_context("fork" if forking else "spawn")
     counts = context.RawArray("q", config.workers)  # each worker's open connections

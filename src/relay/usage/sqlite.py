@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -60,6 +61,8 @@ class SqliteUsageStore:
     @classmethod
     async def open(cls, path: str, *, clock: Callable[[], float]) -> SqliteUsageStore:
         def connect() -> sqlite3.Connection:
+            if path != ":memory:":  # the state directory, on a first start
+                Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             connection = sqlite3.connect(
                 path,
                 timeout=SQLITE_BUSY_TIMEOUT_SECONDS,

@@ -170,7 +170,7 @@ async def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Usa
     """Open the store ``url`` names (the ``RELAY_STORE`` setting); ``clock`` times leases.
 
     A malformed URL raises ValueError naming RELAY_STORE and the accepted forms.
-    An SQLite file (and its schema) is created if missing. A Redis store answers
+    An SQLite file (its directory and schema too) is created if missing. A Redis store answers
     a PING before this returns, or ConnectionError is raised.
     """
     if url.startswith("sqlite:"):

@@ -11,6 +11,7 @@ returns the TCP (or TLS) stream, which the pair closes whatever happens, and
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,6 +77,29 @@ class UpstreamTarget:
             headers=self.headers,
             max_message_bytes=self.max_message_bytes,
         )
+
+
+def os_reason(exc: OSError) -> str:
+    """ "connection refused" rather than trio's "all attempts to connect … failed"."""
+    cause = exc.__cause__
+    causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else (cause,)
+    for inner in (exc, *causes):
+        if isinstance(inner, OSError) and inner.errno and inner.errno > 0:
+            return os.strerror(inner.errno).lower()
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def probe(target: UpstreamTarget, timeout: float) -> BaseException | None:
+    """Open and close a connection to the upstream (TCP, and TLS with its certificate checked
+    for ``wss://``) within ``timeout``: None if it opened, else what stopped it."""
+    try:
+        with trio.fail_after(timeout):
+            await trio.aclose_forcefully(await target.connect())
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        return exc
+    return None
 
 
 class UpstreamDialer:

@@ -7,7 +7,8 @@
 //
 // Tests read the page through data-* attributes on <body>: data-state, data-turns,
 // data-user-turns, data-sent-ms, data-received-ms, data-played-ms, data-playing,
-// data-underruns (gaps inside a reply), data-latency-ms, data-truncations and data-error.
+// data-underruns (gaps inside a reply), data-latency-ms, data-truncations, data-error, and
+// data-upstream ("fake" when session.created says the upstream is mockrealtime).
 
 const RATE = 24000; // PCM16 mono, the API's only PCM rate
 const CHUNK_SAMPLES = 960; // 40 ms per input_audio_buffer.append
@@ -30,6 +31,7 @@ const ui = {
   median: $("median"),
   played: $("played"),
   error: $("error"),
+  fake: $("fake"),
 };
 
 const stats = {
@@ -367,6 +369,11 @@ function disconnect(s) {
 function onEvent(s, event) {
   switch (event.type) {
     case "session.created": {
+      // mockrealtime marks its session.created (no real server sends this field): say so, as
+      // its made-up transcripts and instant replies would otherwise read as a broken product.
+      ui.fake.hidden = !event.mockrealtime;
+      if (event.mockrealtime) body.dataset.upstream = "fake";
+      else delete body.dataset.upstream;
       // The audio this page speaks, whatever the relay set up (it may be configured for
       // phones); input transcription only when asked for, as it is billed separately.
       const input = { format: { type: "audio/pcm", rate: RATE } };
