@@ -25,9 +25,10 @@ INTRO = """\
 # Configuration
 
 Settings come from, in increasing priority: built-in defaults, the TOML file named by
-`RELAY_CONFIG` (or `--config FILE`; keys are the lower-case setting names, plus a `[session]`
-table), environment variables, and command-line flags of `relay serve`. Secrets are read from the
-environment only. `relay serve --help` lists the same flags with their defaults.
+`RELAY_CONFIG` (or `--config FILE`; keys are the lower-case setting names, plus the `[session]`,
+`[policy]` and `[prices]` tables), environment variables, and command-line flags of `relay serve`.
+Secrets are read from the environment only. `relay serve --help` lists the same flags with their
+defaults.
 
 The state directory, where the default SQLite usage store lives, is `$XDG_STATE_HOME/relay`, or
 `~/.local/state/relay` when `XDG_STATE_HOME` is unset; `relay serve` prints the store's path at
@@ -36,7 +37,7 @@ start. The container image sets `XDG_STATE_HOME=/data`, its volume.
 
 #: The file the other settings may come from: a flag of its own, not a setting.
 CONFIG_ROW = (
-    "| `RELAY_CONFIG` | `--config` | (unset) | TOML file with settings and the `[session]` table. |"
+    "| `RELAY_CONFIG` | `--config` | (unset) | TOML file with settings and the `[session]`, `[policy]` and `[prices]` tables. |"
 )
 
 SESSION_INTRO = """\

@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _tls_arguments(serve, "serve wss:// and https://")
     serve.add_argument(
+        "--webhook-secret",
+        default="",
+        metavar="WHSEC",
+        help="whsec_… secret that signs SIP calls' realtime.call.incoming webhooks"
+        " (POST /mock/sip/incoming rings one)",
+    )
+    serve.add_argument(
+        "--no-media",
+        action="store_true",
+        help="answer WebRTC offers with a stand-in SDP even when aiortc is installed",
+    )
+    serve.add_argument(
         "--ping-interval",
         type=float,
         default=20.0,
@@ -283,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             response_delay=args.response_delay,
             obfuscation=args.obfuscation,
             reply_sentences=args.reply_sentences,
+            webhook_secret=args.webhook_secret,
+            webrtc_media=not args.no_media,
         )
     except ValueError as exc:
         parser.error(str(exc))

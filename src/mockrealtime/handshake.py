@@ -39,6 +39,8 @@ class Handshake:
     api_key: str | None
     intent: str | None
     rejection: Rejection | None
+    call_id: str | None = None
+    """``?call_id=``: a sideband of that call (which then needs no model)."""
 
 
 def mask_key(key: str) -> str:
@@ -66,6 +68,7 @@ def negotiate(
     model = (query.get("model") or [""])[0]
     intents = query.get("intent")
     intent = intents[0] if intents else None
+    call_id = (query.get("call_id") or [None])[0]
     beta = "realtime=v1" in headers.get("openai-beta", "").replace(" ", "") or (
         "openai-beta.realtime-v1" in subprotocols
     )
@@ -97,7 +100,7 @@ def negotiate(
             "GA event and session shapes.",
             4000,
         )
-    elif not model and intent != "transcription":
+    elif not model and intent != "transcription" and call_id is None:
         rejection = Rejection(
             "missing_model",
             "You must provide a model parameter, e.g. wss://api.openai.com/v1/realtime"
@@ -118,4 +121,5 @@ def negotiate(
         api_key=key,
         intent=intent,
         rejection=rejection,
+        call_id=call_id,
     )

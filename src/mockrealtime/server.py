@@ -26,7 +26,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import h11
 import orjson
@@ -47,10 +47,17 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
+from .calls import HttpReply, MockCall, SidebandSession, handle_call_request, is_call_route
 from .faults import FAULTS_HEADER, Faults, parse_faults
 from .handshake import negotiate
+from .ids import IdFactory
 from .rest import RestStore, handle_rest
 from .session import Event, Session
+from .sessionconfig import SessionConfig
+from .webhooks import delivery, incoming_call_event, sip_headers
+
+if TYPE_CHECKING:
+    from .media import MediaLoop
 
 logger = logging.getLogger("mockrealtime")
 
@@ -79,6 +86,9 @@ class MockConfig:
     ``response_delay`` is the model's thinking time before the first delta of each
     response; ``obfuscation`` adds the GA ``obfuscation`` field to delta events;
     ``reply_sentences`` sets how long replies are (filler sentences after the lead).
+    ``webhook_secret`` (``whsec_…``) signs the webhooks of incoming SIP calls;
+    ``webrtc_media`` answers a real browser's SDP offer with real media (needs aiortc:
+    ``mockrealtime[media]``; otherwise, or off, calls get a stand-in answer).
     """
 
     api_keys: frozenset[str] = frozenset()
@@ -94,6 +104,8 @@ class MockConfig:
     response_delay: float = 0.0
     obfuscation: bool = False
     reply_sentences: int = 1
+    webhook_secret: str = ""
+    webrtc_media: bool = True
 
     def __post_init__(self) -> None:
         if not (self.pace >= 0 and math.isfinite(self.pace)):
@@ -119,6 +131,8 @@ class ConnectionRecord:
     path: str
     dialect: str = "ga"
     selected_subprotocol: str | None = None
+    call_id: str | None = None
+    """The call this connection is a sideband of (``?call_id=``), else None."""
     received: list[str | bytes] = field(default_factory=list)
     closed: trio.Event = field(default_factory=trio.Event)
     close_code: int | None = None
@@ -173,6 +187,11 @@ class MockServer:
         """Unexpected exceptions in connection handlers (a bug in the mock if non-empty)."""
         self.rest = RestStore()
         self._rng = random.Random(f"mockrealtime/{config.seed}/rest")
+        self.calls: dict[str, MockCall] = {}
+        """Every call by id (WebRTC and SIP, live or over), for tests to inspect and drive."""
+        self._call_ids = IdFactory(random.Random(f"mockrealtime/{config.seed}/calls"))
+        self._nursery: trio.Nursery | None = None
+        self._media: MediaLoop | None = None
 
     def close_all(self, code: int = 1001, reason: str = "server going away") -> None:
         """Close every live WebSocket with a close frame (after the events already queued)."""
@@ -205,8 +224,86 @@ class MockServer:
         stream buffers without limit (``trio.testing.memory_stream_pair``).
         """
         client, server_side = trio.testing.memory_stream_pair()
+        if self._nursery is None:
+            self._nursery = nursery  # calls live on in it
         nursery.start_soon(self.serve_stream, server_side)
         return client
+
+    # --- calls ------------------------------------------------------------------------
+
+    def new_call(self, transport: Literal["webrtc", "sip"], model: str) -> MockCall:
+        call = MockCall(self._call_ids.new("rtc", 32), transport, model)
+        self.calls[call.id] = call
+        return call
+
+    def start_call(self, call: MockCall, config: SessionConfig) -> None:
+        """Answer ``call`` with a session of ``config`` and keep it running."""
+        if self._nursery is None:
+            raise RuntimeError("calls need a running server (serve_mock_realtime or memory_stream)")
+        call.activate(self._session(call.model, len(self.calls) + 100_000, preset=config))
+        self._nursery.start_soon(call.run)
+        if call.media is not None:
+            self._nursery.start_soon(call.media.pump)
+
+    async def ring(self, webhook_url: str, caller: str, callee: str) -> tuple[MockCall, int]:
+        """A SIP call from ``caller`` rings: the signed ``realtime.call.incoming`` webhook is
+        posted to ``webhook_url``. Returns the call and the webhook's HTTP status (0 if it
+        could not be delivered); accept, reject and the sideband act on ``call.id``."""
+        import httpx
+
+        if not self.config.webhook_secret:
+            raise RuntimeError("ringing a SIP call needs MockConfig.webhook_secret (whsec_…)")
+        call = self.new_call("sip", "gpt-realtime")
+        call.sip_headers = sip_headers(caller, callee, call.id)
+        now = int(self.config.wall_clock())
+        event = incoming_call_event(self._rng, call.id, call.sip_headers, now)
+        body, headers = delivery(self.config.webhook_secret, self._rng, event, now)
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as http:
+                answer = await http.post(webhook_url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            logger.warning("mockrealtime: the SIP webhook to %s failed: %r", webhook_url, exc)
+            return call, 0
+        return call, answer.status_code
+
+    def media_loop(self) -> MediaLoop:
+        """aiortc's thread, started with the first call that has real media."""
+        if self._media is None:
+            from .media import MediaLoop
+
+            self._media = MediaLoop(self.host)
+        return self._media
+
+    def _close_media(self) -> None:
+        if self._media is not None:
+            self._media.close()
+            self._media = None
+
+    def _session(
+        self,
+        model: str,
+        index: int,
+        *,
+        dialect: Literal["ga", "beta"] = "ga",
+        intent: str | None = None,
+        preset: SessionConfig | None = None,
+        faults: Faults | None = None,
+    ) -> Session:
+        return Session(
+            dialect,
+            model,
+            trio.current_time,
+            random.Random(f"mockrealtime/{self.config.seed}/{index}"),
+            pace=self.config.pace,
+            started_at=self.config.wall_clock(),
+            max_duration=self.config.max_session_seconds,
+            intent=intent,
+            response_delay=self.config.response_delay,
+            obfuscation=self.config.obfuscation,
+            reply_sentences=self.config.reply_sentences,
+            preset=preset,
+            transcription_fails=(faults or self.config.faults).transcription_failure,
+        )
 
     # --- TCP ------------------------------------------------------------------------
 
@@ -272,9 +369,16 @@ class MockServer:
                     return
             else:
                 break
+        target = request.target.decode("latin-1")
+        if is_call_route(target.split("?", 1)[0]):
+            reply = await handle_call_request(
+                self, request.method.decode(), target, headers, bytes(body)
+            )
+            await stream.send_all(_raw_reply(reply))
+            return
         status, payload = handle_rest(
             request.method.decode(),
-            request.target.decode("latin-1"),
+            target,
             headers,
             bytes(body),
             store=self.rest,
@@ -327,6 +431,15 @@ class MockServer:
             key_is_valid=self.key_is_valid,
             reject_beta=self.config.reject_beta,
         )
+        call: MockCall | None = None
+        if decision.call_id is not None and decision.rejection is None:
+            call = self.calls.get(decision.call_id)
+            if call is None or call.state != "active":
+                body = _error_body(
+                    "No session found for the provided call_id", code="call_id_not_found"
+                )
+                await _reject(stream, ws, 404, body)
+                return
         await stream.send_all(ws.send(AcceptConnection(subprotocol=decision.subprotocol)))
         record = ConnectionRecord(
             headers=headers,
@@ -334,28 +447,31 @@ class MockServer:
             path=path,
             dialect=decision.dialect,
             selected_subprotocol=decision.subprotocol,
+            call_id=decision.call_id,
         )
         index = len(self.connections)
         self.connections.append(record)
-        session = Session(
-            decision.dialect,
-            decision.model,
-            trio.current_time,
-            random.Random(f"mockrealtime/{self.config.seed}/{index}"),
-            pace=self.config.pace,
-            started_at=self.config.wall_clock(),
-            max_duration=self.config.max_session_seconds,
-            intent=decision.intent,
-            response_delay=self.config.response_delay,
-            obfuscation=self.config.obfuscation,
-            reply_sentences=self.config.reply_sentences,
-            preset=self.rest.session_preset(decision.api_key) if decision.api_key else None,
-            transcription_fails=faults.transcription_failure,
-        )
+        session: Session | SidebandSession
+        if call is not None:
+            session = SidebandSession(call)
+        else:
+            session = self._session(
+                decision.model,
+                index,
+                dialect=decision.dialect,
+                intent=decision.intent,
+                preset=self.rest.session_preset(decision.api_key) if decision.api_key else None,
+                faults=faults,
+            )
+        unsubscribe = None
         try:
-            conn = _Connection(self.config, faults, stream, ws, session, record)
+            conn = _Connection(self.config, faults, stream, ws, session, record)  # type: ignore[arg-type]
+            if call is not None:
+                unsubscribe = call.subscribe(conn._enqueue_events, conn._queue_close)
             await conn.run(session.open(decision.rejection))
         finally:
+            if unsubscribe is not None:
+                unsubscribe()
             await trio.aclose_forcefully(stream)
             record.closed.set()
 
@@ -626,6 +742,7 @@ def _error_body(message: str, *, code: str | None = None) -> dict[str, Any]:
 
 _REASONS: Final = {
     200: "OK",
+    201: "Created",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -641,13 +758,17 @@ _REASONS: Final = {
 
 
 def _raw_response(status: int, payload: dict[str, Any]) -> bytes:
-    body = orjson.dumps(payload)
-    reason = _REASONS.get(status, "Error")
+    return _raw_reply(HttpReply.json(status, payload))
+
+
+def _raw_reply(reply: HttpReply) -> bytes:
+    reason = _REASONS.get(reply.status, "Error")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in reply.headers)
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"HTTP/1.1 {reply.status} {reason}\r\ncontent-type: {reply.content_type}\r\n"
+        f"content-length: {len(reply.body)}\r\n{extra}connection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode() + reply.body
 
 
 async def _reject(
@@ -685,6 +806,10 @@ async def serve_mock_realtime(
             for listener in tcp_listeners
         ]
     server = MockServer(config, host, bound_port, tls=ssl_context is not None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, server._handle_stream, listeners)
-        task_status.started(server)
+    try:
+        async with trio.open_nursery() as nursery:
+            server._nursery = nursery
+            await nursery.start(trio.serve_listeners, server._handle_stream, listeners)
+            task_status.started(server)
+    finally:
+        server._close_media()

@@ -400,6 +400,10 @@ class Session:
             **body,
         }
 
+    def notice(self, kind: str, **fields: Any) -> Event:
+        """A server event of this session that its shell emits (e.g. a call's media side)."""
+        return self._event(kind, **fields)
+
     # --- event helpers --------------------------------------------------------------
 
     def _event(self, kind: str, **fields: Any) -> Event:

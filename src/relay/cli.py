@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("user", help="the user this key authenticates")
 
+    sip_caller = commands.add_parser(
+        "sip-caller",
+        help="make the RELAY_SIP_CALLERS entry that lets a phone number's SIP calls in",
+        description="Print the RELAY_SIP_CALLERS entry of a phone number: the user and the"
+        " number's HMAC under RELAY_SIP_CALLER_KEY (read from the environment).",
+    )
+    sip_caller.add_argument("user", help="the user the number's calls are accounted to")
+    sip_caller.add_argument("number", help="the caller's number, e.g. +14155550123")
+
     demo = commands.add_parser(
         "demo",
         help="run the relay against the bundled fake Realtime server; no key needed",
@@ -228,11 +237,7 @@ def _start_failure(exc: BaseException) -> int | None:
 def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     if args.command == "serve":
         config = _config_from(args, environ)
-        configure_logging(
-            config.log_format,
-            config.log_level,
-            secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
-        )
+        configure_logging(config.log_format, config.log_level, secrets=config.secrets)
         if not config.openai_api_key:
             raise ConfigError(
                 "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."
@@ -258,6 +263,19 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         key = new_api_key()
         print(f"client key (give it to {args.user}): {key}")
         print(f"RELAY_API_KEYS entry (give it to the relay): {args.user}:{hash_key(key)}")
+    elif args.command == "sip-caller":
+        from .usage.sip import caller_digest, normalise
+
+        key = environ.get("RELAY_SIP_CALLER_KEY", "")
+        if len(key.encode()) < 16:
+            raise ConfigError(
+                "set RELAY_SIP_CALLER_KEY (at least 16 bytes; the relay needs the same) to"
+                " make an entry, e.g. RELAY_SIP_CALLER_KEY=$(python -c 'import secrets;"
+                " print(secrets.token_urlsafe(32))')"
+            )
+        if not normalise(args.number).lstrip("+"):
+            raise ConfigError(f"{args.number!r} has no digits: give a phone number")
+        print(f"RELAY_SIP_CALLERS entry: {args.user}:{caller_digest(key, args.number)}")
     elif args.command == "demo":
         from .server.demo import check_demo_host
 

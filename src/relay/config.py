@@ -22,7 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .core.policy import Policy
+from .core.pricing import PriceTable
 from .usage.auth import parse_api_keys
+from .usage.sip import Callers
+from .usage.webhooks import secret_key
 
 MiB = 1024 * 1024
 
@@ -165,6 +168,13 @@ class RelayConfig:
         "Tokens one user may use per UTC day, checked at admission and after each response"
         " (0: no budget).",
     )
+    daily_budget_usd: float = _setting(
+        0.0,
+        "RELAY_DAILY_BUDGET_USD",
+        "Dollars one user may spend per UTC day, by the price table, checked at admission and"
+        " after each response (0: no budget). A JWT's `budget_usd` claim can lower it. Every"
+        " model a client may use needs a price.",
+    )
     max_session_seconds: float = _setting(
         0.0,
         "RELAY_MAX_SESSION_SECONDS",
@@ -193,6 +203,34 @@ class RelayConfig:
     )
     mint_per_minute: int = _setting(
         10, "RELAY_MINT_PER_MINUTE", "Client keys one user may mint per minute (per instance)."
+    )
+    openai_webhook_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_OPENAI_WEBHOOK_SECRET",
+            "help": "Signing secret (`whsec_…`) of the OpenAI project's webhook for"
+            " `realtime.call.incoming`: turns on `POST /webhooks/openai`, where SIP calls"
+            " arrive (unset: off). Environment only.",
+            "secret": True,
+        },
+    )
+    sip_callers: tuple[str, ...] = _setting(
+        (),
+        "RELAY_SIP_CALLERS",
+        "Comma-separated `user:hmac` entries: the phone numbers whose SIP calls are taken, and"
+        " whose each is (make them with `relay sip-caller USER NUMBER`). Other callers are"
+        " declined, or taken as `anonymous` with RELAY_ALLOW_ANONYMOUS.",
+    )
+    sip_caller_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_SIP_CALLER_KEY",
+            "help": "Key of the HMAC under which RELAY_SIP_CALLERS holds the numbers (at least"
+            " 16 bytes). Environment only.",
+            "secret": True,
+        },
     )
     upstream_url: str = _setting(
         "wss://api.openai.com/v1/realtime",
@@ -290,6 +328,45 @@ class RelayConfig:
         "On SIGTERM/SIGINT: seconds live sessions get to finish, after a `relay_draining`"
         " notice, before the rest are closed 1012.",
     )
+    records: str = _setting(
+        "",
+        "RELAY_RECORDS",
+        "Directory for call records: per session a JSON summary and a transcript, files mode"
+        " 0600 (empty: no records).",
+    )
+    records_audio: bool = _setting(
+        False,
+        "RELAY_RECORDS_AUDIO",
+        "Also record each call's audio as a stereo WAV (caller left, assistant right).",
+    )
+    records_retention_days: float = _setting(
+        30.0,
+        "RELAY_RECORDS_RETENTION_DAYS",
+        "Days call records are kept before the relay deletes them (0: kept for ever).",
+    )
+    records_webhook: str = _setting(
+        "",
+        "RELAY_RECORDS_WEBHOOK",
+        "URL that gets each call's summary and transcript as a signed JSON POST when the"
+        " session ends (works with or without RELAY_RECORDS).",
+    )
+    records_webhook_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_RECORDS_WEBHOOK_SECRET",
+            "help": "Key of the webhook's HMAC-SHA256 signature (`Relay-Signature` header)."
+            " Environment only.",
+            "secret": True,
+        },
+    )
+    otel_endpoint: str = _setting(
+        "",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP/HTTP endpoint for OpenTelemetry traces (a span per session and per turn), e.g."
+        " http://127.0.0.1:4318 (empty: no tracing, at no cost). OTEL_SERVICE_NAME names the"
+        " service (default relay).",
+    )
     log_format: str = _setting(
         "auto",
         "RELAY_LOG_FORMAT",
@@ -338,14 +415,32 @@ class RelayConfig:
         "Negotiate permessage-deflate with clients. Off: it costs 2-9x CPU on audio.",
     )
     policy: Policy = field(default_factory=Policy, metadata={"toml_only": True})
+    prices: PriceTable = field(default_factory=PriceTable, metadata={"toml_only": True})
     session: Mapping[str, Any] = field(
         default_factory=lambda: copy.deepcopy(DEFAULT_SESSION),
         metadata={"toml_only": True},
     )
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret setting's value (for the logs' redaction)."""
+        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
+
+    @property
     def allowed_models(self) -> frozenset[str]:
         return frozenset((*self.models, self.model))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret setting's value, for the logs to redact."""
+        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
+
+    def rest_url(self, endpoint: str) -> str:
+        """The Realtime API's REST ``endpoint`` (``calls``, ``client_secrets``) beside
+        RELAY_UPSTREAM_URL: ``wss://host/v1/realtime`` → ``https://host/v1/realtime/calls``."""
+        url = urlsplit(self.upstream_url)
+        scheme = "https" if url.scheme == "wss" else "http"
+        return f"{scheme}://{url.netloc}{url.path.rstrip('/')}/{endpoint}"
 
     def session_object(self) -> dict[str, Any]:
         """The GA session sent upstream first, with the env overrides applied."""
@@ -373,6 +468,11 @@ SETTINGS: tuple[Setting, ...] = tuple(
     if "env" in f.metadata
 )
 _FIELDS = {f.name: f for f in dataclasses.fields(RelayConfig)}
+#: The config file's tables other than [session], and what reads each.
+_TABLES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "policy": Policy.from_table,
+    "prices": PriceTable.from_table,
+}
 
 
 def state_dir(environ: Mapping[str, str]) -> Path:
@@ -473,11 +573,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
             session = copy.deepcopy(DEFAULT_SESSION)
             session.update(value)
             values["session"] = session
-        elif key == "policy":
+        elif key in _TABLES:
             if not isinstance(value, dict):
-                raise ConfigError(f"RELAY_CONFIG: [policy] in {path} must be a table")
+                raise ConfigError(f"RELAY_CONFIG: [{key}] in {path} must be a table")
             try:
-                values["policy"] = Policy.from_table(value)
+                values[key] = _TABLES[key](value)
             except ValueError as exc:
                 raise ConfigError(f"RELAY_CONFIG: {exc}") from None
         elif key in _FIELDS and "env" in _FIELDS[key].metadata:
@@ -490,7 +590,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         else:
             known = ", ".join(sorted(s.name for s in SETTINGS if not s.secret))
             raise ConfigError(
-                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session], [policy]"
+                f"RELAY_CONFIG: unknown setting {key!r} in {path}; known: {known}, [session], [policy],"
+                " [prices]"
             )
     return values
 
@@ -575,6 +676,31 @@ def _validate(config: RelayConfig) -> None:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0 (0 turns it off)")
     if config.max_sessions_per_user < 0 or config.daily_token_budget < 0:
         raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
+    if config.daily_budget_usd < 0 or config.records_retention_days < 0:
+        raise ConfigError("RELAY_DAILY_BUDGET_USD and RELAY_RECORDS_RETENTION_DAYS must be >= 0")
+    unpriced = sorted(m for m in config.allowed_models if m not in config.prices)
+    if config.daily_budget_usd and unpriced:
+        raise ConfigError(
+            f"RELAY_DAILY_BUDGET_USD needs a price for every model a client may use, and"
+            f" {', '.join(unpriced)} {'has' if len(unpriced) == 1 else 'have'} none. Add"
+            f" [prices.{unpriced[0]}] to RELAY_CONFIG (dollars per million tokens: input_text,"
+            " input_audio, cached_text, cached_audio, output_text, output_audio), or take the"
+            f" model out of RELAY_MODELS / RELAY_MODEL. Priced: {', '.join(sorted(config.prices))}."
+        )
+    for name in ("records_webhook", "otel_endpoint"):
+        url = getattr(config, name)
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            env = _FIELDS[name].metadata["env"]
+            raise ConfigError(f"{env} must be an http:// or https:// URL, got {url!r}")
+    if config.records_webhook and not config.records_webhook_secret:
+        raise ConfigError(
+            "RELAY_RECORDS_WEBHOOK needs RELAY_RECORDS_WEBHOOK_SECRET, the key its POSTs are"
+            " signed with (make one with `python -c 'import secrets;"
+            " print(secrets.token_urlsafe(32))'`), so the receiver can tell them from forgeries."
+        )
+    if config.records_audio and not (config.records):
+        raise ConfigError("RELAY_RECORDS_AUDIO needs RELAY_RECORDS, the directory the WAVs go to")
     if not config.store.startswith(("sqlite:///", "redis://")):
         raise ConfigError(
             f"RELAY_STORE must be sqlite:///PATH or redis://HOST:PORT/DB, got {config.store!r}"
@@ -583,6 +709,7 @@ def _validate(config: RelayConfig) -> None:
         parse_api_keys(config.api_keys)
     except ValueError as exc:
         raise ConfigError(f"RELAY_API_KEYS: {exc}") from None
+    _validate_calls(config)
     if config.jwt_secret and len(config.jwt_secret.encode()) < 32:
         raise ConfigError(
             "RELAY_JWT_SECRET must be at least 32 bytes (RFC 7518 §3.2); make one with"
@@ -595,3 +722,22 @@ def _validate(config: RelayConfig) -> None:
         )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")
+
+
+def _validate_calls(config: RelayConfig) -> None:
+    """The SIP settings: a webhook secret that is one, and callers with their key."""
+    if config.openai_webhook_secret:
+        try:
+            secret_key(config.openai_webhook_secret)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_OPENAI_WEBHOOK_SECRET: {exc}") from None
+    if config.sip_callers:
+        if len(config.sip_caller_key.encode()) < 16:
+            raise ConfigError(
+                "RELAY_SIP_CALLERS needs RELAY_SIP_CALLER_KEY (at least 16 bytes), the key its"
+                " entries were made with"
+            )
+        try:
+            Callers(config.sip_caller_key, config.sip_callers)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_SIP_CALLERS: {exc}") from None

@@ -18,6 +18,7 @@ from trio_websocket import ConnectionRejected
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from relay.usage.accounting import Accounting
 from relay.usage.auth import Identity, Refusal, hash_key
+from relay.usage.store import UsageDelta, usage_from_response_done
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
 from .test_relay_loopback import error_codes, receive_until_closed
@@ -109,7 +110,8 @@ async def test_a_session_is_accounted_and_the_counters_survive_a_restart(tmp_pat
     ).stdout.splitlines()
     assert table[0].split()[:3] == ["day", "user", "sessions"]
     assert table[1].split()[1:3] == ["alice", "1"]
-    assert table[1].split()[-1] == str(row["total_tokens"])
+    assert table[0].split()[-4:] == ["total", "tokens", "cost", "$"]
+    assert table[1].split()[-2:] == [str(row["total_tokens"]), "0.000000"]  # gpt-realtime: no price
     as_json = subprocess.run(
         [sys.executable, "-m", "relay", "usage", "--store", store, "--json"],
         capture_output=True, text=True, timeout=30, check=True,
@@ -152,21 +154,27 @@ async def test_two_instances_never_let_a_user_exceed_the_session_cap(store_url: 
             await text_turn(b)
 
 
+async def cut_by_budget(relay: RunningRelay, mock: MockServer) -> tuple[list[str | bytes], str]:
+    """A text turn whose response uses up alice's budget: what she got, and the close reason."""
+    async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
+        for message in TEXT_TURN:
+            await ws.send_message(message)
+        messages, code, reason = await receive_until_closed(ws)
+    kinds = [orjson.loads(m)["type"] for m in messages]
+    assert "response.done" in kinds  # the turn that crossed the budget is delivered
+    assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
+    (upstream,) = mock.connections
+    await upstream.closed.wait()
+    # Upstream, any response still running is cancelled, and then the session closed.
+    assert upstream.received[-1] == '{"type":"response.cancel"}'
+    assert (upstream.close_code, upstream.close_reason) == (1000, "budget exhausted")
+    return messages, reason
+
+
 async def test_the_budget_ends_a_session_mid_way_and_then_refuses_new_ones(store_url: str) -> None:
     with trio.fail_after(TIMEOUT):
         async with relays_and_mock(store_url, daily_token_budget=10) as ((relay,), mock):
-            async with connect(relay.url + "/voice", extra_headers=BEARER) as ws:
-                for message in TEXT_TURN:
-                    await ws.send_message(message)
-                messages, code, _ = await receive_until_closed(ws)
-            kinds = [orjson.loads(m)["type"] for m in messages]
-            assert "response.done" in kinds  # the turn that crossed the budget is delivered
-            assert error_codes(messages)[-1] == "relay_budget_exhausted" and code == 4029
-            (upstream,) = mock.connections
-            await upstream.closed.wait()
-            # Upstream, any response still running is cancelled, and then the session closed.
-            assert upstream.received[-1] == '{"type":"response.cancel"}'
-            assert (upstream.close_code, upstream.close_reason) == (1000, "budget exhausted")
+            await cut_by_budget(relay, mock)
             with pytest.raises(ConnectionRejected) as refused:
                 async with connect(relay.url + "/voice", extra_headers=BEARER):
                     pass
@@ -331,12 +339,14 @@ async def test_a_failed_lease_renewal_is_logged_and_retried_and_the_slot_kept(
 async def test_a_store_failure_while_recording_a_response_is_logged_and_not_fatal(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    done = {"type": "response.done", "response": {"usage": {"input_tokens": 5, "output_tokens": 7}}}
+    done = usage_from_response_done(
+        {"type": "response.done", "response": {"usage": {"input_tokens": 5, "output_tokens": 7}}}
+    )
     store = LeaseStore(failing=frozenset({"add"}), failures=1)
     accounting = Accounting(store, max_sessions=0, daily_budget=10)  # type: ignore[arg-type]
-    assert await accounting.record_responses(ALICE_ID, [done]) is False  # not counted, not fatal
+    assert await accounting.record_responses(ALICE_ID, [done]) is None  # not counted, not fatal
     assert "usage store failed to record 1 finished responses (ConnectionError" in caplog.text
-    assert await accounting.record_responses(ALICE_ID, [done]) is True  # the store is back: 12 >= 10
+    assert await accounting.record_responses(ALICE_ID, [done]) == "token"  # back: 12 >= 10
 
 
 async def test_a_hung_store_cannot_hold_up_the_upstreams_events(
@@ -347,7 +357,7 @@ async def test_a_hung_store_cannot_hold_up_the_upstreams_events(
     accounting = Accounting(HungStore(), max_sessions=0, daily_budget=10)  # type: ignore[arg-type]
     started = trio.current_time()
     with trio.fail_after(2 * STORE_TIMEOUT):
-        assert await accounting.record_responses(ALICE_ID, [{"type": "response.done"}]) is False
+        assert await accounting.record_responses(ALICE_ID, [UsageDelta()]) is None
     assert trio.current_time() - started == pytest.approx(STORE_TIMEOUT)
     assert "no answer within" in caplog.text
 

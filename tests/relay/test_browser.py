@@ -153,6 +153,8 @@ def open_browser(mic_wav: Path, profile: Path):  # type: ignore[no-untyped-def]
         # An absolute path: a wrong one gives silence, not an error.
         f"--use-file-for-fake-audio-capture={mic_wav}%noloop",
         "--autoplay-policy=no-user-gesture-required",
+        # WebRTC to the fake on this machine: loopback ICE candidates (off by default).
+        "--allow-loopback-in-peer-connection",
         f"--user-data-dir={profile}",
         "--window-size=900,900",
     ):

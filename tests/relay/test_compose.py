@@ -142,7 +142,8 @@ def swap(argv: Sequence[str], flag: str, value: str) -> list[str]:
 
 
 def test_compose_runs_relay_mock_and_redis_each_with_a_healthcheck() -> None:
-    assert set(SERVICES) == {"relay", "mock", "redis"}
+    # ... and the operator's view next to them (tests/relay/test_dashboard.py)
+    assert set(SERVICES) == {"relay", "mock", "redis", "prometheus", "grafana", "jaeger"}
     assert SERVICES["redis"]["image"].startswith("redis:7")
     for name in SERVICES:
         assert healthcheck(name), name
@@ -231,6 +232,9 @@ def test_the_published_port_is_the_relays_port_on_loopback_only() -> None:
     assert instruction("EXPOSE") == str(port)
     for service in ("mock", "redis"):
         assert "ports" not in SERVICES[service], f"{service} is internal"
+    for service in ("prometheus", "grafana", "jaeger"):
+        for published in SERVICES[service]["ports"]:
+            assert str(published).startswith("127.0.0.1:"), f"{service} on loopback only"
 
 
 def test_the_image_runs_the_relay_unprivileged_and_checks_healthz() -> None:
@@ -378,6 +382,7 @@ async def test_the_compose_command_lines_serve_a_text_turn(tmp_path: Path) -> No
     env["RELAY_UPSTREAM_URL"] = urlunsplit(upstream._replace(netloc=f"127.0.0.1:{mock_listen}"))
     env["RELAY_PORT"] = str(relay_listen)
     env.pop("RELAY_CONFIG", None)
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)  # the jaeger service is not run here
     mock_check = [
         arg.replace(f":{compose_mock_port}/", f":{mock_listen}/") for arg in healthcheck("mock")
     ]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..core.audio import ALAW_TO_PCM16, MULAW_TO_PCM16
+
 API_RATE: Final = 24000
 """The only PCM rate the GA Realtime API accepts (``audio/pcm``, 24 kHz)."""
 
@@ -66,23 +68,7 @@ class WavFormat:
         return f"{kind}, {self.rate} Hz, {layout}"
 
 
-def _g711_tables() -> tuple[list[int], list[int]]:
-    """Decoding tables (byte → linear PCM16) for μ-law and A-law, per ITU-T G.711."""
-    mulaw, alaw = [], []
-    for byte in range(256):
-        u = ~byte & 0xFF
-        magnitude = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
-        mulaw.append(0x84 - magnitude if u & 0x80 else magnitude - 0x84)
-        a = byte ^ 0x55
-        exponent, mantissa = (a & 0x70) >> 4, a & 0x0F
-        value = (
-            (mantissa << 4) + 8 if exponent == 0 else ((mantissa << 4) + 0x108) << (exponent - 1)
-        )
-        alaw.append(value if a & 0x80 else -value)
-    return mulaw, alaw
 
-
-MULAW_TO_PCM16, ALAW_TO_PCM16 = _g711_tables()
 
 
 def read_wav(path: str | Path) -> tuple[list[int], WavFormat]:

@@ -445,16 +445,17 @@ class Bridge:
             ),
         )
 
-    def budget_exhausted(self) -> Ending | None:
-        """The user's daily token budget is used up: cancel any response, warn, close 4029."""
+    def budget_exhausted(self, budget: str = "token") -> Ending | None:
+        """The user's daily ``budget`` (``token`` or ``spending``) is used up: cancel any
+        response, warn, close 4029."""
         return self._end(
             Cause.BUDGET_EXHAUSTED,
-            client=(Code.BUDGET_EXHAUSTED, "daily token budget used up"),
+            client=(Code.BUDGET_EXHAUSTED, f"daily {budget} budget used up"),
             upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
             upstream_reason="budget exhausted",
             error=error_event(
                 "relay_budget_exhausted",
-                "Your daily token budget is used up; the session ends now. It resets at"
+                f"Your daily {budget} budget is used up; the session ends now. It resets at"
                 " 00:00 UTC.",
             ),
             upstream_last='{"type":"response.cancel"}',

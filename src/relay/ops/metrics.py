@@ -30,7 +30,6 @@ No metric carries a per-user label.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from enum import Enum
 
@@ -40,7 +39,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..core.bridge import Cause, Traffic
+from ..core.calllog import VoiceClock  # noqa: F401 (timing of voice turns; re-exported)
 from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
+from ..core.pricing import Tokens, dollars
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
 UPSTREAM_TO_CLIENT = "upstream_to_client"
@@ -55,8 +56,24 @@ VOICE_BUCKETS = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0
 PUBLISH_SECONDS = 1.0
 
 _CAUSES = frozenset(cause.value for cause in Cause)
+#: Why a call may be refused, as labels (anything else is "other").
+CALL_REFUSALS = frozenset(
+    {
+        "missing_credentials",
+        "invalid_credentials",
+        "token_expired",
+        "origin_not_allowed",
+        "too_many_sessions",
+        "daily_budget_exhausted",
+        "invalid_model",
+        "unknown_caller",
+        "relay_store_unavailable",
+        "relay_draining",
+    }
+)
 #: Client close codes worth a label of their own; anything else is "other".
 _CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
+_TOKEN_LABELS = (("input", "text"), ("input", "audio"), ("output", "text"), ("output", "audio"))
 _TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
 
 log = logging.getLogger("relay")
@@ -161,6 +178,64 @@ class RelayMetrics:
             ["status"],
             registry=self.registry,
         )
+        self._cost = Counter(
+            "relay_cost_dollars",
+            "What the sessions' responses cost by the relay's price table, in US dollars, by"
+            " model (per user and day: relay usage or GET /admin/usage).",
+            ["model"],
+            registry=self.registry,
+        )
+        self._tokens = Counter(
+            "relay_tokens",
+            "Tokens of the sessions' responses, by direction (input, output) and kind (text,"
+            " audio).",
+            ["direction", "kind"],
+            registry=self.registry,
+        )
+        self._fast_legs = Gauge(
+            "relay_fast_path_legs",
+            "Session directions relayed by the pump, the fast path (two per pumped session).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._fast_workers = Gauge(
+            "relay_fast_path_workers",
+            "Worker processes whose pump runs (one that cannot share Trio's I/O manager relays"
+            " through the sessions' own tasks, at about twice the CPU).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        #: Where ``publish`` reads the fast path's state: (pump running, legs it watches).
+        self.fast_path: Callable[[], tuple[bool, int]] | None = None
+        self._calls_started = Counter(
+            "relay_calls_started",
+            "WebRTC and SIP calls admitted (the relay watches them from a sideband).",
+            ["transport"],
+            registry=self.registry,
+        )
+        self._calls_ended = Counter(
+            "relay_calls_ended",
+            "Calls the relay stopped watching, by transport and why.",
+            ["transport", "cause"],
+            registry=self.registry,
+        )
+        self._calls_active = Gauge(
+            "relay_calls_active",
+            "Calls watched now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._calls_refused = Counter(
+            "relay_calls_refused",
+            "Calls refused (WebRTC: the HTTP answer) or declined (SIP), by transport and why.",
+            ["transport", "reason"],
+            registry=self.registry,
+        )
+        self._call_corrections = Counter(
+            "relay_call_corrections",
+            "Session updates the sideband sent to put a call's session back within the policy.",
+            registry=self.registry,
+        )
 
     def live_traffic(self) -> Iterable[Traffic]:
         """The counters of the sessions running now."""
@@ -201,6 +276,10 @@ class RelayMetrics:
             if added := getattr(total, name) - getattr(published, name):
                 counter.inc(added)
         self._published = total
+        if self.fast_path is not None:
+            running, legs = self.fast_path()
+            self._fast_workers.set(1 if running else 0)
+            self._fast_legs.set(legs)
 
     def _publish_periodically(self) -> None:
         """Start publishing every PUBLISH_SECONDS for the rest of this Trio run, once per run.
@@ -241,6 +320,40 @@ class RelayMetrics:
         """A spoken turn was answered: see :class:`VoiceClock`."""
         self._voice.observe(seconds)
 
+    def responses_priced(self, model: str, nanodollars: int, tokens: Iterable[Tokens]) -> None:
+        """Responses of a session on ``model`` finished: their tokens and what they cost.
+
+        ``model`` is one of the relay's models (RELAY_MODELS), so the label stays bounded.
+        """
+        if nanodollars:
+            self._cost.labels(model).inc(dollars(nanodollars))
+        totals = [0, 0, 0, 0]
+        for t in tokens:
+            totals[0] += t.input_text
+            totals[1] += t.input_audio
+            totals[2] += t.output_text
+            totals[3] += t.output_audio
+        for (direction, kind), total in zip(_TOKEN_LABELS, totals, strict=True):
+            if total:
+                self._tokens.labels(direction, kind).inc(total)
+
+    def call_started(self, transport: str) -> None:
+        """A call was admitted and its sideband is being opened."""
+        self._calls_started.labels(transport).inc()
+        self._calls_active.inc()
+
+    def call_ended(self, transport: str, cause: str, corrections: int) -> None:
+        """The relay stopped watching a call (``cause``: relay.server.sideband.CallEnd)."""
+        self._calls_active.dec()
+        self._calls_ended.labels(transport, cause).inc()
+        if corrections:
+            self._call_corrections.inc(corrections)
+
+    def call_refused(self, transport: str, reason: str) -> None:
+        """A call was refused or declined; ``reason`` is a refusal code (others: ``other``)."""
+        label = reason if reason in CALL_REFUSALS else "other"
+        self._calls_refused.labels(transport, label).inc()
+
     def refused(self, status: int) -> None:
         """A WebSocket handshake was answered with this HTTP status instead of 101."""
         self._refused.labels(status_label(status)).inc()
@@ -251,47 +364,3 @@ class RelayMetrics:
         encoder, content_type = choose_encoder((accept_header or b"").decode("latin-1"))
         return encoder(self._rendered), content_type.encode("latin-1")
 
-
-_STOPPED = '{"type":"input_audio_buffer.speech_stopped"'
-_CREATED = '{"type":"response.created"'
-_AUDIO = '{"type":"response.output_audio.delta"'
-_DONE = '{"type":"response.done"'
-
-
-class VoiceClock:
-    """Times one pair's voice turns from the upstream's events: speech end to first reply audio.
-
-    Feed it every upstream text message; it returns the latency once per turn.
-    Only audio of a response created after the speech stopped counts, so the tail
-    of an earlier reply still streaming is not mistaken for the answer; a reply
-    that finishes without audio ends the wait. Cheap enough for the hot path: one
-    prefix check per message while idle, and the clock is read only on the two
-    events that matter. It recognises the Realtime API's own serialisation
-    (``type`` first), which is what the API and mockrealtime send.
-    """
-
-    __slots__ = ("_clock", "_created", "_stopped_at")
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._stopped_at: float | None = None
-        self._created = False
-
-    def upstream_event(self, text: str) -> float | None:
-        """Seconds since speech stopped if ``text`` is the reply's first audio, else None."""
-        if text.startswith(_STOPPED):
-            self._stopped_at = self._clock()
-            self._created = False
-            return None
-        stopped_at = self._stopped_at
-        if stopped_at is None:
-            return None
-        if not self._created:
-            self._created = text.startswith(_CREATED)
-            return None
-        if text.startswith(_AUDIO):
-            self._stopped_at = None
-            return self._clock() - stopped_at
-        if text.startswith(_DONE):
-            self._stopped_at = None
-        return None

@@ -1,5 +1,6 @@
 """Whether a connection that has authenticated may start a session: the checks a session's
-request itself can fail (dialect, model), answered the way the Realtime API answers them."""
+request itself can fail (dialect, model), answered the way the Realtime API answers them.
+Calls (:mod:`relay.server.calls`) take the same model check."""
 
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ def refusal(
             " GA event names.",
             "invalid_request_error.beta_api_shape_disabled",
         )
-    model = query_param(scope, "model")
+    return model_refusal(config, query_param(scope, "model"), identity)
+
+
+def model_refusal(
+    config: RelayConfig, model: str | None, identity: Identity
+) -> tuple[str, str, str] | None:
+    """Why a session or call may not run ``model`` (None: the default), if it may not."""
     if model is not None and model not in config.allowed_models:
         allowed = ", ".join(sorted(config.allowed_models))
         return (
@@ -41,6 +48,18 @@ def refusal(
             f"Your token allows only the model {identity.model!r}; connect with"
             f" ?model={identity.model}.",
             "invalid_request_error.invalid_model",
+        )
+    chosen = model or config.model
+    if (identity.budget_usd or config.daily_budget_usd) and chosen not in config.prices:
+        # Only reachable through a token's budget_usd claim: with RELAY_DAILY_BUDGET_USD, every
+        # allowed model must have a price before the relay starts.
+        priced = sorted(m for m in config.allowed_models if m in config.prices)
+        return (
+            "model_not_priced",
+            f"Your token sets a spending budget, but the relay has no price for {chosen!r},"
+            " so its cost could not be counted. "
+            + (f"Use a priced model: {', '.join(priced)}." if priced else "Ask the operator."),
+            "invalid_request_error.model_not_priced",
         )
     return None
 

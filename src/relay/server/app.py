@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,20 +25,28 @@ from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
+from ..ops.records import DRAIN_SECONDS, Recorder
 from ..usage.accounting import Accounting
 from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
 from ..usage.mint import Minter
+from ..usage.sip import Callers
 from ..usage.store import open_store
+from ..usage.webhooks import secret_key
 from ..wire import takeover
 from ..wire.pump import Pump
 from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
 from .asgi import Receive, Scope, Send, deny, header, query_param
+from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .pair import Pair
+from .sideband import Calls
+
+if TYPE_CHECKING:
+    from ..ops.tracing import Tracer
 
 WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
 #: Seconds the usage store may take to admit a session before the handshake gets 503.
@@ -68,11 +75,12 @@ class RelayApp:
             allowed_origins=config.allowed_origins,
             anonymous=config.allow_anonymous,
         )
-        if not self.auth.configured and not config.allow_anonymous:
+        if not self.auth.configured and not config.allow_anonymous and not config.sip_callers:
             raise ConfigError(
                 "no client authentication is configured, so anyone who finds this relay could"
                 " spend its OpenAI key. Set RELAY_API_KEYS (see `relay keygen`), RELAY_JWT_SECRET"
-                " or RELAY_JWT_PUBLIC_KEY, or pass --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
+                " or RELAY_JWT_PUBLIC_KEY (or, for phones only, RELAY_SIP_CALLERS), or pass"
+                " --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
         #: Live pairs, oldest first (load shedding closes the newest).
         self.pairs: dict[Pair, None] = {}
@@ -99,6 +107,24 @@ class RelayApp:
         self.pump: Pump | None = None
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
+        #: Call records (RELAY_RECORDS, RELAY_RECORDS_WEBHOOK), written while the lifespan runs.
+        self.recorder: Recorder | None = None
+        if config.records or config.records_webhook:
+            self.recorder = Recorder(
+                directory=config.records,
+                audio=config.records_audio,
+                retention_days=config.records_retention_days,
+                webhook=config.records_webhook,
+                secret=config.records_webhook_secret,
+            )
+        #: Spans of sessions and turns (OTEL_EXPORTER_OTLP_ENDPOINT); set when the lifespan starts.
+        self.tracer: Tracer | None = None
+        #: WebRTC and SIP calls, watched from their sidebands (relay.server.sideband).
+        self.calls = Calls(self)
+        self.callers = Callers(config.sip_caller_key, config.sip_callers)
+        self.webhook_key = (
+            secret_key(config.openai_webhook_secret) if config.openai_webhook_secret else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -178,23 +204,22 @@ class RelayApp:
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
         started = trio.current_time()
+        model = query_param(scope, "model") or self.config.model
         bridge = Bridge(
             session_update=self.session_update,
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
-            policy=self.config.policy.for_session(
-                query_param(scope, "model") or self.config.model, identity.model
-            ),
+            policy=self.config.policy.for_session(model, identity.model),
         )
         try:
             if accounting.holds_leases:
                 async with trio.open_nursery() as lease:
                     lease.start_soon(accounting.keep_lease, identity, session_id)
-                    await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
+                    await self._session(send, receive, offered, identity, session_id, bridge, model)
                     lease.cancel_scope.cancel()
             else:  # no nursery: every idle session's memory counts
-                await self._session(scope, receive, send, offered, identity, session_id, bridge, accounting)
+                await self._session(send, receive, offered, identity, session_id, bridge, model)
         finally:
             await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
 
@@ -204,14 +229,13 @@ class RelayApp:
 
     async def _session(
         self,
-        scope: Scope,
-        receive: Receive,
         send: Send,
+        receive: Receive,
         offered: Any,
         identity: Identity,
         session_id: str,
         bridge: Bridge,
-        accounting: Accounting,
+        model: str,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
@@ -230,7 +254,7 @@ class RelayApp:
             )
             ws.send_timeout = self.config.send_timeout
             client = SocketClient(ws)
-        model = query_param(scope, "model") or self.config.model
+        call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
         pair = Pair(
             client,
             bridge,
@@ -238,7 +262,7 @@ class RelayApp:
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
-            on_responses_done=partial(accounting.record_responses, identity),
+            on_responses_done=call.responses_done,
             deadlines=Deadlines(
                 trio.current_time(),
                 max_seconds=admission.tightest(self.config.max_session_seconds, identity.max_session_seconds),
@@ -248,8 +272,10 @@ class RelayApp:
             ping_interval=self.config.ping_interval,
             peer_timeout=self.config.peer_timeout,
             on_voice_latency=self.metrics.voice_latency,
-            on_upstream_opened=self.metrics.upstream_opened,
+            on_upstream_opened=call.upstream_opened,
             pump=self.pump,
+            tap=call.log,
+            tap_client=call.records_client,
         )
         self.pairs[pair] = None
         if self._no_pairs.is_set():
@@ -277,6 +303,7 @@ class RelayApp:
                 ending.cause if ending else "error",
                 ending.client_code if ending else None,
             )
+            call.ended(ending, pumped=pair.pumped, responses=bridge.responses_seen)
             traffic = bridge.traffic
             log.info(
                 "session ended",
@@ -303,15 +330,42 @@ class RelayApp:
         async with trio.open_nursery() as nursery:
             if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
                 nursery.start_soon(watch_load, self)
-            self.pump = Pump(busy_poll=self.config.busy_poll)
-            nursery.start_soon(self.pump.run)
+            self.pump = pump = Pump(busy_poll=self.config.busy_poll)
+            nursery.start_soon(pump.run)
+            self.metrics.fast_path = lambda: (pump.running, pump.watching)
+            recorded = trio.Event()
+            if self.recorder is not None:
+                nursery.start_soon(self._record, recorded)
+            if self.config.otel_endpoint and self.tracer is None:
+                nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
+            self.calls.nursery = nursery  # a call's sideband outlives the request that made it
             try:
-                await self._lifespan_events(receive, send)
+                await self._lifespan_events(receive, send, recorded)
             finally:
                 self.pump = None
+                self.calls.nursery = None
                 nursery.cancel_scope.cancel()
 
-    async def _lifespan_events(self, receive: Receive, send: Send) -> None:
+    async def _start_tracing(self, endpoint: str) -> None:
+        """Load OpenTelemetry beside start-up rather than before it: its OTLP exporter (with
+        protobuf) takes a few hundred ms to import, which readiness need not wait for; sessions
+        that start meanwhile are not traced."""
+
+        def load() -> Tracer:
+            from ..ops.tracing import Tracer
+
+            return Tracer.to_endpoint(endpoint)
+
+        self.tracer = await trio.to_thread.run_sync(load)
+
+    async def _record(self, done: trio.Event) -> None:
+        assert self.recorder is not None
+        try:
+            await self.recorder.run()
+        finally:
+            done.set()
+
+    async def _lifespan_events(self, receive: Receive, send: Send, recorded: trio.Event) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -325,12 +379,20 @@ class RelayApp:
                     store,
                     max_sessions=self.config.max_sessions_per_user,
                     daily_budget=self.config.daily_token_budget,
+                    daily_budget_usd=self.config.daily_budget_usd,
                 )
+
                 await send({"type": "lifespan.startup.complete"})
                 self.started.set()
             elif message["type"] == "lifespan.shutdown":
                 if self.accounting is not None:
                     await self.accounting.store.aclose()
+                if self.recorder is not None:  # what is queued gets a bounded time
+                    self.recorder.close()
+                    with trio.move_on_after(DRAIN_SECONDS):
+                        await recorded.wait()
+                if self.tracer is not None:
+                    await trio.to_thread.run_sync(self.tracer.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -344,10 +406,20 @@ class RelayApp:
 
         Readiness turns 503 at once, so a load balancer stops sending clients here;
         every live client is told (``relay_draining``) how long it has. Pairs run on
-        unchanged meanwhile, so nothing a client sent is lost.
+        unchanged meanwhile, so nothing a client sent is lost. Calls are watched while the
+        sessions drain, then handed over: they run on at OpenAI (relay.server.sideband).
         """
         self.draining = True
-        log.info("draining: %d live sessions, %g s to finish", len(self.pairs), grace)
+        log.info(
+            "draining: %d live sessions, %d calls, %g s to finish",
+            len(self.pairs),
+            len(self.calls.live),
+            grace,
+        )
+        await self._drain_pairs(grace)
+        await self.calls.hand_over()
+
+    async def _drain_pairs(self, grace: float) -> None:
         async with trio.open_nursery() as nursery:
             for pair in list(self.pairs):
                 nursery.start_soon(pair.notify, pair.bridge.draining_notice(grace))
@@ -371,8 +443,9 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         config = load_config(os.environ)
         from ..ops.logs import configure_logging
 
-        secrets = (config.openai_api_key, config.jwt_secret, config.admin_token)
         fields = {"pid": os.getpid()}
-        configure_logging(config.log_format, config.log_level, secrets=secrets, fields=fields)
+        configure_logging(
+            config.log_format, config.log_level, secrets=config.secrets, fields=fields
+        )
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

@@ -4,6 +4,8 @@ usage table and the demo page's files.
 * ``GET /healthz`` (alive), ``GET /readyz`` (taking sessions; ``?upstream=1`` also checks
   the upstream is reachable), ``GET /metrics`` (Prometheus);
 * ``POST /v1/realtime/client_secrets`` mints a short-lived client key;
+* ``POST /v1/realtime/calls`` creates a WebRTC call (:mod:`relay.server.calls`), and
+  ``POST /webhooks/openai`` takes SIP calls (:mod:`relay.server.sip`);
 * ``GET /admin/usage`` is the usage table, for the admin token only;
 * ``GET /`` and ``/static/…`` serve the demo page;
 * a plain HTTP request on a WebSocket path gets 400, any other path 404.
@@ -23,6 +25,8 @@ from ..usage.auth import Refusal
 from ..usage.mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from ..wire.upstream import probe
 from .asgi import Receive, Scope, Send, header, query_param, respond
+from .calls import CALLS_PATH, handle_calls
+from .sip import WEBHOOK_PATH, handle_webhook
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -55,6 +59,10 @@ async def handle_http(app: RelayApp, scope: Scope, receive: Receive, send: Send)
         await send({"type": "http.response.body", "body": body})
     elif path == "/v1/realtime/client_secrets" and scope["method"] == "POST":
         await _mint(app, scope, receive, send)
+    elif path == CALLS_PATH:
+        await handle_calls(app, scope, receive, send)
+    elif path == WEBHOOK_PATH:
+        await handle_webhook(app, scope, receive, send)
     elif path == "/admin/usage":
         await _admin_usage(app, scope, send)
     elif path == "/" or path.startswith("/static/"):
@@ -115,7 +123,9 @@ async def _readyz(app: RelayApp, scope: Scope, send: Send) -> None:
             detail = "timed out" if timed_out else failure.__class__.__name__
             await respond(send, 503, {"status": "upstream unreachable", "detail": detail})
             return
-    await respond(send, 200, {"status": "ready", "sessions": len(app.pairs)})
+    await respond(
+        send, 200, {"status": "ready", "sessions": len(app.pairs), "calls": len(app.calls.live)}
+    )
 
 
 async def _admin_usage(app: RelayApp, scope: Scope, send: Send) -> None:

@@ -34,8 +34,8 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from ..core.bridge import Bridge, Ending, Message, Reply
+from ..core.calllog import CallLog, VoiceClock
 from ..core.deadlines import Deadlines, Due
-from ..ops.metrics import VoiceClock
 from ..wire.pump import READ, Leg, Pump
 from ..wire.upstream import Upstream
 from ..wire.websocket import PART, HandshakeFailed, WebSocket
@@ -103,6 +103,8 @@ class Pair:
         "_up_leg",
         "_clock",
         "_voice",
+        "_tap",
+        "_step_client",
         "last_activity",
     )
 
@@ -115,13 +117,15 @@ class Pair:
         dial_timeout: float,
         close_timeout: float,
         send_timeout: float = 10.0,
-        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[bool]] | None = None,
+        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[str | None]] | None = None,
         deadlines: Deadlines | None = None,
         ping_interval: float = 0.0,
         peer_timeout: float = 0.0,
         on_voice_latency: Callable[[float], None] | None = None,
         on_upstream_opened: Callable[[float, int], None] | None = None,
         pump: Pump | None = None,
+        tap: CallLog | None = None,
+        tap_client: bool = False,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -144,7 +148,16 @@ class Pair:
         # The run's clock (trio.current_time() reads it with two calls more), one object that all
         # pairs share: a bound method of it per pair would be one more object to fetch per message.
         self._clock = trio.lowlevel.current_clock()
-        self._voice = VoiceClock(self._clock.current_time) if on_voice_latency is not None else None
+        #: What reads the upstream's events for the voice latency: the call's log where the call
+        #: is recorded or traced (it times the turns anyway), else a bare VoiceClock.
+        self._voice: VoiceClock | CallLog | None = tap
+        if tap is None and on_voice_latency is not None:
+            self._voice = VoiceClock(self._clock.current_time)
+        self._tap = tap
+        #: The client step, through the call's log only where the record needs client events.
+        self._step_client = self._client_step
+        if tap is not None and tap_client:
+            self._step_client = self._client_step_tapped
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = self._clock.current_time()
 
@@ -159,6 +172,11 @@ class Pair:
         ending = self.bridge.ending
         assert ending is not None, "a pair's nursery only exits through an ending"
         return ending
+
+    @property
+    def pumped(self) -> bool:
+        """Whether the pump (the fast path) relays this pair's messages."""
+        return self._up_leg is not None
 
     def behind(self, limit: int) -> bool:
         """Whether either side has sent over ``limit`` bytes the relay has not read, while
@@ -190,6 +208,13 @@ class Pair:
         self.last_activity = self._clock.current_time()
         return self.bridge.client_message(data)
 
+    def _client_step_tapped(self, data: Message) -> Message | Reply | Ending | None:
+        """:meth:`_client_step`, and the call's log sees what went (or will go) upstream."""
+        out = self._client_step(data)
+        if out.__class__ is not Reply and out.__class__ is not Ending:
+            self._tap.client_event(data)  # type: ignore[union-attr]
+        return out
+
     async def _client_task(self) -> None:
         try:
             await self._client_to_upstream()
@@ -200,7 +225,7 @@ class Pair:
     async def _client_to_upstream(self) -> None:
         bridge = self.bridge
         receive = self.client.receive
-        step = self._client_step
+        step = self._step_client
         while True:
             leg = self._up_leg
             out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
@@ -267,7 +292,7 @@ class Pair:
             client_ws = self.client.websocket
             if self._pump and client_ws is not None and client_ws.pumpable and upstream.pumpable:
                 down = Leg(upstream, client_ws, self._upstream_step, bridge)
-                self._up_leg = Leg(client_ws, upstream, self._client_step, bridge)
+                self._up_leg = Leg(client_ws, upstream, self._step_client, bridge)
             await self._upstream_to_client(upstream, down)
         finally:
             if down is not None:
@@ -298,8 +323,8 @@ class Pair:
         voice = self._voice
         if voice is not None and data.__class__ is str:
             latency = voice.upstream_event(data)  # type: ignore[arg-type]
-            if latency is not None:
-                self._on_voice_latency(latency)  # type: ignore[misc]
+            if latency is not None and self._on_voice_latency is not None:
+                self._on_voice_latency(latency)
         return self.bridge.upstream_message(data)
 
     async def _upstream_to_client(self, upstream: WebSocket, leg: Leg | None) -> None:
@@ -332,9 +357,11 @@ class Pair:
                 return
             if bridge.responses_done:
                 done, bridge.responses_done = bridge.responses_done, []
-                if self._on_responses_done is not None and await self._on_responses_done(done):
-                    await self._finish(bridge.budget_exhausted())
-                    return
+                if self._on_responses_done is not None:
+                    used_up = await self._on_responses_done(done)
+                    if used_up:
+                        await self._finish(bridge.budget_exhausted(used_up))
+                        return
 
     async def _timer_task(self) -> None:
         """Everything a pair does on a clock, in one task (a task per timer costs memory on

@@ -238,7 +238,7 @@ def _worker(
     configure_logging(
         config.log_format,
         config.log_level,
-        secrets=(config.openai_api_key, config.jwt_secret, config.admin_token),
+        secrets=config.secrets,
         fields={"pid": os.getpid()},  # the workers' lines interleave
     )
     trio.run(partial(serve, config, sockets=sockets))

@@ -1,4 +1,5 @@
-"""Admission, concurrency leases, usage records and the daily token budget, over a usage store.
+"""Admission, concurrency leases, usage records and the daily budgets (tokens and dollars), over
+a usage store.
 
 One :class:`Accounting` per relay instance; every instance sharing a store (one
 Redis, or one SQLite file) sees the same counters and leases, so the limits hold
@@ -19,8 +20,9 @@ from datetime import UTC, datetime
 import trio
 
 from ..core.bridge import Traffic
+from ..core.pricing import dollars, nanodollars
 from .auth import Identity, Refusal
-from .store import UsageDelta, UsageRow, UsageStore, usage_from_response_done
+from .store import UsageDelta, UsageRow, UsageStore
 
 #: A session's lease on its concurrency slot lasts this long unless renewed.
 LEASE_SECONDS = 60.0
@@ -47,6 +49,7 @@ class Accounting:
         *,
         max_sessions: int,
         daily_budget: int,
+        daily_budget_usd: float = 0.0,
         clock: Callable[[], float] = time.time,
         lease_seconds: float = LEASE_SECONDS,
     ) -> None:
@@ -54,12 +57,31 @@ class Accounting:
         self._lease_seconds = lease_seconds
         self._max_sessions = max_sessions
         self._daily_budget = daily_budget
+        self._daily_budget_nano = nanodollars(daily_budget_usd)
         self._clock = clock
 
     def budget_for(self, identity: Identity) -> int:
         """The user's daily token budget: the relay's, tightened by the token's claim (0: none)."""
-        budgets = [b for b in (self._daily_budget, identity.budget or 0) if b > 0]
-        return min(budgets) if budgets else 0
+        return _tightest(self._daily_budget, identity.budget)
+
+    def budget_nano_for(self, identity: Identity) -> int:
+        """The user's daily dollar budget in nanodollars: the relay's, tightened by the token's
+        ``budget_usd`` claim (0: none)."""
+        claim = identity.budget_usd
+        return _tightest(self._daily_budget_nano, nanodollars(claim) if claim else None)
+
+    async def _used_up(self, identity: Identity, day: str) -> str | None:
+        """Which of the user's budgets for ``day`` is used up (``token``, ``spending``), if any.
+
+        Each counter is read only where its budget applies.
+        """
+        budget = self.budget_for(identity)
+        if budget and await self.store.tokens(identity.user, day) >= budget:
+            return "token"
+        budget = self.budget_nano_for(identity)
+        if budget and await self.store.cost(identity.user, day) >= budget:
+            return "spending"
+        return None
 
     async def admit(self, identity: Identity, session_id: str) -> None:
         """Take a concurrency slot for a new session, or raise :class:`Refusal` (HTTP 429).
@@ -87,15 +109,20 @@ class Accounting:
     async def budget_refusal(self, identity: Identity) -> Refusal | None:
         """The refusal (HTTP 429) owed to a user whose daily budget is used up, else None."""
         now = self._clock()
-        budget = self.budget_for(identity)
-        if budget and await self.store.tokens(identity.user, utc_day(now)) >= budget:
-            return Refusal(
-                429,
-                "daily_budget_exhausted",
-                f"The daily token budget of {budget} is used up; it resets at 00:00 UTC"
-                f" (in {seconds_to_midnight(now)} s).",
-            )
-        return None
+        used_up = await self._used_up(identity, utc_day(now))
+        if used_up is None:
+            return None
+        budget = (
+            f"token budget of {self.budget_for(identity)}"
+            if used_up == "token"
+            else f"spending budget of ${dollars(self.budget_nano_for(identity)):g}"
+        )
+        return Refusal(
+            429,
+            "daily_budget_exhausted",
+            f"The daily {budget} is used up; it resets at 00:00 UTC"
+            f" (in {seconds_to_midnight(now)} s).",
+        )
 
     @property
     def holds_leases(self) -> bool:
@@ -131,8 +158,9 @@ class Accounting:
                     extra={"fields": {"session": session_id, "user": identity.user}},
                 )
 
-    async def record_responses(self, identity: Identity, responses: list[dict[str, object]]) -> bool:
-        """Add the tokens of finished responses; True if the user's budget is now used up.
+    async def record_responses(self, identity: Identity, responses: list[UsageDelta]) -> str | None:
+        """Add the tokens and cost of finished responses; which budget of the user's is now used
+        up (``token`` or ``spending``), if any.
 
         A store that fails or hangs (bounded by ``STORE_TIMEOUT``) is logged and the
         session goes on: those tokens go unrecorded, and the budget is checked again
@@ -142,10 +170,9 @@ class Accounting:
         problem = f"no answer within {STORE_TIMEOUT:g} s"
         with trio.move_on_after(STORE_TIMEOUT):
             try:
-                for event in responses:
-                    await self.store.add(identity.user, day, usage_from_response_done(event))
-                budget = self.budget_for(identity)
-                return bool(budget) and await self.store.tokens(identity.user, day) >= budget
+                for delta in responses:
+                    await self.store.add(identity.user, day, delta)
+                return await self._used_up(identity, day)
             except Exception as exc:  # any store failure; a live session must outlast it
                 problem = _describe(exc)
         log.error(
@@ -155,7 +182,19 @@ class Accounting:
             problem,
             extra={"fields": {"user": identity.user}},
         )
-        return False
+        return None
+
+    async def abandon(self, identity: Identity, session_id: str) -> None:
+        """Give back the slot of a session that was admitted but never started (a call the
+        Realtime API would not create): nothing is recorded. Shielded and bounded like
+        :meth:`finish`; a store that fails leaves the slot to expire with its lease."""
+        if not self._max_sessions:
+            return
+        with trio.move_on_after(FINISH_TIMEOUT, shield=True):
+            try:
+                await self.store.release_slot(identity.user, session_id)
+            except Exception as exc:  # the slot frees itself when the lease expires
+                log.warning("usage store failed to give a slot back (%s)", _describe(exc))
 
     async def finish(self, identity: Identity, session_id: str, traffic: Traffic, seconds: float) -> None:
         """Record the session itself and give its slot back (shielded, so it runs while the
@@ -190,6 +229,11 @@ class Accounting:
         )
 
 
+def _tightest(*budgets: int | None) -> int:
+    """The smallest budget that is set (0 or None: not set); 0 if none is."""
+    return min((b for b in budgets if b and b > 0), default=0)
+
+
 def _describe(exc: BaseException) -> str:
     """An exception for a log line: its type and message (store errors name hosts, not URLs)."""
     text = str(exc)
@@ -209,7 +253,13 @@ def _store_errors_as_connection_error() -> Iterator[None]:
 
 def usage_json(row: UsageRow) -> dict[str, object]:
     """One usage row as JSON (the admin endpoint and ``relay usage --json``)."""
-    return {"day": row.day, "user": row.user, **dataclasses.asdict(row), "total_tokens": row.total_tokens}
+    return {
+        "day": row.day,
+        "user": row.user,
+        **dataclasses.asdict(row),
+        "total_tokens": row.total_tokens,
+        "cost_usd": row.cost_usd,
+    }
 
 
 _COLUMNS = (
@@ -227,7 +277,14 @@ _COLUMNS = (
     ("out text", "output_text_tokens"),
     ("out audio", "output_audio_tokens"),
     ("total tokens", "total_tokens"),
+    ("cost $", "cost_usd"),
 )
+
+
+def _cell(key: str, value: object) -> str:
+    if key == "cost_usd":
+        return f"{value:.6f}"  # to the micro-dollar; the store keeps nanodollars
+    return f"{value:.0f}" if isinstance(value, float) else str(value)
 
 
 def format_table(rows: list[UsageRow]) -> str:
@@ -238,7 +295,7 @@ def format_table(rows: list[UsageRow]) -> str:
     for row in rows:
         values = usage_json(row)
         cells.append(
-            [f"{values[key]:.0f}" if isinstance(values[key], float) else str(values[key]) for _, key in _COLUMNS]
+            [_cell(key, values[key]) for _, key in _COLUMNS]
         )
     widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
     return "\n".join(

@@ -28,10 +28,12 @@ class Identity:
     """An authenticated client. Optional JWT claims can only tighten the relay's policy."""
 
     user: str
-    method: str  # "api_key", "jwt" or "anonymous"
+    method: str  # "api_key", "jwt", "anonymous", or "sip" (a caller known by number)
     model: str | None = None
     max_session_seconds: float | None = None
     budget: int | None = None
+    #: A daily spending cap in dollars (the ``budget_usd`` claim).
+    budget_usd: float | None = None
 
 
 class Refusal(Exception):
@@ -55,14 +57,19 @@ def new_api_key() -> str:
 
 def parse_api_keys(entries: Iterable[str]) -> dict[str, str]:
     """``["alice:<sha256 hex>", …]`` → ``{hash: user}``; raises ValueError on a bad entry."""
+    return parse_user_digests(entries, "USER:SHA256HEX", "`relay keygen USER`")
+
+
+def parse_user_digests(entries: Iterable[str], form: str, maker: str) -> dict[str, str]:
+    """``["alice:<64 hex digits>", …]`` → ``{digest: user}``; a bad entry raises ValueError
+    naming the ``form`` entries take and the command (``maker``) that makes one."""
     keys: dict[str, str] = {}
     for entry in entries:
         user, sep, digest = entry.partition(":")
         digest = digest.strip().lower()
         if not sep or not user.strip() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(
-                "each entry must be USER:SHA256HEX (make one with `relay keygen USER`);"
-                f" got {entry[:12]!r}…"
+                f"each entry must be {form} (make one with {maker}); got {entry[:12]!r}…"
             )
         keys[digest] = user.strip()
     return keys
@@ -162,6 +169,7 @@ class Authenticator:
             model=_optional(claims, "model", str),
             max_session_seconds=_optional(claims, "max_session_seconds", (int, float)),
             budget=_optional(claims, "budget", int),
+            budget_usd=_optional(claims, "budget_usd", (int, float)),
         )
 
 

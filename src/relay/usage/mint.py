@@ -10,7 +10,9 @@ refused to a user whose daily token budget is used up.
 
 A minted key opens a session directly with OpenAI: the relay sees none of it, so
 it is neither capped nor accounted, and the policy holds only as far as the minted
-session sets it (the client may send any event). Mint for clients you trust with that.
+session sets it (the client may send any event). Mint for clients you trust with that;
+a browser on WebRTC can instead send its offer to the relay (``POST /v1/realtime/calls``,
+:mod:`relay.server.calls`), which watches that call from its sideband.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import orjson
 import trio
@@ -49,9 +50,7 @@ class Minter:
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        url = urlsplit(config.upstream_url)
-        scheme = "https" if url.scheme == "wss" else "http"
-        self._url = f"{scheme}://{url.netloc}{url.path.rstrip('/')}/client_secrets"
+        self._url = config.rest_url("client_secrets")
         self._key = config.openai_api_key
         self._config = config
         self._per_minute = config.mint_per_minute

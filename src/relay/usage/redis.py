@@ -158,6 +158,11 @@ class RedisUsageStore:
         values = await self._client.hmget(self._usage_key(day, user), list(TOKEN_COUNTERS))
         return sum(int(value) for value in values if value is not None)
 
+    async def cost(self, user: str, day: str) -> int:
+        self._check_open()
+        value = await self._client.hget(self._usage_key(day, user), "cost_nanodollars")
+        return int(value) if value is not None else 0
+
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
         self._check_open()
         days = [day] if day is not None else sorted(await self._client.smembers(self._DAYS_KEY))

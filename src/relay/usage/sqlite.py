@@ -92,6 +92,11 @@ class SqliteUsageStore:
         row = await self._run(lambda db: db.execute(query, (day, user)).fetchone())
         return int(row[0]) if row else 0
 
+    async def cost(self, user: str, day: str) -> int:
+        query = "SELECT cost_nanodollars FROM usage WHERE day = ? AND user = ?"
+        row = await self._run(lambda db: db.execute(query, (day, user)).fetchone())
+        return int(row[0]) if row else 0
+
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:
         query = (
             f"SELECT day, user, {', '.join(COUNTERS)} FROM usage"
@@ -171,9 +176,26 @@ def _set_up(connection: sqlite3.Connection, path: str) -> None:
                 # lose the last commits, which is fine for usage counters.
                 connection.execute("PRAGMA synchronous = NORMAL")
             connection.executescript(_SQLITE_SCHEMA)
+            _add_missing_counters(connection)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > give_up:
                 raise
         time.sleep(pause)  # this runs in a worker thread, not on the event loop
         pause = min(2 * pause, 0.1)
+
+
+def _add_missing_counters(connection: sqlite3.Connection) -> None:
+    """Give a file made by an older relay the counters it lacks (``cost_nanodollars``), at 0.
+
+    Another process may add the same column at the same moment; then ours is a duplicate.
+    """
+    have = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+    for name in COUNTERS:
+        if name not in have:
+            kind = "REAL" if name in FLOAT_COUNTERS else "INTEGER"
+            try:
+                connection.execute(f"ALTER TABLE usage ADD COLUMN {name} {kind} NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise

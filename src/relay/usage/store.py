@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
+from ..core.pricing import Tokens, dollars, tokens_of
+
 
 @dataclass(frozen=True)
 class UsageDelta:
@@ -42,6 +44,8 @@ class UsageDelta:
     input_cached_tokens: int = 0
     output_text_tokens: int = 0
     output_audio_tokens: int = 0
+    #: What the responses cost, in nanodollars (10⁻⁹ USD), by the relay's price table.
+    cost_nanodollars: int = 0
 
 
 #: The counters, in column order; all are integers except connected_seconds.
@@ -68,41 +72,26 @@ class UsageRow(UsageDelta):
         """Input text+audio plus output text+audio: what the daily budget counts."""
         return sum(getattr(self, name) for name in TOKEN_COUNTERS)
 
-
-def _count(block: object, key: str) -> int | None:
-    """A non-negative token count from a usage block, or None if absent or malformed."""
-    value = block.get(key) if isinstance(block, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        return None
-    return int(value)
+    @property
+    def cost_usd(self) -> float:
+        return dollars(self.cost_nanodollars)
 
 
-def usage_from_response_done(event: dict[str, Any]) -> UsageDelta:
-    """The tokens of a Realtime ``response.done`` event (zeros when usage is null).
+def usage_from_response_done(event: dict[str, Any], cost_nanodollars: int = 0) -> UsageDelta:
+    """The tokens of a Realtime ``response.done`` event (zeros when usage is null), and its
+    cost when the caller priced it (see :func:`relay.core.pricing.tokens_of`)."""
+    return usage_of(tokens_of(event), cost_nanodollars)
 
-    Reads the GA ``response.usage`` block: ``input_token_details`` (text, audio,
-    cached) and ``output_token_details`` (text, audio). Anything missing counts as
-    zero, except that a side with no text/audio breakdown at all is charged its
-    ``input_tokens``/``output_tokens`` as text, so a budget cannot be escaped by
-    an upstream that leaves the details out. Image tokens are not counted.
-    """
-    response = event.get("response") if isinstance(event, dict) else None
-    usage = response.get("usage") if isinstance(response, dict) else None
-    if not isinstance(usage, dict):
-        return UsageDelta()
-    sides: dict[str, tuple[int, int]] = {}
-    for side in ("input", "output"):
-        details = usage.get(f"{side}_token_details")
-        text, audio = _count(details, "text_tokens"), _count(details, "audio_tokens")
-        if text is None and audio is None:
-            text = _count(usage, f"{side}_tokens")
-        sides[side] = (text or 0, audio or 0)
+
+def usage_of(tokens: Tokens, cost_nanodollars: int = 0) -> UsageDelta:
+    """A response's tokens (and cost) as the counters they are added to."""
     return UsageDelta(
-        input_text_tokens=sides["input"][0],
-        input_audio_tokens=sides["input"][1],
-        input_cached_tokens=_count(usage.get("input_token_details"), "cached_tokens") or 0,
-        output_text_tokens=sides["output"][0],
-        output_audio_tokens=sides["output"][1],
+        input_text_tokens=tokens.input_text,
+        input_audio_tokens=tokens.input_audio,
+        input_cached_tokens=tokens.input_cached,
+        output_text_tokens=tokens.output_text,
+        output_audio_tokens=tokens.output_audio,
+        cost_nanodollars=cost_nanodollars,
     )
 
 
@@ -119,6 +108,10 @@ class UsageStore(Protocol):
 
     async def tokens(self, user: str, day: str) -> int:
         """The user's total tokens so far on ``day`` (0 if nothing was recorded)."""
+        ...
+
+    async def cost(self, user: str, day: str) -> int:
+        """The user's cost so far on ``day``, in nanodollars (0 if nothing was recorded)."""
         ...
 
     async def rows(self, *, day: str | None = None, user: str | None = None) -> list[UsageRow]:

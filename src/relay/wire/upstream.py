@@ -125,10 +125,17 @@ class UpstreamDialer:
             self._subprotocols = ("realtime", "openai-insecure-api-key." + key)
 
     def target(self, model: str) -> UpstreamTarget:
+        return self._target(f"model={quote(model, safe='')}")
+
+    def sideband(self, call_id: str) -> UpstreamTarget:
+        """The sideband of a WebRTC or SIP call: the same endpoint, ``?call_id=``."""
+        return self._target(f"call_id={quote(call_id, safe='')}")
+
+    def _target(self, query: str) -> UpstreamTarget:
         return UpstreamTarget(
             host=self._host,
             port=self._port,
-            resource=f"{self._path}?model={quote(model, safe='')}",
+            resource=f"{self._path}?{query}",
             ssl_context=self._ssl_context,
             subprotocols=self._subprotocols,
             headers=self._headers,

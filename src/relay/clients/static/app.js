@@ -1,19 +1,35 @@
-// The relay's demo page: talk to the Realtime API (or the bundled fake) through /voice.
+// The relay's demo page: talk to the Realtime API (or the bundled fake), two ways.
 //
-// Microphone → AudioWorklet (PCM16 24 kHz) → input_audio_buffer.append; reply audio
-// deltas are scheduled back to back for gapless playback. When the server hears the
-// user start speaking during a reply (barge-in), playback stops and the assistant item
-// is truncated to what was really heard, so the model's memory matches the user's.
+// WebSocket (through /voice): microphone → AudioWorklet (PCM16 24 kHz) →
+// input_audio_buffer.append; reply audio deltas are scheduled back to back for gapless
+// playback. When the server hears the user start speaking during a reply (barge-in),
+// playback stops and the assistant item is truncated to what was really heard, so the
+// model's memory matches the user's.
 //
-// Tests read the page through data-* attributes on <body>: data-state, data-turns,
-// data-user-turns, data-sent-ms, data-received-ms, data-played-ms, data-playing,
-// data-underruns (gaps inside a reply), data-latency-ms, data-truncations, data-error, and
-// data-upstream ("fake" when session.created says the upstream is mockrealtime).
+// WebRTC: the page sends its SDP offer to the relay (POST /v1/realtime/calls, with the
+// token as a Bearer header); the relay creates the call with its own key and watches it
+// from a sideband, and the audio and events flow between the page and the Realtime API
+// directly (a peer connection and its "oai-events" data channel). The server plays the
+// reply and truncates on barge-in itself; the page only listens, through the same worklet
+// as a tap, to count what it played.
+//
+// Tests read the page through data-* attributes on <body>: data-state, data-transport
+// (websocket or webrtc), data-call-id, data-turns, data-user-turns, data-sent-ms,
+// data-received-ms, data-played-ms, data-playing, data-underruns (gaps inside a reply),
+// data-latency-ms, data-truncations, data-error, and data-upstream ("fake" when
+// session.created says the upstream is mockrealtime).
 
 const RATE = 24000; // PCM16 mono, the API's only PCM rate
 const CHUNK_SAMPLES = 960; // 40 ms per input_audio_buffer.append
 const TRANSCRIBE_MODEL = "gpt-4o-mini-transcribe";
 const TOKEN_RE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // what a subprotocol may hold
+const LOUD = 0.01; // RMS above which a chunk of reply audio counts as played (WebRTC)
+const ROUTES = {
+  websocket: "WebSocket: audio goes through this server's <code>/voice</code>.",
+  webrtc:
+    "WebRTC: audio goes straight to the Realtime API; this server set the call up with its" +
+    " own key (<code>/v1/realtime/calls</code>) and watches it.",
+};
 
 const $ = (id) => document.getElementById(id);
 const body = document.body;
@@ -32,7 +48,14 @@ const ui = {
   played: $("played"),
   error: $("error"),
   fake: $("fake"),
+  route: $("route"),
+  remote: $("remote"),
+  transports: [...document.querySelectorAll('input[name="transport"]')],
 };
+
+function transport() {
+  return ui.transports.find((radio) => radio.checked).value;
+}
 
 const stats = {
   turns: 0,
@@ -53,6 +76,13 @@ function setState(state, label) {
   ui.connect.textContent = busy ? "Disconnect" : "Connect";
   ui.connect.classList.toggle("danger", busy);
   ui.token.disabled = ui.echo.disabled = ui.transcribe.disabled = busy;
+  for (const radio of ui.transports) radio.disabled = busy;
+}
+
+function showTransport() {
+  const kind = transport();
+  body.dataset.transport = kind;
+  ui.route.innerHTML = ROUTES[kind];
 }
 
 function showStats() {
@@ -242,9 +272,13 @@ async function connect() {
     setState("error");
     return;
   }
-  setState("connecting", "connecting…");
+  const kind = transport();
+  setState("connecting", `connecting (${kind === "webrtc" ? "WebRTC" : "WebSocket"})…`);
   const s = {
+    kind,
     ws: null,
+    pc: null, // WebRTC: the peer connection and its data channel
+    dc: null,
     ctx: null,
     stream: null,
     player: null,
@@ -256,6 +290,7 @@ async function connect() {
     lastError: null,
   };
   session = s;
+  if (kind === "webrtc") return connectCall(s, token);
   try {
     s.ctx = new AudioContext();
     if (!s.ctx.audioWorklet) {
@@ -352,6 +387,7 @@ function startCapture(s) {
 
 function send(s, event) {
   if (s.ws && s.ws.readyState === WebSocket.OPEN) s.ws.send(JSON.stringify(event));
+  if (s.dc && s.dc.readyState === "open") s.dc.send(JSON.stringify(event));
 }
 
 function disconnect(s) {
@@ -359,8 +395,121 @@ function disconnect(s) {
   if (s.player) s.player.stop();
   if (s.stream) for (const track of s.stream.getTracks()) track.stop();
   if (s.ws && s.ws.readyState <= WebSocket.OPEN) s.ws.close(1000, "user disconnected");
+  if (s.dc) s.dc.close();
+  if (s.pc) s.pc.close(); // the call ends: the server hangs up when the peer goes
+  ui.remote.srcObject = null;
   if (s.ctx && s.ctx.state !== "closed") s.ctx.close();
   ui.level.style.transform = "scaleX(0)";
+}
+
+// ---------------------------------------------------------------------------------
+// WebRTC: the relay sets the call up; audio and events then go straight to the API.
+
+async function connectCall(s, token) {
+  try {
+    s.ctx = new AudioContext();
+    if (!s.ctx.audioWorklet) {
+      throw new Error("this browser has no AudioWorklet; use a current Chrome, Edge, Firefox or Safari");
+    }
+    s.ctx.resume();
+    await s.ctx.audioWorklet.addModule("/static/capture-worklet.js");
+    const echo = ui.echo.checked;
+    s.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: echo, noiseSuppression: echo, autoGainControl: echo },
+    });
+    if (session !== s || s.closing) return disconnect(s);
+    const pc = new RTCPeerConnection();
+    s.pc = pc;
+    pc.ontrack = (event) => onRemoteTrack(s, event.streams[0] || new MediaStream([event.track]));
+    pc.onconnectionstatechange = () => onCallState(s);
+    for (const track of s.stream.getAudioTracks()) pc.addTrack(track, s.stream);
+    showLevel(s, s.stream, (chunkMs) => {
+      stats.sentMs += chunkMs; // what the microphone gave the call
+      body.dataset.sentMs = Math.round(stats.sentMs);
+    });
+    const dc = pc.createDataChannel("oai-events");
+    s.dc = dc;
+    dc.onmessage = (message) => {
+      try {
+        onEvent(s, JSON.parse(message.data));
+      } catch (err) {
+        console.error("relay demo: bad event", err);
+      }
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    const headers = { "Content-Type": "application/sdp" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const answer = await fetch("/v1/realtime/calls", { method: "POST", body: pc.localDescription.sdp, headers });
+    if (!answer.ok) {
+      const refused = await answer.json().catch(() => ({}));
+      const e = refused.error || {};
+      s.lastError = `${e.code || answer.status}: ${e.message || "the relay refused the call"}`;
+      throw Object.assign(new Error(s.lastError), { code: e.code || `http_${answer.status}` });
+    }
+    s.callId = (answer.headers.get("Location") || "").split("/").pop();
+    body.dataset.callId = s.callId;
+    await pc.setRemoteDescription({ type: "answer", sdp: await answer.text() });
+  } catch (err) {
+    if (session === s && !s.closing) {
+      const message = err && err.name === "NotAllowedError"
+        ? "Microphone permission was denied: allow it in the address bar and connect again."
+        : `Could not start the call: ${err && err.message ? err.message : err}`;
+      showError(message, (err && err.code) || "start_failed");
+      setState("error");
+      disconnect(s);
+    }
+  }
+}
+
+function onCallState(s) {
+  const state = s.pc.connectionState;
+  if (session !== s || s.closing) return;
+  if (state === "connected") {
+    setState("live", "live · WebRTC");
+  } else if (state === "failed" || state === "closed") {
+    const why = s.lastError ? `: ${s.lastError}` : "";
+    showError(`The call ended (${state})${why}`, body.dataset.error || `call_${state}`);
+    setState(state === "failed" ? "error" : "closed", `call ${state}`);
+    disconnect(s);
+  }
+}
+
+/** The server's reply audio: heard through the <audio> element, counted through a tap. */
+function onRemoteTrack(s, stream) {
+  ui.remote.srcObject = stream; // Chrome delivers a remote track to Web Audio only while it plays
+  ui.remote.play().catch(() => {});
+  let last = 0;
+  s.tap = tap(s, stream, (chunkMs, level) => {
+    stats.receivedMs += chunkMs;
+    if (level > LOUD) {
+      stats.playedMs += chunkMs;
+      body.dataset.playing = "true";
+      last = performance.now();
+    } else if (performance.now() - last > 200) {
+      body.dataset.playing = "false";
+    }
+    showStats();
+  });
+}
+
+function showLevel(s, stream, onChunk) {
+  s.micTap = tap(s, stream, (chunkMs, level) => {
+    ui.level.style.transform = `scaleX(${Math.min(1, level * 6).toFixed(3)})`;
+    onChunk(chunkMs);
+  });
+}
+
+/** Listen to ``stream`` through the capture worklet: ``onChunk(ms, rms)`` per chunk. */
+function tap(s, stream, onChunk) {
+  const source = s.ctx.createMediaStreamSource(stream);
+  const node = new AudioWorkletNode(s.ctx, "pcm16-capture", {
+    processorOptions: { targetRate: RATE, chunkSamples: CHUNK_SAMPLES },
+  });
+  const sink = s.ctx.createGain();
+  sink.gain.value = 0; // pulled by the graph, never heard (the <audio> element plays it)
+  source.connect(node).connect(sink).connect(s.ctx.destination);
+  node.port.onmessage = ({ data }) => onChunk((CHUNK_SAMPLES / RATE) * 1000, data.level);
+  return { source, node, sink };
 }
 
 // ---------------------------------------------------------------------------------
@@ -374,6 +523,16 @@ function onEvent(s, event) {
       ui.fake.hidden = !event.mockrealtime;
       if (event.mockrealtime) body.dataset.upstream = "fake";
       else delete body.dataset.upstream;
+      if (s.kind === "webrtc") {
+        // The call's audio is the peer connection's; only transcription is the page's to ask.
+        if (ui.transcribe.checked) {
+          send(s, {
+            type: "session.update",
+            session: { type: "realtime", audio: { input: { transcription: { model: TRANSCRIBE_MODEL } } } },
+          });
+        }
+        break;
+      }
       // The audio this page speaks, whatever the relay set up (it may be configured for
       // phones); input transcription only when asked for, as it is billed separately.
       const input = { format: { type: "audio/pcm", rate: RATE } };
@@ -385,11 +544,20 @@ function onEvent(s, event) {
           audio: { input, output: { format: { type: "audio/pcm", rate: RATE } } },
         },
       });
-      setState("live", "live");
+      setState("live", "live · WebSocket");
+      break;
+    }
+    case "output_audio_buffer.started": {
+      // WebRTC: the server started playing the reply (there are no audio deltas).
+      if (s.speechStoppedAt !== null) {
+        stats.latencies.push(performance.now() - s.speechStoppedAt);
+        s.speechStoppedAt = null;
+        showStats();
+      }
       break;
     }
     case "input_audio_buffer.speech_started": {
-      bargeIn(s);
+      if (s.kind === "websocket") bargeIn(s); // over WebRTC the server stops its own playback
       const el = bubble(event.item_id, "user");
       el.dataset.startMs = event.audio_start_ms ?? "";
       setText(el, "listening…", { placeholder: true });
@@ -545,5 +713,9 @@ ui.connect.addEventListener("click", () => {
   }
 });
 
+for (const radio of ui.transports) radio.addEventListener("change", showTransport);
+const asked = new URLSearchParams(location.search).get("transport");
+for (const radio of ui.transports) radio.checked = radio.value === (asked === "webrtc" ? "webrtc" : "websocket");
+showTransport();
 setState("idle", "disconnected");
 showStats();
