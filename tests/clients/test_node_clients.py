@@ -60,8 +60,9 @@ def run_node(
         env={**os.environ, **(env or {})},
     )
     lines = [orjson.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines or lines[-1]["kind"] != "end":
-        said = "\n".join(orjson.dumps(line).decode() for line in lines if line["kind"] != "server")
+    said_lines = [line for line in lines if line["kind"] != "server"]  # events may come after
+    if result.returncode != 0 or not said_lines or said_lines[-1]["kind"] != "end":
+        said = "\n".join(orjson.dumps(line).decode() for line in said_lines)
         kinds = [line["event"]["type"] for line in lines if line["kind"] == "server"]
         pytest.fail(
             f"{script} failed (exit {result.returncode}):\n{said}\nserver events: {kinds}\n"
