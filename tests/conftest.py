@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from wsproto import frame_protocol
 
-from .leaks import CLIENT_LEAKS, SecretScanner, hold
+from .leaks import CLIENT_LEAKS, SecretScanner, check_client_sees_no_upstream_key, hold
 
 # `ci` (the default) keeps the whole suite within a few minutes on 2 cores;
 # `thorough` is for long runs: HYPOTHESIS_PROFILE=thorough uv run pytest tests/relay/test_properties.py
@@ -74,9 +74,29 @@ def _record_upstream_keys() -> None:
     Bridge.__init__ = bridge  # type: ignore[method-assign]
 
 
+def _check_the_twilio_side() -> None:
+    """Scan everything a relay sends to the Twilio side of a phone call (messages and the close
+    reason), whichever client is at the other end: every write goes through these two."""
+    from relay.server.phone import TwilioLeg
+
+    to_twilio, close_twilio = TwilioLeg._to_twilio, TwilioLeg._close_twilio
+
+    async def checked_send(self: TwilioLeg, text: str) -> None:
+        check_client_sees_no_upstream_key("a message to Twilio", text, fail_now=False)
+        await to_twilio(self, text)
+
+    async def checked_close(self: TwilioLeg, code: int, reason: str) -> None:
+        check_client_sees_no_upstream_key("a close reason to Twilio", reason, fail_now=False)
+        await close_twilio(self, code, reason)
+
+    TwilioLeg._to_twilio = checked_send  # type: ignore[method-assign]
+    TwilioLeg._close_twilio = checked_close  # type: ignore[method-assign]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger().addHandler(SCANNER)
     _record_upstream_keys()
+    _check_the_twilio_side()
     if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
         logging.getLogger().setLevel(logging.INFO)
     """Pick the run's Hypothesis seed up front so a failure can be replayed exactly."""

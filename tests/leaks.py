@@ -5,7 +5,8 @@ Two rules, checked for every test:
 * no credential of any kind appears in a log line (message, arguments, exception or
   structured ``fields``);
 * no upstream key, the one secret the relay holds for the OpenAI side, reaches a
-  client: not in a frame, not in a close reason.
+  client: not in a frame, not in a close reason (nor anything sent to Twilio's side of a
+  phone call, checked where the relay writes it: tests/conftest.py).
 
 Upstream keys are not only a fixed list: every key a relay of this run is given
 upstream is recorded (:func:`hold`, called when the relay builds its dialer or a
@@ -32,8 +33,13 @@ SECRETS = (
     "rk_test_client_key_abcdef",
     "sk-test-0123456789",
     "sk-sdk-conformance",
+    "relay-demo-twilio-auth-token",  # relay demo's (and relay call's) Twilio auth token
+    "twilio-auth-token-for-tests-0123",
 )
-SECRET_PATTERNS = (re.compile(r"sk-demo-[A-Za-z0-9_-]{16}"),)  # relay demo's per-run key
+SECRET_PATTERNS = (
+    re.compile(r"sk-demo-[A-Za-z0-9_-]{16}"),  # relay demo's per-run key
+    re.compile(r"rst1\.[A-Za-z0-9_-]{20,}"),  # a phone call's stream token
+)
 
 #: An OpenAI-style key as it would appear in text.
 SK_KEY = re.compile(r"sk-[A-Za-z0-9_-]+")

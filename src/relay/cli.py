@@ -1,4 +1,4 @@
-"""``relay`` on the command line: ``relay serve`` and ``relay demo``.
+"""``relay`` on the command line: ``relay serve``, ``relay demo`` and the clients.
 
 Every setting of :data:`relay.config.SETTINGS` has a flag named after it
 (``RELAY_DIAL_TIMEOUT`` → ``--dial-timeout``) except secrets, which are read from
@@ -200,6 +200,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up if the reply is not complete after this long (default 60)",
     )
+    call = commands.add_parser(
+        "call",
+        help="play a WAV file as a phone call through the relay's Twilio route",
+        description="Play a WAV file as a phone call through the relay's /twilio route, as"
+        " Twilio would (signed with RELAY_TWILIO_AUTH_TOKEN, else relay demo's): print the"
+        " transcripts, latency and barge-ins, and write what the caller heard."
+        " Exit status: 0 when a reply was heard, 1 if the call failed, 2 if the input file"
+        " cannot be used.",
+    )
+    call.add_argument(
+        "input",
+        metavar="INPUT.wav",
+        nargs="?",
+        help="what the caller says: WAV, any format relay talk takes (default: the bundled sample)",
+    )
+    call.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.wav",
+        default="call.wav",
+        help="where to write what the caller heard, 8 kHz mono PCM16 (default call.wav)",
+    )
+    call.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the relay's base URL; its voice webhook is URL/twilio/voice"
+        " (default http://127.0.0.1:8000)",
+    )
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up if no reply was heard after this long (default 60)",
+    )
     return parser
 
 
@@ -287,6 +322,10 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         from .clients.talk import run as run_talk
 
         return run_talk(args)
+    elif args.command == "call":
+        from .clients.call import run as run_call
+
+        return run_call(args)
     return 0
 
 
@@ -336,12 +375,13 @@ async def _demo(host: str, port: int, allow_anonymous: bool, tls: bool) -> None:
         demo = await nursery.start(
             partial(run_demo, host, port, allow_anonymous=allow_anonymous, tls=tls)
         )
-        url, page = demo.relay_url, "http" + demo.relay_url.removeprefix("ws")
+        url = demo.relay_url
         lines = [
-            f"open {page}/ in a browser and press Connect",
+            f"open {demo.http_url}/ in a browser and press Connect",
             f"relay on {url}/voice and {url}/v1/realtime?model={demo.config.model}",
             f"upstream is the offline fake on {demo.mock.url}"
             " (made-up transcripts, replies in milliseconds; no key, no cost)",
+            f"phone calls: relay call IN.wav --url {demo.http_url}",
         ]
         if demo.ca_file is not None:
             lines += [

@@ -52,6 +52,11 @@ DEFAULT_SESSION: dict[str, Any] = {
 }
 
 
+#: ``relay demo``'s Twilio auth token: known to ``relay call``, so a call through the demo needs
+#: no flag. The demo serves loopback only (and anyone at all with --allow-anonymous).
+DEMO_TWILIO_AUTH_TOKEN = "relay-demo-twilio-auth-token"
+
+
 class ConfigError(Exception):
     """A setting has a value the relay cannot run with; the message says which and why."""
 
@@ -414,6 +419,51 @@ class RelayConfig:
         "RELAY_PERMESSAGE_DEFLATE",
         "Negotiate permessage-deflate with clients. Off: it costs 2-9x CPU on audio.",
     )
+    public_url: str = _setting(
+        "",
+        "RELAY_PUBLIC_URL",
+        "The relay's URL as the world reaches it (`https://relay.example.com`, with any path"
+        " prefix a proxy adds): the URL Twilio signs and the base of the stream URL it is sent"
+        " (unset: each request's own scheme and Host).",
+        shown="(each request's own)",
+    )
+    twilio_auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "env": "RELAY_TWILIO_AUTH_TOKEN",
+            "help": "Auth token of the Twilio account whose calls the relay takes: turns on"
+            " `POST /twilio/voice` and `/twilio` ([Phone calls](phone.md)). Environment only.",
+            "secret": True,
+            "shown": "(unset: off)",
+        },
+    )
+    twilio_dtmf: str = _setting(
+        "text",
+        "RELAY_TWILIO_DTMF",
+        "What a key a caller presses becomes: `text` (a user item saying which key, and a"
+        " response unless one is under way) or `off` (ignored).",
+    )
+    twilio_goodbye: str = _setting(
+        "The call is about to end because of a time or usage limit. In one short sentence,"
+        " tell the caller so and say goodbye.",
+        "RELAY_TWILIO_GOODBYE",
+        "Instructions for the model's last words when a limit (RELAY_MAX_SESSION_SECONDS, a daily"
+        " token budget) ends a call; the call ends once they have played (empty: no goodbye).",
+        shown="(a one-sentence goodbye)",
+    )
+    twilio_max_calls: int = _setting(
+        0,
+        "RELAY_TWILIO_MAX_CALLS",
+        "Live calls the phone line (usage user `twilio`) may hold across all instances (0: no"
+        " cap); each caller is also a user under RELAY_MAX_SESSIONS_PER_USER.",
+    )
+    twilio_daily_token_budget: int = _setting(
+        0,
+        "RELAY_TWILIO_DAILY_TOKEN_BUDGET",
+        "Tokens all calls together may use per UTC day (0: no budget); each caller also has"
+        " RELAY_DAILY_TOKEN_BUDGET.",
+    )
     policy: Policy = field(default_factory=Policy, metadata={"toml_only": True})
     prices: PriceTable = field(default_factory=PriceTable, metadata={"toml_only": True})
     session: Mapping[str, Any] = field(
@@ -719,6 +769,18 @@ def _validate(config: RelayConfig) -> None:
         raise ConfigError(
             "RELAY_JWT_PUBLIC_KEY must hold a PEM public key (-----BEGIN PUBLIC KEY-----…);"
             " to read it from a file use RELAY_JWT_PUBLIC_KEY=\"$(cat key.pem)\""
+        )
+    if config.twilio_dtmf not in ("off", "text"):
+        raise ConfigError(f"RELAY_TWILIO_DTMF must be 'off' or 'text', got {config.twilio_dtmf!r}")
+    if config.twilio_max_calls < 0 or config.twilio_daily_token_budget < 0:
+        raise ConfigError("RELAY_TWILIO_MAX_CALLS and RELAY_TWILIO_DAILY_TOKEN_BUDGET must be >= 0")
+    public = urlsplit(config.public_url)
+    if config.public_url and (
+        public.scheme not in ("http", "https") or not public.hostname or public.query
+    ):
+        raise ConfigError(
+            "RELAY_PUBLIC_URL must be an http:// or https:// URL without a query, such as"
+            f" https://relay.example.com, got {config.public_url!r}"
         )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")

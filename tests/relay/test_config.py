@@ -38,6 +38,11 @@ def test_environment_values_are_typed() -> None:
         ({"RELAY_UPSTREAM_AUTH": "query"}, "RELAY_UPSTREAM_AUTH"),
         ({"RELAY_BINARY_FRAMES": "drop"}, "RELAY_BINARY_FRAMES"),
         ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
+        ({"RELAY_TWILIO_DTMF": "tones"}, "RELAY_TWILIO_DTMF"),
+        ({"RELAY_TWILIO_MAX_CALLS": "-1"}, "RELAY_TWILIO_MAX_CALLS"),
+        ({"RELAY_PUBLIC_URL": "relay.example.com"}, "RELAY_PUBLIC_URL"),
+        ({"RELAY_PUBLIC_URL": "wss://relay.example.com"}, "RELAY_PUBLIC_URL"),
+        ({"RELAY_PUBLIC_URL": "https://relay.example.com/?a=1"}, "RELAY_PUBLIC_URL"),
     ],
 )
 def test_a_bad_setting_stops_start_up_and_names_itself(env: dict, named: str) -> None:
@@ -79,3 +84,13 @@ def test_the_key_never_shows_in_the_config_repr() -> None:
     assert "sk-very-secret" not in repr(config)
     # OTEL_EXPORTER_OTLP_ENDPOINT is OpenTelemetry's own name for where traces go.
     assert all(s.env.startswith(("RELAY_", "OPENAI_", "OTEL_")) for s in SETTINGS)
+
+
+def test_the_twilio_auth_token_is_a_secret_read_from_the_environment_only(tmp_path: Path) -> None:
+    config = load_config({"RELAY_TWILIO_AUTH_TOKEN": "tw-secret-0123"})
+    assert "tw-secret-0123" not in repr(config)
+    assert "tw-secret-0123" in config.secrets  # so the log redacts it
+    path = tmp_path / "relay.toml"
+    path.write_text('twilio_auth_token = "tw-secret-0123"\n')
+    with pytest.raises(ConfigError, match="RELAY_TWILIO_AUTH_TOKEN"):
+        load_config({"RELAY_CONFIG": str(path)})

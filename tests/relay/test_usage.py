@@ -284,6 +284,32 @@ async def test_releasing_a_slot_not_held_is_harmless(store_url: str) -> None:
             assert await store.acquire_slot("alice", "s2", limit=1, lease_seconds=60)
 
 
+async def test_a_key_is_claimed_once_across_instances(store_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(store_url) as a, opened(store_url) as b:
+            wins: list[bool] = []
+
+            async def claim(store: UsageStore) -> None:
+                wins.append(await store.claim_once("token-1", ttl_seconds=60))
+
+            async with trio.open_nursery() as nursery:
+                for store in (a, b, a, b):
+                    nursery.start_soon(claim, store)
+            assert sorted(wins) == [False, False, False, True]
+            assert await b.claim_once("token-2", ttl_seconds=60)  # another key is its own
+
+
+async def test_a_claim_lapses_with_its_ttl() -> None:
+    clock = FakeClock()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened("sqlite:///:memory:", clock) as store:
+            assert await store.claim_once("token", ttl_seconds=60)
+            clock.advance(59.9)
+            assert not await store.claim_once("token", ttl_seconds=60)
+            clock.advance(0.1)
+            assert await store.claim_once("token", ttl_seconds=60)
+
+
 async def test_slot_arguments_are_checked(store_url: str) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with opened(store_url) as store:

@@ -71,6 +71,27 @@ class WavFormat:
 
 
 
+def mulaw_bytes(samples: Sequence[int]) -> bytes:
+    """PCM16 samples as G.711 μ-law (a phone's audio, once resampled to 8 kHz): each sample
+    becomes the code whose ITU-T G.711 level is nearest to it."""
+    return bytes(_MULAW_OF[(s + 32768) >> 2] for s in samples)
+
+
+def _mulaw_codes() -> list[int]:
+    """μ-law code per PCM16 level, in steps of 4 (the finest μ-law step is 8)."""
+    levels = sorted((value, code) for code, value in enumerate(MULAW_TO_PCM16))
+    table, at = [], 0
+    for index in range(16384):
+        level = index * 4 - 32768 + 2
+        while at + 1 < len(levels) and abs(levels[at + 1][0] - level) <= abs(levels[at][0] - level):
+            at += 1
+        table.append(levels[at][1])
+    return table
+
+
+_MULAW_OF = _mulaw_codes()
+
+
 def read_wav(path: str | Path) -> tuple[list[int], WavFormat]:
     """Read a WAV file as mono PCM16 samples at the file's own rate.
 

@@ -2,11 +2,11 @@
 and the app's own (lifespan, drain).
 
 Routes: WebSocket ``/voice`` and ``/v1/realtime`` (the OpenAI path, so SDKs pointed at the
-relay work), with ``?model=`` checked against the allow-list; plain HTTP goes to
-:mod:`relay.server.http`. A WebSocket is admitted in steps: the worker's own state
-(draining, overloaded, full), the client's identity (:mod:`relay.usage.auth`), the session's
-request (:mod:`relay.server.admission`), the user's limits (:mod:`relay.usage.accounting`);
-then its :class:`~relay.server.pair.Pair` runs to its end.
+relay work), with ``?model=`` checked against the allow-list, and ``/twilio`` for phone calls
+(:mod:`relay.server.phone`); plain HTTP goes to :mod:`relay.server.http`. A WebSocket is
+admitted in steps: the worker's own state (draining, overloaded, full), the client's identity
+(:mod:`relay.usage.auth`), the session's request (:mod:`relay.server.admission`), the user's
+limits (:mod:`relay.usage.accounting`); then its :class:`~relay.server.pair.Pair` runs to its end.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -42,7 +43,8 @@ from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
-from .pair import Pair
+from .pair import ClientSide, Pair
+from .phone import TWILIO_PATH, PhoneLine
 from .sideband import Calls
 
 if TYPE_CHECKING:
@@ -60,7 +62,9 @@ class RelayApp:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.websocket_paths = WEBSOCKET_PATHS
+        #: Phone calls through Twilio (POST /twilio/voice and /twilio), when configured.
+        self.phone = PhoneLine(self) if config.twilio_auth_token else None
+        self.websocket_paths = WEBSOCKET_PATHS | ({TWILIO_PATH} if self.phone else set())
         self.dialer = UpstreamDialer(config)
         self.limits = Limits(
             queue_messages=config.queue_messages,
@@ -164,7 +168,10 @@ class RelayApp:
             return
         self._handshakes += 1
         try:
-            await self._admitted(scope, receive, send)
+            if path == TWILIO_PATH:
+                await self.phone.admitted(scope, receive, send)  # type: ignore[union-attr]
+            else:
+                await self._admitted(scope, receive, send)
         finally:
             self._handshakes -= 1
 
@@ -203,7 +210,6 @@ class RelayApp:
             log.error("usage store unavailable at admission: %r", exc)
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
-        started = trio.current_time()
         model = query_param(scope, "model") or self.config.model
         bridge = Bridge(
             session_update=self.session_update,
@@ -212,16 +218,8 @@ class RelayApp:
             binary_as_audio=self.config.binary_frames == "audio",
             policy=self.config.policy.for_session(model, identity.model),
         )
-        try:
-            if accounting.holds_leases:
-                async with trio.open_nursery() as lease:
-                    lease.start_soon(accounting.keep_lease, identity, session_id)
-                    await self._session(send, receive, offered, identity, session_id, bridge, model)
-                    lease.cancel_scope.cancel()
-            else:  # no nursery: every idle session's memory counts
-                await self._session(send, receive, offered, identity, session_id, bridge, model)
-        finally:
-            await accounting.finish(identity, session_id, bridge.traffic, trio.current_time() - started)
+        async with accounting.held(identity, session_id, bridge.traffic):
+            await self._session(send, receive, offered, identity, session_id, bridge, model)
 
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
         self.metrics.refused(status)
@@ -239,35 +237,67 @@ class RelayApp:
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
-        taken = await takeover.take_over(send, subprotocol)
-        client: AsgiClient | SocketClient
-        if taken is None:
-            client = await accept(send, receive, offered, self.config.send_timeout)
-            release = None
-        else:
-            stream, release = taken
-            ws = WebSocket(
-                stream,
-                client=False,
-                max_message_bytes=client_frame_limit(self.config.max_message_bytes),
-                subprotocol=subprotocol,
-            )
-            ws.send_timeout = self.config.send_timeout
-            client = SocketClient(ws)
+        client, release = await self.open_client(send, receive, subprotocol)
         call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
-        pair = Pair(
+        pair = self.new_pair(
             client,
             bridge,
-            self.dialer.target(model),
+            call,
+            max_seconds=admission.tightest(
+                self.config.max_session_seconds, identity.max_session_seconds
+            ),
+        )
+        try:
+            await self.run_pair(pair, call)
+        finally:
+            if release is not None:
+                release()  # Hypercorn closes the connection
+
+    async def open_client(
+        self, send: Send, receive: Receive, subprotocol: str | None
+    ) -> tuple[AsgiClient | SocketClient, Callable[[], None] | None]:
+        """Accept a WebSocket: take its socket from Hypercorn where it can (then the release,
+        which gives the connection back for Hypercorn to close), else over ASGI (and None)."""
+        taken = await takeover.take_over(send, subprotocol)
+        if taken is None:
+            offered = (subprotocol,) if subprotocol else ()
+            return await accept(send, receive, offered, self.config.send_timeout), None
+        stream, release = taken
+        ws = WebSocket(
+            stream,
+            client=False,
+            max_message_bytes=client_frame_limit(self.config.max_message_bytes),
+            subprotocol=subprotocol,
+        )
+        ws.send_timeout = self.config.send_timeout
+        return SocketClient(ws), release
+
+    def new_pair(
+        self,
+        client: ClientSide,
+        bridge: Bridge,
+        call: Call,
+        *,
+        max_seconds: float,
+        lead: float | None = None,
+        on_responses_done: Callable[[list[dict[str, object]]], Awaitable[str | None]] | None = None,
+    ) -> Pair:
+        """The pair of an admitted session (``call``) that may last ``max_seconds``, warned
+        ``lead`` seconds before (RELAY_LIMIT_WARNING_SECONDS unless said); its finished
+        responses go to ``on_responses_done``, the call's own unless said."""
+        return Pair(
+            client,
+            bridge,
+            self.dialer.target(call.model),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
-            on_responses_done=call.responses_done,
+            on_responses_done=on_responses_done or call.responses_done,
             deadlines=Deadlines(
                 trio.current_time(),
-                max_seconds=admission.tightest(self.config.max_session_seconds, identity.max_session_seconds),
+                max_seconds=max_seconds,
                 idle_seconds=self.config.idle_timeout,
-                lead=self.config.limit_warning_seconds,
+                lead=self.config.limit_warning_seconds if lead is None else lead,
             ),
             ping_interval=self.config.ping_interval,
             peer_timeout=self.config.peer_timeout,
@@ -277,6 +307,12 @@ class RelayApp:
             tap=call.log,
             tap_client=call.records_client,
         )
+
+    async def run_pair(self, pair: Pair, call: Call) -> None:
+        """Run a pair to its end as one of this relay's sessions: counted (drain, shedding,
+        metrics), logged, and its call ended (record, trace)."""
+        bridge, client = pair.bridge, pair.client
+        identity, session_id, model = call.identity, call.session_id, call.model
         self.pairs[pair] = None
         if self._no_pairs.is_set():
             self._no_pairs = trio.Event()
@@ -291,10 +327,8 @@ class RelayApp:
         try:
             ending = await pair.run()
             if ending.client_code is not None:
-                await client.wait_closed(self.config.close_timeout)
+                await client.wait_closed(self.config.close_timeout)  # type: ignore[attr-defined]
         finally:
-            if release is not None:
-                release()  # Hypercorn closes the connection
             self.pairs.pop(pair, None)
             if not self.pairs:
                 self._no_pairs.set()

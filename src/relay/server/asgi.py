@@ -28,6 +28,18 @@ def query_param(scope: Scope, name: str) -> str | None:
     return values[0] if values else None
 
 
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """A request's whole body, or None once it is over ``limit`` bytes (answer 413 then)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return None
+        if not message.get("more_body"):
+            return body
+
+
 def json_response_start(status: int, body: bytes) -> dict[str, Any]:
     return {
         "status": status,

@@ -23,6 +23,7 @@ from ..core.bridge import Ending
 from ..core.calllog import CallLog, Turn
 from ..core.pricing import Tokens, dollars, tokens_of
 from ..ops.records import Record, summary_tokens
+from ..usage.accounting import Accounting
 from ..usage.auth import Identity
 from ..usage.store import usage_of
 
@@ -42,10 +43,19 @@ class Call:
     """One session's cost, record and trace (see the module docstring)."""
 
     def __init__(
-        self, app: RelayApp, identity: Identity, session_id: str, model: str, *, traced: bool = True
+        self,
+        app: RelayApp,
+        identity: Identity,
+        session_id: str,
+        model: str,
+        *,
+        traced: bool = True,
+        session: dict[str, Any] | None = None,
     ) -> None:
         """``traced=False``: priced and accounted only, with no record or trace (a WebRTC or
-        SIP call, of which the relay sees the events of its sideband only)."""
+        SIP call, of which the relay sees the events of its sideband only). ``session`` is the
+        one the relay asks for, if not its configured one (a Twilio call's, with μ-law audio):
+        the record decodes audio by it until the upstream says."""
         self._app = app
         self.identity = identity
         self.session_id = session_id
@@ -55,6 +65,8 @@ class Call:
         self.dial_seconds: float | None = None
         self.cost = 0
         self.priced = model in app.config.prices
+        #: Who else the call's usage counts against, with their own limits (a phone call's line).
+        self.also_accounted: list[tuple[Accounting, Identity]] = []
         recorder, tracer = (app.recorder, app.tracer) if traced else (None, None)
         self.log: CallLog | None = None
         self._spools = None
@@ -63,7 +75,7 @@ class Call:
             self.log = CallLog(
                 trio.lowlevel.current_clock().current_time,
                 secret=app.config.openai_api_key,
-                session=app.config.session_object(),
+                session=session or app.config.session_object(),
                 spools=self._spools,
             )
         self._span: Span | None = None
@@ -105,9 +117,11 @@ class Call:
                 self._app.tracer.turns(self._span, turns, self._to_ns, self.model)
         accounting = self._app.accounting
         assert accounting is not None
-        return await accounting.record_responses(
-            self.identity, [usage_of(tokens, c or 0) for tokens, c in priced]
-        )
+        usage = [usage_of(tokens, c or 0) for tokens, c in priced]
+        used_up = await accounting.record_responses(self.identity, usage)
+        for other, identity in self.also_accounted:
+            used_up = await other.record_responses(identity, usage) or used_up
+        return used_up
 
     def ended(self, ending: Ending | None, *, pumped: bool, responses: int) -> None:
         """The session is over: end its span, hand its record over (neither waits)."""

@@ -2,8 +2,9 @@
 
 Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
-it would use a real one. The demo takes anyone without a token, so it listens on
-loopback only unless told otherwise (``--allow-anonymous``).
+it would use a real one. Its Twilio routes are on, with a built-in auth token that
+``relay call`` knows, so a phone call needs no Twilio account. The demo takes anyone without
+a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``).
 
 With ``tls`` (``relay demo --tls``) the relay serves ``wss://`` and ``https://`` with a
 certificate from a CA made for this run (:mod:`relay.server.localca`), for clients that only
@@ -23,7 +24,7 @@ import trio
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
-from ..config import ConfigError, RelayConfig, load_config
+from ..config import DEMO_TWILIO_AUTH_TOKEN, ConfigError, RelayConfig, load_config
 from .localca import LocalTLS, temporary_local_tls
 from .serve import serve
 
@@ -34,6 +35,11 @@ class Demo:
     mock: MockServer
     config: RelayConfig
     ca_file: Path | None = None  # with TLS: the CA certificate clients must trust
+
+    @property
+    def http_url(self) -> str:
+        """http(s)://HOST:PORT: the webhook of phone calls is at /twilio/voice."""
+        return "http" + self.relay_url.removeprefix("ws")
 
 
 def is_loopback(host: str) -> bool:
@@ -84,6 +90,8 @@ async def run_demo(
                     "port": port,
                     "allow_anonymous": True,  # loopback only (or as told), for trying it out
                     "store": "sqlite:///:memory:",
+                    # Phone calls with `relay call`, which knows this token (no Twilio account).
+                    "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN,
                     "tls_cert": str(local_tls.cert_file) if local_tls else "",
                     "tls_key": str(local_tls.key_file) if local_tls else "",
                 },

@@ -4,6 +4,7 @@ usage table and the demo page's files.
 * ``GET /healthz`` (alive), ``GET /readyz`` (taking sessions; ``?upstream=1`` also checks
   the upstream is reachable), ``GET /metrics`` (Prometheus);
 * ``POST /v1/realtime/client_secrets`` mints a short-lived client key;
+* ``POST /twilio/voice`` answers Twilio's voice webhook (:mod:`relay.server.phone`), when on;
 * ``POST /v1/realtime/calls`` creates a WebRTC call (:mod:`relay.server.calls`), and
   ``POST /webhooks/openai`` takes SIP calls (:mod:`relay.server.sip`);
 * ``GET /admin/usage`` is the usage table, for the admin token only;
@@ -24,8 +25,9 @@ from ..usage.accounting import usage_json
 from ..usage.auth import Refusal
 from ..usage.mint import MAX_BODY_BYTES as MAX_MINT_BODY
 from ..wire.upstream import probe
-from .asgi import Receive, Scope, Send, header, query_param, respond
+from .asgi import Receive, Scope, Send, header, query_param, read_body, respond
 from .calls import CALLS_PATH, handle_calls
+from .phone import TWILIO_WEBHOOK_PATH
 from .sip import WEBHOOK_PATH, handle_webhook
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ async def handle_http(app: RelayApp, scope: Scope, receive: Receive, send: Send)
         await handle_calls(app, scope, receive, send)
     elif path == WEBHOOK_PATH:
         await handle_webhook(app, scope, receive, send)
+    elif path == TWILIO_WEBHOOK_PATH and app.phone is not None:
+        await app.phone.webhook(scope, receive, send)
     elif path == "/admin/usage":
         await _admin_usage(app, scope, send)
     elif path == "/" or path.startswith("/static/"):
@@ -87,15 +91,10 @@ async def _mint(app: RelayApp, scope: Scope, receive: Receive, send: Send) -> No
     except Refusal as refused:
         await respond(send, refused.status, {"error": {"code": refused.code, "message": refused.message}})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > MAX_MINT_BODY:
-            await respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
-            return
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive, MAX_MINT_BODY)
+    if body is None:
+        await respond(send, 413, {"error": {"code": "too_large", "message": "body over 64 KiB"}})
+        return
     status, answer = await app.minter.mint(identity, body, app.accounting)
     log.info("client key minted for %s: HTTP %d", identity.user, status)
     await respond(send, status, answer)

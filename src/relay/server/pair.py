@@ -203,6 +203,26 @@ class Pair:
         except trio.TooSlowError:
             await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
+    async def send_upstream(self, data: str) -> None:
+        """Send the upstream an event of the relay's own (a phone call's truncate at a barge-in,
+        its goodbye), bounded like any other send. It is the relay's, not the client's, so the
+        policy does not screen it; before the upstream opens there is nothing to send it to."""
+        upstream = self._upstream
+        if upstream is None:
+            return
+        if self._step_client == self._client_step_tapped:  # a record keeps the cut
+            self._tap.client_event(data)  # type: ignore[union-attr]
+        try:
+            await upstream.send_message(data)
+        except ConnectionClosed:
+            pass  # the upstream task reads the close and ends the pair
+        except trio.TooSlowError:
+            await self._finish(self.bridge.upstream_too_slow(self._send_timeout))
+
+    async def end(self, ending: Ending | None) -> None:
+        """End the pair as the client side decided (a phone call whose goodbye has played)."""
+        await self._finish(ending)
+
     def _client_step(self, data: Message) -> Message | Reply | Ending | None:
         """One client message through the bridge (the task's and the pump's step)."""
         self.last_activity = self._clock.current_time()

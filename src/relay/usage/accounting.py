@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 
 import trio
@@ -157,6 +157,24 @@ class Accounting:
                     interval,
                     extra={"fields": {"session": session_id, "user": identity.user}},
                 )
+
+    @asynccontextmanager
+    async def held(
+        self, identity: Identity, session_id: str, traffic: Traffic
+    ) -> AsyncIterator[None]:
+        """While the session runs (the body), renew its lease; then record it (:meth:`finish`).
+        A session admitted here is held so, whatever ends it."""
+        started = trio.current_time()
+        try:
+            if self.holds_leases:
+                async with trio.open_nursery() as lease:
+                    lease.start_soon(self.keep_lease, identity, session_id)
+                    yield
+                    lease.cancel_scope.cancel()
+            else:  # no nursery: every idle session's memory counts
+                yield
+        finally:
+            await self.finish(identity, session_id, traffic, trio.current_time() - started)
 
     async def record_responses(self, identity: Identity, responses: list[UsageDelta]) -> str | None:
         """Add the tokens and cost of finished responses; which budget of the user's is now used

@@ -8,6 +8,7 @@ from typing import Any, Final
 
 import coredis
 import coredis.exceptions
+from coredis.tokens import PureToken
 import trio
 
 from .store import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRow, check_slot_args
@@ -78,8 +79,9 @@ class RedisUsageStore:
     """The shared store: Redis through coredis, every write one Lua script (atomic server-side).
 
     Keys: ``relay:usage:DAY:USER`` (a hash of counters), ``relay:usage-users:DAY``
-    (the users with counters that day), ``relay:usage-days`` (the days), and
-    ``relay:slots:USER`` (a sorted set of session ids scored by lease expiry).
+    (the users with counters that day), ``relay:usage-days`` (the days),
+    ``relay:slots:USER`` (a sorted set of session ids scored by lease expiry), and
+    ``relay:claims:KEY`` (a single-use token's claim, expiring with the token).
     Day keys expire ``REDIS_DAY_TTL_SECONDS`` after their last update, a lease set
     some time after its longest lease.
 
@@ -204,6 +206,17 @@ class RedisUsageStore:
     async def release_slot(self, user: str, session_id: str) -> None:
         self._check_open()
         await self._client.zrem(self._slots_key(user), [session_id])
+
+    async def claim_once(self, key: str, *, ttl_seconds: float) -> bool:
+        check_slot_args(None, ttl_seconds)
+        self._check_open()
+        claimed = await self._client.set(
+            f"{REDIS_PREFIX}claims:{key}",
+            "1",
+            px=math.ceil(ttl_seconds * 1000),
+            condition=PureToken.NX,
+        )
+        return bool(claimed)
 
     async def aclose(self) -> None:
         await self._host.stop()

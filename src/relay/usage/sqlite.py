@@ -32,6 +32,10 @@ CREATE TABLE IF NOT EXISTS slots (
     expires REAL NOT NULL,
     PRIMARY KEY (user, session_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 _SQLITE_ADD: Final = (
@@ -151,6 +155,26 @@ class SqliteUsageStore:
                 "DELETE FROM slots WHERE user = ? AND session_id = ?", (user, session_id)
             )
         )
+
+    async def claim_once(self, key: str, *, ttl_seconds: float) -> bool:
+        check_slot_args(None, ttl_seconds)
+        now = self._clock()
+
+        def claim(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM claims WHERE expires <= ?", (now,))
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO claims (key, expires) VALUES (?, ?)",
+                    (key, now + ttl_seconds),
+                ).rowcount
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return inserted == 1
+
+        return bool(await self._run(claim))
 
     async def aclose(self) -> None:
         if self._closed:

@@ -1,7 +1,8 @@
 """The usage and limits store: per-user daily counters and concurrency-slot leases.
 
 Every relay instance that shares a store (one SQLite file, or one Redis) sees the
-same counters and the same leases, so a per-user cap holds across instances. Two
+same counters and the same leases, so a per-user cap holds across instances (and the same
+claims, so a single-use token is used once whichever instance it reaches). Two
 backends implement :class:`UsageStore`:
 
 - SQLite (``sqlite:///PATH``, :mod:`relay.usage.sqlite`): the stdlib driver in a worker thread, one
@@ -134,6 +135,11 @@ class UsageStore(Protocol):
 
     async def release_slot(self, user: str, session_id: str) -> None:
         """Give the slot back (nothing happens if it is not held)."""
+        ...
+
+    async def claim_once(self, key: str, *, ttl_seconds: float) -> bool:
+        """True the first time ``key`` is claimed (for ``ttl_seconds``), False while a claim
+        on it lives: a single-use token is used once across every instance on the store."""
         ...
 
     async def aclose(self) -> None:
