@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"relay serve --workers (default: the core count, {procs.WORKERS})",
     )
     parser.add_argument(
+        "--pump",
+        choices=("auto", "on", "off"),
+        default=procs.PUMP,
+        help="the relay's RELAY_PUMP (default auto: the pump, where it proves it works); off"
+        " relays every session through its own tasks, for figures beside the pump's",
+    )
+    parser.add_argument(
         "--upstream-tls",
         action="store_true",
         help="the echo serves wss:// (test CA): the relay dials it over TLS, as it does the"
@@ -58,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show(line: str) -> None:
+    """A scenario's line of figures, naming the relay's RELAY_PUMP where it is not the default."""
+    print(line if procs.PUMP == "auto" else f"{line} pump={procs.PUMP}", flush=True)
+
+
 async def run(args: argparse.Namespace) -> None:
     echo = procs.start_echo()
     relay: procs.Server | None = None
     try:
         if args.scenario == "coldstart":
-            print(await scenarios.coldstart(echo, args.runs), flush=True)
+            show(await scenarios.coldstart(echo, args.runs))
             return
 
         async def fresh_relay() -> procs.Server:
@@ -74,35 +86,33 @@ async def run(args: argparse.Namespace) -> None:
             return relay
 
         if args.scenario == "latency":
-            print(await scenarios.latency(await fresh_relay(), echo, args.count), flush=True)
+            show(await scenarios.latency(await fresh_relay(), echo, args.count))
         elif args.scenario == "stream" and args.direct:
-            print(await scenarios.stream_direct(echo, args.n, args.seconds), flush=True)
+            show(await scenarios.stream_direct(echo, args.n, args.seconds))
         elif args.scenario == "stream":
-            print(
-                await scenarios.stream(await fresh_relay(), echo, args.n, args.seconds), flush=True
-            )
+            show(await scenarios.stream(await fresh_relay(), echo, args.n, args.seconds))
         elif args.scenario == "capacity":
-            print(await scenarios.capacity(await fresh_relay(), echo), flush=True)
+            show(await scenarios.capacity(await fresh_relay(), echo))
         elif args.scenario == "overload":
             r = await fresh_relay()
             n = args.n
             if not n:
                 n = 2 * (await scenarios.capacity_figures(r, echo, runs=0, search_budget=90.0))[0]
                 r = await fresh_relay()
-            print(await scenarios.overload(r, echo, n, args.seconds), flush=True)
+            show(await scenarios.overload(r, echo, n, args.seconds))
         elif args.scenario == "idle":
-            print(await scenarios.idle(await fresh_relay(), echo, args.n), flush=True)
+            show(await scenarios.idle(await fresh_relay(), echo, args.n))
         elif args.scenario == "all":
-            print(await scenarios.latency(await fresh_relay(), echo), flush=True)
-            print(await scenarios.idle(await fresh_relay(), echo), flush=True)
+            show(await scenarios.latency(await fresh_relay(), echo))
+            show(await scenarios.idle(await fresh_relay(), echo))
             r = await fresh_relay()
             cap, line = await scenarios.capacity_figures(r, echo)
-            print(line, flush=True)
-            print(await scenarios.stream(await fresh_relay(), echo, max(1, cap)), flush=True)
-            print(await scenarios.overload(await fresh_relay(), echo, 2 * max(1, cap)), flush=True)
+            show(line)
+            show(await scenarios.stream(await fresh_relay(), echo, max(1, cap)))
+            show(await scenarios.overload(await fresh_relay(), echo, 2 * max(1, cap)))
             if relay is not None:
                 relay.stop()
-            print(await scenarios.coldstart(echo), flush=True)
+            show(await scenarios.coldstart(echo))
     finally:
         if relay is not None:
             relay.stop()
@@ -114,6 +124,7 @@ def main() -> int:
     if args.relay_src:
         procs.RELAY_SRC = os.path.abspath(args.relay_src)
     procs.WORKERS = args.workers
+    procs.PUMP = args.pump
     procs.UPSTREAM_TLS = args.upstream_tls
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

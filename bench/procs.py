@@ -156,6 +156,9 @@ def relay_command(port: int) -> list[str]:
     ]
 
 
+#: The relay's RELAY_PUMP (``--pump``).
+PUMP = "auto"
+
 RELAY_SRC: str | None = None
 """A directory holding another ``relay`` package to benchmark (e.g. a ``git archive`` of
 an older commit's ``src``); None benchmarks the installed one."""
@@ -176,6 +179,7 @@ def relay_env(upstream_port: int, workdir: str, ca: str | None = None) -> dict[s
         RELAY_UPSTREAM_URL=f"{'wss' if ca else 'ws'}://{HOST}:{upstream_port}/v1/realtime",
         RELAY_STORE=f"sqlite:///{workdir}/usage.db",
         OPENAI_API_KEY=API_KEY,
+        RELAY_PUMP=PUMP,
     )
     return env
 
@@ -223,6 +227,9 @@ async def wait_ready(server: Server, within: float = 30.0) -> None:
             tail = server.log.read_text()[-2000:]
             raise RuntimeError(f"the relay's workers did not all start:\n{tail}")
         await asyncio.sleep(0.01)
+    if PUMP != "off" and b"the pump is off" in server.log.read_bytes():
+        print("bench: the relay runs without its pump (see its log): figures are pump=off's",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 async def start_relay(echo: Server) -> Server:

@@ -260,9 +260,12 @@ def _start_failure(exc: BaseException) -> int | None:
     if isinstance(exc, ConfigError):
         status = 2
     else:
+        from hypercorn.utils import LifespanFailureError
+
         from .server.serve import CannotStart
 
-        if not isinstance(exc, CannotStart):
+        # (LifespanFailureError: the app's start-up failed, e.g. its store, or RELAY_PUMP=on)
+        if not isinstance(exc, CannotStart | LifespanFailureError):
             return None
         status = 1
     print(f"relay: {exc}", file=sys.stderr)
@@ -271,6 +274,9 @@ def _start_failure(exc: BaseException) -> int | None:
 
 def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     if args.command == "serve":
+        from .server.signals import catch_early, ignore
+
+        catch_early()  # a stop signal from here on drains and exits 0
         config = _config_from(args, environ)
         configure_logging(config.log_format, config.log_level, secrets=config.secrets)
         if not config.openai_api_key:
@@ -288,6 +294,7 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         app = create_app(config)  # (it checks the client auth settings first)
         _check_upstream(config)
         trio.run(_serve, config, app)
+        ignore()
     elif args.command == "usage":
         overrides = {"store": args.store} if args.store else {}
         config = load_config(environ, overrides)
@@ -313,11 +320,14 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         print(f"RELAY_SIP_CALLERS entry: {args.user}:{caller_digest(key, args.number)}")
     elif args.command == "demo":
         from .server.demo import check_demo_host
+        from .server.signals import catch_early, ignore
 
+        catch_early()
         check_demo_host(args.host, args.allow_anonymous)
         # Hypercorn's "Running on http://…" would come before the page's URL and say it again.
         logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
         trio.run(_demo, args.host, args.port, args.allow_anonymous, args.tls)
+        ignore()
     elif args.command == "talk":
         from .clients.talk import run as run_talk
 

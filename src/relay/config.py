@@ -302,8 +302,9 @@ class RelayConfig:
     shed_cpu: float = _setting(
         0.97,
         "RELAY_SHED_CPU",
-        "Core share above which, after 1 s, the newest tenth of the sessions is closed 1013"
-        " `relay_overloaded`, again every second until the load recovers (0: never).",
+        "Core share above which, after 1 s, the tenth of the sessions that cost the most (bytes"
+        " and messages a second) is closed 1013 `relay_overloaded`, again every second until the"
+        " load recovers (0: never).",
     )
     shed_lag: float = _setting(
         0.5, "RELAY_SHED_LAG", "Loop lag (seconds) that sheds sessions the same way (0: never)."
@@ -326,6 +327,21 @@ class RelayConfig:
         "At most how long (seconds) an idle worker polls its sockets before it sleeps; it learns"
         " how long pays off (0: sleep at once). Cuts the latency a relay adds where waking a"
         " sleeping process is slow (VMs); the time polled is not counted as load.",
+    )
+    pump: str = _setting(
+        "auto",
+        "RELAY_PUMP",
+        "How sessions over plain sockets are relayed: `auto` (by the pump, where it proves at"
+        " start-up that it works in this Trio; else by each session's own tasks, with a"
+        " warning), `on` (the pump, or start-up fails) or `off` (the sessions' own tasks)."
+        " `relay_pump_active` in /metrics says which runs.",
+    )
+    client_max_rate: int = _setting(
+        700_000,
+        "RELAY_CLIENT_MAX_RATE",
+        "Bytes a second one client may send, after a burst of 10 s of it; over it, an `error`"
+        " event `relay_rate_limited` and close 4009 (0: no limit). The default is about ten"
+        " times real-time audio (24 kHz PCM16 as base64 JSON: 66 kB/s).",
     )
     drain_seconds: float = _setting(
         10.0,
@@ -669,7 +685,7 @@ def _validate(config: RelayConfig) -> None:
     for name in (
         "keep_alive_timeout", "ping_interval", "peer_timeout", "drain_seconds",
         "max_sessions", "overload_cpu", "overload_lag", "shed_cpu", "shed_lag",
-        "overload_behind", "shed_behind", "busy_poll",
+        "overload_behind", "shed_behind", "busy_poll", "client_max_rate",
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_FIELDS[name].metadata['env']} must be >= 0")
@@ -702,6 +718,8 @@ def _validate(config: RelayConfig) -> None:
         raise ConfigError(
             f"RELAY_BROWSER_REFUSALS must be 'http' or 'close', got {config.browser_refusals!r}"
         )
+    if config.pump not in ("auto", "on", "off"):
+        raise ConfigError(f"RELAY_PUMP must be auto, on or off, got {config.pump!r}")
     if config.binary_frames not in ("audio", "reject"):
         raise ConfigError(
             f"RELAY_BINARY_FRAMES must be 'audio' or 'reject', got {config.binary_frames!r}"

@@ -172,7 +172,7 @@ def relay_serve(directory: Path, *, tls: bool = False, auth: str = "key") -> Ite
     async def start(
         stop: Callable[[], Awaitable[None]], task_status: trio.TaskStatus[Target]
     ) -> None:
-        with temporary_local_tls() if tls else nullcontext() as local_tls:
+        async with temporary_local_tls() if tls else nullcontext() as local_tls:
             async with trio.open_nursery() as nursery:
                 mock = await nursery.start(
                     serve_mock_realtime, MockConfig(api_keys=frozenset({upstream_key}))

@@ -7,6 +7,7 @@ how it closes). Tests that need the protocol itself use mockrealtime.
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -100,6 +101,12 @@ class RunningRelay:
     app: RelayApp
 
 
+def pump_from_environment() -> dict[str, str]:
+    """RELAY_PUMP of the test run, if set: CI runs the loopback and end-to-end tests once more
+    with RELAY_PUMP=off, so that the path without the pump is tested as well."""
+    return {name: value for name, value in os.environ.items() if name == "RELAY_PUMP"}
+
+
 @asynccontextmanager
 async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
     """A relay under Hypercorn on a loopback port."""
@@ -118,13 +125,14 @@ async def running_relay(**settings: object) -> AsyncIterator[RunningRelay]:
         "shed_lag": 0.0,
     }
     values.update(settings)
-    config: RelayConfig = load_config({}, values)
+    config: RelayConfig = load_config(pump_from_environment(), values)
     app = create_app(config)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             partial(serve, config, shutdown_trigger=stop.wait, app=app)
         )
+        assert config.pump != "off" or app.pump is None  # (the CI run without the pump)
         yield RunningRelay(binds[0].replace("http", "ws", 1), binds[0], app)
         stop.set()
 

@@ -1,4 +1,5 @@
-"""Load shedding: an event loop that falls behind refuses new sessions, then closes the newest."""
+"""Load shedding: an event loop that falls behind refuses new sessions, then closes the sessions
+that cost the most."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import ConnectionRejected
 
-from relay.ops.overload import LoadGuard, Thresholds, newest_to_shed
+from relay.core.bridge import Traffic
+from relay.ops.overload import (
+    MESSAGE_COST_BYTES,
+    Costs,
+    LoadGuard,
+    Thresholds,
+    costliest_to_shed,
+    traffic_cost,
+)
 
 from .harness import connect, greet, running_relay, scripted_upstream
 
@@ -44,14 +54,46 @@ def test_sustained_overload_sheds_a_tenth_of_the_sessions_every_second() -> None
     assert guard.sample(cpu=1.0, lag=0.0, now=7.0, sessions=0) == 0
 
 
-def test_shedding_picks_the_newest_sessions_not_already_closing() -> None:
+def test_shedding_picks_the_newest_of_equally_costly_sessions_not_already_closing() -> None:
     """Under overload a shed session may take seconds to finish closing; the next round
-    must close others, not pick the same ones again."""
+    must close others, not pick the same ones again. Costing the same, the newest go first
+    (as they did before costs were measured)."""
     sessions = list(range(10))  # oldest first
+
+    def same(_: int) -> float:
+        return 1.0
+
     closing = {8, 9}
-    assert newest_to_shed(sessions, 3, closing.__contains__) == [5, 6, 7]
-    assert newest_to_shed(sessions, 0, closing.__contains__) == []
-    assert newest_to_shed(sessions, 20, closing.__contains__) == list(range(8))
+    assert costliest_to_shed(sessions, 3, closing.__contains__, same) == [7, 6, 5]
+    assert costliest_to_shed(sessions, 0, closing.__contains__, same) == []
+    assert sorted(costliest_to_shed(sessions, 20, closing.__contains__, same)) == list(range(8))
+
+
+def test_shedding_picks_the_costliest_sessions_however_old() -> None:
+    """One client flooding the relay, connected first, goes before the callers it slows down."""
+    sessions = ["flooder", "a", "b", "c", "d"]  # oldest first
+    cost = {"flooder": 350e6, "a": 66e3, "b": 70e3, "c": 66e3, "d": 0.0}.__getitem__
+    assert costliest_to_shed(sessions, 1, lambda _: False, cost) == ["flooder"]
+    assert costliest_to_shed(sessions, 2, lambda _: False, cost) == ["flooder", "b"]
+    assert costliest_to_shed(sessions, 1, {"flooder"}.__contains__, cost) == ["b"]
+
+
+def test_a_sessions_cost_is_its_bytes_and_messages_a_second_over_a_short_window() -> None:
+    assert traffic_cost(Traffic(2, 100, 3, 1000)) == 1100 + 5 * MESSAGE_COST_BYTES
+    costs: Costs[str] = Costs()
+    totals = {"steady": 0, "burst": 0}
+    for n in range(30):  # three seconds of samples, 0.1 s apart
+        totals["steady"] += 6_600  # 66 kB/s
+        totals["burst"] += 1_000_000 if n < 5 else 0  # 10 MB/s for half a second, then quiet
+        costs.sample(totals.items(), 0.1)
+        if n == 5:
+            assert costs("burst") > 10 * costs("steady")
+    assert costs("steady") == pytest.approx(66_000, rel=0.01)
+    assert costs("burst") < costs("steady") / 2  # its burst has passed out of the window
+    costs.sample([("steady", totals["steady"])], 0.1)  # one session ended
+    assert costs("burst") == 0.0 and costs("steady") > 0
+    costs.clear()
+    assert costs("steady") == 0.0
 
 
 def test_a_backlog_alone_refuses_then_sheds_though_the_cpu_looks_fine() -> None:
@@ -85,7 +127,7 @@ async def test_an_overloaded_relay_refuses_new_sessions_with_503_and_readyz_says
                     busy_until = time.perf_counter() + 0.05
                     while time.perf_counter() < busy_until:
                         pass  # CPU-bound work in the relay's process, as too much audio would be
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 with pytest.raises(ConnectionRejected) as refused:
                     async with connect(relay.url + "/voice"):
                         pass

@@ -10,20 +10,26 @@ between messages). Every wait is bounded, so a hang fails the test.
 
 from __future__ import annotations
 
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.core.bridge import Bridge, Ending, Limits, Message
+from relay.core.bridge import Bridge, Cause, Ending, Limits, Message
 from relay.server.legs import SocketClient
 from relay.server.pair import Pair
 from relay.wire import pump as pump_module
@@ -128,9 +134,9 @@ async def run_pump(pump: Pump, *, task_status: trio.TaskStatus[trio.CancelScope]
 
 @asynccontextmanager
 async def pumped_pair(
-    pump: Pump, bridge: Bridge | None = None, *, snd_buf: int = 0
+    pump: Pump | None, bridge: Bridge | None = None, *, snd_buf: int = 0, **options: object
 ) -> AsyncIterator[Running]:
-    """A pair between two raw peers, relayed by ``pump``."""
+    """A pair between two raw peers, relayed by ``pump`` (None: by the pair's own tasks)."""
     client_near, client_far = await tcp_pair(snd_buf)  # small: the client's leg fills up
     upstream_near, upstream_far = await tcp_pair()
     bridge = bridge or Bridge(
@@ -144,6 +150,7 @@ async def pumped_pair(
         dial_timeout=TIMEOUT,
         close_timeout=1.0,
         pump=pump,
+        **options,  # type: ignore[arg-type]
     )
     ending: list[Ending] = []
     client = RawPeer(client_far, client=True)
@@ -157,7 +164,7 @@ async def pumped_pair(
 
                 nursery.start_soon(run)
                 assert await upstream.next() == SESSION_UPDATE
-                yield Running(pair, client, upstream, ending, pump)
+                yield Running(pair, client, upstream, ending, pump)  # type: ignore[arg-type]
                 nursery.cancel_scope.cancel()  # the test is over: end the pair if it has not ended
     finally:
         for sock in (client_near, client_far, upstream_far):  # the app closes the client's
@@ -171,7 +178,7 @@ async def pump_running(busy_poll: float = 0.0) -> AsyncIterator[tuple[Pump, trio
     async with trio.open_nursery() as nursery:
         scope = await nursery.start(run_pump, pump)
         await trio.lowlevel.checkpoint()  # the pump has started
-        assert pump.running, "the pump could not share this Trio's I/O manager (see relay.wire.pump)"
+        assert pump.running, f"the pump cannot run with this Trio: {pump.unavailable}"
         yield pump, scope
         scope.cancel()
 
@@ -314,28 +321,105 @@ async def test_a_stopped_pump_gives_its_legs_back_and_the_session_goes_on() -> N
 
 
 class BrokenBridge(Bridge):
+    """A bridge whose step fails on one message, raising ``raising``."""
+
+    raising: BaseException = RuntimeError("a bug in a step")
+
     def client_message(self, data: Message) -> Message | None:  # type: ignore[override]
         if data == '{"type":"boom"}':
-            raise RuntimeError("a bug in a step")
+            raise self.raising
         return super().client_message(data)  # type: ignore[return-value]
 
 
-async def test_a_step_that_raises_fails_its_own_pair_not_the_pump() -> None:
+class Weird(BaseException):
+    """Neither an Exception nor one Trio or Python gives meaning to."""
+
+
+def broken_bridge(raising: BaseException) -> BrokenBridge:
+    bridge = BrokenBridge(
+        session_update=SESSION_UPDATE, limits=Limits(64, 1 << 20, MAX), secret="sk-never"
+    )
+    bridge.raising = raising
+    return bridge
+
+
+@pytest.mark.parametrize("pumped", [True, False], ids=["pump", "tasks"])
+@pytest.mark.parametrize(
+    "raising", [RuntimeError("a bug in a step"), Weird("odd")], ids=["Exception", "BaseException"]
+)
+async def test_a_step_that_raises_closes_its_own_pair_with_1011_and_the_pump_serves_on(
+    pumped: bool, raising: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behaviour changed on purpose: the error used to escape the pair (its nursery raised);
+    now the client is told (an error event, 1011), the upstream closed 1000, the bug logged,
+    and nothing else is touched."""
     async with pump_running() as (pump, _):
-        bridge = BrokenBridge(
-            session_update=SESSION_UPDATE, limits=Limits(64, 1 << 20, MAX), secret="sk-never"
-        )
-        with pytest.raises(BaseExceptionGroup) as raised:
-            async with pumped_pair(pump, bridge) as s:
-                await s.client.send('{"type":"a"}')
-                assert await s.upstream.next() == '{"type":"a"}'
-                await trio.testing.wait_all_tasks_blocked()  # the leg is parked with the pump
-                await s.client.send('{"type":"boom"}')
-                await trio.sleep_forever()
-        assert raised.group_contains(RuntimeError, match="a bug in a step")
+        async with pumped_pair(pump if pumped else None, broken_bridge(raising)) as s:
+            await s.client.send('{"type":"a"}')
+            assert await s.upstream.next() == '{"type":"a"}'
+            await trio.testing.wait_all_tasks_blocked()  # (pumped: the leg is parked with it)
+            await s.client.send('{"type":"boom"}')
+            error = await s.client.next()
+            assert isinstance(error, str) and '"code":"relay_internal_error"' in error
+            assert await s.client.next() == Close(1011, "relay internal error")
+            closed = await s.upstream.next()
+            assert isinstance(closed, Close) and closed.code == 1000
+            while not s.ending:
+                await trio.testing.wait_all_tasks_blocked()
+            assert s.ending[0].cause is Cause.INTERNAL_ERROR
+        assert "a bug ended a session" in caplog.text
         async with pumped_pair(pump) as other:  # the pump task is still alive and serving
             await other.client.send('{"type":"x"}')
             assert await other.upstream.next() == '{"type":"x"}'
+            await trio.testing.wait_all_tasks_blocked()
+            assert pump.watching == 2
+
+
+@pytest.mark.parametrize("pumped", [True, False], ids=["pump", "tasks"])
+async def test_a_keyboard_interrupt_in_a_step_is_raised_in_its_task_not_in_trios_loop(
+    pumped: bool,
+) -> None:
+    """KeyboardInterrupt must end the run, as Trio delivers it: in a task, up through the
+    nurseries. Raised out of the pump's get_events it would be a TrioInternalError instead."""
+    async with pump_running() as (pump, _):
+        with pytest.raises(BaseExceptionGroup) as raised:
+            bridge = broken_bridge(KeyboardInterrupt())
+            async with pumped_pair(pump if pumped else None, bridge) as s:
+                await s.client.send('{"type":"a"}')
+                assert await s.upstream.next() == '{"type":"a"}'
+                await trio.testing.wait_all_tasks_blocked()
+                await s.client.send('{"type":"boom"}')
+                await trio.sleep_forever()
+        assert raised.group_contains(KeyboardInterrupt, depth=None)
+        assert pump.running  # the run (and its pump) goes on for whoever catches it
+
+
+@pytest.mark.parametrize("pumped", [True, False], ids=["pump", "tasks"])
+async def test_a_metric_that_raises_inside_a_step_does_not_end_the_session(
+    pumped: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """voice_latency is called from the upstream step, inside the pump: a broken metrics
+    backend must cost a figure, not the caller's session."""
+
+    def broken_metric(seconds: float) -> None:
+        raise ValueError("prometheus is unhappy")
+
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump if pumped else None, on_voice_latency=broken_metric) as s:
+            await s.client.send('{"type":"a"}')
+            assert await s.upstream.next() == '{"type":"a"}'
+            turn = [
+                '{"type":"input_audio_buffer.speech_stopped"}',
+                '{"type":"response.created"}',
+                '{"type":"response.output_audio.delta","delta":"AAAA"}',
+                '{"type":"response.output_audio.delta","delta":"BBBB"}',
+            ]
+            await s.upstream.send(*turn)
+            assert await s.client.messages(len(turn)) == turn
+            await s.client.send('{"type":"b"}')
+            assert await s.upstream.next() == '{"type":"b"}'
+            assert not s.ending
+            assert "timing a voice turn failed" in caplog.text
 
 
 @contextmanager
@@ -424,7 +508,7 @@ async def test_a_failing_pump_gives_its_legs_back_and_sessions_go_on(
                 raise OSError("the pump's epoll went away")
 
             monkeypatch.setattr(pump_module._Driver, "_serve_until", broken)
-            await trio.sleep(0)  # the run loop waits for I/O once
+            await trio.lowlevel.checkpoint()  # the run loop waits for I/O once
             assert not pump.running and pump.watching == 0
             assert "the pump failed" in caplog.text
             await s.client.send('{"type":"b"}')
@@ -491,3 +575,116 @@ async def test_a_polling_pump_relays_and_counts_the_time_it_polled_as_idle(
             await s.client.send(f'{{"type":"busy{i}"}}')
             assert await s.upstream.next() == f'{{"type":"busy{i}"}}'
         assert pump.polled == polled
+
+
+# -- the driver in Trio's place: its contract with Trio's run loop ---------------------------
+
+
+class FakeIO:
+    """Trio's I/O manager as the driver sees it, with no event of Trio's own to report (the
+    driver is driven by hand here, so Trio's real wait is left alone)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+
+    def get_events(self, timeout: float) -> list[tuple[int, int]]:
+        return []
+
+    def process_events(self, events: object) -> None:
+        pass
+
+
+@contextmanager
+def driver_by_hand(
+    step: Callable[[Message], object] | None = None,
+) -> Iterator[tuple[pump_module._Driver, socket.socket, socket.socket]]:
+    """A driver over a fake runner, with one lent leg: what is written to the first socket is
+    relayed (through ``step``, by default unchanged) to the second."""
+    runner = SimpleNamespace(
+        io_manager=FakeIO(), runq=deque(), clock=trio.lowlevel.current_clock(), is_guest=False
+    )
+    driver = pump_module._Driver(runner)
+    near_in, far_in = socket.socketpair()
+    near_out, far_out = socket.socketpair()
+    bridge = Bridge(session_update=SESSION_UPDATE, limits=Limits(64, 1 << 20, MAX))
+    bridge.upstream_opened()
+    while bridge.next_to_flush() is not None:
+        pass
+    src, dst = (
+        WebSocket(
+            trio.SocketStream(trio.socket.from_stdlib_socket(s)),
+            client=False,
+            max_message_bytes=MAX,
+        )
+        for s in (near_in, near_out)
+    )
+    leg = pump_module.Leg(src, dst, step or bridge.client_message, bridge)
+    driver.watch(leg)
+    assert src.hold_reading()
+    leg.task = object()  # lent: served by the driver (nothing here needs handing back)
+    try:
+        yield driver, far_in, far_out
+    finally:
+        driver.unwatch(leg.fd, leg)
+        driver.detach(None)  # type: ignore[arg-type]
+        runner.io_manager._epoll.close()
+        for sock in (near_in, far_in, near_out, far_out):
+            sock.close()
+
+
+async def test_get_events_is_truthy_when_the_pump_moved_data_and_falsey_only_when_idle() -> None:
+    """Trio's contract: falsey iff the timeout expired with nothing done. A round in which only
+    the pump relayed must not read as idle (wait_all_tasks_blocked, the autojump clock)."""
+    with driver_by_hand() as (driver, far_in, far_out):
+        assert not driver.get_events(0)
+        far_in.sendall(frame(OP_TEXT, b'{"type":"a"}', mask=True))
+        events = driver.get_events(0)
+        assert events and list(events) == []  # truthy, and no event for Trio to process
+        reader = FrameReader(masked=False, max_message_bytes=MAX)
+        reader.feed(far_out.recv(65536))
+        assert reader.next() == '{"type":"a"}'
+        assert not driver.get_events(0)
+
+
+async def test_a_flood_on_one_socket_does_not_keep_the_driver_past_trios_timeout() -> None:
+    """While a pumped socket always has more, the driver must still go back to Trio when
+    Trio's timeout is up (its timers), not when the flood ends."""
+    message = frame(OP_TEXT, b'{"type":"x","audio":"' + b"A" * 1000 + b'"}', mask=True)
+
+    def slow(data: Message) -> None:  # a step slower than the writer: the socket never empties
+        busy_until = time.perf_counter() + 200e-6
+        while time.perf_counter() < busy_until:
+            pass
+
+    with driver_by_hand(step=slow) as (driver, far_in, _):
+        # Another process, so that it writes while this one works: for up to FLOOD_SECONDS.
+        writer = subprocess.Popen(  # noqa: ASYNC220 (started at once; nothing to await)
+            [sys.executable, "-c", FLOOD, str(far_in.fileno()), message.hex()],
+            pass_fds=(far_in.fileno(),),
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == b"flooding\n"
+            started = time.monotonic()
+            driver.get_events(0.05)
+            took = time.monotonic() - started
+            flooding = writer.poll() is None
+        finally:
+            writer.kill()
+            writer.wait()
+            writer.stdout.close()
+        assert flooding, "the flood ended before the driver returned: nothing was shown"
+        assert took < FLOOD_SECONDS / 2, f"the driver held Trio's loop {took:.2f} s, past 0.05 s"
+
+
+FLOOD_SECONDS = 5.0
+#: The flooding process: writes the message to the socket (a blocking one) for FLOOD_SECONDS.
+FLOOD = f"""
+import os, sys, time
+fd, chunk = int(sys.argv[1]), bytes.fromhex(sys.argv[2]) * 64
+end = time.monotonic() + {FLOOD_SECONDS}
+os.write(fd, chunk)
+print("flooding", flush=True)
+while time.monotonic() < end:
+    os.write(fd, chunk)
+"""

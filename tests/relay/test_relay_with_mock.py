@@ -186,7 +186,8 @@ async def test_a_wss_upstream_is_relayed_by_the_pump_and_carries_a_whole_session
                         ssl_context=server_context)
             )
             assert mock.url.startswith("wss://")
-            async with running_relay(upstream_url=mock.url) as relay:
+            # (the pump's test: with it even where the other tests run with RELAY_PUMP=off)
+            async with running_relay(upstream_url=mock.url, pump="on") as relay:
                 async with connect(relay.url + "/voice") as ws:
                     assert orjson.loads(await ws.get_message())["type"] == "session.created"
                     for append in appends:

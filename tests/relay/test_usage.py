@@ -434,6 +434,89 @@ async def test_sqlite_paths_are_relative_to_the_working_directory(
             assert [r.user for r in await relative.rows()] == ["alice"]
 
 
+async def test_a_sqlite_file_deleted_under_the_store_is_noticed_logged_and_made_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without this, every later record went into the unlinked file, unseen by `relay usage`
+    and by the other instances sharing the leases, with no log line."""
+    path = tmp_path / "usage.db"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(f"sqlite:///{path}") as store, opened(f"sqlite:///{path}") as other:
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+            path.unlink()
+            assert await store.check() is None  # noticed, and open again: ready
+            assert "was deleted while the relay ran" in caplog.text
+            await store.add("bob", DAY, UsageDelta(sessions=1))
+            assert path.exists()
+            assert await other.acquire_slot("bob", "s1", limit=1, lease_seconds=60)
+            # The instance sharing the file follows it too: the lease is seen by both.
+            assert not await store.acquire_slot("bob", "s2", limit=1, lease_seconds=60)
+            assert [r.user for r in await store.rows()] == ["bob"]
+        async with opened(f"sqlite:///{path}") as later:
+            assert [r.user for r in await later.rows()] == ["bob"]
+
+
+async def test_a_sqlite_file_replaced_under_the_store_is_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "usage.db"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(f"sqlite:///{tmp_path / 'backup.db'}") as backup:
+            await backup.add("restored", DAY, UsageDelta(sessions=7))
+        async with opened(f"sqlite:///{path}") as store:
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+            os.replace(tmp_path / "backup.db", path)  # a backup restored in place
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+            assert "was replaced while the relay ran" in caplog.text
+            rows = {r.user: r.sessions for r in await store.rows()}
+            assert rows == {"restored": 7, "alice": 1}
+
+
+async def test_a_sqlite_file_that_cannot_be_made_again_fails_readiness_until_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "usage.db"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with opened(f"sqlite:///{path}") as store:
+            for name in os.listdir(folder):
+                (folder / name).unlink()
+            folder.rmdir()  # nowhere to make the file again
+            problem = await store.check()
+            assert problem is not None and "deleted and cannot be opened again" in problem
+            with pytest.raises(OSError, match="cannot be opened again"):
+                await store.add("alice", DAY, UsageDelta(sessions=1))
+            assert caplog.text.count("cannot be opened again") == 1  # said once, not per call
+            folder.mkdir()
+            assert await store.check() is None
+            await store.add("alice", DAY, UsageDelta(sessions=1))
+            assert [r.user for r in await store.rows()] == ["alice"]
+            assert "is open again" in caplog.text
+
+
+async def test_readiness_fails_while_the_usage_file_cannot_be_opened_again(tmp_path: Path) -> None:
+    import httpx
+
+    from .harness import running_relay
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_relay(store=f"sqlite:///{folder / 'usage.db'}") as relay:
+            async with httpx.AsyncClient(base_url=relay.http_url) as http:
+                assert (await http.get("/readyz")).status_code == 200
+                for name in os.listdir(folder):
+                    (folder / name).unlink()
+                folder.rmdir()
+                ready = await http.get("/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["status"] == "store unavailable"
+                assert "cannot be opened again" in ready.json()["detail"]
+                folder.mkdir()
+                assert (await http.get("/readyz")).status_code == 200
+
+
 async def test_an_in_memory_sqlite_store_is_private_to_its_instance() -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with opened("sqlite:///:memory:") as a, opened("sqlite:///:memory:") as b:

@@ -17,6 +17,24 @@ While CONNECTING, client messages wait in a bounded queue. FLUSHING sends the
 configured ``session.update`` and then that queue, in order, while new client
 messages keep joining its tail, so nothing overtakes anything. In OPEN a client
 message is returned unchanged and goes straight upstream.
+
+**The rules of a step.** :meth:`Bridge.client_message` and :meth:`Bridge.upstream_message`
+(with the :mod:`relay.core.policy` screens they call, and the shell's per-message wrappers
+around them, ``Pair._client_step`` and ``Pair._upstream_step``) are *steps*: the pair's tasks
+run them, and so does the pump (:mod:`relay.wire.pump`), inside Trio's wait for I/O, where no
+task is running. So a step:
+
+* runs to its end without waiting: no ``await``, no I/O, no lock, no sleep, no thread;
+* uses no task context: no ``trio.current_task()``, no cancel scope, no ``trio.current_time()``
+  (the shell reads its clock and passes times in), no contextvars (the context is whichever
+  task ran last, or none);
+* does not raise: a message the relay refuses gets an answer (a :class:`Reply`, an
+  :class:`Ending`), never an exception. An exception is a bug: the pair is closed with 1011 and
+  ``relay_internal_error``, the traceback logged, and nothing else is touched (and a
+  KeyboardInterrupt or SystemExit ends the run, as anywhere);
+* calls nothing that may raise into it: metrics and logging from a step go through a guard
+  (``Pair._upstream_step`` and the voice latency histogram);
+* is cheap: it runs for every message, up to sixteen in a row per socket per wake-up.
 """
 
 from __future__ import annotations
@@ -62,6 +80,8 @@ class Cause(Enum):
     SESSION_EXPIRED = "session_expired"
     OVERLOADED = "overloaded"
     IDLE_TIMEOUT = "idle_timeout"
+    TOO_FAST = "too_fast"
+    INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,7 +563,38 @@ class Bridge:
             error=error_event(
                 "relay_overloaded",
                 "The relay has more live audio than it can forward without delay, and this"
-                " session was among the newest. Reconnect shortly (another instance may take it).",
+                " session was among those sending or receiving the most. Reconnect shortly"
+                " (another instance may take it).",
+                kind="server_error",
+            ),
+        )
+
+    def too_fast(self, rate: float) -> Ending | None:
+        """The client sent faster than ``rate`` bytes a second, beyond its burst: close 4009."""
+        return self._end(
+            Cause.TOO_FAST,
+            client=(Code.TOO_FAST, "sending faster than the relay's rate limit"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="client too fast",
+            error=error_event(
+                "relay_rate_limited",
+                f"You sent faster than this relay accepts from one session ({rate:g} bytes a"
+                " second, RELAY_CLIENT_MAX_RATE, about ten times real-time audio, after a"
+                " burst), so the session was closed. Send audio at the pace it is recorded.",
+            ),
+        )
+
+    def internal_error(self) -> Ending | None:
+        """A bug in the relay ended this pair (the shell logs it): close 1011."""
+        return self._end(
+            Cause.INTERNAL_ERROR,
+            client=(Code.INTERNAL_ERROR, "relay internal error"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            upstream_reason="relay internal error",
+            error=error_event(
+                "relay_internal_error",
+                "The relay hit an internal error in this session and closed it. Reconnect to"
+                " start a new session; the relay's operator has the details in its log.",
                 kind="server_error",
             ),
         )

@@ -25,6 +25,8 @@ class Code(IntEnum):
     INVALID_REQUEST = 4000
     #: No message either way for the idle timeout (cf. HTTP 408).
     IDLE_TIMEOUT = 4008
+    #: The client sent faster than its inbound rate limit (RELAY_CLIENT_MAX_RATE).
+    TOO_FAST = 4009
     #: The user's daily token budget ran out during the session (cf. HTTP 429).
     BUDGET_EXHAUSTED = 4029
 

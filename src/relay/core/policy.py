@@ -19,6 +19,11 @@ client never sees the operator's instructions.
 
 Audio appends, the bulk of the traffic, are recognised from their first bytes
 and pass untouched.
+
+The screens (:meth:`Policy.screen_client`, :meth:`Policy.screen_upstream`) run inside the
+bridge's steps, so they follow the rules of a step (:mod:`relay.core.bridge`): no waiting, no
+task context or contextvars, and no raising (a refused event is an ``error`` event returned,
+not an exception), for the pump runs them where no Trio task runs.
 """
 
 from __future__ import annotations

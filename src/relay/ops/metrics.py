@@ -205,6 +205,21 @@ class RelayMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        # (livemin: with several workers, 0 if any live one runs without it)
+        self._pump_active = Gauge(
+            "relay_pump_active",
+            "1 while the pump relays plain-socket sessions (RELAY_PUMP), 0 where they relay"
+            " through their own tasks (off, or the pump could not run: see the log).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self._takeover_active = Gauge(
+            "relay_takeover_active",
+            "1 while WebSockets are taken over from Hypercorn, 0 where they go through plain"
+            " ASGI messages (Hypercorn's insides moved: see the log).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         #: Where ``publish`` reads the fast path's state: (pump running, legs it watches).
         self.fast_path: Callable[[], tuple[bool, int]] | None = None
         self._calls_started = Counter(
@@ -279,6 +294,7 @@ class RelayMetrics:
         if self.fast_path is not None:
             running, legs = self.fast_path()
             self._fast_workers.set(1 if running else 0)
+            self._pump_active.set(1 if running else 0)
             self._fast_legs.set(legs)
 
     def _publish_periodically(self) -> None:
@@ -353,6 +369,10 @@ class RelayMetrics:
         """A call was refused or declined; ``reason`` is a refusal code (others: ``other``)."""
         label = reason if reason in CALL_REFUSALS else "other"
         self._calls_refused.labels(transport, label).inc()
+
+    def takeover(self, active: bool) -> None:
+        """Whether WebSockets are taken over from Hypercorn in this process (set once)."""
+        self._takeover_active.set(int(active))
 
     def refused(self, status: int) -> None:
         """A WebSocket handshake was answered with this HTTP status instead of 101."""

@@ -12,9 +12,13 @@ two decisions:
 * above a refuse threshold, new sessions are refused (HTTP 503,
   ``relay_overloaded``) and readiness fails, so a load balancer sends callers
   elsewhere;
-* above a shed threshold for ``shed_after`` seconds, the newest sessions are
+* above a shed threshold for ``shed_after`` seconds, the sessions that cost the most are
   closed with 1013 (try again later), a tenth at a time every ``SHED_PAUSE``
-  seconds until the load recovers; the oldest conversations are the ones kept.
+  seconds until the load recovers. A session's cost is what it moves through the relay
+  (:class:`Costs`: bytes a second both ways, each message counting as
+  :data:`MESSAGE_COST_BYTES` more, over about half a second), so one client flooding the
+  relay goes before the callers it slows down, however long it has been connected; among
+  sessions that cost the same, the newest go first.
 
 It only does arithmetic on the samples it is given, so it is tested without a loop.
 """
@@ -22,11 +26,13 @@ It only does arithmetic on the samples it is given, so it is tested without a lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
-T = TypeVar("T")
+from ..core.bridge import Traffic
+
+T = TypeVar("T", bound=Hashable)
 
 #: Weight of each new sample (one every SAMPLE_SECONDS): about a second's memory, so one
 #: stall (a GC pause, start-up work) does not turn callers away.
@@ -35,6 +41,11 @@ SAMPLE_SECONDS = 0.1
 #: After shedding, wait this long for the load to react before shedding again.
 SHED_PAUSE = 1.0
 SHED_FRACTION = 0.1
+#: What the relay's work on one message is worth in bytes of payload, in a session's cost: a
+#: flood of tiny messages costs the relay more than its bytes say.
+MESSAGE_COST_BYTES = 1024
+#: Weight of each new sample (every SAMPLE_SECONDS) in a session's cost: about half a second.
+COST_SMOOTHING = 0.2
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,7 @@ class LoadGuard:
     def sample(
         self, *, cpu: float, lag: float, now: float, sessions: int, behind: float = 0.0
     ) -> int:
-        """Record one sample; return how many of the newest sessions to close now.
+        """Record one sample; return how many sessions to close now.
 
         ``behind`` is the share of the sessions whose input, from either side, is piling up
         unread (the relay cannot keep up though the other side does not hold it back): CPU demand
@@ -112,8 +123,50 @@ class LoadGuard:
         return max(1, math.ceil(sessions * SHED_FRACTION)) if sessions else 0
 
 
-def newest_to_shed(sessions: Iterable[T], count: int, ending: Callable[[T], bool]) -> list[T]:
-    """The ``count`` newest of ``sessions`` (oldest first) that are not already ending.
+def traffic_cost(traffic: Traffic) -> int:
+    """What a session has moved through the relay so far, in cost units (bytes)."""
+    return (
+        traffic.client_bytes
+        + traffic.upstream_bytes
+        + MESSAGE_COST_BYTES * (traffic.client_messages + traffic.upstream_messages)
+    )
+
+
+class Costs(Generic[T]):
+    """What each session costs the relay now: cost units a second (:func:`traffic_cost`),
+    smoothed over about half a second of samples."""
+
+    def __init__(self) -> None:
+        self._seen: dict[T, tuple[int, float]] = {}  # session: (units at the last sample, cost)
+
+    def sample(self, sessions: Iterable[tuple[T, int]], seconds: float) -> None:
+        """Each live session with its units so far, ``seconds`` after the last sample; a
+        session not listed is forgotten."""
+        seen = self._seen
+        fresh: dict[T, tuple[int, float]] = {}
+        for session, units in sessions:
+            last = seen.get(session)
+            if last is None:  # first seen: its rate is known from the next sample on
+                fresh[session] = (units, 0.0)
+            else:
+                rate = (units - last[0]) / seconds
+                fresh[session] = (units, COST_SMOOTHING * rate + (1 - COST_SMOOTHING) * last[1])
+        self._seen = fresh
+
+    def clear(self) -> None:
+        self._seen = {}
+
+    def __call__(self, session: T) -> float:
+        """The session's cost (0 until two samples have seen it)."""
+        entry = self._seen.get(session)
+        return entry[1] if entry is not None else 0.0
+
+
+def costliest_to_shed(
+    sessions: Iterable[T], count: int, ending: Callable[[T], bool], cost: Callable[[T], float]
+) -> list[T]:
+    """The ``count`` sessions (given oldest first) that cost the most and are not already
+    ending; among those that cost the same, the newest.
 
     A session being closed stays live until its client answers the close, which under
     overload takes a while; picking it again would shed nothing.
@@ -121,4 +174,5 @@ def newest_to_shed(sessions: Iterable[T], count: int, ending: Callable[[T], bool
     if count <= 0:
         return []
     live = [session for session in sessions if not ending(session)]
-    return live[-count:]
+    ranked = sorted(range(len(live)), key=lambda i: (cost(live[i]), i), reverse=True)
+    return [live[i] for i in ranked[:count]]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..config import ConfigError, RelayConfig, load_config
-from ..core.bridge import Bridge, Limits
+from ..core.bridge import Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
@@ -34,11 +34,11 @@ from ..usage.sip import Callers
 from ..usage.store import open_store
 from ..usage.webhooks import secret_key
 from ..wire import takeover
-from ..wire.pump import Pump
+from ..wire.pump import Pump, prove
 from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
-from .asgi import Receive, Scope, Send, deny, header, query_param
+from .asgi import Receive, Scope, Send, deny, header, offers_deflate, query_param
 from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
@@ -86,7 +86,7 @@ class RelayApp:
                 " or RELAY_JWT_PUBLIC_KEY (or, for phones only, RELAY_SIP_CALLERS), or pass"
                 " --allow-anonymous (RELAY_ALLOW_ANONYMOUS=true)."
             )
-        #: Live pairs, oldest first (load shedding closes the newest).
+        #: Live pairs, oldest first (load shedding closes the costliest, newest first among equals).
         self.pairs: dict[Pair, None] = {}
         self.guard = LoadGuard(
             Thresholds(
@@ -107,8 +107,13 @@ class RelayApp:
         self.started = trio.Event()
         self.minter = Minter(config)
         self.metrics = RelayMetrics()
-        #: Moves plain-socket sessions' messages (relay.wire.pump) while the lifespan runs.
+        #: Moves plain-socket sessions' messages (relay.wire.pump) while the lifespan runs, once
+        #: it has proved it works here (RELAY_PUMP); else None, and pairs relay by their tasks.
         self.pump: Pump | None = None
+        #: Whether WebSockets are taken over from Hypercorn (relay.wire.takeover): not where a
+        #: name it relies on is missing, which takeover.install has said (a warning).
+        self.taking_over = not takeover.problems()
+        self.metrics.takeover(self.taking_over)
         #: Usage, leases and budgets; set when the lifespan opens the store.
         self.accounting: Accounting | None = None
         #: Call records (RELAY_RECORDS, RELAY_RECORDS_WEBHOOK), written while the lifespan runs.
@@ -219,7 +224,9 @@ class RelayApp:
             policy=self.config.policy.for_session(model, identity.model),
         )
         async with accounting.held(identity, session_id, bridge.traffic):
-            await self._session(send, receive, offered, identity, session_id, bridge, model)
+            await self._session(
+                send, receive, offered, identity, session_id, bridge, model, offers_deflate(scope)
+            )
 
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
         self.metrics.refused(status)
@@ -234,10 +241,13 @@ class RelayApp:
         session_id: str,
         bridge: Bridge,
         model: str,
+        deflate_offered: bool,
     ) -> None:
         """Accept the WebSocket and run its pair to its end."""
         subprotocol = "realtime" if "realtime" in offered else None
-        client, release = await self.open_client(send, receive, subprotocol)
+        client, release = await self.open_client(
+            send, receive, subprotocol, deflate_offered=deflate_offered
+        )
         call = Call(self, identity, session_id, model)  # once accepted: it ends with the pair
         pair = self.new_pair(
             client,
@@ -254,11 +264,23 @@ class RelayApp:
                 release()  # Hypercorn closes the connection
 
     async def open_client(
-        self, send: Send, receive: Receive, subprotocol: str | None
+        self,
+        send: Send,
+        receive: Receive,
+        subprotocol: str | None,
+        *,
+        deflate_offered: bool = False,
     ) -> tuple[AsgiClient | SocketClient, Callable[[], None] | None]:
         """Accept a WebSocket: take its socket from Hypercorn where it can (then the release,
-        which gives the connection back for Hypercorn to close), else over ASGI (and None)."""
-        taken = await takeover.take_over(send, subprotocol)
+        which gives the connection back for Hypercorn to close), else over ASGI (and None).
+
+        Not where the take-over is off (a Hypercorn name it relies on is missing), nor for a
+        client that offered permessage-deflate when RELAY_PERMESSAGE_DEFLATE lets Hypercorn
+        accept it: Hypercorn inflates, the relay's own framer does not.
+        """
+        taken = None
+        if self.taking_over and not (self.config.permessage_deflate and deflate_offered):
+            taken = await takeover.take_over(send, subprotocol)
         if taken is None:
             offered = (subprotocol,) if subprotocol else ()
             return await accept(send, receive, offered, self.config.send_timeout), None
@@ -304,6 +326,7 @@ class RelayApp:
             on_voice_latency=self.metrics.voice_latency,
             on_upstream_opened=call.upstream_opened,
             pump=self.pump,
+            max_rate=self.config.client_max_rate,
             tap=call.log,
             tap_client=call.records_client,
         )
@@ -326,7 +349,9 @@ class RelayApp:
         ending = None
         try:
             ending = await pair.run()
-            if ending.client_code is not None:
+            if ending.client_code is not None and ending.cause is not Cause.TOO_FAST:
+                # (a client over its rate limit gets its close frame, not more of the relay's
+                # time: reading it to its close reply would read on whatever it still floods)
                 await client.wait_closed(self.config.close_timeout)  # type: ignore[attr-defined]
         finally:
             self.pairs.pop(pair, None)
@@ -359,14 +384,14 @@ class RelayApp:
             )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        """Open the usage store and watch the load for the app's lifetime (the lifespan task
-        outlives every session)."""
+        """Open the usage store, start the pump and watch the load for the app's lifetime (the
+        lifespan task outlives every session)."""
         async with trio.open_nursery() as nursery:
             if self.guard.enabled or self.config.busy_poll:  # (the pump polls only when idle)
                 nursery.start_soon(watch_load, self)
-            self.pump = pump = Pump(busy_poll=self.config.busy_poll)
-            nursery.start_soon(pump.run)
-            self.metrics.fast_path = lambda: (pump.running, pump.watching)
+            self.metrics.fast_path = lambda: (
+                (pump.running, pump.watching) if (pump := self.pump) is not None else (False, 0)
+            )
             recorded = trio.Event()
             if self.recorder is not None:
                 nursery.start_soon(self._record, recorded)
@@ -374,7 +399,7 @@ class RelayApp:
                 nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
             self.calls.nursery = nursery  # a call's sideband outlives the request that made it
             try:
-                await self._lifespan_events(receive, send, recorded)
+                await self._lifespan_events(receive, send, nursery, recorded)
             finally:
                 self.pump = None
                 self.calls.nursery = None
@@ -399,23 +424,20 @@ class RelayApp:
         finally:
             done.set()
 
-    async def _lifespan_events(self, receive: Receive, send: Send, recorded: trio.Event) -> None:
+    async def _lifespan_events(
+        self, receive: Receive, send: Send, nursery: trio.Nursery, recorded: trio.Event
+    ) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    store = await open_store(self.config.store)
-                except Exception as exc:  # any failure to open the store fails start-up
-                    message_text = f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
-                    await send({"type": "lifespan.startup.failed", "message": message_text})
+                    failure = await self._start(nursery)
+                except Exception as exc:  # never "continuing without lifespan": say it, stop
+                    log.exception("start-up failed")
+                    failure = f"start-up failed: {exc!r}"
+                if failure is not None:
+                    await send({"type": "lifespan.startup.failed", "message": failure})
                     return
-                self.accounting = Accounting(
-                    store,
-                    max_sessions=self.config.max_sessions_per_user,
-                    daily_budget=self.config.daily_token_budget,
-                    daily_budget_usd=self.config.daily_budget_usd,
-                )
-
                 await send({"type": "lifespan.startup.complete"})
                 self.started.set()
             elif message["type"] == "lifespan.shutdown":
@@ -429,6 +451,38 @@ class RelayApp:
                     await trio.to_thread.run_sync(self.tracer.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _start(self, nursery: trio.Nursery) -> str | None:
+        """Open the store and start the pump (RELAY_PUMP); return why the relay cannot start."""
+        try:
+            store = await open_store(self.config.store)
+        except Exception as exc:  # any failure to open the store fails start-up
+            return f"cannot open RELAY_STORE {self.config.store!r}: {exc}"
+        self.accounting = Accounting(
+            store,
+            max_sessions=self.config.max_sessions_per_user,
+            daily_budget=self.config.daily_token_budget,
+            daily_budget_usd=self.config.daily_budget_usd,
+        )
+        mode = self.config.pump
+        if mode == "off":
+            return None
+        pump = Pump(busy_poll=self.config.busy_poll)
+        await nursery.start(pump.run)
+        why = await prove(pump)
+        if why is None:
+            self.pump = pump
+            self.metrics.publish()  # (relay_pump_active from the start, with several workers too)
+            return None
+        pump.stop()
+        if mode == "on":
+            return f"RELAY_PUMP=on, but the pump cannot run here: {why}"
+        log.warning(
+            "the pump is off (%s): sessions are relayed by their own tasks, which costs more"
+            " CPU per message; set RELAY_PUMP=off to silence this",
+            why,
+        )
+        return None
 
     def hurry_drain(self) -> None:
         """Cut the drain's grace time short: close the remaining sessions now."""

@@ -23,6 +23,14 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope["headers"] if key == name), None)
 
 
+def offers_deflate(scope: Scope) -> bool:
+    """Whether the client offered permessage-deflate (in any Sec-WebSocket-Extensions header)."""
+    return any(
+        key == b"sec-websocket-extensions" and b"permessage-deflate" in value.lower()
+        for key, value in scope["headers"]
+    )
+
+
 def query_param(scope: Scope, name: str) -> str | None:
     values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
     return values[0] if values else None

@@ -4,7 +4,9 @@ Nothing to install or configure: mockrealtime listens on a free loopback port
 with a key made up for this run, and the relay uses that key upstream exactly as
 it would use a real one. Its Twilio routes are on, with a built-in auth token that
 ``relay call`` knows, so a phone call needs no Twilio account. The demo takes anyone without
-a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``).
+a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``). Of the
+relay's settings it reads only ``RELAY_PUMP`` from the environment (to compare the relay with
+the pump off).
 
 With ``tls`` (``relay demo --tls``) the relay serves ``wss://`` and ``https://`` with a
 certificate from a CA made for this run (:mod:`relay.server.localca`), for clients that only
@@ -14,6 +16,7 @@ speak ``wss://``; ``Demo.ca_file`` is the CA file they must trust.
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
@@ -25,7 +28,7 @@ import trio
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
 from ..config import DEMO_TWILIO_AUTH_TOKEN, ConfigError, RelayConfig, load_config
-from .localca import LocalTLS, temporary_local_tls
+from .localca import temporary_local_tls
 from .serve import serve
 
 
@@ -77,31 +80,30 @@ async def run_demo(
     """
     check_demo_host(host, allow_anonymous)
     key = "sk-demo-" + secrets.token_urlsafe(16)
-    local_tls: LocalTLS | None
-    with temporary_local_tls() if tls else nullcontext() as local_tls:
-        async with trio.open_nursery() as nursery:
-            mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
-            config = load_config(
-                {},
-                {
-                    "openai_api_key": key,
-                    "upstream_url": mock.url,
-                    "host": host,
-                    "port": port,
-                    "allow_anonymous": True,  # loopback only (or as told), for trying it out
-                    "store": "sqlite:///:memory:",
-                    # Phone calls with `relay call`, which knows this token (no Twilio account).
-                    "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN,
-                    "tls_cert": str(local_tls.cert_file) if local_tls else "",
-                    "tls_key": str(local_tls.key_file) if local_tls else "",
-                },
-            )
+    local_tls = temporary_local_tls() if tls else nullcontext()
+    async with local_tls as tls_files, trio.open_nursery() as nursery:
+        mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
+        config = load_config(
+            {name: value for name, value in os.environ.items() if name == "RELAY_PUMP"},
+            {
+                "openai_api_key": key,
+                "upstream_url": mock.url,
+                "host": host,
+                "port": port,
+                "allow_anonymous": True,  # loopback only (or as told), for trying it out
+                "store": "sqlite:///:memory:",
+                # Phone calls with `relay call`, which knows this token (no Twilio account).
+                "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN,
+                "tls_cert": str(tls_files.cert_file) if tls_files else "",
+                "tls_key": str(tls_files.key_file) if tls_files else "",
+            },
+        )
 
-            async def relay(task_status: trio.TaskStatus[list[str]]) -> None:
-                await serve(config, shutdown_trigger=shutdown_trigger, task_status=task_status)
-                nursery.cancel_scope.cancel()  # the relay has closed its sessions: stop the fake
+        async def relay(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the relay has closed its sessions: stop the fake
 
-            binds = await nursery.start(relay)
-            relay_url = "ws" + binds[0].removeprefix("http")  # http → ws, https → wss
-            ca_file = local_tls.ca_file if local_tls else None
-            task_status.started(Demo(relay_url, mock, config, ca_file))
+        binds = await nursery.start(relay)
+        relay_url = "ws" + binds[0].removeprefix("http")  # http → ws, https → wss
+        ca_file = tls_files.ca_file if tls_files else None
+        task_status.started(Demo(relay_url, mock, config, ca_file))

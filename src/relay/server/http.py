@@ -115,6 +115,10 @@ async def _readyz(app: RelayApp, scope: Scope, send: Send) -> None:
             {"status": "overloaded", "cpu": round(app.guard.cpu, 2), "lag": round(app.guard.lag, 3)},
         )
         return
+    problem = await app.accounting.store.check()
+    if problem is not None:
+        await respond(send, 503, {"status": "store unavailable", "detail": problem})
+        return
     if query_param(scope, "upstream") in ("1", "true"):
         failure = await probe(app.dialer.target(app.config.model), READY_UPSTREAM_TIMEOUT)
         if failure is not None:

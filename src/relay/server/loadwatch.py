@@ -1,6 +1,6 @@
 """The worker's load watcher: samples CPU demand and event-loop lag ten times a second, tells
-the pump whether it may poll, and sheds sessions when the guard (:mod:`relay.ops.overload`)
-says the worker is overloaded."""
+the pump whether it may poll, and sheds the sessions that cost the most when the guard
+(:mod:`relay.ops.overload`) says the worker is overloaded."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..ops.overload import SAMPLE_SECONDS, newest_to_shed
+from ..ops.overload import SAMPLE_SECONDS, Costs, costliest_to_shed, traffic_cost
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -57,9 +57,11 @@ def _ending(pair: Pair) -> bool:
 
 async def watch_load(app: RelayApp) -> None:
     """Sample the event loop's lag and the worker's CPU demand: let the pump poll only while
-    the worker is not busy, and shed the newest sessions when the guard says so."""
+    the worker is not busy, and shed the sessions that cost the most when the guard says so
+    (what each costs is sampled only while the worker is busy: shedding comes after that)."""
     await app.started.wait()  # start-up work is not load
     guard = app.guard
+    costs: Costs[Pair] = Costs()
     async with trio.open_nursery() as shedding:
         cpu_before, before = cpu_demand(app), trio.current_time()
         while True:
@@ -75,18 +77,23 @@ async def watch_load(app: RelayApp) -> None:
             if live and busy and guard.enabled:
                 looked_at = random.sample(live, min(len(live), BEHIND_SAMPLE))
                 behind = sum(pair.behind(BEHIND_BYTES) for pair in looked_at) / len(looked_at)
+                units = ((pair, traffic_cost(pair.bridge.traffic)) for pair in live)
+                costs.sample(units, now - before)
+            else:
+                costs.clear()
             shed = guard.sample(cpu=cpu, lag=now - asked, now=now, sessions=len(live), behind=behind)
             cpu_before, before = cpu_now, now
             if shed:
-                newest = newest_to_shed(app.pairs, shed, _ending)
+                costliest = costliest_to_shed(app.pairs, shed, _ending, costs)
                 log.warning(
                     "overloaded (%.0f%% of a core, loop lag %.0f ms, %.0f%% of sessions"
-                    " behind): closing the %d newest of %d sessions",
+                    " behind): closing the %d costliest of %d sessions (%s)",
                     guard.cpu * 100,
                     guard.lag * 1000,
                     guard.behind * 100,
-                    len(newest),
+                    len(costliest),
                     len(live),
+                    ", ".join(f"{costs(pair) / 1000:.0f} kB/s" for pair in costliest[:5]),
                 )
-                for pair in newest:
+                for pair in costliest:
                     shedding.start_soon(pair.shed)

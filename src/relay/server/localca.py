@@ -15,8 +15,8 @@ import ipaddress
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,9 +122,11 @@ def make_local_tls(directory: Path, names: tuple[str, ...] = LOOPBACK_NAMES) -> 
     return tls
 
 
-@contextmanager
-def temporary_local_tls() -> Iterator[LocalTLS]:
-    """A fresh CA and server certificate in a private temporary directory, removed on exit."""
+@asynccontextmanager
+async def temporary_local_tls() -> AsyncIterator[LocalTLS]:
+    """A fresh CA and server certificate in a private temporary directory, removed on exit.
+
+    (Asynchronous only so that a server opens it in the same ``async with`` as its nursery.)"""
     directory = Path(tempfile.mkdtemp(prefix="relay-demo-tls-"))  # mode 0700
     try:
         yield make_local_tls(directory)

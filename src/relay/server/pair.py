@@ -36,7 +36,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from ..core.bridge import Bridge, Ending, Message, Reply
 from ..core.calllog import CallLog, VoiceClock
 from ..core.deadlines import Deadlines, Due
-from ..wire.pump import READ, Leg, Pump
+from ..core.ratelimit import InboundRate
+from ..wire.pump import READ, Leg, Pump, log_safely
 from ..wire.upstream import Upstream
 from ..wire.websocket import PART, HandshakeFailed, WebSocket
 
@@ -105,6 +106,7 @@ class Pair:
         "_voice",
         "_tap",
         "_step_client",
+        "_rate",
         "last_activity",
     )
 
@@ -126,6 +128,7 @@ class Pair:
         pump: Pump | None = None,
         tap: CallLog | None = None,
         tap_client: bool = False,
+        max_rate: float = 0.0,
     ) -> None:
         self.client = client
         self.bridge = bridge
@@ -160,6 +163,7 @@ class Pair:
             self._step_client = self._client_step_tapped
         #: Trio time of the last message either way (for the idle timeout).
         self.last_activity = self._clock.current_time()
+        self._rate = InboundRate(max_rate, self.last_activity) if max_rate else None
 
     async def run(self) -> Ending:
         """Relay until either side ends; return how the pair ended."""
@@ -224,15 +228,22 @@ class Pair:
         await self._finish(ending)
 
     def _client_step(self, data: Message) -> Message | Reply | Ending | None:
-        """One client message through the bridge (the task's and the pump's step)."""
-        self.last_activity = self._clock.current_time()
+        """One client message through the rate limit and the bridge (the task's and the
+        pump's step: see the rules for steps in :mod:`relay.core.bridge`)."""
+        now = self.last_activity = self._clock.current_time()
+        rate = self._rate
+        if rate is not None and not rate.take(len(data), now):
+            return self.bridge.too_fast(rate.rate)
         return self.bridge.client_message(data)
 
     def _client_step_tapped(self, data: Message) -> Message | Reply | Ending | None:
         """:meth:`_client_step`, and the call's log sees what went (or will go) upstream."""
         out = self._client_step(data)
         if out.__class__ is not Reply and out.__class__ is not Ending:
-            self._tap.client_event(data)  # type: ignore[union-attr]
+            try:
+                self._tap.client_event(data)  # type: ignore[union-attr]
+            except Exception:  # a record must never end a session
+                log_safely("recording a client event failed; the session goes on")
         return out
 
     async def _client_task(self) -> None:
@@ -248,13 +259,21 @@ class Pair:
         step = self._step_client
         while True:
             leg = self._up_leg
-            out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            try:
+                out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            except Exception:  # a bug, in the step the pump ran or in the pump
+                out = _failed(bridge)
             if out is READ:
                 data = await receive()
                 if data is None:
                     await self._finish(bridge.client_closed())
                     return
-                out = step(data)
+                try:
+                    out = step(data)
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # (they end the run, as Trio delivers them)
+                except BaseException:  # a bug in the step (which awaits nothing: no Cancelled)
+                    out = _failed(bridge)
             if out is None:
                 continue
             if out.__class__ is str or out.__class__ is bytes or out is PART:
@@ -338,13 +357,17 @@ class Pair:
             self._flushed.set()
 
     def _upstream_step(self, data: Message) -> Message | Reply | None:
-        """One upstream message through the bridge (the task's and the pump's step)."""
+        """One upstream message through the bridge (the task's and the pump's step: see the
+        rules for steps in :mod:`relay.core.bridge`)."""
         self.last_activity = self._clock.current_time()
         voice = self._voice
         if voice is not None and data.__class__ is str:
-            latency = voice.upstream_event(data)  # type: ignore[arg-type]
-            if latency is not None and self._on_voice_latency is not None:
-                self._on_voice_latency(latency)
+            try:
+                latency = voice.upstream_event(data)  # type: ignore[arg-type]
+                if latency is not None and self._on_voice_latency is not None:
+                    self._on_voice_latency(latency)
+            except Exception:  # a metric must never end a session
+                log_safely("timing a voice turn failed; the session goes on")
         return self.bridge.upstream_message(data)
 
     async def _upstream_to_client(self, upstream: WebSocket, leg: Leg | None) -> None:
@@ -353,7 +376,10 @@ class Pair:
         client = self.client
         step = self._upstream_step
         while True:
-            out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            try:
+                out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+            except Exception:  # a bug, in the step the pump ran or in the pump
+                out = _failed(bridge)
             if out is READ:
                 try:
                     data = await get_message()
@@ -362,9 +388,17 @@ class Pair:
                     code, text = (reason.code, reason.reason) if reason else (1006, None)
                     await self._finish(bridge.upstream_closed(code, text))
                     return
-                out = step(data)
+                try:
+                    out = step(data)
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # (they end the run, as Trio delivers them)
+                except BaseException:  # a bug in the step (which awaits nothing: no Cancelled)
+                    out = _failed(bridge)
             if out is None:
                 continue
+            if out.__class__ is Ending:
+                await self._finish(out)  # type: ignore[arg-type]
+                return
             try:
                 if out is PART:
                     await client.websocket.finish_send()  # type: ignore[union-attr]
@@ -468,6 +502,13 @@ class Pair:
             with contextlib.suppress(ConnectionClosed):
                 await upstream.send_message(ending.upstream_last)
         await upstream.aclose(ending.upstream_code, ending.upstream_reason or None)  # type: ignore[arg-type]
+
+
+def _failed(bridge: Bridge) -> Ending | None:
+    """A bug ended the pair (called while its exception is handled): logged, and the pair's
+    ending (1011, ``relay_internal_error``); only this pair is affected."""
+    log_safely("a bug ended a session: closing it with 1011 (relay_internal_error)")
+    return bridge.internal_error()
 
 
 def _describe(exc: BaseException) -> str:

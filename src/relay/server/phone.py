@@ -38,7 +38,7 @@ from ..core.twilio import End, Start, StreamError, TwilioStream, signature_match
 from ..usage.accounting import Accounting
 from ..usage.auth import Identity, Refusal
 from ..usage.calls import ACCOUNT_USER, CallKeys, TokenRefused
-from .asgi import Receive, Scope, Send, deny, header, read_body
+from .asgi import Receive, Scope, Send, deny, header, offers_deflate, read_body
 from .call import Call
 from .legs import AsgiClient, SocketClient
 
@@ -171,7 +171,9 @@ class PhoneLine:
         if app.accounting is None:
             await deny(send, 503, "the relay is still starting; connect again in a moment")
             return
-        client, release = await app.open_client(send, receive, None)
+        client, release = await app.open_client(
+            send, receive, None, deflate_offered=offers_deflate(scope)
+        )
         config = app.config
         leg = TwilioLeg(
             client,

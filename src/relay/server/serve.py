@@ -10,6 +10,7 @@ Hypercorn stop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableSequence
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,9 +33,14 @@ from ..wire.balance import Balance
 from ..wire.takeover import balance_accepts
 from ..wire.upstream import UpstreamDialer, os_reason, probe
 from .app import RelayApp, client_frame_limit, create_app
+from .signals import STOP_SIGNALS, catch_early, follow_parent, ignore, take_early
 
 #: Seconds Hypercorn waits for connections after the relay closed its sessions.
 GRACEFUL_TIMEOUT = 2.0
+#: A stop signal this soon after the first is the same stop, not a second one cutting the drain
+#: short: sent to a process group, SIGTERM reaches the relay and a launcher such as ``uv run``,
+#: which passes it on.
+SAME_STOP_SECONDS = 0.5
 
 log = logging.getLogger("relay")
 
@@ -125,26 +132,39 @@ async def serve(
     """Serve until ``shutdown_trigger`` returns (default: SIGINT or SIGTERM), then drain.
 
     ``task_status.started`` gets the bound URLs (``["http://127.0.0.1:8000"]``). With
-    signals, a second signal during the drain cuts the drain time short.
+    signals, a second signal during the drain (half a second or more after the first) cuts
+    the drain time short.
     ``sockets`` are listening sockets made by the parent of several workers.
     """
     app = app or create_app(config)
     drain_bound = config.drain_seconds + config.close_timeout + 1
+    if shutdown_trigger is not None:
 
-    async def trigger() -> None:
-        if shutdown_trigger is not None:
+        async def triggered() -> None:
             await shutdown_trigger()
             with trio.move_on_after(drain_bound):
                 await app.drain(config.drain_seconds)
-            return
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("got %s: draining", signal.Signals(signum).name)
-                break
+
+        await _serve(app, config, triggered, task_status, sockets)
+        return
+    # Listening from before start-up to after the drain: a signal sent meanwhile is acted on
+    # once serving (or ignored once draining), never fatal (see relay.server.signals).
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+
+        async def signalled() -> None:
+            early = take_early()  # (any number: they came before serving, one stop)
+            signum = early[0] if early else None
+            if signum is None:
+                async for signum in signals:  # noqa: B007
+                    break
+            log.info("got %s: draining", signal.Signals(signum).name)
+            first = trio.current_time()
             async with trio.open_nursery() as nursery:
 
                 async def hurry() -> None:
                     async for _ in signals:
+                        if trio.current_time() - first < SAME_STOP_SECONDS:
+                            continue  # the same stop, sent to the process group and passed on
                         log.info("second signal: closing the remaining sessions now")
                         app.hurry_drain()
 
@@ -153,6 +173,16 @@ async def serve(
                     await app.drain(config.drain_seconds)
                 nursery.cancel_scope.cancel()
 
+        await _serve(app, config, signalled, task_status, sockets)
+
+
+async def _serve(
+    app: RelayApp,
+    config: RelayConfig,
+    trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]],
+    sockets: Sockets | None,
+) -> None:
     hc = hypercorn_config(config)
     await worker_serve(
         wrap_app(app, HypercornConfig.wsgi_max_body_size, None),  # type: ignore[arg-type]
@@ -196,10 +226,12 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
     forking = multiprocess_mode()
     context = multiprocessing.get_context("fork" if forking else "spawn")
     counts = context.RawArray("q", config.workers)  # each worker's open connections
+    stop = context.RawValue("i", 0)  # the stop signal passed on (see signals.follow_parent)
     workers = [
-        context.Process(target=_worker, args=(config, sockets, os.getpid(), counts, index))
+        context.Process(target=_worker, args=(config, sockets, os.getpid(), counts, index, stop))
         for index in range(config.workers)
     ]
+    noted = take_early()  # (before forking: a worker acts on what it notes itself)
     for worker in workers:
         worker.start()
     scheme = "wss" if config.tls_cert else "ws"
@@ -210,13 +242,21 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
         for sock in _listening(sockets):
             sock.close()
 
+    forwarded: set[int] = set()
+
     def forward(signum: int, _frame: object) -> None:
+        forwarded.add(signum)
+        stop.value = signum
         for worker in workers:
             if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signum)
+                # (gone all the same if reaped just now: a handler may run inside join())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, forward)
+    for signum in noted + take_early():  # came while the workers started: theirs too
+        forward(signum, None)
     running = {worker.sentinel: index for index, worker in enumerate(workers)}
     while running:  # one worker leaves per pass at least
         for sentinel in wait(list(running)):
@@ -224,13 +264,29 @@ def run_workers(config: RelayConfig, metrics_dir: str) -> int:
             Balance.gone(counts, index)
             workers[index].join()
             multiprocess.mark_process_dead(workers[index].pid, metrics_dir)
-    return max((worker.exitcode or 0) for worker in workers)
+    ignore()
+    return max(_exit_status(worker.exitcode, forwarded) for worker in workers)
+
+
+def _exit_status(exitcode: int | None, forwarded: set[int]) -> int:
+    """A worker's exit as the shell would put it; ended by a stop signal this process passed
+    on (one that came before its own handler was set), it did as asked: 0."""
+    if exitcode is None or exitcode >= 0:
+        return exitcode or 0
+    return 0 if -exitcode in forwarded else 128 - exitcode
 
 
 def _worker(
-    config: RelayConfig, sockets: Sockets, parent: int, counts: MutableSequence[int], index: int
+    config: RelayConfig,
+    sockets: Sockets,
+    parent: int,
+    counts: MutableSequence[int],
+    index: int,
+    stop: Any,
 ) -> None:
     os.setpgid(0, 0)
+    catch_early()  # (a spawned worker starts with the default action)
+    follow_parent(stop)
     _drain_when_orphaned(parent)
     balance_accepts(Balance(counts, index))
     from ..ops.logs import configure_logging
@@ -242,6 +298,7 @@ def _worker(
         fields={"pid": os.getpid()},  # the workers' lines interleave
     )
     trio.run(partial(serve, config, sockets=sockets))
+    ignore()
 
 
 def _listening(sockets: Sockets) -> tuple[socket.socket, ...]:

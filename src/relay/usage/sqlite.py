@@ -1,7 +1,23 @@
-"""The SQLite usage store: one file shared by the relay instances on one host."""
+"""The SQLite usage store: one file shared by the relay instances on one host.
+
+The store keeps one connection open, so a file deleted or replaced under a running relay (a
+clean-up job, a restored backup) would go on taking every record in the file it opened, which
+no one else sees any more: no other instance shares its leases, and ``relay usage`` reads the
+new file. So before every operation the store compares the file at its path with the one it
+has open (device and inode: one ``stat``, in the worker thread); when they differ it logs an
+error and opens the path again (creating the file and its schema if it is gone). The old
+file's write-ahead log and shared-memory index are still at the path's ``-wal`` and ``-shm``
+(SQLite leaves them when its file has moved) and would be replayed into the new file, so the
+store removes them first, if they are still the ones it had open (another instance may have
+opened the new file already). Where it cannot open the path (the directory is gone, say),
+operations fail and :meth:`SqliteUsageStore.check` says why, which ``/readyz`` reports; the
+next operation tries again.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -14,6 +30,8 @@ from .store import COUNTERS, FLOAT_COUNTERS, TOKEN_COUNTERS, UsageDelta, UsageRo
 
 #: How long an operation waits for another process's lock before failing.
 SQLITE_BUSY_TIMEOUT_SECONDS: Final = 10.0
+
+log = logging.getLogger("relay")
 
 _SQLITE_COLUMNS: Final = ",\n    ".join(
     f"{name} {'REAL' if name in FLOAT_COUNTERS else 'INTEGER'} NOT NULL DEFAULT 0"
@@ -56,36 +74,90 @@ class SqliteUsageStore:
     never used by two threads at once.
     """
 
-    def __init__(self, connection: sqlite3.Connection, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        *,
+        clock: Callable[[], float],
+        path: str = ":memory:",
+        files: dict[str, tuple[int, int] | None] | None = None,
+    ) -> None:
         self._connection = connection
         self._clock = clock
         self._limiter = trio.CapacityLimiter(1)
         self._closed = False
+        self._path = path
+        # (device, inode) of the files open, by suffix ("": the database; -wal, -shm); {}: in
+        # memory
+        self._files = files or {}
+        self._problem: str | None = None
 
     @classmethod
     async def open(cls, path: str, *, clock: Callable[[], float]) -> SqliteUsageStore:
-        def connect() -> sqlite3.Connection:
-            if path != ":memory:":  # the state directory, on a first start
+        def connect() -> tuple[sqlite3.Connection, dict[str, tuple[int, int] | None]]:
+            if path != ":memory:":  # the state directory, on a first start (not on a reopen:
+                # a directory gone under a running relay is a fault to report, not to hide)
                 Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            connection = sqlite3.connect(
-                path,
-                timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            try:
-                _set_up(connection, path)
-            except BaseException:
-                connection.close()
-                raise
-            return connection
+            return _connect(path), _files_at(path)
 
-        return cls(await trio.to_thread.run_sync(connect), clock=clock)
+        connection, files = await trio.to_thread.run_sync(connect)
+        return cls(connection, clock=clock, path=path, files=files)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._closed:
             raise trio.ClosedResourceError("the usage store is closed")
-        return await trio.to_thread.run_sync(fn, self._connection, limiter=self._limiter)
+        return await trio.to_thread.run_sync(self._on_the_file, fn, limiter=self._limiter)
+
+    def _on_the_file(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` on the connection, reopened first if the file at the path changed (in the
+        worker thread, holding the limiter)."""
+        self._follow_the_file()
+        if self._problem is not None:
+            raise OSError(self._problem)
+        return fn(self._connection)
+
+    def _follow_the_file(self) -> None:
+        if not self._files:
+            return  # in memory
+        now = _file_at(self._path)
+        if now == self._files[""] and self._problem is None:
+            return
+        what = "deleted" if now is None else "replaced"
+        if self._problem is None:
+            log.error(
+                "the usage store's file %s was %s while the relay ran: opening the path again"
+                " (the other relay instances on it do the same on their next operation)",
+                self._path,
+                what,
+            )
+        try:
+            # The old file's, not to be replayed into the new one. (Still open here, so no new
+            # file can have their inode numbers; SQLite closes a moved file without them.)
+            for suffix in ("-wal", "-shm"):
+                if (ours := self._files.get(suffix)) and _file_at(self._path + suffix) == ours:
+                    os.unlink(self._path + suffix)
+            self._files = {"": self._files[""]}  # (not theirs to remove again, if this fails)
+            self._connection.close()  # (its last records went into the file it had open)
+            self._connection = _connect(self._path)
+            self._files = _files_at(self._path)
+        except (sqlite3.Error, OSError) as exc:
+            problem = (
+                f"the usage store's file {self._path} was {what} and cannot be opened again: {exc}"
+            )
+            if problem != self._problem:
+                log.error("%s; usage is not recorded until it can", problem)
+            self._problem = problem
+            return
+        if self._problem is not None:
+            log.info("the usage store's file %s is open again", self._path)
+        self._problem = None
+
+    async def check(self) -> str | None:
+        """Why the store cannot record usage now (None: it can); reopens a file that changed."""
+        if self._closed:
+            return "the usage store is closed"
+        await trio.to_thread.run_sync(self._follow_the_file, limiter=self._limiter)
+        return self._problem
 
     async def add(self, user: str, day: str, delta: UsageDelta) -> None:
         values = (day, user, *(getattr(delta, name) for name in COUNTERS))
@@ -181,6 +253,38 @@ class SqliteUsageStore:
             return
         self._closed = True
         await trio.to_thread.run_sync(self._connection.close, limiter=self._limiter)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """A connection to the file at ``path`` (created, with its schema, if missing)."""
+    connection = sqlite3.connect(
+        path,
+        timeout=SQLITE_BUSY_TIMEOUT_SECONDS,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        _set_up(connection, path)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _files_at(path: str) -> dict[str, tuple[int, int] | None]:
+    """The database file at ``path`` and its WAL files (empty: in memory)."""
+    if path == ":memory:":
+        return {}
+    return {suffix: _file_at(path + suffix) for suffix in ("", "-wal", "-shm")}
+
+
+def _file_at(path: str) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path`` (None: none there)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _set_up(connection: sqlite3.Connection, path: str) -> None:

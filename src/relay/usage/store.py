@@ -142,6 +142,10 @@ class UsageStore(Protocol):
         on it lives: a single-use token is used once across every instance on the store."""
         ...
 
+    async def check(self) -> str | None:
+        """Why the store cannot record usage now, for readiness (None: it can)."""
+        ...
+
     async def aclose(self) -> None:
         """Close the store; closing twice is harmless, using it afterwards is an error."""
         ...

@@ -38,9 +38,20 @@ ending of the bridge's. Backpressure, send timeouts, closes and cancellation sta
 the task's, exactly as without the pump.
 
 The driver uses what Trio does not publish: the run's epoll I/O manager (its epoll
-and its ``get_events``) and its queue of runnable tasks. Where they are not there
-(not Linux, guest mode, a Trio whose insides moved), no pump runs, a warning says
-so, and pairs relay through their own tasks. A leg over the relay's own TLS
+and its ``get_events``) and its queue of runnable tasks (every name is in
+:mod:`relay.wire.internals`). Where they are not there (no epoll, guest mode, a Trio whose
+insides moved), no pump runs; :func:`prove` relays one message through a new pump before a
+worker reports ready, so a change no name check can see (Trio no longer waiting through the
+attribute the driver replaces) turns the pump off too, and pairs relay through their own tasks.
+
+The driver keeps Trio's rules where it stands in for Trio's wait. Nothing a step raises leaves
+``get_events``: the error goes to the task that lent the leg, so only its pair fails (a
+KeyboardInterrupt or SystemExit is raised in that task as it is, as Trio delivers them; any
+other exception that is not an Exception as :class:`StepFailed`). A failure of the driver itself
+is logged and gives every leg back. ``get_events`` returns something truthy whenever it moved
+data, so that Trio does not take a round in which only the pump worked for idle time
+(``wait_all_tasks_blocked``, the autojump clock), and it goes back to Trio once Trio's timeout is
+up, whether or not sockets still have data. A leg over the relay's own TLS
 (:mod:`relay.wire.tls`, the upstream's ``wss://``) is pumped like a plain one; Trio's TLS (a
 client leg Hypercorn serves over TLS) and in-memory streams are not: their writes cannot be
 made without waiting for the stream's own machinery.
@@ -59,7 +70,9 @@ from typing import Any
 import trio
 from outcome import Error, Value
 
-from ..core.bridge import Bridge, Message, Reply
+from ..core.bridge import Bridge, Limits, Message, Reply
+from . import frames
+from .internals import PUMP, problems
 from .websocket import HELD, PART, WebSocket
 
 #: Hand-back: the next thing on the socket is for the ordinary read (get_message).
@@ -71,13 +84,35 @@ MAX_EVENTS = 1024
 #: The first poll window an idle driver tries (see :class:`PollWindow`).
 GROW_START = 10e-6
 
+#: Seconds :func:`prove` gives one message to cross a pump before it takes the pump for broken.
+PROOF_SECONDS = 2.0
+
 _MORE = object()  # a drain stopped at its budget: the socket may have more
-_FLAGS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+#: Whether this platform has epoll (read once: the relay imports and runs without it).
+HAVE_EPOLL = hasattr(select, "epoll") and hasattr(select, "EPOLLIN")
+_FLAGS = (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET) if HAVE_EPOLL else 0
+_HANGUP = (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR) if HAVE_EPOLL else 0
 
 log = logging.getLogger("relay")
 
 Step = Callable[[Message], "Message | Reply | object | None"]
+
+
+class StepFailed(Exception):
+    """A step raised something that is neither an Exception nor KeyboardInterrupt/SystemExit
+    (its ``__cause__``): its pair fails with this instead."""
+
+
+class _Moved(list):  # type: ignore[type-arg]
+    """No event for Trio, but truthy: the pump moved data in the round (see get_events)."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+
+_MOVED = _Moved()
 
 
 class Leg:
@@ -136,6 +171,9 @@ class Pump:
         self.busy = False  # see set_busy
         self._legs: dict[int, Leg] = {}
         self._driver: _Driver | None = None
+        #: Why the pump is not running, once :meth:`run` found it cannot (None: it can, or it
+        #: has not tried yet).
+        self.unavailable: str | None = None
 
     def set_busy(self, busy: bool) -> None:
         """A busy worker does not poll: its next message is seldom far off, and the core it
@@ -173,7 +211,13 @@ class Pump:
             if leg.fd < 0:
                 self._driver.watch(leg)
                 self._legs[leg.fd] = leg
-            while (out := _drain(leg)) is _MORE:
+            while True:
+                try:
+                    out = _drain(leg)
+                except BaseException as exc:  # the step's: raised here as from the pump's driver
+                    raise _for_task(exc)  # noqa: B904 (its own cause, if any)
+                if out is not _MORE:
+                    break
                 await trio.lowlevel.checkpoint()
         except BaseException:
             src.release_reading()
@@ -201,14 +245,21 @@ class Pump:
         if self._driver is not None:
             self._driver.unwatch(fd, leg)
 
-    async def run(self) -> None:
-        """Serve until cancelled; then every lent leg goes back to its task."""
-        self._driver = _Driver.attach(self)
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; then every lent leg goes back to its task.
+
+        Started (``nursery.start``) once the pump serves, or has found it cannot: then it
+        returns at once, with :attr:`unavailable` saying why (it never raises for that).
+        """
+        try:
+            self._driver = _Driver.attach(self)
+        except Exception as exc:  # e.g. Trio refused the driver in its I/O manager's place
+            self.unavailable = f"the pump could not take Trio's wait: {exc!r}"
+        else:
+            if self._driver is None:
+                self.unavailable = _unavailable() or "unknown"
+        task_status.started()
         if self._driver is None:
-            log.warning(
-                "this Trio run has no epoll I/O manager the relay can share: sessions are"
-                " relayed by their own tasks (slower; see relay.wire.pump)"
-            )
             return
         try:
             await trio.sleep_forever()
@@ -245,7 +296,12 @@ class _Driver:
         self._pumps: set[Pump] = set()
         self.window = PollWindow(0.0)
         self.polled = 0.0  # seconds spent polling, see Pump.polled
-        runner.io_manager = _WaitingThrough(io, self.get_events)  # until detach()
+        self._moved = False  # this get_events served a leg
+        try:
+            _set_io_manager(runner, _WaitingThrough(io, self.get_events))  # until detach()
+        except BaseException:
+            self._epoll.close()
+            raise
 
     @classmethod
     def attach(cls, pump: Pump) -> _Driver | None:
@@ -271,9 +327,11 @@ class _Driver:
         self._pumps.discard(pump)
         self.limit_polling()
         if not self._pumps:
-            self._runner.io_manager = self._runner.io_manager.io  # Trio waits on its own again
             _DRIVER.set(None)
             self._epoll.close()
+            waiting = self._runner.io_manager
+            if isinstance(waiting, _WaitingThrough):  # (else it never took: nothing to undo)
+                _set_io_manager(self._runner, waiting.io)  # Trio waits on its own again
 
     def watch(self, leg: Leg) -> None:
         fd = leg.src.fileno()
@@ -294,19 +352,33 @@ class _Driver:
             except OSError:
                 pass
 
+    @trio.lowlevel.enable_ki_protection  # (as all of Trio's run loop: KI goes to a task)
     def get_events(self, timeout: float) -> Any:
-        """Trio's run loop waits here: serve pumped legs until Trio has something to do."""
+        """Trio's run loop waits here: serve pumped legs until Trio has something to do.
+
+        Returns Trio's own events, or (none, but the pump moved data) something truthy, as
+        Trio's contract is: falsey only if the timeout expired with nothing done.
+        """
+        self._moved = False
         try:
             self._serve_until(timeout)
-        except Exception:
-            log.exception("the pump failed; its sessions go on through their own tasks")
-            for pump in list(self._pumps):
-                pump.stop()
-        return self._trio_wait(0)  # whatever Trio's epoll has now, without waiting
+        except Exception:  # the driver's own (a step's goes to its pair, see _serve)
+            log_safely("the pump failed; its sessions go on through their own tasks")
+            self._stop_all()
+        except BaseException:
+            self._stop_all()  # no leg left parked with a driver that is gone
+            raise
+        events = self._trio_wait(0)  # whatever Trio's epoll has now, without waiting
+        return _MOVED if self._moved and not events else events
+
+    def _stop_all(self) -> None:
+        for pump in list(self._pumps):
+            pump.stop()
 
     def _serve_until(self, timeout: float) -> None:
         """Serve ready legs for up to ``timeout`` s (one round if 0), until Trio's epoll has
-        events or a task is runnable."""
+        events or a task is runnable. The deadline is looked at every round, legs left over
+        from the last round or not: a flood on one socket never holds up Trio's timers."""
         epoll = self._epoll
         legs = self._legs
         ready = self._ready
@@ -314,14 +386,18 @@ class _Driver:
         runnable = self._runner.runq
         clock = self._runner.clock
         deadline = time.perf_counter() + timeout
+        first = True
         while True:
             wait = 0.0  # legs left over from the last round: serve them before waiting
-            if timeout > 0 and not ready:
+            if timeout > 0:
                 wait = deadline - time.perf_counter()
-                if wait <= 0:
+                if wait <= 0 and not first:
                     return
+            first = False
+            if wait > 0 and not ready:
                 events = self._idle(wait)
             else:
+                wait = 0.0
                 events = epoll.poll(0, MAX_EVENTS)
             trio_ready = False
             now = clock.current_time() if events else 0.0
@@ -359,10 +435,11 @@ class _Driver:
         return events
 
     def _serve(self, leg: Leg) -> None:
+        self._moved = True
         try:
             out = _drain(leg)
-        except Exception as exc:  # a bug in a step: it is the pair's to raise, not the process's
-            self.give_back(leg, Error(exc))
+        except BaseException as exc:  # a step's: its pair's to raise, not the run's
+            self.give_back(leg, Error(_for_task(exc)))
             return
         if out is _MORE:
             leg.queued = True
@@ -396,25 +473,119 @@ class _WaitingThrough:
         return getattr(self.io, name)
 
 
+def _unavailable() -> str | None:
+    """Why no pump can run in this Trio run (None: one can)."""
+    if not HAVE_EPOLL:
+        return "this platform has no epoll"
+    backend = trio.lowlevel.current_statistics().io_statistics.backend
+    if backend != "epoll":
+        return f"this Trio run waits with {backend}, not epoll"
+    missing = problems(PUMP)
+    if missing:
+        return "Trio's insides moved: " + "; ".join(missing)
+    from trio._core._run import GLOBAL_RUN_CONTEXT
+
+    if GLOBAL_RUN_CONTEXT.runner.is_guest:
+        return "Trio runs in guest mode"
+    return None
+
+
 def _trio_runner() -> Any | None:
     """This run's Trio runner, if the driver can share its epoll I/O manager."""
-    if trio.lowlevel.current_statistics().io_statistics.backend != "epoll":
+    if _unavailable() is not None:
         return None
-    try:
-        from trio._core._run import GLOBAL_RUN_CONTEXT
+    from trio._core._run import GLOBAL_RUN_CONTEXT
 
-        runner = GLOBAL_RUN_CONTEXT.runner
-        io = runner.io_manager
-        if (
-            runner.is_guest
-            or not callable(io.get_events)
-            or io._epoll.fileno() < 0
-            or runner.runq is None
-        ):
+    return GLOBAL_RUN_CONTEXT.runner
+
+
+def _set_io_manager(runner: Any, io: Any) -> None:
+    """Where the driver takes (and gives back) Trio's wait: the run loop calls
+    ``runner.io_manager.get_events`` (see relay.wire.internals)."""
+    runner.io_manager = io
+
+
+def _for_task(exc: BaseException) -> BaseException:
+    """What a step raised, as the task that lent its leg raises it: KeyboardInterrupt and
+    SystemExit as they are (they must end the run, and Trio raises them in tasks too), an
+    Exception as it is (its pair fails), anything else as StepFailed (no step may raise a
+    Cancelled or GeneratorExit of its own: its pair fails, not the run)."""
+    if isinstance(exc, (Exception, KeyboardInterrupt, SystemExit)):
+        return exc
+    failed = StepFailed(f"a step raised {exc!r}")
+    failed.__cause__ = exc
+    return failed
+
+
+def log_safely(message: str) -> None:
+    """Log an error with its traceback from inside Trio's wait: a handler that raises must
+    not end the run."""
+    try:
+        log.exception(message)
+    except Exception:
+        pass
+
+
+async def prove(pump: Pump, within: float | None = None) -> str | None:
+    """Relay one message through ``pump`` (serving in this run) over a loopback pair, the way
+    a session's is relayed; return why it could not (None: the pump works).
+
+    The leg is lent first and the message written after, so only the driver can relay it:
+    a pump whose driver Trio never calls relays nothing, and this says so after ``within``
+    seconds (default :data:`PROOF_SECONDS`).
+    """
+    timeout = PROOF_SECONDS if within is None else within
+    if not pump.running:
+        return pump.unavailable or "the pump is not running"
+    near_in, far_in = trio.socket.socketpair()
+    near_out, far_out = trio.socket.socketpair()
+    try:
+        bridge = Bridge(session_update="{}", limits=Limits(1, 1 << 16, 1 << 16))
+        bridge.upstream_opened()
+        while bridge.next_to_flush() is not None:
+            pass  # open: a client message goes through unchanged
+        src = WebSocket(trio.SocketStream(near_in), client=False, max_message_bytes=1 << 16)
+        dst = WebSocket(trio.SocketStream(near_out), client=False, max_message_bytes=1 << 16)
+        if not (src.pumpable and dst.pumpable):
+            return "Trio's sockets no longer show the OS socket under them"
+        leg = Leg(src, dst, bridge.client_message, bridge)
+        message = '{"type":"relay.pump.proof"}'
+        lent: list[object] = []
+        got: object = None
+        with trio.move_on_after(timeout) as waited:
+            async with trio.open_nursery() as nursery:
+
+                async def lend() -> None:
+                    lent.append(await pump.lend(leg))
+
+                nursery.start_soon(lend)
+                for _ in range(8):  # the task parks with the driver at its first checkpoint
+                    if leg.task is not None or lent:
+                        break
+                    await trio.lowlevel.checkpoint()
+                if leg.task is not None:
+                    await far_in.send(frames.frame(frames.OP_TEXT, message.encode(), mask=True))
+                    reader = frames.FrameReader(masked=False, max_message_bytes=1 << 16)
+                    while (got := reader.next()) is None and not lent:
+                        data = await far_out.recv(1 << 16)
+                        if not data:
+                            break
+                        reader.feed(data)
+                nursery.cancel_scope.cancel()
+        pump.forget(leg)
+        if got == message:
             return None
-    except (ImportError, AttributeError):
-        return None
-    return runner
+        if waited.cancelled_caught:
+            return (
+                f"no message crossed the pump in {timeout:g} s: Trio no longer waits through"
+                " the I/O manager's get_events that the pump replaces"
+            )
+        if lent:
+            return f"the pump gave the proof's leg back ({lent[0]!r}) instead of relaying it"
+        return "the pump did not take the proof's leg"
+    finally:
+        for sock in (near_in, far_in, near_out, far_out):
+            sock.close()
 
 
 def _drain(leg: Leg) -> object:

@@ -19,23 +19,34 @@
 * **Balanced accepts.** The workers of ``relay serve --workers N`` share one listening
   socket, and each takes its share of the connections (:mod:`relay.wire.balance`): Hypercorn's
   listeners are made :class:`~relay.wire.balance.BalancedListener` (:func:`balance_accepts`).
+
+Every Hypercorn name this touches is in :mod:`relay.wire.internals`. Before it changes
+anything, :func:`install` checks them: with one missing, it changes nothing (Hypercorn as it
+is: plain ASGI messages, and permessage-deflate whenever a client offers it), says so once,
+and :func:`problems` tells the app not to ask for sockets. Balanced accepts are checked the
+same way, on their own.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from math import inf
 from typing import Any
 
 import trio
-from hypercorn.events import Closed, RawData
+from hypercorn import events
 from hypercorn.protocol import ws_stream
 from hypercorn.trio import run as trio_run
 from hypercorn.trio import tcp_server
 from wsproto.events import Ping
 
+from . import internals
 from .balance import Balance, BalancedListener
+
+log = logging.getLogger("relay")
 
 #: The ASGI message an app sends instead of ``websocket.accept`` to take the socket.
 TAKE_OVER = "relay.wire.websocket.take_over"
@@ -43,10 +54,9 @@ TAKE_OVER = "relay.wire.websocket.take_over"
 #: The connection whose task spawned the app (Trio copies the context into new tasks).
 _connection: ContextVar[_TCPServer | None] = ContextVar("relay_hypercorn_connection", default=None)
 
-_original_accept = ws_stream.Handshake.accept
-_original_handle = ws_stream.WSStream.handle
-_original_app_send = ws_stream.WSStream.app_send
 _deflate = {"enabled": False}
+#: Hypercorn's own methods, kept when :func:`install` replaces them (once per process).
+_original: dict[str, Any] = {}
 
 
 def _accept(
@@ -56,7 +66,7 @@ def _accept(
 ) -> Any:
     if not _deflate["enabled"]:
         self.extensions = None  # as if the client had offered no extension
-    return _original_accept(self, subprotocol, additional_headers)
+    return _original["accept"](self, subprotocol, additional_headers)
 
 
 async def _send_pings(self: ws_stream.WSStream) -> None:
@@ -67,8 +77,9 @@ async def _send_pings(self: ws_stream.WSStream) -> None:
 
 
 def _stop_pings_once_closed(
-    method: Callable[..., Awaitable[None]],
+    method: Callable[..., Awaitable[None]], of: Callable[..., Awaitable[None]]
 ) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(of)  # (its signature, as relay.wire.internals checks it)
     async def wrapped(self: ws_stream.WSStream, event: Any) -> None:
         await method(self, event)
         if self.closed and (pings := getattr(self, "_relay_pings", None)) is not None:
@@ -77,7 +88,7 @@ def _stop_pings_once_closed(
     return wrapped
 
 
-class _TCPServer(tcp_server.TCPServer):
+class _TCPServer(getattr(tcp_server, "TCPServer", object)):  # type: ignore[misc]
     """Hypercorn's connection, able to stop reading and hand its stream to the app."""
 
     _reading: trio.CancelScope | None = None
@@ -110,10 +121,10 @@ class _TCPServer(tcp_server.TCPServer):
                     break
             if self._reading.cancelled_caught:
                 continue  # taken over: no byte was read
-            await self.protocol.handle(RawData(bytes(data)))
+            await self.protocol.handle(events.RawData(bytes(data)))
             if data == b"":
                 break
-        await self.protocol.handle(Closed())
+        await self.protocol.handle(events.Closed())
 
     def stop_reading(self) -> None:
         self._released = trio.Event()
@@ -128,7 +139,7 @@ class _TCPServer(tcp_server.TCPServer):
 
 async def _app_send(self: ws_stream.WSStream, message: Any) -> None:
     if message is None or message["type"] != TAKE_OVER:
-        await _original_app_send(self, message)
+        await _original["app_send"](self, message)
         return
     server = _connection.get()
     if server is None or self.closed or self.state != ws_stream.ASGIWebsocketState.HANDSHAKE:
@@ -173,17 +184,59 @@ class _TrioBalancingListeners:
 
 def balance_accepts(balance: Balance) -> None:
     """Have this process's Hypercorn accept its share of the connections on a listening
-    socket it shares with other workers (once per worker process, before it serves)."""
+    socket it shares with other workers (once per worker process, before it serves).
+
+    Where a name it relies on is missing, Hypercorn's own listeners accept instead (the
+    workers still share the socket, as the kernel wakes them) and a warning says so.
+    """
     global _balance
+    missing = internals.problems(internals.BALANCE)
+    if missing:
+        log.warning(
+            "Hypercorn's insides moved (%s): workers accept as the kernel wakes them, not"
+            " evenly (see relay.wire.balance)",
+            "; ".join(missing),
+        )
+        return
     _balance = balance
     trio_run.trio = _TrioBalancingListeners()  # type: ignore[assignment]
 
 
+def problems() -> tuple[str, ...]:
+    """What keeps the take-over from running with this Hypercorn (empty: nothing)."""
+    return internals.problems(internals.TAKEOVER)
+
+
 def install(*, permessage_deflate: bool) -> None:
-    """Apply the changes above; ``permessage_deflate`` says whether clients may negotiate it."""
+    """Apply the changes above, once per process, if every name they touch is where they
+    expect it (else none, with a warning: see :func:`problems`); ``permessage_deflate`` says
+    whether clients may negotiate it."""
     _deflate["enabled"] = permessage_deflate
-    ws_stream.Handshake.accept = _accept  # type: ignore[method-assign]
+    if _original:
+        return  # installed already
+    if problems():
+        _warn_once()
+        return
+    _original.update(
+        accept=ws_stream.Handshake.accept,
+        handle=ws_stream.WSStream.handle,
+        app_send=ws_stream.WSStream.app_send,
+    )
+    ws_stream.Handshake.accept = functools.wraps(_original["accept"])(_accept)  # type: ignore[method-assign]
     ws_stream.WSStream._send_pings = _send_pings  # type: ignore[method-assign]
-    ws_stream.WSStream.handle = _stop_pings_once_closed(_original_handle)  # type: ignore[method-assign]
-    ws_stream.WSStream.app_send = _stop_pings_once_closed(_app_send)  # type: ignore[method-assign]
+    ws_stream.WSStream.handle = _stop_pings_once_closed(_original["handle"], _original["handle"])  # type: ignore[method-assign]
+    ws_stream.WSStream.app_send = _stop_pings_once_closed(_app_send, _original["app_send"])  # type: ignore[method-assign]
     trio_run.TCPServer = _TCPServer  # type: ignore[misc]
+
+
+_warned: list[bool] = []
+
+
+def _warn_once() -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning(
+            "Hypercorn's insides moved (%s): WebSockets are served through plain ASGI messages"
+            " (slower), and permessage-deflate is negotiated whenever a client offers it",
+            "; ".join(problems()),
+        )
