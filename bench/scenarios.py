@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import procs
 from .wsclient import AudioFrames, Client, open_client
 
-PATH = "/v1/realtime?model=gpt-realtime"
+PATH = "/v1/realtime?model=gpt-realtime-2.1"
 PERIOD = 0.020
 """Each streaming session sends one 20 ms audio chunk per PERIOD."""
 SLOTS = 10
@@ -45,19 +45,18 @@ class Target:
     name: str
     port: int
     headers: dict[str, str]
-    wait_updated: bool
     pid: int | None = None
     """The relay's pid, when the target is the relay."""
     ssl: ssl.SSLContext | None = None
 
 
 def relay_target(relay: procs.Server) -> Target:
-    return Target("relay", relay.port, {}, True, relay.pid)
+    return Target("relay", relay.port, {}, relay.pid)
 
 
 def direct_target(echo: procs.Server) -> Target:
     headers = {"Authorization": f"Bearer {procs.API_KEY}"}
-    return Target("direct", echo.port, headers, False, ssl=procs.client_ssl(echo))
+    return Target("direct", echo.port, headers, ssl=procs.client_ssl(echo))
 
 
 #: A 503 refusal (the relay shedding a burst of connects) is retried like a real client would.
@@ -87,7 +86,6 @@ async def open_many(
                             target.port,
                             PATH,
                             target.headers,
-                            wait_updated=target.wait_updated,
                             ssl=target.ssl,
                         )
                     )
@@ -155,9 +153,7 @@ async def latency(relay: procs.Server, echo: procs.Server, count: int = 3000) ->
     loop = asyncio.get_running_loop()
     targets = (direct_target(echo), relay_target(relay))
     clients = [
-        await open_client(
-            procs.HOST, t.port, PATH, t.headers, wait_updated=t.wait_updated, ssl=t.ssl
-        )
+        await open_client(procs.HOST, t.port, PATH, t.headers, ssl=t.ssl)
         for t in targets
     ]
     figures: dict[str, list[int]] = {t.name: [] for t in targets}
@@ -629,7 +625,7 @@ async def coldstart(echo: procs.Server, runs: int = 5) -> str:
         try:
             await procs.wait_listening(relay)
             t_listen = time.perf_counter()
-            client = await open_client(procs.HOST, relay.port, PATH, {}, wait_updated=True)
+            client = await open_client(procs.HOST, relay.port, PATH, {})
             client.request_mode()
             client.waiter = asyncio.get_running_loop().create_future()
             client.send(b'{"type":"conversation.item.retrieve","item_id":"cold"}')

@@ -96,11 +96,8 @@ class StreamStats:
 class Client(asyncio.Protocol):
     """One WebSocket session to the relay or straight to the echo upstream."""
 
-    def __init__(
-        self, host: str, port: int, path: str, headers: dict[str, str], *, wait_updated: bool
-    ) -> None:
+    def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
         self.host, self.port, self.path, self.headers = host, port, path, headers
-        self.wait_updated = wait_updated
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -211,7 +208,7 @@ class Client(asyncio.Protocol):
             return
         if kind == "error":
             self.ready.set_exception(ConnectionError(f"error event: {payload[:200]!r}"))
-        elif kind == "session.updated" or (kind == "session.created" and not self.wait_updated):
+        elif kind == "session.created":  # through the relay, its session is in effect by then
             self.ready.set_result(None)
 
     def request_mode(self) -> None:
@@ -248,17 +245,16 @@ async def open_client(
     path: str,
     headers: dict[str, str],
     *,
-    wait_updated: bool,
     within: float = 15.0,
     ssl: ssl_module.SSLContext | None = None,
 ) -> Client:
-    """A connected session whose ``session.created`` (and ``session.updated``) arrived."""
+    """A connected session whose ``session.created`` arrived."""
     loop = asyncio.get_running_loop()
     client: Client | None = None
 
     def factory() -> Client:
         nonlocal client
-        client = Client(host, port, path, headers, wait_updated=wait_updated)
+        client = Client(host, port, path, headers)
         return client
 
     async with asyncio.timeout(within):

@@ -4,7 +4,7 @@ from collections import Counter
 
 from bench.scenarios import Staircase, StreamResult, Target
 
-TARGET = Target("relay", 1, {}, True)
+TARGET = Target("relay", 1, {})
 
 
 def run(n: int, held: bool) -> StreamResult:

@@ -20,8 +20,18 @@ import trio
 if TYPE_CHECKING:
     from .server.app import RelayApp
 
-from .config import SETTINGS, ConfigError, RelayConfig, Setting, coerce_setting, load_config
+from .config import (
+    SETTINGS,
+    ConfigError,
+    RelayConfig,
+    Setting,
+    coerce_setting,
+    deprecation_warning,
+    load_config,
+)
 from .ops.logs import configure_logging
+
+log = logging.getLogger("relay")
 
 #: What a flag's value looks like in ``--help``, where its type alone would not say.
 METAVARS: dict[str, str] = {
@@ -46,6 +56,7 @@ METAVARS: dict[str, str] = {
     "log_level": "{debug,info,warning,error}",
     "voice": "VOICE",
     "binary_frames": "{audio,reject}",
+    "safety_identifier": "{hash,off}",
 }
 _KIND_METAVARS = {"int": "N", "float": "SECONDS", "tuple[str, ...]": "A,B,..."}
 
@@ -279,6 +290,8 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         catch_early()  # a stop signal from here on drains and exits 0
         config = _config_from(args, environ)
         configure_logging(config.log_format, config.log_level, secrets=config.secrets)
+        if warning := deprecation_warning(config):
+            log.warning(warning)
         if not config.openai_api_key:
             raise ConfigError(
                 "OPENAI_API_KEY is not set: the relay needs it to open upstream sessions."

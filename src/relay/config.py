@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .core import models as realtime_models
 from .core.policy import Policy
 from .core.pricing import PriceTable
 from .usage.auth import parse_api_keys
@@ -248,11 +249,23 @@ class RelayConfig:
         "How the key is sent upstream: `header` (Authorization: Bearer) or `subprotocol`"
         " (openai-insecure-api-key.<key>).",
     )
-    model: str = _setting("gpt-realtime", "RELAY_MODEL", "Model used when a client names none.")
+    model: str = _setting(
+        realtime_models.DEFAULT, "RELAY_MODEL", "Model used when a client names none."
+    )
     models: tuple[str, ...] = _setting(
-        ("gpt-realtime", "gpt-realtime-mini"),
+        realtime_models.CURRENT,
         "RELAY_MODELS",
-        "Comma-separated models a client may pick with `?model=`; RELAY_MODEL is always allowed.",
+        "Comma-separated models a client may pick with `?model=`, or fnmatch patterns"
+        " (`gpt-realtime-2*`); RELAY_MODEL is always allowed. Default: today's models, none"
+        " deprecated; a deprecated one here or in RELAY_MODEL starts the relay with a warning"
+        " naming its shutdown date.",
+    )
+    safety_identifier: str = _setting(
+        "hash",
+        "RELAY_SAFETY_IDENTIFIER",
+        "`hash`: send `OpenAI-Safety-Identifier` upstream, a keyed hash of the client's user"
+        " (HMAC-SHA256 keyed from OPENAI_API_KEY; anonymous clients share one), so OpenAI can"
+        " tell one abusive user from the organisation; `off`: send none.",
     )
     host: str = _setting("127.0.0.1", "RELAY_HOST", "Address `relay serve` binds to.")
     port: int = _setting(8000, "RELAY_PORT", "Port `relay serve` binds to.")
@@ -493,8 +506,13 @@ class RelayConfig:
         return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
 
     @property
-    def allowed_models(self) -> frozenset[str]:
-        return frozenset((*self.models, self.model))
+    def allowed_models(self) -> tuple[str, ...]:
+        """RELAY_MODELS (names and fnmatch patterns) and RELAY_MODEL."""
+        return (*self.models, self.model) if self.model not in self.models else self.models
+
+    def allows_model(self, model: str) -> bool:
+        """Whether a client may connect with ``?model=model``."""
+        return realtime_models.allows(self.allowed_models, model)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -620,8 +638,15 @@ def load_config(
         values["store"] = default_store(environ)
     config = RelayConfig(**values)
     _validate(config)
-    # A client that may change session.model (it is locked by default) may pick only these.
-    return replace(config, policy=replace(config.policy, models=config.allowed_models))
+    # A client may change session.model only to one of these (if it is not locked), and a
+    # locked field's value equal to the relay's own session's is no change.
+    policy = replace(config.policy, models=config.allowed_models, session=config.session_object())
+    return replace(config, policy=policy)
+
+
+def deprecation_warning(config: RelayConfig) -> str | None:
+    """The warning to log at start when the configuration names a deprecated model."""
+    return realtime_models.deprecation_warning(config.model, config.models)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -725,7 +750,11 @@ def _validate(config: RelayConfig) -> None:
             f"RELAY_BINARY_FRAMES must be 'audio' or 'reject', got {config.binary_frames!r}"
         )
     if not config.model:
-        raise ConfigError("RELAY_MODEL must name a model, e.g. gpt-realtime")
+        raise ConfigError(f"RELAY_MODEL must name a model, e.g. {realtime_models.DEFAULT}")
+    if config.safety_identifier not in ("hash", "off"):
+        raise ConfigError(
+            f"RELAY_SAFETY_IDENTIFIER must be 'hash' or 'off', got {config.safety_identifier!r}"
+        )
     if not 0 <= config.port < 65536:
         raise ConfigError(f"RELAY_PORT must be 0-65535, got {config.port}")
     for name in (
@@ -746,6 +775,13 @@ def _validate(config: RelayConfig) -> None:
         raise ConfigError("RELAY_MAX_SESSIONS_PER_USER and RELAY_DAILY_TOKEN_BUDGET must be >= 0")
     if config.daily_budget_usd < 0 or config.records_retention_days < 0:
         raise ConfigError("RELAY_DAILY_BUDGET_USD and RELAY_RECORDS_RETENTION_DAYS must be >= 0")
+    patterns = [m for m in config.allowed_models if realtime_models.is_pattern(m)]
+    if config.daily_budget_usd and patterns:
+        raise ConfigError(
+            f"RELAY_DAILY_BUDGET_USD needs a price for every model a client may use, and the"
+            f" RELAY_MODELS pattern {patterns[0]!r} admits models that have none: name the models"
+            f" instead. Priced: {', '.join(sorted(config.prices))}."
+        )
     unpriced = sorted(m for m in config.allowed_models if m not in config.prices)
     if config.daily_budget_usd and unpriced:
         raise ConfigError(

@@ -55,10 +55,20 @@ class UpstreamConnection:
         return message
 
 
-async def greet(conn: UpstreamConnection) -> None:
-    """The simplest upstream script: accept, send session.created, read until the relay leaves."""
+async def open_session(conn: UpstreamConnection) -> WebSocketConnection:
+    """Open a session as the Realtime API does: accept, send ``session.created``, answer the
+    relay's own ``session.update`` (its first message) with ``session.updated``. The client
+    then gets ``{"type":"session.created"}`` as it was sent."""
     ws = await conn.accept()
     await ws.send_message('{"type":"session.created"}')
+    await conn.receive()
+    await ws.send_message('{"type":"session.updated"}')
+    return ws
+
+
+async def greet(conn: UpstreamConnection) -> None:
+    """The simplest upstream script: open a session, read until the relay leaves."""
+    await open_session(conn)
     while True:
         await conn.receive()
 

@@ -26,6 +26,9 @@ from ..leaks import check_client_sees_no_upstream_key
 
 SECRET = "sk-memory-secret-7f3a9c"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime","instructions":"x"}}'
+#: How the Realtime API opens a session: session.created, then (the relay's session.update
+#: being the first message it reads) the session.updated that answers it.
+OPENING = ('{"type":"session.created"}', '{"type":"session.updated"}')
 DIAL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
 SEND_TIMEOUT = 3.0

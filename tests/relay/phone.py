@@ -110,14 +110,15 @@ class MockDialer:
     mock: MockServer
     nursery: trio.Nursery
 
-    def target(self, model: str) -> MockUpstream:
-        return MockUpstream(self, model)
+    def target(self, model: str, safety_identifier: str | None = None) -> MockUpstream:
+        return MockUpstream(self, model, safety_identifier)
 
 
 @dataclass
 class MockUpstream:
     dialer: MockDialer
     model: str
+    safety_identifier: str | None = None
 
     async def connect(self) -> trio.abc.Stream:
         return self.dialer.mock.memory_stream(self.dialer.nursery)
@@ -129,7 +130,9 @@ class MockUpstream:
             resource=f"/v1/realtime?model={self.model}",
             ssl_context=None,
             subprotocols=None,
-            headers=((b"authorization", f"Bearer {TEST_KEY}".encode()),),
+            headers=((b"authorization", f"Bearer {TEST_KEY}".encode()),)
+            + (((b"openai-safety-identifier", self.safety_identifier.encode()),)
+               if self.safety_identifier else ()),
             max_message_bytes=1 << 24,
         ).handshake(stream)
 

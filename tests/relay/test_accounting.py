@@ -16,6 +16,7 @@ import trio
 from trio_websocket import ConnectionRejected
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
+from relay.core.pricing import dollars, tokens_of
 from relay.usage.accounting import Accounting
 from relay.usage.auth import Identity, Refusal, hash_key
 from relay.usage.store import UsageDelta, usage_from_response_done
@@ -111,7 +112,10 @@ async def test_a_session_is_accounted_and_the_counters_survive_a_restart(tmp_pat
     assert table[0].split()[:3] == ["day", "user", "sessions"]
     assert table[1].split()[1:3] == ["alice", "1"]
     assert table[0].split()[-4:] == ["total", "tokens", "cost", "$"]
-    assert table[1].split()[-2:] == [str(row["total_tokens"]), "0.000000"]  # gpt-realtime: no price
+    # The default model (gpt-realtime-2.1) has a built-in price: the turn cost what it says.
+    cost = relay.app.config.prices.cost(relay.app.config.model, tokens_of(events[-1]))
+    assert cost is not None and cost > 0
+    assert table[1].split()[-2:] == [str(row["total_tokens"]), f"{dollars(cost):.6f}"]
     as_json = subprocess.run(
         [sys.executable, "-m", "relay", "usage", "--store", store, "--json"],
         capture_output=True, text=True, timeout=30, check=True,

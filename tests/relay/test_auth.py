@@ -9,7 +9,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.usage.auth import Authenticator, Refusal, hash_key, parse_api_keys
+from relay.usage.auth import (
+    Authenticator,
+    Identity,
+    Refusal,
+    hash_key,
+    parse_api_keys,
+    safety_identifier,
+    safety_key,
+)
 
 SECRET = "jwt-shared-secret-for-tests-0123456789abcdef"
 KEY = "rk_alice_key"
@@ -106,6 +114,34 @@ def test_a_page_from_another_origin_is_refused_with_403() -> None:
     assert (refused.status, refused.code) == (403, "origin_not_allowed")
     assert checked.authenticate([(b"origin", b"https://app.example"), *bearer(KEY)], []).user == "alice"
     assert checked.authenticate(bearer(KEY), []).user == "alice"  # servers send no Origin
+
+
+@pytest.mark.parametrize("allowed", [["https://app.example"], []])
+def test_two_origin_headers_are_refused_with_403_whatever_the_allow_list(allowed: list[str]) -> None:
+    """Only one could be checked; a proxy that adds its own must not let a page pass."""
+    checked = auth(allowed_origins=allowed)
+    for order in ([b"https://evil.example", b"https://app.example"],
+                  [b"https://app.example", b"https://evil.example"]):
+        headers = [(b"origin", origin) for origin in order] + bearer(KEY)
+        refused = refusal(lambda: checked.authenticate(headers, []))  # noqa: B023
+        assert (refused.status, refused.code) == (403, "origin_not_allowed")
+        assert "more than one Origin" in refused.message
+
+
+def test_the_safety_identifier_is_a_stable_keyed_hash_of_the_user() -> None:
+    import hashlib
+
+    key = safety_key("sk-upstream-key-one")
+    alice = safety_identifier(key, Identity("alice", "api_key"))
+    assert alice == safety_identifier(safety_key("sk-upstream-key-one"), Identity("alice", "jwt"))
+    assert len(alice) == 32 and int(alice, 16) >= 0
+    assert alice != safety_identifier(key, Identity("bob", "api_key"))
+    assert alice != safety_identifier(safety_key("sk-upstream-key-two"), Identity("alice", "api_key"))
+    # Hashing a guessed name without the relay's key does not find it.
+    assert alice not in (hashlib.sha256(b"alice").hexdigest()[:32], hashlib.sha256(b"user:alice").hexdigest()[:32])
+    # Anonymous clients share one identifier, which a user named "anonymous" does not get.
+    anonymous = safety_identifier(key, Identity("anonymous", "anonymous"))
+    assert anonymous != safety_identifier(key, Identity("anonymous", "api_key"))
 
 
 def test_api_key_entries_must_be_hashes() -> None:

@@ -83,13 +83,13 @@ async def test_a_valid_token_opens_a_session(kwargs: dict) -> None:
 
 
 async def test_a_token_limited_to_one_model_cannot_open_another() -> None:
-    headers = [(b"authorization", b"Bearer " + signed({"model": "gpt-realtime-mini"}).encode())]
+    headers = [(b"authorization", b"Bearer " + signed({"model": "gpt-realtime-2"}).encode())]
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(greet) as up, running_relay(upstream_url=up.url, **settings()) as relay:
-            async with connect(relay.url + "/v1/realtime?model=gpt-realtime", extra_headers=headers) as ws:
+            async with connect(relay.url + "/v1/realtime?model=gpt-realtime-2.1", extra_headers=headers) as ws:
                 messages, code, _ = await receive_until_closed(ws)
             assert error_codes(messages) == ["invalid_model"] and code == 4000
-            async with connect(relay.url + "/v1/realtime?model=gpt-realtime-mini", extra_headers=headers) as ws:
+            async with connect(relay.url + "/v1/realtime?model=gpt-realtime-2", extra_headers=headers) as ws:
                 assert await ws.get_message() == '{"type":"session.created"}'
             assert len(up.connections) == 1
 

@@ -6,10 +6,25 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from relay.core.bridge import Bridge, BridgeError, Cause, Ending, Limits, Phase, Reply
+from relay.core.bridge import (
+    SETUP_EVENT_ID,
+    Amended,
+    Batch,
+    Bridge,
+    BridgeError,
+    Cause,
+    Ending,
+    Limits,
+    Phase,
+    Reply,
+)
 from relay.core.closecodes import clip_reason, sendable
-from relay.core.policy import Policy
+from relay.core.policy import Policy, Screened
+
+from .bridges import CREATED, UPDATED, flush_all, start
 
 SECRET = "sk-secret-key-abcdefghijklmnop"
 SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime"}}'
@@ -21,11 +36,6 @@ def make_bridge(**limits: int) -> Bridge:
     return Bridge(session_update=SESSION_UPDATE, limits=Limits(**values), secret=SECRET)
 
 
-def flush_all(bridge: Bridge) -> list[str | bytes]:
-    out = []
-    while (data := bridge.next_to_flush()) is not None:
-        out.append(data)
-    return out
 
 
 def error_code(text: str) -> str:
@@ -107,10 +117,15 @@ def test_binary_frames_are_refused_with_an_error_when_configured() -> None:
         limits=Limits(8, 1000, 500),
         binary_as_audio=False,
     )
-    out = bridge.client_message(b"\x00\x01")
-    assert isinstance(out, Reply)
-    assert error_code(out.text) == "relay_binary_not_supported"
+    assert bridge.client_message(b"\x00\x01") is None  # the refusal waits for session.created
     assert bridge.phase is Phase.CONNECTING  # the session goes on
+    bridge.upstream_opened()
+    assert flush_all(bridge) == [SESSION_UPDATE]
+    opening = start(bridge)
+    assert [orjson.loads(t)["type"] for t in opening] == ["session.created", "error"]
+    assert error_code(opening[1]) == "relay_binary_not_supported"
+    out = bridge.client_message(b"\x00\x01")  # once started, at once
+    assert isinstance(out, Reply) and error_code(out.text) == "relay_binary_not_supported"
 
 
 @pytest.mark.parametrize(
@@ -314,9 +329,10 @@ def open_bridge(policy: Policy | None = None, **limits: int) -> Bridge:
 
 def test_audio_takes_the_short_path_only_where_the_general_one_would_pass_it_unchanged() -> None:
     bridge = open_bridge(Policy())
+    start(bridge)
     assert bridge.client_message(APPEND) is APPEND
     assert bridge.upstream_message(DELTA) is DELTA
-    assert (bridge.traffic.client_messages, bridge.traffic.upstream_messages) == (1, 1)
+    assert (bridge.traffic.client_messages, bridge.traffic.upstream_messages) == (1, 3)
     # Still every other rule: the size limit, the policy's lists, the key's redaction.
     too_big = open_bridge(Policy(), max_message_bytes=len(APPEND) - 1).client_message(APPEND)
     assert isinstance(too_big, Ending) and too_big.cause is Cause.MESSAGE_TOO_BIG
@@ -326,6 +342,7 @@ def test_audio_takes_the_short_path_only_where_the_general_one_would_pass_it_unc
             upstream_events_denied=frozenset({"response.output_audio.delta"}),
         )
     )
+    start(strict)
     refused = strict.client_message(APPEND)
     assert isinstance(refused, Reply) and error_code(refused.text) == "relay_event_not_allowed"
     assert strict.upstream_message(DELTA) is None
@@ -336,3 +353,227 @@ def test_audio_takes_the_short_path_only_where_the_general_one_would_pass_it_unc
     assert waiting.client_message(APPEND) is None
     waiting.upstream_opened()
     assert flush_all(waiting) == [SESSION_UPDATE, APPEND]
+
+
+
+# -- the relay is invisible in the event stream (invariant 8) ---------------------------
+
+
+class Notes:
+    """An observer that writes down what the operator hears of a session."""
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[str | None, tuple[str, ...]]] = []
+        self.setup: list[tuple[str, str]] = []
+
+    def screened(self, screened: Screened) -> None:
+        self.fields.append((screened.kind, screened.fields))
+
+    def setup_refused(self, code: str, message: str) -> None:
+        self.setup.append((code, message))
+
+
+def opened(policy: Policy | None = None, observer: Notes | None = None, **limits: int) -> Bridge:
+    """A bridge whose upstream is open and flushed, before any upstream event."""
+    values = {"queue_messages": 8, "queue_bytes": 10_000, "max_message_bytes": 5000}
+    values.update(limits)
+    bridge = Bridge(
+        session_update=SESSION_UPDATE,
+        limits=Limits(**values),
+        secret=SECRET,
+        policy=policy if policy is not None else Policy(),
+        observer=observer,
+    )
+    bridge.upstream_opened()
+    flush_all(bridge)
+    return bridge
+
+
+def kinds(texts: tuple[str | bytes, ...]) -> list[str]:
+    return [orjson.loads(t)["type"] for t in texts]
+
+
+def test_session_created_waits_for_the_answer_and_carries_the_relays_session() -> None:
+    bridge = opened()
+    assert bridge.upstream_message(CREATED) is None
+    batch = bridge.upstream_message(
+        '{"type":"session.updated","event_id":"event_up2","session":{"instructions":"persona",'
+        '"audio":{"output":{"voice":"marin"}}}}'
+    )
+    assert isinstance(batch, Batch) and len(batch.texts) == 1
+    created = orjson.loads(batch.texts[0])
+    assert (created["type"], created["event_id"]) == ("session.created", "event_up1")
+    assert created["session"] == {"audio": {"output": {"voice": "marin"}}}  # redacted as configured
+    # From now on every session.updated answers one of the client's own updates, and passes.
+    mine = '{"type":"session.updated","event_id":"e3","session":{"output_modalities":["text"]}}'
+    assert bridge.upstream_message(mine) == mine
+
+
+def test_nothing_of_the_relays_own_comes_before_session_created() -> None:
+    strict = Policy(client_events_denied=frozenset({"conversation.item.delete"}))
+    bridge = Bridge(session_update=SESSION_UPDATE, limits=Limits(8, 10_000, 5000), policy=strict)
+    assert bridge.client_message('{"type":"conversation.item.delete","event_id":"d1"}') is None
+    assert bridge.idle_warning(10, 60) is None
+    bridge.upstream_opened()
+    flush_all(bridge)
+    assert bridge.client_message('{"type":"conversation.item.delete","event_id":"d2"}') is None
+    opening = start(bridge)
+    assert kinds(opening) == ["session.created", "error", "error", "error"]
+    assert [orjson.loads(t)["error"]["event_id"] for t in opening[1:]] == ["d1", None, "d2"]
+    assert error_code(opening[2]) == "relay_idle_warning"
+    out = bridge.client_message('{"type":"conversation.item.delete","event_id":"d3"}')
+    assert isinstance(out, Reply)  # now at once
+
+
+def test_upstream_events_between_session_created_and_the_answer_are_held_in_order() -> None:
+    bridge = opened()
+    bridge.upstream_message(CREATED)
+    early = ['{"type":"rate_limits.updated","n":1}', '{"type":"response.output_audio.delta","delta":"AA"}']
+    assert [bridge.upstream_message(e) for e in early] == [None, None]
+    batch = bridge.upstream_message(UPDATED)
+    assert isinstance(batch, Batch) and list(batch.texts[1:]) == early
+    delta = '{"type":"response.output_audio.delta","delta":"BB"}'
+    assert bridge.upstream_message(delta) is delta  # past the start: the short path again
+
+
+def test_holding_is_bounded_like_the_pre_open_queue() -> None:
+    bridge = opened(queue_messages=2)
+    bridge.upstream_message(CREATED)
+    assert bridge.upstream_message('{"type":"a"}') is None
+    assert bridge.upstream_message('{"type":"b"}') is None
+    ending = bridge.upstream_message('{"type":"c"}')
+    assert isinstance(ending, Ending) and ending.cause is Cause.QUEUE_OVERFLOW
+    assert (ending.client_code, ending.upstream_code) == (1013, 1000)
+    assert error_code(ending.error) == "relay_queue_overflow"
+    assert "session.created" in orjson.loads(ending.error)["error"]["message"]
+
+
+def test_the_relays_update_refused_is_reported_and_the_client_still_gets_session_created_first() -> None:
+    notes = Notes()
+    bridge = opened(observer=notes)
+    bridge.upstream_message(CREATED)
+    refusal = orjson.dumps({"type": "error", "event_id": "event_up2", "error": {
+        "type": "invalid_request_error", "code": "unknown_parameter", "param": "session.bogus",
+        "message": "Unknown parameter: 'session.bogus'.", "event_id": SETUP_EVENT_ID}}).decode()
+    batch = bridge.upstream_message(refusal)
+    assert isinstance(batch, Batch)
+    assert kinds(batch.texts) == ["session.created", "error"]
+    assert orjson.loads(batch.texts[0])["session"] == {}  # the upstream's own, redacted
+    assert batch.texts[1] == refusal
+    assert notes.setup == [("unknown_parameter", "Unknown parameter: 'session.bogus'.")]
+
+
+def test_an_error_about_something_else_does_not_answer_the_relays_update() -> None:
+    bridge = opened()
+    bridge.upstream_message(CREATED)
+    other = '{"type":"error","error":{"code":"x","message":"m","event_id":"client_1"}}'
+    assert bridge.upstream_message(other) is None  # held
+    batch = bridge.upstream_message(UPDATED)
+    assert isinstance(batch, Batch) and batch.texts[1:] == (other,)
+
+
+def test_events_before_session_created_pass_as_they_come() -> None:
+    """The Realtime API refuses a connection with an error and a close, and no session."""
+    bridge = opened()
+    error = '{"type":"error","error":{"code":"invalid_model","message":"no"}}'
+    assert bridge.upstream_message(error) is error
+    ending = bridge.upstream_closed(4000, "invalid_request_error.invalid_model")
+    assert ending is not None and (ending.client_code, ending.error) == (4000, None)
+
+
+def test_an_upstream_that_closes_before_the_answer_closes_as_before() -> None:
+    bridge = opened()
+    bridge.upstream_message(CREATED)
+    ending = bridge.upstream_closed(1011, "server error")
+    assert ending is not None and (ending.client_code, ending.client_reason) == (1011, "server error")
+    assert bridge.upstream_message(UPDATED) is None  # nothing after the end
+
+
+def test_a_client_that_never_sends_anything_gets_session_created() -> None:
+    bridge = opened()
+    assert kinds(start(bridge)) == ["session.created"]
+    assert bridge.traffic.client_messages == 0
+
+
+def test_a_notice_about_a_removed_tool_follows_the_event_it_is_about() -> None:
+    notes = Notes()
+    tool = {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example/"}
+    update = orjson.dumps({"type": "session.update", "session": {"tools": [tool]}}).decode()
+    bridge = opened(observer=notes)
+    early = bridge.client_message(update)  # before session.created: the event goes, the notice waits
+    assert orjson.loads(early) == {"type": "session.update", "session": {"tools": []}}
+    opening = start(bridge)
+    assert kinds(opening) == ["session.created", "error"]
+    assert error_code(opening[1]) == "relay_mcp_server_not_allowed"
+    late = bridge.client_message(update)
+    assert isinstance(late, Amended) and orjson.loads(late.text)["session"] == {"tools": []}
+    assert error_code(late.notice) == "relay_mcp_server_not_allowed"
+    assert notes.fields == [("session.update", ("mcp_server",))] * 2
+
+
+def test_the_operator_hears_of_every_dropped_field() -> None:
+    notes = Notes()
+    bridge = opened(Policy(locked=frozenset({"instructions", "model"})).for_session("m"), notes)
+    start(bridge)
+    out = bridge.client_message('{"type":"session.update","session":{"instructions":"x","model":"n"}}')
+    assert orjson.loads(out) == {"type": "session.update", "session": {}}
+    bridge.client_message('{"type":"session.update","session":{"model":"m"}}')  # no change
+    assert notes.fields == [("session.update", ("instructions", "model"))]
+
+
+# A property over the start: the upstream opens with session.created, sends events, answers
+# the relay's update (a session.updated or an error naming it) among them; the client sends
+# events, some refused, at any point in between.
+UPSTREAM_EVENT = st.sampled_from(
+    ['{"type":"rate_limits.updated"}', '{"type":"response.output_audio.delta","delta":"AA"}',
+     '{"type":"conversation.item.added"}', '{"type":"error","error":{"code":"x","event_id":null}}']
+)
+#: After the answer, a session.updated answers one of the client's own updates.
+LATER_EVENT = UPSTREAM_EVENT | st.just('{"type":"session.updated","session":{"mine":1}}')
+CLIENT_EVENT = st.sampled_from(
+    ['{"type":"conversation.item.delete"}', '{"type":"response.cancel"}', "not json"]
+)
+SETUP_ERROR = orjson.dumps({"type": "error", "error": {"code": "bad", "message": "m", "event_id": SETUP_EVENT_ID}}).decode()
+
+
+@given(
+    before=st.lists(UPSTREAM_EVENT, max_size=4),
+    after=st.lists(LATER_EVENT, max_size=4),
+    answer=st.sampled_from([UPDATED, SETUP_ERROR]),
+    client=st.lists(st.tuples(st.integers(0, 12), CLIENT_EVENT), max_size=6),
+)
+def test_the_client_sees_the_stream_the_api_would_send(
+    before: list[str], after: list[str], answer: str, client: list[tuple[int, str]]
+) -> None:
+    strict = Policy(client_events_denied=frozenset({"conversation.item.delete"}))
+    bridge = opened(strict, queue_messages=64)
+    upstream = [CREATED, *before, answer, *after]
+    seen: list[str] = []
+    sent_up: list[str] = []
+
+    def deliver(out: object) -> None:
+        if isinstance(out, Batch):
+            seen.extend(out.texts)  # type: ignore[arg-type]
+        elif isinstance(out, Reply):
+            seen.append(out.text)
+        elif out is not None:
+            seen.append(out)  # type: ignore[arg-type]
+
+    for i in range(len(upstream) + 1):
+        for at, message in client:
+            if at == i or (i == len(upstream) and at > i):
+                out = bridge.client_message(message)
+                if isinstance(out, str):
+                    sent_up.append(out)
+                else:
+                    deliver(out)
+        if i < len(upstream):
+            deliver(bridge.upstream_message(upstream[i]))
+    assert kinds(tuple(seen))[0] == "session.created"
+    relay_own = [t for t in seen if orjson.loads(t).get("event_id", "").startswith("event_relay")]
+    refused = [m for _, m in client if m != '{"type":"response.cancel"}']
+    assert len(relay_own) == len(refused)  # one error per refused event, none lost
+    upstream_seen = [t for t in seen[1:] if t not in relay_own]
+    expected = [e for e in upstream if e not in (CREATED, UPDATED)]  # the answer is never seen
+    assert upstream_seen == expected
+    assert sent_up == ['{"type":"response.cancel"}'] * (len(client) - len(refused))

@@ -16,6 +16,7 @@ import trio
 
 from mockrealtime import MockServer
 from mockrealtime.calls import MockCall
+from relay.core.policy import Policy
 from relay.core.sideband import Sideband
 from relay.server.sideband import CallEnd
 
@@ -23,6 +24,8 @@ from .harness import TEST_KEY, RunningRelay
 from .test_accounting import ALICE, relays_and_mock, rows
 
 TIMEOUT = 15
+#: A policy that locks the persona too (by default only the model is locked).
+LOCKED = Policy(locked=frozenset({"instructions", "tools", "model"}))
 BEARER = {"authorization": f"Bearer {ALICE}"}
 OFFER = (
     "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
@@ -106,7 +109,7 @@ async def test_the_sdk_creates_a_call_and_the_session_it_asks_for_is_the_relays(
                     sdp=OFFER,
                     session={
                         "type": "realtime",
-                        "model": "gpt-realtime-mini",
+                        "model": "gpt-realtime-2.1-mini",
                         "instructions": "Be a pirate.",
                     },
                 )
@@ -114,7 +117,7 @@ async def test_the_sdk_creates_a_call_and_the_session_it_asks_for_is_the_relays(
                 return raw.headers["location"].rsplit("/", 1)[1]
 
             call = mock.calls[await trio.to_thread.run_sync(create)]
-            assert call.model == "gpt-realtime-mini"  # a model of RELAY_MODELS may be picked
+            assert call.model == "gpt-realtime-2.1-mini"  # a model of RELAY_MODELS may be picked
             assert instructions(call) == relay.app.config.session_object()["instructions"]
 
 
@@ -161,7 +164,7 @@ async def test_a_call_is_accounted_from_its_sidebands_response_done() -> None:
 
 async def test_a_locked_field_the_browser_changes_is_put_back_by_the_sideband() -> None:
     with trio.fail_after(TIMEOUT):
-        async with relay_and_mock() as (relay, mock):
+        async with relay_and_mock(policy=LOCKED) as (relay, mock):
             call = await watched_call(relay, mock)
             relays = relay.app.config.session_object()["instructions"]
             call.peer_send(

@@ -12,7 +12,7 @@ from relay.config import SETTINGS, ConfigError, load_config
 def test_defaults_need_nothing_but_give_the_real_api() -> None:
     config = load_config({})
     assert config.upstream_url == "wss://api.openai.com/v1/realtime"
-    assert config.model == "gpt-realtime"
+    assert config.model == "gpt-realtime-2.1"
     assert config.port == 8000
     assert config.session_object()["type"] == "realtime"
 
@@ -24,7 +24,7 @@ def test_environment_values_are_typed() -> None:
     )
     assert (config.port, config.dial_timeout, config.models) == (9001, 2.5, ("a", "b"))
     assert config.permessage_deflate is True
-    assert config.allowed_models == {"a", "b", "gpt-realtime"}
+    assert config.allowed_models == ("a", "b", "gpt-realtime-2.1")
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,7 @@ def test_environment_values_are_typed() -> None:
         ({"RELAY_UPSTREAM_URL": "wss://x/v1/realtime?model=a"}, "RELAY_UPSTREAM_URL"),
         ({"RELAY_UPSTREAM_AUTH": "query"}, "RELAY_UPSTREAM_AUTH"),
         ({"RELAY_BINARY_FRAMES": "drop"}, "RELAY_BINARY_FRAMES"),
+        ({"RELAY_SAFETY_IDENTIFIER": "plain"}, "RELAY_SAFETY_IDENTIFIER"),
         ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
         ({"RELAY_TWILIO_DTMF": "tones"}, "RELAY_TWILIO_DTMF"),
         ({"RELAY_TWILIO_MAX_CALLS": "-1"}, "RELAY_TWILIO_MAX_CALLS"),
@@ -53,12 +54,12 @@ def test_a_bad_setting_stops_start_up_and_names_itself(env: dict, named: str) ->
 def test_toml_file_sets_values_and_the_session(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
-        'model = "gpt-realtime-mini"\nqueue_messages = 3\n'
+        'model = "gpt-realtime-2"\nqueue_messages = 3\n'
         '[session]\ninstructions = "Speak like a pirate."\n'
         '[session.audio.output]\nvoice = "cedar"\n'
     )
     config = load_config({"RELAY_CONFIG": str(path), "RELAY_VOICE": "ash"})
-    assert config.model == "gpt-realtime-mini"
+    assert config.model == "gpt-realtime-2"
     assert config.queue_messages == 3
     session = config.session_object()
     assert session["instructions"] == "Speak like a pirate."

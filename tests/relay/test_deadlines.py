@@ -12,7 +12,10 @@ import trio.testing
 from relay.core.bridge import Cause
 from relay.core.deadlines import Deadlines, Due
 
-from .memory import ClientScript, Outcome, UpstreamScript, run_pair
+from .memory import OPENING, ClientScript, Outcome, UpstreamScript, run_pair
+
+#: An upstream that opens the session as the Realtime API does, then says nothing.
+OPENS = UpstreamScript(events=OPENING, gaps=(0.0, 0.0))
 
 
 def run(client: ClientScript, upstream: UpstreamScript, **limits: float) -> tuple[Outcome, float]:
@@ -70,10 +73,10 @@ def test_limits_of_zero_are_off() -> None:
 
 def test_an_idle_pair_is_warned_then_closed_4008_and_the_upstream_closed_1000() -> None:
     quiet_client = ClientScript(closes_after=None)
-    outcome, start = run(quiet_client, UpstreamScript(), idle_seconds=60, warning_lead=10)
+    outcome, start = run(quiet_client, OPENS, idle_seconds=60, warning_lead=10)
     assert outcome.ending.cause is Cause.IDLE_TIMEOUT
     assert errors(outcome.client.received) == ["relay_idle_warning", "relay_idle_timeout"]
-    warning = orjson.loads(outcome.client.received[0])["error"]["message"]
+    warning = orjson.loads(outcome.client.received[1])["error"]["message"]
     assert "closes in 10 s" in warning
     assert outcome.client.close_code == 4008
     assert outcome.client.closed_at == pytest.approx(start + 60)
@@ -84,7 +87,9 @@ def test_traffic_either_way_keeps_a_pair_alive() -> None:
     client = ClientScript(
         messages=('{"type":"input_audio_buffer.clear"}',) * 3, gaps=(40.0, 40.0, 40.0), closes_after=None
     )
-    upstream = UpstreamScript(events=('{"type":"rate_limits.updated"}',) * 2, gaps=(150.0, 40.0))
+    upstream = UpstreamScript(
+        events=(*OPENING, *('{"type":"rate_limits.updated"}',) * 2), gaps=(0.0, 0.0, 150.0, 40.0)
+    )
     outcome, start = run(client, upstream, idle_seconds=60, warning_lead=10)
     # Client messages at 40, 80, 120; upstream events at 150 and 190; then quiet: warned at 240.
     assert outcome.client.closed_at == pytest.approx(start + 190 + 60)
@@ -95,7 +100,7 @@ def test_traffic_either_way_keeps_a_pair_alive() -> None:
 def test_a_session_at_its_maximum_length_is_warned_then_closed_1001() -> None:
     appends = tuple(f'{{"type":"input_audio_buffer.append","audio":"{n:04d}"}}' for n in range(12))
     client = ClientScript(messages=appends, gaps=(10.0,) * 12, closes_after=None)
-    outcome, start = run(client, UpstreamScript(), max_seconds=100, warning_lead=30)
+    outcome, start = run(client, OPENS, max_seconds=100, warning_lead=30)
     assert outcome.ending.cause is Cause.SESSION_EXPIRED
     assert errors(outcome.client.received) == ["relay_session_ending_soon", "session_expired"]
     assert outcome.client.close_code == 1001

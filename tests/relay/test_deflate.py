@@ -12,7 +12,7 @@ import pytest
 import trio
 from websockets.sync.client import connect as sync_connect
 
-from .harness import UpstreamConnection, running_relay, scripted_upstream
+from .harness import UpstreamConnection, open_session, running_relay, scripted_upstream
 
 TIMEOUT = 20
 #: Big and repetitive enough that a compressing client really sends a compressed frame.
@@ -20,9 +20,7 @@ MESSAGE = '{"type":"conversation.item.create","item":{"text":"' + "hello " * 200
 
 
 async def echo(conn: UpstreamConnection) -> None:
-    ws = await conn.accept()
-    await ws.send_message('{"type":"session.created"}')
-    assert '"session.update"' in str(await conn.receive())
+    ws = await open_session(conn)  # (it reads the relay's session.update)
     while True:
         await ws.send_message(await conn.receive())
 

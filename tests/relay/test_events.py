@@ -1,4 +1,4 @@
-"""Reading the event type without decoding audio, always agreeing with a JSON parser."""
+"""Reading the event type as a JSON parser does, and an audio append's without decoding it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.core.events import error_event, event_type, finder
+from relay.core.events import error_event, event_type, finder, is_audio_append
 
 
 @pytest.mark.parametrize(
@@ -27,6 +27,29 @@ from relay.core.events import error_event, event_type, finder
 )
 def test_event_type_matches_what_a_parser_sees(text: str, expected: str | None) -> None:
     assert event_type(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "append"),
+    [
+        ('{"type":"input_audio_buffer.append","audio":"AAAA"}', True),
+        ('{"type":"input_audio_buffer.append","event_id":"b1.2","audio":"AAAA"}', True),
+        ('{"type":"input_audio_buffer.append","audio":""}', True),
+        # A second key after the audio, a second type, spaces, a truncation: for the parser.
+        ('{"type":"input_audio_buffer.append","audio":"AAAA","type":"session.update"}', False),
+        ('{"type":"input_audio_buffer.append","type":"session.update","audio":"AAAA"}', False),
+        ('{"type":"input_audio_buffer.append","event_id":"e","type":"x","audio":"AAAA"}', False),
+        ('{"type": "input_audio_buffer.append", "audio": "AAAA"}', False),
+        ('{"type":"input_audio_buffer.append","audio":"AAAA"', False),
+        ('{"type":"input_audio_buffer.append","audio":"AAAA"}}', False),
+        ('{"type":"input_audio_buffer.append","audio":"AA","x":"AA"}', False),
+        ('{"type":"input_audio_buffer.append"}', False),
+    ],
+)
+def test_an_append_is_recognised_only_in_the_shapes_the_sdks_write(text: str, append: bool) -> None:
+    assert is_audio_append(text) is append
+    if append:
+        assert orjson.loads(text)["type"] == "input_audio_buffer.append"
 
 
 json_values = st.recursive(

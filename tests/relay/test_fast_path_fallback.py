@@ -29,7 +29,14 @@ from relay.server.serve import serve
 from relay.wire import internals
 from relay.wire import pump as pump_module
 
-from .harness import TEST_KEY, UpstreamConnection, connect, running_relay, scripted_upstream
+from .harness import (
+    TEST_KEY,
+    UpstreamConnection,
+    connect,
+    open_session,
+    running_relay,
+    scripted_upstream,
+)
 from .test_metrics import value
 from .test_ops import samples as scrape_text
 
@@ -39,9 +46,7 @@ ROOT = Path(__file__).parents[2]
 
 async def echo(conn: UpstreamConnection) -> None:
     """session.created, then every message but the relay's session.update echoed."""
-    ws = await conn.accept()
-    await ws.send_message('{"type":"session.created"}')
-    assert '"session.update"' in str(await conn.receive())
+    ws = await open_session(conn)  # (it reads the relay's session.update)
     while True:
         await ws.send_message(await conn.receive())
 

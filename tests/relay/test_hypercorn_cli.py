@@ -139,7 +139,7 @@ async def test_the_documented_hypercorn_line_serves_wss_and_logs_json_session_li
     with trio.fail_after(TIMEOUT):
         async with hypercorn_as_documented(tmp_path) as served:
             async with served.session() as ws:
-                await events_until(ws, "session.updated")
+                await events_until(ws, "session.created")
                 await ws.send_message('{"type":"input_audio_buffer.clear"}')
                 await events_until(ws, "input_audio_buffer.cleared")
             log = served.log
@@ -175,7 +175,7 @@ async def test_under_hypercorns_own_workers_a_shared_multiproc_dir_makes_metrics
 
             async def session(task_status: trio.TaskStatus[None]) -> None:
                 async with served.session() as ws:
-                    await events_until(ws, "session.updated")
+                    await events_until(ws, "session.created")
                     task_status.started()
                     await leave.wait()
 

@@ -39,7 +39,7 @@ async def test_a_minted_key_opens_a_session_with_the_relays_session_and_hides_it
             assert minted["value"].startswith("ek_")
             assert "instructions" not in minted["session"]
             # The key works directly against the upstream, with the relay's instructions, not the caller's.
-            upstream = relay.app.config.upstream_url + "?model=gpt-realtime"
+            upstream = relay.app.config.upstream_url + f"?model={relay.app.config.model}"
             async with connect(upstream, extra_headers=[(b"authorization", f"Bearer {minted['value']}".encode())]) as ws:
                 created = orjson.loads(await ws.get_message())
             assert created["type"] == "session.created"

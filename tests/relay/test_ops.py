@@ -23,8 +23,16 @@ from trio_websocket import ConnectionClosed
 from mockrealtime import MockConfig, serve_mock_realtime
 from relay.core.bridge import Cause
 
-from .harness import TEST_KEY, UpstreamConnection, connect, greet, running_relay, scripted_upstream
-from .memory import ClientScript, UpstreamScript, run_pair
+from .harness import (
+    TEST_KEY,
+    UpstreamConnection,
+    connect,
+    greet,
+    open_session,
+    running_relay,
+    scripted_upstream,
+)
+from .memory import OPENING, ClientScript, UpstreamScript, run_pair
 from .test_demo import events_until, tone_then_silence
 from .test_relay_loopback import error_codes, receive_until_closed
 
@@ -75,7 +83,7 @@ def test_an_upstream_that_stops_answering_pings_is_reaped() -> None:
     async def main():
         return await run_pair(
             ClientScript(closes_after=None),
-            UpstreamScript(events=('{"type":"session.created"}',), gaps=(0.0,), deaf_after=110.0),
+            UpstreamScript(events=OPENING, gaps=(0.0, 0.0), deaf_after=110.0),
             ping_interval=20.0,
             peer_timeout=30.0,
         )
@@ -108,7 +116,7 @@ def test_a_client_that_stops_answering_pings_is_reaped() -> None:
         with trio.fail_after(1000):  # virtual seconds: a relay that never reaps fails here
             return await run_pair(
                 ClientScript(closes_after=None, mute_after=55.0),
-                UpstreamScript(events=('{"type":"session.created"}',), gaps=(0.0,)),
+                UpstreamScript(events=OPENING, gaps=(0.0, 0.0)),
                 ping_interval=20.0,
                 peer_timeout=30.0,
             )
@@ -128,8 +136,7 @@ async def test_a_client_that_sends_nothing_not_even_pongs_is_reaped() -> None:
     upstream_codes: list[int] = []
 
     async def record(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
+        await open_session(conn)
         try:
             while True:
                 await conn.receive()
@@ -177,7 +184,7 @@ async def test_metrics_move_after_a_voice_turn_and_the_session_log_line_has_no_s
                 async with httpx.AsyncClient(base_url=relay.http_url) as http:
                     before = samples((await http.get("/metrics")).text)
                     async with connect(relay.url + "/voice") as ws:
-                        await events_until(ws, "session.updated")
+                        await events_until(ws, "session.created")
                         for event in tone_then_silence():
                             await ws.send_message(event)
                         turn = await events_until(ws, "response.done")
@@ -223,7 +230,7 @@ async def test_sigterm_drains_then_closes_with_1012_and_the_process_exits_0() ->
                 buffered += await proc.stdout.receive_some(4096)
             url = re.search(rb"listening on (ws://127\.0\.0\.1:\d+)/voice", buffered).group(1).decode()
             async with connect(url + "/voice") as ws:
-                await events_until(ws, "session.updated")
+                await events_until(ws, "session.created")
                 proc.send_signal(signal.SIGTERM)
                 notice = await ws.get_message()
                 assert error_codes([notice]) == ["relay_draining"]

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import orjson
 import pytest
 import trio
 import trio.lowlevel
@@ -30,6 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.core.bridge import Bridge, Cause, Ending, Limits, Message
+from relay.core.policy import Policy
 from relay.server.legs import SocketClient
 from relay.server.pair import Pair
 from relay.wire import pump as pump_module
@@ -199,6 +201,30 @@ async def test_bursts_over_the_budget_arrive_whole_and_in_order_both_ways() -> N
             passed_on = await s.upstream.next()
             assert isinstance(passed_on, Close) and passed_on.code == 1000
         assert s.pump.watching == 0  # the pair forgot its legs as it ended
+
+
+async def test_the_start_of_a_session_is_held_and_released_in_order_on_pumped_legs() -> None:
+    """The bridge's start (relay.core.bridge: session.created waits for the answer to the
+    relay's update) holds on the pump's path too: what the pump's step holds comes out, in
+    arrival order, when the answer arrives, and the pump goes on relaying after it."""
+    strict = Policy(client_events_denied=frozenset({"conversation.item.delete"}))
+    bridge = Bridge(session_update=SESSION_UPDATE, limits=Limits(64, 1 << 20, MAX), policy=strict)
+    async with pump_running() as (pump, _):
+        async with pumped_pair(pump, bridge) as s:
+            await s.client.send('{"type":"conversation.item.delete","event_id":"early"}',
+                                '{"type":"response.cancel"}')
+            assert await s.upstream.next() == '{"type":"response.cancel"}'  # the first was refused
+            created = '{"type":"session.created","session":{"voice":"alloy"}}'
+            event = '{"type":"rate_limits.updated"}'
+            await s.upstream.send(created, event, '{"type":"session.updated","session":{"voice":"marin"}}')
+            first, refusal, then = await s.client.messages(3)
+            assert orjson.loads(first) == {"type": "session.created", "session": {"voice": "marin"}}
+            assert orjson.loads(refusal)["error"]["event_id"] == "early"
+            assert then == event
+            assert s.pump.watching == 2
+            delta = '{"type":"response.output_audio.delta","delta":"AAAA"}'
+            await s.upstream.send(delta)
+            assert await s.client.next() == delta
 
 
 async def test_a_pumped_read_moves_last_heard_to_when_its_bytes_were_seen() -> None:

@@ -18,7 +18,7 @@ from relay.core.closecodes import Code
 from relay.core.ratelimit import BURST_SECONDS, InboundRate
 from relay.wire.frames import OP_TEXT, Close, FrameReader, frame
 
-from .harness import UpstreamConnection, connect, running_relay, scripted_upstream
+from .harness import UpstreamConnection, connect, open_session, running_relay, scripted_upstream
 from .test_pump import SESSION_UPDATE, pump_running, pumped_pair
 from .test_relay_loopback import error_codes
 
@@ -110,8 +110,7 @@ async def test_a_flooding_client_is_closed_with_4009_by_the_pump_and_by_its_task
 
 async def accept_and_discard(conn: UpstreamConnection) -> None:
     """An upstream that takes everything and echoes only what is not audio."""
-    ws = await conn.accept()
-    await ws.send_message('{"type":"session.created"}')
+    ws = await open_session(conn)
     while True:
         message = await conn.receive()
         if isinstance(message, str) and message.startswith('{"type":"ping"'):

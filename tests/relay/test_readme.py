@@ -41,6 +41,28 @@ def test_the_policy_block_shows_the_defaults_it_claims_to_show() -> None:
         assert re.search(rf"^#? ?{key} = ", block.group(1), re.MULTILINE), key
 
 
+def test_the_policy_recipe_is_a_configuration_the_relay_takes(tmp_path: Path) -> None:
+    import re
+
+    from relay.config import load_config
+
+    recipe = POLICY[POLICY.index("## Recipe"):]
+    toml = re.search(r"```toml\n(.*?)```", recipe, re.DOTALL)
+    env = re.search(r"```sh\n(.*?)```", recipe, re.DOTALL)
+    assert toml is not None and env is not None
+    path = tmp_path / "relay.toml"
+    path.write_text(toml.group(1))
+    environ = {}
+    for line in env.group(1).splitlines():
+        name, _, value = line.split("#")[0].strip().partition("=")
+        if name and name not in ("RELAY_JWT_SECRET", "RELAY_CONFIG"):  # placeholders
+            environ[name] = value
+    assert {s.env for s in SETTINGS} >= set(environ)
+    environ["RELAY_CONFIG"] = str(path)
+    config = load_config(environ)
+    assert config.policy.locked >= {"model", "instructions", "tools"}
+    assert config.policy.client_may_send("input_audio_buffer.append")
+    assert config.allows_model(config.model) and not config.allows_model("gpt-realtime-2.1")
 # -- the README's runnable command blocks, run as written --------------------------------------
 
 #: A ```sh block right after ``<!-- runnable -->`` is run as it stands; after

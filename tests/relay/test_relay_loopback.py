@@ -17,6 +17,7 @@ from .harness import (
     UpstreamConnection,
     closed_port_url,
     connect,
+    open_session,
     running_relay,
     scripted_upstream,
     silent_upstream,
@@ -149,9 +150,9 @@ async def test_subprotocol_auth_mode_sends_the_key_as_a_subprotocol() -> None:
 async def test_model_query_is_honoured_within_the_allow_list() -> None:
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(accept_and_echo) as up, running_relay(upstream_url=up.url) as relay:
-            async with connect(relay.url + "/v1/realtime?model=gpt-realtime-mini") as ws:
+            async with connect(relay.url + "/v1/realtime?model=gpt-realtime-2") as ws:
                 await ws.get_message()
-            assert up.connections[0].request.path == "/v1/realtime?model=gpt-realtime-mini"
+            assert up.connections[0].request.path == "/v1/realtime?model=gpt-realtime-2"
             async with connect(relay.url + "/v1/realtime?model=not-a-model") as ws:
                 messages, code, reason = await receive_until_closed(ws)
             assert error_codes(messages) == ["invalid_model"]
@@ -194,8 +195,7 @@ async def test_binary_frames_reach_the_upstream_as_audio_appends() -> None:
 )
 async def test_upstream_close_reaches_the_client_with_its_code(code: int, reason: str) -> None:
     async def greet_and_close(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
+        ws = await open_session(conn)
         await ws.send_message('{"type":"last.words"}')
         await ws.aclose(code, reason)
 
@@ -212,8 +212,7 @@ async def test_upstream_close_reaches_the_client_with_its_code(code: int, reason
 
 async def test_upstream_vanishing_without_a_close_frame_gives_an_error_and_1011() -> None:
     async def greet_and_drop(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
+        ws = await open_session(conn)
         await ws._stream.aclose()  # TCP gone, no close frame
 
     with trio.fail_after(TIMEOUT):
@@ -313,8 +312,7 @@ async def test_pre_open_queue_overflow_gives_an_error_and_1013() -> None:
 
 async def test_an_upstream_message_over_the_upstream_limit_ends_the_session_with_1009() -> None:
     async def send_a_big_one(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
+        ws = await open_session(conn)
         await ws.send_message('{"type":"big","pad":"' + "a" * 5000 + '"}')
         await ws.send_message('{"type":"after"}')
         await conn.receive()  # until the relay's close
@@ -388,10 +386,9 @@ async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest
     upstream_codes: dict[str, int] = {}
 
     async def record(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
         name = conn.request.path.rsplit("=", 1)[-1]
         upstream_got[name] = []
-        await ws.send_message('{"type":"session.created"}')
+        ws = await open_session(conn)  # (the relay's session.update is not recorded)
         try:
             while True:
                 upstream_got[name].append(await conn.receive())
@@ -424,8 +421,8 @@ async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest
                 while len(upstream_codes) < 2:
                     await trio.sleep(0.01)
             assert upstream_codes == {"leaves": 1000, "stays": 1001}
-            assert upstream_got["leaves"][1:] == ['{"type":"response.cancel"}']
-            assert [orjson.loads(m)["n"] for m in upstream_got["stays"][1:]] == list(range(5))
+            assert upstream_got["leaves"] == ['{"type":"response.cancel"}']
+            assert [orjson.loads(m)["n"] for m in upstream_got["stays"]] == list(range(5))
 
 
 async def test_a_session_the_relay_closes_ends_when_the_client_answers_not_after_the_close_timeout() -> None:
@@ -435,8 +432,7 @@ async def test_a_session_the_relay_closes_ends_when_the_client_answers_not_after
     that reply to the app."""
 
     async def stay(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
+        ws = await open_session(conn)
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await conn.receive()
@@ -477,8 +473,7 @@ async def test_many_sessions_leave_no_socket_behind() -> None:
     """Whatever way a pair ends, its sockets are closed when it is over."""
 
     async def varied(conn: UpstreamConnection) -> None:
-        ws = await conn.accept()
-        await ws.send_message('{"type":"session.created"}')
+        ws = await open_session(conn)
         while True:
             message = await conn.receive()
             if "drop" in str(message):

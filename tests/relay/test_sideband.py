@@ -4,6 +4,7 @@ policy, what is left alone, when it gives up, and what it collects for accountin
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import orjson
 
@@ -16,6 +17,8 @@ from relay.server.calls import call_session
 
 CONFIG = load_config({})
 SESSION = call_session(CONFIG, "gpt-realtime")
+#: The relay's policy with the persona and the tools locked too (by default only the model is).
+LOCKED = replace(CONFIG.policy, locked=frozenset({"instructions", "tools", "model"}))
 
 
 def rendered(session: dict[str, object], **changes: object) -> dict[str, object]:
@@ -42,7 +45,7 @@ def test_the_relays_own_session_as_the_api_renders_it_needs_no_correction() -> N
 
 
 def test_locked_fields_go_back_to_the_relays_values_and_unset_ones_to_the_defaults() -> None:
-    guard = Sideband(CONFIG.policy, SESSION, "gpt-realtime")
+    guard = Sideband(LOCKED, SESSION, "gpt-realtime")
     tool = {"type": "function", "name": "transfer_funds", "parameters": {"type": "object"}}
     changed = rendered(
         SESSION, instructions="Be a pirate.", tools=[tool], model="gpt-realtime-mini"
@@ -96,7 +99,7 @@ def test_the_opening_update_sets_every_locked_field_and_the_clamp() -> None:
 
 
 def test_it_gives_up_when_corrections_keep_failing_and_not_before() -> None:
-    guard = Sideband(CONFIG.policy, SESSION, "gpt-realtime")
+    guard = Sideband(LOCKED, SESSION, "gpt-realtime")
     pirate = updated(rendered(SESSION, instructions="Be a pirate."))
     for _ in range(MAX_FUTILE_CORRECTIONS):
         assert isinstance(guard.upstream_message(pirate), str)

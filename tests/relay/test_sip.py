@@ -17,6 +17,7 @@ import trio
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from mockrealtime.calls import MockCall
 from mockrealtime.webhooks import delivery, incoming_call_event, sip_headers
+from relay.core.policy import Policy
 from relay.usage.auth import Refusal
 from relay.usage.sip import caller_digest, caller_number, normalise
 from relay.usage.webhooks import secret_key, verify
@@ -55,8 +56,9 @@ async def sip_relay(**settings: object) -> AsyncIterator[tuple[RunningRelay, Moc
 
 
 async def test_a_known_caller_is_accepted_with_the_relays_session_and_watched() -> None:
+    locked = Policy(locked=frozenset({"instructions", "tools", "model"}))  # the persona too
     with trio.fail_after(TIMEOUT):
-        async with sip_relay() as (relay, mock, url):
+        async with sip_relay(policy=locked) as (relay, mock, url):
             call, status = await mock.ring(url, "+14155550123", "+18005550199")
             assert status == 200
             assert call.state == "active"

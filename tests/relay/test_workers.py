@@ -158,7 +158,7 @@ async def test_metrics_of_two_workers_on_one_port_add_up_to_the_whole_relay(tmp_
 
             async def session(task_status: trio.TaskStatus[None]) -> None:
                 async with connect(relay.url + "/voice") as ws:
-                    await events_until(ws, "session.updated")
+                    await events_until(ws, "session.created")
                     for _ in range(MESSAGES):
                         await ws.send_message('{"type":"input_audio_buffer.clear"}')
                     for _ in range(MESSAGES):
@@ -201,7 +201,7 @@ async def test_sessions_are_spread_evenly_over_the_workers_and_fill_where_others
 
             async def session(leave: trio.Event, task_status: trio.TaskStatus[None]) -> None:
                 async with connect(relay.url + "/voice") as ws:
-                    await events_until(ws, "session.updated")
+                    await events_until(ws, "session.created")
                     task_status.started()
                     await leave.wait()
 
@@ -257,7 +257,7 @@ async def test_when_a_worker_dies_the_other_takes_every_new_connection(tmp_path:
             for n in range(20):
                 with trio.fail_after(5):
                     async with connect(relay.url + "/voice") as ws:
-                        await events_until(ws, "session.updated")
+                        await events_until(ws, "session.created")
                 await relay.log.until(lambda n=n: relay.log.count("session ended") == n + 1)
             assert relay.log.pids("session started") == {survivor}
 

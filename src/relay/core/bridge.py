@@ -18,6 +18,17 @@ configured ``session.update`` and then that queue, in order, while new client
 messages keep joining its tail, so nothing overtakes anything. In OPEN a client
 message is returned unchanged and goes straight upstream.
 
+The relay is invisible in the client's event stream (the design's invariant 8): the
+client's first event is ``session.created``, and it already shows the relay's session.
+So the upstream's ``session.created`` is held until the answer to the relay's own
+``session.update`` arrives (the first ``session.updated``, or an ``error`` naming
+:data:`SETUP_EVENT_ID`); the client then gets ``session.created`` carrying the session of
+that ``session.updated``, which itself is never forwarded. Upstream events between the
+two, and everything the relay itself says to the client before it (refusals, notices),
+are held in arrival order, bounded like the pre-open queue, and delivered right after.
+Events the upstream sends before any ``session.created`` (the Realtime API's refusal of
+a connection: an ``error`` and a close) pass as they come.
+
 **The rules of a step.** :meth:`Bridge.client_message` and :meth:`Bridge.upstream_message`
 (with the :mod:`relay.core.policy` screens they call, and the shell's per-message wrappers
 around them, ``Pair._client_step`` and ``Pair._upstream_step``) are *steps*: the pair's tasks
@@ -44,12 +55,17 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Protocol
 
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
-from .events import error_event, event_type, finder, parse_event
-from .policy import APPEND, DELTA, Policy
+from .events import dumps, error_event, finder, is_audio_append, parse_event
+from .policy import DELTA, Policy, Screened
 
 Message = str | bytes
+
+#: The ``event_id`` of the relay's own ``session.update``: an upstream ``error`` naming it
+#: refused the relay's session (the relay is misconfigured).
+SETUP_EVENT_ID = "event_relay_setup"
 
 #: The reason :mod:`relay.wire.frames` closes with when the upstream's message is over the relay's
 #: own limit (RELAY_UPSTREAM_MAX_MESSAGE_BYTES), as opposed to an upstream closing with 1009.
@@ -89,6 +105,33 @@ class Reply:
     """Send this event to the client; the session goes on."""
 
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Send these events to the client, in order (the start of a session: see the module
+    docstring); the session goes on."""
+
+    texts: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Amended:
+    """Send ``text`` upstream (the client's event as the policy left it), then tell the
+    client ``notice`` (an ``error`` event about what was removed)."""
+
+    text: str
+    notice: str
+
+
+class Observer(Protocol):
+    """What the relay's operator hears of one session (the shell logs and counts it)."""
+
+    def screened(self, screened: Screened) -> None:
+        """The policy dropped or refused fields of a client's event (:attr:`Screened.fields`)."""
+
+    def setup_refused(self, code: str, message: str) -> None:
+        """The upstream refused the relay's own ``session.update``: a configuration error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +201,13 @@ class Bridge:
         "_queued_bytes",
         "queued_at_open",
         "_auth_refusal_reported",
+        "_observer",
+        "_opening",
+        "_created",
+        "_answered",
+        "_answer",
+        "_held",
+        "_held_bytes",
     )
 
     def __init__(
@@ -168,6 +218,7 @@ class Bridge:
         secret: str = "",
         binary_as_audio: bool = True,
         policy: Policy | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.phase = Phase.CONNECTING
         self.ending: Ending | None = None
@@ -192,14 +243,30 @@ class Bridge:
         #: Client messages held while the upstream opened (None until it opens), for metrics.
         self.queued_at_open: int | None = None
         self._auth_refusal_reported = False
+        self._observer = observer
+        #: Until the client has its session.created (see the module docstring).
+        self._opening = True
+        self._created: Message | None = None  # the upstream's session.created, held
+        self._answered = False  # the answer to the relay's session.update has come
+        self._answer: dict[str, object] | None = None  # the session it carried
+        #: What waits for session.created: (from upstream, text), in arrival order.
+        self._held: deque[tuple[bool, Message]] = deque()
+        self._held_bytes = 0
+
+    @property
+    def queued(self) -> int:
+        """Client messages waiting in the pre-open queue."""
+        return len(self._queue)
 
     # -- client → upstream ------------------------------------------------------
 
-    def client_message(self, data: Message) -> Message | Reply | Ending | None:
+    def client_message(self, data: Message) -> Message | Reply | Amended | Ending | None:
         """A message from the client.
 
         Returns what to send upstream now, a :class:`Reply` for the client, an
-        :class:`Ending`, or None when the message was queued (or the pair is over).
+        :class:`Amended` event (upstream, then a notice for the client), an
+        :class:`Ending`, or None when the message was queued, refused before the client
+        had its ``session.created`` (the refusal waits for it), or the pair is over.
         """
         size = len(data)
         traffic = self.traffic
@@ -210,16 +277,18 @@ class Bridge:
             and self._appends_pass
             and data.__class__ is str
             and size <= self._max_message_bytes
-            and data.startswith(APPEND)  # type: ignore[arg-type]
+            and is_audio_append(data)  # type: ignore[arg-type]
         ):
             return data  # audio: goes upstream as it is
         if size > self._max_message_bytes:
             if self.phase is Phase.CLOSED:
                 return None
             return self._end_too_big(size)
+        if self.phase is Phase.CLOSED:
+            return None
         if data.__class__ is bytes:
             if not self._binary_as_audio:
-                return Reply(
+                return self._say(
                     error_event(
                         "relay_binary_not_supported",
                         "This relay takes JSON text events only; binary frames are refused"
@@ -227,38 +296,73 @@ class Bridge:
                     )
                 )
             data = _append_event(data)  # type: ignore[arg-type]
+        notice = None
         if self._policy is not None:
             # Binary audio too: it goes upstream as an append, so the policy's lists apply.
-            data, refusal = self._policy.screen_client(data)  # type: ignore[arg-type]
-            if refusal is not None:
-                return Reply(refusal) if self.phase is not Phase.CLOSED else None
-        if data is None:
-            return None
+            screened = self._policy.screen_client(data)  # type: ignore[arg-type]
+            if screened.fields and self._observer is not None:
+                self._observer.screened(screened)
+            if screened.text is None:
+                return self._say(screened.reply)  # type: ignore[arg-type]
+            data, notice = screened.text, screened.reply
+        if notice is not None and self._opening:  # (always so while the upstream opens)
+            held = self._say(notice)
+            if held is not None:
+                return held  # the wait for session.created overflowed
+            notice = None
         if self.phase is Phase.OPEN:
-            return data
-        if self.phase is Phase.CLOSED:
-            return None
+            return data if notice is None else Amended(data, notice)  # type: ignore[arg-type]
         return self._enqueue(data)
 
-    def _enqueue(self, data: Message) -> Ending | None:
+    def _say(self, text: str) -> Reply | Ending | None:
+        """An event of the relay's own for the client: now, or once it has session.created."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if not self._opening:
+            return Reply(text)
+        return self._hold(False, text)
+
+    def _hold(self, upstream: bool, text: Message) -> Ending | None:
+        """Keep ``text`` for after session.created, within the pre-open queue's limits."""
+        if self._full(len(self._held), self._held_bytes, len(text)):
+            return self._overflow(
+                "before session.created",
+                "The Realtime API had not yet answered the relay's session setup",
+                len(self._held),
+                self._held_bytes,
+            )
+        self._held.append((upstream, text))
+        self._held_bytes += len(text)
+        return None
+
+    def _full(self, count: int, size: int, more: int) -> bool:
         limits = self._limits
-        if (
-            len(self._queue) >= limits.queue_messages
-            or self._queued_bytes + len(data) > limits.queue_bytes
-        ):
-            return self._end(
-                Cause.QUEUE_OVERFLOW,
-                client=(Code.TRY_AGAIN_LATER, "too many messages before the upstream opened"),
-                upstream=Code.NORMAL if self.phase is Phase.FLUSHING else None,
-                error=error_event(
-                    "relay_queue_overflow",
-                    f"The upstream was still connecting and the relay already held"
-                    f" {len(self._queue)} messages ({self._queued_bytes} bytes); the limits are"
-                    f" {limits.queue_messages} messages and {limits.queue_bytes} bytes."
-                    " Wait for session.created before streaming, or raise RELAY_QUEUE_MESSAGES"
-                    " / RELAY_QUEUE_BYTES.",
-                    kind="server_error",
-                ),
+        return count >= limits.queue_messages or size + more > limits.queue_bytes
+
+    def _overflow(self, when: str, situation: str, count: int, size: int) -> Ending | None:
+        """More waited (in the pre-open queue, or for session.created) than the limits allow."""
+        limits = self._limits
+        return self._end(
+            Cause.QUEUE_OVERFLOW,
+            client=(Code.TRY_AGAIN_LATER, f"too many messages {when}"),
+            upstream=Code.NORMAL if self.phase in (Phase.FLUSHING, Phase.OPEN) else None,
+            error=error_event(
+                "relay_queue_overflow",
+                f"{situation}, and the relay already held {count} messages ({size} bytes)"
+                f" {when}; the limits are {limits.queue_messages} messages and"
+                f" {limits.queue_bytes} bytes. Wait for session.created before streaming, or"
+                " raise RELAY_QUEUE_MESSAGES / RELAY_QUEUE_BYTES.",
+                kind="server_error",
+            ),
+        )
+
+    def _enqueue(self, data: Message) -> Ending | None:
+        if self._full(len(self._queue), self._queued_bytes, len(data)):
+            return self._overflow(
+                "before the upstream opened",
+                "The upstream was still connecting",
+                len(self._queue),
+                self._queued_bytes,
             )
         self._queue.append(data)
         self._queued_bytes += len(data)
@@ -306,26 +410,35 @@ class Bridge:
 
     # -- upstream → client ------------------------------------------------------
 
-    def upstream_message(self, data: Message) -> Message | Reply | None:
+    def upstream_message(self, data: Message) -> Message | Reply | Batch | Ending | None:
         """A message from the upstream: what to send the client (None: nothing)."""
         if self.phase is Phase.CLOSED:
             return None
         traffic = self.traffic
         traffic.upstream_messages += 1
         traffic.upstream_bytes += len(data)
+        if (
+            data.__class__ is str
+            and data.startswith(DELTA)  # type: ignore[arg-type]
+            and not self._opening
+            and (self._secret_in is None or not self._secret_in(data))  # type: ignore[arg-type]
+        ):
+            return data if self._deltas_pass else None  # audio: no error, nothing to redact
+        if self._opening:
+            return self._starting(data)
+        return self._to_client(data)
+
+    def _to_client(self, data: Message) -> Message | Reply | None:
+        """What the client sees of an upstream event: accounting, redaction, policy."""
         if data.__class__ is str:
-            if data.startswith(DELTA) and (  # type: ignore[arg-type]
-                self._secret_in is None or not self._secret_in(data)  # type: ignore[arg-type]
-            ):
-                return data if self._deltas_pass else None  # audio: no error, nothing to redact
-            kind = _notable(data)  # type: ignore[arg-type]
+            # Read as a parser reads it (invariant 9): usage counts only a real response.done.
+            event = parse_event(data)
+            kind = event.get("type") if event is not None else None
             if kind == "response.done":
-                done = parse_event(data)
                 self.responses_seen += 1
-                if done is not None:
-                    self.responses_done.append(done)
+                self.responses_done.append(event)  # type: ignore[arg-type]
             elif kind == "error":
-                replaced = self._screen_error(data)  # type: ignore[arg-type]
+                replaced = self._screen_error(event)  # type: ignore[arg-type]
                 if replaced is not None:
                     return replaced
             if self._secret_in is not None and self._secret_in(data):  # type: ignore[arg-type]
@@ -336,14 +449,60 @@ class Bridge:
             return data.replace(self._secret.encode(), b"[redacted]")  # type: ignore[union-attr,arg-type]
         return data
 
-    def _screen_error(self, text: str) -> Reply | None:
+    def _starting(self, data: Message) -> Message | Reply | Batch | Ending | None:
+        """An upstream event before the client has its session.created (module docstring)."""
+        event = parse_event(data)
+        kind = event.get("type") if event is not None else None
+        if kind == "session.created" and self._created is None:
+            self._created = data
+        elif kind == "session.updated" and not self._answered:
+            self._answered = True  # the answer to the relay's update: never forwarded
+            session = event.get("session")  # type: ignore[union-attr]
+            self._answer = session if isinstance(session, dict) else None
+        elif kind == "error" and not self._answered and _names_setup(event):  # type: ignore[arg-type]
+            self._answered = True
+            error = event["error"]  # type: ignore[index]
+            if self._observer is not None:
+                self._observer.setup_refused(str(error.get("code")), str(error.get("message")))
+            ending = self._hold(True, data)  # the client gets it, after session.created
+            if ending is not None:
+                return ending
+        elif self._created is None:
+            return self._to_client(data)  # no session yet: as it comes
+        else:
+            ending = self._hold(True, data)
+            if ending is not None:
+                return ending
+        if self._created is None or not self._answered:
+            return None
+        return self._start()
+
+    def _start(self) -> Batch:
+        """session.created (with the relay's session), then everything held, in order."""
+        self._opening = False
+        created = self._created
+        if self._answer is not None:
+            event = parse_event(created)  # type: ignore[arg-type]
+            if event is not None:
+                event["session"] = self._answer
+                created = dumps(event)
+        texts = []
+        for upstream, text in ((True, created), *self._held):
+            out = self._to_client(text) if upstream else text  # type: ignore[arg-type]
+            if out is not None:
+                texts.append(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr]
+        self._held.clear()
+        self._held_bytes = 0
+        self._created = self._answer = None
+        return Batch(tuple(texts))  # type: ignore[arg-type]
+
+    def _screen_error(self, event: dict[str, object]) -> Reply | None:
         """Replace the upstream's refusal of the relay's key with the relay's own error.
 
         The upstream's message quotes part of the key and blames the client; the
         client did nothing wrong and must not see any of the key.
         """
-        event = parse_event(text)
-        error = event.get("error") if event else None
+        error = event.get("error")
         if not isinstance(error, dict):
             return None
         message = str(error.get("message") or "").lower()
@@ -481,9 +640,9 @@ class Bridge:
             upstream_last='{"type":"response.cancel"}',
         )
 
-    def session_warning(self, seconds_left: float, limit: float) -> Reply:
+    def session_warning(self, seconds_left: float, limit: float) -> Reply | Ending | None:
         """The session will reach its maximum length in ``seconds_left``."""
-        return Reply(
+        return self._say(
             error_event(
                 "relay_session_ending_soon",
                 f"This session ends in {seconds_left:.0f} s: it reaches the relay's limit of"
@@ -505,9 +664,9 @@ class Bridge:
             ),
         )
 
-    def idle_warning(self, seconds_left: float, limit: float) -> Reply:
+    def idle_warning(self, seconds_left: float, limit: float) -> Reply | Ending | None:
         """Nothing has passed either way for a while; the cut comes in ``seconds_left``."""
-        return Reply(
+        return self._say(
             error_event(
                 "relay_idle_warning",
                 f"Nothing has been sent either way for {limit - seconds_left:.0f} s; this session"
@@ -529,9 +688,9 @@ class Bridge:
             ),
         )
 
-    def draining_notice(self, seconds: float) -> Reply:
+    def draining_notice(self, seconds: float) -> Reply | Ending | None:
         """The relay is restarting: the session has ``seconds`` left to finish."""
-        return Reply(
+        return self._say(
             error_event(
                 "relay_draining",
                 f"The relay is restarting: finish the current turn; this session will be closed"
@@ -638,17 +797,10 @@ class Bridge:
         return self.ending
 
 
-def _notable(text: str) -> str | None:
-    """The type of an upstream event the bridge must look inside (``error`` and
-    ``response.done``), else None; the common case is two prefix checks."""
-    if text.startswith('{"type":"'):
-        if text.startswith('{"type":"error"'):
-            return "error"
-        if text.startswith('{"type":"response.done"'):
-            return "response.done"
-        return None
-    kind = event_type(text)
-    return kind if kind in ("error", "response.done") else None
+def _names_setup(event: dict[str, object]) -> bool:
+    """Whether an ``error`` event is about the relay's own session.update."""
+    error = event.get("error")
+    return isinstance(error, dict) and error.get("event_id") == SETUP_EVENT_ID
 
 
 def _append_event(audio: bytes) -> str:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .audio import PCM_RATE, session_formats
-from .events import parse_event
-from .policy import APPEND, DELTA
+from .events import is_audio_append, parse_event
+from .policy import DELTA
 from .pricing import Tokens
 from .stereo import ASSISTANT, CALLER, Spool, Timeline
 
@@ -210,7 +210,7 @@ class CallLog:
             if self.audio is not None:
                 self._caller_audio(binascii.b2a_base64(data, newline=False))  # type: ignore[arg-type]
             return
-        if data.startswith(APPEND):  # type: ignore[arg-type]
+        if is_audio_append(data):  # type: ignore[arg-type]
             if self.audio is not None:
                 b64 = _field(data, _APPEND_AUDIO)  # type: ignore[arg-type]
                 if b64:

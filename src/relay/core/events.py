@@ -1,10 +1,12 @@
 """Reading and writing Realtime events on the hot path.
 
-Audio events are a few kilobytes of base64 inside a small JSON envelope. The relay
-only needs their ``type``, so :func:`event_type` reads it from the text without
-decoding the payload whenever the event starts with ``{"type":"…"``, which is how
-the official SDKs and the Realtime API write events. Anything else is parsed fully,
-so the answer is always the type a JSON parser would see.
+One reading of every event (the design's invariant 9): the type the relay acts on is the
+type a JSON parser that keeps the last of duplicate keys reads. :func:`event_type` is that
+parser's answer. Audio events are a few kilobytes of base64 in a small envelope, and
+parsing them all would cost more than the rest of relaying them, so
+:func:`is_audio_append` proves an append's type from its text instead: it checks the small
+envelope and jumps over the audio with one ``memchr`` (base64 holds no quote), accepting
+only the compact shapes the SDKs write, whose one ``"type"`` key comes first.
 """
 
 from __future__ import annotations
@@ -16,38 +18,48 @@ from typing import Any
 
 import orjson
 
-_PREFIX = '{"type":"'
-_PREFIX_LEN = len(_PREFIX)
 
-
-def event_type(text: str) -> str | None:
-    """The top-level ``type`` of a JSON event, or None if it has none or is not JSON.
-
-    Fast path: ``{"type":"x", …}`` with no backslash and no second ``"type"`` string
-    anywhere (a duplicate key would make a parser take the last one). It walks from
-    one double quote to the next, each found with ``memchr``: base64 audio holds no
-    quote, so a 6 KB event is a handful of short jumps rather than a substring
-    search over all of it (several times slower).
-    """
-    if text.startswith(_PREFIX):
-        find = text.find
-        end = find('"', _PREFIX_LEN)
-        if end > 0 and find("\\", _PREFIX_LEN) < 0:
-            at = end + 1
-            while (start := find('"', at)) >= 0:
-                at = find('"', start + 1) + 1
-                if not at or (at - start == 6 and text.startswith("type", start + 1)):
-                    break  # unbalanced (not JSON) or a second "type": the parser decides
-            else:
-                return text[_PREFIX_LEN:end]
-    try:
-        event = orjson.loads(text)
-    except orjson.JSONDecodeError:
+def event_type(text: str | bytes) -> str | None:
+    """The top-level ``type`` a JSON parser reads, or None (not JSON, not an object, no
+    string ``type``). Duplicate keys: the last one counts, as in orjson and Python's json."""
+    event = parse_event(text)
+    if event is None:
         return None
-    if isinstance(event, dict):
-        kind = event.get("type")
-        return kind if isinstance(kind, str) else None
-    return None
+    kind = event.get("type")
+    return kind if isinstance(kind, str) else None
+
+
+#: An audio append as the SDKs write it: this head, an optional event_id, the audio last.
+APPEND_AUDIO = '{"type":"input_audio_buffer.append","audio":"'
+APPEND_EVENT_ID = '{"type":"input_audio_buffer.append","event_id":"'
+_THEN_AUDIO = '","audio":"'
+
+
+def is_audio_append(text: str) -> bool:
+    """Whether every JSON parser that accepts ``text`` reads it as an ``input_audio_buffer.append``.
+
+    True only for the shapes the SDKs write, ``{"type":"input_audio_buffer.append",
+    "audio":"…"}`` with or without an ``"event_id":"…"`` between, compact: each value ends
+    at the next quote, so it holds no second key, and the one top-level ``type`` is the
+    first. Anything else is for the parser (False), at the cost of parsing.
+
+    The values are jumped over, not read (``memchr`` to the next quote: base64 holds none),
+    so what would make such a text invalid JSON inside a value goes unseen: a raw control
+    character, a bad escape, a lone surrogate, an escaped closing quote. Strict parsers
+    refuse such a text whole (no event at all); any parser that accepts it reads an
+    append; none reads another type.
+    """
+    if text.startswith(APPEND_AUDIO):
+        at = len(APPEND_AUDIO)
+    elif text.startswith(APPEND_EVENT_ID):
+        at = text.find('"', len(APPEND_EVENT_ID))  # where the event_id ends
+        if not text.startswith(_THEN_AUDIO, at):
+            return False
+        at += len(_THEN_AUDIO)
+    else:
+        return False
+    # The audio ends at the event's last quote, and the event right after it.
+    return text.find('"', at) == len(text) - 2 and text[-1] == "}"
 
 
 #: Standard base64's alphabet: what an audio event is made of, but for its small JSON envelope.

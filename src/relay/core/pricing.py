@@ -7,7 +7,7 @@ counters. Nothing here does I/O.
 
 The built-in prices are the ones OpenAI publishes on its model pages
 (developers.openai.com/api/docs/models/…), per million tokens, as read on
-:data:`PRICES_TAKEN`. Two current realtime models are missing on purpose:
+:data:`PRICES_TAKEN`. Two deprecated realtime models are missing on purpose:
 ``gpt-realtime`` and ``gpt-realtime-mini`` had no model page with a full price list
 (text, audio and cached, in and out) where the prices were taken, so no price is
 invented for them; give them in the config file's ``[prices]`` table. Snapshots

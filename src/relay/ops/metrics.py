@@ -41,6 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..core.bridge import Cause, Traffic
 from ..core.calllog import VoiceClock  # noqa: F401 (timing of voice turns; re-exported)
 from ..core.closecodes import UPSTREAM_AUTH_REFUSED, Code
+from ..core.policy import FIELD_PATHS, MCP_FIELD
 from ..core.pricing import Tokens, dollars
 
 CLIENT_TO_UPSTREAM = "client_to_upstream"
@@ -73,6 +74,8 @@ CALL_REFUSALS = frozenset(
 )
 #: Client close codes worth a label of their own; anything else is "other".
 _CODES = frozenset(int(code) for code in Code) | {UPSTREAM_AUTH_REFUSED}
+#: Client fields the policy acts on, each a label of its own.
+_POLICY_FIELDS = frozenset({*FIELD_PATHS, MCP_FIELD})
 _TOKEN_LABELS = (("input", "text"), ("input", "audio"), ("output", "text"), ("output", "audio"))
 _TRAFFIC_FIELDS = ("client_messages", "client_bytes", "upstream_messages", "upstream_bytes")
 
@@ -170,6 +173,14 @@ class RelayMetrics:
             "From input_audio_buffer.speech_stopped to the reply's first"
             " response.output_audio.delta, as seen by the relay.",
             buckets=VOICE_BUCKETS,
+            registry=self.registry,
+        )
+        self._policy = Counter(
+            "relay_policy_fields",
+            "Fields of clients' session.update / response.create events the policy dropped"
+            " (locked, or a value not allowed; mcp_server: an MCP tool removed) or refused the"
+            " event for (on_locked = refuse), by field.",
+            ["field", "action"],
             registry=self.registry,
         )
         self._refused = Counter(
@@ -335,6 +346,11 @@ class RelayMetrics:
     def voice_latency(self, seconds: float) -> None:
         """A spoken turn was answered: see :class:`VoiceClock`."""
         self._voice.observe(seconds)
+
+    def policy_acted(self, field: str, action: str) -> None:
+        """The policy dropped (``action`` "dropped") or refused an event for ("refused") a
+        client's ``field``."""
+        self._policy.labels(field if field in _POLICY_FIELDS else "other", action).inc()
 
     def responses_priced(self, model: str, nanodollars: int, tokens: Iterable[Tokens]) -> None:
         """Responses of a session on ``model`` finished: their tokens and what they cost.

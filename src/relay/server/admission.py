@@ -35,8 +35,8 @@ def model_refusal(
     config: RelayConfig, model: str | None, identity: Identity
 ) -> tuple[str, str, str] | None:
     """Why a session or call may not run ``model`` (None: the default), if it may not."""
-    if model is not None and model not in config.allowed_models:
-        allowed = ", ".join(sorted(config.allowed_models))
+    if model is not None and not config.allows_model(model):
+        allowed = ", ".join(config.allowed_models)
         return (
             "invalid_model",
             f"Model {model!r} is not available through this relay. Allowed: {allowed}.",

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..config import ConfigError, RelayConfig, load_config
-from ..core.bridge import Bridge, Cause, Limits
+from ..config import ConfigError, RelayConfig, deprecation_warning, load_config
+from ..core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
@@ -28,7 +28,14 @@ from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
 from ..ops.records import DRAIN_SECONDS, Recorder
 from ..usage.accounting import Accounting
-from ..usage.auth import Authenticator, Identity, Refusal, parse_api_keys
+from ..usage.auth import (
+    Authenticator,
+    Identity,
+    Refusal,
+    parse_api_keys,
+    safety_identifier,
+    safety_key,
+)
 from ..usage.mint import Minter
 from ..usage.sip import Callers
 from ..usage.store import open_store
@@ -43,6 +50,7 @@ from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
+from .notes import SessionNotes
 from .pair import ClientSide, Pair
 from .phone import TWILIO_PATH, PhoneLine
 from .sideband import Calls
@@ -71,7 +79,15 @@ class RelayApp:
             queue_bytes=config.queue_bytes,
             max_message_bytes=config.max_message_bytes,
         )
-        self.session_update = dumps({"type": "session.update", "session": config.session_object()})
+        # Its event_id lets the bridge tell an upstream error about it from any other.
+        session = config.session_object()
+        self.session_update = dumps(
+            {"type": "session.update", "event_id": SETUP_EVENT_ID, "session": session}
+        )
+        #: Keys the OpenAI-Safety-Identifier of each session's user (None: none is sent).
+        self._safety_key = (
+            safety_key(config.openai_api_key) if config.safety_identifier == "hash" else None
+        )
         self.auth = Authenticator(
             api_keys=parse_api_keys(config.api_keys),
             jwt_secret=config.jwt_secret,
@@ -222,6 +238,7 @@ class RelayApp:
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
             policy=self.config.policy.for_session(model, identity.model),
+            observer=SessionNotes(self.metrics, session_id),
         )
         async with accounting.held(identity, session_id, bridge.traffic):
             await self._session(
@@ -294,6 +311,11 @@ class RelayApp:
         ws.send_timeout = self.config.send_timeout
         return SocketClient(ws), release
 
+    def safety_identifier(self, identity: Identity) -> str | None:
+        """The OpenAI-Safety-Identifier of ``identity``'s sessions (None: turned off)."""
+        key = self._safety_key
+        return None if key is None else safety_identifier(key, identity)
+
     def new_pair(
         self,
         client: ClientSide,
@@ -310,7 +332,7 @@ class RelayApp:
         return Pair(
             client,
             bridge,
-            self.dialer.target(call.model),
+            self.dialer.target(call.model, self.safety_identifier(call.identity)),
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
@@ -535,5 +557,7 @@ def create_app(config: RelayConfig | None = None) -> RelayApp:
         configure_logging(
             config.log_format, config.log_level, secrets=config.secrets, fields=fields
         )
+        if warning := deprecation_warning(config):
+            log.warning(warning)  # once per process: each of Hypercorn's workers makes its app
     takeover.install(permessage_deflate=config.permessage_deflate)
     return RelayApp(config)

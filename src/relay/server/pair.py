@@ -33,7 +33,7 @@ from typing import Protocol
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from ..core.bridge import Bridge, Ending, Message, Reply
+from ..core.bridge import Amended, Batch, Bridge, Ending, Message, Reply
 from ..core.calllog import CallLog, VoiceClock
 from ..core.deadlines import Deadlines, Due
 from ..core.ratelimit import InboundRate
@@ -200,12 +200,16 @@ class Pair:
         """End the pair to relieve an overloaded relay (client 1013)."""
         await self._finish(self.bridge.overloaded())
 
-    async def notify(self, notice: Reply) -> None:
-        """Send the client an event of the relay's own (bounded like any other send)."""
-        try:
-            await self.client.send(notice.text)
-        except trio.TooSlowError:
-            await self._finish(self.bridge.client_too_slow(self._send_timeout))
+    async def notify(self, notice: Reply | Ending | None) -> None:
+        """Send the client an event of the relay's own (bounded like any other send); the
+        bridge holds it (None) until the client has its session.created."""
+        if notice.__class__ is Ending:
+            await self._finish(notice)  # type: ignore[arg-type]
+        elif notice is not None:
+            try:
+                await self.client.send(notice.text)  # type: ignore[union-attr]
+            except trio.TooSlowError:
+                await self._finish(self.bridge.client_too_slow(self._send_timeout))
 
     async def send_upstream(self, data: str) -> None:
         """Send the upstream an event of the relay's own (a phone call's truncate at a barge-in,
@@ -238,8 +242,13 @@ class Pair:
 
     def _client_step_tapped(self, data: Message) -> Message | Reply | Ending | None:
         """:meth:`_client_step`, and the call's log sees what went (or will go) upstream."""
+        queued = self.bridge.queued
         out = self._client_step(data)
-        if out.__class__ is not Reply and out.__class__ is not Ending:
+        # What goes upstream now, or later from the pre-open queue; not what was refused (a
+        # refusal before session.created is held: None too, but nothing joined the queue).
+        if out is None and self.bridge.queued > queued or out is not None and (
+            out.__class__ is not Reply and out.__class__ is not Ending
+        ):
             try:
                 self._tap.client_event(data)  # type: ignore[union-attr]
             except Exception:  # a record must never end a session
@@ -276,6 +285,9 @@ class Pair:
                     out = _failed(bridge)
             if out is None:
                 continue
+            notice = None
+            if out.__class__ is Amended:  # the event goes upstream, then the client is told
+                out, notice = out.text, out.notice  # type: ignore[union-attr]
             if out.__class__ is str or out.__class__ is bytes or out is PART:
                 upstream: WebSocket = self._upstream  # type: ignore[assignment]
                 try:
@@ -289,7 +301,10 @@ class Pair:
                 except trio.TooSlowError:
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
-            elif out.__class__ is Reply:
+                if notice is None:
+                    continue
+                out = Reply(notice)
+            if out.__class__ is Reply:
                 try:
                     await self.client.send(out.text)  # type: ignore[union-attr]
                 except trio.TooSlowError:
@@ -402,6 +417,9 @@ class Pair:
             try:
                 if out is PART:
                     await client.websocket.finish_send()  # type: ignore[union-attr]
+                elif out.__class__ is Batch:
+                    for text in out.texts:  # type: ignore[union-attr]
+                        await client.send(text)
                 else:
                     await client.send(out.text if out.__class__ is Reply else out)  # type: ignore[union-attr,arg-type]
             except ConnectionClosed:

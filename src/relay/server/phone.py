@@ -31,7 +31,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import trio
 
-from ..core.bridge import Bridge, Ending, Message
+from ..core.bridge import SETUP_EVENT_ID, Bridge, Ending, Message
 from ..core.closecodes import Code
 from ..core.events import dumps, error_event
 from ..core.twilio import End, Start, StreamError, TwilioStream, signature_matches
@@ -41,6 +41,7 @@ from ..usage.calls import ACCOUNT_USER, CallKeys, TokenRefused
 from .asgi import Receive, Scope, Send, deny, header, offers_deflate, read_body
 from .call import Call
 from .legs import AsgiClient, SocketClient
+from .notes import SessionNotes
 
 if TYPE_CHECKING:
     from .app import RelayApp
@@ -76,7 +77,9 @@ class PhoneLine:
             audio.setdefault(side, {})["format"] = {"type": "audio/pcmu"}
         #: The relay's session for a call: its own, with μ-law both ways.
         self.session = session
-        self.session_update = dumps({"type": "session.update", "session": session})
+        self.session_update = dumps(
+            {"type": "session.update", "event_id": SETUP_EVENT_ID, "session": session}
+        )
 
     # -- URLs as Twilio sees them ------------------------------------------------------
 
@@ -209,6 +212,7 @@ class PhoneLine:
             limits=app.limits,
             secret=config.openai_api_key,
             policy=config.policy.for_session(config.model),
+            observer=SessionNotes(app.metrics, session_id),
         )
         call = Call(app, caller, session_id, config.model, session=self.session)  # as any session
         call.also_accounted.append((line, account))

@@ -14,6 +14,7 @@ headers and offered subprotocols and returns an :class:`Identity` or raises
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,28 @@ class Refusal(Exception):
 def hash_key(key: str) -> str:
     """The form in which an API key is configured (RELAY_API_KEYS holds ``user:hash``)."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+#: What the safety identifiers' key is derived for (a different purpose, a different key).
+_SAFETY_PURPOSE = b"relay: OpenAI-Safety-Identifier, v1"
+
+
+def safety_key(upstream_key: str) -> bytes:
+    """The key of :func:`safety_identifier`, derived from the relay's upstream key: secret
+    like it, and the same on every instance and after every restart that share it."""
+    return hmac.new(upstream_key.encode(), _SAFETY_PURPOSE, hashlib.sha256).digest()
+
+
+def safety_identifier(key: bytes, identity: Identity) -> str:
+    """A stable identifier of the client's user for OpenAI's ``OpenAI-Safety-Identifier``.
+
+    HMAC-SHA256 of the user name under :func:`safety_key`, cut to 32 hex digits: OpenAI can
+    tell one user's sessions from another's, and no one without the relay's key can find a
+    user from it, not even by hashing guessed names. Anonymous clients share one identifier,
+    which no named user can have.
+    """
+    name = b"anonymous" if identity.method == "anonymous" else b"user:" + identity.user.encode()
+    return hmac.new(key, name, hashlib.sha256).hexdigest()[:32]
 
 
 def new_api_key() -> str:
@@ -110,6 +133,13 @@ class Authenticator:
         bearer: str | None = None
         for name, value in headers:
             if name == b"origin":
+                if origin is not None:
+                    # A browser sends one; with two, a check of either could be fooled.
+                    raise Refusal(
+                        403,
+                        "origin_not_allowed",
+                        "The request carries more than one Origin header; send one.",
+                    )
                 origin = value.decode("latin-1")
             elif name == b"authorization":
                 scheme, _, rest = value.decode("latin-1").partition(" ")

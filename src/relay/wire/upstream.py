@@ -124,20 +124,25 @@ class UpstreamDialer:
             self._headers = ()
             self._subprotocols = ("realtime", "openai-insecure-api-key." + key)
 
-    def target(self, model: str) -> UpstreamTarget:
-        return self._target(f"model={quote(model, safe='')}")
+    def target(self, model: str, safety_identifier: str | None = None) -> UpstreamTarget:
+        """Where one session goes: ``model``, and the client's ``OpenAI-Safety-Identifier``
+        (see :func:`relay.usage.auth.safety_identifier`) if it has one."""
+        headers = self._headers
+        if safety_identifier is not None:
+            headers = (*headers, (b"openai-safety-identifier", safety_identifier.encode()))
+        return self._target(f"model={quote(model, safe='')}", headers)
 
     def sideband(self, call_id: str) -> UpstreamTarget:
         """The sideband of a WebRTC or SIP call: the same endpoint, ``?call_id=``."""
-        return self._target(f"call_id={quote(call_id, safe='')}")
+        return self._target(f"call_id={quote(call_id, safe='')}", self._headers)
 
-    def _target(self, query: str) -> UpstreamTarget:
+    def _target(self, query: str, headers: tuple[tuple[bytes, bytes], ...]) -> UpstreamTarget:
         return UpstreamTarget(
             host=self._host,
             port=self._port,
             resource=f"{self._path}?{query}",
             ssl_context=self._ssl_context,
             subprotocols=self._subprotocols,
-            headers=self._headers,
+            headers=headers,
             max_message_bytes=self._config.upstream_max_message_bytes,
         )
