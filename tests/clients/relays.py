@@ -12,6 +12,7 @@ thread with them. :class:`RelayThread` runs one in the background, with a watchd
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -190,7 +191,9 @@ def relay_serve(directory: Path, *, tls: bool = False, auth: str = "key") -> Ite
                         "tls_cert": str(local_tls.cert_file),
                         "tls_key": str(local_tls.key_file),
                     }
-                config = load_config({}, settings, config_file=str(config_file))
+                # Like relay demo, RELAY_PUMP from the environment (CI's pump-off pass).
+                environ = {k: v for k, v in os.environ.items() if k == "RELAY_PUMP"}
+                config = load_config(environ, settings, config_file=str(config_file))
 
                 async def relay(task_status: trio.TaskStatus[list[str]]) -> None:
                     await serve(config, shutdown_trigger=stop, task_status=task_status)
