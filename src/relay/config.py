@@ -514,11 +514,6 @@ class RelayConfig:
         """Whether a client may connect with ``?model=model``."""
         return realtime_models.allows(self.allowed_models, model)
 
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        """Every secret setting's value, for the logs to redact."""
-        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
-
     def rest_url(self, endpoint: str) -> str:
         """The Realtime API's REST ``endpoint`` (``calls``, ``client_secrets``) beside
         RELAY_UPSTREAM_URL: ``wss://host/v1/realtime`` → ``https://host/v1/realtime/calls``."""
