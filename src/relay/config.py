@@ -538,11 +538,6 @@ class RelayConfig:
         pairs = (entry.partition("=") for entry in self.model_aliases if entry != "none")
         return {old: new for old, _, new in pairs if self.allows_model(new)}
 
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        """Every secret setting's value, for the logs to redact."""
-        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
-
     def rest_url(self, endpoint: str) -> str:
         """The Realtime API's REST ``endpoint`` (``calls``, ``client_secrets``) beside
         RELAY_UPSTREAM_URL: ``wss://host/v1/realtime`` → ``https://host/v1/realtime/calls``."""

@@ -402,7 +402,7 @@ async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest
     async def record(conn: UpstreamConnection) -> None:
         name = conn.request.path.rsplit("=", 1)[-1]
         upstream_got[name] = []
-        ws = await open_session(conn)  # (the relay's session.update is not recorded)
+        await open_session(conn)  # (the relay's session.update is not recorded)
         try:
             while True:
                 upstream_got[name].append(await conn.receive())
@@ -446,7 +446,7 @@ async def test_a_session_the_relay_closes_ends_when_the_client_answers_not_after
     that reply to the app."""
 
     async def stay(conn: UpstreamConnection) -> None:
-        ws = await open_session(conn)
+        await open_session(conn)
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await conn.receive()
