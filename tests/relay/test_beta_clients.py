@@ -35,7 +35,6 @@ from openai.types.beta.realtime import (
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from relay.clients.talk import SAMPLE
-from relay.core.policy import Policy
 
 from .harness import TEST_KEY, running_relay
 from .test_browser import (
@@ -82,8 +81,8 @@ WEATHER_TOOL = {
 
 
 def beta_relay_starter(trigger: Trigger) -> Starter:
-    """Mockrealtime that refuses beta, and a relay in front of it that leaves tools to clients
-    (the default policy locks them), for ``served_in_thread``."""
+    """Mockrealtime that refuses beta, and a relay with the default settings in front of it,
+    for ``served_in_thread``."""
 
     async def run(task_status: trio.TaskStatus[tuple[str, MockServer]]) -> None:
         async with trio.open_nursery() as nursery:
@@ -93,7 +92,6 @@ def beta_relay_starter(trigger: Trigger) -> Starter:
             )
             async with running_relay(
                 upstream_url=mock.url,
-                policy=Policy(locked=frozenset({"instructions", "model"})),
                 # A watchdog: a turn that never ends gets the relay's warning (an error event,
                 # which fails the test) after 15 s rather than blocking the client's recv().
                 max_session_seconds=30.0,
