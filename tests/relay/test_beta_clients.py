@@ -47,6 +47,7 @@ from .test_browser import (
     served_in_thread,
     wait_for,
 )
+from .test_openai_sdk_through_relay import GET_WEATHER
 
 #: What a beta client must never see: GA names.
 GA_ONLY = (
@@ -68,16 +69,6 @@ BETA_FIELDS = {
     "temperature",
 }
 RETIRED_MODEL = "gpt-4o-realtime-preview-2024-12-17"
-WEATHER_TOOL = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
 
 
 def beta_relay_starter(trigger: Trigger) -> Starter:
@@ -256,7 +247,7 @@ def test_sdk_beta_client_completes_a_function_call_round_trip(
         turns = Turns(conn)
         turns.until("session.created")
         conn.session.update(
-            session={"modalities": ["text"], "tools": [WEATHER_TOOL], "tool_choice": "auto"}
+            session={"modalities": ["text"], "tools": [GET_WEATHER], "tool_choice": "auto"}
         )
         turns.updated(lambda session: bool(session.tools))
         conn.conversation.item.create(item=user_text("Please get_weather for Paris."))
@@ -277,7 +268,7 @@ def test_sdk_beta_client_completes_a_function_call_round_trip(
     assert text.startswith('The tool returned "sunny".')
     sent = [orjson.loads(m) for m in upstream_messages(mock)]
     [update] = [m for m in sent if m["type"] == "session.update" and "tools" in m["session"]]
-    assert update["session"]["tools"] == [WEATHER_TOOL]
+    assert update["session"]["tools"] == [GET_WEATHER]
     assert update["session"]["output_modalities"] == ["text"]
 
 
