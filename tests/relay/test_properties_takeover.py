@@ -66,7 +66,7 @@ class FakeUpstream:
 
 
 def turn(n: int, respond: bool) -> list[str]:
-    item = {"id": f"item_c{n}", "type": "message", "role": "user",
+    item = {"id": f"mine{n}", "type": "message", "role": "user",
             "content": [{"type": "input_text", "text": f"turn {n}"}]}
     messages = [orjson.dumps({"type": "conversation.item.create", "item": item}).decode()]
     if respond:
@@ -163,7 +163,7 @@ def check(ending: Any, record: ClientRecord, server: MockServer, messages: list[
             replay = [is_replay(m) for m in received[1:]]
             assert replay == sorted(replay, reverse=True), "a client message before the replay"
             replayed = [m["item"]["id"] for m in received[1:] if is_replay(m)]
-            mine = [i for i in replayed if i.startswith("item_c")]
+            mine = [i for i in replayed if i.startswith("mine")]
             assert mine == [i for i in confirmed if i in mine]  # in order
             assert set(mine) <= set(confirmed)
         for m in client_part(received):
@@ -233,7 +233,7 @@ def test_the_ledger_stays_within_its_bound_and_replays_the_newest_items(
     assert ledger.size <= bound
     if len(server.connections) == 2:
         first, second = upstream_messages(server)
-        replayed = [m["item"]["id"] for m in second if is_replay(m) and m["item"]["id"].startswith("item_c")]
+        replayed = [m["item"]["id"] for m in second if is_replay(m) and m["item"]["id"].startswith("mine")]
         mine = [m["item"]["id"] for m in first if m["type"] == "conversation.item.create"]
         assert set(replayed) <= set(mine)
         # The newest are kept: what was replayed of the client's is a tail of its items.
