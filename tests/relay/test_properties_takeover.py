@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import trio
 import trio.testing
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mockrealtime import MockConfig, MockServer
@@ -195,7 +195,6 @@ def conversations(draw: st.DrawFn) -> tuple[list[str], list[float]]:
     return messages, gaps
 
 
-@settings(max_examples=40, deadline=None)
 @given(conversation=conversations(), kills=st.lists(st.floats(0.0, 30.0), max_size=2).map(sorted))
 def test_a_killed_upstream_loses_nothing_but_what_was_in_flight(
     conversation: tuple[list[str], list[float]], kills: list[float]
@@ -208,7 +207,6 @@ def test_a_killed_upstream_loses_nothing_but_what_was_in_flight(
     assert all(e["type"] == "response.done" for e in failed)
 
 
-@settings(max_examples=25, deadline=None)
 @given(conversation=conversations(), rollover=st.sampled_from([1.0, 3.0, 7.0]))
 def test_a_rollover_at_a_shortened_cap_loses_and_reorders_nothing(
     conversation: tuple[list[str], list[float]], rollover: float
@@ -221,7 +219,6 @@ def test_a_rollover_at_a_shortened_cap_loses_and_reorders_nothing(
     assert notices == []  # a rollover is not announced
 
 
-@settings(max_examples=25, deadline=None)
 @given(conversation=conversations(), bound=st.sampled_from([300, 600, 1200]))
 def test_the_ledger_stays_within_its_bound_and_replays_the_newest_items(
     conversation: tuple[list[str], list[float]], bound: int
