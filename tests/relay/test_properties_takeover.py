@@ -36,7 +36,14 @@ from relay.server.pair import Pair, Takeover
 from relay.wire.upstream import UpstreamTarget
 from relay.wire.websocket import WebSocket
 
-from .memory import CLOSE_TIMEOUT, DIAL_TIMEOUT, SEND_TIMEOUT, ClientRecord, ClientScript, MemoryClient
+from .memory import (
+    CLOSE_TIMEOUT,
+    DIAL_TIMEOUT,
+    SEND_TIMEOUT,
+    ClientRecord,
+    ClientScript,
+    MemoryClient,
+)
 
 SESSION = {"type": "realtime", "instructions": "Be brief.", "output_modalities": ["audio"]}
 CLIENT_UPDATE = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}}

@@ -507,7 +507,8 @@ class Resuming:
         self.resumes = 0
 
     async def open(self, also: tuple[str, ...] = (RESUME_SUBPROTOCOL,)) -> None:
-        self._ws = await self._stack.enter_async_context(open_relay(self._url, self._token, also=also))
+        opening = open_relay(self._url, self._token, also=also)
+        self._ws = await self._stack.enter_async_context(opening)
 
     async def get_message(self) -> str | bytes:
         while True:

@@ -78,7 +78,9 @@ _OWN_SIZE_LIMIT = re.compile(r"message over \d+ bytes")
 #: (1011, 1014), asked to be tried again (1012, 1013), or vanished without a close frame (1006).
 FAILOVER_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
 #: The events that echo an item the relay replayed (not the client's to see).
-_ECHOES = frozenset({"conversation.item.added", "conversation.item.done", "conversation.item.created"})
+_ECHOES = frozenset(
+    {"conversation.item.added", "conversation.item.done", "conversation.item.created"}
+)
 
 
 class Phase(Enum):

@@ -242,13 +242,16 @@ class Ledger:
         """What a new upstream gets before anything of the client's: the session as it stood,
         then every replayable item, in order, under its own id. Also the ids replayed (their
         echoes are not the client's to see). Forgets what was in flight (the old upstream's)."""
-        texts = [dumps({"type": "session.update", "event_id": setup_event_id, "session": self.session})]
+        update = {"type": "session.update", "event_id": setup_event_id, "session": self.session}
+        texts = [dumps(update)]
         ids = set()
         for n, (item_id, item) in enumerate(self._items.items()):
             if item is None:
                 continue
             texts.append(
-                dumps({"type": "conversation.item.create", "event_id": f"{REPLAY}{n}", "item": item})
+                dumps(
+                    {"type": "conversation.item.create", "event_id": f"{REPLAY}{n}", "item": item}
+                )
             )
             ids.add(item_id)
         # Items in progress died with the old upstream, and so did the chance of a transcript
@@ -283,7 +286,8 @@ def replayable(item: dict[str, Any]) -> dict[str, Any] | None:
         if role not in ("user", "assistant", "system") or not parts:
             return None
         if role == "assistant":
-            parts = [p if p["type"] != "input_text" else {**p, "type": "output_text"} for p in parts]
+            said = "output_text"
+            parts = [{**p, "type": said} if p["type"] == "input_text" else p for p in parts]
         elif any(p["type"] == "output_text" for p in parts):
             return None
         return {**head, "role": role, "content": parts}

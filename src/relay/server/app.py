@@ -24,8 +24,8 @@ from ..core.beta import BetaBridge, BetaTranslator, asks_for_beta
 from ..core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
-from ..core.ledger import Ledger
 from ..core.events import dumps, error_event
+from ..core.ledger import Ledger
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
 from ..ops.records import DRAIN_SECONDS, Recorder
@@ -54,8 +54,8 @@ from .legs import AsgiClient, SocketClient, accept, client_frame_limit
 from .loadwatch import watch_load
 from .notes import SessionNotes
 from .pair import ClientSide, Pair, Takeover
-from .resume import RESUME_SUBPROTOCOL, Resumable, ResumeRefused, Resumes, asks_to_resume
 from .phone import TWILIO_PATH, PhoneLine
+from .resume import RESUME_SUBPROTOCOL, Resumable, ResumeRefused, Resumes, asks_to_resume
 from .sideband import Calls
 
 if TYPE_CHECKING:
