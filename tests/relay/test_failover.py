@@ -19,6 +19,7 @@ from mockrealtime import Faults, MockConfig, MockServer, serve_mock_realtime
 from relay.core.bridge import SETUP_EVENT_ID
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
+from .test_relay_loopback import receive_until_closed
 
 TIMEOUT = 20
 TEXT_SESSION = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}}
@@ -115,11 +116,7 @@ async def test_without_failover_the_session_ends_with_its_upstream() -> None:
                 await ws.send_message(user_text("item_user_one", "Hello there"))
                 await ws.send_message('{"type":"response.create"}')
                 error = await until(ws, "error", seen)
-                try:
-                    while True:
-                        await ws.get_message()
-                except Exception as exc:  # noqa: BLE001 (ConnectionClosed)
-                    code = exc.reason.code  # type: ignore[attr-defined]
+                _, code, _ = await receive_until_closed(ws)
     assert error["error"]["code"] == "relay_upstream_lost"
     assert code == 1011
     assert len(mock.connections) == 1
@@ -138,11 +135,7 @@ async def test_an_upstream_that_cannot_be_replaced_ends_the_session_with_1011() 
                 mock.faults = Faults(refuse_status=503)  # for the dials that follow
                 await ws.send_message('{"type":"response.create"}')
                 error = await until(ws, "error", seen)
-                try:
-                    while True:
-                        await ws.get_message()
-                except Exception as exc:  # noqa: BLE001 (ConnectionClosed)
-                    code = exc.reason.code  # type: ignore[attr-defined]
+                _, code, _ = await receive_until_closed(ws)
     assert error["error"]["code"] == "relay_upstream_lost"
     assert "could not open a new one" in error["error"]["message"]
     assert code == 1011

@@ -532,16 +532,10 @@ class Bridge:
         """No new upstream could be had (the shell's tries are spent): end the session."""
         if status in (401, 403):
             return self.dial_failed(detail, status=status)
-        return self._end(
-            Cause.UPSTREAM_LOST,
-            client=(Code.INTERNAL_ERROR, "upstream connection lost"),
-            upstream=None,
-            error=error_event(
-                "relay_upstream_lost",
-                f"The connection to the Realtime API was lost and the relay could not open a new"
-                f" one ({detail}). Reconnect to start a new session.",
-                kind="server_error",
-            ),
+        return self._lost(
+            "upstream connection lost",
+            f"The connection to the Realtime API was lost and the relay could not open a new one"
+            f" ({detail}). Reconnect to start a new session.",
         )
 
     def _reopened(self, data: Message) -> Message | Reply | Ending | None:
@@ -748,16 +742,10 @@ class Bridge:
                 ),
             )
         if not sendable(code):
-            return self._end(
-                Cause.UPSTREAM_LOST,
-                client=(Code.INTERNAL_ERROR, "upstream connection lost"),
-                upstream=None,
-                error=error_event(
-                    "relay_upstream_lost",
-                    "The connection to the Realtime API ended without a close frame"
-                    f" (code {code}). Reconnect to start a new session.",
-                    kind="server_error",
-                ),
+            return self._lost(
+                "upstream connection lost",
+                "The connection to the Realtime API ended without a close frame"
+                f" (code {code}). Reconnect to start a new session.",
             )
         reason = reason or ""
         if code == Code.MESSAGE_TOO_BIG and _OWN_SIZE_LIMIT.fullmatch(reason):
@@ -964,16 +952,19 @@ class Bridge:
         (and, with a ledger, move the session to a new one)."""
         if self._may_fail_over():
             return self._redial(f"no pong for {seconds:g} s")
+        return self._lost(  # (a dead peer cannot finish a close handshake: no close frame)
+            "upstream stopped answering",
+            f"The Realtime API stopped answering for {seconds:g} s (RELAY_PEER_TIMEOUT)."
+            " Reconnect to start a new session.",
+        )
+
+    def _lost(self, reason: str, message: str) -> Ending | None:
+        """The upstream is gone and the session with it: 1011 and ``relay_upstream_lost``."""
         return self._end(
             Cause.UPSTREAM_LOST,
-            client=(Code.INTERNAL_ERROR, "upstream stopped answering"),
-            upstream=None,  # a dead peer cannot finish a close handshake
-            error=error_event(
-                "relay_upstream_lost",
-                f"The Realtime API stopped answering for {seconds:g} s (RELAY_PEER_TIMEOUT)."
-                " Reconnect to start a new session.",
-                kind="server_error",
-            ),
+            client=(Code.INTERNAL_ERROR, reason),
+            upstream=None,
+            error=error_event("relay_upstream_lost", message, kind="server_error"),
         )
 
     def _end(
