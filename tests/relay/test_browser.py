@@ -464,3 +464,50 @@ def test_the_capture_worklet_resamples_any_rate_to_24k(demo_url: str, tmp_path: 
             assert result["rms"] == pytest.approx(0.5 * 32767 / 2**0.5, rel=0.02), rate
     finally:
         drv.quit()
+
+
+@needs_chromium
+def test_the_page_resumes_its_session_after_a_network_blip(tmp_path: Path) -> None:
+    """The relay (RELAY_RESUME_SECONDS) loses the page's TCP connection without a close frame,
+    as a network change does; the page comes back on its own to the same session."""
+
+    def starter(trigger: Trigger) -> Starter:
+        async def run(task_status: trio.TaskStatus[Any]) -> None:
+            async with trio.open_nursery() as nursery:
+                mock = await nursery.start(
+                    serve_mock_realtime, MockConfig(api_keys=frozenset({TEST_KEY}))
+                )
+                async with running_relay(upstream_url=mock.url, resume_seconds=30.0) as relay:
+                    token = trio.lowlevel.current_trio_token()
+                    task_status.started((relay.http_url, relay.app, mock, token))
+                    await trigger()
+                nursery.cancel_scope.cancel()
+
+        return run
+
+    async def cut(app: Any) -> Any:
+        """The page's connection drops: the relay's end of its socket goes, no close frame."""
+        while not app.pairs or not next(iter(app.pairs)).client.token:  # (its relay.resume)
+            await trio.sleep(0.01)
+        (pair,) = app.pairs
+        await trio.aclose_forcefully(pair.client._current.side.websocket._stream)
+        return pair.client
+
+    with served_in_thread(starter) as (http_url, app, mock, token):
+        drv = open_browser(microphone_file(tmp_path / "mic.wav", 0.5), tmp_path / "profile")
+        try:
+            connect(drv, http_url)
+            wait_for(drv, "window.openedSockets && document.body.dataset.state === 'live'")
+            session = trio.from_thread.run(cut, app, trio_token=token)
+            wait_for(drv, "d.state === 'live' && document.getElementById('status').textContent"
+                     " === 'resumed'", timeout=15)
+            opened = drv.execute_script("return window.openedSockets")
+            assert len(opened) == 2
+            assert "relay-resume" in opened[0]["protocols"]
+            (resume,) = [p for p in opened[1]["protocols"] if p.startswith("relay-resume.")]
+            assert resume.rsplit(".", 1)[1].isdigit()
+            assert session.resumes == 1
+            assert len(mock.connections) == 1  # the same upstream session
+            assert "error" not in body_data(drv)
+        finally:
+            drv.quit()
