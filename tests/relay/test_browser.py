@@ -256,7 +256,7 @@ def test_speaking_to_the_page_shows_both_turns_and_plays_the_reply(
         [socket] = drv.execute_script("return window.openedSockets")
         assert socket == {
             "url": demo_url.replace("http://", "ws://") + "/voice",
-            "protocols": ["realtime"],
+            "protocols": ["realtime", "relay-resume"],  # resumable after a blip
         }
         assert data["state"] == "live" and "error" not in data
         assert data["upstream"] == "fake"  # mockrealtime's session.created says so
@@ -401,7 +401,7 @@ def test_the_token_field_authenticates_the_page(tmp_path: Path) -> None:
             connect_with(key)
             wait_for(drv, "d.state === 'live'", timeout=10)
             [socket] = drv.execute_script("return window.openedSockets")
-            assert socket["protocols"] == ["realtime", f"relay-token.{key}"]
+            assert socket["protocols"] == ["realtime", f"relay-token.{key}", "relay-resume"]
 
             connect_with("rk_not-the-key")
             wait_for(drv, "d.state === 'error'", timeout=10)
