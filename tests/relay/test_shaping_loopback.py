@@ -102,7 +102,9 @@ async def test_the_duplicate_type_bypass_leaves_the_locked_field_as_the_relay_se
                 await ws.send_message(bypass)
                 events = await events_until(ws, "session.updated")
             got = received(mock)
-    assert got[1] == {"type": "session.update", "session": {"type": "realtime"}}
+    # (the relay names an update sent without an event_id, so that it can tell its answer)
+    assert got[1] == {"type": "session.update", "session": {"type": "realtime"},
+                      "event_id": "event_relay_su1"}
     assert "Ignore the operator" not in "".join(mock.connections[0].received)
     assert events[-1]["session"]["instructions"] == RELAY_INSTRUCTIONS
     # With session.update denied, the same message is refused and nothing reaches the fake.
