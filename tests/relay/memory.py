@@ -15,11 +15,11 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from relay.core.bridge import Bridge, Ending, Limits, Message
+from relay.core.bridge import Batch, Bridge, Ending, Limits, Message
 from relay.core.closecodes import sendable
 from relay.core.deadlines import Deadlines
 from relay.server.pair import Pair
-from relay.wire.upstream import UpstreamTarget
+from relay.wire.upstream import Dialed, UpstreamTarget
 from relay.wire.websocket import WebSocket as RelayWebSocket
 
 from ..leaks import check_client_sees_no_upstream_key
@@ -202,7 +202,7 @@ class MemoryClient:
         self.record.closed_at = trio.current_time()
 
 
-class MemoryUpstream:
+class MemoryUpstream(Dialed):
     """The pair's upstream: ``connect`` reaches a scripted server in memory; the
     handshake is the relay's own (:class:`UpstreamTarget`)."""
 
@@ -351,9 +351,9 @@ class _LoggedBridge(Bridge):
 
     __slots__ = ("log",)
 
-    def upstream_opened(self) -> None:
+    def upstream_opened(self, created: str | None = None) -> Batch | None:
         self.log.append("upstream_opened")
-        super().upstream_opened()
+        return super().upstream_opened(created)
 
     def client_closed(self) -> Ending | None:
         self.log.append("client_closed")

@@ -27,7 +27,10 @@ that ``session.updated``, which itself is never forwarded. Upstream events betwe
 two, and everything the relay itself says to the client before it (refusals, notices),
 are held in arrival order, bounded like the pre-open queue, and delivered right after.
 Events the upstream sends before any ``session.created`` (the Realtime API's refusal of
-a connection: an ``error`` and a close) pass as they come.
+a connection: an ``error`` and a close) pass as they come. An upstream the relay set up
+before the client came (a warm pooled one, :mod:`relay.server.pool`) has had its update
+answered already: :meth:`Bridge.upstream_opened` is given the ``session.created`` to deliver,
+and the start happens at once.
 
 **The rules of a step.** :meth:`Bridge.client_message` and :meth:`Bridge.upstream_message`
 (with the :mod:`relay.core.policy` screens they call, and the shell's per-message wrappers
@@ -383,19 +386,37 @@ class Bridge:
 
     # -- opening ----------------------------------------------------------------
 
-    def upstream_opened(self) -> None:
-        """The upstream WebSocket is open: start flushing, session.update first."""
+    @property
+    def session_update(self) -> str:
+        """The relay's own ``session.update``: what a session it already set up (a pooled one)
+        must have had, to serve this bridge."""
+        return self._session_update
+
+    def upstream_opened(self, created: str | None = None) -> Batch | None:
+        """The upstream WebSocket is open: start flushing, session.update first.
+
+        ``created`` is given for an upstream whose session the relay already set up (a warm
+        pooled one: its ``session.update`` sent and answered): the ``session.created`` the
+        client gets, carrying that answered session. Then nothing is sent for the setup again,
+        and the start happens now: the returned :class:`Batch` (``session.created``, then what
+        waited for it) goes to the client before anything else of the relay's own can.
+        """
         if self.phase is Phase.CLOSED:
             # The pair ended while the dial finished: nothing may go upstream.
             self._queue.clear()
             self._queued_bytes = 0
-            return
+            return None
         if self.phase is not Phase.CONNECTING:
             raise BridgeError(f"upstream_opened() in phase {self.phase.name}")
         self.phase = Phase.FLUSHING
         self.queued_at_open = len(self._queue)
+        if created is not None:
+            self._created = created
+            self._answered = True
+            return self._start()
         self._queue.appendleft(self._session_update)
         self._queued_bytes += len(self._session_update)
+        return None
 
     def next_to_flush(self) -> Message | None:
         """The next message to send upstream while FLUSHING; None once the queue is

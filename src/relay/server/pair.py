@@ -4,7 +4,8 @@ Two tasks live in the pair's nursery (plus a timer task when pings or time limit
 
 * the client task reads client messages and sends them upstream, or hands them
   to the bridge's queue while the upstream is still opening;
-* the upstream task dials, flushes ``session.update`` and the queue, then reads
+* the upstream task gets the upstream from its source (a dial, or a warm pooled session:
+  :mod:`relay.server.pool`), flushes ``session.update`` and the queue, then reads
   upstream messages and sends them to the client.
 
 Whichever side ends first asks the bridge for an :class:`~relay.core.bridge.Ending`
@@ -38,7 +39,7 @@ from ..core.calllog import CallLog, VoiceClock
 from ..core.deadlines import Deadlines, Due
 from ..core.ratelimit import InboundRate
 from ..wire.pump import READ, Leg, Pump, log_safely
-from ..wire.upstream import Upstream
+from ..wire.upstream import Opened, UpstreamSource
 from ..wire.websocket import PART, HandshakeFailed, WebSocket
 
 
@@ -86,7 +87,7 @@ class Pair:
     __slots__ = (
         "client",
         "bridge",
-        "_target",
+        "_source",
         "_dial_timeout",
         "_close_timeout",
         "_send_timeout",
@@ -114,7 +115,7 @@ class Pair:
         self,
         client: ClientSide,
         bridge: Bridge,
-        target: Upstream,
+        source: UpstreamSource,
         *,
         dial_timeout: float,
         close_timeout: float,
@@ -132,7 +133,7 @@ class Pair:
     ) -> None:
         self.client = client
         self.bridge = bridge
-        self._target = target
+        self._source = source
         self._dial_timeout = dial_timeout
         self._close_timeout = close_timeout
         self._send_timeout = send_timeout
@@ -315,18 +316,16 @@ class Pair:
                 return
 
     async def _upstream_task(self) -> None:
-        """Dial (connect, then handshake) within the dial timeout, flush, then pump."""
+        """Open the upstream within the dial timeout, flush, then pump."""
         bridge = self.bridge
         dial_started = trio.current_time()
         deadline = dial_started + self._dial_timeout
-        stream: trio.abc.Stream | None = None
-        upstream: WebSocket | None = None
+        opened: Opened | None = None
         down: Leg | None = None
         try:
             with trio.move_on_at(deadline):
                 try:
-                    stream = await self._target.connect()
-                    upstream = await self._target.handshake(stream)
+                    opened = await self._source.open()
                 except ConnectionRejected as rejected:
                     status = rejected.status_code
                     await self._finish(bridge.dial_failed(f"HTTP {status}", status=status))
@@ -334,12 +333,16 @@ class Pair:
                 except (OSError, trio.BrokenResourceError) as exc:
                     await self._finish(bridge.dial_failed(_describe(exc)))
                     return
-            if upstream is None:
+            if opened is None:
                 await self._finish(bridge.dial_failed("timed out"))
                 return
+            upstream = opened.websocket
             upstream.send_timeout = self._send_timeout
             self._upstream = upstream
             dial_seconds = trio.current_time() - dial_started
+            start = bridge.upstream_opened(opened.created)
+            if start is not None and not await self._start_client(start):
+                return
             await self._flush(upstream)
             if self._on_upstream_opened is not None and bridge.queued_at_open is not None:
                 self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
@@ -351,13 +354,28 @@ class Pair:
         finally:
             if down is not None:
                 self._pump.forget(down)  # type: ignore[union-attr]
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
+            if opened is not None:
+                await trio.aclose_forcefully(opened.stream)
+
+    async def _start_client(self, start: Batch) -> bool:
+        """Give the client its session.created (and what waited for it) from an upstream the
+        relay set up before it came, before anything else of the relay's own can reach it;
+        False if the pair ended."""
+        try:
+            for text in start.texts:
+                await self.client.send(text)
+        except ConnectionClosed:
+            pass  # the client is gone; its task reads so and ends the pair
+        except trio.TooSlowError:
+            self._flushed.set()  # nothing was flushed, nor will be
+            await self._finish(self.bridge.client_too_slow(self._send_timeout))
+            return False
+        return True
 
     async def _flush(self, upstream: WebSocket) -> None:
-        """Send session.update and the queued client messages, in order."""
+        """Send session.update (unless the source set the session up) and the queued client
+        messages, in order (the bridge is told the upstream opened first)."""
         bridge = self.bridge
-        bridge.upstream_opened()
         try:
             while (data := bridge.next_to_flush()) is not None:
                 try:
