@@ -129,6 +129,23 @@ def start_echo() -> Server:
     return Server(process, port, extra=extra)
 
 
+def start_mock(handshake_delay: float) -> Server:
+    """``mockrealtime serve`` (the whole fake, not the echo), answering each WebSocket upgrade
+    after ``handshake_delay`` seconds, as a distant Realtime API does."""
+    command = [
+        sys.executable, "-m", "mockrealtime", "serve", "--port", "0",
+        "--handshake-delay", str(handshake_delay),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if "listening on ws" not in line:
+        process.kill()
+        raise RuntimeError(f"mockrealtime did not start: {line!r}")
+    port = int(line.split("listening on ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    return Server(process, port)
+
+
 def client_ssl(echo: Server) -> ssl.SSLContext | None:
     """The context a direct session needs to speak to ``echo`` (None: plain)."""
     if "ca" not in echo.extra:
@@ -184,15 +201,20 @@ def relay_env(upstream_port: int, workdir: str, ca: str | None = None) -> dict[s
     return env
 
 
-def spawn_relay(echo: Server, workdir: str | None = None) -> Server:
-    """Start ``relay serve``; returns at once (use :func:`wait_listening`)."""
+def spawn_relay(
+    echo: Server, workdir: str | None = None, settings: dict[str, str] | None = None
+) -> Server:
+    """Start ``relay serve`` (with ``settings``, RELAY_* variables, on top of the bench's);
+    returns at once (use :func:`wait_listening`)."""
     workdir = workdir or tempfile.mkdtemp(prefix="relay-bench-")
     port = free_port()
     log = Path(workdir) / "relay.log"
+    env = relay_env(echo.port, workdir, echo.extra.get("ca"))
+    env.update(settings or {})
     with log.open("ab") as out:
         process = subprocess.Popen(
             relay_command(port),
-            env=relay_env(echo.port, workdir, echo.extra.get("ca")),
+            env=env,
             stdout=out,
             stderr=out,
         )
@@ -232,7 +254,7 @@ async def wait_ready(server: Server, within: float = 30.0) -> None:
               file=sys.stderr, flush=True)  # fmt: skip
 
 
-async def start_relay(echo: Server) -> Server:
-    server = spawn_relay(echo)
+async def start_relay(echo: Server, settings: dict[str, str] | None = None) -> Server:
+    server = spawn_relay(echo, settings=settings)
     await wait_ready(server)
     return server

@@ -89,7 +89,8 @@ class FakeRealtime:
             async with trio.open_nursery() as nursery:
                 request = await wrap_server_stream(nursery, stream)  # type: ignore[arg-type]
                 ws = conn.ws = await request.accept()
-                await ws.send_message(self._event("session.created", conn, {"instructions": "default"}))
+                opening = self._event("session.created", conn, {"instructions": "default"})
+                await ws.send_message(opening)
                 self.heard(conn, await ws.get_message())
                 setup = orjson.loads(conn.received[0])
                 if self.refuse_setup:
@@ -276,7 +277,9 @@ async def test_many_clients_at_once_never_share_a_session(
         assert len(pooled) == 5 and len({sessions_of(o) for o in pooled}) == 5
         # At the fake: every client's message reached one session of its own.
         heard = [f"client {n}" for n in range(40)]
-        await w.fake.until(lambda: sorted(m for c in w.fake.conns for m in c.received[1:]) == sorted(heard))
+        await w.fake.until(
+            lambda: sorted(m for c in w.fake.conns for m in c.received[1:]) == sorted(heard)
+        )
         for conn in w.fake.conns:
             assert conn.received[0] == SETUP and len(conn.received) <= 2
         for n, opened in got:
@@ -331,7 +334,7 @@ async def test_a_session_that_fails_while_waiting_is_replaced(
         await w.metrics.until(lambda: w.metrics.sizes.get("gpt-realtime") == 1)
         first = w.fake.conns[0]
         first.close(1011, "server error")
-        await w.metrics.until(lambda: len(w.fake.conns) == 2 and w.metrics.sizes["gpt-realtime"] == 1)
+        await w.metrics.until(lambda: len(w.fake.conns) == 2 and w.metrics.sizes[KEY.model] == 1)
         assert w.metrics.value(
             "relay_warm_pool_recycled_total", model="gpt-realtime", reason="failed") == 1
         opened = await w.pool.take(KEY)
@@ -345,7 +348,7 @@ async def test_a_session_that_stops_answering_pings_is_replaced(
     async with world({KEY: 1}, deaf_after=30.0) as w:
         await w.metrics.until(lambda: w.metrics.sizes.get("gpt-realtime") == 1)
         w.fake.deaf_after = None  # only the first goes deaf
-        await w.metrics.until(lambda: len(w.fake.conns) == 2 and w.metrics.sizes["gpt-realtime"] == 1)
+        await w.metrics.until(lambda: len(w.fake.conns) == 2 and w.metrics.sizes[KEY.model] == 1)
         # The first ping went unanswered for the peer timeout; then a backoff of 1 s.
         assert round(w.fake.dialled_at[1]) == PING_INTERVAL + PEER_TIMEOUT + 1
         assert w.metrics.value(
@@ -417,6 +420,7 @@ async def test_metrics_show_size_hits_misses_and_recycling(
         ):
             assert line in body
         await w.metrics.until(lambda: w.metrics.sizes["gpt-realtime"] == 1)
-        assert 'relay_warm_pool_sessions{model="gpt-realtime"} 1.0' in w.metrics.render()[0].decode()
+        body = w.metrics.render()[0].decode()
+        assert 'relay_warm_pool_sessions{model="gpt-realtime"} 1.0' in body
         await trio.aclose_forcefully(opened.stream)
         assert not math.isnan(w.metrics.value("relay_warm_pool_sessions", model="gpt-realtime"))
