@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the demo, which takes anyone without a token, on a non-loopback --host",
     )
+    demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a certificate from a CA made for this run, and print"
+        " how to make Node and Python trust it (for clients that only speak wss://)",
+    )
 
     talk = commands.add_parser(
         "talk",
@@ -333,7 +339,7 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         check_demo_host(args.host, args.allow_anonymous)
         # Hypercorn's "Running on http://…" would come before the page's URL and say it again.
         logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
-        trio.run(_demo, args.host, args.port, args.allow_anonymous)
+        trio.run(_demo, args.host, args.port, args.allow_anonymous, args.tls)
         ignore()
     elif args.command == "talk":
         from .clients.talk import run as run_talk
@@ -385,22 +391,30 @@ async def _serve(config: RelayConfig, app: RelayApp) -> None:
             print(f"relay: listening on {ws}/voice and {ws}/v1/realtime", flush=True)
 
 
-async def _demo(host: str, port: int, allow_anonymous: bool) -> None:
+async def _demo(host: str, port: int, allow_anonymous: bool, tls: bool) -> None:
     from .server.demo import run_demo
 
     async with trio.open_nursery() as nursery:
-        demo = await nursery.start(partial(run_demo, host, port, allow_anonymous=allow_anonymous))
-        page = demo.relay_url.replace("ws://", "http://", 1)
-        print(
-            f"relay demo: open {page}/ in a browser and press Connect\n"
-            f"relay demo: relay on {demo.relay_url}/voice"
-            f" and {demo.relay_url}/v1/realtime?model={demo.config.model}\n"
-            f"relay demo: upstream is the offline fake on {demo.mock.url}"
-            " (made-up transcripts, replies in milliseconds; no key, no cost)\n"
-            f"relay demo: phone calls: relay call IN.wav --url {demo.http_url}\n"
-            "relay demo: press Ctrl-C to stop",
-            flush=True,
+        demo = await nursery.start(
+            partial(run_demo, host, port, allow_anonymous=allow_anonymous, tls=tls)
         )
+        url = demo.relay_url
+        lines = [
+            f"open {demo.http_url}/ in a browser and press Connect",
+            f"relay on {url}/voice and {url}/v1/realtime?model={demo.config.model}",
+            f"upstream is the offline fake on {demo.mock.url}"
+            " (made-up transcripts, replies in milliseconds; no key, no cost)",
+            f"phone calls: relay call IN.wav --url {demo.http_url}",
+        ]
+        if demo.ca_file is not None:
+            lines += [
+                f"its certificate is signed by a CA made for this run: {demo.ca_file}",
+                "trust it in the shell that runs your client:",
+                f"  export NODE_EXTRA_CA_CERTS={demo.ca_file}   # Node",
+                f"  export SSL_CERT_FILE={demo.ca_file}         # Python",
+            ]
+        lines.append("press Ctrl-C to stop")
+        print("\n".join(f"relay demo: {line}" for line in lines), flush=True)
 
 
 async def _usage_report(url: str, day: str | None, user: str | None, as_json: bool) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .core import models as realtime_models
+from .core.beta import DEFAULT_MODEL_ALIASES
 from .core.policy import Policy
 from .core.pricing import PriceTable
 from .usage.auth import parse_api_keys
@@ -283,6 +284,23 @@ class RelayConfig:
         "Seconds a pooled session may wait for a client before it is closed and replaced (at"
         " most 1800: a client should get most of the Realtime API's 60 minutes).",
     )
+    model_aliases: tuple[str, ...] = _setting(
+        tuple(f"{old}={new}" for old, new in DEFAULT_MODEL_ALIASES.items()),
+        "RELAY_MODEL_ALIASES",
+        "Comma-separated `retired=current` model names: a client naming a retired model (as beta"
+        " clients do) gets the current one. A shipped pair whose model is not allowed here is"
+        " ignored; one you write must lead to an allowed model. `none`: no aliases.",
+        shown="the retired preview models → `gpt-realtime-2.1` / `gpt-realtime-2.1-mini`"
+        " ([beta.md](beta.md#model-aliases))",
+    )
+    beta: str = _setting(
+        "translate",
+        "RELAY_BETA",
+        "Clients asking for the retired beta dialect (`OpenAI-Beta: realtime=v1` or the"
+        " `openai-beta.realtime-v1` subprotocol): `translate` (served in beta, GA upstream; see"
+        " [beta.md](beta.md)) or `refuse` (error `beta_api_shape_disabled`, close 4000, as the"
+        " Realtime API does).",
+    )
     host: str = _setting("127.0.0.1", "RELAY_HOST", "Address `relay serve` binds to.")
     port: int = _setting(8000, "RELAY_PORT", "Port `relay serve` binds to.")
     workers: int = _setting(
@@ -531,9 +549,10 @@ class RelayConfig:
         return realtime_models.allows(self.allowed_models, model)
 
     @property
-    def secrets(self) -> tuple[str, ...]:
-        """Every secret setting's value, for the logs to redact."""
-        return tuple(getattr(self, s.name) for s in SETTINGS if s.secret)
+    def aliases(self) -> dict[str, str]:
+        """The model aliases in force: those whose current model is allowed here."""
+        pairs = (entry.partition("=") for entry in self.model_aliases if entry != "none")
+        return {old: new for old, _, new in pairs if self.allows_model(new)}
 
     @property
     def warm_pool_sizes(self) -> dict[str, int]:
@@ -776,6 +795,9 @@ def _validate(config: RelayConfig) -> None:
         raise ConfigError(
             f"RELAY_SAFETY_IDENTIFIER must be 'hash' or 'off', got {config.safety_identifier!r}"
         )
+    if config.beta not in ("translate", "refuse"):
+        raise ConfigError(f"RELAY_BETA must be 'translate' or 'refuse', got {config.beta!r}")
+    _validate_aliases(config)
     if not 0 <= config.port < 65536:
         raise ConfigError(f"RELAY_PORT must be 0-65535, got {config.port}")
     for name in (
@@ -903,6 +925,25 @@ def _warm_pool(config: RelayConfig) -> dict[str, int]:
             sizes[model] = size
     return sizes
 
+
+def _validate_aliases(config: RelayConfig) -> None:
+    """Aliases an operator wrote must be well formed and lead to an allowed model (the shipped
+    ones lead to the default models and are left out where those are not allowed)."""
+    if config.model_aliases == RelayConfig.model_aliases or config.model_aliases == ("none",):
+        return
+    for entry in config.model_aliases:
+        old, eq, new = entry.partition("=")
+        if not (eq and old.strip() and new.strip()) or old != old.strip() or new != new.strip():
+            raise ConfigError(
+                f"RELAY_MODEL_ALIASES: {entry!r} is not `retired=current`, e.g."
+                " gpt-4o-realtime-preview=gpt-realtime"
+            )
+        if not config.allows_model(new):
+            allowed = ", ".join(sorted(config.allowed_models))
+            raise ConfigError(
+                f"RELAY_MODEL_ALIASES maps {old} to {new}, which clients may not use here;"
+                f" allowed (RELAY_MODEL, RELAY_MODELS): {allowed}."
+            )
 
 def _validate_calls(config: RelayConfig) -> None:
     """The SIP settings: a webhook secret that is one, and callers with their key."""

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from relay.core.bridge import Batch, Bridge, Ending, Limits, Message
+from relay.core.bridge import Bridge, Ending, Limits, Message
 from relay.core.closecodes import sendable
 from relay.core.deadlines import Deadlines
 from relay.server.pair import Pair
@@ -362,9 +362,9 @@ class _LoggedBridge(Bridge):
 
     __slots__ = ("log",)
 
-    def upstream_opened(self, created: str | None = None) -> Batch | None:
+    def upstream_opened(self, created: str | None = None) -> None:
         self.log.append("upstream_opened")
-        return super().upstream_opened(created)
+        super().upstream_opened(created)
 
     def client_closed(self) -> Ending | None:
         self.log.append("client_closed")

@@ -58,9 +58,13 @@ def test_no_token_is_refused_unless_anonymous_use_is_allowed() -> None:
     assert auth(anonymous=True).authenticate([], ["realtime"]).method == "anonymous"
 
 
-def test_a_browser_token_comes_in_a_subprotocol() -> None:
-    identity = auth().authenticate([], ["realtime", f"relay-token.{token({})}"])
+@pytest.mark.parametrize("prefix", ["relay-token.", "openai-insecure-api-key."])
+def test_a_browser_token_comes_in_a_subprotocol(prefix: str) -> None:
+    """``openai-insecure-api-key.`` is where the JS Agents SDK puts its key in a browser."""
+    identity = auth().authenticate([], ["realtime", f"{prefix}{token({})}"])
     assert (identity.user, identity.method) == ("bob", "jwt")
+    refused = refusal(lambda: auth().authenticate([], ["realtime", f"{prefix}rk_guess"]))
+    assert (refused.status, refused.code) == (401, "invalid_credentials")
 
 
 def test_jwt_claims_tighten_the_session() -> None:

@@ -67,8 +67,15 @@ async def test_bad_credentials_are_refused_at_the_handshake_and_nothing_is_diall
         {"extra_headers": [(b"authorization", b"Bearer " + signed({}).encode())]},
         {"subprotocols": ["realtime", "relay-token." + signed({})],
          "extra_headers": [(b"origin", b"https://app.example")]},
+        {"subprotocols": ["realtime", "openai-insecure-api-key." + API_KEY],
+         "extra_headers": [(b"origin", b"https://app.example")]},
     ],
-    ids=["api key", "jwt header", "jwt subprotocol from an allowed page"],
+    ids=[
+        "api key",
+        "jwt header",
+        "jwt subprotocol from an allowed page",
+        "api key where the JS Agents SDK puts it in a browser",
+    ],
 )
 async def test_a_valid_token_opens_a_session(kwargs: dict) -> None:
     with trio.fail_after(TIMEOUT):

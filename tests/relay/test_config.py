@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import SETTINGS, ConfigError, load_config
+from relay.core import models
 
 
 def test_defaults_need_nothing_but_give_the_real_api() -> None:
@@ -37,6 +38,9 @@ def test_environment_values_are_typed() -> None:
         ({"RELAY_UPSTREAM_URL": "wss://x/v1/realtime?model=a"}, "RELAY_UPSTREAM_URL"),
         ({"RELAY_UPSTREAM_AUTH": "query"}, "RELAY_UPSTREAM_AUTH"),
         ({"RELAY_BINARY_FRAMES": "drop"}, "RELAY_BINARY_FRAMES"),
+        ({"RELAY_BETA": "ignore"}, "RELAY_BETA"),
+        ({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview"}, "RELAY_MODEL_ALIASES"),
+        ({"RELAY_MODEL_ALIASES": "old=gpt-realtime-9"}, "RELAY_MODEL_ALIASES"),
         ({"RELAY_SAFETY_IDENTIFIER": "plain"}, "RELAY_SAFETY_IDENTIFIER"),
         ({"RELAY_PERMESSAGE_DEFLATE": "maybe"}, "RELAY_PERMESSAGE_DEFLATE"),
         ({"RELAY_TWILIO_DTMF": "tones"}, "RELAY_TWILIO_DTMF"),
@@ -85,6 +89,24 @@ def test_the_key_never_shows_in_the_config_repr() -> None:
     assert "sk-very-secret" not in repr(config)
     # OTEL_EXPORTER_OTLP_ENDPOINT is OpenTelemetry's own name for where traces go.
     assert all(s.env.startswith(("RELAY_", "OPENAI_", "OTEL_")) for s in SETTINGS)
+
+
+def test_retired_models_have_aliases_to_todays_models_by_default() -> None:
+    config = load_config({})
+    assert config.beta == "translate"
+    assert config.aliases["gpt-4o-realtime-preview-2024-10-01"] == "gpt-realtime-2.1"
+    assert config.aliases["gpt-4o-mini-realtime-preview"] == "gpt-realtime-2.1-mini"
+    assert set(config.aliases.values()) <= set(models.CURRENT)
+    # A shipped alias whose model the operator does not allow is left out, not an error.
+    only_full = load_config({"RELAY_MODELS": "gpt-realtime-2.1"})
+    assert "gpt-4o-mini-realtime-preview" not in only_full.aliases
+    assert only_full.aliases["gpt-4o-realtime-preview"] == "gpt-realtime-2.1"
+
+
+def test_model_aliases_can_be_replaced_or_turned_off() -> None:
+    config = load_config({"RELAY_MODEL_ALIASES": "gpt-4o-realtime-preview=gpt-realtime-2"})
+    assert config.aliases == {"gpt-4o-realtime-preview": "gpt-realtime-2"}
+    assert load_config({"RELAY_MODEL_ALIASES": "none"}).aliases == {}
 
 
 def test_the_twilio_auth_token_is_a_secret_read_from_the_environment_only(tmp_path: Path) -> None:

@@ -250,4 +250,4 @@ async def test_metrics_show_what_responses_cost_without_a_user_label() -> None:
         t[-1]["response"]["usage"]["output_token_details"]["audio_tokens"] for t in turns
     )
     assert not any("user" in dict(labels) for _, labels in samples)
-    assert samples[("relay_fast_path_workers", ())] == 1
+    assert samples[("relay_pump_active", ())] == 1

@@ -14,10 +14,10 @@ from relay.usage.accounting import utc_day
 from relay.usage.auth import Identity, hash_key
 from relay.usage.mint import Minter
 from relay.usage.store import UsageDelta
+from tests.clients.relays import relay_demo
 
 from .harness import TEST_KEY, connect
 from .test_accounting import ALICE, relays
-from .test_openai_sdk_through_relay import DemoThread
 
 TIMEOUT = 15
 BEARER = {"authorization": f"Bearer {ALICE}"}
@@ -57,9 +57,8 @@ async def test_minting_needs_a_relay_identity_and_is_rate_limited() -> None:
 
 
 def test_the_sdk_mints_a_client_key_through_the_relay() -> None:
-    with DemoThread() as demo:
-        http_url = demo.relay_url.replace("ws://", "http://")
-        client = openai.OpenAI(api_key="sk-the-sdk-users-own-key", base_url=f"{http_url}/v1", max_retries=0)
+    with relay_demo() as demo:
+        client = openai.OpenAI(api_key=demo.api_key, base_url=f"{demo.http_url}/v1", max_retries=0)
         secret = client.realtime.client_secrets.create()
         assert secret.value.startswith("ek_")
         assert secret.session.type == "realtime"

@@ -172,3 +172,17 @@ async def test_drain_closes_the_pooled_sessions_with_1001() -> None:
                 await record.closed.wait()
             assert [c.close_code for c in mock.connections] == [1001, 1001]
             assert watch.sizes[MODEL] == 0
+
+
+async def test_a_beta_client_gets_a_pooled_session_in_beta() -> None:
+    """The pool's sessions are GA, as every upstream is; a beta client's start is translated."""
+    with trio.fail_after(TIMEOUT):
+        async with pooled_relay(voice="cedar") as (relay, mock, watch):
+            await watch.until(lambda: watch.sizes.get(MODEL) == 2)
+            beta = [(b"openai-beta", b"realtime=v1")]
+            async with connect(relay.url + f"/v1/realtime?model={MODEL}", extra_headers=beta) as ws:
+                created = orjson.loads(await ws.get_message())
+            assert created["type"] == "session.created"
+            assert created["session"]["voice"] == "cedar"  # beta's flat session
+            assert "audio" not in created["session"]
+            assert metric(relay, "relay_warm_pool_hits_total", model=MODEL) == 1

@@ -160,9 +160,23 @@ async def test_model_query_is_honoured_within_the_allow_list() -> None:
             assert len(up.connections) == 1  # no upstream session for a refused model
 
 
-async def test_beta_clients_are_told_the_relay_speaks_ga() -> None:
+async def test_a_retired_model_is_dialed_by_its_alias_and_an_unknown_one_still_refused() -> None:
     with trio.fail_after(TIMEOUT):
         async with scripted_upstream(accept_and_echo) as up, running_relay(upstream_url=up.url) as relay:
+            async with connect(relay.url + "/v1/realtime?model=gpt-4o-mini-realtime-preview") as ws:
+                await ws.get_message()
+            assert up.connections[0].request.path == "/v1/realtime?model=gpt-realtime-2.1-mini"
+            async with connect(relay.url + "/v1/realtime?model=gpt-4o-realtime-preview-1999") as ws:
+                messages, code, _ = await receive_until_closed(ws)
+            assert error_codes(messages) == ["invalid_model"] and code == 4000
+            assert len(up.connections) == 1
+
+
+async def test_beta_clients_are_told_the_relay_speaks_ga_when_it_does_not_translate() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with scripted_upstream(accept_and_echo) as up, running_relay(
+            upstream_url=up.url, beta="refuse"
+        ) as relay:
             async with connect(
                 relay.url + "/v1/realtime", subprotocols=["realtime", "openai-beta.realtime-v1"]
             ) as ws:
@@ -388,7 +402,7 @@ async def test_a_drain_warns_live_sessions_lets_them_finish_then_closes_the_rest
     async def record(conn: UpstreamConnection) -> None:
         name = conn.request.path.rsplit("=", 1)[-1]
         upstream_got[name] = []
-        ws = await open_session(conn)  # (the relay's session.update is not recorded)
+        await open_session(conn)  # (the relay's session.update is not recorded)
         try:
             while True:
                 upstream_got[name].append(await conn.receive())
@@ -432,7 +446,7 @@ async def test_a_session_the_relay_closes_ends_when_the_client_answers_not_after
     that reply to the app."""
 
     async def stay(conn: UpstreamConnection) -> None:
-        ws = await open_session(conn)
+        await open_session(conn)
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await conn.receive()

@@ -104,7 +104,7 @@ def test_start_gives_the_call_and_its_parameters() -> None:
         (b"\x00\x01", "binary frame"),
         ("not json", "not JSON"),
         ('{"type":"input_audio_buffer.append","audio":""}', "not a Realtime API one"),
-        ('{"event":"hello"}', "unknown event 'hello'"),
+        ('{"event":"hello"}', "'hello' message came before 'start'"),
         (msg("media", media={"payload": ""}), "came before 'start'"),
         (msg("start", start={"callSid": "CA1"}), "streamSid, callSid and accountSid"),
     ],
@@ -152,6 +152,15 @@ def test_stop_ends_the_call() -> None:
 def test_a_second_start_is_refused() -> None:
     with pytest.raises(StreamError, match="second 'start'"):
         streaming().from_twilio(start())
+
+
+def test_an_event_twilio_added_later_is_passed_over_and_the_call_goes_on() -> None:
+    """Twilio may add events; a call must not end because this code predates one."""
+    stream = streaming()
+    assert stream.from_twilio(msg("transcription", transcription={"text": "hi"})) is None
+    assert stream.from_twilio(msg("media", media={"payload": "AAAA"})).startswith(  # type: ignore[union-attr]
+        '{"type":"input_audio_buffer.append"'
+    )
 
 
 def test_a_key_press_becomes_a_user_item_and_a_response() -> None:

@@ -203,16 +203,9 @@ class RelayMetrics:
             ["direction", "kind"],
             registry=self.registry,
         )
-        self._fast_legs = Gauge(
-            "relay_fast_path_legs",
+        self._pump_legs = Gauge(
+            "relay_pump_legs",
             "Session directions relayed by the pump, the fast path (two per pumped session).",
-            registry=self.registry,
-            multiprocess_mode="livesum",
-        )
-        self._fast_workers = Gauge(
-            "relay_fast_path_workers",
-            "Worker processes whose pump runs (one that cannot share Trio's I/O manager relays"
-            " through the sessions' own tasks, at about twice the CPU).",
             registry=self.registry,
             multiprocess_mode="livesum",
         )
@@ -339,9 +332,8 @@ class RelayMetrics:
         self._published = total
         if self.fast_path is not None:
             running, legs = self.fast_path()
-            self._fast_workers.set(1 if running else 0)
             self._pump_active.set(1 if running else 0)
-            self._fast_legs.set(legs)
+            self._pump_legs.set(legs)
 
     def _publish_periodically(self) -> None:
         """Start publishing every PUBLISH_SECONDS for the rest of this Trio run, once per run.

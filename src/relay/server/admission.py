@@ -7,28 +7,32 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import RelayConfig
+from ..core.beta import asks_for_beta
 from ..usage.auth import Identity
 from .asgi import Scope, query_param
 
-BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+
+def session_model(config: RelayConfig, scope: Scope) -> str:
+    """The model a session runs: the one it names (a retired one by its alias), else
+    RELAY_MODEL."""
+    model = query_param(scope, "model") or config.model
+    return config.aliases.get(model, model)
 
 
 def refusal(
     config: RelayConfig, scope: Scope, offered: Any, identity: Identity
 ) -> tuple[str, str, str] | None:
     """Why this connection cannot start (error code, message, close reason), if so."""
-    beta_header = any(
-        name == b"openai-beta" and b"realtime=v1" in value for name, value in scope["headers"]
-    )
-    if beta_header or BETA_SUBPROTOCOL in offered:
+    if config.beta == "refuse" and asks_for_beta(scope["headers"], offered):
         return (
             "beta_api_shape_disabled",
             "This relay speaks the GA Realtime API; the beta dialect (OpenAI-Beta:"
-            " realtime=v1) has been retired. Drop the beta header/subprotocol and use"
-            " GA event names.",
+            " realtime=v1) has been retired and this relay does not translate it"
+            " (RELAY_BETA=refuse). Drop the beta header/subprotocol and use GA event names.",
             "invalid_request_error.beta_api_shape_disabled",
         )
-    return model_refusal(config, query_param(scope, "model"), identity)
+    named = query_param(scope, "model")
+    return model_refusal(config, None if named is None else session_model(config, scope), identity)
 
 
 def model_refusal(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..config import ConfigError, RelayConfig, deprecation_warning, load_config
+from ..core.beta import BetaBridge, BetaTranslator, asks_for_beta
 from ..core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
@@ -46,7 +47,7 @@ from ..wire.pump import Pump, prove
 from ..wire.upstream import UpstreamDialer
 from ..wire.websocket import WebSocket
 from . import admission
-from .asgi import Receive, Scope, Send, deny, header, offers_deflate, query_param
+from .asgi import Receive, Scope, Send, deny, header, offers_deflate
 from .call import Call
 from .http import handle_http
 from .legs import AsgiClient, SocketClient, accept, client_frame_limit
@@ -90,6 +91,8 @@ class RelayApp:
         self._safety_key = (
             safety_key(config.openai_api_key) if config.safety_identifier == "hash" else None
         )
+        #: Serves the clients that speak the retired beta dialect (RELAY_BETA=translate).
+        self.beta = BetaTranslator(config.aliases)
         self.auth = Authenticator(
             api_keys=parse_api_keys(config.api_keys),
             jwt_secret=config.jwt_secret,
@@ -271,14 +274,18 @@ class RelayApp:
             log.error("usage store unavailable at admission: %r", exc)
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
             return
-        model = query_param(scope, "model") or self.config.model
-        bridge = Bridge(
+        model = admission.session_model(self.config, scope)
+        settings: dict[str, Any] = {}
+        if self.config.beta == "translate" and asks_for_beta(scope["headers"], offered):
+            settings["translator"] = self.beta  # the client is served in beta: see core.beta
+        bridge = (BetaBridge if settings else Bridge)(
             session_update=self.session_update,
             limits=self.limits,
             secret=self.config.openai_api_key,
             binary_as_audio=self.config.binary_frames == "audio",
             policy=self.config.policy.for_session(model, identity.model),
             observer=SessionNotes(self.metrics, session_id),
+            **settings,
         )
         async with accounting.held(identity, session_id, bridge.traffic):
             await self._session(
@@ -411,7 +418,15 @@ class RelayApp:
         started = trio.current_time()
         log.info(
             "session started",
-            extra={"fields": {"session": session_id, "user": identity.user, "model": model}},
+            extra={
+                "fields": {
+                    "session": session_id,
+                    "user": identity.user,
+                    "model": model,
+                    # Who still speaks the retired dialect, for operators planning its end.
+                    "dialect": "beta" if isinstance(bridge, BetaBridge) else "ga",
+                }
+            },
         )
         ending = None
         try:

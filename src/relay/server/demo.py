@@ -7,6 +7,10 @@ it would use a real one. Its Twilio routes are on, with a built-in auth token th
 a token, so it listens on loopback only unless told otherwise (``--allow-anonymous``). Of the
 relay's settings it reads only ``RELAY_PUMP`` from the environment (to compare the relay with
 the pump off).
+
+With ``tls`` (``relay demo --tls``) the relay serves ``wss://`` and ``https://`` with a
+certificate from a CA made for this run (:mod:`relay.server.localca`), for clients that only
+speak ``wss://``; ``Demo.ca_file`` is the CA file they must trust.
 """
 
 from __future__ import annotations
@@ -15,26 +19,30 @@ import ipaddress
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 
 from ..config import DEMO_TWILIO_AUTH_TOKEN, ConfigError, RelayConfig, load_config
+from .localca import temporary_local_tls
 from .serve import serve
 
 
 @dataclass(frozen=True)
 class Demo:
-    relay_url: str  # ws://HOST:PORT
+    relay_url: str  # ws://HOST:PORT, or wss://HOST:PORT with TLS
     mock: MockServer
     config: RelayConfig
+    ca_file: Path | None = None  # with TLS: the CA certificate clients must trust
 
     @property
     def http_url(self) -> str:
-        """http://HOST:PORT: the webhook of phone calls is at /twilio/voice."""
-        return self.relay_url.replace("ws://", "http://", 1)
+        """http(s)://HOST:PORT: the webhook of phone calls is at /twilio/voice."""
+        return "http" + self.relay_url.removeprefix("ws")
 
 
 def is_loopback(host: str) -> bool:
@@ -62,6 +70,7 @@ async def run_demo(
     port: int = 8000,
     *,
     allow_anonymous: bool = False,
+    tls: bool = False,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Demo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -71,7 +80,8 @@ async def run_demo(
     """
     check_demo_host(host, allow_anonymous)
     key = "sk-demo-" + secrets.token_urlsafe(16)
-    async with trio.open_nursery() as nursery:
+    local_tls = temporary_local_tls() if tls else nullcontext()
+    async with local_tls as tls_files, trio.open_nursery() as nursery:
         mock = await nursery.start(serve_mock_realtime, MockConfig(api_keys=frozenset({key})))
         config = load_config(
             {name: value for name, value in os.environ.items() if name == "RELAY_PUMP"},
@@ -84,6 +94,8 @@ async def run_demo(
                 "store": "sqlite:///:memory:",
                 # Phone calls with `relay call`, which knows this token (no Twilio account).
                 "twilio_auth_token": DEMO_TWILIO_AUTH_TOKEN,
+                "tls_cert": str(tls_files.cert_file) if tls_files else "",
+                "tls_key": str(tls_files.key_file) if tls_files else "",
             },
         )
 
@@ -92,4 +104,6 @@ async def run_demo(
             nursery.cancel_scope.cancel()  # the relay has closed its sessions: stop the fake
 
         binds = await nursery.start(relay)
-        task_status.started(Demo(binds[0].replace("http://", "ws://", 1), mock, config))
+        relay_url = "ws" + binds[0].removeprefix("http")  # http → ws, https → wss
+        ca_file = tls_files.ca_file if tls_files else None
+        task_status.started(Demo(relay_url, mock, config, ca_file))

@@ -340,10 +340,10 @@ class Pair:
             upstream.send_timeout = self._send_timeout
             self._upstream = upstream
             dial_seconds = trio.current_time() - dial_started
-            start = bridge.upstream_opened(opened.created)
+            await self._flush(upstream, opened.created)
+            start = bridge.start_now()  # (a session set up in advance: it starts here)
             if start is not None and not await self._start_client(start):
                 return
-            await self._flush(upstream)
             if self._on_upstream_opened is not None and bridge.queued_at_open is not None:
                 self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
             client_ws = self.client.websocket
@@ -359,23 +359,22 @@ class Pair:
 
     async def _start_client(self, start: Batch) -> bool:
         """Give the client its session.created (and what waited for it) from an upstream the
-        relay set up before it came, before anything else of the relay's own can reach it;
-        False if the pair ended."""
+        relay set up before it came; False if the pair ended."""
         try:
             for text in start.texts:
                 await self.client.send(text)
         except ConnectionClosed:
             pass  # the client is gone; its task reads so and ends the pair
         except trio.TooSlowError:
-            self._flushed.set()  # nothing was flushed, nor will be
             await self._finish(self.bridge.client_too_slow(self._send_timeout))
             return False
         return True
 
-    async def _flush(self, upstream: WebSocket) -> None:
-        """Send session.update (unless the source set the session up) and the queued client
-        messages, in order (the bridge is told the upstream opened first)."""
+    async def _flush(self, upstream: WebSocket, created: str | None) -> None:
+        """Send session.update and the queued client messages, in order; for a session the
+        source set up already (``created``: see Bridge.upstream_opened), the queue alone."""
         bridge = self.bridge
+        bridge.upstream_opened(created)
         try:
             while (data := bridge.next_to_flush()) is not None:
                 try:

@@ -1,8 +1,9 @@
 """Who is connecting: client identity from static API keys or JWTs, and the Origin check.
 
 Credentials come from ``Authorization: Bearer <token>`` (servers and the official
-SDKs) or from a ``relay-token.<token>`` WebSocket subprotocol offered next to
-``realtime`` (browsers cannot set headers). A token with two dots is a JWT when a
+SDKs) or from a WebSocket subprotocol offered next to ``realtime`` (browsers cannot set
+headers): ``relay-token.<token>``, or ``openai-insecure-api-key.<token>``, which is how the JS
+Agents SDK offers its key from a browser (with a relay token there, never an OpenAI key). A token with two dots is a JWT when a
 JWT key is configured; anything else is a static API key, compared by its SHA-256
 hash, so the configuration never holds a key in clear.
 
@@ -20,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 TOKEN_SUBPROTOCOL = "relay-token."
+#: Subprotocols a browser may carry its relay token in (never echoed, never forwarded).
+TOKEN_SUBPROTOCOLS = (TOKEN_SUBPROTOCOL, "openai-insecure-api-key.")
 #: Clock skew tolerated on a JWT's exp/nbf.
 JWT_LEEWAY_SECONDS = 30
 
@@ -152,7 +155,12 @@ class Authenticator:
                 f"Pages from {origin} may not use this relay (RELAY_ALLOWED_ORIGINS).",
             )
         token = bearer or next(
-            (p[len(TOKEN_SUBPROTOCOL) :] for p in offered if p.startswith(TOKEN_SUBPROTOCOL)), None
+            (
+                p.partition(".")[2]
+                for p in offered
+                if p.startswith(TOKEN_SUBPROTOCOLS) and p.partition(".")[2]
+            ),
+            None,
         )
         if token is None or (self._anonymous and not self.configured):
             # With no client credentials configured at all, a token means nothing here: the
