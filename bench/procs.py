@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -119,14 +120,20 @@ def start_echo() -> Server:
         ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
         command += ["--tls-cert", str(workdir / "cert.pem"), "--tls-key", str(workdir / "key.pem")]
         extra["ca"] = str(workdir / "ca.pem")
+    return _started(command, "echo upstream", extra)
+
+
+def _started(command: list[str], what: str, extra: dict[str, str] | None = None) -> Server:
+    """Start a mockrealtime command and read the port from its "listening on ws…" line."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline().decode()
     if "listening on ws" not in line:
         process.kill()
-        raise RuntimeError(f"echo upstream did not start: {line!r}")
-    port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-    return Server(process, port, extra=extra)
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    port = urlsplit(line.split("listening on ", 1)[1].split()[0]).port
+    assert port is not None
+    return Server(process, port, extra=extra or {})
 
 
 def start_mock(handshake_delay: float) -> Server:
@@ -136,14 +143,7 @@ def start_mock(handshake_delay: float) -> Server:
         sys.executable, "-m", "mockrealtime", "serve", "--port", "0",
         "--handshake-delay", str(handshake_delay),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    line = process.stdout.readline().decode()
-    if "listening on ws" not in line:
-        process.kill()
-        raise RuntimeError(f"mockrealtime did not start: {line!r}")
-    port = int(line.split("listening on ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-    return Server(process, port)
+    return _started(command, "mockrealtime")
 
 
 def client_ssl(echo: Server) -> ssl.SSLContext | None:

@@ -212,6 +212,13 @@ async def _world(sizes: dict[PoolKey, int], **fakery: object) -> AsyncIterator[W
         nursery.cancel_scope.cancel()
 
 
+async def takes_the_replacement(w: World) -> None:
+    """A take now gets the second session the fake opened (the first one's replacement)."""
+    opened = await w.pool.take(KEY)
+    assert opened is not None and w.fake.conn_of(opened).n == 1
+    await trio.aclose_forcefully(opened.stream)
+
+
 def sessions_of(opened: Opened) -> str:
     return orjson.loads(opened.created)["session"]["id"]  # type: ignore[arg-type]
 
@@ -322,9 +329,7 @@ async def test_a_session_is_replaced_before_it_ages_and_closed_when_it_does(
         assert w.metrics.sizes["gpt-realtime"] == 1  # the replacement waits: no dip
         assert w.metrics.value(
             "relay_warm_pool_recycled_total", model="gpt-realtime", reason="age") == 1
-        opened = await w.pool.take(KEY)
-        assert opened is not None and w.fake.conn_of(opened).n == 1
-        await trio.aclose_forcefully(opened.stream)
+        await takes_the_replacement(w)
 
 
 async def test_a_session_that_fails_while_waiting_is_replaced(
@@ -337,9 +342,7 @@ async def test_a_session_that_fails_while_waiting_is_replaced(
         await w.metrics.until(lambda: len(w.fake.conns) == 2 and w.metrics.sizes[KEY.model] == 1)
         assert w.metrics.value(
             "relay_warm_pool_recycled_total", model="gpt-realtime", reason="failed") == 1
-        opened = await w.pool.take(KEY)
-        assert opened is not None and w.fake.conn_of(opened).n == 1
-        await trio.aclose_forcefully(opened.stream)
+        await takes_the_replacement(w)
 
 
 async def test_a_session_that_stops_answering_pings_is_replaced(
