@@ -229,9 +229,11 @@ async def test_the_pool_fills_hands_a_set_up_session_over_and_refills(
     async with world({KEY: 2}) as w:
         await w.metrics.until(lambda: w.metrics.sizes.get("gpt-realtime") == 2)
         assert [c.received for c in w.fake.conns] == [[SETUP], [SETUP]]  # set up, nothing else
+        await trio.sleep(30)  # (virtual time: the sessions wait)
         before = trio.current_time()
         opened = await w.pool.take(KEY)
         assert opened is not None and trio.current_time() == before  # no dial, no wait
+        assert opened.since == 0.0  # its upstream session is 30 s old: the cap counts from then
         conn = w.fake.conn_of(opened)
         created = orjson.loads(opened.created)  # type: ignore[arg-type]
         assert created["session"] == {"id": f"sess_{conn.n}", "instructions": "relay"}  # answered

@@ -45,6 +45,8 @@ class Pooled:
     websocket: WebSocket
     created: dict[str, object]
     session: dict[str, object] | None
+    #: Trio time the upstream sent its session.created (its 60-minute cap runs from then).
+    since: float
     #: Cancelled to stop watching it: a client took it, it aged out, or the pool drains.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Set once the watching task has let go of it (after a take).
@@ -113,7 +115,8 @@ class WarmPool:
             ws = entry.websocket
             if entry.failure is None and ws.closed is None and not ws.broken:
                 self._metrics.pool_hit(key.model)
-                return Opened(entry.stream, ws, client_created(entry.created, entry.session))
+                created = client_created(entry.created, entry.session)
+                return Opened(entry.stream, ws, created, entry.since)
             self._metrics.pool_recycled(key.model, "failed")
             log.info("warm pool: a session failed as it was taken (%s)", entry.failure or "closed")
             await trio.aclose_forcefully(entry.stream)
@@ -186,6 +189,7 @@ class WarmPool:
                 ws = opened.websocket
                 ws.send_timeout = self._send_timeout
                 created = parse_event(await ws.get_message())
+                since = trio.current_time()
                 if created is None or created.get("type") != "session.created":
                     raise _NotReady(f"its first event was {_kind(created)}, not session.created")
                 await ws.send_message(key.setup)
@@ -206,6 +210,7 @@ class WarmPool:
                     ws,
                     created,
                     session if isinstance(session, dict) else None,
+                    since,
                 )
                 opened = None  # the entry's now
                 return entry

@@ -54,6 +54,9 @@ class Opened:
     stream: trio.abc.Stream
     websocket: WebSocket
     created: str | None = None
+    #: Trio time the upstream session began, where that was before this open (a pooled one):
+    #: the Realtime API's 60-minute cap runs from then, not from the hand-over.
+    since: float | None = None
 
 
 class UpstreamSource(Protocol):
