@@ -1,4 +1,5 @@
-"""``python -m bench all | latency | stream N | capacity | overload [N] | idle [N] | coldstart``.
+"""``python -m bench all | latency | stream N | capacity | overload [N] | idle [N] | coldstart |
+connect``.
 
 Each scenario prints one line of figures on stdout (progress goes to stderr). The echo
 upstream and the relay run as subprocesses on 127.0.0.1; the load generator is this
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     idle.add_argument("n", type=int, nargs="?", default=1000)
     cold = sub.add_parser("coldstart", help="relay process start to first relayed round trip")
     cold.add_argument("--runs", type=int, default=5)
+    conn = sub.add_parser(
+        "connect",
+        help="time to session.created with a 300 ms upstream handshake: direct, relay, relay"
+        " with its warm pool",
+    )
+    conn.add_argument("count", type=int, nargs="?", default=200)
     return parser
 
 
@@ -71,6 +78,9 @@ def show(line: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    if args.scenario == "connect":  # against mockrealtime itself, not the echo
+        show(await scenarios.connect(args.count))
+        return
     echo = procs.start_echo()
     relay: procs.Server | None = None
     try:
@@ -113,6 +123,7 @@ async def run(args: argparse.Namespace) -> None:
             if relay is not None:
                 relay.stop()
             show(await scenarios.coldstart(echo))
+            show(await scenarios.connect())
     finally:
         if relay is not None:
             relay.stop()

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -119,14 +120,30 @@ def start_echo() -> Server:
         ca.cert_pem.write_to_path(str(workdir / "ca.pem"))
         command += ["--tls-cert", str(workdir / "cert.pem"), "--tls-key", str(workdir / "key.pem")]
         extra["ca"] = str(workdir / "ca.pem")
+    return _started(command, "echo upstream", extra)
+
+
+def _started(command: list[str], what: str, extra: dict[str, str] | None = None) -> Server:
+    """Start a mockrealtime command and read the port from its "listening on ws…" line."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = process.stdout.readline().decode()
     if "listening on ws" not in line:
         process.kill()
-        raise RuntimeError(f"echo upstream did not start: {line!r}")
-    port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-    return Server(process, port, extra=extra)
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    port = urlsplit(line.split("listening on ", 1)[1].split()[0]).port
+    assert port is not None
+    return Server(process, port, extra=extra or {})
+
+
+def start_mock(handshake_delay: float) -> Server:
+    """``mockrealtime serve`` (the whole fake, not the echo), answering each WebSocket upgrade
+    after ``handshake_delay`` seconds, as a distant Realtime API does."""
+    command = [
+        sys.executable, "-m", "mockrealtime", "serve", "--port", "0",
+        "--handshake-delay", str(handshake_delay),
+    ]  # fmt: skip
+    return _started(command, "mockrealtime")
 
 
 def client_ssl(echo: Server) -> ssl.SSLContext | None:
@@ -184,15 +201,20 @@ def relay_env(upstream_port: int, workdir: str, ca: str | None = None) -> dict[s
     return env
 
 
-def spawn_relay(echo: Server, workdir: str | None = None) -> Server:
-    """Start ``relay serve``; returns at once (use :func:`wait_listening`)."""
+def spawn_relay(
+    echo: Server, workdir: str | None = None, settings: dict[str, str] | None = None
+) -> Server:
+    """Start ``relay serve`` (with ``settings``, RELAY_* variables, on top of the bench's);
+    returns at once (use :func:`wait_listening`)."""
     workdir = workdir or tempfile.mkdtemp(prefix="relay-bench-")
     port = free_port()
     log = Path(workdir) / "relay.log"
+    env = relay_env(echo.port, workdir, echo.extra.get("ca"))
+    env.update(settings or {})
     with log.open("ab") as out:
         process = subprocess.Popen(
             relay_command(port),
-            env=relay_env(echo.port, workdir, echo.extra.get("ca")),
+            env=env,
             stdout=out,
             stderr=out,
         )
@@ -232,7 +254,7 @@ async def wait_ready(server: Server, within: float = 30.0) -> None:
               file=sys.stderr, flush=True)  # fmt: skip
 
 
-async def start_relay(echo: Server) -> Server:
-    server = spawn_relay(echo)
+async def start_relay(echo: Server, settings: dict[str, str] | None = None) -> Server:
+    server = spawn_relay(echo, settings=settings)
     await wait_ready(server)
     return server

@@ -647,3 +647,135 @@ async def coldstart(echo: procs.Server, runs: int = 5) -> str:
         f"(start->listening median={statistics.median(listens):.0f}ms) "
         f"(target <=700ms)"
     )
+
+
+# --- connect -------------------------------------------------------------------------
+
+#: mockrealtime's handshake latency in the connect scenario, seconds: TCP, TLS and the upgrade
+#: to the Realtime API from a cloud region take 100-400 ms.
+HANDSHAKE = 0.3
+#: One new session every this many seconds, for each target.
+CONNECT_EVERY = 0.1
+#: Sessions per target in a turn; the targets take turns, so a drift of the machine shows in all.
+CONNECT_BLOCK = 20
+#: RELAY_WARM_POOL of the pooled relay (per worker): sessions come every CONNECT_EVERY and a
+#: refill takes a handshake, so about three are out at once across the workers.
+CONNECT_POOL = 4
+#: A named user's client key for the pooled relay: under RELAY_SAFETY_IDENTIFIER=hash (the
+#: default) its sessions carry its own identifier and cannot take pooled ones.
+NAMED_KEY = "rk_bench-named-user-0123456789abcdefghij"
+
+
+async def connect_times(target: Target, n: int, every: float) -> tuple[list[float], int]:
+    """``n`` sessions, one begun every ``every`` s (each closed once it has its
+    ``session.created``): ms from the TCP connect to ``session.created``, and the failures."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    failed = 0
+
+    async def one() -> None:
+        nonlocal failed
+        t0 = time.perf_counter()
+        try:
+            client = await open_client(
+                procs.HOST, target.port, PATH, target.headers, ssl=target.ssl
+            )
+        except (OSError, ConnectionError, TimeoutError):
+            failed += 1
+            return
+        times.append((time.perf_counter() - t0) * 1000)
+        await close_many([client])
+
+    start = loop.time()
+    tasks = []
+    for k in range(n):
+        if (wait := start + k * every - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return times, failed
+
+
+async def relay_metric(relay: procs.Server, name: str) -> float:
+    """The sum of a metric's samples (all labels, all workers) from the relay's /metrics."""
+    reader, writer = await asyncio.open_connection(procs.HOST, relay.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+    body = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    total = 0.0
+    for line in body.decode(errors="replace").splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == name or head.startswith(name + "{"):
+            total += float(value)
+    return total
+
+
+async def connect(count: int = 200) -> str:
+    """Time to ``session.created`` against mockrealtime with a HANDSHAKE-long upgrade: direct,
+    through the relay, through the relay with its warm pool, and a named user's sessions
+    through that relay (its own safety identifier: no pooled session fits)."""
+    import hashlib
+
+    mock = procs.start_mock(HANDSHAKE)
+    relays: list[procs.Server] = []
+    try:
+        plain = await procs.start_relay(mock)
+        relays.append(plain)
+        named = f"bench:{hashlib.sha256(NAMED_KEY.encode()).hexdigest()}"
+        pooled = await procs.start_relay(
+            mock, {"RELAY_WARM_POOL": str(CONNECT_POOL), "RELAY_API_KEYS": named}
+        )
+        relays.append(pooled)
+        full = CONNECT_POOL * procs.WORKERS
+        deadline = time.monotonic() + 20
+        while await relay_metric(pooled, "relay_warm_pool_sessions") < full:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the relay's warm pool did not fill to {full} within 20 s")
+            await asyncio.sleep(0.1)
+        targets = (
+            Target("direct", mock.port, {"Authorization": f"Bearer {procs.API_KEY}"}),
+            Target("relay", plain.port, {}, plain.pid),
+            Target("relay+pool", pooled.port, {}, pooled.pid),
+            Target("relay+pool named", pooled.port, {"Authorization": f"Bearer {NAMED_KEY}"}),
+        )
+        for target in targets:  # warm-up, not counted (the pool refills after)
+            await connect_times(target, 3, 0.5)
+        await asyncio.sleep(1.0)
+        progress(
+            f"connect: {count} sessions per target, one every {CONNECT_EVERY * 1000:.0f} ms, in"
+            f" turns of {CONNECT_BLOCK}; mockrealtime's handshake takes {HANDSHAKE * 1000:.0f} ms"
+        )
+        figures: dict[str, list[float]] = {t.name: [] for t in targets}
+        failures = Counter[str]()
+        hits0 = await relay_metric(pooled, "relay_warm_pool_hits_total")
+        misses0 = await relay_metric(pooled, "relay_warm_pool_misses_total")
+        for done in range(0, count, CONNECT_BLOCK):
+            for target in targets:
+                times, failed = await connect_times(
+                    target, min(CONNECT_BLOCK, count - done), CONNECT_EVERY
+                )
+                figures[target.name] += times
+                failures[target.name] += failed
+        hits = await relay_metric(pooled, "relay_warm_pool_hits_total") - hits0
+        misses = await relay_metric(pooled, "relay_warm_pool_misses_total") - misses0
+    finally:
+        for relay in relays:
+            relay.stop()
+        mock.stop()
+
+    def p50_p99(name: str) -> tuple[float, float]:
+        v = sorted(figures[name]) or [math.nan]
+        return statistics.median(v), v[min(len(v) - 1, max(0, math.ceil(0.99 * len(v)) - 1))]
+
+    def row(name: str) -> str:
+        p50, p99 = p50_p99(name)
+        return f"{name} p50={p50:.1f} p99={p99:.1f} failed={failures[name]}"
+
+    faster = p50_p99("relay+pool")[1] < p50_p99("direct")[0]
+    return (
+        f"connect: cores={cores()} n={count} per target, handshake={HANDSHAKE * 1000:.0f}ms,"
+        f" pool={CONNECT_POOL}x{procs.WORKERS} workers; ms to session.created: "
+        + " | ".join(row(t.name) for t in targets)
+        + f" | pool hits={hits:.0f} misses={misses:.0f} (anonymous and named sessions)"
+        + f" (target: relay+pool p99 < direct p50: {'yes' if faster else 'NO'})"
+    )

@@ -268,6 +268,22 @@ class RelayConfig:
         " (HMAC-SHA256 keyed from OPENAI_API_KEY; anonymous clients share one), so OpenAI can"
         " tell one abusive user from the organisation; `off`: send none.",
     )
+    warm_pool: tuple[str, ...] = _setting(
+        (),
+        "RELAY_WARM_POOL",
+        "Upstream sessions each worker keeps open and set up in advance, so a client gets"
+        " `session.created` without waiting for a dial: `N` for RELAY_MODEL, or"
+        " `MODEL=N,MODEL=N` (at most 64 each; empty: no pool). Under RELAY_SAFETY_IDENTIFIER=hash"
+        " they carry the anonymous identifier and serve anonymous clients only (see"
+        " [Deployment](deployment.md#warm-upstream-pool)).",
+        shown="(none)",
+    )
+    warm_pool_max_age: float = _setting(
+        600.0,
+        "RELAY_WARM_POOL_MAX_AGE",
+        "Seconds a pooled session may wait for a client before it is closed and replaced (at"
+        " most 1800: a client should get most of the Realtime API's 60 minutes).",
+    )
     model_aliases: tuple[str, ...] = _setting(
         tuple(f"{old}={new}" for old, new in DEFAULT_MODEL_ALIASES.items()),
         "RELAY_MODEL_ALIASES",
@@ -574,6 +590,11 @@ class RelayConfig:
         """The model aliases in force: those whose current model is allowed here."""
         pairs = (entry.partition("=") for entry in self.model_aliases if entry != "none")
         return {old: new for old, _, new in pairs if self.allows_model(new)}
+
+    @property
+    def warm_pool_sizes(self) -> dict[str, int]:
+        """RELAY_WARM_POOL as sessions per model (validated at load: :func:`_warm_pool`)."""
+        return _warm_pool(self)
 
     def rest_url(self, endpoint: str) -> str:
         """The Realtime API's REST ``endpoint`` (``calls``, ``client_secrets``) beside
@@ -908,6 +929,49 @@ def _validate(config: RelayConfig) -> None:
         )
     if not isinstance(config.session, Mapping):
         raise ConfigError("RELAY_CONFIG: [session] must be a table")
+    _warm_pool(config)
+    if not 0 < config.warm_pool_max_age <= WARM_POOL_MAX_AGE:
+        raise ConfigError(
+            f"RELAY_WARM_POOL_MAX_AGE must be above 0 and at most {WARM_POOL_MAX_AGE:g} s (a"
+            f" pooled session's client should get most of the Realtime API's 60 minutes), got"
+            f" {config.warm_pool_max_age:g}"
+        )
+
+
+#: The most sessions RELAY_WARM_POOL may keep per model (and worker).
+WARM_POOL_MAX = 64
+#: The longest RELAY_WARM_POOL_MAX_AGE: a pooled session's client gets at least the rest of
+#: the Realtime API's 60 minutes.
+WARM_POOL_MAX_AGE = 1800.0
+
+
+def _warm_pool(config: RelayConfig) -> dict[str, int]:
+    """RELAY_WARM_POOL's entries (``N`` for RELAY_MODEL, ``MODEL=N``) as sessions per model;
+    raises ConfigError on a bad one."""
+    sizes: dict[str, int] = {}
+    for entry in config.warm_pool:
+        model, _, count = entry.rpartition("=")
+        model = model.strip() or config.model
+        try:
+            size = int(count)
+        except ValueError:
+            size = -1
+        if not 0 <= size <= WARM_POOL_MAX:
+            raise ConfigError(
+                f"RELAY_WARM_POOL: {entry!r} is not `N` or `MODEL=N` with N from 0 to"
+                f" {WARM_POOL_MAX}, e.g. RELAY_WARM_POOL=4 or"
+                f" RELAY_WARM_POOL={config.model}=4"
+            )
+        if model in sizes:
+            raise ConfigError(f"RELAY_WARM_POOL names {model} twice")
+        if realtime_models.is_pattern(model) or not config.allows_model(model):
+            raise ConfigError(
+                f"RELAY_WARM_POOL: {model!r} is not one of the relay's models (RELAY_MODEL,"
+                " RELAY_MODELS); name a model clients may use, not a pattern"
+            )
+        if size:
+            sizes[model] = size
+    return sizes
 
 
 def _validate_aliases(config: RelayConfig) -> None:

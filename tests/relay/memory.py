@@ -19,7 +19,7 @@ from relay.core.bridge import Bridge, Ending, Limits, Message
 from relay.core.closecodes import sendable
 from relay.core.deadlines import Deadlines
 from relay.server.pair import Pair
-from relay.wire.upstream import UpstreamTarget
+from relay.wire.upstream import Dialed, Opened, UpstreamTarget
 from relay.wire.websocket import WebSocket as RelayWebSocket
 
 from ..leaks import check_client_sees_no_upstream_key
@@ -29,6 +29,8 @@ SESSION_UPDATE = '{"type":"session.update","session":{"type":"realtime","instruc
 #: How the Realtime API opens a session: session.created, then (the relay's session.update
 #: being the first message it reads) the session.updated that answers it.
 OPENING = ('{"type":"session.created"}', '{"type":"session.updated"}')
+#: What a client gets first from a pooled session (UpstreamScript.pooled).
+POOLED_CREATED = '{"type":"session.created","event_id":"event_pooled","session":{"id":"sess_1"}}'
 DIAL_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
 SEND_TIMEOUT = 3.0
@@ -56,6 +58,7 @@ class UpstreamScript:
     read_delay: float = 0.0
     tight: bool = False  # lockstep streams: a slow reader pushes back on the relay's writes
     deaf_after: float | None = None  # from then on it reads nothing: no pongs, a dead peer
+    pooled: bool = False  # a warm pooled session: its opening done before the pair takes it
 
 
 @dataclass
@@ -202,7 +205,7 @@ class MemoryClient:
         self.record.closed_at = trio.current_time()
 
 
-class MemoryUpstream:
+class MemoryUpstream(Dialed):
     """The pair's upstream: ``connect`` reaches a scripted server in memory; the
     handshake is the relay's own (:class:`UpstreamTarget`)."""
 
@@ -234,6 +237,14 @@ class MemoryUpstream:
 
     async def handshake(self, stream: trio.abc.Stream) -> RelayWebSocket:
         return await self._target.handshake(stream)
+
+    async def open(self) -> Opened:
+        """Dialled; for a ``pooled`` script, as the warm pool hands a session over: its
+        ``session.update`` answered already, the client's ``session.created`` ready."""
+        opened = await super().open()
+        if self.script.pooled:
+            opened.created = POOLED_CREATED
+        return opened
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         script, record = self.script, self.record
@@ -351,9 +362,9 @@ class _LoggedBridge(Bridge):
 
     __slots__ = ("log",)
 
-    def upstream_opened(self) -> None:
+    def upstream_opened(self, created: str | None = None) -> None:
         self.log.append("upstream_opened")
-        super().upstream_opened()
+        super().upstream_opened(created)
 
     def client_closed(self) -> Ending | None:
         self.log.append("client_closed")

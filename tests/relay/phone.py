@@ -29,7 +29,7 @@ from relay.core.twilio import request_signature
 from relay.server.app import RelayApp, create_app
 from relay.usage.accounting import Accounting
 from relay.usage.store import TOKEN_COUNTERS, UsageDelta, UsageRow
-from relay.wire.upstream import UpstreamTarget
+from relay.wire.upstream import Dialed, UpstreamTarget
 from relay.wire.websocket import WebSocket
 
 from .harness import TEST_KEY
@@ -115,7 +115,7 @@ class MockDialer:
 
 
 @dataclass
-class MockUpstream:
+class MockUpstream(Dialed):
     dialer: MockDialer
     model: str
     safety_identifier: str | None = None

@@ -577,3 +577,50 @@ def test_the_client_sees_the_stream_the_api_would_send(
     expected = [e for e in upstream if e not in (CREATED, UPDATED)]  # the answer is never seen
     assert upstream_seen == expected
     assert sent_up == ['{"type":"response.cancel"}'] * (len(client) - len(refused))
+
+
+def test_an_upstream_set_up_in_advance_starts_the_client_at_once_without_a_second_update() -> None:
+    """A warm pooled upstream: its session.update went and was answered before the client came."""
+    strict = Policy(client_events_denied=frozenset({"conversation.item.delete"}))
+    bridge = Bridge(session_update=SESSION_UPDATE, limits=Limits(8, 10_000, 5000), policy=strict)
+    assert bridge.client_message('{"type":"conversation.item.delete","event_id":"d1"}') is None
+    queued = '{"type":"conversation.item.create","item":{"type":"message"}}'
+    assert bridge.client_message(queued) is None
+    created = (
+        '{"type":"session.created","event_id":"event_fresh",'
+        '"session":{"instructions":"the relay","audio":{"output":{"voice":"marin"}}}}'
+    )
+    bridge.upstream_opened(created)
+    flushing = '{"type":"conversation.item.delete","event_id":"d2"}'  # comes while it flushes
+    assert bridge.next_to_flush() == queued  # no session.update: the relay's was answered already
+    assert bridge.client_message(flushing) is None  # the refusal waits for session.created
+    assert bridge.next_to_flush() is None
+    assert bridge.phase is Phase.OPEN
+    batch = bridge.start_now()
+    assert isinstance(batch, Batch)
+    assert kinds(batch.texts) == ["session.created", "error", "error"]  # then what waited
+    first = orjson.loads(batch.texts[0])
+    assert first["event_id"] == "event_fresh"
+    assert first["session"] == {"audio": {"output": {"voice": "marin"}}}  # redacted as configured
+    assert [orjson.loads(t)["error"]["event_id"] for t in batch.texts[1:]] == ["d1", "d2"]
+    assert bridge.start_now() is None  # once
+    mine = '{"type":"session.updated","event_id":"e9","session":{"output_modalities":["text"]}}'
+    assert bridge.upstream_message(mine) == mine  # answers the client's own update: passes
+    out = bridge.client_message('{"type":"conversation.item.delete","event_id":"d3"}')
+    assert isinstance(out, Reply)  # started: the relay's own words go at once
+
+
+def test_a_dialled_upstream_does_not_start_before_its_answer() -> None:
+    bridge = make_bridge()
+    bridge.upstream_opened()
+    assert flush_all(bridge) == [SESSION_UPDATE]
+    assert bridge.start_now() is None
+    assert kinds(start(bridge)) == ["session.created"]
+
+
+def test_an_upstream_set_up_in_advance_after_the_pair_ended_starts_nothing() -> None:
+    bridge = make_bridge()
+    bridge.client_closed()
+    bridge.upstream_opened('{"type":"session.created","session":{}}')
+    assert flush_all(bridge) == []
+    assert bridge.start_now() is None

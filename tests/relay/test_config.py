@@ -117,3 +117,33 @@ def test_the_twilio_auth_token_is_a_secret_read_from_the_environment_only(tmp_pa
     path.write_text('twilio_auth_token = "tw-secret-0123"\n')
     with pytest.raises(ConfigError, match="RELAY_TWILIO_AUTH_TOKEN"):
         load_config({"RELAY_CONFIG": str(path)})
+
+
+def test_the_warm_pool_reads_n_for_the_default_model_or_model_n_pairs() -> None:
+    assert load_config({}).warm_pool_sizes == {}
+    assert load_config({"RELAY_WARM_POOL": "3"}).warm_pool_sizes == {"gpt-realtime-2.1": 3}
+    config = load_config(
+        {"RELAY_WARM_POOL": "gpt-realtime-2.1=2, gpt-realtime-mini=1, gpt-realtime=0",
+         "RELAY_MODELS": "gpt-realtime-mini,gpt-realtime"}
+    )
+    assert config.warm_pool_sizes == {"gpt-realtime-2.1": 2, "gpt-realtime-mini": 1}
+    assert load_config({"RELAY_WARM_POOL_MAX_AGE": "1800"}).warm_pool_max_age == 1800
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"RELAY_WARM_POOL": "many"}, "`N` or `MODEL=N`"),
+        ({"RELAY_WARM_POOL": "65"}, "from 0 to 64"),
+        ({"RELAY_WARM_POOL": "-1"}, "from 0 to 64"),
+        ({"RELAY_WARM_POOL": "gpt-4o=2"}, "not one of the relay's models"),
+        ({"RELAY_WARM_POOL": "gpt-realtime*=2", "RELAY_MODELS": "gpt-realtime*"}, "not a pattern"),
+        ({"RELAY_WARM_POOL": "2,gpt-realtime-2.1=1"}, "names gpt-realtime-2.1 twice"),
+        ({"RELAY_WARM_POOL_MAX_AGE": "3600"}, "at most 1800"),
+        ({"RELAY_WARM_POOL_MAX_AGE": "0"}, "above 0"),
+    ],
+)
+def test_a_bad_warm_pool_is_refused_with_what_to_write(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match="RELAY_WARM_POOL") as refused:
+        load_config(env)
+    assert says in str(refused.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from relay.core.closecodes import sendable
 from .memory import (
     CLOSE_TIMEOUT,
     DIAL_TIMEOUT,
+    POOLED_CREATED,
     SECRET,
     SEND_TIMEOUT,
     SESSION_UPDATE,
@@ -197,12 +199,25 @@ def check_common(
 ) -> None:
     """What holds for every pair, however it ends."""
     up, cl = outcome.upstream, outcome.client
-    # Invariant 2: the configured session.update is the first message upstream.
-    if up.received:
-        assert up.received[0] == session_update
+    if upstream.pooled:
+        # A warm pooled upstream had the relay's session.update before the pair took it: none
+        # goes again. Invariant 8: the client's first event is the session.created the pool
+        # gave, once; nothing of the upstream's or of the relay's own comes before it.
+        assert session_update not in up.received
+        sent_up = up.received
+        got = relayed(cl.received)
+        assert cl.received.count(POOLED_CREATED) <= 1
+        if got:
+            assert cl.received[0] == POOLED_CREATED
+            got = got[1:]
+    else:
+        # Invariant 2: the configured session.update is the first message upstream.
+        if up.received:
+            assert up.received[0] == session_update
+        sent_up, got = up.received[1:], relayed(cl.received)
     # Invariant 1: in order, exactly once, nothing invented, both ways.
-    assert is_prefix(up.received[1:], acceptable_prefix(client.messages))
-    assert is_prefix(relayed(cl.received), [redacted(e) for e in up.sent])
+    assert is_prefix(sent_up, acceptable_prefix(client.messages))
+    assert is_prefix(got, [redacted(e) for e in up.sent])
     # Invariant 6: the key never reaches the client.
     everything = "".join(m if isinstance(m, str) else m.decode("latin-1") for m in cl.received)
     assert SECRET not in everything + (cl.close_reason or "")
@@ -271,6 +286,31 @@ def test_order_completeness_and_close_codes_hold_for_any_interleaving(
             assert_closed(cl, 1013, client)
         else:
             raise AssertionError(f"unexpected ending {outcome.ending}")
+
+    run_in_virtual_time(main)
+
+
+@given(scenarios())
+def test_a_pooled_upstream_keeps_order_and_completeness_and_starts_with_session_created(
+    scenario: tuple[ClientScript, UpstreamScript],
+) -> None:
+    client, upstream = scenario
+    upstream = replace(upstream, pooled=True)
+
+    async def main() -> None:
+        outcome = await run_pair(client, upstream)
+        check_common(outcome, client, upstream)
+        cause, up, cl, log = outcome.ending.cause, outcome.upstream, outcome.client, outcome.log
+        event(f"ending: {cause.value}")
+        if cause is Cause.UPSTREAM_CLOSED:
+            events = [redacted(e) for e in upstream.events]
+            assert relayed(cl.received) == [POOLED_CREATED, *events]
+        elif cause is Cause.CLIENT_CLOSED and "upstream_opened" in log:
+            opened_first = log.index("upstream_opened") < log.index("client_closed")
+            if opened_first and upstream.ending == "stay" and drains_in_time(client, upstream):
+                # Everything the client sent, and nothing else: no session.update again.
+                assert up.received == acceptable_prefix(client.messages)
+                assert up.close_code == 1000
 
     run_in_virtual_time(main)
 

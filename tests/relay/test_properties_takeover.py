@@ -33,7 +33,7 @@ from mockrealtime import MockConfig, MockServer
 from relay.core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from relay.core.ledger import Ledger
 from relay.server.pair import Pair, Takeover
-from relay.wire.upstream import UpstreamTarget
+from relay.wire.upstream import Dialed, UpstreamTarget
 from relay.wire.websocket import WebSocket
 
 from .memory import (
@@ -49,7 +49,7 @@ SESSION = {"type": "realtime", "instructions": "Be brief.", "output_modalities":
 CLIENT_UPDATE = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}}
 
 
-class FakeUpstream:
+class FakeUpstream(Dialed):
     """Dials reach fresh connections of one in-memory mockrealtime."""
 
     def __init__(self, server: MockServer, nursery: trio.Nursery) -> None:

@@ -47,6 +47,7 @@ from relay.wire.frames import (
     frame,
 )
 from relay.wire.pump import BUDGET, GROW_START, PollWindow, Pump
+from relay.wire.upstream import Dialed
 from relay.wire.websocket import WebSocket
 
 SESSION_UPDATE = '{"type":"session.update","session":{}}'
@@ -105,7 +106,7 @@ class RawPeer:
         return [await self.next() for _ in range(n)]
 
 
-class Socketed:
+class Socketed(Dialed):
     """An upstream target over a prepared TCP pair: the relay's end becomes its WebSocket
     (no HTTP handshake: the pump is what is under test)."""
 

@@ -578,12 +578,21 @@ class BetaBridge(Bridge):
         if cls is Reply:
             return Reply(self._beta.reply(out.text))  # type: ignore[union-attr]
         if cls is Batch:  # the start of the session: session.created and what waited for it
-            texts = (
-                text if text.__class__ is bytes else self._beta.server(text)  # type: ignore[arg-type]
-                for text in out.texts  # type: ignore[union-attr]
-            )
-            return Batch(tuple(text for text in texts if text is not None))
+            return self._beta_batch(out)  # type: ignore[arg-type]
         return out
+
+    def start_now(self) -> Batch | None:
+        """As the bridge's; the start of a session set up in advance (a warm pooled one) is
+        translated like any other start."""
+        start = Bridge.start_now(self)
+        return None if start is None else self._beta_batch(start)
+
+    def _beta_batch(self, batch: Batch) -> Batch:
+        texts = (
+            text if text.__class__ is bytes else self._beta.server(text)  # type: ignore[arg-type]
+            for text in batch.texts
+        )
+        return Batch(tuple(text for text in texts if text is not None))
 
 
 def _both(notice: str, warning: str) -> str:

@@ -27,7 +27,10 @@ that ``session.updated``, which itself is never forwarded. Upstream events betwe
 two, and everything the relay itself says to the client before it (refusals, notices),
 are held in arrival order, bounded like the pre-open queue, and delivered right after.
 Events the upstream sends before any ``session.created`` (the Realtime API's refusal of
-a connection: an ``error`` and a close) pass as they come.
+a connection: an ``error`` and a close) pass as they come. An upstream the relay set up
+before the client came (a warm pooled one, :mod:`relay.server.pool`) has had its update
+answered already: :meth:`Bridge.upstream_opened` is given the ``session.created`` to deliver,
+and the start comes as soon as the pre-open queue is flushed (:meth:`Bridge.start_now`).
 
 **The rules of a step.** :meth:`Bridge.client_message` and :meth:`Bridge.upstream_message`
 (with the :mod:`relay.core.policy` screens they call, and the shell's per-message wrappers
@@ -433,9 +436,24 @@ class Bridge:
 
     # -- opening ----------------------------------------------------------------
 
-    def upstream_opened(self) -> None:
-        """The upstream WebSocket is open: start flushing, session.update first (in a takeover,
-        the session as it stood and the conversation's replay: see :meth:`takeover_started`)."""
+    @property
+    def session_update(self) -> str:
+        """The relay's own ``session.update``: what a session it already set up (a pooled one)
+        must have had, to serve this bridge."""
+        return self._session_update
+
+    def upstream_opened(self, created: str | None = None) -> None:
+        """The upstream WebSocket is open: start flushing, session.update first.
+
+        ``created`` is given for an upstream whose session the relay already set up (a warm
+        pooled one: its ``session.update`` sent and answered): the ``session.created`` the
+        client gets, carrying that answered session. Then nothing is sent for the setup again,
+        and the start comes once the queue is flushed (:meth:`start_now`).
+
+        In a takeover (:meth:`begin_rollover`, a :class:`Redial`) the new upstream gets the
+        session as it stood and the conversation's replay first, whatever its source had set
+        up (``created`` is then not the client's: it has its session).
+        """
         if self.phase is Phase.CLOSED:
             # The pair ended while the dial finished: nothing may go upstream.
             self._queue.clear()
@@ -451,8 +469,24 @@ class Bridge:
             self._reanswered = False
             return
         self.queued_at_open = len(self._queue)
+        if created is not None:
+            self._created = created
+            self._answered = True
+            return
         self._queue.appendleft(self._session_update)
         self._queued_bytes += len(self._session_update)
+
+    def start_now(self) -> Batch | None:
+        """After the flush, the start of a session set up in advance (``session.created``,
+        then what waited for it), for the client before anything else; None for a dialled
+        upstream (its start comes with the answer to the relay's update) or an ended pair.
+        Client messages that came while it flushed were queued and flushed, and the relay's
+        own words were held, just as for a dialled upstream before its answer."""
+        if not self._opening or self._created is None or not self._answered:
+            return None
+        if self.phase is Phase.CLOSED:
+            return None
+        return self._start()
 
     def next_to_flush(self) -> Message | None:
         """The next message to send upstream while FLUSHING; None once the queue is

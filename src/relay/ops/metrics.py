@@ -256,6 +256,41 @@ class RelayMetrics:
             registry=self.registry,
         )
 
+        self._pool_size = Gauge(
+            "relay_warm_pool_sessions",
+            "Upstream sessions set up and waiting in the warm pool (RELAY_WARM_POOL), by model.",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._pool_hits = Counter(
+            "relay_warm_pool_hits",
+            "Sessions that took a waiting upstream from the warm pool, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._pool_misses = Counter(
+            "relay_warm_pool_misses",
+            "Sessions of a pooled model that dialled instead, by model and why: empty (none"
+            " waited) or identified (a named user, while pooled sessions carry the anonymous"
+            " safety identifier).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self._pool_recycled = Counter(
+            "relay_warm_pool_recycled",
+            "Waiting sessions closed and replaced, by model and why: age"
+            " (RELAY_WARM_POOL_MAX_AGE) or failed (closed, silent, or not clean while waiting).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self._pool_dial_failures = Counter(
+            "relay_warm_pool_dial_failures",
+            "Warm pool dials that gave no ready session (each delays the next: backoff).",
+            ["model"],
+            registry=self.registry,
+        )
+
     def live_traffic(self) -> Iterable[Traffic]:
         """The counters of the sessions running now."""
         return self._live.values()
@@ -377,6 +412,23 @@ class RelayMetrics:
         """A call was refused or declined; ``reason`` is a refusal code (others: ``other``)."""
         label = reason if reason in CALL_REFUSALS else "other"
         self._calls_refused.labels(transport, label).inc()
+
+    def pool_size(self, model: str, waiting: int) -> None:
+        """The warm pool holds ``waiting`` ready sessions of ``model`` (one of RELAY_WARM_POOL's
+        models: the label stays bounded)."""
+        self._pool_size.labels(model).set(waiting)
+
+    def pool_hit(self, model: str) -> None:
+        self._pool_hits.labels(model).inc()
+
+    def pool_missed(self, model: str, reason: str) -> None:
+        self._pool_misses.labels(model, reason).inc()
+
+    def pool_recycled(self, model: str, reason: str) -> None:
+        self._pool_recycled.labels(model, reason).inc()
+
+    def pool_dial_failed(self, model: str) -> None:
+        self._pool_dial_failures.labels(model).inc()
 
     def takeover(self, active: bool) -> None:
         """Whether WebSockets are taken over from Hypercorn in this process (set once)."""

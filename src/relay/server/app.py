@@ -26,6 +26,7 @@ from ..core.closecodes import Code
 from ..core.deadlines import Deadlines
 from ..core.events import dumps, error_event
 from ..core.ledger import Ledger
+from ..core.warmpool import PoolKey, PoolLedger
 from ..ops.metrics import RelayMetrics
 from ..ops.overload import LoadGuard, Thresholds
 from ..ops.records import DRAIN_SECONDS, Recorder
@@ -56,6 +57,7 @@ from .notes import SessionNotes
 from .pair import ClientSide, Pair, Takeover
 from .phone import TWILIO_PATH, PhoneLine
 from .resume import RESUME_SUBPROTOCOL, Resumable, ResumeRefused, Resumes, asks_to_resume
+from .pool import WarmPool
 from .sideband import Calls
 
 if TYPE_CHECKING:
@@ -167,6 +169,44 @@ class RelayApp:
         self.callers = Callers(config.sip_caller_key, config.sip_callers)
         self.webhook_key = (
             secret_key(config.openai_webhook_secret) if config.openai_webhook_secret else None
+        )
+        #: Upstream sessions set up before clients ask (RELAY_WARM_POOL); runs with the lifespan.
+        self.pool = self._warm_pool()
+
+    def _warm_pool(self) -> WarmPool | None:
+        """The warm pool of RELAY_WARM_POOL, if any client could take its sessions.
+
+        A pooled session is dialled before its client is known, so it carries the safety
+        identifier every client it may serve shares: none (RELAY_SAFETY_IDENTIFIER=off), or
+        the anonymous one (anonymous clients share it).
+        """
+        config = self.config
+        sizes = config.warm_pool_sizes
+        if not sizes:
+            return None
+        if self._safety_key is None:
+            identifier = None
+        elif config.allow_anonymous:
+            identifier = self.safety_identifier(Identity(user="anonymous", method="anonymous"))
+        else:
+            log.warning(
+                "RELAY_WARM_POOL is set, but no client could take a pooled session: each"
+                " carries one OpenAI-Safety-Identifier, set when it is dialled, and here every"
+                " client is a named user with an identifier of its own"
+                " (RELAY_SAFETY_IDENTIFIER=hash, no anonymous clients). No pool is kept; set"
+                " RELAY_SAFETY_IDENTIFIER=off to pool every client's sessions."
+            )
+            return None
+        keys = {PoolKey(model, self.session_update, identifier): n for model, n in sizes.items()}
+        return WarmPool(
+            PoolLedger(keys, max_age=config.warm_pool_max_age, lead=config.dial_timeout),
+            lambda key: self.dialer.target(key.model, key.identifier),
+            self.metrics,
+            dial_timeout=config.dial_timeout,
+            send_timeout=config.send_timeout,
+            close_timeout=config.close_timeout,
+            ping_interval=config.ping_interval,
+            peer_timeout=config.peer_timeout,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -418,11 +458,16 @@ class RelayApp:
     ) -> Pair:
         """The pair of an admitted session (``call``) that may last ``max_seconds``, warned
         ``lead`` seconds before (RELAY_LIMIT_WARNING_SECONDS unless said); its finished
-        responses go to ``on_responses_done``, the call's own unless said."""
+        responses go to ``on_responses_done``, the call's own unless said. Its upstream comes
+        from the warm pool where one waits for it (RELAY_WARM_POOL), else from a dial."""
+        identifier = self.safety_identifier(call.identity)
+        source = dial = self.dialer.target(call.model, identifier)
+        if self.pool is not None:
+            source = self.pool.source(PoolKey(call.model, bridge.session_update, identifier), dial)
         return Pair(
             client,
             bridge,
-            self.dialer.target(call.model, self.safety_identifier(call.identity)),
+            source,
             dial_timeout=self.config.dial_timeout,
             close_timeout=self.config.close_timeout,
             send_timeout=self.config.send_timeout,
@@ -518,6 +563,8 @@ class RelayApp:
                 nursery.start_soon(self._record, recorded)
             if self.config.otel_endpoint and self.tracer is None:
                 nursery.start_soon(self._start_tracing, self.config.otel_endpoint)
+            if self.pool is not None:
+                nursery.start_soon(self.pool.run)
             self.calls.nursery = nursery  # a call's sideband outlives the request that made it
             try:
                 await self._lifespan_events(receive, send, nursery, recorded)
@@ -625,6 +672,8 @@ class RelayApp:
             len(self.calls.live),
             grace,
         )
+        if self.pool is not None:
+            await self.pool.drain()  # its waiting sessions close 1001 (within the close timeout)
         await self._drain_pairs(grace)
         await self.calls.hand_over()
 

@@ -4,7 +4,8 @@ Two tasks live in the pair's nursery (plus a timer task when pings or time limit
 
 * the client task reads client messages and sends them upstream, or hands them
   to the bridge's queue while the upstream is still opening;
-* the upstream task dials, flushes ``session.update`` and the queue, then reads
+* the upstream task gets the upstream from its source (a dial, or a warm pooled session:
+  :mod:`relay.server.pool`), flushes ``session.update`` and the queue, then reads
   upstream messages and sends them to the client.
 
 Whichever side ends first asks the bridge for an :class:`~relay.core.bridge.Ending`
@@ -40,7 +41,7 @@ from ..core.closecodes import Code
 from ..core.deadlines import Deadlines, Due
 from ..core.ratelimit import InboundRate
 from ..wire.pump import READ, Leg, Pump, log_safely
-from ..wire.upstream import Upstream
+from ..wire.upstream import Opened, UpstreamSource
 from ..wire.websocket import PART, HandshakeFailed, WebSocket
 
 
@@ -88,7 +89,7 @@ class Pair:
     __slots__ = (
         "client",
         "bridge",
-        "_target",
+        "_source",
         "_dial_timeout",
         "_close_timeout",
         "_send_timeout",
@@ -125,7 +126,7 @@ class Pair:
         self,
         client: ClientSide,
         bridge: Bridge,
-        target: Upstream,
+        source: UpstreamSource,
         *,
         dial_timeout: float,
         close_timeout: float,
@@ -144,7 +145,7 @@ class Pair:
     ) -> None:
         self.client = client
         self.bridge = bridge
-        self._target = target
+        self._source = source
         self._dial_timeout = dial_timeout
         self._close_timeout = close_timeout
         self._send_timeout = send_timeout
@@ -363,18 +364,17 @@ class Pair:
         return self.bridge.phase is Phase.CONNECTING  # (else the pair ended)
 
     async def _upstream_task(self) -> None:
-        """Dial (connect, then handshake) within the dial timeout, flush, then pump; when the
-        bridge moves the session to a new upstream (a :class:`Redial`), dial again, with the
-        takeover's tries and backoff, until one takes it or the tries are spent."""
+        """Open the upstream (from its source: a dial, or a warm pooled session) within the
+        dial timeout, flush, then pump; when the bridge moves the session to a new upstream (a
+        :class:`Redial`), open another, with the takeover's tries and backoff, until one takes
+        it or the tries are spent."""
         bridge = self.bridge
         takeover = self._takeover
         failures = 0
         while True:
             dial_started = trio.current_time()
-            stream, upstream, failure = await self._dial()
-            if upstream is None:
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
+            opened, failure = await self._open()
+            if opened is None:
                 detail, status = failure  # type: ignore[misc]
                 if not bridge.taking_over:
                     await self._finish(bridge.dial_failed(detail, status=status))
@@ -388,10 +388,10 @@ class Pair:
             was_taking_over, takeovers = bridge.taking_over or failures > 0, bridge.takeovers
             opened_at = trio.current_time()
             try:
-                closed = await self._relay_upstream(upstream, dial_started)
+                closed = await self._relay_upstream(opened, dial_started)
             finally:
                 self._upstream = None
-                await trio.aclose_forcefully(stream)  # type: ignore[arg-type]
+                await trio.aclose_forcefully(opened.stream)
                 if self._moved:
                     self._moved.unpark_all()
             if closed is None:
@@ -414,33 +414,25 @@ class Pair:
                 return
             await trio.sleep(takeover.backoff(failures))  # type: ignore[union-attr]
 
-    async def _dial(
-        self,
-    ) -> tuple[trio.abc.Stream | None, WebSocket | None, tuple[str, int | None] | None]:
-        """One dial within the dial timeout: the stream (the caller closes it), the WebSocket
-        over it, or why not (a description and the HTTP status of a refusal)."""
-        stream: trio.abc.Stream | None = None
-        try:
-            with trio.move_on_after(self._dial_timeout):
-                try:
-                    stream = await self._target.connect()
-                    return stream, await self._target.handshake(stream), None
-                except ConnectionRejected as rejected:
-                    status = rejected.status_code
-                    return stream, None, (f"HTTP {status}", status)
-                except (OSError, trio.BrokenResourceError) as exc:
-                    return stream, None, (_describe(exc), None)
-        except BaseException:  # the pair ended mid-dial (the client left): close what opened
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
-            raise
-        return stream, None, ("timed out", None)
+    async def _open(self) -> tuple[Opened | None, tuple[str, int | None] | None]:
+        """One upstream from the source within the dial timeout (the caller owns its stream),
+        or why not: a description, and the HTTP status of a refusal."""
+        with trio.move_on_after(self._dial_timeout):
+            try:
+                return await self._source.open(), None
+            except ConnectionRejected as rejected:
+                status = rejected.status_code
+                return None, (f"HTTP {status}", status)
+            except (OSError, trio.BrokenResourceError) as exc:
+                return None, (_describe(exc), None)
+        return None, ("timed out", None)
 
-    async def _relay_upstream(self, upstream: WebSocket, dial_started: float) -> Redial | None:
+    async def _relay_upstream(self, opened: Opened, dial_started: float) -> Redial | None:
         """Flush, then relay one upstream until it ends: a :class:`Redial` if the session moves
         on to another, None if the pair is over (ended here or elsewhere)."""
         bridge = self.bridge
         first = bridge.queued_at_open is None and not bridge.taking_over
+        upstream = opened.websocket
         upstream.send_timeout = self._send_timeout
         self._flushed = trio.Event()
         self._upstream = upstream
@@ -449,11 +441,17 @@ class Pair:
             await self._put_back.park()
         down: Leg | None = None
         try:
-            await self._flush(upstream)
+            # (a takeover replays the session as it stood, on a pooled session too)
+            await self._flush(upstream, opened.created)
+            start = bridge.start_now()  # (a session set up in advance: it starts here)
+            if start is not None and not await self._start_client(start):
+                return None
             if first and self._on_upstream_opened is not None and bridge.queued_at_open is not None:
                 self._on_upstream_opened(dial_seconds, bridge.queued_at_open)
-            if self._rollover_after:
-                self._rollover_at = trio.current_time() + self._rollover_after
+            if self._rollover_after:  # (from when the upstream session began: a pooled one's
+                # cap runs from before the hand-over)
+                began = opened.since if opened.since is not None else trio.current_time()
+                self._rollover_at = began + self._rollover_after
                 if self._timer_sleep is not None:  # the timer sleeps: it wakes for it
                     self._timer_sleep.deadline = min(self._timer_sleep.deadline, self._rollover_at)
             client_ws = self.client.websocket
@@ -477,10 +475,24 @@ class Pair:
             if down is not None:
                 self._pump.forget(down)  # type: ignore[union-attr]
 
-    async def _flush(self, upstream: WebSocket) -> None:
-        """Send session.update and the queued client messages, in order."""
+    async def _start_client(self, start: Batch) -> bool:
+        """Give the client its session.created (and what waited for it) from an upstream the
+        relay set up before it came; False if the pair ended."""
+        try:
+            for text in start.texts:
+                await self.client.send(text)
+        except ConnectionClosed:
+            pass  # the client is gone; its task reads so and ends the pair
+        except trio.TooSlowError:
+            await self._finish(self.bridge.client_too_slow(self._send_timeout))
+            return False
+        return True
+
+    async def _flush(self, upstream: WebSocket, created: str | None) -> None:
+        """Send session.update and the queued client messages, in order; for a session the
+        source set up already (``created``: see Bridge.upstream_opened), the queue alone."""
         bridge = self.bridge
-        bridge.upstream_opened()
+        bridge.upstream_opened(created)
         try:
             while (data := bridge.next_to_flush()) is not None:
                 try:

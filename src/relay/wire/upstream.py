@@ -4,9 +4,13 @@ The relay's credential goes either in an ``Authorization: Bearer`` header (the
 default, as server SDKs do) or in the ``openai-insecure-api-key.<key>``
 subprotocol next to ``realtime`` (as browsers must). It is never part of the URL.
 
-Dialing is split in two so the pair owns every resource it opens: :meth:`connect`
-returns the TCP (or TLS) stream, which the pair closes whatever happens, and
-:meth:`handshake` runs the WebSocket handshake over it (:func:`relay.wire.websocket.connect`).
+Dialing is split in two so that no resource is left open: :meth:`connect` returns the TCP
+(or TLS) stream, which is closed whatever happens, and :meth:`handshake` runs the WebSocket
+handshake over it (:func:`relay.wire.websocket.connect`).
+
+A pair asks an :class:`UpstreamSource` for its upstream, already open: a target dials
+(:class:`Dialed`), the warm pool (:mod:`relay.server.pool`) hands over a session it set up
+before the client came, else dials.
 """
 
 from __future__ import annotations
@@ -40,8 +44,44 @@ class Upstream(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class Opened:
+    """An open upstream: its WebSocket and the stream under it, which the pair now owns and
+    closes whatever happens. ``created`` is set for a session the relay already set up (a
+    pooled one, its ``session.update`` answered): the ``session.created`` the client gets
+    (see :meth:`relay.core.bridge.Bridge.upstream_opened`)."""
+
+    stream: trio.abc.Stream
+    websocket: WebSocket
+    created: str | None = None
+    #: Trio time the upstream session began, where that was before this open (a pooled one):
+    #: the Realtime API's 60-minute cap runs from then, not from the hand-over.
+    since: float | None = None
+
+
+class UpstreamSource(Protocol):
+    """Where a pair gets its upstream from: a dialer, or the warm pool."""
+
+    async def open(self) -> Opened:
+        """The upstream, open; raises as :meth:`Upstream.connect` and
+        :meth:`Upstream.handshake` do. Cancelled, it leaves nothing open."""
+        ...
+
+
+class Dialed:
+    """An :class:`UpstreamSource` that dials each time: ``connect``, then ``handshake``."""
+
+    async def open(self: Upstream) -> Opened:  # type: ignore[misc]
+        stream = await self.connect()
+        try:
+            return Opened(stream, await self.handshake(stream))
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
+
 @dataclass(frozen=True)
-class UpstreamTarget:
+class UpstreamTarget(Dialed):
     """One upstream session's address and credentials. Built per client."""
 
     host: str
