@@ -140,3 +140,33 @@ async def test_an_upstream_that_cannot_be_replaced_ends_the_session_with_1011() 
     assert "could not open a new one" in error["error"]["message"]
     assert code == 1011
     assert mock.handshakes == 3  # the first, then two tries
+
+
+async def test_a_failover_takes_a_warm_pooled_session_and_replays_into_it() -> None:
+    """With RELAY_WARM_POOL the new upstream comes from the pool: it already has the relay's
+    session, and gets the session as it stood and the replay all the same."""
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(Faults(kill_mid_response=1), warm_pool=("2",)) as (relay, mock):
+            async with connect(relay.url + "/voice") as ws:
+                await until(ws, "session.created", seen)
+                await ws.send_message(user_text("item_user_one", "Hello there"))
+                await ws.send_message('{"type":"response.create"}')
+                failed = await until(ws, "response.done", seen)
+                await until(ws, "error", seen)
+                await ws.send_message(user_text("item_user_two", "Again"))
+                await ws.send_message('{"type":"response.create"}')
+                answered = await until(ws, "response.done", seen)
+            hits = relay.app.metrics.registry.get_sample_value(
+                "relay_warm_pool_hits_total", {"model": relay.app.config.model}
+            )
+    assert failed["response"]["status"] == "failed"
+    assert answered["response"]["status"] == "completed"
+    (taken,) = [c for c in mock.connections if any("event_relay_replay" in str(m) for m in c.received)]
+    got = sent(taken)
+    setups = [n for n, m in enumerate(got) if m.get("event_id") == SETUP_EVENT_ID]
+    assert len(setups) == 2  # the pool's own, then the takeover's session as it stood
+    replayed = [m["item"]["id"] for m in got if m["type"] == "conversation.item.create"]
+    assert replayed == ["item_user_one", "item_user_two"]
+    assert hits == 2  # the first session and its takeover both came from the pool
+    assert [e["type"] for e in seen].count("session.created") == 1
