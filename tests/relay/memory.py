@@ -205,6 +205,19 @@ class MemoryClient:
         self.record.closed_at = trio.current_time()
 
 
+def memory_target(max_message_bytes: int = 1 << 20) -> UpstreamTarget:
+    """Where a pair in memory dials (the handshake is the relay's own; no socket behind it)."""
+    return UpstreamTarget(
+        host="upstream.test",
+        port=80,
+        resource="/v1/realtime?model=gpt-realtime",
+        ssl_context=None,
+        subprotocols=None,
+        headers=((b"authorization", b"Bearer " + SECRET.encode()),),
+        max_message_bytes=max_message_bytes,
+    )
+
+
 class MemoryUpstream(Dialed):
     """The pair's upstream: ``connect`` reaches a scripted server in memory; the
     handshake is the relay's own (:class:`UpstreamTarget`)."""
@@ -213,15 +226,7 @@ class MemoryUpstream(Dialed):
         self.script = script
         self.record = record
         self._nursery = nursery
-        self._target = UpstreamTarget(
-            host="upstream.test",
-            port=80,
-            resource="/v1/realtime?model=gpt-realtime",
-            ssl_context=None,
-            subprotocols=None,
-            headers=((b"authorization", b"Bearer " + SECRET.encode()),),
-            max_message_bytes=1 << 20,
-        )
+        self._target = memory_target()
 
     async def connect(self) -> trio.abc.Stream:
         if self.script.unreachable:

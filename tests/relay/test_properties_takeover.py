@@ -33,7 +33,7 @@ from mockrealtime import MockConfig, MockServer
 from relay.core.bridge import SETUP_EVENT_ID, Bridge, Cause, Limits
 from relay.core.ledger import Ledger
 from relay.server.pair import Pair, Takeover
-from relay.wire.upstream import Dialed, UpstreamTarget
+from relay.wire.upstream import Dialed
 from relay.wire.websocket import WebSocket
 
 from .memory import (
@@ -55,15 +55,7 @@ class FakeUpstream(Dialed):
     def __init__(self, server: MockServer, nursery: trio.Nursery) -> None:
         self.server = server
         self._nursery = nursery
-        self._target = UpstreamTarget(
-            host="upstream.test",
-            port=80,
-            resource="/v1/realtime?model=gpt-realtime",
-            ssl_context=None,
-            subprotocols=None,
-            headers=((b"authorization", b"Bearer sk-memory"),),
-            max_message_bytes=1 << 22,
-        )
+        self._target = memory_target(1 << 22)
 
     async def connect(self) -> trio.abc.Stream:
         return self.server.memory_stream(self._nursery)
@@ -100,6 +92,7 @@ async def session(
     bridge = Bridge(
         session_update=setup,
         limits=Limits(64, 1 << 20, 1 << 20),
+        secret=SECRET,
         ledger=ledger,
     )
     server = MockServer(MockConfig(pace=0, ping_interval=None))
