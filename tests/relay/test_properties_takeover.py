@@ -39,10 +39,12 @@ from relay.wire.websocket import WebSocket
 from .memory import (
     CLOSE_TIMEOUT,
     DIAL_TIMEOUT,
+    SECRET,
     SEND_TIMEOUT,
     ClientRecord,
     ClientScript,
     MemoryClient,
+    memory_target,
 )
 
 SESSION = {"type": "realtime", "instructions": "Be brief.", "output_modalities": ["audio"]}
