@@ -27,9 +27,9 @@ TEXT_SESSION = {"type": "session.update", "session": {"type": "realtime", "outpu
 
 @asynccontextmanager
 async def relay_and_mock(
-    faults: Faults = Faults(), **settings: object
+    faults: Faults | None = None, **settings: object
 ) -> AsyncIterator[tuple[RunningRelay, MockServer]]:
-    config = MockConfig(api_keys=frozenset({TEST_KEY}), faults=faults, pace=0)
+    config = MockConfig(api_keys=frozenset({TEST_KEY}), faults=faults or Faults(), pace=0)
     async with trio.open_nursery() as nursery:
         mock = await nursery.start(serve_mock_realtime, config)
         async with running_relay(upstream_url=mock.url, **settings) as relay:

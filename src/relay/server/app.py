@@ -56,8 +56,8 @@ from .loadwatch import watch_load
 from .notes import SessionNotes
 from .pair import ClientSide, Pair, Takeover
 from .phone import TWILIO_PATH, PhoneLine
-from .resume import RESUME_SUBPROTOCOL, Resumable, ResumeRefused, Resumes, asks_to_resume
 from .pool import WarmPool
+from .resume import RESUME_SUBPROTOCOL, Resumable, ResumeRefused, Resumes, asks_to_resume
 from .sideband import Calls
 
 if TYPE_CHECKING:
