@@ -239,8 +239,9 @@ class MockCall:
                 self.media.send_events(events_out)
             for deliver, _ in list(self._subscribers):
                 deliver(events_out)
-        self._wake.set()  # the schedule may have changed (a response started or ended)
-        self._touch()
+        if events:  # (an empty tick changes nothing: waking for it would spin the run loop)
+            self._wake.set()  # the schedule may have changed (a response started or ended)
+            self._touch()
         if session.close_requested is not None:
             self.end("expired", *session.close_requested)
 

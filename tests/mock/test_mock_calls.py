@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
@@ -72,6 +73,27 @@ async def test_an_sdp_offer_opens_a_call_whose_peer_gets_session_created() -> No
             assert call.transport == "webrtc" and call.state == "active"
             assert call_id.startswith("rtc_")
             assert [e["type"] for e in call.peer_events] == ["session.created"]
+
+
+async def test_a_quiet_call_sleeps_until_something_is_due() -> None:
+    """With nothing due, the call's task waits for its next deadline. It once woke itself
+    after every empty tick: a busy loop that held the GIL and starved the media thread."""
+    with trio.fail_after(TIMEOUT):
+        async with mock() as server:
+            call = server.calls[await create_call(server)]
+            assert call.state == "active" and call.session is not None
+            ticks = 0
+            tick = call.session.tick
+
+            def counted(now: float | None = None) -> list:  # type: ignore[type-arg]
+                nonlocal ticks
+                ticks += 1
+                return tick(now)
+
+            call.session.tick = counted  # type: ignore[method-assign]
+            call._wake.set()  # as an event from the peer would
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # never, while it spins
+            assert ticks == 1
 
 
 async def test_the_sdk_creates_a_call_with_a_session_in_multipart() -> None:
