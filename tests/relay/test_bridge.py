@@ -365,12 +365,16 @@ class Notes:
     def __init__(self) -> None:
         self.fields: list[tuple[str | None, tuple[str, ...]]] = []
         self.setup: list[tuple[str, str]] = []
+        self.takeovers: list[tuple[str, str]] = []
 
     def screened(self, screened: Screened) -> None:
         self.fields.append((screened.kind, screened.fields))
 
     def setup_refused(self, code: str, message: str) -> None:
         self.setup.append((code, message))
+
+    def takeover(self, kind: str, outcome: str, detail: str) -> None:
+        self.takeovers.append((kind, outcome))
 
 
 def opened(policy: Policy | None = None, observer: Notes | None = None, **limits: int) -> Bridge:

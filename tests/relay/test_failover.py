@@ -19,6 +19,7 @@ from mockrealtime import Faults, MockConfig, MockServer, serve_mock_realtime
 from relay.core.bridge import SETUP_EVENT_ID
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
+from .test_metrics import scrape
 from .test_relay_loopback import receive_until_closed
 
 TIMEOUT = 20
@@ -79,6 +80,13 @@ async def test_a_killed_upstream_is_replaced_and_the_conversation_replayed_under
                 await ws.send_message(user_text("item_user_three", "Still there?"))
                 await ws.send_message('{"type":"response.create"}')
                 third = await until(ws, "response.done", seen)
+            moved = scrape(relay.app.metrics)
+    # The operator hears of it too (and the log says so, at warning level when it starts).
+    takeovers = {
+        labels: value for (name, labels), value in moved.items()
+        if name == "relay_upstream_takeovers_total"
+    }
+    assert takeovers == {(("kind", "failover"), ("outcome", "moved")): 1.0}
     assert failed["response"]["id"] == created["response"]["id"]
     assert failed["response"]["status"] == "failed"
     assert failed["response"]["status_details"]["error"]["code"] == "relay_upstream_lost"

@@ -19,6 +19,7 @@ from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from relay.usage.auth import hash_key
 
 from .harness import TEST_KEY, RunningRelay, connect, running_relay
+from .test_metrics import scrape
 
 TIMEOUT = 20
 ALICE, BOB = "relay-test-alice-key-0123456789", "relay-test-bob-key-0123456789"
@@ -123,6 +124,12 @@ async def test_a_used_token_or_another_clients_token_is_refused() -> None:
             elsewhere = "relay-resume.ffffffff" + "x" * 32 + ".0"
             async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, elsewhere)) as ws:
                 assert await refused(ws) == ("relay_resume_elsewhere", 4410)
+            counted = {
+                dict(labels)["outcome"]: value
+                for (name, labels), value in scrape(relay.app.metrics).items()
+                if name == "relay_resumes_total"
+            }
+    assert counted == {"resumed": 1, "relay_resume_refused": 2, "relay_resume_elsewhere": 1}
 
 
 async def test_a_client_that_does_not_come_back_in_time_ends_its_session_cleanly() -> None:

@@ -159,6 +159,10 @@ class Observer(Protocol):
     def setup_refused(self, code: str, message: str) -> None:
         """The upstream refused the relay's own ``session.update``: a configuration error."""
 
+    def takeover(self, kind: str, outcome: str, detail: str) -> None:
+        """The session's upstream is being replaced (``kind`` failover or rollover):
+        ``outcome`` is started, moved (the new upstream runs the session) or failed."""
+
 
 @dataclass(frozen=True, slots=True)
 class Ending:
@@ -553,6 +557,9 @@ class Bridge:
         self.phase = Phase.CONNECTING
         self._replay.clear()
         texts = tuple(_failed_response(rid, why) for rid in self._ledger.lost())  # type: ignore[union-attr]
+        if self._observer is not None:
+            kind = "rollover" if planned else "failover"
+            self._observer.takeover(kind, "started", why)
         return Redial(texts, why, planned=planned)
 
     def _may_fail_over(self) -> bool:
@@ -564,6 +571,8 @@ class Bridge:
 
     def takeover_failed(self, detail: str, *, status: int | None = None) -> Ending | None:
         """No new upstream could be had (the shell's tries are spent): end the session."""
+        if self._observer is not None:
+            self._observer.takeover(self._takeover or "failover", "failed", detail)
         if status in (401, 403):
             return self.dial_failed(detail, status=status)
         return self._lost(
@@ -605,9 +614,12 @@ class Bridge:
         self._reopening = False
         self._reanswered = True
         self.takeovers += 1
+        ledger = self._ledger
+        if self._observer is not None:
+            restored = f"{ledger.items} items restored, {ledger.skipped} not"  # type: ignore[union-attr]
+            self._observer.takeover(why or "failover", "moved", restored)
         if why != "failover":
             return None
-        ledger = self._ledger
         restored = f"{ledger.items} conversation items were restored under their ids"  # type: ignore[union-attr]
         if ledger.skipped:  # type: ignore[union-attr]
             restored += (

@@ -175,6 +175,21 @@ class RelayMetrics:
             buckets=VOICE_BUCKETS,
             registry=self.registry,
         )
+        self._takeovers = Counter(
+            "relay_upstream_takeovers",
+            "Sessions moved to a new upstream, by kind (failover: the upstream dropped;"
+            " rollover: ahead of the Realtime API's session cap) and outcome (moved, or failed:"
+            " no new upstream took the session, which ended).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self._resumes = Counter(
+            "relay_resumes",
+            "Clients that came back with a resume token, by outcome (resumed, or the refusal's"
+            " code).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._policy = Counter(
             "relay_policy_fields",
             "Fields of clients' session.update / response.create events the policy dropped"
@@ -373,6 +388,15 @@ class RelayMetrics:
     def voice_latency(self, seconds: float) -> None:
         """A spoken turn was answered: see :class:`VoiceClock`."""
         self._voice.observe(seconds)
+
+    def upstream_replaced(self, kind: str, outcome: str) -> None:
+        """A session's upstream was replaced (``kind`` failover or rollover): ``outcome`` moved
+        or failed."""
+        self._takeovers.labels(kind, outcome).inc()
+
+    def resumed(self, outcome: str) -> None:
+        """A client came back with a resume token: ``outcome`` is resumed or a refusal's code."""
+        self._resumes.labels(outcome).inc()
 
     def policy_acted(self, field: str, action: str) -> None:
         """The policy dropped (``action`` "dropped") or refused an event for ("refused") a

@@ -338,11 +338,13 @@ class RelayApp:
                 connection = await session.resume(client, count)
             except ResumeRefused as refused:
                 log.info("resume refused: %s", refused.code)
+                self.metrics.resumed(refused.code)
                 await client.send(error_event(refused.code, refused.message))
                 await client.close(Code.RESUME_REFUSED, refused.code)
                 await client.wait_closed(self.config.close_timeout)
                 return
             log.info("session resumed", extra={"fields": {"user": identity.user, "from": count}})
+            self.metrics.resumed("resumed")
             await connection.done.wait()
         finally:
             if release is not None:
@@ -353,6 +355,7 @@ class RelayApp:
     ) -> None:
         """A resume that cannot be: accepted, told why (an ``error`` event), closed 4410."""
         log.info("resume refused: %s", refused.code)
+        self.metrics.resumed(refused.code)
         client = await accept(send, receive, offered)
         await client.send(error_event(refused.code, refused.message))
         await client.close(Code.RESUME_REFUSED, refused.code)

@@ -60,3 +60,21 @@ class SessionNotes:
             " run with the API's defaults",
             extra={"fields": {"session": self._session, "code": code, "message": message}},
         )
+
+    def takeover(self, kind: str, outcome: str, detail: str) -> None:
+        try:
+            self._takeover(kind, outcome, detail)
+        except Exception:
+            log_safely("noting an upstream takeover failed; the session goes on")
+
+    def _takeover(self, kind: str, outcome: str, detail: str) -> None:
+        if outcome != "started":
+            self._metrics.upstream_replaced(kind, outcome)
+        says = {
+            "started": "upstream replaced: opening a new one for the session",
+            "moved": "upstream replaced: the new one runs the session",
+            "failed": "upstream replaced: no new one took the session, which ends",
+        }[outcome]
+        level = logging.WARNING if kind == "failover" and outcome != "moved" else logging.INFO
+        fields = {"session": self._session, "kind": kind, "detail": detail}
+        log.log(level, says, extra={"fields": fields})
