@@ -157,6 +157,9 @@ def test_each_runnable_block_of_the_readme_runs(index: int, tmp_path: Path) -> N
         pytest.skip("no network namespace here, and port 8000 or 8765 is taken")
     path = tmp_path / "block.sh"
     path.write_text(script(body, with_demo))
+    # The README is read in a clone: paths it names (the phone fixture) resolve as they do there,
+    # while everything a block writes (reply.wav, out.wav) stays in this test's own directory.
+    (tmp_path / "tests").symlink_to(ROOT / "tests", target_is_directory=True)
     env = {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "HOME": str(tmp_path / "home"),
