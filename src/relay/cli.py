@@ -298,10 +298,9 @@ def _run(args: argparse.Namespace, environ: dict[str, str]) -> int:
                 " Export it, or try `relay demo` to run against the bundled fake."
             )
         if config.workers > 1:
-            _check_upstream(config)
             from .server.workers import serve_workers
 
-            return serve_workers(config)
+            return serve_workers(config, preflight=_check_upstream)
         from .server.app import create_app
 
         app = create_app(config)  # (it checks the client auth settings first)

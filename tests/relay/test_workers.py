@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 import orjson
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -284,3 +285,19 @@ async def agree(
             if in_a_row == 0:
                 await trio.sleep(0.05)
     assert in_a_row == times, f"{keys}: the last scrape showed {seen}, not {expected}"
+
+
+async def test_workers_are_forked_from_the_parent_so_they_serve_without_importing_again(
+    tmp_path: Path,
+) -> None:
+    """A spawned worker imports the relay again (a quarter of a second each, before the first
+    session) and shares none of the parent's pages; a forked one has the parent's command line."""
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("no /proc here to read the workers' command lines from")
+    with trio.fail_after(TIMEOUT):
+        async with two_workers(tmp_path) as relay:
+            parent = Path(f"/proc/{relay.proc.pid}/cmdline").read_bytes()
+            for pid in relay.log.pids("Running on"):
+                assert Path(f"/proc/{pid}/cmdline").read_bytes() == parent
+            relay.proc.terminate()
+            assert await relay.proc.wait() == 0
