@@ -288,15 +288,17 @@ class Bridge:
         self._answered = False  # the answer to the relay's session.update has come
         self._answer: dict[str, object] | None = None  # the session it carried
         #: What waits for session.created: (from upstream, text), in arrival order.
-        self._held: deque[tuple[bool, Message]] = deque()
+        self._held: list[tuple[bool, Message]] = []
         self._held_bytes = 0
         #: What the session established, for a new upstream to take it over (None: no takeover;
         #: the upstream's end is the session's). See relay.core.ledger.
         self._ledger = ledger
         #: Why the session is moving to a new upstream ("failover", "rollover"), or None.
         self._takeover: str | None = None
-        self._replay: deque[str] = deque()  # the takeover's own messages, flushed first
-        self._echoes: set[str] = set()  # replayed item ids whose echoes the client must not see
+        #: The takeover's own messages, flushed first (a deque once there are any: an empty
+        #: deque is 600 bytes, and every idle session would carry one).
+        self._replay: deque[str] | None = None
+        self._echoes: set[str] | None = None  # replayed item ids the client must not see again
         self._reopening = False  # the new upstream has not answered the re-applied session yet
         self._reanswered = False
         #: Upstreams that took the session over (failovers and rollovers done).
@@ -555,7 +557,7 @@ class Bridge:
             self._takeover = "failover"
         self._reopening = False
         self.phase = Phase.CONNECTING
-        self._replay.clear()
+        self._replay = None
         texts = tuple(_failed_response(rid, why) for rid in self._ledger.lost())  # type: ignore[union-attr]
         if self._observer is not None:
             kind = "rollover" if planned else "failover"

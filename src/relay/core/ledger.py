@@ -34,7 +34,6 @@ path: audio appends and audio deltas are never looked at), and it is sans-IO lik
 from __future__ import annotations
 
 import copy
-from collections import deque
 from typing import Any
 
 from .events import dumps
@@ -72,7 +71,8 @@ class Ledger:
     """The session and conversation a session has established (see the module docstring)."""
 
     __slots__ = (
-        "session",
+        "_base",
+        "_session",
         "max_bytes",
         "_items",
         "_bytes",
@@ -85,20 +85,28 @@ class Ledger:
     )
 
     def __init__(self, session: dict[str, Any], *, max_bytes: int) -> None:
-        #: The session to re-apply: the relay's, with the client's accepted updates merged in.
-        self.session = copy.deepcopy(session)
+        #: The relay's session, shared by every session (never changed here), and this
+        #: session's own copy, made when the first client update is accepted.
+        self._base = session
+        self._session: dict[str, Any] | None = None
         self.max_bytes = max_bytes
         #: id → the item as ``conversation.item.create`` recreates it (None: added, not done).
         self._items: dict[str, dict[str, Any] | None] = {}
         self._bytes = 0
         #: Client updates sent and not yet answered: (event_id, session), oldest first.
-        self._pending: deque[tuple[str, dict[str, Any]]] = deque()
+        #: (A list: at most MAX_PENDING_UPDATES, and an empty deque is 600 bytes per session.)
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self._stamps = 0
         #: Responses created and not done (their ids), oldest first.
         self._responses: dict[str, None] = {}
         self.speaking = False
         self.forgotten = 0
         self.skipped = 0
+
+    @property
+    def session(self) -> dict[str, Any]:
+        """The session to re-apply: the relay's, with the client's accepted updates merged in."""
+        return self._base if self._session is None else self._session
 
     # -- what the client sent ------------------------------------------------------
 
@@ -115,7 +123,7 @@ class Ledger:
             event_id = event["event_id"] = f"{STAMP}{self._stamps}"
             stamped = dumps(event)
         if len(self._pending) >= MAX_PENDING_UPDATES:
-            self._pending.popleft()  # never answered: not taken as accepted
+            del self._pending[0]  # never answered: not taken as accepted
         self._pending.append((event_id, session))
         return stamped
 
@@ -126,7 +134,9 @@ class Ledger:
         see it was changed in place (an ``error`` naming a stamped ``event_id``)."""
         if kind == "session.updated":
             if self._pending:
-                merge(self.session, self._pending.popleft()[1])
+                if self._session is None:
+                    self._session = copy.deepcopy(self._base)
+                merge(self._session, self._pending.pop(0)[1])
         elif kind == "error":
             return self._error(event)
         elif kind in ITEM_DONE:

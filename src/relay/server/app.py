@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -68,6 +68,17 @@ WEBSOCKET_PATHS = frozenset({"/voice", "/v1/realtime"})
 STORE_TIMEOUT = 5.0
 
 log = logging.getLogger("relay")
+
+
+class Admitted(NamedTuple):
+    """A WebSocket session admitted, and what it will run with."""
+
+    identity: Identity
+    session_id: str
+    bridge: Bridge
+    model: str
+    offered: Any  # the subprotocols the client offered
+    deflate_offered: bool
 
 
 class RelayApp:
@@ -249,18 +260,24 @@ class RelayApp:
         try:
             if path == TWILIO_PATH:
                 await self.phone.admitted(scope, receive, send)  # type: ignore[union-attr]
-            else:
-                await self._admitted(scope, receive, send)
+            elif (admitted := await self._admit(scope, receive, send)) is not None:
+                # (here rather than in _admit, whose frame would stay for the session's life:
+                # every idle session carries the frames it waits in)
+                async with self.accounting.held(  # type: ignore[union-attr]
+                    admitted.identity, admitted.session_id, admitted.bridge.traffic
+                ):
+                    await self._session(send, receive, admitted)
         finally:
             self._handshakes -= 1
 
-    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Authenticate, admit against the user's limits, then run the session."""
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> Admitted | None:
+        """Authenticate and admit against the user's limits: the session to run, or None (the
+        client was refused, or resumed a session that runs already)."""
         offered = scope.get("subprotocols") or ()
         accounting = self.accounting
         if accounting is None:
             await self._deny(send, 503, "the relay is still starting; connect again in a moment")
-            return
+            return None
         session_id = secrets.token_hex(8)
         try:
             identity = self.auth.authenticate(scope["headers"], offered)
@@ -273,7 +290,7 @@ class RelayApp:
                         " a new session.",
                     )
                 await self._resume(send, receive, offered, identity, *resume)
-                return
+                return None
             refusal = admission.refusal(self.config, scope, offered, identity)
             if refusal is not None:  # refused after accept, as the Realtime API does: no session
                 client = await accept(send, receive, offered)
@@ -281,12 +298,12 @@ class RelayApp:
                 await client.send(error_event(code, message))
                 await client.close(Code.INVALID_REQUEST, reason)
                 await client.wait_closed(self.config.close_timeout)
-                return
+                return None
             with trio.fail_after(STORE_TIMEOUT):
                 await accounting.admit(identity, session_id)
         except ResumeRefused as refused:  # (malformed: refused before any session was found)
             await self._refuse_resume(send, receive, offered, refused)
-            return
+            return None
         except Refusal as refused:
             log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
             if self.config.browser_refusals == "close" and header(scope, b"origin") is not None:
@@ -297,11 +314,11 @@ class RelayApp:
                 await client.wait_closed(self.config.close_timeout)
             else:
                 await self._deny(send, refused.status, refused.message, code=refused.code)
-            return
+            return None
         except (trio.TooSlowError, OSError) as exc:
             log.error("usage store unavailable at admission: %r", exc)
             await self._deny(send, 503, "the relay's usage store is not answering; try again shortly")
-            return
+            return None
         model = admission.session_model(self.config, scope)
         settings: dict[str, Any] = {}
         if self.config.beta == "translate" and asks_for_beta(scope["headers"], offered):
@@ -316,10 +333,7 @@ class RelayApp:
             ledger=self.ledger(self.session),
             **settings,
         )
-        async with accounting.held(identity, session_id, bridge.traffic):
-            await self._session(
-                send, receive, offered, identity, session_id, bridge, model, offers_deflate(scope)
-            )
+        return Admitted(identity, session_id, bridge, model, offered, offers_deflate(scope))
 
     async def _resume(
         self, send: Send, receive: Receive, offered: Any, identity: Identity, token: str, count: int
@@ -365,18 +379,9 @@ class RelayApp:
         self.metrics.refused(status)
         await deny(send, status, message, code=code)
 
-    async def _session(
-        self,
-        send: Send,
-        receive: Receive,
-        offered: Any,
-        identity: Identity,
-        session_id: str,
-        bridge: Bridge,
-        model: str,
-        deflate_offered: bool,
-    ) -> None:
+    async def _session(self, send: Send, receive: Receive, admitted: Admitted) -> None:
         """Accept the WebSocket and run its pair to its end."""
+        identity, session_id, bridge, model, offered, deflate_offered = admitted
         subprotocol = "realtime" if "realtime" in offered else None
         client, release = await self.open_client(
             send, receive, subprotocol, deflate_offered=deflate_offered

@@ -118,8 +118,7 @@ class Pair:
         "_upstream_scope",
         "_redial",
         "_in_hand",
-        "_put_back",
-        "_moved",
+        "_changed",
     )
 
     def __init__(
@@ -185,11 +184,12 @@ class Pair:
         self._upstream_scope: trio.CancelScope | None = None  # the current upstream's relaying
         self._redial: Redial | None = None  # a failover the timer decided (no pong)
         #: The upstream a client message is being written to (a takeover waits for it to come
-        #: back unsent before the new upstream's flush); the client task, parked in _moved,
-        #: waits for the upstream task to decide what follows an upstream's end.
+        #: back unsent before the new upstream's flush); the client task, parked in _changed,
+        #: waits for the upstream task to decide what follows an upstream's end. One lot for
+        #: both waits (each re-checks what it waits for), made when first needed: a lot is
+        #: memory on every idle session.
         self._in_hand: WebSocket | None = None
-        self._put_back = trio.lowlevel.ParkingLot()
-        self._moved = trio.lowlevel.ParkingLot()
+        self._changed: trio.lowlevel.ParkingLot | None = None  # (made by the first to wait)
 
     async def run(self) -> Ending:
         """Relay until either side ends; return how the pair ended."""
@@ -335,8 +335,8 @@ class Pair:
                     return
                 finally:
                     self._in_hand = None
-                    if self._put_back:
-                        self._put_back.unpark_all()
+                    if self._changed:
+                        self._changed.unpark_all()
                 if notice is None:
                     continue
                 out = Reply(notice)
@@ -350,13 +350,19 @@ class Pair:
                 await self._finish(out)  # type: ignore[arg-type]
                 return
 
+    async def _wait_for_change(self) -> None:
+        """Park until ``_in_hand`` or ``_upstream`` changes (the caller checks which)."""
+        if self._changed is None:
+            self._changed = trio.lowlevel.ParkingLot()
+        await self._changed.park()
+
     async def _requeue(self, data: Message) -> bool:
         """``data`` could not be sent: its upstream went away. Once the upstream task has
         decided (a takeover, or the end), give it back to the bridge for the next upstream.
         False: the pair is over."""
         upstream = self._in_hand
         while self._upstream is upstream and upstream is not None:
-            await self._moved.park()
+            await self._wait_for_change()
         ending = self.bridge.requeue(data)
         if ending is not None:
             await self._finish(ending)
@@ -392,8 +398,8 @@ class Pair:
             finally:
                 self._upstream = None
                 await trio.aclose_forcefully(opened.stream)
-                if self._moved:
-                    self._moved.unpark_all()
+                if self._changed:
+                    self._changed.unpark_all()
             if closed is None:
                 return  # the pair is over
             for text in closed.texts:  # the responses that died with it, failed
@@ -438,7 +444,7 @@ class Pair:
         self._upstream = upstream
         dial_seconds = trio.current_time() - dial_started
         while self._in_hand is not None:  # a message for the old one, on its way back
-            await self._put_back.park()
+            await self._wait_for_change()
         down: Leg | None = None
         try:
             # (a takeover replays the session as it stood, on a pooled session too)
@@ -563,6 +569,7 @@ class Pair:
             except trio.TooSlowError:
                 await self._finish(bridge.client_too_slow(self._send_timeout))
                 return
+            out = text = None  # not held while the next is awaited: an idle session keeps none
             if bridge.responses_done:
                 done, bridge.responses_done = bridge.responses_done, []
                 if self._on_responses_done is not None:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 
 import trio
@@ -158,21 +158,25 @@ class Accounting:
                     extra={"fields": {"session": session_id, "user": identity.user}},
                 )
 
-    @asynccontextmanager
-    async def held(
+    def held(
         self, identity: Identity, session_id: str, traffic: Traffic
-    ) -> AsyncIterator[None]:
+    ) -> AbstractAsyncContextManager[None]:
         """While the session runs (the body), renew its lease; then record it (:meth:`finish`).
         A session admitted here is held so, whatever ends it."""
+        if self.holds_leases:
+            return self._leased(identity, session_id, traffic)
+        return _Recorded(self, identity, session_id, traffic)
+
+    @asynccontextmanager
+    async def _leased(
+        self, identity: Identity, session_id: str, traffic: Traffic
+    ) -> AsyncIterator[None]:
         started = trio.current_time()
         try:
-            if self.holds_leases:
-                async with trio.open_nursery() as lease:
-                    lease.start_soon(self.keep_lease, identity, session_id)
-                    yield
-                    lease.cancel_scope.cancel()
-            else:  # no nursery: every idle session's memory counts
+            async with trio.open_nursery() as lease:
+                lease.start_soon(self.keep_lease, identity, session_id)
                 yield
+                lease.cancel_scope.cancel()
         finally:
             await self.finish(identity, session_id, traffic, trio.current_time() - started)
 
@@ -320,3 +324,26 @@ def format_table(rows: list[UsageRow]) -> str:
         "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
         for line in cells
     )
+
+
+class _Recorded:
+    """:meth:`Accounting.held` where there is no lease to renew: the session is recorded as
+    it ends. An object rather than a generator: every idle session carries one."""
+
+    __slots__ = ("_accounting", "_identity", "_session_id", "_traffic", "_started")
+
+    def __init__(
+        self, accounting: Accounting, identity: Identity, session_id: str, traffic: Traffic
+    ) -> None:
+        self._accounting = accounting
+        self._identity = identity
+        self._session_id = session_id
+        self._traffic = traffic
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        self._started = trio.current_time()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        seconds = trio.current_time() - self._started
+        await self._accounting.finish(self._identity, self._session_id, self._traffic, seconds)
