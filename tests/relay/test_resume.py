@@ -8,12 +8,13 @@ End to end in front of mockrealtime: the client offers ``relay-resume``, gets a 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+import trio.testing
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from mockrealtime import MockConfig, MockServer, serve_mock_realtime
 from relay.usage.auth import hash_key
@@ -75,6 +76,11 @@ async def refused(ws: WebSocketConnection) -> tuple[str, int]:
     raise AssertionError("the refused resume was not closed")
 
 
+async def drop(ws: WebSocketConnection) -> None:
+    """The network drops the client's connection: its socket goes, with no close frame."""
+    await trio.aclose_forcefully(ws._stream)
+
+
 async def detached(relay: RunningRelay) -> None:
     """Until the relay has seen the client's connection go (bounded by the test's timeout)."""
     while not any(getattr(p.client, "_current", 1) is None for p in relay.app.pairs):
@@ -90,6 +96,7 @@ async def test_a_client_that_drops_mid_reply_resumes_and_gets_every_event_in_ord
                 await ws.send_message(TURN)
                 await ws.send_message('{"type":"response.create"}')
                 await reader.until(ws, "response.output_audio.delta")
+                await drop(ws)
             await detached(relay)  # the reply goes on upstream while nobody is connected
             token, count = reader.token, len(reader.events)
             resume = f"relay-resume.{token}.{count}"
@@ -104,12 +111,27 @@ async def test_a_client_that_drops_mid_reply_resumes_and_gets_every_event_in_ord
     assert reader.token != token  # a new token after the resume
 
 
+async def test_a_client_that_closes_is_done_and_its_session_ends_at_once() -> None:
+    """Resume is for a connection lost on the way (no close frame). A client that closes its
+    WebSocket has ended the session: the upstream is closed now, not after the window."""
+    reader = Reader()
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(resume_seconds=TIMEOUT * 10) as (relay, mock):
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, "relay-resume")) as ws:
+                await reader.until(ws, "relay.resume")
+            await mock.connections[0].closed.wait()  # (the test's timeout is a tenth of the window)
+            resume = f"relay-resume.{reader.token}.{len(reader.events)}"
+            async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, resume)) as ws:
+                assert await refused(ws) == ("relay_resume_refused", 4410)
+
+
 async def test_a_used_token_or_another_clients_token_is_refused() -> None:
     reader = Reader()
     with trio.fail_after(TIMEOUT):
         async with relay_and_mock() as (relay, _):
             async with connect(relay.url + "/voice", subprotocols=protocols(ALICE, "relay-resume")) as ws:
                 await reader.until(ws, "relay.resume")
+                await drop(ws)
             await detached(relay)
             token = f"relay-resume.{reader.token}.{len(reader.events)}"
             # Bob holds Alice's token: refused, and Alice's session still waits for her.
@@ -182,3 +204,64 @@ async def test_relay_talk_resumes_on_its_own_after_its_connection_drops() -> Non
     assert resumes == 1
     assert conversation.responses_done >= 1
     assert len(mock.connections) == 1
+
+
+class _Dropped:
+    """A connection the network dropped: reads and writes fail as a lost connection does."""
+
+    async def get_message(self) -> str:
+        raise ConnectionClosed(CloseReason(1006, None))
+
+    async def send_message(self, message: str | bytes) -> None:
+        raise ConnectionClosed(CloseReason(1006, None))
+
+
+class _Fresh:
+    """The connection the resume opens: it takes what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str | bytes] = []
+
+    async def get_message(self) -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send_message(self, message: str | bytes) -> None:
+        self.sent.append(message)
+
+
+async def test_a_send_that_fails_while_relay_talk_reconnects_goes_on_the_new_connection() -> None:
+    """The reader spends the resume token as it starts reconnecting; a send that finds the
+    old connection gone meanwhile waits for the new one instead of giving up (it did, as a
+    race: the send raised 1006 and `relay talk` failed with the session still resumable)."""
+    from relay.clients.talk import Resuming
+
+    resuming = Resuming("ws://127.0.0.1:9/voice", None, AsyncExitStack())
+    fresh = _Fresh()
+    reconnecting, may_connect, sent = trio.Event(), trio.Event(), trio.Event()
+
+    async def open(also: tuple[str, ...] = ()) -> None:  # the reconnect, held until allowed
+        assert also == ("relay-resume.tok.0",)
+        reconnecting.set()
+        await may_connect.wait()
+        resuming._ws = fresh  # type: ignore[assignment]
+
+    resuming._ws = _Dropped()  # type: ignore[assignment]
+    resuming._resume = ("tok", 10.0)
+    resuming.open = open  # type: ignore[method-assign]
+
+    async def send() -> None:
+        await resuming.send_message("after the drop")
+        sent.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resuming.get_message)  # the reader finds the drop first
+            await reconnecting.wait()
+            nursery.start_soon(send)  # ... and the send finds it while the reader reconnects
+            await trio.testing.wait_all_tasks_blocked()
+            may_connect.set()
+            await sent.wait()
+            nursery.cancel_scope.cancel()
+    assert fresh.sent == ["after the drop"]
+    assert resuming.resumes == 1

@@ -503,6 +503,7 @@ class Resuming:
         self._ws: WebSocket | None = None
         self._received = 0
         self._resume: tuple[str, float] | None = None  # the last token, and the window
+        self._returning = False  # the reader is reopening the connection (its token spent)
         self._back = trio.Event()
         self.resumes = 0
 
@@ -530,18 +531,22 @@ class Resuming:
     async def _come_back(self, lost: ConnectionClosed) -> None:
         token, seconds = self._resume  # type: ignore[misc]
         self._resume = None  # (spent: the relay sends a new one)
-        until = trio.current_time() + seconds
-        while trio.current_time() < until:
-            try:
-                await self.open((f"{RESUME_SUBPROTOCOL}.{token}.{self._received}",))
-            except TalkError:
-                await trio.sleep(1.0)
-                continue
-            self.resumes += 1
-            self._back.set()
-            self._back = trio.Event()
-            return
-        raise lost
+        self._returning = True
+        try:
+            until = trio.current_time() + seconds
+            while trio.current_time() < until:
+                try:
+                    await self.open((f"{RESUME_SUBPROTOCOL}.{token}.{self._received}",))
+                except TalkError:
+                    await trio.sleep(1.0)
+                    continue
+                self.resumes += 1
+                self._back.set()
+                self._back = trio.Event()
+                return
+            raise lost
+        finally:
+            self._returning = False
 
     async def send_message(self, message: str | bytes) -> None:
         while True:
@@ -550,7 +555,9 @@ class Resuming:
                 await ws.send_message(message)  # type: ignore[union-attr]
                 return
             except ConnectionClosed:
-                if self._resume is None and self._ws is ws:
+                # Lost for good only if no token came, and the reader is not coming back with
+                # one (it spends the token as it starts: a send may fail meanwhile).
+                if self._resume is None and not self._returning and self._ws is ws:
                     raise
                 if self._ws is ws:
                     await self._back.wait()  # the reader reconnects

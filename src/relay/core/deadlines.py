@@ -31,6 +31,16 @@ class Step(NamedTuple):
 class Deadlines:
     """The warn-then-cut schedule of one session; a limit of 0 or None is off."""
 
+    __slots__ = (
+        "max_seconds",
+        "idle_seconds",
+        "_end",
+        "_session_warn",
+        "_idle_lead",
+        "_session_warned",
+        "_idle_warned_for",
+    )
+
     def __init__(
         self, start: float, *, max_seconds: float | None, idle_seconds: float | None, lead: float
     ) -> None:

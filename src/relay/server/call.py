@@ -42,6 +42,22 @@ def _iso(wall: float) -> str:
 class Call:
     """One session's cost, record and trace (see the module docstring)."""
 
+    __slots__ = (  # (one per live session)
+        "_app",
+        "identity",
+        "session_id",
+        "model",
+        "started_wall",
+        "started",
+        "dial_seconds",
+        "cost",
+        "priced",
+        "also_accounted",
+        "log",
+        "_spools",
+        "_span",
+    )
+
     def __init__(
         self,
         app: RelayApp,

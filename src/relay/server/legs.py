@@ -22,7 +22,7 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceEr
 class AsgiClient:
     """The client's WebSocket over ASGI, as :class:`~relay.server.pair.ClientSide`."""
 
-    __slots__ = ("_receive", "_send", "_send_timeout")
+    __slots__ = ("_receive", "_send", "_send_timeout", "_disconnect_code")
 
     websocket = None  # Hypercorn reads and writes the socket
 
@@ -30,6 +30,7 @@ class AsgiClient:
         self._receive = receive
         self._send = send
         self._send_timeout = send_timeout
+        self._disconnect_code: int | None = None
 
     async def receive(self) -> Message | None:
         while True:
@@ -39,7 +40,13 @@ class AsgiClient:
                 text = message.get("text")
                 return text if text is not None else (message.get("bytes") or b"")
             if kind == "websocket.disconnect":
+                self._disconnect_code = message.get("code")
                 return None
+
+    @property
+    def dropped(self) -> bool:
+        """Whether the connection was lost without a close frame (Hypercorn says 1006)."""
+        return self._disconnect_code in (None, 1006)
 
     async def send(self, data: Message) -> None:
         message = (
@@ -96,6 +103,12 @@ class SocketClient:
             return await self.websocket.get_message()
         except ConnectionClosed:
             return None
+
+    @property
+    def dropped(self) -> bool:
+        """Whether the connection was lost without a close frame (1006)."""
+        closed = self.websocket.closed
+        return closed is None or closed.code == 1006
 
     async def send(self, data: Message) -> None:
         try:

@@ -7,7 +7,8 @@ A relay-aware client (the page, ``relay talk``, ``relay call``) offers the subpr
   RELAY_RESUME_BYTES of them; right after ``session.created`` (and after each resume) the client
   gets ``{"type":"relay.resume","token":…,"seconds":…}``, an event only clients that asked for
   it see;
-* when the connection drops, the pair runs on: the upstream stays open, its events are numbered
+* when the connection drops (lost without a close frame; a client that closes is done), the
+  pair runs on: the upstream stays open, its events are numbered
   and kept, and the client task waits, up to RELAY_RESUME_SECONDS, for the client to come back;
 * the client comes back with a new WebSocket offering ``relay-resume.<token>.<count>`` (count:
   the events it got), authenticated as before. The token is single-use, kept by this worker
@@ -121,6 +122,8 @@ class Resumable:
                     if data is not None:
                         return data
                     if self._current is current:
+                        if not current.side.dropped:
+                            return None  # closed by the client, not lost: it is done
                         self._went()
                 continue  # gone (or replaced by a resume, which cancelled the read)
             if self.token is None or self._lost:
@@ -144,6 +147,10 @@ class Resumable:
         await current.side.send(data)
         if self._sent == 1:
             await self._offer_token(current.side)  # right after session.created
+
+    @property
+    def dropped(self) -> bool:
+        return False  # (a drop is waited out here: what ends the session is a close)
 
     async def close(self, code: int, reason: str) -> None:
         if self._current is not None:

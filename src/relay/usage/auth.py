@@ -27,7 +27,7 @@ TOKEN_SUBPROTOCOLS = (TOKEN_SUBPROTOCOL, "openai-insecure-api-key.")
 JWT_LEEWAY_SECONDS = 30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # (one per live session)
 class Identity:
     """An authenticated client. Optional JWT claims can only tighten the relay's policy."""
 

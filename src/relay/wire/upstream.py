@@ -71,6 +71,8 @@ class UpstreamSource(Protocol):
 class Dialed:
     """An :class:`UpstreamSource` that dials each time: ``connect``, then ``handshake``."""
 
+    __slots__ = ()
+
     async def open(self: Upstream) -> Opened:  # type: ignore[misc]
         stream = await self.connect()
         try:
@@ -80,7 +82,7 @@ class Dialed:
             raise
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # (one per live session)
 class UpstreamTarget(Dialed):
     """One upstream session's address and credentials. Built per client."""
 
