@@ -44,6 +44,7 @@ class Side:
     last_heard = math.inf
     websocket = None
     writing = False
+    dropped = True  # (gone: lost on the way, not closed by the client)
 
     def unread(self) -> int:
         return 0
