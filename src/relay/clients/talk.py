@@ -503,7 +503,6 @@ class Resuming:
         self._ws: WebSocket | None = None
         self._received = 0
         self._resume: tuple[str, float] | None = None  # the last token, and the window
-        self._returning = False  # the reader is reopening the connection (its token spent)
         self._back = trio.Event()
         self.resumes = 0
 
@@ -530,10 +529,8 @@ class Resuming:
 
     async def _come_back(self, lost: ConnectionClosed) -> None:
         token, seconds = self._resume  # type: ignore[misc]
-        self._resume = None  # (spent: the relay sends a new one)
-        self._returning = True
+        until = trio.current_time() + seconds
         try:
-            until = trio.current_time() + seconds
             while trio.current_time() < until:
                 try:
                     await self.open((f"{RESUME_SUBPROTOCOL}.{token}.{self._received}",))
@@ -546,7 +543,9 @@ class Resuming:
                 return
             raise lost
         finally:
-            self._returning = False
+            # Spent once the reconnect is over (the relay sends a new one), not before: a send
+            # that finds the old connection gone meanwhile waits for the new one.
+            self._resume = None
 
     async def send_message(self, message: str | bytes) -> None:
         while True:
@@ -555,9 +554,7 @@ class Resuming:
                 await ws.send_message(message)  # type: ignore[union-attr]
                 return
             except ConnectionClosed:
-                # Lost for good only if no token came, and the reader is not coming back with
-                # one (it spends the token as it starts: a send may fail meanwhile).
-                if self._resume is None and not self._returning and self._ws is ws:
+                if self._resume is None and self._ws is ws:
                     raise
                 if self._ws is ws:
                     await self._back.wait()  # the reader reconnects

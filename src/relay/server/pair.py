@@ -57,12 +57,6 @@ class ClientSide(Protocol):
         """The next message, or None once the client has gone."""
         ...
 
-    @property
-    def dropped(self) -> bool:
-        """After ``receive`` gave None: whether the connection was lost (no close frame)
-        rather than closed by the client, which is done with the session."""
-        ...
-
     async def send(self, data: Message) -> None:
         """Send one message; raises trio.TooSlowError past the side's send timeout."""
         ...

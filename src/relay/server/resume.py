@@ -28,7 +28,7 @@ import math
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -38,6 +38,13 @@ from ..usage.auth import Identity
 
 if TYPE_CHECKING:
     from .pair import ClientSide
+
+    class ClientConnection(ClientSide, Protocol):
+        """One of the client's WebSockets (relay.server.legs), which after its end can tell a
+        connection lost on the way from one the client closed."""
+
+        @property
+        def dropped(self) -> bool: ...
 
 
 
@@ -71,7 +78,7 @@ def asks_to_resume(offered: tuple[str, ...] | list[str]) -> tuple[str, int] | No
 class _Connection:
     """One of the client's WebSockets, and when it is done with (replaced, gone, or the end)."""
 
-    side: ClientSide
+    side: ClientConnection
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -83,7 +90,7 @@ class Resumable:
 
     def __init__(
         self,
-        side: ClientSide,
+        side: ClientConnection,
         *,
         registry: Resumes,
         identity: Identity,
@@ -148,10 +155,6 @@ class Resumable:
         if self._sent == 1:
             await self._offer_token(current.side)  # right after session.created
 
-    @property
-    def dropped(self) -> bool:
-        return False  # (a drop is waited out here: what ends the session is a close)
-
     async def close(self, code: int, reason: str) -> None:
         if self._current is not None:
             await self._current.side.close(code, reason)
@@ -204,7 +207,7 @@ class Resumable:
         event = {"type": "relay.resume", "token": self.token, "seconds": self._seconds}
         await side.send(dumps(event))  # not numbered: a client keeps only the last
 
-    async def resume(self, side: ClientSide, received: int) -> _Connection:
+    async def resume(self, side: ClientConnection, received: int) -> _Connection:
         """Take the client's new connection: send what it missed after ``received`` events, in
         order, then a new token. Raises :class:`ResumeRefused` (the session then ends)."""
         if self._lost or not self.first_kept - 1 <= received <= self._sent:
