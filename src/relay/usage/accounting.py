@@ -171,14 +171,10 @@ class Accounting:
     async def _leased(
         self, identity: Identity, session_id: str, traffic: Traffic
     ) -> AsyncIterator[None]:
-        started = trio.current_time()
-        try:
-            async with trio.open_nursery() as lease:
-                lease.start_soon(self.keep_lease, identity, session_id)
-                yield
-                lease.cancel_scope.cancel()
-        finally:
-            await self.finish(identity, session_id, traffic, trio.current_time() - started)
+        async with _Recorded(self, identity, session_id, traffic), trio.open_nursery() as lease:
+            lease.start_soon(self.keep_lease, identity, session_id)
+            yield
+            lease.cancel_scope.cancel()
 
     async def record_responses(self, identity: Identity, responses: list[UsageDelta]) -> str | None:
         """Add the tokens and cost of finished responses; which budget of the user's is now used
