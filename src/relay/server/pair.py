@@ -30,7 +30,7 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
@@ -303,12 +303,7 @@ class Pair:
                 if data is None:
                     await self._finish(bridge.client_closed())
                     return
-                try:
-                    out = step(data)
-                except (KeyboardInterrupt, SystemExit):
-                    raise  # (they end the run, as Trio delivers them)
-                except BaseException:  # a bug in the step (which awaits nothing: no Cancelled)
-                    out = _failed(bridge)
+                out = _stepped(step, data, bridge)
             if out is None:
                 continue
             notice = None
@@ -545,12 +540,7 @@ class Pair:
                 except ConnectionClosed as exc:
                     reason = exc.reason
                     return (reason.code, reason.reason) if reason else (1006, None)
-                try:
-                    out = step(data)
-                except (KeyboardInterrupt, SystemExit):
-                    raise  # (they end the run, as Trio delivers them)
-                except BaseException:  # a bug in the step (which awaits nothing: no Cancelled)
-                    out = _failed(bridge)
+                out = _stepped(step, data, bridge)
             if out is None:
                 continue
             if out.__class__ is Ending:
@@ -717,6 +707,17 @@ MAX_BACKOFF = 5.0
 #: An upstream that held the session this long (seconds) ends its takeover's count of tries;
 #: one lost sooner counts as a failed try of the same takeover.
 HEALTHY_SECONDS = 30.0
+
+
+def _stepped(step: Callable[[Message], Any], data: Message, bridge: Bridge) -> Any:
+    """What ``step`` makes of ``data``, where a task (not the pump) runs it; a bug in the step
+    (which awaits nothing: no Cancelled) ends this pair only (:func:`_failed`)."""
+    try:
+        return step(data)
+    except (KeyboardInterrupt, SystemExit):
+        raise  # (they end the run, as Trio delivers them)
+    except BaseException:
+        return _failed(bridge)
 
 
 def _failed(bridge: Bridge) -> Ending | None:
