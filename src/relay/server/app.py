@@ -293,25 +293,23 @@ class RelayApp:
                 return None
             refusal = admission.refusal(self.config, scope, offered, identity)
             if refusal is not None:  # refused after accept, as the Realtime API does: no session
-                client = await accept(send, receive, offered)
                 code, message, reason = refusal
-                await client.send(error_event(code, message))
-                await client.close(Code.INVALID_REQUEST, reason)
-                await client.wait_closed(self.config.close_timeout)
+                client = await accept(send, receive, offered)
+                await self._refuse(client, code, message, Code.INVALID_REQUEST, reason)
                 return None
             with trio.fail_after(STORE_TIMEOUT):
                 await accounting.admit(identity, session_id)
         except ResumeRefused as refused:  # (malformed: refused before any session was found)
-            await self._refuse_resume(send, receive, offered, refused)
+            await self._refuse_resume(await accept(send, receive, offered), refused)
             return None
         except Refusal as refused:
             log.info("handshake refused: %s (HTTP %d)", refused.code, refused.status)
             if self.config.browser_refusals == "close" and header(scope, b"origin") is not None:
                 # A page cannot read a refused handshake's status; a close code it can read.
                 client = await accept(send, receive, offered)
-                await client.send(error_event(refused.code, refused.message))
-                await client.close(4000 + refused.status, refused.code)
-                await client.wait_closed(self.config.close_timeout)
+                await self._refuse(
+                    client, refused.code, refused.message, 4000 + refused.status, refused.code
+                )
             else:
                 await self._deny(send, refused.status, refused.message, code=refused.code)
             return None
@@ -343,7 +341,7 @@ class RelayApp:
         try:
             session = self.resumes.take(token, identity)
         except ResumeRefused as refused:
-            await self._refuse_resume(send, receive, offered, refused)
+            await self._refuse_resume(await accept(send, receive, offered), refused)
             return
         subprotocol = "realtime" if "realtime" in offered else None
         client, release = await self.open_client(send, receive, subprotocol)
@@ -351,11 +349,7 @@ class RelayApp:
             try:
                 connection = await session.resume(client, count)
             except ResumeRefused as refused:
-                log.info("resume refused: %s", refused.code)
-                self.metrics.resumed(refused.code)
-                await client.send(error_event(refused.code, refused.message))
-                await client.close(Code.RESUME_REFUSED, refused.code)
-                await client.wait_closed(self.config.close_timeout)
+                await self._refuse_resume(client, refused)
                 return
             log.info("session resumed", extra={"fields": {"user": identity.user, "from": count}})
             self.metrics.resumed("resumed")
@@ -365,14 +359,20 @@ class RelayApp:
                 release()
 
     async def _refuse_resume(
-        self, send: Send, receive: Receive, offered: Any, refused: ResumeRefused
+        self, client: AsgiClient | SocketClient, refused: ResumeRefused
     ) -> None:
-        """A resume that cannot be: accepted, told why (an ``error`` event), closed 4410."""
+        """A resume that cannot be (the WebSocket accepted): told why, closed 4410."""
         log.info("resume refused: %s", refused.code)
         self.metrics.resumed(refused.code)
-        client = await accept(send, receive, offered)
-        await client.send(error_event(refused.code, refused.message))
-        await client.close(Code.RESUME_REFUSED, refused.code)
+        await self._refuse(client, refused.code, refused.message, Code.RESUME_REFUSED, refused.code)
+
+    async def _refuse(
+        self, client: AsgiClient | SocketClient, code: str, message: str, close: int, reason: str
+    ) -> None:
+        """Refuse an accepted WebSocket: an ``error`` event saying why, then the close code; the
+        client's close reply is read (bounded), so that it gets both."""
+        await client.send(error_event(code, message))
+        await client.close(close, reason)
         await client.wait_closed(self.config.close_timeout)
 
     async def _deny(self, send: Send, status: int, message: str, *, code: str | None = None) -> None:
