@@ -129,14 +129,17 @@ class WebSocket:
         if buffered:
             self._reader.feed(buffered)
         self._writing = False  # a write is under way (frames must not interleave)
-        self._write_queue = trio.lowlevel.ParkingLot()  # writers waiting for it
+        # What waits is made by the first to wait: a lot, an event or a dict is memory on
+        # every idle connection, and most connections never wait for any of them.
+        self._write_queue: trio.lowlevel.ParkingLot | None = None  # writers waiting for it
         self._broken = False  # a write was cut part-way
         self._close_sent = False
         self._closed: CloseReason | None = None
         self._reading = False
-        self._reader_left = trio.lowlevel.ParkingLot()  # wait_closed waits here for its turn
-        self._close_seen = trio.Event()
-        self._pings: dict[bytes, trio.Event] = {}
+        #: Who waits for the reader to leave or the close to be seen (each checks again).
+        self._reader_left: trio.lowlevel.ParkingLot | None = None
+        self._close_seen = False  # the peer's side is over (its close, its end, or ours failed)
+        self._pings: dict[bytes, trio.Event] | None = None  # pongs awaited, by payload
         self._streak = 0
         self._held: frames.Event | ProtocolError | _Marker | None = None  # poll() stopped at it
         self._maybe_more = True  # the socket may have unread bytes (poll() reads only then)
@@ -190,7 +193,8 @@ class WebSocket:
         if self._reading:
             if not self._close_sent:
                 raise trio.BusyResourceError("another task is already reading this WebSocket")
-            await self._close_seen.wait()  # aclose is reading for the peer's close reply
+            while not self._close_seen:  # aclose is reading for the peer's close reply
+                await self._wait_reader_left()
             raise ConnectionClosed(self._closed)
         self._reading = True
         try:
@@ -208,7 +212,7 @@ class WebSocket:
     async def _next_event(self) -> frames.Event:
         reader = self._reader
         while True:
-            if self._closed is not None and self._close_seen.is_set():
+            if self._closed is not None and self._close_seen:
                 raise ConnectionClosed(self._closed)
             held = self._held
             if held is not None:
@@ -242,9 +246,13 @@ class WebSocket:
                 except _GONE:
                     pass  # the read that follows sees the connection end
         elif cls is Pong:
-            waiter = self._pings.pop(event.payload, None)  # type: ignore[union-attr]
-            if waiter is not None:
-                waiter.set()
+            pings = self._pings
+            if pings is not None:
+                waiter = pings.pop(event.payload, None)  # type: ignore[union-attr]
+                if not pings:
+                    self._pings = None
+                if waiter is not None:
+                    waiter.set()
         else:
             close: Close = event  # type: ignore[assignment]
             if self._closed is None:
@@ -299,11 +307,13 @@ class WebSocket:
 
     def _ended(self) -> None:
         """The peer's side is over: wake whoever waits for the close or for a pong."""
-        self._close_seen.set()
-        self._reader_left.unpark_all()
-        for waiter in self._pings.values():
-            waiter.set()
-        self._pings.clear()
+        self._close_seen = True
+        if self._reader_left:
+            self._reader_left.unpark_all()
+        pings, self._pings = self._pings, None
+        if pings is not None:
+            for waiter in pings.values():
+                waiter.set()
 
     async def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: close with ``code`` and stop reading."""
@@ -472,6 +482,8 @@ class WebSocket:
         if self._close_sent or self._closed is not None:
             raise ConnectionClosed(self._closed or CloseReason(1006, None))
         payload = os.urandom(4)
+        if self._pings is None:
+            self._pings = {}
         answered = self._pings[payload] = trio.Event()
         try:
             await self._write(frames.frame(OP_PING, payload, mask=self._client))
@@ -534,9 +546,9 @@ class WebSocket:
         While another task is reading, that task sees the reply; if it stops reading first
         (it took a message and went on with it), this one reads on in its place.
         """
-        while not self._close_seen.is_set():
+        while not self._close_seen:
             if self._reading:
-                await self._reader_left.park()  # woken when the close is seen or the reader goes
+                await self._wait_reader_left()  # woken when the close is seen or the reader goes
                 continue
             self._reading = True
             try:
@@ -548,9 +560,17 @@ class WebSocket:
             if event.__class__ is Close:
                 self._ended()
 
+    async def _wait_reader_left(self) -> None:
+        """Park until the reader leaves or the close is seen (the caller checks which)."""
+        if self._reader_left is None:
+            self._reader_left = trio.lowlevel.ParkingLot()
+        await self._reader_left.park()
+
     async def _write(self, data: bytes) -> None:
         """Write ``data`` whole, one writer at a time (Broken- or ClosedResourceError if not)."""
         while self._writing:  # uncontended, this costs nothing: the usual case
+            if self._write_queue is None:
+                self._write_queue = trio.lowlevel.ParkingLot()
             await self._write_queue.park()
         if self._broken:  # an earlier write (maybe the one this waited behind) was cut part-way
             raise trio.BrokenResourceError("an earlier write was cut part-way")
