@@ -276,7 +276,9 @@ class Bridge:
         self.responses_done: list[dict[str, object]] = []
         #: ``response.done`` events seen in all (for the session's log line).
         self.responses_seen = 0
-        self._queue: deque[Message] = deque()
+        #: The pre-open queue: made by the first message queued, dropped once flushed (a deque
+        #: is 600 bytes, which an idle session need not carry).
+        self._queue: deque[Message] | None = None
         self._queued_bytes = 0
         #: Client messages held while the upstream opened (None until it opens), for metrics.
         self.queued_at_open: int | None = None
@@ -307,7 +309,7 @@ class Bridge:
     @property
     def queued(self) -> int:
         """Client messages waiting in the pre-open queue."""
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     # -- client → upstream ------------------------------------------------------
 
@@ -416,14 +418,17 @@ class Bridge:
         )
 
     def _enqueue(self, data: Message) -> Ending | None:
-        if self._full(len(self._queue), self._queued_bytes, len(data)):
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        if self._full(len(queue), self._queued_bytes, len(data)):
             return self._overflow(
                 "before the upstream opened",
                 "The upstream was still connecting",
-                len(self._queue),
+                len(queue),
                 self._queued_bytes,
             )
-        self._queue.append(data)
+        queue.append(data)
         self._queued_bytes += len(data)
         return None
 
@@ -462,7 +467,7 @@ class Bridge:
         """
         if self.phase is Phase.CLOSED:
             # The pair ended while the dial finished: nothing may go upstream.
-            self._queue.clear()
+            self._queue = None
             self._queued_bytes = 0
             return
         if self.phase is not Phase.CONNECTING:
@@ -474,11 +479,13 @@ class Bridge:
             self._reopening = True
             self._reanswered = False
             return
-        self.queued_at_open = len(self._queue)
+        self.queued_at_open = self.queued
         if created is not None:
             self._created = created
             self._answered = True
             return
+        if self._queue is None:
+            self._queue = deque()
         self._queue.appendleft(self._session_update)
         self._queued_bytes += len(self._session_update)
 
@@ -503,6 +510,7 @@ class Bridge:
             data = self._queue.popleft()
             self._queued_bytes -= len(data)
             return data
+        self._queue = self._replay = None
         if self.phase is Phase.FLUSHING:
             self.phase = Phase.OPEN
         return None
