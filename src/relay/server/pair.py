@@ -95,7 +95,7 @@ class Pair:
         "_send_timeout",
         "_on_responses_done",
         "_upstream",
-        "_flushed",
+        "_flushing",
         "_cancel_scope",
         "_deadlines",
         "_ping_interval",
@@ -150,7 +150,7 @@ class Pair:
         self._send_timeout = send_timeout
         self._on_responses_done = on_responses_done
         self._upstream: WebSocket | None = None
-        self._flushed = trio.Event()
+        self._flushing = False  # the upstream gets the queue: its close waits (see _close_upstream)
         self._cancel_scope: trio.CancelScope | None = None
         self._deadlines = deadlines if deadlines is not None and deadlines.active else None
         self._ping_interval = ping_interval
@@ -185,9 +185,9 @@ class Pair:
         self._redial: Redial | None = None  # a failover the timer decided (no pong)
         #: The upstream a client message is being written to (a takeover waits for it to come
         #: back unsent before the new upstream's flush); the client task, parked in _changed,
-        #: waits for the upstream task to decide what follows an upstream's end. One lot for
-        #: both waits (each re-checks what it waits for), made when first needed: a lot is
-        #: memory on every idle session.
+        #: waits for the upstream task to decide what follows an upstream's end; an upstream's
+        #: close waits for its flush. One lot for these waits (each re-checks what it waits
+        #: for), made when first needed: a lot is memory on every idle session.
         self._in_hand: WebSocket | None = None
         self._changed: trio.lowlevel.ParkingLot | None = None  # (made by the first to wait)
 
@@ -282,71 +282,71 @@ class Pair:
         return out
 
     async def _client_task(self) -> None:
+        """Relay the client's messages to the upstream until the pair ends (in one frame: a
+        frame is memory on every idle session)."""
         try:
-            await self._client_to_upstream()
+            bridge = self.bridge
+            receive = self.client.receive
+            step = self._step_client
+            while True:
+                leg = self._up_leg
+                try:
+                    out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
+                except Exception:  # a bug, in the step the pump ran or in the pump
+                    out = _failed(bridge)
+                if out is READ:
+                    data = await receive()
+                    if data is None:
+                        await self._finish(bridge.client_closed())
+                        return
+                    out = _stepped(step, data, bridge)
+                if out is None:
+                    continue
+                notice = None
+                if out.__class__ is Amended:  # the event goes upstream, then the client is told
+                    out, notice = out.text, out.notice  # type: ignore[union-attr]
+                if out.__class__ is str or out.__class__ is bytes or out is PART:
+                    upstream: WebSocket = self._upstream  # type: ignore[assignment]
+                    self._in_hand = upstream
+                    try:
+                        if out is PART:
+                            await upstream.finish_send()
+                        else:
+                            await upstream.send_message(out)  # type: ignore[arg-type]
+                    except ConnectionClosed:
+                        # The upstream is closing; its task reads what is left and ends the pair,
+                        # or (a takeover) the message goes to the next upstream, in its place.
+                        if self._takeover is None:
+                            return
+                        if out is not PART and not await self._requeue(out):  # type: ignore[arg-type]
+                            return  # (a frame cut part-way is lost with its upstream)
+                        continue
+                    except trio.TooSlowError:
+                        await self._finish(bridge.upstream_too_slow(self._send_timeout))
+                        return
+                    finally:
+                        self._in_hand = None
+                        if self._changed:
+                            self._changed.unpark_all()
+                    if notice is None:
+                        continue
+                    out = Reply(notice)
+                if out.__class__ is Reply:
+                    try:
+                        await self.client.send(out.text)  # type: ignore[union-attr]
+                    except trio.TooSlowError:
+                        await self._finish(bridge.client_too_slow(self._send_timeout))
+                        return
+                else:
+                    await self._finish(out)  # type: ignore[arg-type]
+                    return
         finally:
             if self._up_leg is not None:
                 self._pump.forget(self._up_leg)  # type: ignore[union-attr]
 
-    async def _client_to_upstream(self) -> None:
-        bridge = self.bridge
-        receive = self.client.receive
-        step = self._step_client
-        while True:
-            leg = self._up_leg
-            try:
-                out = READ if leg is None else await self._pump.lend(leg)  # type: ignore[union-attr]
-            except Exception:  # a bug, in the step the pump ran or in the pump
-                out = _failed(bridge)
-            if out is READ:
-                data = await receive()
-                if data is None:
-                    await self._finish(bridge.client_closed())
-                    return
-                out = _stepped(step, data, bridge)
-            if out is None:
-                continue
-            notice = None
-            if out.__class__ is Amended:  # the event goes upstream, then the client is told
-                out, notice = out.text, out.notice  # type: ignore[union-attr]
-            if out.__class__ is str or out.__class__ is bytes or out is PART:
-                upstream: WebSocket = self._upstream  # type: ignore[assignment]
-                self._in_hand = upstream
-                try:
-                    if out is PART:
-                        await upstream.finish_send()
-                    else:
-                        await upstream.send_message(out)  # type: ignore[arg-type]
-                except ConnectionClosed:
-                    # The upstream is closing; its task reads what is left and ends the pair,
-                    # or (a takeover) the message goes to the next upstream, in its place.
-                    if self._takeover is None:
-                        return
-                    if out is not PART and not await self._requeue(out):  # type: ignore[arg-type]
-                        return  # (a frame cut part-way is lost with its upstream)
-                    continue
-                except trio.TooSlowError:
-                    await self._finish(bridge.upstream_too_slow(self._send_timeout))
-                    return
-                finally:
-                    self._in_hand = None
-                    if self._changed:
-                        self._changed.unpark_all()
-                if notice is None:
-                    continue
-                out = Reply(notice)
-            if out.__class__ is Reply:
-                try:
-                    await self.client.send(out.text)  # type: ignore[union-attr]
-                except trio.TooSlowError:
-                    await self._finish(bridge.client_too_slow(self._send_timeout))
-                    return
-            else:
-                await self._finish(out)  # type: ignore[arg-type]
-                return
-
     async def _wait_for_change(self) -> None:
-        """Park until ``_in_hand`` or ``_upstream`` changes (the caller checks which)."""
+        """Park until ``_in_hand`` or ``_upstream`` changes, or a flush ends (the caller checks
+        which)."""
         if self._changed is None:
             self._changed = trio.lowlevel.ParkingLot()
         await self._changed.park()
@@ -435,7 +435,7 @@ class Pair:
         first = bridge.queued_at_open is None and not bridge.taking_over
         upstream = opened.websocket
         upstream.send_timeout = self._send_timeout
-        self._flushed = trio.Event()
+        self._flushing = True
         self._upstream = upstream
         dial_seconds = trio.current_time() - dial_started
         while self._in_hand is not None:  # a message for the old one, on its way back
@@ -499,13 +499,18 @@ class Pair:
                 try:
                     await upstream.send_message(data)
                 except trio.TooSlowError:
-                    self._flushed.set()
+                    self._flushed()
                     await self._finish(bridge.upstream_too_slow(self._send_timeout))
                     return
         except ConnectionClosed:
             pass  # the reads that follow still deliver what the upstream sent first
         finally:
-            self._flushed.set()
+            self._flushed()
+
+    def _flushed(self) -> None:
+        self._flushing = False
+        if self._changed:
+            self._changed.unpark_all()
 
     def _upstream_step(self, data: Message) -> Message | Reply | None:
         """One upstream message through the bridge (the task's and the pump's step: see the
@@ -671,7 +676,8 @@ class Pair:
         await self.client.close(ending.client_code, ending.client_reason)  # type: ignore[arg-type]
 
     async def _close_upstream(self, upstream: WebSocket, ending: Ending) -> None:
-        await self._flushed.wait()  # a client leaving mid-flush still gets its messages sent
+        while self._flushing:  # a client leaving mid-flush still gets its messages sent
+            await self._wait_for_change()
         if upstream.broken:
             return  # a send was cut mid-frame: a close frame now would be garbage; drop the socket
         if ending.upstream_last is not None:
