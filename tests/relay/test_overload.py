@@ -19,6 +19,7 @@ from relay.ops.overload import (
     Costs,
     LoadGuard,
     Thresholds,
+    cost_band,
     costliest_to_shed,
     traffic_cost,
 )
@@ -74,8 +75,30 @@ def test_shedding_picks_the_costliest_sessions_however_old() -> None:
     sessions = ["flooder", "a", "b", "c", "d"]  # oldest first
     cost = {"flooder": 350e6, "a": 66e3, "b": 70e3, "c": 66e3, "d": 0.0}.__getitem__
     assert costliest_to_shed(sessions, 1, lambda _: False, cost) == ["flooder"]
-    assert costliest_to_shed(sessions, 2, lambda _: False, cost) == ["flooder", "b"]
-    assert costliest_to_shed(sessions, 1, {"flooder"}.__contains__, cost) == ["b"]
+    # b's 6 % more than a and c is no cost of its own (next test): the newest of the three
+    assert costliest_to_shed(sessions, 2, lambda _: False, cost) == ["flooder", "c"]
+    assert costliest_to_shed(sessions, 1, {"flooder"}.__contains__, cost) == ["c"]
+
+
+def test_sessions_within_a_factor_of_two_of_the_median_cost_count_as_alike_newest_first() -> None:
+    """Under overload, which of many alike callers got the most through in the last half
+    second is luck: ranked by it exactly, the relay would shed the callers it served best and
+    keep those furthest behind. Costs are compared in bands around the median instead: a
+    session four times dearer goes first, a text-only one (far cheaper) and an idle one last."""
+    sessions = ["heavy", "audio1", "text", "audio2", "audio3", "idle"]  # oldest first
+    cost = {
+        "heavy": 300e3,
+        "audio1": 75e3,
+        "text": 5e3,
+        "audio2": 60e3,
+        "audio3": 42e3,
+        "idle": 0.0,
+    }.__getitem__
+    order = costliest_to_shed(sessions, 6, lambda _: False, cost)
+    assert order == ["heavy", "audio3", "audio2", "audio1", "text", "idle"]
+    assert cost_band(75e3, 60e3) == cost_band(42e3, 60e3) == 0
+    assert cost_band(300e3, 60e3) == 1 and cost_band(5e3, 60e3) == -2
+    assert cost_band(0.0, 60e3) < cost_band(1.0, 60e3)
 
 
 def test_a_sessions_cost_is_its_bytes_and_messages_a_second_over_a_short_window() -> None:

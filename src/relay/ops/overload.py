@@ -17,8 +17,11 @@ two decisions:
   seconds until the load recovers. A session's cost is what it moves through the relay
   (:class:`Costs`: bytes a second both ways, each message counting as
   :data:`MESSAGE_COST_BYTES` more, over about half a second), so one client flooding the
-  relay goes before the callers it slows down, however long it has been connected; among
-  sessions that cost the same, the newest go first.
+  relay goes before the callers it slows down, however long it has been connected. Costs
+  are compared in bands: within a factor of two of the median session's, sessions cost the
+  same, and among those the newest go first. (Under overload, which of many alike sessions
+  got the most through in the last half second is luck, not cost: ranked by it exactly,
+  the relay would shed the callers it served best and keep those furthest behind.)
 
 It only does arithmetic on the samples it is given, so it is tested without a loop.
 """
@@ -166,7 +169,7 @@ def costliest_to_shed(
     sessions: Iterable[T], count: int, ending: Callable[[T], bool], cost: Callable[[T], float]
 ) -> list[T]:
     """The ``count`` sessions (given oldest first) that cost the most and are not already
-    ending; among those that cost the same, the newest.
+    ending; among those that cost the same (:func:`cost_band`), the newest.
 
     A session being closed stays live until its client answers the close, which under
     overload takes a while; picking it again would shed nothing.
@@ -174,5 +177,17 @@ def costliest_to_shed(
     if count <= 0:
         return []
     live = [session for session in sessions if not ending(session)]
-    ranked = sorted(range(len(live)), key=lambda i: (cost(live[i]), i), reverse=True)
+    costs = [cost(session) for session in live]
+    paying = sorted(c for c in costs if c > 0)
+    typical = paying[len(paying) // 2] if paying else 0.0
+    ranked = sorted(range(len(live)), key=lambda i: (cost_band(costs[i], typical), i), reverse=True)
     return [live[i] for i in ranked[:count]]
+
+
+def cost_band(cost: float, typical: float) -> int:
+    """Which band ``cost`` falls in around the ``typical`` (median) cost: 0 within a factor of
+    two of it, one band more (or less) for each factor of four above (or below) that; costing
+    nothing, below every band."""
+    if cost <= 0:
+        return -(2**31)
+    return round(math.log(cost / typical, 4))
