@@ -44,6 +44,10 @@ class Faults:
       from 1) is cut in the middle: right after its first ``*.delta`` event the TCP
       connection drops without a close frame (1006), once. The dial that follows (a relay's
       failover) is served normally.
+    - ``deaf_after_response``: once the server's Nth response (counted like
+      ``kill_mid_response``) is done, its connection goes silent for good, once: it reads
+      nothing more (no pongs, no close handshake) and sends nothing more, and TCP stays up,
+      as a peer that hangs does. The dial that follows is served normally.
     """
 
     handshake_delay: float = 0.0
@@ -55,6 +59,7 @@ class Faults:
     inject_error_after: int | None = None
     transcription_failure: bool = False
     kill_mid_response: int | None = None
+    deaf_after_response: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("handshake_delay", "send_delay"):

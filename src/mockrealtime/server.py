@@ -514,6 +514,7 @@ class _Connection:
         self._close_queued = False
         self._peer_closed = trio.Event()
         self._client_messages = 0
+        self._deaf = False  # the deaf_after_response fault struck: read and send nothing more
         self._parts: list[str | bytes] = []
         self._size = 0
         self._done: trio.CancelScope | None = None
@@ -596,6 +597,8 @@ class _Connection:
                 self._queue_close(1002, f"Protocol error: {exc}"[:120])
                 return
             data = await self.stream.receive_some(RECEIVE_BYTES)
+            if self._deaf:
+                await trio.sleep_forever()  # what came is never read: no pong, no close reply
             if not data:
                 self._finish()  # TCP ended (with or without a close handshake)
                 return
@@ -646,7 +649,7 @@ class _Connection:
 
     async def _control_sender(self) -> None:
         async for frame in self._control:
-            if self.ws.state == ConnectionState.OPEN:
+            if self.ws.state == ConnectionState.OPEN and not self._deaf:
                 await self._send_bytes(self.ws.send(frame))
 
     async def _writer(self) -> None:
@@ -655,8 +658,10 @@ class _Connection:
         drop_after = self.faults.drop_after_events
         delay = self.faults.send_delay
         kill_at = self.faults.kill_mid_response
+        deaf_at = self.faults.deaf_after_response
         killing = False  # the response to cut has started: drop after its first delta
-        batching = not delay and drop_after is None and kill_at is None
+        counted = 0  # this connection's count of responses started, if it counts them
+        batching = not delay and drop_after is None and kill_at is None and deaf_at is None
         if drop_after == 0:
             self._finish()
             return
@@ -698,14 +703,18 @@ class _Connection:
                 if drop_after is not None and record.events_sent >= drop_after:
                     self._finish()  # drop TCP: no close frame
                     return
-                if kill_at is not None and self.server is not None:
+                if (kill_at is not None or deaf_at is not None) and self.server is not None:
                     kind = payload["type"]
                     if kind == "response.created":
                         self.server.responses_started += 1
-                        killing = self.server.responses_started == kill_at
+                        counted = self.server.responses_started
+                        killing = counted == kill_at
                     elif killing and kind.endswith(".delta"):
                         self._finish()  # drop TCP mid-response: no close frame
                         return
+                    elif kind == "response.done" and counted == deaf_at:
+                        self._deaf = True  # the reader stops at its next read
+                        await trio.sleep_forever()
             elif kind == "close":
                 code, reason = payload
                 await self._send_bytes(ws.send(CloseConnection(code=code, reason=reason)))
