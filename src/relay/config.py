@@ -325,9 +325,9 @@ class RelayConfig:
     peer_timeout: float = _setting(
         45.0,
         "RELAY_PEER_TIMEOUT",
-        "Seconds without a pong (upstream) or without any data (client) after which a peer"
-        " is taken for dead and its session ended (0: never). Keep it above RELAY_PING_INTERVAL"
-        " and RELAY_SEND_TIMEOUT.",
+        "Seconds in which a peer sent nothing, not even a pong, after which it is taken for dead:"
+        " the session ends, or (failover) its upstream is replaced (0: never). Keep it above"
+        " RELAY_PING_INTERVAL and RELAY_SEND_TIMEOUT.",
     )
     max_sessions: int = _setting(
         0,

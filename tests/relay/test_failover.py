@@ -115,6 +115,37 @@ async def test_a_killed_upstream_is_replaced_and_the_conversation_replayed_under
     assert echoed.count("item_user_one") == 1 and echoed.count("item_user_two") == 1
 
 
+async def test_an_upstream_that_stops_answering_pings_is_replaced_and_the_session_goes_on() -> None:
+    """The first upstream hangs after turn 1: TCP stays up, but it reads and sends nothing (no
+    pong). The relay's next ping goes unanswered for the peer timeout, so the session moves to a
+    new upstream, which gets the conversation; the client's next turn is answered there."""
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(
+            Faults(deaf_after_response=1), ping_interval=0.25, peer_timeout=1.0, send_timeout=0.5
+        ) as (relay, mock):
+            async with connect(relay.url + "/voice") as ws:
+                await until(ws, "session.created", seen)
+                await ws.send_message(user_text("item_user_one", "Hello there"))
+                await ws.send_message('{"type":"response.create"}')
+                first = await until(ws, "response.done", seen)
+                notice = await until(ws, "error", seen)
+                await ws.send_message(user_text("item_user_two", "Still there?"))
+                await ws.send_message('{"type":"response.create"}')
+                second = await until(ws, "response.done", seen)
+            moved = scrape(relay.app.metrics)
+    assert notice["error"]["code"] == "relay_upstream_reconnected"
+    assert second["response"]["status"] == "completed"
+    assert len(mock.connections) == 2
+    replayed = [m["item"]["id"] for m in sent(mock.connections[1]) if m["type"] == "conversation.item.create"]
+    assert replayed == ["item_user_one", first["response"]["output"][0]["id"], "item_user_two"]
+    takeovers = {
+        labels: value for (name, labels), value in moved.items()
+        if name == "relay_upstream_takeovers_total"
+    }
+    assert takeovers == {(("kind", "failover"), ("outcome", "moved")): 1.0}
+
+
 async def test_without_failover_the_session_ends_with_its_upstream() -> None:
     seen: list[dict[str, Any]] = []
     with trio.fail_after(TIMEOUT):

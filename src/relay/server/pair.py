@@ -577,9 +577,10 @@ class Pair:
         """Everything a pair does on a clock, in one task (a task per timer costs memory on
         every idle session): warnings and cuts at the session's maximum length and idle
         timeout, and pings on both legs, which also keep proxies and NATs from timing
-        out a quiet session. An upstream that answers no ping within the peer timeout is
-        taken for dead; so is a client that sent nothing at all, not even a pong, for
-        the peer timeout.
+        out a quiet session. A peer that sent nothing at all, not even a pong, for the peer
+        timeout is taken for dead. The timer never waits for a pong (each leg's reader takes
+        it, and it counts as anything heard): waiting on one peer, it would stop pinging the
+        other and take it for dead in turn.
         """
         bridge = self.bridge
         deadlines = self._deadlines
@@ -597,6 +598,17 @@ class Pair:
                     await self._finish(bridge.client_closed())
                     return
             wake = self.client.last_heard + peer_timeout
+            upstream = self._upstream  # None while dialling: the dial timeout covers that
+            if upstream is not None and self._pinging and self._redial is None:
+                if now - upstream.last_heard >= peer_timeout:
+                    lost = bridge.upstream_unresponsive(self._peer_timeout)
+                    if lost.__class__ is not Redial or self._upstream_scope is None:
+                        await self._finish(lost)  # type: ignore[arg-type]
+                        return
+                    self._redial = lost  # type: ignore[assignment]
+                    self._upstream_scope.cancel()  # the upstream task dials anew
+                else:
+                    wake = min(wake, upstream.last_heard + peer_timeout)
             if deadlines is not None:
                 step = deadlines.step(now, self.last_activity)
                 for due in step.due:
@@ -618,22 +630,14 @@ class Pair:
                 except trio.TooSlowError:
                     await self._finish(bridge.client_too_slow(self._send_timeout))
                     return
-                upstream = self._upstream  # None while dialling: the dial timeout covers that
-                if upstream is not None and self._pinging:
-                    with trio.move_on_after(self._peer_timeout) as waited:
-                        try:
-                            await upstream.ping()
-                        except ConnectionClosed:
-                            next_ping = math.inf  # the upstream task reads the close
-                    if waited.cancelled_caught:
-                        lost = bridge.upstream_unresponsive(self._peer_timeout)
-                        if lost.__class__ is not Redial or self._upstream_scope is None:
-                            await self._finish(lost)  # type: ignore[arg-type]
-                            return
-                        self._redial = lost  # type: ignore[assignment]
-                        self._upstream_scope.cancel()  # the upstream task dials anew
-                if next_ping != math.inf:
-                    next_ping = trio.current_time() + self._ping_interval
+                upstream = self._upstream
+                if upstream is not None and self._pinging and self._redial is None:
+                    try:
+                        await upstream.send_ping()  # its pong, read by the upstream's reader
+                    except trio.TooSlowError:
+                        await self._finish(bridge.upstream_too_slow(self._send_timeout))
+                        return
+                next_ping = trio.current_time() + self._ping_interval
             with trio.CancelScope(deadline=min(wake, next_ping, self._rollover_at)) as sleep:
                 self._timer_sleep = sleep
                 await trio.sleep_forever()
