@@ -260,7 +260,8 @@ class WarmPool:
                 await trio.aclose_forcefully(entry.stream)
 
     async def _ping(self, entry: Pooled) -> None:
-        """Ping a waiting session as a pair pings its upstream; no pong in time fails it."""
+        """Ping a waiting session; no pong within the peer timeout fails it (this task has
+        nothing else to do while it waits, unlike a pair's timer)."""
         while True:
             await trio.sleep(self._ping_interval)
             with trio.move_on_after(self._peer_timeout) as waited:
