@@ -137,13 +137,37 @@ async def test_an_upstream_that_stops_answering_pings_is_replaced_and_the_sessio
     assert notice["error"]["code"] == "relay_upstream_reconnected"
     assert second["response"]["status"] == "completed"
     assert len(mock.connections) == 2
-    replayed = [m["item"]["id"] for m in sent(mock.connections[1]) if m["type"] == "conversation.item.create"]
+    new = sent(mock.connections[1])
+    replayed = [m["item"]["id"] for m in new if m["type"] == "conversation.item.create"]
     assert replayed == ["item_user_one", first["response"]["output"][0]["id"], "item_user_two"]
     takeovers = {
         labels: value for (name, labels), value in moved.items()
         if name == "relay_upstream_takeovers_total"
     }
     assert takeovers == {(("kind", "failover"), ("outcome", "moved")): 1.0}
+
+
+async def test_a_quiet_session_whose_upstream_answers_pings_keeps_its_upstream() -> None:
+    """The other side of the test above: pongs alone keep an upstream alive. The client sends
+    nothing for three peer timeouts (time must pass for this: the sleep is what is tested);
+    its upstream is pinged, answers, and is neither replaced nor closed."""
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        async with relay_and_mock(ping_interval=0.25, peer_timeout=1.0, send_timeout=0.5) as (
+            relay,
+            mock,
+        ):
+            async with connect(relay.url + "/voice") as ws:
+                await until(ws, "session.created", seen)
+                await trio.sleep(3.0)
+                await ws.send_message(user_text("item_user_one", "Still there?"))
+                await ws.send_message('{"type":"response.create"}')
+                done = await until(ws, "response.done", seen)
+            moved = scrape(relay.app.metrics)
+    assert done["response"]["status"] == "completed"
+    assert [e["type"] for e in seen].count("error") == 0
+    assert len(mock.connections) == 1
+    assert not any(name == "relay_upstream_takeovers_total" for name, _ in moved)
 
 
 async def test_without_failover_the_session_ends_with_its_upstream() -> None:
