@@ -55,6 +55,26 @@ def test_an_update_without_an_event_id_is_named_and_its_error_shows_none() -> No
     assert replayed(ledger)[0]["session"]["instructions"] == "x"
 
 
+def test_updates_a_lost_upstream_had_and_never_answered_are_sent_again_after_the_replay() -> None:
+    """The client waits for their session.updated, and the new upstream answers them (each
+    answer accepts its update, oldest first). One still in the queue goes from the queue, and
+    one that comes back unsent (requeued) too: neither is in the replay."""
+    ledger = Ledger(SESSION, max_bytes=10_000)
+    for n, speed in enumerate((1.1, 1.2, 1.3, 1.4)):
+        session = {"audio": {"output": {"speed": speed}}}
+        ledger.client_update({"type": "session.update", "event_id": f"u{n}", "session": session})
+    feed(ledger, {"type": "session.updated", "session": {}})  # u0 accepted
+    ledger.lost({"u3"})  # u3 waits in the queue; u1 and u2 were sent
+    ledger.requeued("u2")  # u2 came back unsent: it goes from the queue
+    sent = replayed(ledger)
+    assert [m["event_id"] for m in sent if m["type"] == "session.update"] == [SETUP_EVENT_ID, "u1"]
+    assert sent[0]["session"]["audio"]["output"]["speed"] == 1.1
+    assert sent[-1]["session"] == {"audio": {"output": {"speed": 1.2}}}
+    feed(ledger, *[{"type": "session.updated", "session": {}}] * 3)  # u1, then u2 and u3
+    assert replayed(ledger)[0]["session"]["audio"]["output"]["speed"] == 1.4
+    assert [m["type"] for m in replayed(ledger)] == ["session.update"]  # nothing pending now
+
+
 def test_audio_turns_replay_as_their_transcripts_in_their_place() -> None:
     ledger = Ledger(SESSION, max_bytes=10_000)
     user = {"id": "u1", "type": "message", "role": "user", "content": [{"type": "input_audio", "transcript": None}]}

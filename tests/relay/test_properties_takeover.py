@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mockrealtime import MockConfig, MockServer
@@ -197,7 +197,16 @@ def conversations(draw: st.DrawFn) -> tuple[list[str], list[float]]:
     return messages, gaps
 
 
+#: The client's update goes out at the moment its upstream dies, unanswered: it is sent again
+#: to the new upstream, whose answer the client gets (once dropped, with its answer never come).
+_UPDATE_IN_FLIGHT = (
+    [orjson.dumps(CLIENT_UPDATE).decode(), *turn(0, False), *turn(1, True)],
+    [5.0, 0.0, 0.0, 0.0],
+)
+
+
 @given(conversation=conversations(), kills=st.lists(st.floats(0.0, 30.0), max_size=2).map(sorted))
+@example(conversation=_UPDATE_IN_FLIGHT, kills=[5.0])
 def test_a_killed_upstream_loses_nothing_but_what_was_in_flight(
     conversation: tuple[list[str], list[float]], kills: list[float]
 ) -> None:

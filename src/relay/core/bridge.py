@@ -521,8 +521,20 @@ class Bridge:
         if self.phase is not Phase.CONNECTING:
             return None  # the pair is over
         if self._ledger is not None and event_type(data) == "session.update":
-            self._ledger.client_update(parse_event(data))  # type: ignore[arg-type]
+            event = parse_event(data)  # (noted, and stamped, as it first came through)
+            self._ledger.requeued(event.get("event_id") if event is not None else None)
         return self._enqueue(data)
+
+    def _queued_updates(self) -> set[str]:
+        """The ids of the client's session.updates in the pre-open queue (they all have one:
+        the ledger stamps those that came without)."""
+        ids = set()
+        for text in self._queue or ():
+            if text.__class__ is str and '"session.update"' in text:  # (a takeover's rare path)
+                event = parse_event(text)  # type: ignore[arg-type]
+                if event is not None and event.get("type") == "session.update":
+                    ids.add(event.get("event_id"))
+        return ids  # type: ignore[return-value]
 
     # -- moving the session to a new upstream ----------------------------------------
 
@@ -566,7 +578,8 @@ class Bridge:
         self._reopening = False
         self.phase = Phase.CONNECTING
         self._replay = None
-        texts = tuple(_failed_response(rid, why) for rid in self._ledger.lost())  # type: ignore[union-attr]
+        lost = self._ledger.lost(self._queued_updates())  # type: ignore[union-attr]
+        texts = tuple(_failed_response(rid, why) for rid in lost)
         if self._observer is not None:
             kind = "rollover" if planned else "failover"
             self._observer.takeover(kind, "started", why)

@@ -77,6 +77,7 @@ class Ledger:
         "_items",
         "_bytes",
         "_pending",
+        "_resend",
         "_stamps",
         "_responses",
         "speaking",
@@ -93,9 +94,12 @@ class Ledger:
         #: id → the item as ``conversation.item.create`` recreates it (None: added, not done).
         self._items: dict[str, dict[str, Any] | None] = {}
         self._bytes = 0
-        #: Client updates sent and not yet answered: (event_id, session), oldest first.
-        #: (A list: at most MAX_PENDING_UPDATES, and an empty deque is 600 bytes per session.)
+        #: Client updates sent (or queued to be) and not yet answered: (event_id, session),
+        #: oldest first. (A list: at most MAX_PENDING_UPDATES, and an empty deque is 600 bytes
+        #: per session.)
         self._pending: list[tuple[str, dict[str, Any]]] = []
+        #: The ids of those a lost upstream had been sent: the replay sends them again.
+        self._resend: set[str] | None = None
         self._stamps = 0
         #: Responses created and not done (their ids), oldest first.
         self._responses: dict[str, None] = {}
@@ -126,6 +130,12 @@ class Ledger:
             del self._pending[0]  # never answered: not taken as accepted
         self._pending.append((event_id, session))
         return stamped
+
+    def requeued(self, event_id: object) -> None:
+        """The client's update ``event_id``, which a lost upstream never got whole, goes to
+        the new one from the queue (still pending): the replay must not send it too."""
+        if self._resend is not None:
+            self._resend.discard(event_id)  # type: ignore[arg-type]
 
     # -- what the upstream said ------------------------------------------------------
 
@@ -239,19 +249,23 @@ class Ledger:
         """No response in flight and no speech in progress."""
         return not self._responses and not self.speaking
 
-    def lost(self) -> tuple[str, ...]:
-        """The upstream is gone, and with it what was in flight there: updates it had not
-        answered, responses it had not finished (returned, oldest first), speech it heard."""
+    def lost(self, queued: set[str]) -> tuple[str, ...]:
+        """The upstream is gone, and with it what was in flight there: responses it had not
+        finished (returned, oldest first), speech it heard. Updates it had not answered stay
+        pending: those it had been sent (not among the ``queued`` ids, which the new upstream
+        gets from the queue) go in the replay, and the new upstream's answers are the client's."""
+        resend = {event_id for event_id, _ in self._pending if event_id not in queued}
+        self._resend = resend or None
         responding = tuple(self._responses)
-        self._pending.clear()
         self._responses.clear()
         self.speaking = False
         return responding
 
     def replay(self, setup_event_id: str) -> tuple[list[str], set[str]]:
         """What a new upstream gets before anything of the client's: the session as it stood,
-        then every replayable item, in order, under its own id. Also the ids replayed (their
-        echoes are not the client's to see). Forgets what was in flight (the old upstream's)."""
+        then every replayable item, in order, under its own id, then the client's updates the
+        old upstream had not answered (the client waits for their ``session.updated``). Also the
+        ids replayed (their echoes are not the client's to see). Forgets the items in flight."""
         update = {"type": "session.update", "event_id": setup_event_id, "session": self.session}
         texts = [dumps(update)]
         ids = set()
@@ -264,8 +278,13 @@ class Ledger:
                 )
             )
             ids.add(item_id)
+        resend, self._resend = self._resend, None
+        for event_id, session in self._pending:  # (still pending: their answers accept them)
+            if resend is not None and event_id in resend:
+                update = {"type": "session.update", "event_id": event_id, "session": session}
+                texts.append(dumps(update))
         # Items in progress died with the old upstream, and so did the chance of a transcript
-        # for user audio not yet transcribed: neither is replayed. Neither are pending answers.
+        # for user audio not yet transcribed: neither is replayed.
         for item_id in [key for key, item in self._items.items() if item is None]:
             self._drop(item_id)
             self.skipped += 1
