@@ -366,6 +366,39 @@ async def test_a_hung_store_cannot_hold_up_the_upstreams_events(
     assert "no answer within" in caplog.text
 
 
+class SlowStore:
+    """Records each add once ``release`` is set; ``entered`` says an add is under way."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self.release = trio.Event()
+        self.recorded: list[UsageDelta] = []
+
+    async def add(self, user: str, day: str, delta: UsageDelta) -> None:
+        self.entered.set()
+        await self.release.wait()
+        self.recorded.append(delta)
+
+
+async def test_tokens_being_recorded_as_the_session_ends_are_recorded_still(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The client leaves just after a response.done: the pair is cancelled while its tokens
+    go to the store (a Redis write, which a cancel would cut). They are recorded all the same."""
+    done = usage_from_response_done(
+        {"type": "response.done", "response": {"usage": {"input_tokens": 5, "output_tokens": 7}}}
+    )
+    store = SlowStore()
+    accounting = Accounting(store, max_sessions=0, daily_budget=0)  # type: ignore[arg-type]
+    with trio.CancelScope() as session:
+        async with trio.open_nursery() as pair:
+            pair.start_soon(accounting.record_responses, ALICE_ID, [done])
+            await store.entered.wait()
+            session.cancel()  # the session ends meanwhile
+            store.release.set()
+    assert store.recorded == [done]
+
+
 class DownStore:
     """Wraps a store; from ``down()`` on, every call fails as it does with Redis down.
 

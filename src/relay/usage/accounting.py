@@ -182,11 +182,12 @@ class Accounting:
 
         A store that fails or hangs (bounded by ``STORE_TIMEOUT``) is logged and the
         session goes on: those tokens go unrecorded, and the budget is checked again
-        after the next response.
+        after the next response. Shielded, like :meth:`finish`: a session that ends while
+        its tokens are being recorded (its client left) still has them recorded.
         """
         day = utc_day(self._clock())
         problem = f"no answer within {STORE_TIMEOUT:g} s"
-        with trio.move_on_after(STORE_TIMEOUT):
+        with trio.move_on_after(STORE_TIMEOUT, shield=True):
             try:
                 for delta in responses:
                     await self.store.add(identity.user, day, delta)
