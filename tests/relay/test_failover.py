@@ -43,6 +43,12 @@ def user_text(item_id: str, text: str) -> str:
     return orjson.dumps({"type": "conversation.item.create", "item": item}).decode()
 
 
+async def ask(ws: WebSocketConnection, item_id: str, text: str) -> None:
+    """A user turn: the item, then ``response.create``."""
+    await ws.send_message(user_text(item_id, text))
+    await ws.send_message('{"type":"response.create"}')
+
+
 async def until(ws: WebSocketConnection, kind: str, seen: list[dict[str, Any]]) -> dict[str, Any]:
     """Read events into ``seen`` until one of type ``kind`` (returned)."""
     while True:
@@ -68,17 +74,14 @@ async def test_a_killed_upstream_is_replaced_and_the_conversation_replayed_under
                 await until(ws, "session.created", seen)
                 await ws.send_message(orjson.dumps(TEXT_SESSION).decode())
                 await until(ws, "session.updated", seen)
-                await ws.send_message(user_text("item_user_one", "Hello there"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_one", "Hello there")
                 first = await until(ws, "response.done", seen)
                 assistant_one = first["response"]["output"][0]["id"]
-                await ws.send_message(user_text("item_user_two", "And again"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_two", "And again")
                 created = await until(ws, "response.created", seen)
                 failed = await until(ws, "response.done", seen)
                 notice = await until(ws, "error", seen)
-                await ws.send_message(user_text("item_user_three", "Still there?"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_three", "Still there?")
                 third = await until(ws, "response.done", seen)
             moved = scrape(relay.app.metrics)
     # The operator hears of it too (and the log says so, at warning level when it starts).
@@ -126,12 +129,10 @@ async def test_an_upstream_that_stops_answering_pings_is_replaced_and_the_sessio
         ) as (relay, mock):
             async with connect(relay.url + "/voice") as ws:
                 await until(ws, "session.created", seen)
-                await ws.send_message(user_text("item_user_one", "Hello there"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_one", "Hello there")
                 first = await until(ws, "response.done", seen)
                 notice = await until(ws, "error", seen)
-                await ws.send_message(user_text("item_user_two", "Still there?"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_two", "Still there?")
                 second = await until(ws, "response.done", seen)
             moved = scrape(relay.app.metrics)
     assert notice["error"]["code"] == "relay_upstream_reconnected"
@@ -160,8 +161,7 @@ async def test_a_quiet_session_whose_upstream_answers_pings_keeps_its_upstream()
             async with connect(relay.url + "/voice") as ws:
                 await until(ws, "session.created", seen)
                 await trio.sleep(3.0)
-                await ws.send_message(user_text("item_user_one", "Still there?"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_one", "Still there?")
                 done = await until(ws, "response.done", seen)
             moved = scrape(relay.app.metrics)
     assert done["response"]["status"] == "completed"
@@ -176,8 +176,7 @@ async def test_without_failover_the_session_ends_with_its_upstream() -> None:
         async with relay_and_mock(Faults(kill_mid_response=1), failover_attempts=0) as (relay, mock):
             async with connect(relay.url + "/voice") as ws:
                 await until(ws, "session.created", seen)
-                await ws.send_message(user_text("item_user_one", "Hello there"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_one", "Hello there")
                 error = await until(ws, "error", seen)
                 _, code, _ = await receive_until_closed(ws)
     assert error["error"]["code"] == "relay_upstream_lost"
@@ -213,12 +212,10 @@ async def test_a_failover_takes_a_warm_pooled_session_and_replays_into_it() -> N
         async with relay_and_mock(Faults(kill_mid_response=1), warm_pool=("2",)) as (relay, mock):
             async with connect(relay.url + "/voice") as ws:
                 await until(ws, "session.created", seen)
-                await ws.send_message(user_text("item_user_one", "Hello there"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_one", "Hello there")
                 failed = await until(ws, "response.done", seen)
                 await until(ws, "error", seen)
-                await ws.send_message(user_text("item_user_two", "Again"))
-                await ws.send_message('{"type":"response.create"}')
+                await ask(ws, "item_user_two", "Again")
                 answered = await until(ws, "response.done", seen)
             hits = relay.app.metrics.registry.get_sample_value(
                 "relay_warm_pool_hits_total", {"model": relay.app.config.model}
