@@ -55,6 +55,24 @@ def test_sustained_overload_sheds_a_tenth_of_the_sessions_every_second() -> None
     assert guard.sample(cpu=1.0, lag=0.0, now=7.0, sessions=0) == 0
 
 
+def test_the_guard_is_high_from_its_first_sample_over_a_shed_threshold_to_one_under() -> None:
+    """What each session costs is sampled only while the guard is high (a second before it
+    sheds), not on every busy sample."""
+    guard = LoadGuard(Thresholds(shed_cpu=0.5, refuse_cpu=0.3), shed_after=1.0)
+    highs = []
+    for t in range(9):
+        guard.sample(cpu=1.0, lag=0.0, now=t * 0.1, sessions=9)
+        highs.append(guard.high)
+    # Refusing from the fourth sample (smoothed 0.34), high only from the seventh (0.52).
+    assert highs == [False] * 6 + [True] * 3
+    assert not guard.admitting
+    for t in range(9, 30):
+        guard.sample(cpu=0.0, lag=0.0, now=t * 0.1, sessions=9)
+        if guard.cpu < 0.5:
+            break
+    assert not guard.high
+
+
 def test_shedding_picks_the_newest_of_equally_costly_sessions_not_already_closing() -> None:
     """Under overload a shed session may take seconds to finish closing; the next round
     must close others, not pick the same ones again. Costing the same, the newest go first

@@ -97,6 +97,13 @@ class LoadGuard:
             or _over(self.behind, t.refuse_behind)
         )
 
+    @property
+    def high(self) -> bool:
+        """Whether the load was over a shed threshold at the last sample: shedding follows
+        ``shed_after`` seconds on unless it drops (so what each session costs is worth
+        sampling from now on, and not before: it is work on every session)."""
+        return self._high_since is not None
+
     def sample(
         self, *, cpu: float, lag: float, now: float, sessions: int, behind: float = 0.0
     ) -> int:

@@ -58,7 +58,8 @@ def _ending(pair: Pair) -> bool:
 async def watch_load(app: RelayApp) -> None:
     """Sample the event loop's lag and the worker's CPU demand: let the pump poll only while
     the worker is not busy, and shed the sessions that cost the most when the guard says so
-    (what each costs is sampled only while the worker is busy: shedding comes after that)."""
+    (what each costs is sampled only while the guard is over a shed threshold: shedding
+    comes a second after that, and a busy worker well within its limits pays nothing for it)."""
     await app.started.wait()  # start-up work is not load
     guard = app.guard
     costs: Costs[Pair] = Costs()
@@ -77,6 +78,7 @@ async def watch_load(app: RelayApp) -> None:
             if live and busy and guard.enabled:
                 looked_at = random.sample(live, min(len(live), BEHIND_SAMPLE))
                 behind = sum(pair.behind(BEHIND_BYTES) for pair in looked_at) / len(looked_at)
+            if live and busy and guard.high:  # shedding may follow: ten samples before it does
                 units = ((pair, traffic_cost(pair.bridge.traffic)) for pair in live)
                 costs.sample(units, now - before)
             else:
