@@ -125,29 +125,36 @@ class FrameReader:
         self.frame = None
         masked = self._masked
         buf = self.buf
+        pos = self._pos
         size = len(buf)
-        # The usual read first: one whole text frame and nothing else (no message in parts, no
-        # bytes before or after it), its length written in the fewest bytes. The loop below
-        # returns the same for it; this is that case in fewer steps.
-        if size > 5 and buf[0] == 0x81 and buf.__class__ is bytes and not self._pos:
-            n = buf[1] ^ masked
+        # The usual frame first: a whole text frame (no extension bits), its length written in
+        # the fewest bytes, not inside a message in parts, wherever it starts in the buffer (a
+        # read under load holds several). The loop below returns the same for it; this is that
+        # case in fewer steps.
+        if size - pos > 5 and buf[pos] == 0x81 and not self._parts:
+            n = buf[pos + 1] ^ masked
             if n < 126:
-                start = 2
+                start = pos + 2
             elif n == 126:
-                n = (buf[2] << 8) | buf[3]
-                start = 4 if n > 125 else size  # (not in the fewest bytes: the loop's case)
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 4 if n > 125 else size + 1  # (not in the fewest bytes: the loop's)
             else:
-                start = size  # a 64-bit length, or masking wrong for this side: the loop's case
+                start = size + 1  # a 64-bit length, or masking wrong for this side: the loop's
             if masked:
                 start += 4
-            if start + n == size and n <= self._max and not self._parts:
-                self.buf = b""
+            end = start + n
+            if end <= size and n <= self._max:
+                if end < size:
+                    self._pos = end
+                else:  # all consumed: an idle connection keeps no buffer
+                    self.buf = b""
+                    if pos:
+                        self._pos = 0
                 if masked:
-                    payload = apply_mask(memoryview(buf)[start:], buf[start - 4 : start])
-                else:
-                    payload = memoryview(buf)[start:]
-                    self.frame = buf
-                return _decode(payload)
+                    return _decode(apply_mask(memoryview(buf)[start:end], buf[start - 4 : start]))
+                if buf.__class__ is bytes:  # (a bytearray may change under a view)
+                    self.frame = memoryview(buf)[pos:end] if pos or end < size else buf
+                return _decode(memoryview(buf)[start:end])
         while True:
             buf = self.buf
             pos = self._pos
