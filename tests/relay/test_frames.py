@@ -458,7 +458,8 @@ def test_several_text_frames_in_one_read_each_come_out_with_their_own_wire_bytes
     elif at_once:  # one read, every frame canonical: each is kept
         assert frames == wires
     else:  # a frame joined from two reads may not be kept, but one kept is its own
-        assert all(frame is None or frame == wire for frame, wire in zip(frames, wires, strict=True))
+        pairs = zip(frames, wires, strict=True)
+        assert all(frame is None or frame == wire for frame, wire in pairs)
     assert reader.buffered == 0
 
 
