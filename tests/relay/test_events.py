@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.core.events import error_event, event_type, finder, is_audio_append
+from relay.core.events import SHORT_TEXT, error_event, event_type, finder, is_audio_append
 
 
 @pytest.mark.parametrize(
@@ -86,10 +86,15 @@ _KEYISH = st.text(alphabet="sk-proj_ABCabc0123456789+/=", min_size=1, max_size=1
 _PIECES = st.sampled_from(["sk-", "-", "proj", "+/=", "A", "sk-proj_"]) | _KEYISH
 
 
-@given(needle=_KEYISH, parts=st.lists(_PIECES, max_size=12))
-def test_finder_agrees_with_in(needle: str, parts: list[str]) -> None:
-    """Near misses included: texts built from the needle's own pieces."""
-    text = "".join(parts)
+@given(
+    needle=_KEYISH,
+    parts=st.lists(_PIECES, max_size=12),
+    padding=st.sampled_from([0, SHORT_TEXT - 8, SHORT_TEXT, SHORT_TEXT + 40]),
+)
+def test_finder_agrees_with_in(needle: str, parts: list[str], padding: int) -> None:
+    """Near misses included: texts built from the needle's own pieces, short and long (the
+    finder searches texts from SHORT_TEXT characters on its own way)."""
+    text = "".join(parts) + "Q" * padding
     assert finder(needle)(text) == (needle in text)
     assert finder(needle)(text + needle) and finder(needle)(needle + text)
 

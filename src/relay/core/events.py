@@ -70,6 +70,11 @@ def is_audio_append(text: str) -> bool:
 _BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
+#: Below this length :func:`finder`'s test is ``in`` (measured: about 20-50 ns for a small
+#: event, where the jumps took 400 ns over three dots; ``in`` walks 6.5 KB of audio in 1.8 µs).
+SHORT_TEXT = 1024
+
+
 @functools.lru_cache(maxsize=64)
 def finder(needle: str) -> Callable[[str], bool]:
     """A test for ``needle in text``, fast on audio events.
@@ -80,6 +85,10 @@ def finder(needle: str) -> Callable[[str], bool]:
     occurs can start a match, and ``find`` jumps to each with ``memchr``: over base64
     audio, one jump to the end.
 
+    A text shorter than :data:`SHORT_TEXT` (most events that are not audio) is searched with
+    ``in``: there each jump costs more than ``in`` walking all of it, and JSON is full of the
+    ``.`` or ``-`` that a needle may be anchored on.
+
     One test per needle, shared (every session looks for the same key): a test of its own per
     session would be one more object to fetch, often from far in memory, per message.
     """
@@ -89,6 +98,8 @@ def finder(needle: str) -> Callable[[str], bool]:
     anchor = needle[at]
 
     def found_in(text: str) -> bool:
+        if len(text) < SHORT_TEXT:
+            return needle in text
         find = text.find
         i = find(anchor, at)
         while i >= 0:
