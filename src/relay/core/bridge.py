@@ -325,14 +325,16 @@ class Bridge:
         traffic = self.traffic
         traffic.client_messages += 1
         traffic.client_bytes += size
+        append = None  # whether it is an audio append, once looked at
         if (
             self.phase is Phase.OPEN
             and self._appends_pass
             and data.__class__ is str
             and size <= self._max_message_bytes
-            and is_audio_append(data)  # type: ignore[arg-type]
         ):
-            return data  # audio: goes upstream as it is
+            if is_audio_append(data):  # type: ignore[arg-type]
+                return data  # audio: goes upstream as it is
+            append = False
         if size > self._max_message_bytes:
             if self.phase is Phase.CLOSED:
                 return None
@@ -353,7 +355,7 @@ class Bridge:
         kind = None
         if self._policy is not None:
             # Binary audio too: it goes upstream as an append, so the policy's lists apply.
-            screened = self._policy.screen_client(data)  # type: ignore[arg-type]
+            screened = self._policy.screen_client(data, append)  # type: ignore[arg-type]
             if screened.fields and self._observer is not None:
                 self._observer.screened(screened)
             if screened.text is None:

@@ -204,9 +204,11 @@ class Policy:
 
     # -- client → upstream ------------------------------------------------------
 
-    def screen_client(self, text: str) -> Screened:
-        """What of a client's event goes upstream, and what the client is told."""
-        if self.appends_pass and is_audio_append(text):
+    def screen_client(self, text: str, append: bool | None = None) -> Screened:
+        """What of a client's event goes upstream, and what the client is told. ``append``:
+        whether ``text`` is an audio append (:func:`is_audio_append`), if the caller has
+        looked already (None: look)."""
+        if self.appends_pass and (is_audio_append(text) if append is None else append):
             return Screened(text, None, (), _APPEND_TYPE)
         try:
             event = orjson.loads(text)
@@ -226,7 +228,7 @@ class Policy:
             return self._screen_object(event, "session", 0)
         if kind == "response.create":
             return self._screen_object(event, "response", 1)
-        return Screened(text, kind=kind)
+        return Screened(text, None, (), kind)  # (positional: made for every event, and cheaper)
 
     def _refuse_kind(self, event: dict[str, Any], kind: str | None) -> Screened:
         message = f"This relay does not accept {kind!r} events from clients."
