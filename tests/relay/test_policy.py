@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from relay.core.bridge import Limits, Reply
 from relay.core.policy import Policy, Screened
@@ -322,6 +324,57 @@ def test_server_only_fields_are_hidden_however_the_type_is_written() -> None:
     assert orjson.loads(DEFAULT.screen_upstream(later))["session"] == {}
     other = '{"type":"input_audio_buffer.append","event_id":"b1.2","audio":"QUJD"}'
     assert DEFAULT.screen_upstream(other) is other
+
+
+_REDACTED = frozenset({"instructions"})
+_KINDS = ["session.created", "session.updated", "response.done", "rate_limits.updated",
+          "response.output_audio.delta", "error"]
+
+
+@given(
+    kind=st.sampled_from(_KINDS),
+    escaped=st.booleans(),
+    allowed=st.sets(st.sampled_from(_KINDS), max_size=3),
+    denied=st.sets(st.sampled_from(_KINDS), max_size=2),
+    redacted=st.sampled_from([frozenset(), frozenset({"instructions"})]),
+)
+@example(kind="session.updated", escaped=False, allowed=set(), denied=set(), redacted=_REDACTED)
+@example(kind="session.created", escaped=True, allowed=set(), denied=set(), redacted=_REDACTED)
+@example(kind="session.created", escaped=False, allowed=set(), denied=set(), redacted=frozenset())
+@example(
+    kind="response.output_audio.delta",
+    escaped=False,
+    allowed=set(),
+    denied={"response.output_audio.delta"},
+    redacted=_REDACTED,
+)
+@example(kind="rate_limits.updated", escaped=True, allowed={"error"}, denied=set(),
+         redacted=_REDACTED)
+@example(kind="error", escaped=False, allowed={"error"}, denied=set(), redacted=frozenset())
+def test_screening_an_upstream_event_by_the_type_the_bridge_read_is_screening_it_unread(
+    kind: str, escaped: bool, allowed: set[str], denied: set[str], redacted: frozenset[str]
+) -> None:
+    """The bridge hands screen_upstream the type its parse read, so the event is not read
+    twice; the client sees what the lists and the redaction say, read or not."""
+    policy = Policy(
+        upstream_events_allowed=frozenset(allowed),
+        upstream_events_denied=frozenset(denied),
+        redacted=redacted,
+    )
+    written = kind.replace(".", "\\u002e") if escaped else kind
+    rest = ',"session":{"instructions":"p","voice":"marin"},"delta":"AAAA"}'
+    text = '{"type":"' + written + '"' + rest
+    read = orjson.loads(text)["type"]
+    visible = (not allowed or read in allowed) and read not in denied
+    redact = read in ("session.created", "session.updated") and bool(redacted)
+    for seen in (policy.screen_upstream(text, read), policy.screen_upstream(text)):
+        if not visible:
+            assert seen is None
+        elif redact:
+            event = orjson.loads(seen)  # type: ignore[arg-type]
+            assert (event["type"], event["session"]) == (read, {"voice": "marin"})
+        else:
+            assert seen is text
 
 
 def test_denied_upstream_events_are_dropped() -> None:

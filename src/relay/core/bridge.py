@@ -64,7 +64,7 @@ from typing import Protocol
 from .closecodes import UPSTREAM_AUTH_REFUSED, Code, clip_reason, sendable
 from .events import dumps, error_event, event_type, finder, is_audio_append, parse_event
 from .ledger import REPLAY, WATCHED, Ledger
-from .policy import DELTA, Policy, Screened
+from .policy import DELTA, UNREAD, Policy, Screened
 
 Message = str | bytes
 
@@ -687,6 +687,7 @@ class Bridge:
         """What the client sees of an upstream event: accounting, redaction, policy."""
         if data.__class__ is str:
             # Read as a parser reads it (invariant 9): usage counts only a real response.done.
+            read = data
             event = parse_event(data)
             kind = event.get("type") if event is not None else None
             if kind == "response.done":
@@ -706,7 +707,7 @@ class Bridge:
             if self._secret_in is not None and self._secret_in(data):  # type: ignore[arg-type]
                 data = data.replace(self._secret, "[redacted]")  # type: ignore[union-attr,arg-type]
             if self._policy is not None:
-                return self._policy.screen_upstream(data)  # type: ignore[arg-type]
+                return self._policy.screen_upstream(data, kind if data is read else UNREAD)  # type: ignore[arg-type]
         elif self._secret and self._secret.encode() in data:  # type: ignore[operator]
             return data.replace(self._secret.encode(), b"[redacted]")  # type: ignore[union-attr,arg-type]
         return data

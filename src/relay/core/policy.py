@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import orjson
@@ -84,6 +84,10 @@ TABLE_KEYS = frozenset(
 )
 
 
+#: :meth:`Policy.screen_upstream`'s ``kind`` when the caller has not read the event.
+UNREAD: Final = object()
+
+
 @dataclass(slots=True)  # (not frozen: a frozen one costs several times as much to make)
 class Screened:
     """What :meth:`Policy.screen_client` made of a client event.
@@ -124,10 +128,18 @@ class Policy:
     #: Whether audio appends and audio deltas pass (worked out once: they are the bulk).
     appends_pass: bool = field(init=False, repr=False, compare=False)
     deltas_pass: bool = field(init=False, repr=False, compare=False)
+    #: Whether client or upstream event types are screened by list at all (worked out once:
+    #: most relays have no lists, and every event would look them up).
+    client_lists: bool = field(init=False, repr=False, compare=False)
+    upstream_lists: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "appends_pass", self.client_may_send(_APPEND_TYPE))
         object.__setattr__(self, "deltas_pass", self.client_may_see(_DELTA_TYPE))
+        lists = self.client_events_allowed or self.client_events_denied
+        object.__setattr__(self, "client_lists", bool(lists))
+        lists = self.upstream_events_allowed or self.upstream_events_denied
+        object.__setattr__(self, "upstream_lists", bool(lists))
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> Policy:
@@ -222,7 +234,7 @@ class Policy:
             return Screened(text) if self.client_may_send(None) else self._refuse_kind({}, None)
         kind = event.get("type")
         kind = kind if isinstance(kind, str) else None
-        if not self.client_may_send(kind):
+        if self.client_lists and not self.client_may_send(kind):
             return self._refuse_kind(event, kind)
         if kind == "session.update":
             return self._screen_object(event, "session", 0)
@@ -313,27 +325,24 @@ class Policy:
 
     # -- upstream → client ------------------------------------------------------
 
-    def screen_upstream(self, text: str) -> str | None:
-        """What the client may see of an upstream event (None: nothing)."""
-        if (
-            not self.upstream_events_denied
-            and not self.upstream_events_allowed
-            and not self.redacted
-        ):
+    def screen_upstream(self, text: str, kind: object = UNREAD) -> str | None:
+        """What the client may see of an upstream event (None: nothing). ``kind``: the
+        ``type`` a parser reads in ``text``, if the caller has parsed it (None: it has none)."""
+        lists = self.upstream_lists
+        if not lists and not self.redacted:
             return text
-        if text.startswith(DELTA):
-            return text if self.deltas_pass else None
-        if (
-            not self.upstream_events_denied
-            and not self.upstream_events_allowed
-            and not _may_be_session(text)
-        ):
-            return text  # only session events are redacted, and this cannot be one
-        event = parse_event(text)
-        kind = event.get("type") if event is not None else None
-        if not self.client_may_see(kind if isinstance(kind, str) else None):
+        event = None
+        if kind is UNREAD:
+            if text.startswith(DELTA):
+                return text if self.deltas_pass else None
+            if not lists and not _may_be_session(text):
+                return text  # only session events are redacted, and this cannot be one
+            event = parse_event(text)
+            kind = event.get("type") if event is not None else None
+        if lists and not self.client_may_see(kind if isinstance(kind, str) else None):
             return None
-        if kind in ("session.created", "session.updated") and self.redacted:
+        if (kind == "session.created" or kind == "session.updated") and self.redacted:
+            event = parse_event(text) if event is None else event
             session = event.get("session")  # type: ignore[union-attr]
             if isinstance(session, dict):
                 self.redact_session(session)
