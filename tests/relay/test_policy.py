@@ -336,7 +336,7 @@ _KINDS = ["session.created", "session.updated", "response.done", "rate_limits.up
     escaped=st.booleans(),
     allowed=st.sets(st.sampled_from(_KINDS), max_size=3),
     denied=st.sets(st.sampled_from(_KINDS), max_size=2),
-    redacted=st.sampled_from([frozenset(), frozenset({"instructions"})]),
+    redacted=st.sampled_from([frozenset(), _REDACTED]),
 )
 @example(kind="session.updated", escaped=False, allowed=set(), denied=set(), redacted=_REDACTED)
 @example(kind="session.created", escaped=True, allowed=set(), denied=set(), redacted=_REDACTED)
